@@ -1,0 +1,47 @@
+"""`resident`: every weight on the device tier. The reference every strategy
+must reproduce, and the fastest choice when the model fits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from hetflow.memory import tiers
+from hetflow.memory.budget import BudgetExceeded
+from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidentOptions:
+  """`resident` has no options."""
+
+
+@register_strategy("resident")
+class Resident(Strategy):
+  """All parameter groups placed on the device tier once, at load."""
+
+  Options = ResidentOptions
+
+  def plan(self, model, budget, profile=None) -> Placement:
+    groups = {g: GroupPlacement("device", model.group_nbytes(g), "resident")
+              for g in model.group_names()}
+    placement = Placement(self.name, groups)
+    need = placement.bytes_per_tier()["device"]
+    if budget.device is not None and need > budget.device:
+      raise BudgetExceeded("device", need, 0, budget.device, group="all weights",
+                           minimum=need)
+    return placement
+
+  def materialize(self, placement, model, ledger) -> None:
+    sharding = tiers.device_sharding()
+    self._params = {}
+    for group in placement.groups:
+      ledger.allocate("device", placement.groups[group].nbytes, group)
+      self._params[group] = jax.device_put(model.group_tensors(group), sharding)
+
+  def globals(self):
+    return {"embed": self._params["embed"], "head": self._params.get("head", {})}
+
+  def fetch(self, layer, half):
+    return self._params[f"layers/{layer}/{half}"]
