@@ -154,7 +154,8 @@ class Engine:
     for i in range(cfg.num_layers):
       t0 = time.perf_counter()
       attn = self.strategy.fetch(i, "attn")
-      x, caches[i] = fn.attention(attn, x, caches[i], cache_index, positions, kv_mask)
+      x, caches[i] = self.strategy.run_attention(i, attn, x, caches[i], cache_index, positions,
+                                                 kv_mask, fn.attention)
       self.strategy.release(i, "attn")
       mlp = self.strategy.fetch(i, "mlp")
       x = self.strategy.run_ffn(i, mlp, x, fn.ffn)

@@ -98,7 +98,8 @@ class Strategy(abc.ABC):
 
   Subclasses set `Options` to a frozen dataclass documenting every option.
   The engine calls, per forward pass: `begin(phase)`, then for each layer i
-  `fetch(i, "attn")`, `release(i, "attn")`, `fetch(i, "mlp")`, `run_ffn(...)`,
+  `fetch(i, "attn")`, `run_attention(...)`, `release(i, "attn")`, `fetch(i, "mlp")`,
+  `run_ffn(...)`,
   `release(i, "mlp")`, and finally `end()`.
   """
 
@@ -142,6 +143,14 @@ class Strategy(abc.ABC):
 
   def end(self) -> None:
     """The forward pass is over (the next one may start prefetching)."""
+
+  def run_attention(self, layer: int, params: Any, x, cache, cache_index, positions,
+                    kv_mask, attention: Callable) -> tuple[Any, Any]:
+    """Computes layer `layer`'s attention half; default: the model's jitted one.
+
+    Returns (x, updated cache). `attention` is ModelFunctions.attention.
+    """
+    return attention(params, x, cache, cache_index, positions, kv_mask)
 
   def run_ffn(self, layer: int, params: Any, x, ffn: Callable) -> Any:
     """Computes layer `layer`'s FFN half; default: the model's jitted `ffn`."""
