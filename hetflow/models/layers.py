@@ -67,17 +67,6 @@ def linear(x, kernel, bias=None):
   return y if bias is None else y + bias
 
 
-def gated_ffn(h, gate, up, down, act_name, gate_bias=None, up_bias=None,
-              down_bias=None):
-  """act(h @ gate) * (h @ up) @ down; dReLU applies ReLU to `up` as well."""
-  act = activation(act_name)
-  g = act(linear(h, gate, gate_bias))  # [B, T, F]
-  u = linear(h, up, up_bias)  # [B, T, F]
-  if act_name == "drelu":
-    u = jax.nn.relu(u)
-  return linear(g * u, down, down_bias)
-
-
 def rope_inv_freq(config: ModelConfig):
   """Inverse frequencies of RoPE, with HF's linear / Llama-3 scaling."""
   k = config.head_dim
