@@ -66,138 +66,138 @@ except KeyboardInterrupt:
 
 
 class MemoryLimitError(RuntimeError):
-    """The RAM above the limit could not be locked."""
+  """The RAM above the limit could not be locked."""
 
 
 def mem_available() -> int:
-    """``MemAvailable`` from /proc/meminfo, in bytes."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise MemoryLimitError("/proc/meminfo has no MemAvailable (not Linux?)")
+  """``MemAvailable`` from /proc/meminfo, in bytes."""
+  with open("/proc/meminfo") as f:
+    for line in f:
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  raise MemoryLimitError("/proc/meminfo has no MemAvailable (not Linux?)")
 
 
 class MemoryLimit:
-    """Context manager that leaves only ``limit_bytes`` of available RAM.
+  """Context manager that leaves only ``limit_bytes`` of available RAM.
 
-    On entry it locks ``MemAvailable - limit_bytes`` in a helper process, waits
-    until the lock holds, and drops the page cache; on exit it ends the helper,
-    which returns the memory.
+  On entry it locks ``MemAvailable - limit_bytes`` in a helper process, waits
+  until the lock holds, and drops the page cache; on exit it ends the helper,
+  which returns the memory.
 
-    Args:
-      limit_bytes: RAM to leave available (int or a string like ``"4GiB"``).
-      lock_bytes: lock exactly this much instead of computing it from
-        ``limit_bytes`` (tests use small values).
-      drop_caches: drop the page cache once locked (see ``drop_page_cache``).
-      timeout: seconds to wait for the lock before failing.
+  Args:
+    limit_bytes: RAM to leave available (int or a string like ``"4GiB"``).
+    lock_bytes: lock exactly this much instead of computing it from
+      ``limit_bytes`` (tests use small values).
+    drop_caches: drop the page cache once locked (see ``drop_page_cache``).
+    timeout: seconds to wait for the lock before failing.
 
-    Attributes:
-      limit_bytes: as given, in bytes (None when ``lock_bytes`` was given alone).
-      locked_bytes: bytes locked by the helper while inside the context, else 0.
-      pid: the helper's process id while inside the context, else None.
-      cache_drop: the method ``drop_page_cache`` used on entry, or None.
+  Attributes:
+    limit_bytes: as given, in bytes (None when ``lock_bytes`` was given alone).
+    locked_bytes: bytes locked by the helper while inside the context, else 0.
+    pid: the helper's process id while inside the context, else None.
+    cache_drop: the method ``drop_page_cache`` used on entry, or None.
 
-    Raises:
-      MemoryLimitError: on entry, if the helper cannot lock (``ulimit -l`` too
-        low and not raisable, mlock refused, or the timeout passed).
-      ValueError: if the lock would leave less than ``SAFETY_MARGIN`` available.
-    """
+  Raises:
+    MemoryLimitError: on entry, if the helper cannot lock (``ulimit -l`` too
+      low and not raisable, mlock refused, or the timeout passed).
+    ValueError: if the lock would leave less than ``SAFETY_MARGIN`` available.
+  """
 
-    def __init__(
-        self,
-        limit_bytes: int | str | None = None,
-        *,
-        lock_bytes: int | str | None = None,
-        drop_caches: bool = True,
-        timeout: float = 120.0,
-    ):
-        if limit_bytes is None and lock_bytes is None:
-            raise ValueError("give limit_bytes (or, for tests, lock_bytes)")
-        self.limit_bytes = None if limit_bytes is None else parse_bytes(limit_bytes)
-        self._lock_bytes = None if lock_bytes is None else parse_bytes(lock_bytes)
-        self.drop_caches = drop_caches
-        self.timeout = timeout
-        self.locked_bytes = 0
-        self.pid: int | None = None
-        self.cache_drop: str | None = None
-        self._proc: subprocess.Popen | None = None
+  def __init__(
+    self,
+    limit_bytes: int | str | None = None,
+    *,
+    lock_bytes: int | str | None = None,
+    drop_caches: bool = True,
+    timeout: float = 120.0,
+  ):
+    if limit_bytes is None and lock_bytes is None:
+      raise ValueError("give limit_bytes (or, for tests, lock_bytes)")
+    self.limit_bytes = None if limit_bytes is None else parse_bytes(limit_bytes)
+    self._lock_bytes = None if lock_bytes is None else parse_bytes(lock_bytes)
+    self.drop_caches = drop_caches
+    self.timeout = timeout
+    self.locked_bytes = 0
+    self.pid: int | None = None
+    self.cache_drop: str | None = None
+    self._proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> MemoryLimit:
-        available = mem_available()
-        n = self._lock_bytes if self._lock_bytes is not None else available - self.limit_bytes
-        if n <= 0:
-            warnings.warn(
-                f"only {format_bytes(available)} available, already below the limit of "
-                f"{format_bytes(self.limit_bytes)}; nothing to lock",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        else:
-            if n > available - SAFETY_MARGIN:
-                raise ValueError(
-                    f"locking {format_bytes(n)} would leave less than "
-                    f"{format_bytes(SAFETY_MARGIN)} of the {format_bytes(available)} available"
-                )
-            self._start(n)
-        if self.drop_caches:
-            self.cache_drop = drop_page_cache()
-        return self
-
-    def _start(self, n: int) -> None:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _HELPER, str(n)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+  def __enter__(self) -> MemoryLimit:
+    available = mem_available()
+    n = self._lock_bytes if self._lock_bytes is not None else available - self.limit_bytes
+    if n <= 0:
+      warnings.warn(
+        f"only {format_bytes(available)} available, already below the limit of "
+        f"{format_bytes(self.limit_bytes)}; nothing to lock",
+        RuntimeWarning,
+        stacklevel=2,
+      )
+    else:
+      if n > available - SAFETY_MARGIN:
+        raise ValueError(
+          f"locking {format_bytes(n)} would leave less than "
+          f"{format_bytes(SAFETY_MARGIN)} of the {format_bytes(available)} available"
         )
-        self._proc = proc
-        deadline = time.monotonic() + self.timeout
-        line = b""
-        try:
-            while not line.endswith(b"\n"):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MemoryLimitError(
-                        f"helper did not lock {format_bytes(n)} within {self.timeout:.0f} s"
-                    )
-                ready, _, _ = select.select([proc.stdout], [], [], left)
-                if ready:
-                    b = os.read(proc.stdout.fileno(), 4096)
-                    if not b:  # helper exited without a word
-                        break
-                    line += b
-            if line.strip() != b"LOCKED":
-                proc.wait(timeout=5)
-                err = proc.stderr.read().decode(errors="replace").strip()
-                raise MemoryLimitError(
-                    f"could not lock {format_bytes(n)}: "
-                    f"{line.decode(errors='replace').strip() or 'helper exited'}"
-                    + (f"\n{err}" if err else "")
-                )
-        except BaseException:
-            self._stop(kill=True)  # a stuck or failed helper gets no grace period
-            raise
-        self.locked_bytes = n
-        self.pid = proc.pid
+      self._start(n)
+    if self.drop_caches:
+      self.cache_drop = drop_page_cache()
+    return self
 
-    def _stop(self, kill: bool = False) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            if kill:
-                proc.kill()
-            proc.stdin.close()  # the helper's stdin.read() returns and it exits
-            proc.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
-        finally:
-            for f in (proc.stdout, proc.stderr):
-                f.close()
-        self.locked_bytes = 0
-        self.pid = None
+  def _start(self, n: int) -> None:
+    proc = subprocess.Popen(
+      [sys.executable, "-I", "-c", _HELPER, str(n)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    self._proc = proc
+    deadline = time.monotonic() + self.timeout
+    line = b""
+    try:
+      while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise MemoryLimitError(
+            f"helper did not lock {format_bytes(n)} within {self.timeout:.0f} s"
+          )
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+          b = os.read(proc.stdout.fileno(), 4096)
+          if not b:  # helper exited without a word
+            break
+          line += b
+      if line.strip() != b"LOCKED":
+        proc.wait(timeout=5)
+        err = proc.stderr.read().decode(errors="replace").strip()
+        raise MemoryLimitError(
+          f"could not lock {format_bytes(n)}: "
+          f"{line.decode(errors='replace').strip() or 'helper exited'}"
+          + (f"\n{err}" if err else "")
+        )
+    except BaseException:
+      self._stop(kill=True)  # a stuck or failed helper gets no grace period
+      raise
+    self.locked_bytes = n
+    self.pid = proc.pid
 
-    def __exit__(self, *exc) -> None:
-        self._stop()
+  def _stop(self, kill: bool = False) -> None:
+    proc, self._proc = self._proc, None
+    if proc is None:
+      return
+    try:
+      if kill:
+        proc.kill()
+      proc.stdin.close()  # the helper's stdin.read() returns and it exits
+      proc.wait(timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+      proc.kill()
+      proc.wait()
+    finally:
+      for f in (proc.stdout, proc.stderr):
+        f.close()
+    self.locked_bytes = 0
+    self.pid = None
+
+  def __exit__(self, *exc) -> None:
+    self._stop()

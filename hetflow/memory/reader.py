@@ -30,417 +30,423 @@ import numpy as np
 from hetflow.memory.buffers import PAGE, aligned_empty, round_up, view_as
 
 if TYPE_CHECKING:
-    from hetflow.memory.store import LayerStore
+  from hetflow.memory.store import LayerStore
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # absent on macOS; reads are then buffered
 
 
 class ReadError(OSError):
-    """A read returned fewer bytes than asked (truncated file) or failed."""
+  """A read returned fewer bytes than asked (truncated file) or failed."""
 
 
 class _Job:
-    """One read_into call: a future completed when its last chunk finishes."""
+  """One read_into call: a future completed when its last chunk finishes."""
 
-    def __init__(self, path: str, nchunks: int, nbytes: int):
-        self.path = path
-        self.remaining = nchunks
-        self.nbytes = nbytes
-        self.error: BaseException | None = None
-        self.lock = threading.Lock()
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.future.set_running_or_notify_cancel()  # not cancellable: workers own the buffer
-        self.start = time.perf_counter()
+  def __init__(self, path: str, nchunks: int, nbytes: int):
+    self.path = path
+    self.remaining = nchunks
+    self.nbytes = nbytes
+    self.error: BaseException | None = None
+    self.lock = threading.Lock()
+    self.future: concurrent.futures.Future = concurrent.futures.Future()
+    self.future.set_running_or_notify_cancel()  # not cancellable: workers own the buffer
+    self.start = time.perf_counter()
 
 
 class ReaderPool:
-    """A pool of threads that read files into caller-provided aligned buffers.
+  """A pool of threads that read files into caller-provided aligned buffers.
+
+  Args:
+    num_workers: threads, i.e. the number of requests in flight.
+    direct: try O_DIRECT (falls back to buffered reads, with one warning, on
+      filesystems that refuse it).
+
+  Attributes:
+    num_workers: as given.
+    direct: True while every file so far was opened with O_DIRECT; False once
+      any read had to fall back to buffered I/O (benchmarks report this: their
+      "disk" figures are then page-cache figures unless caches were dropped).
+  """
+
+  def __init__(self, num_workers: int = 4, direct: bool = True):
+    if num_workers < 1:
+      raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    self.num_workers = num_workers
+    self.direct = bool(direct and _O_DIRECT)
+    self._want_direct = self.direct
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+      num_workers, thread_name_prefix="hetflow-reader"
+    )
+    self._lock = threading.Lock()
+    # path -> (fd, is_direct, (st_dev, st_ino)); the inode check reopens a
+    # file that was replaced (e.g. a store rewritten with overwrite=True).
+    self._fds: dict[str, tuple[int, bool, tuple[int, int]]] = {}
+    self._stale_fds: list[int] = []  # direct fds replaced after a fallback
+    self._warned = False
+    self._closed = False
+    self.reset_stats()
+
+  # -- stats ----------------------------------------------------------------
+
+  def reset_stats(self) -> None:
+    """Zeroes the counters returned by :attr:`stats`."""
+    with self._lock:
+      self._stats = {
+        "bytes": 0,  # bytes delivered into buffers (not counting round-up)
+        "requests": 0,  # preadv calls
+        "reads": 0,  # read_into calls completed
+        "read_seconds": 0.0,  # summed over workers: time inside preadv
+        "wall_seconds": 0.0,  # summed over read_into calls: submit -> done
+      }
+
+  @property
+  def stats(self) -> dict[str, float]:
+    """Counters since the last reset, plus ``direct``."""
+    with self._lock:
+      out = dict(self._stats)
+    out["direct"] = self.direct
+    return out
+
+  # -- files ----------------------------------------------------------------
+
+  def _open(self, path: str) -> tuple[int, bool]:
+    st = os.stat(path)
+    ident = (st.st_dev, st.st_ino)
+    with self._lock:
+      cached = self._fds.get(path)
+      if cached is not None and cached[2] == ident:
+        return cached[0], cached[1]
+      if cached is not None:
+        os.close(cached[0])
+        del self._fds[path]
+      fd, is_direct = None, False
+      if self._want_direct:
+        try:
+          fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
+          is_direct = True
+        except OSError as e:
+          if e.errno != errno.EINVAL:
+            raise
+          self._fall_back(path, e)
+      if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+      self._fds[path] = (fd, is_direct, ident)
+      return fd, is_direct
+
+  def _fall_back(self, path: str, err: OSError) -> None:
+    # Called with self._lock held.
+    self.direct = False
+    if not self._warned:
+      self._warned = True
+      warnings.warn(
+        f"O_DIRECT refused for {path} ({err}); falling back to buffered reads. "
+        "Disk figures from this pool measure the page cache unless caches are "
+        "dropped before each run.",
+        RuntimeWarning,
+        stacklevel=4,
+      )
+
+  def _reopen_buffered(self, path: str, err: OSError) -> int:
+    with self._lock:
+      cached = self._fds.get(path)
+      if cached is not None and not cached[1]:
+        return cached[0]
+      self._fall_back(path, err)
+      fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+      if cached is not None:
+        # Other workers may still use the direct fd; leave it open (it is
+        # closed with the pool) rather than close it under them.
+        self._stale_fds.append(cached[0])
+      self._fds[path] = (fd, False, cached[2] if cached else (0, 0))
+      return fd
+
+  # -- reads ----------------------------------------------------------------
+
+  def read_into(
+    self,
+    path: str | os.PathLike,
+    offset: int,
+    buffer: np.ndarray,
+    nbytes: int | None = None,
+    chunk: int = 1 << 20,
+  ) -> concurrent.futures.Future:
+    """Starts reading ``nbytes`` of ``path`` at ``offset`` into ``buffer[:nbytes]``.
+
+    The read is split into ``chunk``-byte requests that the workers serve
+    concurrently. With O_DIRECT the last request is rounded up to 4096 bytes
+    (the store pads its files); when ``buffer`` has no room for the
+    round-up, the last partial block goes through a small bounce buffer.
 
     Args:
-      num_workers: threads, i.e. the number of requests in flight.
-      direct: try O_DIRECT (falls back to buffered reads, with one warning, on
-        filesystems that refuse it).
+      path: file to read.
+      offset: file offset (a multiple of 4096 for O_DIRECT).
+      buffer: C-contiguous 1-D uint8 array, address aligned to 4096 for
+        O_DIRECT (see ``aligned_empty``). Do not touch it until the future
+        is done: the workers write into it.
+      nbytes: bytes to read; default ``buffer.nbytes``.
+      chunk: request size, a multiple of 4096.
 
-    Attributes:
-      num_workers: as given.
-      direct: True while every file so far was opened with O_DIRECT; False once
-        any read had to fall back to buffered I/O (benchmarks report this: their
-        "disk" figures are then page-cache figures unless caches were dropped).
+    Returns:
+      A Future whose result is ``nbytes``. It completes only after every
+      request has finished (so the buffer is quiet), and fails with
+      :class:`ReadError` naming the file, offset and bytes expected/got if
+      the file is shorter than asked or a read fails.
+
+    Raises:
+      ValueError: on misaligned arguments or a buffer that is too small.
+      RuntimeError: if the pool is closed.
     """
+    path = os.path.abspath(os.fspath(path))
+    nbytes = buffer.nbytes if nbytes is None else int(nbytes)
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
+      raise ValueError("buffer must be a C-contiguous 1-D uint8 array (use aligned_empty)")
+    if not buffer.flags.writeable:
+      raise ValueError("buffer is read-only")
+    if nbytes < 0 or nbytes > buffer.nbytes:
+      raise ValueError(f"cannot read {nbytes} bytes into a {buffer.nbytes}-byte buffer")
+    if chunk <= 0 or chunk % PAGE:
+      raise ValueError(f"chunk must be a positive multiple of {PAGE}, got {chunk}")
+    if self._closed:
+      raise RuntimeError("ReaderPool is closed")
+    fd, is_direct = self._open(path)
+    if is_direct and (offset % PAGE or buffer.ctypes.data % PAGE):
+      raise ValueError(
+        f"O_DIRECT needs a {PAGE}-aligned file offset and buffer address; got offset "
+        f"{offset}, buffer address % {PAGE} = {buffer.ctypes.data % PAGE} "
+        "(allocate with hetflow.memory.aligned_empty)"
+      )
+    starts = list(range(0, nbytes, chunk))
+    job = _Job(path, len(starts), nbytes)
+    if not starts:
+      self._finish(job)
+      return job.future
+    for start in starts:
+      need = min(chunk, nbytes - start)
+      self._executor.submit(self._run_chunk, job, buffer, start, offset + start, need)
+    return job.future
 
-    def __init__(self, num_workers: int = 4, direct: bool = True):
-        if num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self.num_workers = num_workers
-        self.direct = bool(direct and _O_DIRECT)
-        self._want_direct = self.direct
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            num_workers, thread_name_prefix="hetflow-reader"
-        )
-        self._lock = threading.Lock()
-        # path -> (fd, is_direct, (st_dev, st_ino)); the inode check reopens a
-        # file that was replaced (e.g. a store rewritten with overwrite=True).
-        self._fds: dict[str, tuple[int, bool, tuple[int, int]]] = {}
-        self._stale_fds: list[int] = []  # direct fds replaced after a fallback
-        self._warned = False
-        self._closed = False
-        self.reset_stats()
+  def read_group(
+    self, store: LayerStore, group: str, buffer: np.ndarray, chunk: int = 1 << 20
+  ) -> concurrent.futures.Future:
+    """Reads a store group's whole file into ``buffer`` (>= ``store.group_nbytes(group)``).
 
-    # -- stats ----------------------------------------------------------------
+    Turn the filled buffer into arrays with ``store.views(group, buffer)``
+    or ``StoreView(store, group, buffer)``.
+    """
+    return self.read_into(store.file(group), 0, buffer, store.group_nbytes(group), chunk)
 
-    def reset_stats(self) -> None:
-        """Zeroes the counters returned by :attr:`stats`."""
-        with self._lock:
-            self._stats = {
-                "bytes": 0,  # bytes delivered into buffers (not counting round-up)
-                "requests": 0,  # preadv calls
-                "reads": 0,  # read_into calls completed
-                "read_seconds": 0.0,  # summed over workers: time inside preadv
-                "wall_seconds": 0.0,  # summed over read_into calls: submit -> done
-            }
+  def read_tensor(
+    self, store: LayerStore, group: str, tensor: str, buffer: np.ndarray, chunk: int = 1 << 20
+  ) -> concurrent.futures.Future:
+    """Reads one tensor into ``buffer[:nbytes]``; view it with ``view_as(buffer, 0, ...)``."""
+    info = store.tensors(group)[tensor]
+    return self.read_into(store.file(group), info.offset, buffer, info.nbytes, chunk)
 
-    @property
-    def stats(self) -> dict[str, float]:
-        """Counters since the last reset, plus ``direct``."""
-        with self._lock:
-            out = dict(self._stats)
-        out["direct"] = self.direct
-        return out
+  def _run_chunk(self, job: _Job, buffer: np.ndarray, start: int, file_off: int, need: int) -> None:
+    try:
+      if job.error is None:  # after a failure, skip the rest quickly
+        self._read_span(job.path, buffer, start, file_off, need)
+    except BaseException as e:  # noqa: BLE001 - delivered through the future
+      with job.lock:
+        if job.error is None:
+          job.error = e
+    with job.lock:
+      job.remaining -= 1
+      last = job.remaining == 0
+    if last:
+      self._finish(job)
 
-    # -- files ----------------------------------------------------------------
+  def _finish(self, job: _Job) -> None:
+    wall = time.perf_counter() - job.start
+    if job.error is not None:
+      job.future.set_exception(job.error)
+      return
+    with self._lock:
+      self._stats["reads"] += 1
+      self._stats["wall_seconds"] += wall
+    job.future.set_result(job.nbytes)
 
-    def _open(self, path: str) -> tuple[int, bool]:
-        st = os.stat(path)
-        ident = (st.st_dev, st.st_ino)
-        with self._lock:
-            cached = self._fds.get(path)
-            if cached is not None and cached[2] == ident:
-                return cached[0], cached[1]
-            if cached is not None:
-                os.close(cached[0])
-                del self._fds[path]
-            fd, is_direct = None, False
-            if self._want_direct:
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | _O_DIRECT)
-                    is_direct = True
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self._fall_back(path, e)
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self._fds[path] = (fd, is_direct, ident)
-            return fd, is_direct
-
-    def _fall_back(self, path: str, err: OSError) -> None:
-        # Called with self._lock held.
-        self.direct = False
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"O_DIRECT refused for {path} ({err}); falling back to buffered reads. "
-                "Disk figures from this pool measure the page cache unless caches are "
-                "dropped before each run.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-
-    def _reopen_buffered(self, path: str, err: OSError) -> int:
-        with self._lock:
-            cached = self._fds.get(path)
-            if cached is not None and not cached[1]:
-                return cached[0]
-            self._fall_back(path, err)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            if cached is not None:
-                # Other workers may still use the direct fd; leave it open (it is
-                # closed with the pool) rather than close it under them.
-                self._stale_fds.append(cached[0])
-            self._fds[path] = (fd, False, cached[2] if cached else (0, 0))
-            return fd
-
-    # -- reads ----------------------------------------------------------------
-
-    def read_into(
-        self,
-        path: str | os.PathLike,
-        offset: int,
-        buffer: np.ndarray,
-        nbytes: int | None = None,
-        chunk: int = 1 << 20,
-    ) -> concurrent.futures.Future:
-        """Starts reading ``nbytes`` of ``path`` at ``offset`` into ``buffer[:nbytes]``.
-
-        The read is split into ``chunk``-byte requests that the workers serve
-        concurrently. With O_DIRECT the last request is rounded up to 4096 bytes
-        (the store pads its files); when ``buffer`` has no room for the
-        round-up, the last partial block goes through a small bounce buffer.
-
-        Args:
-          path: file to read.
-          offset: file offset (a multiple of 4096 for O_DIRECT).
-          buffer: C-contiguous 1-D uint8 array, address aligned to 4096 for
-            O_DIRECT (see ``aligned_empty``). Do not touch it until the future
-            is done: the workers write into it.
-          nbytes: bytes to read; default ``buffer.nbytes``.
-          chunk: request size, a multiple of 4096.
-
-        Returns:
-          A Future whose result is ``nbytes``. It completes only after every
-          request has finished (so the buffer is quiet), and fails with
-          :class:`ReadError` naming the file, offset and bytes expected/got if
-          the file is shorter than asked or a read fails.
-
-        Raises:
-          ValueError: on misaligned arguments or a buffer that is too small.
-          RuntimeError: if the pool is closed.
-        """
-        path = os.path.abspath(os.fspath(path))
-        nbytes = buffer.nbytes if nbytes is None else int(nbytes)
-        if buffer.dtype != np.uint8 or buffer.ndim != 1 or not buffer.flags.c_contiguous:
-            raise ValueError("buffer must be a C-contiguous 1-D uint8 array (use aligned_empty)")
-        if not buffer.flags.writeable:
-            raise ValueError("buffer is read-only")
-        if nbytes < 0 or nbytes > buffer.nbytes:
-            raise ValueError(f"cannot read {nbytes} bytes into a {buffer.nbytes}-byte buffer")
-        if chunk <= 0 or chunk % PAGE:
-            raise ValueError(f"chunk must be a positive multiple of {PAGE}, got {chunk}")
-        if self._closed:
-            raise RuntimeError("ReaderPool is closed")
-        fd, is_direct = self._open(path)
-        if is_direct and (offset % PAGE or buffer.ctypes.data % PAGE):
-            raise ValueError(
-                f"O_DIRECT needs a {PAGE}-aligned file offset and buffer address; got offset "
-                f"{offset}, buffer address % {PAGE} = {buffer.ctypes.data % PAGE} "
-                "(allocate with hetflow.memory.aligned_empty)"
-            )
-        starts = list(range(0, nbytes, chunk))
-        job = _Job(path, len(starts), nbytes)
-        if not starts:
-            self._finish(job)
-            return job.future
-        for start in starts:
-            need = min(chunk, nbytes - start)
-            self._executor.submit(self._run_chunk, job, buffer, start, offset + start, need)
-        return job.future
-
-    def read_group(
-        self, store: LayerStore, group: str, buffer: np.ndarray, chunk: int = 1 << 20
-    ) -> concurrent.futures.Future:
-        """Reads a store group's whole file into ``buffer`` (>= ``store.group_nbytes(group)``).
-
-        Turn the filled buffer into arrays with ``store.views(group, buffer)``
-        or ``StoreView(store, group, buffer)``.
-        """
-        return self.read_into(store.file(group), 0, buffer, store.group_nbytes(group), chunk)
-
-    def read_tensor(
-        self, store: LayerStore, group: str, tensor: str, buffer: np.ndarray, chunk: int = 1 << 20
-    ) -> concurrent.futures.Future:
-        """Reads one tensor into ``buffer[:nbytes]``; view it with ``view_as(buffer, 0, ...)``."""
-        info = store.tensors(group)[tensor]
-        return self.read_into(store.file(group), info.offset, buffer, info.nbytes, chunk)
-
-    def _run_chunk(self, job: _Job, buffer: np.ndarray, start: int, file_off: int, need: int) -> None:
-        try:
-            if job.error is None:  # after a failure, skip the rest quickly
-                self._read_span(job.path, buffer, start, file_off, need)
-        except BaseException as e:  # noqa: BLE001 - delivered through the future
-            with job.lock:
-                if job.error is None:
-                    job.error = e
-        with job.lock:
-            job.remaining -= 1
-            last = job.remaining == 0
-        if last:
-            self._finish(job)
-
-    def _finish(self, job: _Job) -> None:
-        wall = time.perf_counter() - job.start
-        if job.error is not None:
-            job.future.set_exception(job.error)
-            return
-        with self._lock:
-            self._stats["reads"] += 1
-            self._stats["wall_seconds"] += wall
-        job.future.set_result(job.nbytes)
-
-    def _read_span(self, path: str, buffer: np.ndarray, start: int, file_off: int, need: int) -> None:
-        fd, is_direct = self._open(path)
-        mv = memoryview(buffer)
-        try:
-            got = self._read_exact(fd, is_direct, mv, buffer, start, file_off, need)
-        except OSError as e:
-            if not (is_direct and e.errno == errno.EINVAL):
-                raise ReadError(
-                    e.errno, f"reading {need} bytes of {path} at offset {file_off} failed: {e}"
-                ) from e
-            # Some filesystems accept O_DIRECT at open and refuse it at read.
-            fd = self._reopen_buffered(path, e)
-            got = self._read_exact(fd, False, mv, buffer, start, file_off, need)
-        if got >= need:
-            with self._lock:
-                self._stats["bytes"] += need
-            return
-        size = os.fstat(fd).st_size
+  def _read_span(self, path: str, buffer: np.ndarray, start: int, file_off: int, need: int) -> None:
+    fd, is_direct = self._open(path)
+    mv = memoryview(buffer)
+    try:
+      got = self._read_exact(fd, is_direct, mv, buffer, start, file_off, need)
+    except OSError as e:
+      if not (is_direct and e.errno == errno.EINVAL):
         raise ReadError(
-            errno.EIO,
-            f"short read of {path} at offset {file_off}: expected {need} bytes, got {got} "
-            f"(file is {size} bytes; truncated or wrong store?)",
-        )
+          e.errno, f"reading {need} bytes of {path} at offset {file_off} failed: {e}"
+        ) from e
+      # Some filesystems accept O_DIRECT at open and refuse it at read.
+      fd = self._reopen_buffered(path, e)
+      got = self._read_exact(fd, False, mv, buffer, start, file_off, need)
+    if got >= need:
+      with self._lock:
+        self._stats["bytes"] += need
+      return
+    size = os.fstat(fd).st_size
+    raise ReadError(
+      errno.EIO,
+      f"short read of {path} at offset {file_off}: expected {need} bytes, got {got} "
+      f"(file is {size} bytes; truncated or wrong store?)",
+    )
 
-    def _read_exact(
-        self, fd: int, is_direct: bool, mv: memoryview, buffer: np.ndarray,
-        start: int, file_off: int, need: int,
-    ) -> int:
-        if not is_direct:
-            return self._pread(fd, mv[start : start + need], file_off, False)
-        want = round_up(need)
-        if start + want <= buffer.nbytes:
-            return min(need, self._pread(fd, mv[start : start + want], file_off, True))
-        # No room in the caller's buffer for the round-up: read the aligned head
-        # in place and the last partial block through a bounce page.
-        head = need - need % PAGE
-        got = self._pread(fd, mv[start : start + head], file_off, True) if head else 0
-        if got < head:
-            return got
-        bounce = aligned_empty(PAGE)
-        tail = min(need - head, self._pread(fd, memoryview(bounce), file_off + head, True))
-        buffer[start + head : start + head + tail] = bounce[:tail]
-        return head + tail
+  def _read_exact(
+    self,
+    fd: int,
+    is_direct: bool,
+    mv: memoryview,
+    buffer: np.ndarray,
+    start: int,
+    file_off: int,
+    need: int,
+  ) -> int:
+    if not is_direct:
+      return self._pread(fd, mv[start : start + need], file_off, False)
+    want = round_up(need)
+    if start + want <= buffer.nbytes:
+      return min(need, self._pread(fd, mv[start : start + want], file_off, True))
+    # No room in the caller's buffer for the round-up: read the aligned head
+    # in place and the last partial block through a bounce page.
+    head = need - need % PAGE
+    got = self._pread(fd, mv[start : start + head], file_off, True) if head else 0
+    if got < head:
+      return got
+    bounce = aligned_empty(PAGE)
+    tail = min(need - head, self._pread(fd, memoryview(bounce), file_off + head, True))
+    buffer[start + head : start + head + tail] = bounce[:tail]
+    return head + tail
 
-    def _pread(self, fd: int, mv: memoryview, file_off: int, is_direct: bool) -> int:
-        got = 0
-        t0 = time.perf_counter()
-        requests = 0
-        while got < len(mv):
-            n = os.preadv(fd, [mv[got:]], file_off + got)
-            requests += 1
-            if n == 0:
-                break
-            got += n
-            # An unaligned O_DIRECT return only happens at end of file; another
-            # read at an unaligned offset would fail with EINVAL, not return 0.
-            if is_direct and n % PAGE:
-                break
-        dt = time.perf_counter() - t0
-        with self._lock:
-            self._stats["requests"] += requests
-            self._stats["read_seconds"] += dt
-        return got
+  def _pread(self, fd: int, mv: memoryview, file_off: int, is_direct: bool) -> int:
+    got = 0
+    t0 = time.perf_counter()
+    requests = 0
+    while got < len(mv):
+      n = os.preadv(fd, [mv[got:]], file_off + got)
+      requests += 1
+      if n == 0:
+        break
+      got += n
+      # An unaligned O_DIRECT return only happens at end of file; another
+      # read at an unaligned offset would fail with EINVAL, not return 0.
+      if is_direct and n % PAGE:
+        break
+    dt = time.perf_counter() - t0
+    with self._lock:
+      self._stats["requests"] += requests
+      self._stats["read_seconds"] += dt
+    return got
 
-    # -- lifetime -------------------------------------------------------------
+  # -- lifetime -------------------------------------------------------------
 
-    def close(self) -> None:
-        """Waits for reads in flight, stops the workers and closes cached files."""
-        if self._closed:
-            return
-        self._closed = True
-        self._executor.shutdown(wait=True)
-        with self._lock:
-            for fd, _, _ in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-            for fd in self._stale_fds:
-                os.close(fd)
-            self._stale_fds.clear()
+  def close(self) -> None:
+    """Waits for reads in flight, stops the workers and closes cached files."""
+    if self._closed:
+      return
+    self._closed = True
+    self._executor.shutdown(wait=True)
+    with self._lock:
+      for fd, _, _ in self._fds.values():
+        os.close(fd)
+      self._fds.clear()
+      for fd in self._stale_fds:
+        os.close(fd)
+      self._stale_fds.clear()
 
-    def __enter__(self) -> ReaderPool:
-        return self
+  def __enter__(self) -> ReaderPool:
+    return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+  def __exit__(self, *exc) -> None:
+    self.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:
+      pass
 
 
 class StoreView(Mapping):
-    """Tensor name -> zero-copy numpy view of a buffer holding one group's file.
+  """Tensor name -> zero-copy numpy view of a buffer holding one group's file.
 
-    Args:
-      store: the LayerStore the buffer was filled from.
-      group: the group read into the buffer (e.g. with ``ReaderPool.read_group``).
-      buffer: the filled uint8 buffer.
-    """
+  Args:
+    store: the LayerStore the buffer was filled from.
+    group: the group read into the buffer (e.g. with ``ReaderPool.read_group``).
+    buffer: the filled uint8 buffer.
+  """
 
-    def __init__(self, store: LayerStore, group: str, buffer: np.ndarray):
-        self.store = store
-        self.group = group
-        self.buffer = buffer
-        self._infos = store.tensors(group)
-        if buffer.nbytes < max((t.offset + t.nbytes for t in self._infos.values()), default=0):
-            raise ValueError(f"buffer of {buffer.nbytes} bytes cannot hold group {group!r}")
+  def __init__(self, store: LayerStore, group: str, buffer: np.ndarray):
+    self.store = store
+    self.group = group
+    self.buffer = buffer
+    self._infos = store.tensors(group)
+    if buffer.nbytes < max((t.offset + t.nbytes for t in self._infos.values()), default=0):
+      raise ValueError(f"buffer of {buffer.nbytes} bytes cannot hold group {group!r}")
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        t = self._infos[name]
-        return view_as(self.buffer, t.offset, t.shape, t.dtype)
+  def __getitem__(self, name: str) -> np.ndarray:
+    t = self._infos[name]
+    return view_as(self.buffer, t.offset, t.shape, t.dtype)
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
+  def __iter__(self) -> Iterator[str]:
+    return iter(self._infos)
 
-    def __len__(self) -> int:
-        return len(self._infos)
+  def __len__(self) -> int:
+    return len(self._infos)
 
 
 def _expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out = []
-    for p in paths:
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            for root, _, files in os.walk(p):
-                out.extend(os.path.join(root, f) for f in files)
-        elif os.path.exists(p):
-            out.append(p)
-    return out
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out = []
+  for p in paths:
+    p = os.fspath(p)
+    if os.path.isdir(p):
+      for root, _, files in os.walk(p):
+        out.extend(os.path.join(root, f) for f in files)
+    elif os.path.exists(p):
+      out.append(p)
+  return out
 
 
 def drop_page_cache(
-    path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
-    method: str = "auto",
+  path: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+  method: str = "auto",
 ) -> str:
-    """Evicts file data from the page cache so the next read really hits the disk.
+  """Evicts file data from the page cache so the next read really hits the disk.
 
-    As root: ``sync; echo 3 > /proc/sys/vm/drop_caches`` (whole machine).
-    Otherwise, or if that is refused: ``fsync`` + ``posix_fadvise(DONTNEED)``
-    on each given file (directories are walked); this only evicts clean pages,
-    hence the fsync first.
+  As root: ``sync; echo 3 > /proc/sys/vm/drop_caches`` (whole machine).
+  Otherwise, or if that is refused: ``fsync`` + ``posix_fadvise(DONTNEED)``
+  on each given file (directories are walked); this only evicts clean pages,
+  hence the fsync first.
 
-    Args:
-      path: files or directories to evict when falling back to fadvise.
-      method: ``"auto"``, ``"drop_caches"`` or ``"fadvise"``.
+  Args:
+    path: files or directories to evict when falling back to fadvise.
+    method: ``"auto"``, ``"drop_caches"`` or ``"fadvise"``.
 
-    Returns:
-      The method that worked: ``"drop_caches"``, ``"fadvise"``, or ``"none"``
-      (not root and no files given, or nothing worked).
-    """
-    if method not in ("auto", "drop_caches", "fadvise"):
-        raise ValueError(f"method must be 'auto', 'drop_caches' or 'fadvise', got {method!r}")
-    if method in ("auto", "drop_caches") and os.geteuid() == 0:
-        try:
-            subprocess.run(["sync"], check=True)
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-            return "drop_caches"
-        except (OSError, subprocess.CalledProcessError):
-            if method == "drop_caches":
-                raise
-    elif method == "drop_caches":
-        raise PermissionError("drop_caches needs root")
-    files = _expand(path) if path is not None else []
-    if not files or not hasattr(os, "posix_fadvise"):
-        return "none"
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-    return "fadvise"
+  Returns:
+    The method that worked: ``"drop_caches"``, ``"fadvise"``, or ``"none"``
+    (not root and no files given, or nothing worked).
+  """
+  if method not in ("auto", "drop_caches", "fadvise"):
+    raise ValueError(f"method must be 'auto', 'drop_caches' or 'fadvise', got {method!r}")
+  if method in ("auto", "drop_caches") and os.geteuid() == 0:
+    try:
+      subprocess.run(["sync"], check=True)
+      with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+      return "drop_caches"
+    except (OSError, subprocess.CalledProcessError):
+      if method == "drop_caches":
+        raise
+  elif method == "drop_caches":
+    raise PermissionError("drop_caches needs root")
+  files = _expand(path) if path is not None else []
+  if not files or not hasattr(os, "posix_fadvise"):
+    return "none"
+  for f in files:
+    fd = os.open(f, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+      os.close(fd)
+  return "fadvise"

@@ -1,0 +1,656 @@
+"""Measuring a machine into a HardwareProfile, and named profiles of paper hardware.
+
+A profile holds the rates a planner or simulator needs to predict a strategy's
+time: disk read bandwidth by request size and queue depth, the host->device
+link, memory bandwidth, and matrix-vector and matmul rates on the CPU and the
+accelerator. ``measure`` fills one in on the machine at hand; ``PROFILES``
+holds the testbeds of HeteGen and PowerInfer-2 (figures from
+``/work/shared/PAPERS.md`` where the papers give them, and stated assumptions
+where they do not).
+
+Units: bytes, bytes/s and FLOP/s throughout. Matrix-vector rates are *bytes of
+weights consumed per second*, because decode at batch 1 is bound by how fast
+the weights stream through, not by arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from hetflow.memory.budget import format_bytes
+
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareProfile:
+  """Measured (or assumed) rates of one machine.
+
+  Dict-valued fields are plain dicts for easy JSON; treat them as read-only.
+
+  Attributes:
+    name: what the profile describes, e.g. ``"a10-pcie"`` or a host name.
+    cores: CPU cores available to the process.
+    disk_read_bw: cold read bandwidth of the disk tier in bytes/s, as
+      ``{queue_depth: {request_bytes: bytes_per_s}}``: ``queue_depth`` is the
+      number of requests kept in flight (1 = one at a time), request sizes are
+      powers of two from 4 KiB. Use :meth:`disk_bw` to interpolate.
+    host_to_device_bw: ``jax.device_put`` bandwidth from host memory to the
+      device in bytes/s, keyed by the source memory kind (``"pinned_host"``,
+      ``"unpinned_host"``). On a CPU-only machine this is a memcpy into fresh
+      pages, not a link.
+    memory_bw: host memory bandwidth as bytes copied per second by a large
+      memcpy (each byte is read once and written once, so the bus moves 2x).
+    cpu_matvec_bw: bytes of weights per second of an XLA matrix-vector
+      product on the CPU, keyed by weight dtype name (``"float32"``,
+      ``"bfloat16"``, ...), with the faster of the formulations tried.
+    cpu_flops: matmul FLOP/s on the CPU keyed by dtype name.
+    device_matvec_bw: as ``cpu_matvec_bw``, on the jax default device (equal
+      to the CPU figures on a CPU-only machine).
+    device_flops: as ``cpu_flops``, on the jax default device.
+    matvec_impl: for each dtype measured, which formulation was faster on the
+      CPU: ``"dot"`` (``jnp.dot``) or ``"multiply_sum"`` (``(W * x).sum``).
+      XLA's CPU bf16 ``dot`` is far off the memory roof; the elementwise form
+      is not.
+    device_memory: bytes of accelerator memory, or None (CPU-only / unified).
+    host_memory: bytes of host RAM, or None if unknown.
+    disk_direct: whether disk figures were taken with O_DIRECT (None: not
+      measured here).
+    notes: provenance: how it was measured, or the assumptions behind it.
+  """
+
+  name: str
+  cores: int
+  disk_read_bw: Mapping[int, Mapping[int, float]]
+  host_to_device_bw: Mapping[str, float]
+  memory_bw: float
+  cpu_matvec_bw: Mapping[str, float]
+  cpu_flops: Mapping[str, float]
+  device_matvec_bw: Mapping[str, float]
+  device_flops: Mapping[str, float]
+  matvec_impl: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  device_memory: int | None = None
+  host_memory: int | None = None
+  disk_direct: bool | None = None
+  notes: str = ""
+
+  def __post_init__(self):
+    # JSON turns int keys into strings; normalise here so that a profile
+    # read back equals the one written.
+    table = {
+      int(qd): {int(b): float(bw) for b, bw in row.items()} for qd, row in self.disk_read_bw.items()
+    }
+    if not table or any(not row for row in table.values()):
+      raise ValueError(f"{self.name}: disk_read_bw needs at least one depth with one size")
+    object.__setattr__(self, "disk_read_bw", table)
+    for f in (
+      "host_to_device_bw",
+      "cpu_matvec_bw",
+      "cpu_flops",
+      "device_matvec_bw",
+      "device_flops",
+    ):
+      object.__setattr__(self, f, {str(k): float(v) for k, v in getattr(self, f).items()})
+    object.__setattr__(self, "matvec_impl", {str(k): str(v) for k, v in self.matvec_impl.items()})
+
+  # -- queries --------------------------------------------------------------
+
+  def disk_bw(self, block_bytes: int, queue_depth: int = 1) -> float:
+    """Cold disk read bandwidth for requests of ``block_bytes`` with ``queue_depth`` in flight.
+
+    Interpolates linearly in log(size)-log(bandwidth) between measured
+    sizes, and in log(depth) between measured depths. Above the largest
+    size the bandwidth is held flat (the disk is saturated); below the
+    smallest it falls in proportion to the size (a fixed number of requests
+    per second: small reads are latency-bound). Depths outside the measured
+    range use the nearest one.
+
+    Args:
+      block_bytes: request size in bytes (> 0).
+      queue_depth: requests in flight (>= 1).
+
+    Returns:
+      bytes/s.
+    """
+    if block_bytes <= 0:
+      raise ValueError(f"block_bytes must be > 0, got {block_bytes}")
+    if queue_depth < 1:
+      raise ValueError(f"queue_depth must be >= 1, got {queue_depth}")
+    depths = sorted(self.disk_read_bw)
+    if queue_depth <= depths[0]:
+      return _bw_at(self.disk_read_bw[depths[0]], block_bytes)
+    if queue_depth >= depths[-1]:
+      return _bw_at(self.disk_read_bw[depths[-1]], block_bytes)
+    hi = next(d for d in depths if d >= queue_depth)
+    lo = max(d for d in depths if d <= queue_depth)
+    y0 = _bw_at(self.disk_read_bw[lo], block_bytes)
+    if hi == lo:
+      return y0
+    y1 = _bw_at(self.disk_read_bw[hi], block_bytes)
+    return _log_interp(queue_depth, lo, hi, y0, y1)
+
+  def link_bw(self, pinned: bool = True) -> float:
+    """Host -> device bandwidth from pinned (or unpinned) memory, bytes/s.
+
+    Falls back to the other kind when only one was measured.
+    """
+    order = ("pinned_host", "unpinned_host") if pinned else ("unpinned_host", "pinned_host")
+    for kind in order:
+      if kind in self.host_to_device_bw:
+        return self.host_to_device_bw[kind]
+    raise KeyError(f"{self.name} has no host_to_device_bw")
+
+  # -- (de)serialisation ----------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-able dict (dict keys become strings)."""
+    d = dataclasses.asdict(self)
+    d["disk_read_bw"] = {
+      str(qd): {str(b): bw for b, bw in sorted(row.items())}
+      for qd, row in sorted(self.disk_read_bw.items())
+    }
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> HardwareProfile:
+    """Inverse of :meth:`to_dict`; unknown keys are an error (a typo is not silently dropped)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown HardwareProfile fields {unknown}")
+    return cls(**dict(d))
+
+  def to_json(self, path: str | os.PathLike | None = None) -> str:
+    """Returns the profile as JSON text, and writes it to ``path`` if given."""
+    text = json.dumps(self.to_dict(), indent=2) + "\n"
+    if path is not None:
+      tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
+      with open(tmp, "w") as f:
+        f.write(text)
+      os.replace(tmp, path)
+    return text
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike) -> HardwareProfile:
+    """Reads a profile written by :meth:`to_json`."""
+    with open(path) as f:
+      return cls.from_dict(json.load(f))
+
+  def table(self) -> str:
+    """A human-readable summary, one rate per line."""
+    gb = lambda x: f"{x / 1e9:8.2f} GB/s"  # noqa: E731
+    lines = [f"hardware profile: {self.name} ({self.cores} cores)"]
+    depths = sorted(self.disk_read_bw)
+    sizes = sorted({b for row in self.disk_read_bw.values() for b in row})
+    direct = {True: "O_DIRECT", False: "buffered", None: "n/a"}[self.disk_direct]
+    lines.append(f"disk read ({direct}), GB/s by request size and queue depth:")
+    lines.append("        size" + "".join(f"  qd={d:<6d}" for d in depths))
+    for b in sizes:
+      cells = "".join(
+        f"  {self.disk_read_bw[d][b] / 1e9:8.3f}" if b in self.disk_read_bw[d] else "         -"
+        for d in depths
+      )
+      lines.append(f"  {format_bytes(b):>10s}{cells}")
+    for kind, bw in self.host_to_device_bw.items():
+      lines.append(f"host->device from {kind:14s} {gb(bw)}")
+    lines.append(f"memory copy                    {gb(self.memory_bw)}")
+    for dt, bw in self.cpu_matvec_bw.items():
+      impl = self.matvec_impl.get(dt, "")
+      lines.append(f"cpu matvec {dt:9s}           {gb(bw)}  {impl}")
+    for dt, fl in self.cpu_flops.items():
+      lines.append(f"cpu matmul {dt:9s}           {fl / 1e9:8.1f} GFLOP/s")
+    for dt, bw in self.device_matvec_bw.items():
+      lines.append(f"device matvec {dt:9s}        {gb(bw)}")
+    for dt, fl in self.device_flops.items():
+      lines.append(f"device matmul {dt:9s}        {fl / 1e9:8.1f} GFLOP/s")
+    if self.notes:
+      lines.append(f"notes: {self.notes}")
+    return "\n".join(lines)
+
+
+def _log_interp(x: float, x0: float, x1: float, y0: float, y1: float) -> float:
+  t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+  return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+
+
+def _bw_at(row: Mapping[int, float], block: int) -> float:
+  sizes = sorted(row)
+  if block <= sizes[0]:
+    return row[sizes[0]] * block / sizes[0]  # latency-bound: constant IOPS
+  if block >= sizes[-1]:
+    return row[sizes[-1]]  # saturated
+  hi = next(s for s in sizes if s >= block)
+  lo = max(s for s in sizes if s <= block)
+  if hi == lo:
+    return row[lo]
+  return _log_interp(block, lo, hi, row[lo], row[hi])
+
+
+# -- named profiles of paper hardware ------------------------------------------
+
+
+def _scaled(row: Mapping[int, float], factor: float) -> dict[int, float]:
+  return {b: bw * factor for b, bw in row.items()}
+
+
+# A typical PCIe NVMe SSD. HeteGen reads no disk, so these are not from the
+# paper; they only let disk strategies be simulated on that machine.
+_NVME_QD1 = {4 * KiB: 60e6, 64 * KiB: 0.8e9, 1 * MiB: 2.0e9, 4 * MiB: 2.5e9}
+_NVME_QD4 = {4 * KiB: 220e6, 64 * KiB: 2.2e9, 1 * MiB: 3.0e9, 4 * MiB: 3.2e9}
+
+# UFS 4.0 as PowerInfer-2 measured it: ~450 MB/s with 4 KB reads up to ~4 GB/s
+# with 512 KB reads; 64 KiB is the log-log midpoint of the two, not a paper figure.
+_UFS40_QD1 = {4 * KiB: 450e6, 64 * KiB: 1.34e9, 512 * KiB: 4.0e9}
+# UFS 3.1 is not measured in the paper; assumed at half of UFS 4.0 across sizes
+# (its interface peak is about half: 2.9 vs 5.8 GB/s per lane pair).
+_UFS31_QD1 = _scaled(_UFS40_QD1, 0.5)
+# "A single command queue, so I/O from several cores loses up to 40%": several
+# requests in flight are modelled at the paper's worst case, 0.6x.
+_UFS_MULTI = 0.6
+
+PROFILES: dict[str, HardwareProfile] = {
+  "a10-pcie": HardwareProfile(
+    name="a10-pcie",
+    # HeteGen testbed: Xeon 2.3 GHz with 16 cores.
+    cores=16,
+    disk_read_bw={1: _NVME_QD1, 4: _NVME_QD4},
+    # PCIe 4.0 x16 peaks near 30 GB/s; FlexGen moved 20-24 GB/s of weights in
+    # the paper, so ~24 GB/s effective from pinned memory. Unpinned: assumed
+    # half (the driver stages through a pinned bounce buffer).
+    host_to_device_bw={"pinned_host": 24e9, "unpinned_host": 12e9},
+    # Assumed: 8-channel DDR4 server, memcpy on 16 cores ~60 GB/s.
+    memory_bw=60e9,
+    # The paper's CPU multiplies ~2x the bytes the link carries (HeteGen
+    # ~53-71 GB/s total vs FlexGen's 20-24), i.e. ~45 GB/s; assumed for all
+    # dtypes (HeteGen computes in fp16/fp32 on the CPU).
+    cpu_matvec_bw={"float16": 45e9, "bfloat16": 45e9, "float32": 45e9},
+    # Assumed: 16 cores x 2.3 GHz x 32 f32 FLOP/cycle (2 AVX-512 FMA units)
+    # = 1.18 TFLOP/s peak, ~60% reached.
+    cpu_flops={"float32": 0.7e12},
+    # A10: 600 GB/s GDDR6; matvec assumed to reach 85% of it.
+    device_matvec_bw={"float16": 510e9, "bfloat16": 510e9, "float32": 510e9},
+    # A10 datasheet, dense: fp16/bf16 tensor 125 TFLOP/s, fp32 31.2 TFLOP/s.
+    device_flops={"float16": 125e12, "bfloat16": 125e12, "float32": 31.2e12},
+    device_memory=24 * GiB,
+    host_memory=None,
+    notes="HeteGen (MLSys 2024) testbed; link and CPU figures from the paper, the rest "
+    "datasheet or assumed (see hetflow/hardware.py); disk is a generic NVMe, not in the paper",
+  ),
+  "oneplus12-ufs4": HardwareProfile(
+    name="oneplus12-ufs4",
+    # Snapdragon 8 Gen 3: 1+5+2 cores.
+    cores=8,
+    disk_read_bw={1: _UFS40_QD1, 4: _scaled(_UFS40_QD1, _UFS_MULTI)},
+    # Unified memory: the "device" is the same DRAM, so the link is a
+    # memcpy; set to memory_bw.
+    host_to_device_bw={"pinned_host": 30e9, "unpinned_host": 30e9},
+    # Assumed: LPDDR5X-4800, 76.8 GB/s peak; a CPU memcpy ~30 GB/s.
+    memory_bw=30e9,
+    # Assumed: CPU matvec at ~45% of the DRAM peak.
+    cpu_matvec_bw={"float16": 35e9, "bfloat16": 35e9, "float32": 35e9},
+    # Assumed, rough: ~0.5 TFLOP/s fp16 NEON over all cores, half in fp32.
+    cpu_flops={"float16": 0.5e12, "float32": 0.25e12},
+    # hetflow's "device" on a phone is the same CPU (the NPU is not modelled).
+    device_matvec_bw={"float16": 35e9, "bfloat16": 35e9, "float32": 35e9},
+    device_flops={"float16": 0.5e12, "float32": 0.25e12},
+    device_memory=None,
+    host_memory=24 * GiB,
+    notes="PowerInfer-2 phone (24 GB, UFS 4.0); UFS figures from the paper, compute and "
+    "memory assumed (see hetflow/hardware.py); device == CPU (unified memory, NPU not modelled)",
+  ),
+  "ace2-ufs31": HardwareProfile(
+    name="ace2-ufs31",
+    # Snapdragon 8+ Gen 1: 1+3+4 cores.
+    cores=8,
+    disk_read_bw={1: _UFS31_QD1, 4: _scaled(_UFS31_QD1, _UFS_MULTI)},
+    host_to_device_bw={"pinned_host": 20e9, "unpinned_host": 20e9},
+    # Assumed: LPDDR5-6400, 51.2 GB/s peak; a CPU memcpy ~20 GB/s.
+    memory_bw=20e9,
+    cpu_matvec_bw={"float16": 23e9, "bfloat16": 23e9, "float32": 23e9},
+    cpu_flops={"float16": 0.35e12, "float32": 0.18e12},
+    device_matvec_bw={"float16": 23e9, "bfloat16": 23e9, "float32": 23e9},
+    device_flops={"float16": 0.35e12, "float32": 0.18e12},
+    device_memory=None,
+    host_memory=16 * GiB,
+    notes="PowerInfer-2 phone (16 GB, UFS 3.1); UFS 3.1 assumed at half of UFS 4.0, "
+    "compute and memory assumed at ~2/3 of the OnePlus 12 (see hetflow/hardware.py)",
+  ),
+}
+
+
+def get_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareProfile:
+  """A named profile from :data:`PROFILES`, or one read from a JSON file.
+
+  Raises:
+    KeyError: if it is neither a known name nor an existing file.
+  """
+  if isinstance(name_or_path, HardwareProfile):
+    return name_or_path
+  key = os.fspath(name_or_path)
+  if key in PROFILES:
+    return PROFILES[key]
+  if os.path.isfile(key):
+    return HardwareProfile.from_json(key)
+  raise KeyError(
+    f"no hardware profile {key!r}: not one of {sorted(PROFILES)} and not a JSON file "
+    "(make one with `python -m experiments.profile_hardware`)"
+  )
+
+
+# -- measuring -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasureSettings:
+  """Sizes used by :func:`measure`.
+
+  Attributes:
+    disk_file_bytes: size of the temporary file read for disk figures.
+    disk_block_sizes: request sizes measured.
+    disk_queue_depths: requests in flight measured (reader threads).
+    disk_max_requests: at most this many requests per (size, depth) point,
+      so 4 KiB points finish quickly; each point reads
+      ``min(disk_file_bytes, size * disk_max_requests)`` bytes.
+    memcpy_bytes: size of the copied buffer; large enough to leave the caches.
+    matvec_dim: weight matrices are ``matvec_dim`` square.
+    matvec_total_bytes: the matvec cycles through this many bytes of distinct
+      matrices per repetition, so caches cannot serve the weights (the host
+      here reports a 480 MiB L3) -- as in decode, where every weight is
+      touched once per token.
+    matmul_dim: square matmul size for FLOP/s.
+    transfer_bytes: size of each host->device ``device_put``.
+    repeats: repetitions per figure; the best is kept (noise on shared
+      machines only ever slows a run down).
+  """
+
+  disk_file_bytes: int = 256 * MiB
+  disk_block_sizes: tuple[int, ...] = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
+  disk_queue_depths: tuple[int, ...] = (1, 4)
+  disk_max_requests: int = 4096
+  memcpy_bytes: int = 512 * MiB
+  matvec_dim: int = 4096
+  matvec_total_bytes: int = 1 * GiB
+  matmul_dim: int = 2048
+  transfer_bytes: int = 256 * MiB
+  repeats: int = 3
+
+  @classmethod
+  def quick(cls) -> MeasureSettings:
+    """Small sizes (seconds, not minutes); figures are indicative only."""
+    return cls(
+      disk_file_bytes=8 * MiB,
+      disk_max_requests=256,
+      memcpy_bytes=32 * MiB,
+      matvec_dim=1024,
+      matvec_total_bytes=32 * MiB,
+      matmul_dim=512,
+      transfer_bytes=16 * MiB,
+      repeats=2,
+    )
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def _measure_disk(
+  workdir: str, s: MeasureSettings, step
+) -> tuple[dict[int, dict[int, float]], bool, str]:
+  from hetflow.memory import ReaderPool, aligned_empty, drop_page_cache, round_up
+
+  size = round_up(s.disk_file_bytes)
+  rng = np.random.default_rng(0)
+  fd, path = tempfile.mkstemp(prefix="hetflow-disk-", suffix=".bin", dir=workdir)
+  try:
+    # Random bytes: a thin-provisioned or compressing disk cannot shortcut them.
+    with os.fdopen(fd, "wb") as f:
+      left = size
+      while left:
+        n = min(left, 16 * MiB)
+        f.write(rng.bytes(n))
+        left -= n
+      f.flush()
+      os.fsync(f.fileno())
+    method = drop_page_cache(path)
+    buf = aligned_empty(size)
+    table: dict[int, dict[int, float]] = {}
+    direct = True
+    offset = 0
+    for qd in s.disk_queue_depths:
+      with ReaderPool(num_workers=qd) as pool:
+        for block in s.disk_block_sizes:
+          step(f"disk {format_bytes(block)} qd={qd}")
+          nbytes = min(size, block * s.disk_max_requests)
+          nbytes -= nbytes % block
+          best = math.inf
+          for _ in range(s.repeats):
+            # O_DIRECT bypasses the cache anyway; fadvise is for the
+            # buffered fallback, and it is cheap.
+            drop_page_cache(path, method="fadvise")
+            # Rotate the region read, so repeats do not hit the
+            # same blocks (a caching hypervisor would serve them).
+            if offset + nbytes > size:
+              offset = 0
+            t0 = time.perf_counter()
+            pool.read_into(path, offset, buf, nbytes, chunk=block).result()
+            best = min(best, time.perf_counter() - t0)
+            offset += nbytes
+          table.setdefault(qd, {})[block] = nbytes / best
+        direct = direct and pool.direct
+    return table, direct, method
+  finally:
+    os.remove(path)
+
+
+def _measure_memcpy(s: MeasureSettings, step) -> float:
+  step("memcpy")
+  src = np.ones(s.memcpy_bytes, np.uint8)
+  dst = np.zeros_like(src)  # touched, so page faults are not timed
+  return s.memcpy_bytes / _best_time(lambda: np.copyto(dst, src), s.repeats)
+
+
+def _matvec_fns():
+  import jax
+  import jax.numpy as jnp
+
+  return {
+    "dot": jax.jit(lambda w, x: jnp.dot(w, x, preferred_element_type=jnp.float32)),
+    "multiply_sum": jax.jit(lambda w, x: jnp.sum(w * x[None, :], axis=1, dtype=jnp.float32)),
+  }
+
+
+def _measure_matvec(device, s: MeasureSettings, step, label: str):
+  import jax
+  import jax.numpy as jnp
+
+  rates: dict[str, float] = {}
+  impls: dict[str, str] = {}
+  fns = _matvec_fns()
+  d = s.matvec_dim
+  for dtype in (jnp.float32, jnp.bfloat16):
+    name = jnp.dtype(dtype).name
+    step(f"{label} matvec {name}")
+    per = d * d * jnp.dtype(dtype).itemsize
+    count = max(1, s.matvec_total_bytes // per)
+    key = jax.random.key(0)
+    ws = [
+      jax.device_put(jax.random.normal(jax.random.fold_in(key, i), (d, d), dtype), device)
+      for i in range(count)
+    ]
+    x = jax.device_put(jnp.ones((d,), dtype), device)
+    best_rate, best_impl = 0.0, ""
+    for impl, fn in fns.items():
+      fn(ws[0], x).block_until_ready()  # compile outside the timing
+
+      def run(fn=fn, ws=ws, x=x):
+        for w in ws:
+          fn(w, x).block_until_ready()
+
+      rate = count * per / _best_time(run, s.repeats)
+      if rate > best_rate:
+        best_rate, best_impl = rate, impl
+    rates[name], impls[name] = best_rate, best_impl
+    del ws, run  # run holds the matrices too; free them before the next dtype
+  return rates, impls
+
+
+def _measure_matmul(device, s: MeasureSettings, step, label: str) -> dict[str, float]:
+  import jax
+  import jax.numpy as jnp
+
+  n = s.matmul_dim
+  out = {}
+  fn = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    name = jnp.dtype(dtype).name
+    step(f"{label} matmul {name}")
+    a = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), device)
+    fn(a, a).block_until_ready()
+    out[name] = 2 * n**3 / _best_time(lambda a=a: fn(a, a).block_until_ready(), s.repeats)
+  return out
+
+
+def _measure_transfer(device, s: MeasureSettings, step) -> dict[str, float]:
+  import jax
+
+  from hetflow.memory.tiers import device_sharding, memory_kinds
+
+  out = {}
+  kinds = memory_kinds(device)
+  n = s.transfer_bytes // 4
+  dst = device_sharding(device)
+  for kind in ("pinned_host", "unpinned_host"):
+    if kind not in kinds:
+      continue
+    step(f"host->device from {kind}")
+    src = jax.device_put(
+      np.ones(n, np.float32), jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+    )
+    src.block_until_ready()
+
+    def move(src=src):
+      y = jax.device_put(src, dst)
+      y.block_until_ready()
+      y.delete()
+
+    move()  # warm-up: first transfers pay one-time setup
+    out[kind] = n * 4 / _best_time(move, s.repeats)
+  return out
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def measure(
+  workdir: str | os.PathLike,
+  quick: bool = False,
+  progress: bool = True,
+  settings: MeasureSettings | None = None,
+  name: str | None = None,
+) -> HardwareProfile:
+  """Measures this machine.
+
+  Disk figures are cold: the page cache is dropped (``drop_caches`` as root,
+  else ``fadvise``) and reads go through ``ReaderPool`` with O_DIRECT.
+  Compute figures use XLA on the CPU device, and on the jax default device
+  when that is an accelerator (else the device figures equal the CPU ones).
+
+  Args:
+    workdir: directory on the disk to measure; a temporary file is written
+      there and removed.
+    quick: use :meth:`MeasureSettings.quick` (seconds; for tests).
+    progress: show a tqdm bar of the steps.
+    settings: explicit sizes; overrides ``quick``.
+    name: profile name; default the host name.
+
+  Returns:
+    The measured HardwareProfile.
+  """
+  import jax
+  from tqdm.auto import tqdm
+
+  s = settings or (MeasureSettings.quick() if quick else MeasureSettings())
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  cpu = jax.devices("cpu")[0]
+  default = jax.devices()[0]
+  on_accel = default.platform != "cpu"
+  steps = len(s.disk_block_sizes) * len(s.disk_queue_depths) + 1 + 4 + 2 + (4 if on_accel else 0)
+  bar = tqdm(total=steps, desc="profiling", disable=not progress)
+
+  def step(what: str) -> None:
+    bar.set_postfix_str(what)
+    bar.update(1)
+
+  try:
+    disk, direct, method = _measure_disk(workdir, s, step)
+    memory_bw = _measure_memcpy(s, step)
+    cpu_mv, impls = _measure_matvec(cpu, s, step, "cpu")
+    cpu_fl = _measure_matmul(cpu, s, step, "cpu")
+    if on_accel:
+      dev_mv, _ = _measure_matvec(default, s, step, default.platform)
+      dev_fl = _measure_matmul(default, s, step, default.platform)
+    else:
+      dev_mv, dev_fl = dict(cpu_mv), dict(cpu_fl)
+    h2d = _measure_transfer(default, s, step)
+  finally:
+    bar.close()
+
+  device_memory = None
+  if on_accel:
+    stats = default.memory_stats() or {}
+    device_memory = stats.get("bytes_limit")
+  with open("/proc/meminfo") as f:
+    host_memory = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+  notes = (
+    f"measured {datetime.date.today().isoformat()} with jax {jax.__version__} on "
+    f"{default.platform} ({default.device_kind}); CPU {_cpu_model()}; "
+    f"disk: {'O_DIRECT' if direct else 'buffered (O_DIRECT refused)'}, cache dropped with "
+    f"{method}, file {format_bytes(round(s.disk_file_bytes))} in {workdir}; "
+    f"matvec {s.matvec_dim}^2 cycling {format_bytes(s.matvec_total_bytes)} of matrices; "
+    f"matmul {s.matmul_dim}^3; settings {'quick' if s == MeasureSettings.quick() else 'full' if s == MeasureSettings() else 'custom'}"
+    + ("" if on_accel else "; host->device on CPU is a memcpy into fresh pages")
+  )
+  return HardwareProfile(
+    name=name or socket.gethostname(),
+    cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+    disk_read_bw=disk,
+    host_to_device_bw=h2d,
+    memory_bw=memory_bw,
+    cpu_matvec_bw=cpu_mv,
+    cpu_flops=cpu_fl,
+    device_matvec_bw=dev_mv,
+    device_flops=dev_fl,
+    matvec_impl=impls,
+    device_memory=device_memory,
+    host_memory=host_memory,
+    disk_direct=direct,
+    notes=notes,
+  )
