@@ -1,4 +1,16 @@
-"""hetflow: run large language models on machines too small for them."""
+"""hetflow: run large language models on machines too small for them.
+
+  model = hetflow.load_model("path/to/hf_dir")         # or synthetic_model("llama-1b")
+  engine = hetflow.Engine(model, strategy="layerwise",
+                          budget=hetflow.Budget(device="512MiB", host="4GiB"))
+  out = engine.generate(ids, max_new_tokens=32)
+"""
 
 from hetflow.checkpoints import CheckpointError, load_model, save_hf, synthetic_model
+from hetflow.engine import Engine, GenerationOutput, SamplingOptions
+from hetflow.memory.budget import Budget, BudgetExceeded, MemoryLedger
 from hetflow.models import Model, ModelConfig
+from hetflow.strategy import (GroupPlacement, Placement, Strategy, available_strategies,
+                              get_strategy, register_strategy)
+
+__version__ = "0.1.0"

@@ -77,16 +77,24 @@ class Placement:
     lines = [f"Placement by {self.strategy!r}:"]
     tiers = self.bytes_per_tier()
     lines.append("  " + ", ".join(f"{t}: {format_bytes(n)}" for t, n in tiers.items()))
-    runs: list[tuple[str, str, str, list[str]]] = []  # compress consecutive layers
+    # Consecutive layers with the same half, tier and reason share one row.
+    rows: list[list] = []  # [label kind, tier, reason, first layer, last layer]
     for name, g in self.groups.items():
-      kind = name.split("/")[-1] if name.startswith("layers/") else name
-      if runs and runs[-1][0] == kind and runs[-1][1] == g.tier and runs[-1][2] == g.reason:
-        runs[-1][3].append(name)
+      parts = name.split("/")
+      layer, kind = (int(parts[1]), parts[2]) if parts[0] == "layers" else (None, name)
+      last = next((r for r in reversed(rows) if r[0] == kind), None)
+      if (layer is not None and last and last[1:3] == [g.tier, g.reason]
+          and last[4] == layer - 1):
+        last[4] = layer
       else:
-        runs.append((kind, g.tier, g.reason, [name]))
-    for kind, tier, reason, names in runs:
-      label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
-      lines.append(f"  {label:<36} {tier:<6} {reason}")
+        rows.append([kind, g.tier, g.reason, layer, layer])
+    for kind, tier, reason, first, last in rows:
+      if first is None:
+        label = kind
+      else:
+        span = str(first) if first == last else f"{first}-{last}"
+        label = f"layers/{span}/{kind}"
+      lines.append(f"  {label:<24} {tier:<6} {reason}")
     for key, value in self.predicted.items():
       lines.append(f"  predicted {key}: {value}")
     lines.extend(f"  {n}" for n in self.notes)

@@ -1,0 +1,31 @@
+"""The embedded default: greedy generation on a synthetic TinyLlama-shaped model.
+
+Run:
+  python -m experiments.generate --config=configs/default.py
+  python -m experiments.generate --config=configs/default.py \
+      --config.model.checkpoint=/path/to/hf_dir --config.prompt="Once upon a time"
+Hardware: any machine with ~6 GiB free RAM (llama-1b is 4.4 GB in float32).
+Expect: 32 generated token ids (random weights, so no meaningful text), about
+5 tok/s decode on a 2-core CPU (memory-bandwidth bound; WORKSPACE_NOTES.md).
+"""
+
+import ml_collections
+
+from hetflow.config import model_section
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.model = model_section("llama-1b")
+  c.strategy = ml_collections.ConfigDict(dict(name="resident", options={}))
+  c.budget = ml_collections.ConfigDict(dict(device="", host="", disk=""))
+  c.prompt = "Once upon a time"  # token ids are used when the model has no tokenizer
+  c.batch_size = 1
+  c.max_new_tokens = 32
+  c.temperature = 0.0
+  c.top_k = 0
+  c.top_p = 1.0
+  c.seed = 0
+  c.smoke = {"model": {"name": "llama-tiny"}, "max_new_tokens": 4}
+  return c
