@@ -175,8 +175,16 @@ class Engine:
     nbytes = 2 * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.model.dtype).itemsize
     allocations = [self.ledger.allocate(self._kv_tier, nbytes, "kv_cache")
                    for _ in range(cfg.num_layers)]
-    caches = [self.functions.new_cache(batch, slots, self._kv_sharding)
-              for _ in range(cfg.num_layers)]
+    if self._kv_tier == "host":
+      # jnp.zeros cannot be made directly in a host memory kind on CPU (memory
+      # kind mismatch); place host zeros there explicitly instead.
+      shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+      zeros = np.zeros(shape, jnp.dtype(self.model.dtype))
+      caches = [jax.device_put((zeros, zeros), self._kv_sharding)
+                for _ in range(cfg.num_layers)]
+    else:
+      caches = [self.functions.new_cache(batch, slots, self._kv_sharding)
+                for _ in range(cfg.num_layers)]
     return caches, allocations
 
   def forward(self, ids, attention_mask=None) -> np.ndarray:

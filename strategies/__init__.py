@@ -1,3 +1,4 @@
 """Built-in strategies; importing this package registers them."""
 
 from strategies import resident
+from strategies import layerwise

@@ -1,0 +1,612 @@
+"""`layerwise`: some blocks resident, the rest streamed block by block.
+
+Offloaded blocks live in host memory or in a disk store of raw, page-aligned
+files (`hetflow.memory.LayerStore`). While block i computes, blocks
+i+1..i+k (k = `prefetch_depth`) are in flight:
+
+  disk -> page-aligned host buffer (O_DIRECT, `ReaderPool`) -> jax array
+  host (host_sharding) -> device (`jax.device_put`)
+
+The buffers form a ring of k+1 slots, allocated once and recorded in the
+ledger; streamed step n uses slot n % (k+1). Streaming wraps around at the end
+of a pass, so the next token's first blocks are read while the head computes.
+
+Why a fence before each refill: on CPU, `jax.device_put` of an aligned numpy
+buffer aliases it (no copy, see `hetflow/memory/buffers.py`), and dispatch is
+asynchronous, so a block's computation may still be reading a slot after the
+engine has moved on. A slot is refilled only after the output of the last
+computation that used it (the block's FFN output, which depends on its
+attention output) is ready; a loader thread waits on that output, so the token
+loop itself never blocks except in `fetch`, on the block it needs next.
+
+Which blocks stay resident: `resident_layers` of them, spread evenly over the
+depth, so that the disk keeps reading (the ring refills) while resident blocks
+compute instead of idling through one long resident stretch.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import threading
+import time
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetflow.memory import tiers
+from hetflow.memory.budget import BudgetExceeded, format_bytes
+from hetflow.memory.buffers import aligned_empty, round_up
+from hetflow.memory.reader import ReadError, ReaderPool
+from hetflow.memory.store import LayerStore
+from hetflow.models.model import Model
+from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
+
+HALVES = ("attn", "mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseOptions:
+  """Options of the `layerwise` strategy.
+
+  Attributes:
+    offload_tier: where blocks that are not resident live: "disk" (a
+      LayerStore, read with O_DIRECT) or "host" (host memory kind).
+    resident_layers: blocks kept on the device tier, or "auto": as many as the
+      device budget allows after embed/head, the ring and the KV reserve.
+    prefetch_depth: k, blocks in flight while one computes (0: read each block
+      only when the previous one is done; no overlap). The ring has k+1 slots.
+    kv_cache_tier: "device", or "host": the KV cache lives in host memory and
+      each layer's cache is moved to the device for its attention and back.
+    kv_reserve_tokens: KV positions (batch 1) the plan reserves on the KV tier
+      when sizing the minimum budget and "auto"; None: the model's
+      max_position_embeddings. The engine allocates the real cache through the
+      ledger, so a longer generation than reserved fails cleanly, not silently.
+    store_dir: the disk store (offload_tier="disk"). None: a cache directory
+      derived from the model (`default_store_dir`), converted on first use.
+    convert: write the store when it does not exist yet (with a progress bar);
+      False makes a missing store an error.
+    direct_io: read the store with O_DIRECT, bypassing the page cache (cold
+      reads really come from the disk); False uses buffered reads.
+    reader_threads: requests in flight per read (the ReaderPool's workers).
+    read_chunk: bytes per read request (a multiple of 4096).
+  """
+
+  offload_tier: Literal["host", "disk"] = "disk"
+  resident_layers: int | Literal["auto"] = 0
+  prefetch_depth: int = 1
+  kv_cache_tier: Literal["device", "host"] = "device"
+  kv_reserve_tokens: int | None = None
+  store_dir: str | None = None
+  convert: bool = True
+  direct_io: bool = True
+  reader_threads: int = 4
+  read_chunk: int = 4 << 20
+
+  def __post_init__(self):
+    if self.offload_tier not in ("host", "disk"):
+      raise ValueError(f"offload_tier={self.offload_tier!r}; expected 'host' or 'disk'.")
+    if self.kv_cache_tier not in ("device", "host"):
+      raise ValueError(f"kv_cache_tier={self.kv_cache_tier!r}; expected 'device' or 'host'.")
+    r = self.resident_layers
+    if not (r == "auto" or (isinstance(r, int) and not isinstance(r, bool) and r >= 0)):
+      raise ValueError(f"resident_layers={r!r}; expected an int >= 0 or 'auto'.")
+    if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 0:
+      raise ValueError(f"prefetch_depth={self.prefetch_depth!r}; expected an int >= 0.")
+    if self.kv_reserve_tokens is not None and self.kv_reserve_tokens < 0:
+      raise ValueError(f"kv_reserve_tokens={self.kv_reserve_tokens!r}; expected >= 0 or None.")
+    if self.reader_threads < 1:
+      raise ValueError(f"reader_threads={self.reader_threads!r}; expected >= 1.")
+    if self.read_chunk <= 0 or self.read_chunk % 4096:
+      raise ValueError(f"read_chunk={self.read_chunk!r}; expected a positive multiple of 4096.")
+
+
+# -- the disk store -------------------------------------------------------------
+
+
+def store_fingerprint(model: Model) -> str:
+  """A hash of what the store's bytes depend on: config, dtype, weight source."""
+  source = {"description": model.description}
+  if model.description and os.path.isdir(model.description):
+    # A checkpoint directory: its files' sizes and times, so a changed
+    # checkpoint gets a new store instead of stale weights.
+    source["files"] = sorted(
+        (f, os.path.getsize(os.path.join(model.description, f)),
+         int(os.path.getmtime(os.path.join(model.description, f))))
+        for f in os.listdir(model.description) if f.endswith(".safetensors"))
+  blob = json.dumps({"config": dataclasses.asdict(model.config),
+                     "dtype": jnp.dtype(model.dtype).name, "source": source},
+                    sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def default_store_dir(model: Model) -> str:
+  """$HETFLOW_CACHE (default ~/.cache/hetflow)/stores/<name>-<dtype>-<hash>."""
+  root = os.environ.get("HETFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "hetflow")
+  name = f"{model.config.name}-{jnp.dtype(model.dtype).name}-{store_fingerprint(model)[:12]}"
+  return os.path.join(root, "stores", name)
+
+
+def padded_group_nbytes(model: Model, group: str) -> int:
+  """Bytes of a group's store file: every tensor starts on a 4 KiB boundary."""
+  prefix = group + "/"
+  return sum(round_up(s.size * s.dtype.itemsize) for n, s in model.shapes.items()
+             if n.startswith(prefix))
+
+
+def write_store(model: Model, path: str, progress: bool = True,
+                overwrite: bool = False) -> LayerStore:
+  """Converts `model` into a disk store at `path`, one file per placement group.
+
+  Tensors are stored in the model's compute dtype, so reading a block needs no
+  conversion per token. Atomic (LayerStore.write): an interrupted conversion
+  leaves no store that looks complete. Peak memory is one group.
+
+  Args:
+    model: any Model (HF checkpoint or synthetic).
+    path: store directory to create.
+    progress: show a progress bar in bytes.
+    overwrite: replace an existing store at `path`.
+
+  Returns:
+    The opened store.
+  """
+  from tqdm.auto import tqdm
+
+  groups = [g for g in model.group_names() if model.group_nbytes(g)]
+  total = sum(padded_group_nbytes(model, g) for g in groups)
+  bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+             desc=f"converting {model.config.name} to {os.path.basename(path)}")
+
+  def generate():
+    for g in groups:
+      tensors = model.group_tensors(g)
+      yield g, tensors
+      bar.update(padded_group_nbytes(model, g))  # runs once the group is written
+
+  metadata = {"fingerprint": store_fingerprint(model), "model": model.config.name,
+              "dtype": jnp.dtype(model.dtype).name, "description": model.description}
+  try:
+    return LayerStore.write(path, generate(), progress=False, overwrite=overwrite,
+                            metadata=metadata)
+  finally:
+    bar.close()
+
+
+def open_store(model: Model, path: str | None = None, convert: bool = True,
+               progress: bool = True) -> LayerStore:
+  """Opens the store of `model` at `path` (default_store_dir when None), writing it if missing.
+
+  Raises:
+    ValueError: the store at `path` was written from another model or dtype.
+    FileNotFoundError: it is missing and `convert` is False.
+  """
+  path = path or default_store_dir(model)
+  if not os.path.exists(os.path.join(path, "manifest.json")):
+    if not convert:
+      raise FileNotFoundError(
+          f"no store at {path}; run `python -m experiments.convert --out={path}` first.")
+    return write_store(model, path, progress=progress, overwrite=os.path.isdir(path))
+  store = LayerStore.open(path)
+  found = store.metadata.get("fingerprint")
+  if found != store_fingerprint(model):
+    raise ValueError(
+        f"the store at {path} was written from {store.metadata.get('description')!r}"
+        f" ({store.metadata.get('dtype')}), not from this model ({model.description!r},"
+        f" {jnp.dtype(model.dtype).name}); pass another store_dir or delete it.")
+  missing = [g for g in model.group_names() if model.group_nbytes(g) and g not in store.groups]
+  if missing:
+    raise ValueError(f"the store at {path} lacks groups {missing[:3]}...")
+  return store
+
+
+# -- the strategy ---------------------------------------------------------------
+
+
+def spread(num_layers: int, count: int) -> list[int]:
+  """`count` layer indices spread evenly over `num_layers` (which stay resident)."""
+  return sorted({int((j + 0.5) * num_layers / count) for j in range(count)}) if count else []
+
+
+@dataclasses.dataclass
+class _Layout:
+  """Sizes the plan is made of (bytes)."""
+
+  globals_: int  # embed + head
+  layer: list[int]  # per layer, exact
+  slot: int  # one ring slot: the largest streamed layer (padded as stored)
+  kv_layer: int  # KV cache of one layer at the reserve
+  kv_tokens: int  # the reserve, in positions at batch 1
+  aliases: bool  # device_put of an aligned host buffer aliases it (CPU)
+
+
+@register_strategy("layerwise")
+class Layerwise(Strategy):
+  """Blocks resident up to a budget; the rest streamed from host or disk, prefetched."""
+
+  Options = LayerwiseOptions
+
+  def __init__(self, options: Any = None):
+    super().__init__(options)
+    self._loader: concurrent.futures.ThreadPoolExecutor | None = None
+    self._pool: ReaderPool | None = None
+    self._allocations: list = []
+    self._closed = False
+
+  # -- planning (pure) ---------------------------------------------------------
+
+  def _layout(self, model: Model) -> _Layout:
+    cfg = model.config
+    layer = [sum(model.group_nbytes(f"layers/{i}/{h}") for h in HALVES)
+             for i in range(cfg.num_layers)]
+    if self.options.offload_tier == "disk":
+      slot = max(sum(round_up(padded_group_nbytes(model, f"layers/{i}/{h}")) for h in HALVES)
+                 for i in range(cfg.num_layers))
+    else:
+      slot = max(layer)
+    tokens = self.options.kv_reserve_tokens
+    tokens = cfg.max_position_embeddings if tokens is None else tokens
+    kv_layer = 2 * tokens * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    return _Layout(globals_=model.group_nbytes("embed") + model.group_nbytes("head"),
+                   layer=layer, slot=slot, kv_layer=kv_layer, kv_tokens=tokens,
+                   aliases=jax.default_backend() == "cpu")
+
+  def _needs(self, lay: _Layout, resident: list[int], num_layers: int) -> dict[str, int]:
+    """Bytes per tier for a resident set (the working bytes included)."""
+    o = self.options
+    streamed = [i for i in range(num_layers) if i not in resident]
+    slots = min(o.prefetch_depth + 1, len(streamed))
+    need = {"device": lay.globals_ + sum(lay.layer[i] for i in resident), "host": 0, "disk": 0}
+    offloaded = sum(lay.layer[i] for i in streamed)
+    if o.kv_cache_tier == "device":
+      need["device"] += lay.kv_layer * num_layers
+    else:
+      need["host"] += lay.kv_layer * num_layers
+      need["device"] += lay.kv_layer  # one layer's cache on the device during its attention
+    if o.offload_tier == "host":
+      need["host"] += offloaded
+      need["device"] += slots * lay.slot
+    else:
+      need["disk"] += offloaded
+      need["device"] += slots * lay.slot
+      if not lay.aliases:  # staging buffers in host memory, then a copy to the device
+        need["host"] += slots * lay.slot
+    return need
+
+  def plan(self, model: Model, budget, profile=None) -> Placement:
+    o = self.options
+    n = model.config.num_layers
+    lay = self._layout(model)
+    if o.resident_layers == "auto":
+      count = 0
+      for r in range(n, -1, -1):
+        if budget.device is None or self._needs(lay, spread(n, r), n)["device"] <= budget.device:
+          count = r
+          break
+    else:
+      if o.resident_layers > n:
+        raise ValueError(f"resident_layers={o.resident_layers} but the model has {n} layers.")
+      count = o.resident_layers
+    resident = spread(n, count)
+    need = self._needs(lay, resident, n)
+    # The smallest budget that works: "auto" can always fall back to streaming everything.
+    minimum = self._needs(lay, [] if o.resident_layers == "auto" else resident, n)
+    for tier in ("device", "host", "disk"):
+      limit = budget.limit(tier)
+      if limit is not None and need[tier] > limit:
+        raise BudgetExceeded(tier, need[tier], 0, limit,
+                             group=f"layerwise plan ({count} of {n} layers resident,"
+                                   f" prefetch depth {o.prefetch_depth})",
+                             minimum=minimum[tier])
+
+    streamed = [i for i in range(n) if i not in resident]
+    slots = min(o.prefetch_depth + 1, len(streamed))
+    groups = {"embed": GroupPlacement("device", model.group_nbytes("embed"), "always resident")}
+    for i in range(n):
+      for h in HALVES:
+        nbytes = model.group_nbytes(f"layers/{i}/{h}")
+        if i in resident:
+          groups[f"layers/{i}/{h}"] = GroupPlacement("device", nbytes, "resident")
+        else:
+          groups[f"layers/{i}/{h}"] = GroupPlacement(
+              o.offload_tier, nbytes, f"streamed, prefetch depth {o.prefetch_depth}")
+    groups["head"] = GroupPlacement("device", model.group_nbytes("head"), "always resident")
+    working = {"device": slots * lay.slot, "host": 0}
+    if o.offload_tier == "disk" and not lay.aliases:
+      working["host"] += slots * lay.slot
+    kv_total = lay.kv_layer * n
+    if o.kv_cache_tier == "device":
+      working["device"] += kv_total
+    else:
+      working["host"] += kv_total
+      working["device"] += lay.kv_layer
+    streamed_bytes = sum(lay.layer[i] for i in streamed)
+    notes = [
+        f"resident layers: {resident if len(resident) < 12 else f'{len(resident)} of {n}'};"
+        f" streamed: {len(streamed)} from {o.offload_tier}",
+        f"ring: {slots} slot(s) of {format_bytes(lay.slot)}"
+        + (" (device_put aliases the staging buffers on CPU: one copy)"
+           if o.offload_tier == "disk" and lay.aliases else ""),
+        f"KV cache on {o.kv_cache_tier}: {format_bytes(kv_total)} reserved for"
+        f" {lay.kv_tokens} tokens at batch 1",
+        f"minimum budget for these options: device {format_bytes(minimum['device'])},"
+        f" host {format_bytes(minimum['host'])}",
+        f"streamed per token: {format_bytes(streamed_bytes)}",
+    ]
+    predicted = self._predict(model, lay, resident, streamed_bytes, profile)
+    return Placement(self.name, groups, working_bytes=working, predicted=predicted,
+                     notes=tuple(notes))
+
+  def _predict(self, model, lay, resident, streamed_bytes, profile) -> dict[str, Any]:
+    """Per-token decode time from a HardwareProfile: reads overlap compute when k >= 1."""
+    if profile is None:
+      return {}
+    o = self.options
+    dtype = jnp.dtype(model.dtype).name
+    # Decode reads one row of the embedding table, but all of the LM head (the
+    # embedding itself when tied).
+    head = model.group_nbytes("embed") if model.config.tie_word_embeddings else 0
+    touched = sum(lay.layer) + model.group_nbytes("head") + head
+    matvec = profile.device_matvec_bw.get(dtype) or max(profile.device_matvec_bw.values())
+    compute_s = touched / matvec
+    if o.offload_tier == "disk":
+      bw = profile.disk_bw(o.read_chunk, o.reader_threads)
+      what = f"disk {bw / 1e9:.2f} GB/s"
+    else:
+      bw = profile.link_bw(pinned=True)
+      what = f"host->device {bw / 1e9:.2f} GB/s"
+    move_s = streamed_bytes / bw
+    total = max(move_s, compute_s) if o.prefetch_depth >= 1 else move_s + compute_s
+    return {
+        "decode_s_per_token": round(total, 4),
+        "decode_basis": (f"{format_bytes(streamed_bytes)} streamed at {what}"
+                         f" ({move_s:.3f} s) {'overlapped with' if o.prefetch_depth else 'then'}"
+                         f" compute {format_bytes(touched)} at {matvec / 1e9:.1f} GB/s"
+                         f" ({compute_s:.3f} s); profile {profile.name}"),
+    }
+
+  # -- materialising -------------------------------------------------------------
+
+  def materialize(self, placement: Placement, model: Model, ledger) -> None:
+    o = self.options
+    n = model.config.num_layers
+    self._model = model
+    self._device = tiers.device_sharding()
+    self._layout_ = lay = self._layout(model)
+    self._resident_set = {i for i in range(n)
+                          if placement.groups[f"layers/{i}/attn"].tier == "device"}
+    self._streamed = [i for i in range(n) if i not in self._resident_set]
+    self._nslots = min(o.prefetch_depth + 1, len(self._streamed))
+    self._store = None
+    if o.offload_tier == "disk":
+      self._store = open_store(model, o.store_dir, convert=o.convert)
+
+    def load(group):  # host numpy tensors of one group, from the store when there is one
+      if not model.group_nbytes(group):
+        return {}
+      return self._store.load(group) if self._store is not None else model.group_tensors(group)
+
+    def place(tier, nbytes, group, tensors, sharding):
+      self._allocations.append(ledger.allocate(tier, nbytes, group))
+      return jax.device_put(tensors, sharding)
+
+    self._globals = {g: place("device", model.group_nbytes(g), g, load(g), self._device)
+                     for g in ("embed", "head")}
+    self._resident = {}
+    for i in sorted(self._resident_set):
+      self._resident[i] = {h: place("device", model.group_nbytes(f"layers/{i}/{h}"),
+                                    f"layers/{i}/{h}", load(f"layers/{i}/{h}"), self._device)
+                           for h in HALVES}
+    self._host = {}
+    if o.offload_tier == "host":
+      host = tiers.host_sharding()
+      for i in self._streamed:
+        self._host[i] = {h: place("host", model.group_nbytes(f"layers/{i}/{h}"),
+                                  f"layers/{i}/{h}", load(f"layers/{i}/{h}"), host)
+                         for h in HALVES}
+    # The ring: allocated once, reused for every token.
+    self._slots: list[np.ndarray | None] = []
+    for s in range(self._nslots):
+      if o.offload_tier == "disk":
+        if not lay.aliases:
+          self._allocations.append(ledger.allocate("host", lay.slot, "layerwise/staging"))
+        self._allocations.append(ledger.allocate("device", lay.slot, "layerwise/ring"))
+        self._slots.append(aligned_empty(lay.slot))
+      else:
+        self._allocations.append(ledger.allocate("device", lay.slot, "layerwise/ring"))
+        self._slots.append(None)
+    if self._streamed:
+      self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetflow-layerwise")
+      if self._store is not None:
+        self._pool = ReaderPool(o.reader_threads, direct=o.direct_io)
+    self._fences: list[Any] = [None] * self._nslots
+    self._pending: collections.deque = collections.deque()  # (step, layer, future)
+    self._next_step = 0
+    self._current: tuple[int, int, dict] | None = None  # (step, layer, params)
+    self._last_output = None
+    self._phase = "prefill"
+    self._counters: dict[str, dict[str, float]] = {}
+    self._lock = threading.Lock()
+    self._kv_host = tiers.host_sharding() if o.kv_cache_tier == "host" else None
+    self._refill(0)
+
+  # -- the ring ------------------------------------------------------------------
+
+  def _refill(self, first_step: int) -> None:
+    """Schedules loads so that steps first_step .. first_step + slots - 1 are in flight."""
+    self._next_step = first_step
+    for _ in range(self._nslots):
+      self._schedule()
+
+  def _schedule(self) -> None:
+    step = self._next_step
+    self._next_step += 1
+    layer = self._streamed[step % len(self._streamed)]
+    slot = step % self._nslots
+    fence, self._fences[slot] = self._fences[slot], None
+    future = self._loader.submit(self._load, layer, slot, fence)
+    self._pending.append((step, layer, future))
+
+  def _load(self, layer: int, slot: int, fence) -> dict[str, dict[str, jax.Array]]:
+    """Runs on the loader thread: waits for the slot to be free, then fills it."""
+    if fence is not None:
+      jax.block_until_ready(fence)  # the last computation that read this slot is done
+    if self._store is not None:
+      buf = self._slots[slot]
+      t0 = time.perf_counter()
+      reads, offset, views = [], 0, {}
+      for h in HALVES:
+        group = f"layers/{layer}/{h}"
+        size = self._store.group_nbytes(group)
+        part = buf[offset:offset + size]
+        reads.append(self._pool.read_into(self._store.file(group), 0, part, size,
+                                          chunk=self.options.read_chunk))
+        views[h] = (group, part)
+        offset += round_up(size)
+      for r in reads:
+        r.result()  # a ReadError surfaces here, and in fetch() for this layer
+      t1 = time.perf_counter()
+      self._count("disk_bytes_read", offset)
+      if self.timeline is not None:
+        self.timeline.add("read", f"read layer {layer}", t0, t1, layer=layer, nbytes=offset)
+      host = {h: self._store.views(g, part) for h, (g, part) in views.items()}
+      params = jax.device_put(host, self._device)  # aliases the ring buffer on CPU
+      if not self._layout_.aliases:
+        jax.block_until_ready(params)  # the staging buffer is free once the copy is done
+      if self.timeline is not None:
+        self.timeline.add("transfer", f"to device layer {layer}", t1, time.perf_counter(),
+                          layer=layer, nbytes=offset)
+      return params
+    t0 = time.perf_counter()
+    params = jax.device_put(self._host[layer], self._device)
+    jax.block_until_ready(params)
+    nbytes = self._layout_.layer[layer]
+    self._count("host_to_device_bytes", nbytes)
+    if self.timeline is not None:
+      self.timeline.add("transfer", f"to device layer {layer}", t0, time.perf_counter(),
+                        layer=layer, nbytes=nbytes)
+    return params
+
+  def _count(self, key: str, value: float, phase: str | None = None) -> None:
+    with self._lock:
+      c = self._counters.setdefault(phase or "total", {})
+      c[key] = c.get(key, 0) + value
+
+  def _restart(self, layer: int) -> None:
+    """Drops whatever is in flight and starts streaming at `layer` (after an error)."""
+    if self._last_output is not None:
+      jax.block_until_ready(self._last_output)
+    for _, _, future in self._pending:
+      concurrent.futures.wait([future])
+    self._pending.clear()
+    self._fences = [None] * self._nslots
+    self._current = None
+    self._refill(self._streamed.index(layer))
+
+  def _take(self, layer: int) -> dict:
+    if not self._pending or self._pending[0][1] != layer:
+      self._restart(layer)
+    step, _, future = self._pending.popleft()
+    t0 = time.perf_counter()
+    try:
+      params = future.result()
+    except BaseException as e:
+      self._current = None
+      what = (f"reading layer {layer} from {self._store.path}" if self._store is not None
+              else f"moving layer {layer} to the device")
+      if isinstance(e, OSError):
+        raise ReadError(e.errno or errno.EIO, f"layerwise: {what} failed: {e}") from e
+      raise RuntimeError(f"layerwise: {what} failed: {e!r}") from e
+    waited = time.perf_counter() - t0
+    self._count("fetch_wait_s", waited, self._phase)
+    self._count("streamed_layers", 1, self._phase)
+    key = "disk_bytes" if self._store is not None else "host_to_device_bytes"
+    self._count(key, self._layout_.layer[layer], self._phase)
+    self._current = (step, layer, params)
+    return params
+
+  # -- the hooks the engine calls -----------------------------------------------
+
+  def globals(self):
+    return {"embed": self._globals["embed"], "head": self._globals["head"]}
+
+  def begin(self, phase, num_tokens) -> None:
+    self._phase = phase
+    self._count("passes", 1, phase)
+    self._count("tokens", num_tokens, phase)
+
+  def fetch(self, layer, half):
+    if layer in self._resident_set:
+      return self._resident[layer][half]
+    if half == "attn" or self._current is None or self._current[1] != layer:
+      self._take(layer)
+    return self._current[2][half]
+
+  def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask, attention):
+    if self._kv_host is None:
+      x, cache = attention(params, x, cache, cache_index, positions, kv_mask)
+    else:
+      # Explicit transfers: a jitted function cannot mix memory kinds in one dot.
+      nbytes = sum(c.nbytes for c in cache)
+      hold = self.ledger.allocate("device", nbytes, "kv_cache/staging") if self.ledger else None
+      try:
+        on_device = jax.device_put(cache, self._device)
+        x, cache = attention(params, x, on_device, cache_index, positions, kv_mask)
+        cache = jax.device_put(cache, self._kv_host)
+      finally:
+        if hold is not None:
+          self.ledger.release(hold)
+    if layer not in self._resident_set:
+      self._last_output = x
+    return x, cache
+
+  def run_ffn(self, layer, params, x, ffn):
+    x = ffn(params, x)
+    if layer not in self._resident_set:
+      self._last_output = x
+    return x
+
+  def release(self, layer, half) -> None:
+    if half != "mlp" or layer in self._resident_set or self._current is None:
+      return
+    step = self._current[0]
+    self._current = None
+    # The FFN output is ready only once this block's computation no longer reads the slot.
+    self._fences[step % self._nslots] = self._last_output
+    self._schedule()
+
+  def kv_cache_tier(self):
+    return self.options.kv_cache_tier
+
+  def stats(self):
+    with self._lock:
+      out = {phase: dict(c) for phase, c in self._counters.items()}
+    if self._pool is not None:
+      out["reader"] = self._pool.stats
+    out["resident_layers"] = sorted(self._resident_set)
+    out["streamed_layer_bytes"] = sum(self._layout_.layer[i] for i in self._streamed)
+    out["offload_tier"] = self.options.offload_tier
+    return out
+
+  def close(self) -> None:
+    if self._closed:
+      return
+    self._closed = True
+    if self._loader is not None:
+      for _, _, future in getattr(self, "_pending", ()):
+        concurrent.futures.wait([future])
+      self._loader.shutdown(wait=True)
+    if self._pool is not None:
+      self._pool.close()
+    if self.ledger is not None:
+      for a in self._allocations:
+        self.ledger.release(a)
+    self._allocations = []
