@@ -198,7 +198,7 @@ class HardwareProfile:
     sizes = sorted({b for row in self.disk_read_bw.values() for b in row})
     direct = {True: "O_DIRECT", False: "buffered", None: "n/a"}[self.disk_direct]
     lines.append(f"disk read ({direct}), GB/s by request size and queue depth:")
-    lines.append("        size" + "".join(f"  qd={d:<6d}" for d in depths))
+    lines.append("        size" + "".join(f"{'qd=' + str(d):>10s}" for d in depths))
     for b in sizes:
       cells = "".join(
         f"  {self.disk_read_bw[d][b] / 1e9:8.3f}" if b in self.disk_read_bw[d] else "         -"
