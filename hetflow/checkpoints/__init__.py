@@ -1,5 +1,5 @@
 """Reading HF safetensors directories lazily; synthetic models; writing HF dirs."""
 
 from hetflow.checkpoints.hf import CheckpointError, load_model
-from hetflow.checkpoints.hf_names import config_from_hf, config_to_hf, hf_names
+from hetflow.checkpoints.hf_names import config_from_hf, config_to_hf
 from hetflow.checkpoints.synthetic import SHAPES, save_hf, synthetic_config, synthetic_model
