@@ -281,6 +281,12 @@ class Layerwise(Strategy):
         need["host"] += slots * lay.slot
     return need
 
+  def minimum_budget(self, model: Model) -> dict[str, int]:
+    """Smallest bytes per tier these options can run in (pure; "auto" counts as 0 resident)."""
+    n = model.config.num_layers
+    r = 0 if self.options.resident_layers == "auto" else self.options.resident_layers
+    return self._needs(self._layout(model), spread(n, min(r, n)), n)
+
   def plan(self, model: Model, budget, profile=None) -> Placement:
     o = self.options
     n = model.config.num_layers
@@ -298,7 +304,7 @@ class Layerwise(Strategy):
     resident = spread(n, count)
     need = self._needs(lay, resident, n)
     # The smallest budget that works: "auto" can always fall back to streaming everything.
-    minimum = self._needs(lay, [] if o.resident_layers == "auto" else resident, n)
+    minimum = self.minimum_budget(model)
     for tier in ("device", "host", "disk"):
       limit = budget.limit(tier)
       if limit is not None and need[tier] > limit:
@@ -497,7 +503,7 @@ class Layerwise(Strategy):
 
   def _count(self, key: str, value: float, phase: str | None = None) -> None:
     with self._lock:
-      c = self._counters.setdefault(phase or "total", {})
+      c = self._counters.setdefault(phase or "loader", {})
       c[key] = c.get(key, 0) + value
 
   def _restart(self, layer: int) -> None:
