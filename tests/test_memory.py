@@ -353,6 +353,8 @@ def test_store_refuses_incomplete_and_overwrite(tmp_path):
     path, [("b", {"y": np.zeros(5, np.int32)})], progress=False, overwrite=True
   )
   assert store.groups == ("b",)
+  store = LayerStore.write(path, {"c": {"z": np.ones(2)}}, progress=False, overwrite=True)
+  assert store.groups == ("c",)
   assert sorted(os.listdir(tmp_path)) == ["store"]
 
   # A manifest marked incomplete.
@@ -372,7 +374,7 @@ def test_store_refuses_incomplete_and_overwrite(tmp_path):
   m["complete"] = True
   manifest_path.write_text(json.dumps(m))
   LayerStore.open(path)
-  os.truncate(store.file("b"), 10)
+  os.truncate(store.file("c"), 10)
   with pytest.raises(IncompleteStoreError, match="manifest says"):
     LayerStore.open(path)
   with pytest.raises(FileNotFoundError):

@@ -275,8 +275,8 @@ class LayerStore:
 
     Args:
       path: the store directory to create.
-      groups: ``(group_name, {tensor_name: array})`` pairs, consumed once and
-        in order, so a generator that converts one layer at a time keeps
+      groups: ``(group_name, {tensor_name: array})`` pairs (or a dict of
+        them), consumed once and in order, so a generator that converts one layer at a time keeps
         peak memory at one layer.
       progress: show a tqdm bar in bytes.
       description: the bar's label.
@@ -294,6 +294,8 @@ class LayerStore:
     from tqdm.auto import tqdm
 
     path = os.path.abspath(os.fspath(path))
+    if isinstance(groups, Mapping):  # {group: tensors} is as natural as pairs
+      groups = list(groups.items())
     if os.path.exists(path):
       if not overwrite:
         state = (
