@@ -121,7 +121,8 @@ class Engine:
 
     Args:
       model: from hetflow.load_model or hetflow.synthetic_model.
-      strategy: a registered name ("resident", "layerwise", ...) or an instance.
+      strategy: a registered name ("resident", "layerwise", ...), an instance,
+        or "auto": the planner's best plan for this budget (hetflow.planner).
       budget: hetflow.Budget, a dict, or None (unlimited).
       options: the strategy's Options dataclass (or a dict of its fields).
       profile: a HardwareProfile for the strategy's planning, if it uses one.
@@ -131,6 +132,10 @@ class Engine:
     self.model = model
     self.budget = Budget.from_any(budget)
     self.ledger = MemoryLedger(self.budget)
+    if strategy == "auto":
+      from hetflow import planner  # the planner imports the simulator; load it only here
+      chosen = planner.best(model, self.budget, profile)
+      strategy, options, profile = chosen.strategy, chosen.options, planner.load_profile(profile)
     self.strategy = make_strategy(strategy, options)
     self.timeline = Timeline()
     self.trace = trace

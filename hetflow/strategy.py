@@ -123,6 +123,12 @@ class Strategy(abc.ABC):
     self.timeline: Timeline | None = None
     self.ledger: MemoryLedger | None = None
 
+  @classmethod
+  def candidates(cls, model: Model, budget: Budget) -> list[Any]:
+    """Option sets worth comparing for this model and budget (the planner's
+    search space). Default: the strategy's default options only."""
+    return [cls.Options()]
+
   @abc.abstractmethod
   def plan(self, model: Model, budget: Budget, profile: Any = None) -> Placement:
     """Where every group lives. Pure: no I/O, no allocation.

@@ -234,6 +234,13 @@ class Layerwise(Strategy):
 
   Options = LayerwiseOptions
 
+  @classmethod
+  def candidates(cls, model, budget):
+    """For the planner: stream from host RAM or from disk, keeping as many
+    layers resident as the device budget allows."""
+    return [LayerwiseOptions(offload_tier=tier, resident_layers="auto")
+            for tier in ("host", "disk")]
+
   def __init__(self, options: Any = None):
     super().__init__(options)
     self._loader: concurrent.futures.ThreadPoolExecutor | None = None

@@ -1,0 +1,132 @@
+"""Choosing a strategy for a budget: plan every candidate, predict it, rank.
+
+Like llama.cpp's automatic fitting or Accelerate's device_map="auto", but
+across strategies: every registered strategy proposes option sets
+(`Strategy.candidates`), plans each within the budget (pure, no I/O), and
+the simulator (hetflow.simulate) predicts its prefill and decode time on
+this machine's HardwareProfile. Plans that cannot fit say why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from hetflow import simulate
+from hetflow.hardware import HardwareProfile, get_profile, measure
+from hetflow.memory.budget import Budget, BudgetExceeded, format_bytes
+from hetflow.models.model import Model
+from hetflow.strategy import Placement, available_strategies, get_strategy
+
+DEFAULT_PROFILE_PATH = os.path.join(
+    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hetflow",
+    "hardware_profile.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class RankedPlan:
+  """One candidate: a strategy with options, its placement and prediction.
+
+  Attributes:
+    strategy: registered strategy name.
+    options: the strategy's Options instance.
+    placement: its plan, or None if it does not fit the budget.
+    prediction: the simulator's Prediction, or None if infeasible.
+    reason: why it ranks where it does (the bottleneck), or why it cannot run.
+  """
+
+  strategy: str
+  options: Any
+  placement: Placement | None
+  prediction: simulate.Prediction | None
+  reason: str
+
+  @property
+  def feasible(self) -> bool:
+    return self.prediction is not None
+
+  def label(self) -> str:
+    defaults = type(self.options)()
+    changed = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(self.options)
+               if getattr(self.options, f.name) != getattr(defaults, f.name)}
+    inner = ", ".join(f"{k}={v}" for k, v in changed.items())
+    return f"{self.strategy}({inner})"
+
+
+def load_profile(profile: Any = None, workdir: str = "/tmp/hetflow-profile") -> HardwareProfile:
+  """A HardwareProfile: the one given (name, path or object), else the cached
+  measurement of this machine, else a quick measurement (cached for next time)."""
+  if profile is not None:
+    return get_profile(profile)
+  if os.path.exists(DEFAULT_PROFILE_PATH):
+    return HardwareProfile.from_json(DEFAULT_PROFILE_PATH)
+  measured = measure(workdir, quick=True)
+  os.makedirs(os.path.dirname(DEFAULT_PROFILE_PATH), exist_ok=True)
+  measured.to_json(DEFAULT_PROFILE_PATH)
+  return measured
+
+
+def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
+         prompt_len: int = 128, new_tokens: int = 64,
+         strategies: list[str] | None = None) -> list[RankedPlan]:
+  """Every strategy's candidate plans for `model` within `budget`, best first.
+
+  Args:
+    model: shapes are all that is used; no weights are read.
+    budget: hetflow.Budget (or dict / None).
+    profile: HardwareProfile, a named profile, a JSON path, or None (measure
+      or load this machine's; see `load_profile`).
+    batch, prompt_len, new_tokens: the workload to predict.
+    strategies: names to consider (default: every registered one).
+
+  Returns:
+    Feasible plans sorted by predicted decode time per token, then the
+    infeasible ones with the reason.
+  """
+  budget = Budget.from_any(budget)
+  profile = load_profile(profile)
+  ranked: list[RankedPlan] = []
+  for name in strategies or available_strategies():
+    cls = get_strategy(name)
+    if name not in simulate.cost_models():
+      continue  # a strategy without a cost model cannot be predicted
+    for options in cls.candidates(model, budget):
+      try:
+        placement = cls(options).plan(model, budget, profile)
+      except BudgetExceeded as e:
+        ranked.append(RankedPlan(name, options, None, None, f"does not fit: {e}"))
+        continue
+      except ValueError as e:  # e.g. a dense model offered to a sparse strategy
+        ranked.append(RankedPlan(name, options, None, None, f"not applicable: {e}"))
+        continue
+      prediction = simulate.predict(model, placement, profile, batch, prompt_len, new_tokens)
+      tiers = placement.bytes_per_tier()
+      reason = (f"decode bound by {prediction.bottleneck}; device {format_bytes(tiers['device'])},"
+                f" host {format_bytes(tiers['host'])}, disk {format_bytes(tiers['disk'])}")
+      ranked.append(RankedPlan(name, options, placement, prediction, reason))
+  feasible = sorted((r for r in ranked if r.feasible),
+                    key=lambda r: r.prediction.decode_s_per_token)
+  return feasible + [r for r in ranked if not r.feasible]
+
+
+def format_table(ranked: list[RankedPlan]) -> str:
+  """The ranking as a Markdown table."""
+  lines = ["| rank | plan | prefill (s) | decode (tok/s) | why |", "|---|---|---|---|---|"]
+  for i, r in enumerate(ranked):
+    if r.feasible:
+      p = r.prediction
+      lines.append(f"| {i + 1} | {r.label()} | {p.prefill_s:.3f} | {p.decode_tokens_per_s:.2f}"
+                   f" | {r.reason} |")
+    else:
+      lines.append(f"| - | {r.label()} | - | - | {r.reason} |")
+  return "\n".join(lines)
+
+
+def best(model: Model, budget: Any = None, profile: Any = None, **workload) -> RankedPlan:
+  """The top feasible plan; a clear error listing why each failed otherwise."""
+  ranked = plan(model, budget, profile, **workload)
+  if not ranked or not ranked[0].feasible:
+    reasons = "\n  ".join(f"{r.label()}: {r.reason}" for r in ranked)
+    raise ValueError(f"no strategy fits {model.config.name} in {budget}:\n  {reasons}")
+  return ranked[0]
