@@ -130,3 +130,69 @@ def best(model: Model, budget: Any = None, profile: Any = None, **workload) -> R
     reasons = "\n  ".join(f"{r.label()}: {r.reason}" for r in ranked)
     raise ValueError(f"no strategy fits {model.config.name} in {budget}:\n  {reasons}")
   return ranked[0]
+
+
+def _non_default_options(options) -> dict[str, Any]:
+  defaults = type(options)()
+  return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+          if getattr(options, f.name) != getattr(defaults, f.name)}
+
+
+def run(config, workdir: str, out=None) -> dict[str, Any]:
+  """`python -m experiments.plan`: rank plans; with config.run, measure the top ones.
+
+  Args:
+    config: ConfigDict with model, budget, profile ("" = this machine's),
+      prompt_tokens, new_tokens, run (bool), run_top (int), timeout_s.
+    workdir: where the benchmark of the top plans writes its results.
+    out: a file to print to (stdout by default).
+
+  Returns:
+    {"ranked": [...], "compared": [...]} with predicted and measured figures.
+  """
+  import sys
+
+  import ml_collections
+
+  from hetflow import config as config_lib
+
+  out = out or sys.stdout
+  model = config_lib.build_model(config.model)
+  budget = config_lib.build_budget(config.get("budget"))
+  profile = load_profile(config.get("profile") or None)
+  ranked = plan(model, budget, profile, prompt_len=config.prompt_tokens,
+                new_tokens=config.new_tokens)
+  print(f"{model.description} in {budget}, profile {profile.name}:", file=out)
+  print(format_table(ranked), file=out)
+  if ranked and ranked[0].feasible:
+    print(f"\nwinner: {ranked[0].label()}\n{ranked[0].placement}", file=out)
+  summary = {"ranked": [{"plan": r.label(), "reason": r.reason,
+                         "predicted_decode_tok_s": r.prediction.decode_tokens_per_s
+                         if r.feasible else None} for r in ranked], "compared": []}
+  if not config.get("run"):
+    return summary
+  from hetflow.benchmark import benchmark
+
+  top = [r for r in ranked if r.feasible][:config.run_top]
+  systems = {f"plan{i + 1}": dict(kind="hetflow", strategy=r.strategy,
+                                  options=_non_default_options(r.options))
+             for i, r in enumerate(top)}
+  bench = ml_collections.ConfigDict(dict(
+      model=config.model.to_dict(), budget=config.budget.to_dict(), store_dir="",
+      prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens, warmup=True,
+      memory_limit="", drop_caches=True, timeline=False, profile_trace=False,
+      timeout_s=config.get("timeout_s", 1800), order=",".join(systems),
+      systems=systems))
+  results = benchmark(bench, workdir)
+  lines = ["| plan | predicted decode (tok/s) | measured (tok/s) | error |", "|---|---|---|---|"]
+  for r, measured in zip(top, results["systems"]):
+    predicted = r.prediction.decode_tokens_per_s
+    got = measured.get("decode_tok_s") if measured.get("ok") else None
+    error = (predicted / got - 1) if got else None
+    summary["compared"].append({"plan": r.label(), "predicted_decode_tok_s": predicted,
+                                "measured_decode_tok_s": got, "error": error})
+    shown = f"{got:.3f}" if got else f"failed: {measured.get('error')}"
+    lines.append(f"| {r.label()} | {predicted:.3f} | {shown} |"
+                 f" {'' if error is None else f'{error:+.0%}'} |")
+  print("\n".join(lines), file=out)
+  return summary

@@ -1,0 +1,32 @@
+"""Which strategy for llama-1b (4.1 GiB in float32) under a device budget, on this machine.
+
+Run:
+  python -m experiments.plan --config=configs/plan/llama1b.py
+  python -m experiments.plan --config=configs/plan/llama1b.py --config.budget.device=2GiB \
+      --config.run=true --workdir=/tmp/plan-llama1b
+Hardware: this machine's HardwareProfile (measured once, cached in
+~/.cache/hetflow/hardware_profile.json); or --config.profile=a10-pcie.
+Expect: resident first when the budget holds the model; otherwise the plan that
+keeps the most bytes off the slowest link. With run=true, predicted and measured
+decode tok/s side by side (WORKSPACE_NOTES.md, "Planner").
+"""
+
+import ml_collections
+
+from hetflow.config import model_section
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.model = model_section("llama-1b")
+  c.budget = ml_collections.ConfigDict(dict(device="1GiB", host="", disk=""))
+  c.profile = ""  # "": this machine's (measured once and cached); or a name / JSON path
+  c.prompt_tokens = 16
+  c.new_tokens = 16
+  c.run = False
+  c.run_top = 3
+  c.timeout_s = 1800
+  c.smoke = {"model": {"name": "llama-tiny"}, "budget": {"device": "1MiB"},
+             "profile": "a10-pcie", "prompt_tokens": 8, "new_tokens": 4}
+  return c
