@@ -2,3 +2,4 @@
 
 from strategies import resident
 from strategies import layerwise
+from strategies import tensor_split

@@ -1,0 +1,610 @@
+"""`tensor_split`: HeteGen's split of every offloaded matrix between CPU and device.
+
+Where the weights live. Within the device budget, whole matrices are kept on
+the device, chosen greedily by the CPU time each saves per device byte
+(`plan`, the "parameter scheduler"). Every other linear kernel stays in host
+memory, cut by output features (columns; kernels are [in, out]) into at most
+three column blocks at the prefill and decode split points. Mixtral's expert
+kernels are 3-D and do not go through the model's `linear`; they are split
+along experts instead (the first alpha * X experts on the device side), so one
+matrix unit per MoE layer.
+
+How one split linear runs (`_SplitHalf.linears`). The model's pure halves
+(`modules.attention_half` / `ffn_half`) take an injectable `linear`; the
+strategy runs each half as a few jitted *stages* cut at its linears (stage j
+computes the input of the j-th group of linears that share an input, e.g.
+q/k/v or gate/up, from the outputs of the earlier ones), and between stages it
+issues, for each kernel of the group:
+
+  1. the input activations device -> host (once per group),
+  2. the CPU's multiply of its (1 - alpha) columns, on the CPU backend
+     (`jax.devices("cpu")`), where those columns lie,
+  3. the device's multiply of its alpha columns, whose host -> device transfer
+     was issued while the previous kernel was being multiplied (prefetch),
+  4. the CPU's result host -> device, and a join (concatenate + bias).
+
+Every call returns at once (JAX dispatches asynchronously): the CPU backend
+works through its queue while the device works through its own, so the CPU
+multiply, the weight transfer and the device multiply run at the same time.
+The Python thread waits in one place only: before issuing the next kernel's
+weight transfer it waits for the device multiply of the kernel before the
+current one, which bounds the device memory in flight to two kernels' device
+columns (the "staging" bytes in the plan and the ledger), as HeteGen's
+pipeline does.
+
+On a GPU machine the device is the GPU and the CPU part runs on the CPU
+backend: the natural case. A CPU-only machine is the degenerate case: the
+"device" is CPU device 0, and the CPU part runs on the last CPU device, which
+is a different device (and a real copy) when XLA is started with
+`--xla_force_host_platform_device_count=N`, N > 1, and the same device (every
+transfer a no-op) otherwise. Both are exact; only a GPU shows the speed.
+
+The split ratio alpha per matrix and phase comes from HeteGen's formula
+(`hetflow.costmodel.hetegen_alpha`) with the rates of a `HardwareProfile`;
+prefill (batch x prompt rows) makes the CPU compute-bound, so its alpha is
+larger. `TensorSplitOptions.alpha` forces one alpha everywhere (tests, sweeps).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetflow import costmodel
+from hetflow.memory import tiers
+from hetflow.memory.budget import BudgetExceeded, format_bytes
+from hetflow.models import layers, modules
+from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
+
+PHASES = ("prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSplitOptions:
+  """Options of `tensor_split`.
+
+  Attributes:
+    alpha: force this split ratio (fraction of each split matrix multiplied on
+      the device) for every split matrix in both phases; None: HeteGen's
+      formula from the profile's rates, per phase.
+    keep_resident: let the scheduler keep whole matrices on the device while
+      the budget allows; False splits every kernel (for tests and sweeps).
+    batch: rows per decode step assumed when choosing alphas and predicting.
+    prompt_len: prompt tokens per row assumed for the prefill alpha and the
+      predicted prefill time.
+    reserve_bytes: device bytes left free for what the engine allocates itself
+      (the KV cache, activations); the scheduler places nothing there.
+    pinned: whether host weights are read at the pinned link rate.
+    split_overhead_s: fixed cost of one split matmul beyond its bytes (two
+      activation copies and extra dispatches); makes the scheduler prefer small
+      matrices when choosing what to keep resident.
+    predict: fill `Placement.predicted` with the simulator's figures.
+  """
+
+  alpha: float | None = None
+  keep_resident: bool = True
+  batch: int = 1
+  prompt_len: int = 512
+  reserve_bytes: int = 0
+  pinned: bool = True
+  split_overhead_s: float = 60e-6
+  predict: bool = True
+
+  def __post_init__(self):
+    if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"alpha must be in [0, 1] or None, got {self.alpha}.")
+
+
+def default_profile():
+  """The profile used when none is given: HeteGen's testbed (documented in plan notes)."""
+  from hetflow import hardware
+  return hardware.PROFILES["a10-pcie"]
+
+
+def _split_point(alpha: float, units: int) -> int:
+  """Columns (or experts) on the device side for `alpha`."""
+  return int(round(alpha * units))
+
+
+@register_strategy("tensor_split")
+class TensorSplit(Strategy):
+  """CPU and device multiply each offloaded matrix together (HeteGen)."""
+
+  Options = TensorSplitOptions
+
+  # -- planning ----------------------------------------------------------------
+
+  def alphas(self, model, profile) -> dict[str, float]:
+    """alpha per phase for this model's dtype on `profile` (or the forced one)."""
+    o = self.options
+    if o.alpha is not None:
+      return {p: o.alpha for p in PHASES}
+    rows = {"prefill": o.batch * o.prompt_len, "decode": o.batch}
+    return {p: costmodel.phase_alpha(profile, rows[p], model.dtype, o.pinned) for p in PHASES}
+
+  def plan(self, model, budget, profile=None) -> Placement:
+    o = self.options
+    notes = []
+    if profile is None:
+      profile = default_profile()
+      notes.append(f"no HardwareProfile given: alphas from {profile.name!r}")
+    alpha = self.alphas(model, profile)
+    layer_groups = [g for g in model.group_names() if g.startswith("layers/")]
+    mats = {g: costmodel.group_matrices(model, g) for g in layer_groups}
+
+    def device_units(m, a):
+      return _split_point(a, m.out_features)
+
+    def link_bytes(m) -> int:  # device-side bytes of a split matrix, larger phase
+      return max(device_units(m, alpha[p]) for p in PHASES) * m.nbytes // m.out_features
+
+    def staging(resident: set) -> int:  # two kernels' device columns in flight
+      return 2 * max((link_bytes(m) for g in layer_groups for m in mats[g]
+                      if (g, m.name) not in resident), default=0)
+
+    fixed = (model.group_nbytes("embed") + model.group_nbytes("head")
+             + sum(costmodel.small_nbytes(model, g) for g in layer_groups))
+    minimum = fixed + o.reserve_bytes + staging(set())
+    limit = budget.device
+    if limit is not None and minimum > limit:
+      raise BudgetExceeded("device", minimum, 0, limit,
+                           group="tensor_split: embed, head, norms, reserve and two kernels"
+                           " of staging", minimum=minimum)
+
+    # The scheduler: per device byte, how much decode time does keeping a
+    # matrix whole on the device save over splitting it?
+    v_cpu = costmodel.effective_rate(profile, "cpu", o.batch, model.dtype)
+    v_dev = costmodel.effective_rate(profile, "device", o.batch, model.dtype)
+    v_link = profile.link_bw(o.pinned)
+    a = alpha["decode"]
+
+    def saving_per_byte(m) -> float:
+      split = max((1 - a) * m.nbytes / v_cpu, a * m.nbytes / v_link + a * m.nbytes / v_dev)
+      return (split + o.split_overhead_s - m.nbytes / v_dev) / m.nbytes
+
+    resident: set[tuple[str, str]] = set()
+    used = fixed + o.reserve_bytes
+    if o.keep_resident:
+      candidates = sorted(((g, m) for g in layer_groups for m in mats[g]),
+                          key=lambda gm: -saving_per_byte(gm[1]))
+      for g, m in candidates:
+        trial = resident | {(g, m.name)}
+        if limit is None or used + m.nbytes + staging(trial) <= limit:
+          resident, used = trial, used + m.nbytes
+
+    groups = {"embed": GroupPlacement("device", model.group_nbytes("embed"), "resident")}
+    device_parts = 0
+    for g in layer_groups:
+      info, host_bytes, dev_bytes = {}, 0, costmodel.small_nbytes(model, g)
+      split_names, res_names = [], []
+      for m in mats[g]:
+        keep = (g, m.name) in resident
+        info[m.name] = {
+            "resident": keep, "nbytes": m.nbytes, "units": m.out_features,
+            "alpha": {p: (1.0 if keep else device_units(m, alpha[p]) / m.out_features)
+                      for p in PHASES},
+        }
+        if keep:
+          dev_bytes += m.nbytes
+          res_names.append(m.name)
+        else:
+          host_bytes += m.nbytes
+          split_names.append(m.name)
+      details = {"matrices": info, "device_bytes": dev_bytes, "host_bytes": host_bytes}
+      if not split_names:
+        groups[g] = GroupPlacement("device", dev_bytes, "resident (whole)", details)
+        continue
+      reason = (f"split {','.join(split_names)} alpha prefill {alpha['prefill']:.2f}"
+                f" decode {alpha['decode']:.2f}")
+      if res_names:
+        reason += f"; resident {','.join(res_names)}"
+      groups[g] = GroupPlacement("host", host_bytes, reason, details)
+      device_parts += dev_bytes
+    groups["head"] = GroupPlacement("device", model.group_nbytes("head"), "resident")
+    stage = staging(resident)
+    working = {"device": device_parts + stage}
+    host_need = sum(gp.nbytes for gp in groups.values() if gp.tier == "host")
+    if budget.host is not None and host_need > budget.host:
+      raise BudgetExceeded("host", host_need, 0, budget.host,
+                           group="tensor_split: split matrices", minimum=host_need)
+    notes += [
+        f"alpha (device fraction of each split matrix): prefill {alpha['prefill']:.3f}"
+        f" ({o.batch}x{o.prompt_len} rows), decode {alpha['decode']:.3f}",
+        f"matrices resident: {len(resident)} of {sum(len(v) for v in mats.values())};"
+        f" staging {format_bytes(stage)} (two kernels of device columns in flight);"
+        f" reserve {format_bytes(o.reserve_bytes)}",
+        "host groups: nbytes = host part; their device part (norms, biases, resident"
+        " kernels) is in working_bytes['device']",
+    ]
+    placement = Placement(self.name, groups, working, {"alpha": alpha}, tuple(notes))
+    if o.predict:
+      from hetflow import simulate
+      pred = simulate.predict(model, placement, profile, o.batch, o.prompt_len)
+      placement.predicted.update(prefill_s=round(pred.prefill_s, 6),
+                                 decode_s_per_token=round(pred.decode_s_per_token, 6),
+                                 decode_bound_by=pred.bottleneck)
+    return placement
+
+  # -- materialising -----------------------------------------------------------
+
+  def materialize(self, placement, model, ledger) -> None:
+    self._model = model
+    self._config = model.config
+    self._placement = placement
+    self.accel = jax.devices()[0]
+    cpus = jax.devices("cpu")
+    # The CPU part runs on the CPU backend; on a CPU-only machine with several
+    # CPU devices, on another one than the "device", so transfers are real.
+    self.host_device = cpus[-1] if self.accel.platform == "cpu" else cpus[0]
+    self._dev_sharding = tiers.device_sharding(self.accel)
+    self._globals = {}
+    for g in ("embed", "head"):
+      ledger.allocate("device", placement.groups[g].nbytes, g)
+      self._globals[g] = jax.device_put(model.group_tensors(g), self._dev_sharding)
+    self._halves: dict[str, _SplitHalf] = {}
+    for g, gp in placement.groups.items():
+      if g.startswith("layers/"):
+        self._halves[g] = _SplitHalf.build(self, model, g, gp, ledger)
+    ledger.allocate("device", placement.working_bytes["device"]
+                    - sum(h.device_bytes for h in self._halves.values()
+                          if placement.groups[h.group].tier == "host"),
+                    "tensor_split staging")
+    # Split kernels in execution order: the unit of transfer and of staging.
+    self._units = [(g, m.name) for g in self._halves
+                   for m in costmodel.group_matrices(model, g)
+                   if not placement.groups[g].details["matrices"][m.name]["resident"]]
+    self._unit_of = {u: i for i, u in enumerate(self._units)}
+    self._stagers: dict[str, _Stager] = {}
+    self._phase = "prefill"
+    self._issued: dict[int, tuple[str, list]] = {}  # unit -> (phase, device blocks)
+    self._recent: collections.deque = collections.deque(maxlen=2)  # device outputs
+    self._counters = {p: collections.Counter() for p in PHASES}
+
+  def globals(self):
+    return self._globals
+
+  # -- the per-layer protocol --------------------------------------------------
+
+  def begin(self, phase, num_tokens) -> None:
+    self._phase = phase
+    self._recent.clear()
+    for unit, (p, _) in list(self._issued.items()):
+      if p != phase:  # prefetched for another phase's split point
+        del self._issued[unit]
+
+  def _issue(self, unit: int, phase: str) -> None:
+    if unit not in self._issued:
+      group, name = self._units[unit]
+      kernel = self._halves[group].kernel(name)
+      self._issued[unit] = (phase, kernel.transfer(phase, self._dev_sharding,
+                                                   self._counters[phase]))
+
+  def device_blocks(self, group: str, name: str) -> list:
+    """The device-side blocks of kernel `name` for the current phase (issued if needed)."""
+    unit = self._unit_of[(group, name)]
+    self._issue(unit, self._phase)
+    return self._issued.pop(unit)[1]
+
+  def device_part_issued(self, group: str, name: str, y_dev) -> None:
+    """Kernel `name`'s device multiply was dispatched: bound staging, prefetch the next.
+
+    At most two kernels' device blocks are in flight: the one just dispatched
+    and the next one's transfer, issued only once the previous kernel's device
+    multiply is done (its blocks are then free).
+    """
+    unit = self._unit_of[(group, name)]
+    if y_dev is not None:
+      self._recent.append(y_dev)
+      if len(self._recent) == 2:
+        jax.block_until_ready(self._recent[0])
+    if unit + 1 < len(self._units):
+      self._issue(unit + 1, self._phase)
+    else:  # wrap: the next pass is a decode step
+      self._issue(0, "decode")
+
+  def fetch(self, layer, half):
+    return f"layers/{layer}/{half}"
+
+  def _stager(self, kind: str) -> _Stager:
+    if kind not in self._stagers:
+      c = self._config
+      if kind == "attn":
+        fn = lambda w, args, linear: modules.attention_half(c, w, *args, linear=linear)
+      else:
+        fn = lambda w, args, linear: modules.ffn_half(c, w, *args, linear=linear)
+      self._stagers[kind] = _Stager(fn)
+    return self._stagers[kind]
+
+  def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask,
+                    attention):
+    return self._run_staged(params, "attn", (x, cache, cache_index, positions, kv_mask))
+
+  def run_ffn(self, layer, params, x, ffn):
+    half = self._halves[params]
+    if half.experts is not None:
+      return half.run_moe(self, x, self._phase, self._counters[self._phase])
+    return self._run_staged(params, "mlp", (x,))
+
+  def _run_staged(self, group, kind, args):
+    half = self._halves[group]
+    counters = self._counters[self._phase]
+    stager = self._stager(kind)
+    stager.discover(half.shapes, args)
+    outs: list = []
+    for names in stager.groups:
+      y = stager.stage(half.small, args, tuple(outs))
+      outs += half.linears(self, y, names, self._phase, counters)
+    return stager.stage(half.small, args, tuple(outs))
+
+  def stats(self):
+    out = {"alpha": self._placement.predicted.get("alpha"),
+           "link_is_real": self.host_device != self.accel,
+           "host_compute_device": str(self.host_device)}
+    for p, c in self._counters.items():
+      out[p] = dict(c)
+    return out
+
+  def close(self) -> None:
+    self._issued.clear()
+    self._halves.clear()
+
+
+class _Cut(Exception):
+  """Raised inside a traced half to stop at the input of the next linear."""
+
+  def __init__(self, y):
+    super().__init__()
+    self.y = y
+
+
+def _stage_fn(fn, w, args, outs):
+  """Runs half `fn` with the first len(outs) linears given; stops at the next one.
+
+  Returns that linear's input, or the half's output when every linear is given.
+  """
+  given = iter(outs)
+  count = [0]
+
+  def linear(y, w_, name):
+    if count[0] < len(outs):
+      count[0] += 1
+      return next(given)
+    raise _Cut(y)
+
+  try:
+    return fn(w, args, linear)
+  except _Cut as cut:
+    return cut.y
+
+
+class _Stager:
+  """A half cut at its linears into jitted stages (one jit; one trace per stage)."""
+
+  def __init__(self, fn):
+    self.fn = fn
+    self.stage = jax.jit(functools.partial(_stage_fn, fn))
+    self.groups: list[list[str]] | None = None
+
+  def discover(self, shapes, args) -> None:
+    """Which linears the half calls, in order, grouped by shared input."""
+    if self.groups is not None:
+      return
+    calls: list[tuple[str, int]] = []
+
+    def record(y, w, name):
+      calls.append((name, id(y)))
+      return jnp.zeros(y.shape[:-1] + (w[name].shape[-1],), y.dtype)
+
+    jax.eval_shape(lambda w, a: self.fn(w, a, record), shapes, args)
+    groups: list[list[str]] = []
+    last = None
+    for name, ident in calls:
+      if ident == last:
+        groups[-1].append(name)
+      else:
+        groups.append([name])
+      last = ident
+    self.groups = groups
+
+
+def _matmul(y, chunks):
+  # Same einsum as layers.linear, one per column block, so the split output
+  # equals the resident one column for column.
+  return jnp.concatenate([layers.linear(y, c) for c in chunks], axis=-1)
+
+
+_matmul_jit = jax.jit(_matmul)
+
+
+@jax.jit
+def _join(parts, bias):
+  y = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+  return y if bias is None else y + bias
+
+
+def _moe_partial(config, h, combine, gate, up, down):
+  """Mixtral's expert mixture over a subset of experts (as modules.moe_ffn)."""
+  act = layers.activation(config.hidden_act)
+  g = act(jnp.einsum("BTD,XDF->BTXF", h, gate))
+  u = jnp.einsum("BTD,XDF->BTXF", h, up)
+  if config.hidden_act == "drelu":
+    u = jax.nn.relu(u)
+  out = jnp.einsum("BTXF,XFD->BTXD", g * u, down)
+  return jnp.einsum("BTXD,BTX->BTD", out, combine)
+
+
+@dataclasses.dataclass
+class _Kernel:
+  """One kernel of a half: whole on the device, or column blocks on the host."""
+
+  name: str
+  resident: Any  # device array, or None when split
+  chunks: list  # host arrays (column blocks), when split
+  cuts: dict[str, int]  # phase -> number of leading chunks on the device side
+  bias: Any = None
+
+  def transfer(self, phase: str, sharding, counters) -> list:
+    """Issues the host->device copy of the device-side blocks for `phase`."""
+    blocks = self.chunks[:self.cuts[phase]]
+    counters["weight_bytes_h2d"] += sum(a.nbytes for a in jax.tree.leaves(blocks))
+    return jax.device_put(blocks, sharding) if blocks else []
+
+
+@dataclasses.dataclass
+class _SplitHalf:
+  """A layer half's weights as tensor_split holds them."""
+
+  group: str
+  small: dict  # norms, biases, router: on the device
+  kernels: dict[str, _Kernel]
+  shapes: dict  # ShapeDtypeStructs of every leaf (for stage discovery)
+  device_bytes: int
+  experts: _Kernel | None = None  # Mixtral: gate/up/down split along experts
+
+  @classmethod
+  def build(cls, strategy: TensorSplit, model, group: str, gp: GroupPlacement, ledger):
+    tensors = model.group_tensors(group)
+    info = gp.details["matrices"]
+    dev, host = strategy._dev_sharding, strategy.host_device
+    small = {k: v for k, v in tensors.items() if not costmodel.is_matrix_leaf(model, group, k)}
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tensors.items()}
+    device_bytes = sum(v.nbytes for v in small.values())
+    host_bytes = 0
+    kernels, experts = {}, None
+    for name, m in info.items():
+      leaves = ["gate", "up", "down"] if name == "experts" else [name]
+      if m["resident"]:
+        arrays = [jax.device_put(tensors[n], dev) for n in leaves]
+        device_bytes += sum(tensors[n].nbytes for n in leaves)
+        kernel = _Kernel(name, arrays if name == "experts" else arrays[0], [], {})
+      else:
+        units = m["units"]
+        cuts = sorted({0, units} | {_split_point(m["alpha"][p], units) for p in PHASES})
+        axis = 0 if name == "experts" else -1  # experts, or output columns
+        chunks = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+          blocks = [np.ascontiguousarray(np.take(tensors[n], np.arange(lo, hi), axis=axis))
+                    for n in leaves]
+          blocks = [jax.device_put(b, host) for b in blocks]
+          chunks.append(blocks if name == "experts" else blocks[0])
+        host_bytes += sum(tensors[n].nbytes for n in leaves)
+        phase_cuts = {p: cuts.index(_split_point(m["alpha"][p], units)) for p in PHASES}
+        kernel = _Kernel(name, None, chunks, phase_cuts)
+      if name == "experts":
+        experts = kernel
+      else:
+        kernel.bias = small.pop(name + "_bias", None)
+        kernels[name] = kernel
+    small_dev = jax.device_put(small, dev)
+    # The halves test for a kernel's presence ("gate" in w picks the gated FFN);
+    # the stages never read kernels (their linears are given), so None stands in.
+    small_dev.update({n: None for n in kernels})
+    for k in kernels.values():
+      if k.bias is not None:
+        k.bias = jax.device_put(k.bias, dev)
+    if device_bytes:
+      ledger.allocate("device", device_bytes, group)
+    if host_bytes:
+      ledger.allocate("host", host_bytes, group)
+    return cls(group, small_dev, kernels, shapes, device_bytes, experts)
+
+  def kernel(self, name: str) -> _Kernel:
+    return self.experts if name == "experts" else self.kernels[name]
+
+  def linears(self, strategy: TensorSplit, y, names, phase, counters) -> list:
+    """Outputs of the kernels `names`, which share input `y` [B, T, in]."""
+    host = strategy.host_device
+    y_host = None
+    cpu_parts = {}
+    # CPU parts first, so the CPU starts while the device path is issued.
+    for n in names:
+      k = self.kernels[n]
+      if k.resident is None and k.cuts[phase] < len(k.chunks):
+        if y_host is None:
+          y_host = jax.device_put(y, host)
+          counters["activation_bytes_d2h"] += y.nbytes
+        cpu_parts[n] = _matmul_jit(y_host, tuple(k.chunks[k.cuts[phase]:]))
+    outs = []
+    for n in names:
+      k = self.kernels[n]
+      if k.resident is not None:
+        outs.append(_join((_matmul_jit(y, (k.resident,)),), k.bias))
+        counters["resident_matmuls"] += 1
+        continue
+      parts, y_dev = [], None
+      blocks = strategy.device_blocks(self.group, n)
+      if blocks:
+        y_dev = _matmul_jit(y, tuple(blocks))
+        parts.append(y_dev)
+      strategy.device_part_issued(self.group, n, y_dev)
+      if n in cpu_parts:
+        back = jax.device_put(cpu_parts[n], strategy._dev_sharding)
+        counters["activation_bytes_h2d"] += cpu_parts[n].nbytes
+        parts.append(back)
+      outs.append(_join(tuple(parts), k.bias))
+      counters["split_matmuls"] += 1
+    return outs
+
+  def run_moe(self, strategy: TensorSplit, x, phase, counters):
+    """Mixtral's FFN half with experts split between device and CPU."""
+    c = strategy._config
+    k = self.experts
+    h, combine = _moe_pre(c, self.small, x)
+    parts = []
+    if k.resident is not None:
+      parts.append(_moe_jit(c, h, combine, *k.resident))
+      counters["resident_matmuls"] += 1
+    else:
+      n_dev = sum(b[0].shape[0] for b in k.chunks[:k.cuts[phase]])
+      if k.cuts[phase] < len(k.chunks):
+        host = strategy.host_device
+        h_host = jax.device_put(h, host)
+        comb_host = jax.device_put(combine[..., n_dev:], host)
+        counters["activation_bytes_d2h"] += h.nbytes + comb_host.nbytes
+        rest = k.chunks[k.cuts[phase]:]
+        cpu = _moe_jit(c, h_host, comb_host, *(_cat([b[i] for b in rest]) for i in range(3)))
+      moved, y_dev = strategy.device_blocks(self.group, "experts"), None
+      if moved:
+        y_dev = _moe_jit(c, h, combine[..., :n_dev],
+                         *(_cat([b[i] for b in moved]) for i in range(3)))
+        parts.append(y_dev)
+      strategy.device_part_issued(self.group, "experts", y_dev)
+      if k.cuts[phase] < len(k.chunks):
+        parts.append(jax.device_put(cpu, strategy._dev_sharding))
+        counters["activation_bytes_h2d"] += cpu.nbytes
+      counters["split_matmuls"] += 1
+    return _moe_post(x, tuple(parts))
+
+
+def _cat(blocks):
+  return blocks[0] if len(blocks) == 1 else _concat_experts(tuple(blocks))
+
+
+@jax.jit
+def _concat_experts(blocks):
+  return jnp.concatenate(blocks, axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _moe_pre(config, w, x):
+  h = modules._norm(config, w)(x)
+  return h, modules.route(config, w["router"], h).astype(h.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _moe_jit(config, h, combine, gate, up, down):
+  return _moe_partial(config, h, combine, gate, up, down)
+
+
+@jax.jit
+def _moe_post(x, parts):
+  out = parts[0]
+  for p in parts[1:]:
+    out = out + p
+  return x + out
