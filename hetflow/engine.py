@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.memory.budget import Budget, MemoryLedger
 from hetflow.memory import tiers
+from hetflow.memory.budget import Budget, MemoryLedger
 from hetflow.models.model import Model
 from hetflow.strategy import Strategy, make_strategy
 from hetflow.trace import Timeline

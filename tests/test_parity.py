@@ -73,7 +73,7 @@ def test_prefill_plus_decode_equals_full_forward(pair):
   for t in range(6, 10):
     logits.append(engine._run("decode", jnp.asarray(ids[:, t:t + 1]), jnp.full((2, 1), t),
                               caches, t, mask, last_only=False))
-  np.testing.assert_allclose(np.concatenate([np.asarray(l) for l in logits], 1), full,
+  np.testing.assert_allclose(np.concatenate([np.asarray(part) for part in logits], 1), full,
                              atol=ATOL, rtol=0)
 
 

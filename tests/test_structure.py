@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import pytest
 
 import hetflow
-from hetflow.models import forward_reference
 
 
 @pytest.mark.parametrize("name,billions", [("llama-2-7b", 6.74), ("opt-30b", 29.97),
