@@ -538,8 +538,10 @@ class Layerwise(Strategy):
       if isinstance(e, OSError):
         raise ReadError(e.errno or errno.EIO, f"layerwise: {what} failed: {e}") from e
       raise RuntimeError(f"layerwise: {what} failed: {e!r}") from e
-    waited = time.perf_counter() - t0
-    self._count("fetch_wait_s", waited, self._phase)
+    t1 = time.perf_counter()
+    self._count("fetch_wait_s", t1 - t0, self._phase)
+    if self.timeline is not None:
+      self.timeline.add("wait", f"wait for layer {layer}", t0, t1, layer=layer)
     self._count("streamed_layers", 1, self._phase)
     key = "disk_bytes" if self._store is not None else "host_to_device_bytes"
     self._count(key, self._layout_.layer[layer], self._phase)

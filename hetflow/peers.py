@@ -1,0 +1,160 @@
+"""HF transformers and Accelerate as peers in the benchmark table (the `[peers]` extra).
+
+Both load the same weights as hetflow, written once as an HF directory by
+`hetflow.save_hf` (float32), run on torch CPU, and decode greedily with the
+KV cache in a plain loop, so prefill and decode are timed separately:
+
+- "transformers": plain `from_pretrained`; safetensors are memory-mapped, so
+  weights live in the page cache, and under a memory limit they are evicted and
+  read again from disk (through the page cache, never O_DIRECT).
+- "accelerate": `from_pretrained(device_map=..., offload_folder=...)` with the
+  chosen blocks on "disk" and the rest in CPU RAM. Accelerate reads its disk
+  blocks through memory maps too: without a memory limit they are served from
+  a warm page cache after the first token, which flatters its figure; the
+  table says so in the "page cache" column.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from hetflow.memory.budget import format_bytes
+
+
+def hf_dir_for(model, progress: bool = True) -> str:
+  """The HF directory of `model` in the cache, written with save_hf on first use."""
+  from hetflow.checkpoints import save_hf
+  from strategies.layerwise import default_store_dir
+
+  if model.description and os.path.isfile(os.path.join(model.description, "config.json")):
+    return model.description  # already an HF checkpoint
+  path = default_store_dir(model).replace(os.sep + "stores" + os.sep, os.sep + "hf" + os.sep)
+  if not os.path.exists(os.path.join(path, "config.json")):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Small shards keep the writer's peak memory low.
+    save_hf(model, path, dtype=np.float32, max_shard_bytes=512 << 20, progress=progress)
+  return path
+
+
+def _layers_prefix(torch_model, num_layers: int) -> str:
+  import torch
+
+  for name, module in torch_model.named_modules():
+    if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+      return name
+  raise ValueError("no ModuleList of the model's blocks found")
+
+
+def device_map(hf_dir: str, num_layers: int, disk_layers: list[int]) -> dict[str, str]:
+  """Blocks in `disk_layers` on "disk", every other module on "cpu"."""
+  from accelerate import init_empty_weights
+  from transformers import AutoConfig, AutoModelForCausalLM
+
+  with init_empty_weights():
+    empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf_dir))
+  prefix = _layers_prefix(empty, num_layers)
+  out: dict[str, str] = {}
+  # Every sibling along the path to the block list stays in RAM.
+  parts = prefix.split(".")
+  for depth in range(len(parts)):
+    parent = ".".join(parts[:depth])
+    module = empty.get_submodule(parent) if parent else empty
+    for child, _ in module.named_children():
+      full = f"{parent}.{child}" if parent else child
+      if full != ".".join(parts[:depth + 1]):
+        out[full] = "cpu"
+  for i in range(num_layers):
+    out[f"{prefix}.{i}"] = "disk" if i in disk_layers else "cpu"
+  return out
+
+
+def _read_bytes() -> int:
+  try:
+    with open("/proc/self/io") as f:
+      return next(int(l.split()[1]) for l in f if l.startswith("read_bytes"))
+  except (OSError, StopIteration):
+    return -1
+
+
+def _greedy(torch_model, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
+  import torch
+
+  ids = torch.from_numpy(prompt.astype(np.int64))
+  with torch.inference_mode():
+    t0 = time.perf_counter()
+    out = torch_model(input_ids=ids, use_cache=True)
+    token = out.logits[:, -1].argmax(-1)
+    ttft = time.perf_counter() - t0
+    tokens = [int(token[0])]
+    past = out.past_key_values
+    io0 = _read_bytes()
+    t1 = time.perf_counter()
+    for _ in range(new_tokens - 1):
+      out = torch_model(input_ids=token[:, None], past_key_values=past, use_cache=True)
+      past = out.past_key_values
+      token = out.logits[:, -1].argmax(-1)
+      tokens.append(int(token[0]))
+    decode_s = time.perf_counter() - t1
+    io1 = _read_bytes()
+  steps = new_tokens - 1
+  return {"tokens": [tokens], "ttft_s": ttft, "decode_s": decode_s,
+          "decode_tok_s": steps / decode_s if steps else float("nan"),
+          "decode_s_per_token": decode_s / steps if steps else float("nan"),
+          "new_tokens": new_tokens, "decode_read_bytes": io1 - io0}
+
+
+def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[str, Any]:
+  """Loads and runs one peer system; returns the same figures as a hetflow row."""
+
+  import torch
+  from transformers import AutoModelForCausalLM
+
+  from hetflow.benchmark import peak_rss, touched_bytes
+  from hetflow.memory import drop_page_cache
+  from strategies.layerwise import spread
+
+  hf_dir = spec["hf_dir"]
+  n = model.config.num_layers
+  t0 = time.perf_counter()
+  disk_layers: list[int] = []
+  if system.kind == "transformers":
+    torch_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  else:
+    resident = n if system.resident_layers is None else system.resident_layers
+    kept = set(spread(n, resident))
+    disk_layers = [i for i in range(n) if i not in kept]
+    offload = os.path.join(spec["workdir"], "offload", system.name)
+    os.makedirs(offload, exist_ok=True)
+    torch_model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, device_map=device_map(hf_dir, n, disk_layers),
+        offload_folder=offload)
+  torch_model.eval()
+  load_s = time.perf_counter() - t0
+  if spec.get("warmup", True):
+    _greedy(torch_model, prompt, spec["new_tokens"])
+    drop_page_cache()  # the measured run starts cold, like hetflow's
+  io0 = _read_bytes()
+  r = _greedy(torch_model, prompt, spec["new_tokens"])
+  layer_bytes = [sum(model.group_nbytes(f"layers/{i}/{h}") for h in ("attn", "mlp"))
+                 for i in range(n)]
+  disk = sum(layer_bytes[i] for i in disk_layers)
+  steps = r["new_tokens"] - 1
+  r.update({
+      "load_s": load_s,
+      "placement": (f"{system.kind}: {len(disk_layers)} of {n} blocks on disk"
+                    f" ({format_bytes(disk)}), the rest in RAM"),
+      "proc_read_bytes": _read_bytes() - io0,
+      # What the page cache could not serve, per decode token.
+      "disk_bytes_per_token": r["decode_read_bytes"] / steps if steps else float("nan"),
+      "host_to_device_bytes_per_token": 0,
+      "peak_ledger": {},
+      "touched_bytes": touched_bytes(model),
+      "streamed": {"disk": disk, "host": 0},
+      "page_cache": "yes (mmap)",
+      "peak_rss": peak_rss(),
+  })
+  return r
