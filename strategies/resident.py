@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from tqdm.auto import tqdm
 
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded
@@ -36,9 +37,13 @@ class Resident(Strategy):
   def materialize(self, placement, model, ledger) -> None:
     sharding = tiers.device_sharding()
     self._params = {}
-    for group in placement.groups:
-      ledger.allocate("device", placement.groups[group].nbytes, group)
-      self._params[group] = jax.device_put(model.group_tensors(group), sharding)
+    total = sum(g.nbytes for g in placement.groups.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
+              disable=total < (256 << 20)) as bar:
+      for group, info in placement.groups.items():
+        ledger.allocate("device", info.nbytes, group)
+        self._params[group] = jax.device_put(model.group_tensors(group), sharding)
+        bar.update(info.nbytes)
 
   def globals(self):
     return {"embed": self._params["embed"], "head": self._params.get("head", {})}
