@@ -3,3 +3,4 @@
 from strategies import resident
 from strategies import layerwise
 from strategies import tensor_split
+from strategies import neuron_cluster

@@ -1,0 +1,1 @@
+"""Activation sparsity: statistics, predictors, neuron-bundle store, segmented cache."""

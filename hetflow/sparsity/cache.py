@@ -1,0 +1,170 @@
+"""The segmented neuron cache (PowerInfer-2): a hot region and a cold region.
+
+One pool of neuron-record slots shared by every layer, in two regions:
+
+* hot: clusters (runs of `cluster_size` adjacent records in hotness order, i.e.
+  neurons that fire often) chosen by summed firing frequency across all
+  layers, loaded at start with one sequential read per cluster and pinned.
+  When `cluster_lru` is on, a decode step whose active set covers at least
+  `admit_fraction` of an uncached hot-ranked cluster swaps it in for the least
+  recently used hot cluster (cluster-level LRU).
+* cold: single neurons, admitted on a miss, evicted least recently used.
+
+The fixed region (attention, norms, embeddings, KV cache) is not here: the
+strategy places it. Evicted records are dropped, never written back (weights
+are read-only). Only slot bookkeeping lives here; the bytes are the caller's
+`pool` buffer, sized by the ledger.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class CacheCounters:
+  """Hits and misses since the last reset.
+
+  Attributes:
+    hot_hits, cold_hits, misses: active neurons found in each region / not.
+    admitted, evicted: cold-region insertions and evictions.
+    cluster_swaps: hot clusters replaced (cluster LRU).
+  """
+
+  hot_hits: int = 0
+  cold_hits: int = 0
+  misses: int = 0
+  admitted: int = 0
+  evicted: int = 0
+  cluster_swaps: int = 0
+
+
+class SegmentedCache:
+  """Slot bookkeeping of the hot (cluster) and cold (neuron-LRU) regions.
+
+  Args:
+    num_layers, num_neurons: L, F.
+    num_slots: records the pool holds.
+    hot_slots: slots [0, hot_slots) form the hot region (rounded down to
+      whole clusters); the rest are the cold region.
+    cluster_size: neurons per hot cluster.
+  """
+
+  def __init__(self, num_layers: int, num_neurons: int, num_slots: int, hot_slots: int,
+               cluster_size: int = 32):
+    self.num_layers, self.num_neurons = num_layers, num_neurons
+    self.cluster_size = cluster_size
+    self.num_clusters_hot = hot_slots // cluster_size
+    self.hot_slots = self.num_clusters_hot * cluster_size
+    self.num_slots = num_slots
+    self.slot_of = np.full((num_layers, num_neurons), -1, np.int32)
+    # hot: cluster slot index -> (layer, cluster) held there, LRU order of hot slots.
+    self.hot_owner: list[tuple[int, int] | None] = [None] * self.num_clusters_hot
+    self.hot_lru: collections.OrderedDict[int, None] = collections.OrderedDict()
+    # cold: (layer, position) -> slot, in LRU order; free slots.
+    self.cold_lru: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
+    self.cold_free = list(range(num_slots - 1, self.hot_slots - 1, -1))
+    self.counters = CacheCounters()
+
+  # -- hot region -----------------------------------------------------------
+
+  def choose_hot(self, frequency: np.ndarray) -> list[tuple[int, int]]:
+    """The (layer, cluster) pairs to pin, by summed frequency, for freq [L, F] in hot order."""
+    c = self.cluster_size
+    n = self.num_neurons // c
+    if n == 0 or self.num_clusters_hot == 0:
+      return []
+    score = frequency[:, :n * c].reshape(self.num_layers, n, c).sum(-1)  # [L, n]
+    best = np.argsort(-score, axis=None, kind="stable")[:self.num_clusters_hot]
+    return [(int(i // n), int(i % n)) for i in best]
+
+  def place_hot(self, index: int, layer: int, cluster: int) -> tuple[int, np.ndarray]:
+    """Puts (layer, cluster) in hot cluster slot `index`; returns (first slot, positions).
+
+    The caller fills slots [first, first + cluster_size) with those records.
+    """
+    c = self.cluster_size
+    old = self.hot_owner[index]
+    if old is not None:
+      self.slot_of[old[0], old[1] * c:(old[1] + 1) * c] = -1
+    positions = np.arange(cluster * c, (cluster + 1) * c)
+    # A cluster entering the hot region may have members in the cold region.
+    for p in positions:
+      slot = self.cold_lru.pop((layer, int(p)), None)
+      if slot is not None:
+        self.cold_free.append(slot)
+    first = index * c
+    self.slot_of[layer, positions] = np.arange(first, first + c)
+    self.hot_owner[index] = (layer, cluster)
+    self.hot_lru[index] = None
+    self.hot_lru.move_to_end(index)
+    return first, positions
+
+  def hot_victim(self, protect: set[int]) -> int | None:
+    """Least recently used hot cluster slot not in `protect`."""
+    for index in self.hot_lru:
+      if index not in protect:
+        return index
+    return None
+
+  # -- lookups --------------------------------------------------------------
+
+  def lookup(self, layer: int, positions: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Splits active `positions` into (cached positions, their slots, missing positions).
+
+    Touches the LRU state of the hits.
+    """
+    slots = self.slot_of[layer, positions]
+    hit = slots >= 0
+    cached = slots[hit]
+    hot = cached < self.hot_slots
+    self.counters.hot_hits += int(hot.sum())
+    self.counters.cold_hits += int((~hot).sum())
+    self.counters.misses += int((~hit).sum())
+    for index in np.unique(cached[hot] // max(self.cluster_size, 1)):
+      self.hot_lru.move_to_end(int(index))
+    for p in positions[hit][~hot]:
+      self.cold_lru.move_to_end((layer, int(p)))
+    return positions[hit], cached, positions[~hit]
+
+  def admit(self, layer: int, positions: np.ndarray) -> np.ndarray:
+    """Gives cold slots to `positions` (just read); -1 where none is free to take.
+
+    Victims come from the LRU end; neurons touched in this step are at the
+    MRU end, so an in-flight computation never loses its records as long as
+    the cold region is larger than one step's admissions (else they are not
+    cached).
+    """
+    out = np.full(len(positions), -1, np.int32)
+    budget = len(self.cold_free) + len(self.cold_lru) - self._touched_now(layer)
+    for j, p in enumerate(positions):
+      if budget <= 0:
+        break
+      if self.cold_free:
+        slot = self.cold_free.pop()
+      else:
+        (ol, op), slot = self.cold_lru.popitem(last=False)
+        self.slot_of[ol, op] = -1
+        self.counters.evicted += 1
+      self.cold_lru[(layer, int(p))] = slot
+      self.slot_of[layer, p] = slot
+      out[j] = slot
+      budget -= 1
+    self.counters.admitted += int((out >= 0).sum())
+    return out
+
+  def _touched_now(self, layer: int) -> int:
+    # Set by the strategy before admit: how many cold entries this step protects.
+    return getattr(self, "_protected", 0)
+
+  def protect(self, n: int) -> None:
+    """Marks the n MRU cold entries as in use by the current step."""
+    self._protected = n
+
+  @property
+  def cached(self) -> int:
+    return int((self.slot_of >= 0).sum())

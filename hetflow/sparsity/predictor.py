@@ -1,0 +1,267 @@
+"""Activation predictors: which FFN neurons will fire, before their weights are read.
+
+`LowRankPredictor` is PowerInfer's: per layer fc1 (D -> r) -> ReLU -> fc2
+(r -> F) on the residual stream before the FFN norm; a neuron is predicted
+active when its logit exceeds a per-layer threshold, set on held-out data so
+that recall reaches a target. The rank r is chosen per layer: the smallest of
+the candidates whose predicted density at that recall is close enough to the
+true density. Trained with optax, saved and restored with orbax.
+
+`OraclePredictor` computes the true active set from the layer's own gate/up
+weights: exact, the upper bound, and what the invariance tests use.
+
+Both expose `predict(layer, x, h) -> [B, T, F] bool` (jax) in the neuron order
+given by `permute` (the bundle store's hot-first order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hetflow.models.config import ModelConfig
+from hetflow.sparsity.stats import Samples, intermediate
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+  """How predictors are trained.
+
+  Attributes:
+    ranks: candidate ranks r, tried in increasing order per layer.
+    target_recall: recall the per-layer threshold is set to reach.
+    max_density_ratio: accept the smallest rank whose predicted density is at
+      most this times the true density (else keep the best rank tried).
+    steps: optimiser steps per layer and rank.
+    batch_size: tokens per step.
+    learning_rate: Adam's.
+    positive_weight: weight of firing neurons in the loss (recall matters
+      more than precision: a missed neuron changes the output).
+    validation_fraction: held-out share of the tokens for threshold and report.
+    seed: initialisation and batching.
+  """
+
+  ranks: tuple[int, ...] = (32, 64, 128, 256)
+  target_recall: float = 0.99
+  max_density_ratio: float = 1.5
+  steps: int = 400
+  batch_size: int = 256
+  learning_rate: float = 3e-3
+  positive_weight: float = 4.0
+  validation_fraction: float = 0.2
+  seed: int = 0
+
+
+@dataclasses.dataclass
+class LayerReport:
+  """Held-out quality of one layer's predictor.
+
+  Attributes:
+    rank: chosen r.
+    recall: fraction of firing neurons predicted.
+    precision: fraction of predicted neurons that fire.
+    predicted_density: fraction of neurons predicted active per token.
+    true_density: fraction that fire.
+  """
+
+  rank: int
+  recall: float
+  precision: float
+  predicted_density: float
+  true_density: float
+
+
+def _forward(p, x):
+  z = (x - p["mean"]) * p["inv_std"]
+  return jax.nn.relu(z @ p["fc1"] + p["b1"]) @ p["fc2"] + p["b2"]
+
+
+class LowRankPredictor:
+  """Per-layer low-rank MLP predictors.
+
+  Attributes:
+    params: per layer {"mean", "inv_std", "fc1", "b1", "fc2", "b2"} (numpy).
+    thresholds: per layer logit threshold.
+    reports: per layer LayerReport (from training), or None.
+  """
+
+  kind = "low_rank"
+
+  def __init__(self, params: list[dict[str, np.ndarray]], thresholds: Sequence[float],
+               reports: list[LayerReport] | None = None):
+    self.params = params
+    self.thresholds = [float(t) for t in thresholds]
+    self.reports = reports
+    self._device: list[dict[str, jax.Array]] | None = None
+    self._fn = jax.jit(lambda p, x, t: _forward(p, x) > t)
+
+  def nbytes(self) -> int:
+    return sum(a.nbytes for p in self.params for a in p.values())
+
+  def place(self, sharding, permute: np.ndarray | None = None) -> None:
+    """Puts the weights on a device, output columns in `permute`'s order [L, F]."""
+    out = []
+    for i, p in enumerate(self.params):
+      p = dict(p)
+      if permute is not None:
+        p["fc2"], p["b2"] = p["fc2"][:, permute[i]], p["b2"][permute[i]]
+      out.append(jax.device_put(p, sharding))
+    self._device = out
+
+  def predict(self, layer: int, x, h=None):
+    """[B, T, F] bool from the pre-norm residual x [B, T, D]."""
+    del h
+    return self._fn(self._device[layer], x, self.thresholds[layer])
+
+  def save(self, path: str) -> None:
+    """Writes an orbax checkpoint of the weights and a JSON of thresholds/reports."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    tree = {str(i): p for i, p in enumerate(self.params)}
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(os.path.join(path, "weights"), tree, force=True)
+    meta = {"thresholds": self.thresholds, "nbytes": self.nbytes(),
+            "ranks": [int(p["fc1"].shape[1]) for p in self.params],
+            "reports": [dataclasses.asdict(r) for r in self.reports] if self.reports else None}
+    with open(os.path.join(path, "predictor.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+
+  @classmethod
+  def load(cls, path: str) -> "LowRankPredictor":
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    with open(os.path.join(path, "predictor.json")) as f:
+      meta = json.load(f)
+    with ocp.StandardCheckpointer() as ckpt:
+      tree = ckpt.restore(os.path.join(path, "weights"))
+    params = [{k: np.asarray(v) for k, v in tree[str(i)].items()}
+              for i in range(len(meta["thresholds"]))]
+    reports = [LayerReport(**r) for r in meta["reports"]] if meta["reports"] else None
+    return cls(params, meta["thresholds"], reports)
+
+
+class OraclePredictor:
+  """The true active set, computed from the layer's gate/up (needs those weights)."""
+
+  kind = "oracle"
+
+  def __init__(self, config: ModelConfig, weights: list[dict[str, np.ndarray]],
+               threshold: float = 0.0):
+    """Args: weights: per layer the leaves "gate"/"up" (+ biases) [D, F]."""
+    self.config = config
+    self.weights = weights
+    self.threshold = threshold
+    self._device = None
+    self._fn = jax.jit(lambda w, h: jnp.abs(intermediate(config, w, h)) > threshold)
+
+  def nbytes(self) -> int:
+    return sum(a.nbytes for w in self.weights for a in w.values())
+
+  def place(self, sharding, permute: np.ndarray | None = None) -> None:
+    out = []
+    for i, w in enumerate(self.weights):
+      if permute is not None:
+        w = {k: v[..., permute[i]] for k, v in w.items()}
+      out.append(jax.device_put(w, sharding))
+    self._device = out
+    self.weights = None  # the placed copy is the one that counts
+
+  def predict(self, layer: int, x, h):
+    del x
+    return self._fn(self._device[layer], h)
+
+
+def _train_layer(x_tr, y_tr, x_va, y_va, rank: int, options: TrainOptions, key):
+  n, d = x_tr.shape
+  f = y_tr.shape[1]
+  mean = x_tr.mean(0)
+  inv_std = 1.0 / (x_tr.std(0) + 1e-6)
+  k1, k2, key = jax.random.split(key, 3)
+  params = {
+      "mean": jnp.asarray(mean), "inv_std": jnp.asarray(inv_std),
+      "fc1": jax.random.normal(k1, (d, rank)) / np.sqrt(d), "b1": jnp.zeros(rank),
+      "fc2": jax.random.normal(k2, (rank, f)) / np.sqrt(rank),
+      "b2": jnp.full(f, -1.0),
+  }
+  frozen = ("mean", "inv_std")
+  opt = optax.adam(options.learning_rate)
+  trainable = {k: v for k, v in params.items() if k not in frozen}
+  state = opt.init(trainable)
+  fixed = {k: params[k] for k in frozen}
+  w_pos = options.positive_weight
+
+  def loss_fn(tr, x, y):
+    logits = _forward({**fixed, **tr}, x)
+    loss = optax.sigmoid_binary_cross_entropy(logits, y)
+    return jnp.mean(loss * jnp.where(y > 0, w_pos, 1.0))
+
+  @jax.jit
+  def step(tr, state, x, y):
+    loss, grads = jax.value_and_grad(loss_fn)(tr, x, y)
+    updates, state = opt.update(grads, state, tr)
+    return optax.apply_updates(tr, updates), state, loss
+
+  x_tr_j, y_tr_j = jnp.asarray(x_tr), jnp.asarray(y_tr, jnp.float32)
+  rng = np.random.default_rng(options.seed)
+  bs = min(options.batch_size, n)
+  for _ in range(options.steps):
+    idx = rng.integers(0, n, bs)
+    trainable, state, _ = step(trainable, state, x_tr_j[idx], y_tr_j[idx])
+  params = {**fixed, **trainable}
+  logits = np.asarray(jax.jit(_forward)(params, jnp.asarray(x_va)))
+  pos = logits[y_va]
+  # Threshold: the (1 - target_recall) quantile of the firing neurons' logits.
+  thr = float(np.quantile(pos, 1.0 - options.target_recall)) if pos.size else 0.0
+  pred = logits > thr
+  tp = (pred & y_va).sum()
+  report = LayerReport(rank=rank, recall=float(tp / max(y_va.sum(), 1)),
+                       precision=float(tp / max(pred.sum(), 1)),
+                       predicted_density=float(pred.mean()), true_density=float(y_va.mean()))
+  return {k: np.asarray(v) for k, v in params.items()}, thr, report
+
+
+def train_predictors(samples: Samples, options: TrainOptions = TrainOptions(),
+                     progress: Callable[[str], None] | None = print) -> LowRankPredictor:
+  """Trains one low-rank predictor per layer on recorded (input, active) pairs.
+
+  Args:
+    samples: from record_activations(..., samples=True).
+    options: TrainOptions.
+    progress: called with one line per layer and rank (None: silent).
+
+  Returns:
+    A LowRankPredictor with per-layer held-out reports.
+  """
+  params, thresholds, reports = [], [], []
+  key = jax.random.key(options.seed)
+  for layer, (x, y) in enumerate(zip(samples.inputs, samples.active)):
+    n = x.shape[0]
+    perm = np.random.default_rng(options.seed + layer).permutation(n)
+    n_va = max(1, int(n * options.validation_fraction))
+    va, tr = perm[:n_va], perm[n_va:]
+    best = None
+    for rank in sorted(options.ranks):
+      key, sub = jax.random.split(key)
+      p, thr, rep = _train_layer(x[tr], y[tr], x[va], y[va], rank, options, sub)
+      if progress:
+        progress(f"layer {layer:3d} rank {rank:5d}: recall {rep.recall:.3f} precision"
+                 f" {rep.precision:.3f} predicted density {rep.predicted_density:.3f}"
+                 f" (true {rep.true_density:.3f})")
+      if best is None or rep.predicted_density < best[2].predicted_density:
+        best = (p, thr, rep)
+      if rep.predicted_density <= options.max_density_ratio * rep.true_density:
+        best = (p, thr, rep)
+        break
+    params.append(best[0])
+    thresholds.append(best[1])
+    reports.append(best[2])
+  return LowRankPredictor(params, thresholds, reports)

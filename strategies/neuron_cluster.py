@@ -1,0 +1,469 @@
+"""`neuron_cluster`: PowerInfer-2's strategy for models whose FFNs are sparse.
+
+The fixed region (embeddings, head, attention, norms, KV cache) lives on the
+device tier. FFN neurons live on disk in a neuron-bundle store (hottest first)
+and in a segmented cache (hot clusters + cold neuron LRU) sized by what the
+budget leaves. Prefill runs dense: each layer's FFN is streamed in large
+sequential reads, double-buffered. Decode runs sparse, per layer:
+
+  predict -> split the active set into cached and missing -> issue reads for
+  the missing records (coalesced runs, `io_depth` in flight) -> compute the
+  cached part while they land -> compute each piece of the missing part as
+  its reads complete -> sum -> admit the new records to the cold region.
+
+Static shapes: active-set sizes are padded to power-of-two buckets, so decode
+compiles a handful of shapes. With the oracle predictor on a model with true
+zeros the result equals `resident`'s (up to float summation order); with a
+trained predictor, missed neurons are an approximation that the stats and the
+benchmark report (recall, token agreement).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetflow.memory import tiers
+from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
+from hetflow.memory.buffers import aligned_empty, view_as
+from hetflow.models import layers, modules
+from hetflow.sparsity import bundles as bundles_mod
+from hetflow.sparsity.cache import SegmentedCache
+from hetflow.sparsity.predictor import LowRankPredictor, OraclePredictor
+from hetflow.sparsity.stats import ActivationStats, calibration_ids, check_sparse, record_activations
+from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronClusterOptions:
+  """Options of `neuron_cluster`.
+
+  Attributes:
+    predictor: "oracle" computes the true active set from gate/up held in
+      memory (exact; the upper bound; costs those bytes); "trained" loads a
+      low-rank predictor from `predictor_path`.
+    predictor_path: directory written by `experiments.train_predictor`.
+    stats_path: activation statistics (.npz) that order neurons by hotness;
+      None records them at load on `calibration_tokens` random tokens.
+    calibration_tokens: tokens for recording statistics when stats_path is None.
+    threshold: activation threshold for models without exact zeros (SiLU);
+      None refuses them.
+    store_dir: where the neuron-bundle store lives (reused when it matches);
+      None writes one into a temporary directory removed at close.
+    layout: "bundled" (one record per neuron) or "split" (one read per matrix
+      per neuron: the no-bundling ablation).
+    coalesce: read runs of adjacent missing records with one request.
+    cache_bytes: bytes of the neuron cache; None takes what the device budget
+      leaves (all neurons if there is no budget); 0 disables the cache.
+    hot_fraction: share of the cache given to the hot (cluster) region.
+    cluster_size: neurons per hot cluster.
+    pipeline: overlap reads with compute (reads in flight on `io_depth`
+      threads, cached part computed meanwhile, missing part in `pieces`
+      pieces as they land); False reads one request at a time, then computes.
+    io_depth: reader threads (requests in flight).
+    pieces: pieces the missing part is split into when pipelining.
+    staging_bytes: the buffer missing records and prefill chunks are read into.
+    kv_reserve_bytes: device bytes left for the engine's KV cache when sizing
+      the neuron cache; None: one row of min(max positions, 1024) slots.
+    min_bucket: smallest padded active-set size.
+  """
+
+  predictor: Literal["oracle", "trained"] = "oracle"
+  predictor_path: str | None = None
+  stats_path: str | None = None
+  calibration_tokens: int = 1024
+  threshold: float | None = None
+  store_dir: str | None = None
+  layout: Literal["bundled", "split"] = "bundled"
+  coalesce: bool = True
+  cache_bytes: int | str | None = None
+  hot_fraction: float = 0.5
+  cluster_size: int = 32
+  pipeline: bool = True
+  io_depth: int = 8
+  pieces: int = 4
+  staging_bytes: int | str = "64MiB"
+  kv_reserve_bytes: int | str | None = None
+  min_bucket: int = 16
+
+
+def _bucket(n: int, smallest: int) -> int:
+  return max(smallest, 1 << max(0, (n - 1).bit_length()))
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+  out = np.zeros(size, np.int32)
+  out[:len(a)] = a
+  return out
+
+
+@register_strategy("neuron_cluster")
+class NeuronCluster(Strategy):
+  """Sparse decode from a neuron-bundle store through a segmented cache."""
+
+  Options = NeuronClusterOptions
+
+  # -- planning ---------------------------------------------------------------
+
+  def _sizes(self, model) -> dict[str, int]:
+    c, o = model.config, self.options
+    mats = bundles_mod.neuron_matrices(c)
+    item = np.dtype(model.dtype).itemsize
+    row = c.hidden_size * item
+    stride = row if o.layout == "bundled" else -(-row // 4096) * 4096
+    record = -(-len(mats) * stride // 4096) * 4096
+    neuron_leaves = sum(model.shapes[f"layers/0/mlp/{m}"].size for m in mats) * item
+    fixed = sum(model.group_nbytes(g) for g in model.group_names() if not g.endswith("/mlp"))
+    fixed += c.num_layers * (model.group_nbytes("layers/0/mlp") - neuron_leaves)
+    if o.predictor == "oracle":
+      predictor = c.num_layers * (len(mats) - 1) * c.hidden_size * c.intermediate_size * item
+    else:
+      if not o.predictor_path:
+        raise ValueError("predictor='trained' needs predictor_path (experiments.train_predictor).")
+      import json
+      with open(os.path.join(o.predictor_path, "predictor.json")) as f:
+        predictor = int(json.load(f)["nbytes"])
+    staging = min(parse_bytes(o.staging_bytes) // record, c.intermediate_size)
+    staging = max(staging, 2) * record
+    kv = (parse_bytes(o.kv_reserve_bytes) if o.kv_reserve_bytes is not None else
+          2 * c.num_layers * c.num_kv_heads * c.head_dim * item
+          * min(c.max_position_embeddings, 1024))
+    return dict(record=record, stride=stride, fixed=fixed, predictor=predictor,
+                staging=staging, kv=kv, full_cache=c.num_layers * c.intermediate_size * record)
+
+  def plan(self, model, budget, profile=None) -> Placement:
+    c, o = model.config, self.options
+    check_sparse(c, o.threshold)
+    if not c.do_layer_norm_before:
+      raise ValueError("neuron_cluster supports pre-LN models only (not OPT-350m).")
+    s = self._sizes(model)
+    need = s["fixed"] + s["predictor"] + s["staging"] + s["kv"]
+    limit = budget.device
+    left = None if limit is None else limit - need
+    if left is not None and left < 0:
+      raise BudgetExceeded("device", need, 0, limit, group="fixed region + predictor + staging",
+                           minimum=need)
+    if o.cache_bytes is None:
+      cache = s["full_cache"] if left is None else min(left, s["full_cache"])
+    else:
+      cache = min(parse_bytes(o.cache_bytes), s["full_cache"])
+      if left is not None and cache > left:
+        raise BudgetExceeded("device", cache, need, limit, group="neuron cache",
+                             minimum=need + cache)
+    slots = cache // s["record"]
+    groups = {}
+    for g in model.group_names():
+      if g.endswith("/mlp"):
+        groups[g] = GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache")
+      else:
+        groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
+    notes = (f"cache {format_bytes(slots * s['record'])} = {slots} neurons"
+             f" ({slots / (c.num_layers * c.intermediate_size):.1%} of all),"
+             f" predictor {o.predictor} {format_bytes(s['predictor'])},"
+             f" staging {format_bytes(s['staging'])}, layout {o.layout},"
+             f" pipeline {o.pipeline}",)
+    return Placement(self.name, groups, working_bytes={
+        "device": s["predictor"] + s["staging"] + slots * s["record"]},
+        predicted={}, notes=notes)
+
+  # -- materialising ----------------------------------------------------------
+
+  def materialize(self, placement, model, ledger) -> None:
+    c, o = model.config, self.options
+    self.model, self.config = model, c
+    s = self._sizes(model)
+    self.mats = bundles_mod.neuron_matrices(c)
+    sharding = tiers.device_sharding()
+    self._allocs = []
+    self._threshold = check_sparse(c, o.threshold)
+
+    # Statistics and order.
+    if o.stats_path:
+      self.activation_stats = ActivationStats.load(o.stats_path)
+    else:
+      ids = calibration_ids(c, o.calibration_tokens)
+      self.activation_stats, _ = record_activations(model, ids, o.threshold)
+    order = self.activation_stats.hot_order()
+    self.frequency = np.take_along_axis(self.activation_stats.frequency, order, axis=1)
+
+    # Store.
+    self._tmpdir = None
+    path = o.store_dir
+    if path is None:
+      self._tmpdir = tempfile.mkdtemp(prefix="hetflow-bundles-")
+      path = os.path.join(self._tmpdir, "store")
+    store = None
+    if os.path.exists(os.path.join(path, "manifest.json")):
+      store = bundles_mod.BundleStore.open(path)
+      if store.layout != o.layout or not np.array_equal(store.order, order):
+        store = None
+    self.store = store or bundles_mod.write_store(path, model, order, o.layout)
+
+    # Fixed region.
+    def put(group_leaves, name):
+      nbytes = sum(a.nbytes for a in group_leaves.values())
+      self._allocs.append(ledger.allocate("device", nbytes, name))
+      return jax.device_put(group_leaves, sharding)
+
+    self._fixed = {}
+    for g in model.group_names():
+      if g.endswith("/mlp"):
+        leaves = model.group_tensors(g)
+        layer = int(g.split("/")[1])
+        small = {k: v for k, v in leaves.items() if k not in self.mats}
+        for k in ("gate_bias", "up_bias"):
+          if k in small:
+            small[k] = small[k][order[layer]]
+        self._fixed[g] = put(small, "fixed")
+      else:
+        self._fixed[g] = put(model.group_tensors(g), "fixed")
+
+    # Predictor.
+    if o.predictor == "oracle":
+      weights = []
+      for i in range(c.num_layers):
+        keys = [m for m in self.mats if m != "down"] + [
+            m + "_bias" for m in self.mats if m != "down"]
+        weights.append({k: model.tensor(f"layers/{i}/mlp/{k}") for k in keys
+                        if f"layers/{i}/mlp/{k}" in model.shapes})
+      self.predictor = OraclePredictor(c, weights, self._threshold)
+    else:
+      self.predictor = LowRankPredictor.load(o.predictor_path)
+    self._allocs.append(ledger.allocate("device", self.predictor.nbytes(), "predictor"))
+    self.predictor.place(sharding, order)
+
+    # Staging and cache pool: aligned buffers that jax aliases (no copies).
+    rec = self.store.record_nbytes
+    self.record_elems = rec // np.dtype(model.dtype).itemsize
+    self._allocs.append(ledger.allocate("device", s["staging"], "staging"))
+    self.staging_cap = s["staging"] // rec
+    self.staging = aligned_empty(s["staging"])
+    self.staging_jax = jax.device_put(
+        view_as(self.staging, 0, (self.staging_cap, self.record_elems), model.dtype), sharding)
+    slots = placement.working_bytes["device"] - s["predictor"] - s["staging"]
+    self.num_slots = slots // rec
+    self._allocs.append(ledger.allocate("device", self.num_slots * rec, "cache"))
+    self.pool = aligned_empty(max(self.num_slots, 1) * rec)
+    self.pool_jax = jax.device_put(
+        view_as(self.pool, 0, (max(self.num_slots, 1), self.record_elems), model.dtype),
+        sharding)
+    hot = int(self.num_slots * o.hot_fraction)
+    self.cache = SegmentedCache(c.num_layers, c.intermediate_size, self.num_slots, hot,
+                                o.cluster_size)
+    self.reader = bundles_mod.BatchReader(o.io_depth)
+    for index, (layer, cluster) in enumerate(self.cache.choose_hot(self.frequency)):
+      first, positions = self.cache.place_hot(index, layer, cluster)
+      reqs = self.store.requests(positions, o.coalesce)
+      reqs = [(off, n, dst + first * rec) for off, n, dst in reqs]
+      for f in self.reader.read(self.store.file(layer), self.pool, reqs):
+        f.result()
+    self.reader.bytes = self.reader.requests = 0
+    self.cache.counters = type(self.cache.counters)()
+
+    self._build_functions()
+    self._phase = "prefill"
+    self._shapes: set[tuple] = set()
+    self._counters = dict(decode_tokens=0, decode_bytes=0, decode_requests=0, prefill_bytes=0,
+                          predicted=0, read_neurons=0, new_shapes_per_token=[])
+    self._fired: list[Any] = []
+    self._staging_users: list[list[Any]] = [[], []]  # computations reading each half
+
+  def _build_functions(self):
+    c, mats, d = self.config, self.mats, self.config.hidden_size
+    stride = self.store.row_stride // np.dtype(self.model.dtype).itemsize
+    act = layers.activation(c.hidden_act)
+
+    def partial(buf, idx, valid, pos, h, small):
+      w = jnp.take(buf, idx, axis=0)  # [n, record elements]
+      rows = {m: w[:, i * stride:i * stride + d] for i, m in enumerate(mats)}  # [n, D]
+
+      def proj(m):
+        y = jnp.einsum("BTD,nD->BTn", h, rows[m])
+        b = small.get(m + "_bias")
+        return y if b is None else y + jnp.take(b, pos)
+
+      if c.arch == "opt":
+        a = act(proj("up"))
+      else:
+        u = proj("up")
+        if c.hidden_act == "drelu":
+          u = jax.nn.relu(u)
+        a = act(proj("gate")) * u
+      a = jnp.where(valid, a, 0)  # padding slots contribute exact zeros
+      fired = jnp.sum(jnp.any(a.reshape(-1, a.shape[-1]) != 0, axis=0))
+      return jnp.einsum("BTn,nD->BTD", a, rows["down"]), fired
+
+    self._partial = jax.jit(partial)
+    self._norm = jax.jit(lambda w, x: modules._norm(c, w)(x))
+    self._add = jax.jit(lambda a, b: a + b)
+
+    def finish(x, acc, small):
+      b = small.get("down_bias")
+      return x + (acc if b is None else acc + b)
+
+    self._finish = jax.jit(finish)
+
+  # -- the engine's hooks -------------------------------------------------------
+
+  def globals(self):
+    return {"embed": self._fixed["embed"], "head": self._fixed.get("head", {})}
+
+  def fetch(self, layer, half):
+    return self._fixed[f"layers/{layer}/{half}"]
+
+  def begin(self, phase, num_tokens):
+    self._phase = phase if num_tokens == 1 else "prefill"
+    self._step_shapes = 0
+
+  def end(self):
+    if self._phase == "decode":
+      self._counters["decode_tokens"] += 1
+      self._counters["new_shapes_per_token"].append(self._step_shapes)
+
+  def _compute(self, kind, buf, idx, pos, h, small):
+    n = len(idx)
+    size = _bucket(n, self.options.min_bucket)
+    key = (kind, size, h.shape)
+    if key not in self._shapes:
+      self._shapes.add(key)
+      self._step_shapes += 1
+    valid = np.arange(size) < n
+    return self._partial(buf, _pad(idx, size), valid, _pad(pos, size), h, small)
+
+  def run_ffn(self, layer, params, x, ffn):
+    h = self._norm(params, x)
+    if self._phase == "decode":
+      parts = self._decode(layer, params, x, h)
+    else:
+      parts = self._prefill(layer, params, h)
+    acc = parts[0]
+    for p in parts[1:]:
+      acc = self._add(acc, p)
+    return self._finish(x, acc, params)
+
+  def _prefill(self, layer, params, h):
+    """Dense: stream the layer's records in chunks, double-buffered in staging."""
+    f = self.config.intermediate_size
+    half = max(1, self.staging_cap // 2)
+    chunks = [(s, min(half, f - s)) for s in range(0, f, half)]
+    path = self.store.file(layer)
+    rec = self.store.record_nbytes
+
+    def submit(k):
+      s, n = chunks[k]
+      base = (k % 2) * half
+      # Aliasing rule (hetflow/memory/buffers.py): every computation still
+      # reading this half (this layer's or the previous layer's) must finish
+      # before the half is refilled.
+      jax.block_until_ready(self._staging_users[k % 2])
+      self._staging_users[k % 2] = []
+      reqs = self.store.requests(np.arange(s, s + n), True, max_run=1 << 20)
+      reqs = [(off, nb, dst + base * rec) for off, nb, dst in reqs]
+      self._counters["prefill_bytes"] += sum(r[1] for r in reqs)
+      return self.reader.read(path, self.staging, reqs, parallel=True)
+
+    outs, pending = [], submit(0)
+    for k, (s, n) in enumerate(chunks):
+      for fut in pending:
+        fut.result()
+      if k + 1 < len(chunks):
+        pending = submit(k + 1)
+      base = (k % 2) * half
+      out, _ = self._compute("prefill", self.staging_jax, np.arange(base, base + n),
+                             np.arange(s, s + n), h, params)
+      outs.append(out)
+      self._staging_users[k % 2].append(out)
+    return outs
+
+  def _decode(self, layer, params, x, h):
+    o, c = self.options, self.config
+    mask = self.predictor.predict(layer, x, h)  # waits for x: the one sync per layer
+    active = np.nonzero(np.asarray(mask).reshape(-1, c.intermediate_size).any(0))[0]
+    self._counters["predicted"] += len(active)
+    if self.num_slots:
+      hit_pos, hit_slots, missing = self.cache.lookup(layer, active)
+    else:
+      hit_pos, hit_slots, missing = active[:0], active[:0], active
+    outs = []
+    path, rec = self.store.file(layer), self.store.record_nbytes
+
+    def cached_part():
+      if len(hit_slots):
+        outs.append(self._compute("cache", self.pool_jax, hit_slots, hit_pos, h, params)[0])
+
+    if o.pipeline:  # computes while the first reads land
+      cached_part()
+    for r0 in range(0, len(missing), self.staging_cap):
+      rnd = missing[r0:r0 + self.staging_cap]
+      # Staging is refilled: computations reading it must be done.
+      jax.block_until_ready(self._staging_users + [outs])
+      self._staging_users = [[], []]
+      pieces = np.array_split(np.arange(len(rnd)), o.pieces if o.pipeline else 1)
+      pieces = [p for p in pieces if len(p)]
+      pending = []
+      for p in pieces:
+        reqs = self.store.requests(rnd[p], o.coalesce)
+        reqs = [(off, nb, dst + int(p[0]) * rec) for off, nb, dst in reqs]
+        self._counters["decode_bytes"] += sum(q[1] for q in reqs)
+        self._counters["decode_requests"] += len(reqs)
+        pending.append(self.reader.read(path, self.staging, reqs, parallel=o.pipeline))
+      for p, futs in zip(pieces, pending):
+        for fut in futs:
+          fut.result()
+        out, fired = self._compute("staging", self.staging_jax, p, rnd[p], h, params)
+        outs.append(out)
+        self._staging_users[0].append(out)
+        self._fired.append(fired)  # neurons read that really fired: the useful bytes
+      self._counters["read_neurons"] += len(rnd)
+      if self.num_slots:
+        self.cache.protect(len(hit_slots))
+        slots = self.cache.admit(layer, rnd)
+        ok = slots >= 0
+        self.pool.reshape(-1, rec)[slots[ok]] = self.staging.reshape(-1, rec)[np.nonzero(ok)[0]]
+    if not o.pipeline:
+      cached_part()
+    if not outs:  # nothing predicted active: an exact zero FFN output
+      outs.append(self._compute("cache", self.pool_jax, active[:0], active[:0], h, params)[0])
+    return outs
+
+  # -- reporting ----------------------------------------------------------------
+
+  def stats(self) -> dict[str, Any]:
+    k = dict(self._counters)
+    n = max(k["decode_tokens"], 1)
+    fired = int(sum(int(f) for f in self._fired))
+    neuron = self.store.neuron_nbytes
+    per_token = k["decode_bytes"] / n
+    useful = fired * neuron / n
+    f_total = self.config.num_layers * self.config.intermediate_size
+    return {
+        "decode_tokens": k["decode_tokens"],
+        "disk_bytes_per_token": per_token,
+        "ideal_bytes_per_token": useful,
+        "read_amplification": per_token / useful if useful else float("nan"),
+        "requests_per_token": k["decode_requests"] / n,
+        "predicted_density": k["predicted"] / n / f_total,
+        "prefill_disk_bytes": k["prefill_bytes"],
+        "cache_slots": self.num_slots,
+        "cache_fraction": self.num_slots / f_total,
+        "cache": dataclasses.asdict(self.cache.counters),
+        "compiled_shapes": len(self._shapes),
+        "new_shapes_per_token": list(k["new_shapes_per_token"]),
+        "direct_io": self.reader.direct,
+    }
+
+  def close(self):
+    reader = getattr(self, "reader", None)
+    if reader is not None:
+      reader.close()
+    if getattr(self, "_tmpdir", None):
+      shutil.rmtree(self._tmpdir, ignore_errors=True)
+      self._tmpdir = None
