@@ -260,7 +260,6 @@ class TensorSplit(Strategy):
                    for m in costmodel.group_matrices(model, g)
                    if not placement.groups[g].details["matrices"][m.name]["resident"]]
     self._unit_of = {u: i for i, u in enumerate(self._units)}
-    self._stagers: dict[str, _Stager] = {}
     self._phase = "prefill"
     self._issued: dict[int, tuple[str, list]] = {}  # unit -> (phase, device blocks)
     self._recent: collections.deque = collections.deque(maxlen=2)  # device outputs
@@ -312,14 +311,7 @@ class TensorSplit(Strategy):
     return f"layers/{layer}/{half}"
 
   def _stager(self, kind: str) -> _Stager:
-    if kind not in self._stagers:
-      c = self._config
-      if kind == "attn":
-        fn = lambda w, args, linear: modules.attention_half(c, w, *args, linear=linear)
-      else:
-        fn = lambda w, args, linear: modules.ffn_half(c, w, *args, linear=linear)
-      self._stagers[kind] = _Stager(fn)
-    return self._stagers[kind]
+    return _stager(self._config, kind)
 
   def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask,
                     attention):
@@ -381,6 +373,16 @@ def _stage_fn(fn, w, args, outs):
     return fn(w, args, linear)
   except _Cut as cut:
     return cut.y
+
+
+@functools.lru_cache(maxsize=32)
+def _stager(config, kind: str) -> "_Stager":
+  """The staged form of a half, shared by every engine on the same config."""
+  if kind == "attn":
+    fn = lambda w, args, linear: modules.attention_half(config, w, *args, linear=linear)
+  else:
+    fn = lambda w, args, linear: modules.ffn_half(config, w, *args, linear=linear)
+  return _Stager(fn)
 
 
 class _Stager:
@@ -594,7 +596,7 @@ def _concat_experts(blocks):
 @functools.partial(jax.jit, static_argnums=0)
 def _moe_pre(config, w, x):
   h = modules._norm(config, w)(x)
-  return h, modules.route(config, w["router"], h).astype(h.dtype)
+  return h, modules.combine_weights(config, w["router"], h).astype(h.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)
