@@ -162,12 +162,7 @@ def dense_ffn(config: ModelConfig, w: dict[str, Any], h, linear=named_linear):
 
 
 class MoEFFNHalf(nn.Module):
-  """Mixtral: norm + top-k routed mixture of gated-FFN experts + residual.
-
-  Computes every expert and weights the unselected ones by zero: exact, and
-  simple, at the cost of X/k times the FLOPs (fine for tests and prefill of
-  small models; strategies that care stream only the selected experts).
-  """
+  """Mixtral: norm + top-k routed mixture of gated-FFN experts + residual."""
 
   config: ModelConfig
   dtype: Any = jnp.float32
@@ -187,25 +182,43 @@ class MoEFFNHalf(nn.Module):
 def route(config: ModelConfig, router, h):
   """Top-k routing as HF Mixtral: softmax in f32, top-k, renormalise.
 
-  Returns combine weights [B, T, X] (zero for experts not selected).
+  Returns (weights [B, T, k] f32, expert indices [B, T, k]).
   """
   logits = layers.linear(h, router).astype(jnp.float32)  # [B, T, X]
   probs = jax.nn.softmax(logits, axis=-1)
   top_vals, top_idx = jax.lax.top_k(probs, config.experts_per_token)
-  top_vals = top_vals / jnp.sum(top_vals, axis=-1, keepdims=True)
-  one_hot = jax.nn.one_hot(top_idx, config.num_experts, dtype=jnp.float32)
-  return jnp.einsum("BTk,BTkX->BTX", top_vals, one_hot)
+  return top_vals / jnp.sum(top_vals, axis=-1, keepdims=True), top_idx
+
+
+def combine_weights(config: ModelConfig, router, h):
+  """Routing as dense combine weights [B, T, X] f32 (zero for unselected experts)."""
+  weights, idx = route(config, router, h)
+  one_hot = jax.nn.one_hot(idx, config.num_experts, dtype=jnp.float32)
+  return jnp.einsum("BTk,BTkX->BTX", weights, one_hot)
 
 
 def moe_ffn(config: ModelConfig, w: dict[str, Any], h, linear=None):
   """The mixture of MoEFFNHalf on normalised input h [B, T, D].
 
-  Expert kernels are 3-D, so `linear` does not apply; it is accepted for a
-  uniform signature with dense_ffn.
+  Few tokens (decode): gather the selected experts' kernels, so a step reads
+  k experts' bytes instead of all X. Many tokens (prefill): compute every
+  expert and weight the unselected ones by zero, which is cheaper than a
+  gather per token once most experts are hit anyway. Expert kernels are 3-D,
+  so `linear` does not apply; it is accepted for a uniform signature.
   """
   del linear
-  combine = route(config, w["router"], h).astype(h.dtype)  # [B, T, X]
+  weights, idx = route(config, w["router"], h)
   act = layers.activation(config.hidden_act)
+  b, t, k = idx.shape
+  if b * t * k < config.num_experts:
+    gate, up, down = (jnp.take(w[n], idx, axis=0) for n in ("gate", "up", "down"))
+    g = act(jnp.einsum("BTD,BTkDF->BTkF", h, gate))
+    u = jnp.einsum("BTD,BTkDF->BTkF", h, up)
+    if config.hidden_act == "drelu":
+      u = jax.nn.relu(u)
+    out = jnp.einsum("BTkF,BTkFD->BTkD", g * u, down)
+    return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(h.dtype))
+  combine = combine_weights(config, w["router"], h).astype(h.dtype)  # [B, T, X]
   g = act(jnp.einsum("BTD,XDF->BTXF", h, w["gate"]))
   u = jnp.einsum("BTD,XDF->BTXF", h, w["up"])
   if config.hidden_act == "drelu":
