@@ -192,8 +192,11 @@ def route(config: ModelConfig, router, h):
 
 def combine_weights(config: ModelConfig, router, h):
   """Routing as dense combine weights [B, T, X] f32 (zero for unselected experts)."""
-  weights, idx = route(config, router, h)
-  one_hot = jax.nn.one_hot(idx, config.num_experts, dtype=jnp.float32)
+  return _dense_combine(config, *route(config, router, h))
+
+
+def _dense_combine(config: ModelConfig, weights, idx):
+  one_hot = jax.nn.one_hot(idx, config.num_experts, dtype=jnp.float32)  # [B, T, k, X]
   return jnp.einsum("BTk,BTkX->BTX", weights, one_hot)
 
 
@@ -218,7 +221,7 @@ def moe_ffn(config: ModelConfig, w: dict[str, Any], h, linear=None):
       u = jax.nn.relu(u)
     out = jnp.einsum("BTkF,BTkFD->BTkD", g * u, down)
     return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(h.dtype))
-  combine = combine_weights(config, w["router"], h).astype(h.dtype)  # [B, T, X]
+  combine = _dense_combine(config, weights, idx).astype(h.dtype)  # [B, T, X]
   g = act(jnp.einsum("BTD,XDF->BTXF", h, w["gate"]))
   u = jnp.einsum("BTD,XDF->BTXF", h, w["up"])
   if config.hidden_act == "drelu":
