@@ -1,0 +1,88 @@
+"""Invariance, ledger and compilation tests of the neuron_cluster strategy (tiny models)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import hetflow
+from hetflow.engine import Engine
+from hetflow.memory import Budget, BudgetExceeded
+from hetflow.sparsity import predictor, stats
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module", params=("llama-tiny-sparse", "opt-tiny-sparse"))
+def reference(request):
+  model = hetflow.synthetic_model(request.param, sparsity=0.9, hotness="zipf:1.1", seed=0)
+  ids = np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 10))
+  engine = Engine(model, "resident")
+  out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  return model, ids, out.tokens, engine.forward(ids)
+
+
+@pytest.mark.parametrize("options", [
+    dict(cache_bytes=0),
+    dict(cache_bytes="64KiB", cluster_size=8),
+    dict(cache_bytes=None),
+    dict(cache_bytes="64KiB", pipeline=False, layout="split"),
+], ids=["no-cache", "small-cache", "full-cache", "split-serial"])
+def test_oracle_matches_resident_exactly(reference, options):
+  model, ids, tokens, logits = reference
+  with Engine(model, "neuron_cluster", options=options) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+    s = out.stats["strategy"]
+    assert s["decode_tokens"] == NEW_TOKENS - 1
+    if options["cache_bytes"] is None:
+      assert s["disk_bytes_per_token"] == 0 or s["cache"]["misses"] < s["cache"]["hot_hits"]
+
+
+def test_ledger_peak_stays_within_budget(reference):
+  model, ids, tokens, _ = reference
+  budget = Budget(device=int(0.6 * model.nbytes) + (2 << 20))
+  with Engine(model, "neuron_cluster", budget=budget,
+              options=dict(staging_bytes="128KiB")) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    assert engine.ledger.peak("device") <= budget.device
+    assert out.stats["strategy"]["cache_slots"] > 0
+  with pytest.raises(BudgetExceeded) as err:
+    Engine(model, "neuron_cluster", budget=Budget(device=model.nbytes // 10))
+  assert err.value.minimum > model.nbytes // 10
+
+
+def test_decode_compiles_a_few_shapes_then_stops(reference):
+  model, ids, _, _ = reference
+  with Engine(model, "neuron_cluster", options=dict(cache_bytes=0)) as engine:
+    first = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    second = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    assert second.stats["recompilations"] == 0
+    s = second.stats["strategy"]
+    f = model.config.intermediate_size
+    assert s["compiled_shapes"] <= 2 * (int(np.log2(f)) + 2)
+    assert sum(s["new_shapes_per_token"][NEW_TOKENS - 1:]) == 0  # none in the second run
+    assert first.stats["recompilations"] > 0
+
+
+def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
+  model, ids, tokens, _ = reference
+  calib = stats.calibration_ids(model.config, 1024, seed=3)
+  s, samples = stats.record_activations(model, calib, samples=True)
+  options = predictor.TrainOptions(ranks=(32,), steps=300, target_recall=0.99)
+  p = predictor.train_predictors(samples, options, progress=None)
+  path = os.path.join(tmp_path, "pred")
+  p.save(path)
+  s.save(os.path.join(tmp_path, "stats.npz"))
+  recall = [r.recall for r in p.reports]
+  with Engine(model, "neuron_cluster", options=dict(
+      predictor="trained", predictor_path=path,
+      stats_path=os.path.join(tmp_path, "stats.npz"), cache_bytes="32KiB")) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  agreement = float((out.tokens == tokens).mean())
+  print(f"{model.config.name}: per-layer recall {np.round(recall, 3)},"
+        f" token agreement with dense {agreement:.2f}")
+  assert min(recall) > 0.95
+  assert 0.0 <= agreement <= 1.0 and out.stats["strategy"]["predicted_density"] < 0.6

@@ -1,0 +1,141 @@
+"""Tests for hetflow.sparsity and the synthetic sparse models (tiny shapes only)."""
+
+import os
+
+import numpy as np
+import pytest
+
+import hetflow
+from hetflow.checkpoints import sparse
+from hetflow.memory import aligned_empty
+from hetflow.sparsity import bundles, predictor, stats
+from hetflow.sparsity.cache import SegmentedCache
+
+NAMES = ("llama-tiny-sparse", "opt-tiny-sparse")
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def recorded(request):
+  model = hetflow.synthetic_model(request.param, sparsity=0.9, hotness="zipf:1.1", seed=0)
+  ids = stats.calibration_ids(model.config, 1024, seed=3)
+  s, samples = stats.record_activations(model, ids, samples=True)
+  return model, s, samples
+
+
+def test_zipf_frequencies_mean_and_order():
+  p = sparse.zipf_frequencies(1000, 0.1, 1.1, 0.95)
+  assert abs(p.mean() - 0.1) < 1e-6
+  assert np.all(np.diff(p) <= 0) and p.max() <= 0.95
+  assert np.allclose(sparse.zipf_frequencies(10, 0.3, 0.0, 0.95), 0.3)
+
+
+def test_sparse_names_and_errors():
+  assert hetflow.synthetic_model("llama-tiny-sparse").config.hidden_act == "drelu"
+  assert hetflow.synthetic_model("opt-tiny-sparse").config.hidden_act == "relu"
+  with pytest.raises(ValueError):
+    hetflow.synthetic_model("mixtral-tiny-sparse")
+  with pytest.raises(ValueError):
+    hetflow.synthetic_model("llama-tiny-sparse", hotness="pareto")
+  with pytest.raises(TypeError):
+    hetflow.synthetic_model("llama-tiny", sparsity=0.5)
+
+
+def test_measured_sparsity_and_hotness_follow_the_target(recorded):
+  model, s, samples = recorded
+  # Held-out prompts (not the calibration ones): sparsity near the target,
+  # per-neuron frequency following the law, and the zeros are exact.
+  assert np.all(np.abs(s.density - 0.1) < 0.05), s.density
+  for layer in range(model.config.num_layers):
+    target = model.source.target_frequencies(layer)
+    assert np.corrcoef(s.frequency[layer], target)[0, 1] > 0.6
+  top = np.sort(s.frequency[0])[::-1]
+  assert top[:19].sum() > top[-96:].sum()  # skewed: top 10% fire more than bottom half
+
+
+def test_silu_models_are_refused_without_threshold():
+  model = hetflow.synthetic_model("llama-tiny")
+  with pytest.raises(ValueError, match="no exact zeros"):
+    stats.check_sparse(model.config)
+  assert stats.check_sparse(model.config, 0.01) == 0.01
+
+
+def test_stats_save_load(tmp_path, recorded):
+  _, s, _ = recorded
+  path = os.path.join(tmp_path, "stats.npz")
+  s.save(path)
+  t = stats.ActivationStats.load(path)
+  assert t.tokens == s.tokens and np.array_equal(t.counts, s.counts)
+  assert np.array_equal(t.hot_order(), s.hot_order())
+
+
+def test_coactivation_counts():
+  model = hetflow.synthetic_model("opt-tiny-sparse")
+  ids = stats.calibration_ids(model.config, 128)
+  s, _ = stats.record_activations(model, ids, coactivation=True)
+  co = s.coactivation[0]
+  assert np.array_equal(np.diag(co), s.counts[0]) and np.array_equal(co, co.T)
+
+
+def test_predictor_trains_reports_and_round_trips(tmp_path, recorded):
+  model, _, samples = recorded
+  options = predictor.TrainOptions(ranks=(16, 32), steps=300, target_recall=0.95)
+  p = predictor.train_predictors(samples, options, progress=None)
+  assert len(p.reports) == model.config.num_layers
+  for r in p.reports:
+    assert r.recall >= 0.9  # held-out recall near the target
+    assert r.predicted_density < 0.6  # and far from predicting everything
+  p.save(os.path.join(tmp_path, "pred"))
+  q = predictor.LowRankPredictor.load(os.path.join(tmp_path, "pred"))
+  p.place(None)
+  q.place(None)
+  x = samples.inputs[1][:8][None]
+  assert np.array_equal(np.asarray(p.predict(1, x)), np.asarray(q.predict(1, x)))
+
+
+def test_bundle_store_layouts(tmp_path):
+  model = hetflow.synthetic_model("llama-tiny-sparse")
+  f, d = model.config.intermediate_size, model.config.hidden_size
+  order = np.stack([np.random.default_rng(i).permutation(f) for i in range(3)])
+  reader = bundles.BatchReader(4)
+  gate, up, down = (model.tensor(f"layers/1/mlp/{m}") for m in ("gate", "up", "down"))
+  for layout in ("bundled", "split"):
+    store = bundles.write_store(os.path.join(tmp_path, layout), model, order, layout)
+    assert store.record_nbytes % 4096 == 0 and store.neuron_nbytes == 3 * d * 4
+    positions = np.array([0, 1, 2, 7, 9, 10])
+    reqs = store.requests(positions)
+    if layout == "bundled":
+      assert len(reqs) == 3  # runs 0-2, 7, 9-10 coalesce
+    else:
+      assert len(reqs) == 3 * len(positions)
+    buf = aligned_empty(len(positions) * store.record_nbytes)
+    for fut in reader.read(store.file(1), buf, reqs):
+      fut.result()
+    rec = buf.view(np.float32).reshape(len(positions), -1)
+    stride = store.row_stride // 4
+    for j, p in enumerate(positions):
+      n = order[1, p]
+      np.testing.assert_array_equal(rec[j, :d], gate[:, n])
+      np.testing.assert_array_equal(rec[j, stride:stride + d], up[:, n])
+      np.testing.assert_array_equal(rec[j, 2 * stride:2 * stride + d], down[n])
+  reader.close()
+  assert bundles.runs(np.array([3, 4, 5, 8]), max_run=2) == [(3, 2), (5, 1), (8, 1)]
+
+
+def test_segmented_cache_regions():
+  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=12, hot_slots=8, cluster_size=4)
+  freq = np.zeros((2, 64))
+  freq[1, 4:8] = 1.0
+  freq[0, 0:4] = 0.9
+  hot = cache.choose_hot(freq)
+  assert hot == [(1, 1), (0, 0)]
+  for i, (layer, cl) in enumerate(hot):
+    cache.place_hot(i, layer, cl)
+  pos, slots, missing = cache.lookup(1, np.array([5, 6, 40]))
+  assert list(pos) == [5, 6] and all(slots < 8) and list(missing) == [40]
+  got = cache.admit(1, np.array([40, 41, 42, 43, 44]))
+  assert (got >= 8).sum() == 4 and got[-1] == -1  # cold region holds 4
+  cache.protect(0)
+  cache.lookup(1, np.array([41]))  # 41 becomes most recently used
+  got = cache.admit(0, np.array([50]))
+  assert got[0] >= 8 and cache.slot_of[1, 40] == -1 and cache.slot_of[1, 41] >= 0
+  assert cache.counters.evicted == 1
