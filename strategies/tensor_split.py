@@ -152,6 +152,20 @@ class TensorSplit(Strategy):
              + sum(costmodel.small_nbytes(model, g) for g in layer_groups))
     minimum = fixed + o.reserve_bytes + staging(set())
     limit = budget.device
+    if (limit is not None and minimum > limit and o.alpha is None
+        and alpha["prefill"] > alpha["decode"]):
+      # Staging is sized by the larger (prefill) alpha; when that does not fit,
+      # prefill settles for what the staging room allows, down to decode's alpha.
+      formula = alpha["prefill"]
+      largest = max(m.nbytes for v in mats.values() for m in v)
+      room = (limit - fixed - o.reserve_bytes) / (2 * largest)
+      alpha["prefill"] = min(formula, max(alpha["decode"], room - 1e-3))
+      minimum = fixed + o.reserve_bytes + staging(set())
+      if minimum > limit:
+        alpha["prefill"] = alpha["decode"]
+        minimum = fixed + o.reserve_bytes + staging(set())
+      notes.append(f"prefill alpha capped at {alpha['prefill']:.3f} (formula: {formula:.3f})"
+                   " so that staging fits the device budget")
     if limit is not None and minimum > limit:
       raise BudgetExceeded("device", minimum, 0, limit,
                            group="tensor_split: embed, head, norms, reserve and two kernels"

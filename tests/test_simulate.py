@@ -111,3 +111,26 @@ def test_tensor_split_beats_streaming_the_link():
   lw = simulate.predict(model, lw_plan, A10)
   assert lw.bottleneck == "link"
   assert 2.0 < lw.decode_s_per_token / ts.decode_s_per_token < 4.0
+
+
+def test_hetegen_fig8_config_predicts_near_the_paper():
+  """configs/hetegen/fig8.py (smoke: OPT-6.7B): shapes only, a few seconds."""
+  import importlib.util
+  import os
+
+  from hetflow import reproduce
+  from hetflow.config import apply_smoke
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(
+      "fig8", os.path.join(root, "configs/hetegen/fig8.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = apply_smoke(module.get_config())
+  rows = reproduce.predict_points(config)
+  text = reproduce.format_table(config, rows)
+  assert "PREDICTED" in text
+  point = next(r for r in rows if r["series"].startswith("tensor_split") and r["gb"] == 0.8)
+  assert 0.7 < point["predicted"] / point["paper"] < 1.3
+  flex = next(r for r in rows if r["series"].startswith("layerwise") and r["gb"] == 1.0)
+  assert point["predicted"] / flex["predicted"] > 2.0

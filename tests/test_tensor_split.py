@@ -117,7 +117,7 @@ def test_plan_respects_budget_and_states_minimum():
 def test_scheduler_keeps_small_matrices_first():
   """Per device byte, small kernels save the most (their split overhead is fixed)."""
   model = hetflow.synthetic_model("llama-tiny")
-  strategy = get_strategy("tensor_split")(dict(predict=False))
+  strategy = get_strategy("tensor_split")(dict(predict=False, alpha=0.3))
   profile = hardware.PROFILES["a10-pcie"]
   with pytest.raises(BudgetExceeded) as err:
     strategy.plan(model, hetflow.Budget(device=1), profile)
