@@ -129,8 +129,14 @@ class NeuronCluster(Strategy):
       if not o.predictor_path:
         raise ValueError("predictor='trained' needs predictor_path (experiments.train_predictor).")
       import json
-      with open(os.path.join(o.predictor_path, "predictor.json")) as f:
-        predictor = int(json.load(f)["nbytes"])
+      meta = os.path.join(o.predictor_path, "predictor.json")
+      if os.path.exists(meta):
+        with open(meta) as f:
+          predictor = int(json.load(f)["nbytes"])
+      else:  # not trained yet (e.g. planning a config): rank D/16 as an estimate
+        r = c.hidden_size // 16
+        predictor = c.num_layers * (c.hidden_size * (r + 2) + r * (c.intermediate_size + 1)
+                                    + c.intermediate_size) * 4
     staging = min(parse_bytes(o.staging_bytes) // record, c.intermediate_size)
     staging = max(staging, 2) * record
     kv = (parse_bytes(o.kv_reserve_bytes) if o.kv_reserve_bytes is not None else
@@ -458,6 +464,9 @@ class NeuronCluster(Strategy):
         "compiled_shapes": len(self._shapes),
         "new_shapes_per_token": list(k["new_shapes_per_token"]),
         "direct_io": self.reader.direct,
+        # Cumulative, for the benchmark harness (it takes differences).
+        "decode": {"disk_bytes": k["decode_bytes"], "useful_bytes": fired * neuron,
+                   "requests": k["decode_requests"]},
     }
 
   def close(self):
