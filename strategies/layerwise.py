@@ -432,7 +432,12 @@ class Layerwise(Strategy):
         if not lay.aliases:
           self._allocations.append(ledger.allocate("host", lay.slot, "layerwise/staging"))
         self._allocations.append(ledger.allocate("device", lay.slot, "layerwise/ring"))
-        self._slots.append(aligned_empty(lay.slot))
+        buf = aligned_empty(lay.slot)
+        # Fault the pages in now: O_DIRECT into never-touched memory ran at
+        # ~0.4 GB/s here (vs ~1.4 into touched pages; first touch costs ~0.8
+        # GB/s on this VM), which would otherwise slow the first pass (TTFT).
+        buf.fill(0)
+        self._slots.append(buf)
       else:
         self._allocations.append(ledger.allocate("device", lay.slot, "layerwise/ring"))
         self._slots.append(None)
