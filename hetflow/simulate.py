@@ -405,7 +405,10 @@ def tensor_split_events(ctx: PassContext) -> None:
   """
   pl, prof, c = ctx.placement, ctx.profile, ctx.model.config
   itemsize = ctx.dtype.itemsize
-  link = prof.link_bw(True)
+  # link_copy False: host and device are one CPU device; copies are no-ops.
+  # (Only meaningful when the profile is of such a machine.)
+  no_copy = costmodel.shares_cpu(prof) and not _setting(pl, "link_copy", True)
+  link = float("inf") if no_copy else prof.link_bw(True)
   groups = _layer_groups(ctx.model)
   mats = {g: costmodel.group_matrices(ctx.model, g) for g in groups}
   info = {g: pl.groups[g].details.get("matrices", {}) for g in groups}

@@ -236,7 +236,11 @@ class TensorSplit(Strategy):
         "host groups: nbytes = host part; their device part (norms, biases, resident"
         " kernels) is in working_bytes['device']",
     ]
-    placement = Placement(self.name, groups, working, {"alpha": alpha}, tuple(notes))
+    # One CPU device and no accelerator: both sides are one device, so the
+    # "transfers" are no-ops (the simulator must not charge a link for them).
+    link_copy = not (jax.devices()[0].platform == "cpu" and len(jax.devices("cpu")) == 1)
+    placement = Placement(self.name, groups, working,
+                          {"alpha": alpha, "link_copy": link_copy}, tuple(notes))
     if o.predict:
       from hetflow import simulate
       pred = simulate.predict(model, placement, profile, o.batch, o.prompt_len)
