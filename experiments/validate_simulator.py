@@ -38,7 +38,7 @@ def main(argv):
   engine = hetflow.Engine(model, _STRATEGY.value, budget=budget, options=options or None,
                           profile=profile)
   ids = np.random.default_rng(0).integers(3, 1000, (1, _PROMPT.value)).astype(np.int32)
-  engine.generate(ids, max_new_tokens=3, stop_tokens=())  # compile
+  engine.generate(ids, max_new_tokens=_NEW.value, stop_tokens=())  # compile, same shapes
   out = engine.generate(ids, max_new_tokens=_NEW.value, stop_tokens=())
   pred = simulate.predict(model, engine.placement, profile, 1, _PROMPT.value, _NEW.value)
   measured_decode = 1.0 / out.stats["decode_tokens_per_s"]

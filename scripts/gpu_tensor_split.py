@@ -94,7 +94,7 @@ def run_strategy(model, name, options, device_bytes, profile, prompt_len, new_to
     engine = hetflow.Engine(model, name, budget=hetflow.Budget(device=device_bytes),
                             options=options, profile=profile)
     ids = np.random.default_rng(0).integers(3, 1000, (1, prompt_len)).astype(np.int32)
-    engine.generate(ids, max_new_tokens=2, stop_tokens=())  # compile
+    engine.generate(ids, max_new_tokens=new_tokens, stop_tokens=())  # compile, same shapes
     out = engine.generate(ids, max_new_tokens=new_tokens, stop_tokens=())
     s = out.stats
     total = s["prefill_s"] + s["decode_s"]
