@@ -22,6 +22,7 @@ def get_config(arg=None):
   c.store_dir = ""  # "": the model's default store, converted on first use
   c.prompt_tokens = 8
   c.new_tokens = 4
+  c.repeats = 1  # measured runs per system; the fastest decode is kept, all are reported
   c.warmup = True  # an identical run first, so the measured one has no compilation
   c.memory_limit = ""  # e.g. "3GiB": lock the rest of RAM for the whole run
   c.drop_caches = True
