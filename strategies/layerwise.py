@@ -87,8 +87,8 @@ class LayerwiseOptions:
   store_dir: str | None = None
   convert: bool = True
   direct_io: bool = True
-  reader_threads: int = 4
-  read_chunk: int = 4 << 20
+  reader_threads: int = 8
+  read_chunk: int = 1 << 20
 
   def __post_init__(self):
     if self.offload_tier not in ("host", "disk"):
@@ -289,10 +289,17 @@ class Layerwise(Strategy):
     return need
 
   def minimum_budget(self, model: Model) -> dict[str, int]:
-    """Smallest bytes per tier these options can run in (pure; "auto" counts as 0 resident)."""
+    """Smallest bytes per tier these options can run in (pure).
+
+    For "auto", the resident count that needs the least device memory (usually
+    0; all layers when a ring slot would cost more than the layers it streams).
+    """
     n = model.config.num_layers
-    r = 0 if self.options.resident_layers == "auto" else self.options.resident_layers
-    return self._needs(self._layout(model), spread(n, min(r, n)), n)
+    lay = self._layout(model)
+    if self.options.resident_layers != "auto":
+      return self._needs(lay, spread(n, min(self.options.resident_layers, n)), n)
+    return min((self._needs(lay, spread(n, r), n) for r in range(n + 1)),
+               key=lambda need: need["device"])
 
   def plan(self, model: Model, budget, profile=None) -> Placement:
     o = self.options
@@ -332,15 +339,10 @@ class Layerwise(Strategy):
           groups[f"layers/{i}/{h}"] = GroupPlacement(
               o.offload_tier, nbytes, f"streamed, prefetch depth {o.prefetch_depth}")
     groups["head"] = GroupPlacement("device", model.group_nbytes("head"), "always resident")
-    working = {"device": slots * lay.slot, "host": 0}
-    if o.offload_tier == "disk" and not lay.aliases:
-      working["host"] += slots * lay.slot
+    # Working bytes: the ring (and staging buffers) and the KV reserve.
+    placed = {t: sum(g.nbytes for g in groups.values() if g.tier == t) for t in need}
+    working = {t: need[t] - placed[t] for t in ("device", "host")}
     kv_total = lay.kv_layer * n
-    if o.kv_cache_tier == "device":
-      working["device"] += kv_total
-    else:
-      working["host"] += kv_total
-      working["device"] += lay.kv_layer
     streamed_bytes = sum(lay.layer[i] for i in streamed)
     notes = [
         f"resident layers: {resident if len(resident) < 12 else f'{len(resident)} of {n}'};"

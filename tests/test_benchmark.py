@@ -82,3 +82,37 @@ def test_bench_configs_build(path):
         from hetflow.strategy import get_strategy
         strategy = get_strategy(s.strategy)(s.options or None)
         strategy.plan(model, config_lib.build_budget(s.budget or c.budget))  # fits the budget
+
+
+def test_memory_limit_is_held_for_the_whole_run(tmp_path, monkeypatch):
+  """The harness enters a MemoryLimit around every system and leaves it afterwards.
+
+  The real limit locks all but N GiB of the machine; here a stand-in locks 32 MiB.
+  """
+  import hetflow.memory
+
+  events = []
+  real = hetflow.memory.MemoryLimit
+
+  class SmallLimit(real):
+    def __init__(self, limit_bytes, **kw):
+      super().__init__(lock_bytes="32MiB", drop_caches=True)
+
+    def __enter__(self):
+      events.append("enter")
+      return super().__enter__()
+
+    def __exit__(self, *exc):
+      events.append("exit")
+      return super().__exit__(*exc)
+
+  monkeypatch.setattr(hetflow.memory, "MemoryLimit", SmallLimit)
+  monkeypatch.setenv("HETFLOW_CACHE", str(tmp_path / "cache"))
+  config = _load(os.path.join(os.path.dirname(__file__), "..", "configs", "bench", "tiny.py"))
+  config.order = "layerwise_disk"
+  config.memory_limit = "3GiB"
+  config.timeline = False
+  results = benchmark.benchmark(config, str(tmp_path / "bench"))
+  assert events == ["enter", "exit"]
+  assert results["memory_limit"]["locked"] == 32 << 20
+  assert results["systems"][0]["ok"]
