@@ -8,10 +8,13 @@ KV cache in a plain loop, so prefill and decode are timed separately:
   weights live in the page cache, and under a memory limit they are evicted and
   read again from disk (through the page cache, never O_DIRECT).
 - "accelerate": `from_pretrained(device_map=..., offload_folder=...)` with the
-  chosen blocks on "disk" and the rest in CPU RAM. Accelerate reads its disk
-  blocks through memory maps too: without a memory limit they are served from
+  chosen blocks on "disk" and the rest in CPU RAM. With a safetensors
+  checkpoint (transformers 5 / accelerate 1.x) nothing is copied into the
+  offload folder: the disk blocks are read from the original safetensors
+  files, through the page cache. Without a memory limit they are served from
   a warm page cache after the first token, which flatters its figure; the
-  table says so in the "page cache" column.
+  table says so in the "page cache" column, and the measured read bytes per
+  token (/proc/self/io) show how much really came from the disk.
 """
 
 from __future__ import annotations
@@ -113,8 +116,7 @@ def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[st
   import torch
   from transformers import AutoModelForCausalLM
 
-  from hetflow.benchmark import peak_rss, touched_bytes
-  from hetflow.memory import drop_page_cache
+  from hetflow.benchmark import drop_cold, peak_rss, touched_bytes
   from strategies.layerwise import spread
 
   hf_dir = spec["hf_dir"]
@@ -136,11 +138,11 @@ def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[st
   load_s = time.perf_counter() - t0
   if spec.get("warmup", True):
     _greedy(torch_model, prompt, spec["new_tokens"])
-    drop_page_cache()  # the measured run starts cold, like hetflow's
+    drop_cold(spec)  # the measured run starts cold, like hetflow's
   runs = []
   for repeat in range(max(1, spec.get("repeats", 1))):
     if repeat:
-      drop_page_cache()
+      drop_cold(spec)
     io0 = _read_bytes()
     runs.append(_greedy(torch_model, prompt, spec["new_tokens"]))
     runs[-1]["proc_read_bytes"] = _read_bytes() - io0
