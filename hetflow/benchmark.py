@@ -191,9 +191,11 @@ def machine_info() -> dict[str, Any]:
           "loadavg": os.getloadavg()}
   try:
     with open("/proc/cpuinfo") as f:
-      info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+      info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name"))
     with open("/proc/meminfo") as f:
-      info["mem_total"] = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemTotal"))
+      info["mem_total"] = next(int(line.split()[1]) * 1024 for line in f
+                               if line.startswith("MemTotal"))
   except (OSError, StopIteration):
     pass
   import jax
@@ -208,7 +210,7 @@ def _proc_read_bytes() -> int:
   """Bytes this process caused to be fetched from storage (page-cache misses and O_DIRECT)."""
   try:
     with open("/proc/self/io") as f:
-      return next(int(l.split()[1]) for l in f if l.startswith("read_bytes"))
+      return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
   except (OSError, StopIteration):
     return -1
 
@@ -221,7 +223,7 @@ def peak_rss() -> int:
   """
   try:
     with open("/proc/self/status") as f:
-      return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
   except (OSError, StopIteration):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

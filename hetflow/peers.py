@@ -78,7 +78,7 @@ def device_map(hf_dir: str, num_layers: int, disk_layers: list[int]) -> dict[str
 def _read_bytes() -> int:
   try:
     with open("/proc/self/io") as f:
-      return next(int(l.split()[1]) for l in f if l.startswith("read_bytes"))
+      return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
   except (OSError, StopIteration):
     return -1
 

@@ -44,7 +44,7 @@ import numpy as np
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up
-from hetflow.memory.reader import ReadError, ReaderPool
+from hetflow.memory.reader import ReaderPool, ReadError
 from hetflow.memory.store import LayerStore
 from hetflow.models.model import Model
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
@@ -429,7 +429,7 @@ class Layerwise(Strategy):
                          for h in HALVES}
     # The ring: allocated once, reused for every token.
     self._slots: list[np.ndarray | None] = []
-    for s in range(self._nslots):
+    for _ in range(self._nslots):
       if o.offload_tier == "disk":
         if not lay.aliases:
           self._allocations.append(ledger.allocate("host", lay.slot, "layerwise/staging"))
