@@ -19,9 +19,12 @@ from hetflow.memory.budget import Budget, BudgetExceeded, format_bytes
 from hetflow.models.model import Model
 from hetflow.strategy import Placement, available_strategies, get_strategy
 
-DEFAULT_PROFILE_PATH = os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hetflow",
-    "hardware_profile.json")
+
+
+def default_profile_path() -> str:
+  """$HETFLOW_CACHE (default ~/.cache/hetflow)/hardware_profile.json."""
+  root = os.environ.get("HETFLOW_CACHE") or os.path.expanduser("~/.cache/hetflow")
+  return os.path.join(root, "hardware_profile.json")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +62,13 @@ def load_profile(profile: Any = None, workdir: str = "/tmp/hetflow-profile") -> 
   measurement of this machine, else a quick measurement (cached for next time)."""
   if profile is not None:
     return get_profile(profile)
-  if os.path.exists(DEFAULT_PROFILE_PATH):
-    return HardwareProfile.from_json(DEFAULT_PROFILE_PATH)
+  path = default_profile_path()
+  if os.path.exists(path):
+    return HardwareProfile.from_json(path)
+  print(f"measuring this machine (once; cached in {path}) ...", flush=True)
   measured = measure(workdir, quick=True)
-  os.makedirs(os.path.dirname(DEFAULT_PROFILE_PATH), exist_ok=True)
-  measured.to_json(DEFAULT_PROFILE_PATH)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  measured.to_json(path)
   return measured
 
 

@@ -5,7 +5,8 @@ Run:
   python -m experiments.plan --config=configs/plan/llama1b.py --config.budget.device=2GiB \
       --config.run=true --workdir=/tmp/plan-llama1b
 Hardware: this machine's HardwareProfile (measured once, cached in
-~/.cache/hetflow/hardware_profile.json); or --config.profile=a10-pcie.
+$HETFLOW_CACHE/hardware_profile.json,
+~/.cache/hetflow by default); or --config.profile=a10-pcie.
 Expect: resident first when the budget holds the model; otherwise the plan that
 keeps the most bytes off the slowest link. With run=true, predicted and measured
 decode tok/s side by side (WORKSPACE_NOTES.md, "Planner").
