@@ -113,6 +113,16 @@ class NeuronCluster(Strategy):
 
   # -- planning ---------------------------------------------------------------
 
+  @classmethod
+  def candidates(cls, model, budget):
+    """For the planner: the exact oracle predictor, and a trained low-rank one
+    (at $HETFLOW_CACHE/predictors/<model name>; until one is trained there,
+    plan() sizes it at rank D/16). plan() refuses dense (SiLU) and MoE models
+    with a ValueError, which the planner reports as "not applicable"."""
+    root = os.environ.get("HETFLOW_CACHE") or os.path.expanduser("~/.cache/hetflow")
+    path = os.path.join(root, "predictors", model.config.name)
+    return [NeuronClusterOptions(), NeuronClusterOptions(predictor="trained", predictor_path=path)]
+
   def _sizes(self, model) -> dict[str, int]:
     c, o = model.config, self.options
     mats = bundles_mod.neuron_matrices(c)
@@ -166,9 +176,14 @@ class NeuronCluster(Strategy):
                              minimum=need + cache)
     slots = cache // s["record"]
     groups = {}
+    # Sizes and settings the simulator's cost model reads (hetflow/sparsity/cost.py).
+    details = dict(dataclasses.asdict(o), record_nbytes=s["record"], row_stride=s["stride"],
+                   cache_slots=slots, predictor_nbytes=s["predictor"],
+                   staging_nbytes=s["staging"])
     for g in model.group_names():
       if g.endswith("/mlp"):
-        groups[g] = GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache")
+        groups[g] = GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache",
+                                   details)
       else:
         groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
     notes = (f"cache {format_bytes(slots * s['record'])} = {slots} neurons"

@@ -36,6 +36,11 @@ _LLAMA_TINY = dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_si
                    max_position_embeddings=256, eos_token_id=2, bos_token_id=1)
 
 
+_MISTRAL_7B = dict(_LLAMA_1B, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                   num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
+                   rope_theta=1e6)
+
+
 def _opt(d, layers, heads, ffn=None, vocab=50272, **kw):
   return dict(arch="opt", vocab_size=vocab, hidden_size=d, intermediate_size=ffn or 4 * d,
               num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
@@ -61,6 +66,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                          max_position_embeddings=32768, rope_theta=1e6, num_experts=8,
                          experts_per_token=2),
+    # PowerInfer-2's models (shared/PAPERS.md): Mistral-7B / Mixtral-8x7B shapes whose FFNs
+    # use dReLU (ReLU on gate and up). Published activation sparsities live with the
+    # neuron_cluster cost model (hetflow/sparsity/cost.py, PUBLISHED_LAWS).
+    "turbosparse-mistral-7b": dict(_MISTRAL_7B, hidden_act="drelu"),
+    "bamboo-7b": dict(_MISTRAL_7B, hidden_act="drelu"),
+    "turbosparse-mixtral-47b": dict(_MISTRAL_7B, arch="mixtral", hidden_act="drelu",
+                                    num_experts=8, experts_per_token=2),
     "opt-125m": _opt(768, 12, 12),
     "opt-1.3b": _opt(2048, 24, 32),
     "opt-6.7b": _opt(4096, 32, 32),
