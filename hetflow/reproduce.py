@@ -24,11 +24,17 @@ from hetflow.strategy import get_strategy
 
 
 def _plan(series: dict, model, budget, profile):
-  """The series' plan at `budget`, trying its fallback options if it does not fit."""
+  """The series' plan at `budget`, trying its fallback options if it does not fit.
+
+  A series with `shape_plan=True` (neuron_cluster only) is planned from shapes
+  by hetflow.sparsity.cost where the strategy refuses the model (MoE).
+  """
   options = dict(series.get("options") or {})
   try:
     return get_strategy(series["strategy"])(options).plan(model, budget, profile), ""
   except BudgetExceeded as first:
+    if series.get("shape_plan"):  # the shapes planner refused it too
+      return None, f"needs {first.minimum / 1e9:.2f} GB" if first.minimum else "does not fit"
     fallback = series.get("fallback_options")
     if not fallback:
       return None, f"needs {first.minimum / 1e9:.2f} GB" if first.minimum else "does not fit"
@@ -38,6 +44,15 @@ def _plan(series: dict, model, budget, profile):
       return plan, f"with {fallback}"
     except BudgetExceeded as e:
       return None, f"needs {e.minimum / 1e9:.2f} GB" if e.minimum else "does not fit"
+  except ValueError as e:
+    if not series.get("shape_plan"):
+      raise
+    from hetflow.sparsity import cost
+    try:
+      return (cost.shape_placement(model, budget, options),
+              f"planned from shapes (strategy refuses: {e})")
+    except BudgetExceeded as e2:
+      return None, f"needs {e2.minimum / 1e9:.2f} GB"
 
 
 def predict_points(config) -> list[dict[str, Any]]:
@@ -66,7 +81,27 @@ def predict_points(config) -> list[dict[str, Any]]:
               prefill_s=pred.prefill_s, decode_s_per_token=pred.decode_s_per_token,
               bound_by=pred.bottleneck)
         rows.append(row)
+  rows += _ratio_rows(config, rows)
   return rows
+
+
+def _ratio_rows(config, rows) -> list[dict[str, Any]]:
+  """config.ratios: speed-ups of one series over another at one level, as papers quote them.
+
+  Each entry: model, gb, numerator and denominator (series labels), paper
+  (the published ratio) and label.
+  """
+  out = []
+  for r in config.get("ratios") or []:
+    r = to_dict(r)
+    pick = {x["series"]: x for x in rows if x["model"] == r["model"] and x["gb"] == r["gb"]}
+    num, den = pick.get(r["numerator"]), pick.get(r["denominator"])
+    value = None
+    if num and den and num["predicted"] and den["predicted"]:
+      value = num["predicted"] / den["predicted"]
+    out.append(dict(model=r["model"], series=r["label"], gb=r["gb"], paper=r["paper"],
+                    predicted=value, note="ratio (x)", ratio=True))
+  return out
 
 
 def format_table(config, rows) -> str:
@@ -74,8 +109,10 @@ def format_table(config, rows) -> str:
            f"hetflow figures are PREDICTED by hetflow.simulate on profile {config.profile!r}"
            f" (batch {config.batch}, prompt {config.prompt_len}, {config.new_tokens} new"
            f" tokens, metric {config.metric}); paper figures as in PAPERS.md.",
-           f"{'model':<10} {'series':<26} {'GPU GB':>7} {'paper':>7} {'predicted':>10}"
-           f" {'pred/paper':>10}  bound by / note"]
+           f"{'model':<10} {'series':<26} {config.get('memory_label', 'GPU GB'):>7} {'paper':>7}"
+           f" {'predicted':>10} {'pred/paper':>10}  bound by / note"]
+  if config.get("assumptions"):
+    lines[1:1] = ["assumed: " + a for a in config.assumptions]
   for r in rows:
     paper = f"{r['paper']:.2f}" if r["paper"] is not None else "-"
     pred = f"{r['predicted']:.2f}" if r["predicted"] is not None else "-"
@@ -95,7 +132,7 @@ def plot(config, rows, path: str) -> None:
   models = list(config.models)
   fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
   for ax, name in zip(axes[0], models):
-    for i, label in enumerate(dict.fromkeys(r["series"] for r in rows)):
+    for i, label in enumerate(dict.fromkeys(r["series"] for r in rows if not r.get("ratio"))):
       mine = [r for r in rows if r["model"] == name and r["series"] == label]
       color = f"C{i}"
       pts = [(r["gb"], r["predicted"]) for r in mine if r["predicted"] is not None]
@@ -105,7 +142,7 @@ def plot(config, rows, path: str) -> None:
       if pts:
         ax.plot(*zip(*pts), "o", color=color, mfc="none", label=f"{label}: paper")
     ax.set_title(name)
-    ax.set_xlabel("GPU memory (GB)")
+    ax.set_xlabel(config.get("memory_label", "GPU GB").replace("GB", "memory (GB)"))
     ax.set_ylabel("tokens/s")
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7)
@@ -127,4 +164,84 @@ def run(config, workdir: str, out=None) -> list[dict[str, Any]]:
     path = os.path.join(workdir, config.plot)
     plot(config, rows, path)
     print(f"plot: {path}", file=out)
+  if config.get("measure"):
+    measured = measure_scaled(config.measure, out)
+    with open(os.path.join(workdir, "measured.json"), "w") as f:
+      json.dump(measured, f, indent=1)
+    rows = rows + [measured]
   return rows
+
+
+def measure_scaled(section, out=None) -> dict[str, Any]:
+  """Runs a scaled-down neuron_cluster model for real and prints measured next to predicted.
+
+  Counts (bytes read, requests and cache hits per decode token) are compared
+  on the first generation, from a cold cache, against the cost model fed the
+  strategy's own recorded activation statistics; decode speed on a second
+  generation (compiled) against the simulator on this machine's profile.
+
+  Args:
+    section: ConfigDict with model (a config model section), budget, options
+      (NeuronClusterOptions fields), prompt_tokens, new_tokens, profile ("":
+      this machine's, measured once and cached).
+    out: file to print to.
+
+  Returns:
+    A dict of the measured and predicted figures.
+  """
+  import dataclasses
+
+  import numpy as np
+
+  from hetflow import config as config_lib
+  from hetflow import planner
+  from hetflow.engine import Engine
+  from hetflow.sparsity import cost
+
+  out = out or sys.stdout
+  model = config_lib.build_model(section.model)
+  budget = config_lib.build_budget(section.get("budget"))
+  profile = planner.load_profile(section.get("profile") or None)
+  ids = np.random.default_rng(0).integers(3, model.config.vocab_size,
+                                          (1, section.prompt_tokens))
+  with Engine(model, "neuron_cluster", budget, options=to_dict(section.options)) as engine:
+    nc = engine.strategy
+    first = engine.generate(ids, max_new_tokens=section.new_tokens, stop_tokens=())
+    st = first.stats["strategy"]
+    steps = st["decode_tokens"]
+    cache = st["cache"]
+    active = max(cache["hot_hits"] + cache["cold_hits"] + cache["misses"], 1)
+    measured = dict(disk_bytes=st["disk_bytes_per_token"],
+                    requests=st["requests_per_token"],
+                    hit_rate=(cache["hot_hits"] + cache["cold_hits"]) / active,
+                    predicted_neurons=active / steps)
+    freq = nc.frequency  # recorded statistics, hottest first: the law the run follows
+    counts = cost.decode_counts(model, engine.placement, tokens=steps, freq=freq)
+    predicted = dict(disk_bytes=counts.disk_bytes, requests=counts.requests,
+                     hit_rate=counts.cache.hit_rate, predicted_neurons=counts.predicted)
+    second = engine.generate(ids, max_new_tokens=section.new_tokens, stop_tokens=())
+    # The second run starts where the first left the cold region: 2 x steps in all.
+    mlp = {g: dataclasses.replace(gp, details=dict(gp.details, frequencies=freq,
+                                                   cold_start_tokens=2 * steps))
+           for g, gp in engine.placement.groups.items() if g.endswith("/mlp")}
+    placement = dataclasses.replace(engine.placement, groups={**engine.placement.groups, **mlp})
+    pred = simulate.predict(model, placement, profile, 1, section.prompt_tokens,
+                            section.new_tokens)
+  load = os.getloadavg()[0]
+  noisy = load > 0.5 * (os.cpu_count() or 1)
+  print(f"\nscaled-down run on this machine: {model.description}, budget {budget},"
+        f" {steps} decode tokens; counts MEASURED (first run, cold cache) vs PREDICTED"
+        f" (cost model on the run's recorded activation statistics):", file=out)
+  print(f"{'per decode token':<24} {'measured':>12} {'predicted':>12} {'pred/meas':>10}", file=out)
+  for key in ("predicted_neurons", "hit_rate", "disk_bytes", "requests"):
+    m, p = measured[key], predicted[key]
+    print(f"{key:<24} {m:>12.4g} {p:>12.4g} {p / m if m else float('nan'):>10.2f}", file=out)
+  tok_s = second.stats["decode_tokens_per_s"]
+  print(f"decode tok/s: MEASURED {tok_s:.2f} (second run), PREDICTED {pred.decode_tokens_per_s:.2f}"
+        f" on profile {profile.name} (ratio {pred.decode_tokens_per_s / tok_s:.2f})"
+        + (f"; NOISY: load average {load:.1f} on {os.cpu_count()} cores" if noisy else ""),
+        file=out)
+  return dict(model=model.config.name, series="measured (scaled-down)", gb=None, paper=None,
+              predicted=pred.decode_tokens_per_s, measured_decode_tok_s=tok_s,
+              counts_measured=measured, counts_predicted=predicted, load_average=load,
+              noisy=noisy, note="measured on this machine")

@@ -484,3 +484,4 @@ def _load_builtin_cost_models() -> None:
     import strategies  # noqa: F401  (registers strategies and their cost models)
   except ImportError:  # running without the plugin package on the path
     pass
+  from hetflow.sparsity import cost  # noqa: F401  (neuron_cluster's cost model)

@@ -1,0 +1,81 @@
+"""PowerInfer-2 (arXiv 2406.06282): decode with 50% of FFN weights in flash vs llama.cpp, PREDICTED; plus a scaled-down MEASURED run.
+
+Run:
+  python -m experiments.reproduce --config=configs/powerinfer2/decode50.py \
+      --workdir=/tmp/powerinfer2-decode50
+  python -m experiments.reproduce --config=configs/powerinfer2/decode50.py:noreal  # predictions only
+Hardware: the phone figures are PREDICTED by hetflow.simulate on the
+"oneplus12-ufs4" profile (UFS 4.0 from PAPERS.md; CPU/DRAM assumed, see
+hetflow/hardware.py), batch 1, prompt 64, 64 new tokens. The scaled-down run
+is MEASURED on this machine: opt-125m-sparse (sparsity 0.9, zipf:1.1, float32)
+through Engine(strategy="neuron_cluster") at a budget that leaves about half of
+its neurons out of the cache (~20-60 s, < 1.5 GiB RSS, a ~0.3 GB bundle store
+in a temporary directory), printed next to the cost model's counts and this
+machine's profile's prediction (measured once, cached in $HETFLOW_CACHE).
+Assumed: fp16 weights (PowerInfer-2 used int4: its absolute speeds are ~3x
+ours); memory = model minus 50% of its FFN (8.85 GB for both 7B models); llama.cpp
+stands in as layerwise streaming from disk with as many layers resident as
+fit (llama.cpp's mmap would thrash the page cache and re-read more, so the
+predicted ratio is a lower bound); published sparsities (TurboSparse-Mistral
+90%, Bamboo 87.5%), Zipf(1.1) hotness, trained predictor at precision 0.8.
+Expect: neuron_cluster ~1.5-2.5 tok/s vs layerwise ~0.4-0.6 tok/s: a 3-6x
+ratio where the paper reports 24.6x on average (int4, NPU, and a thrashing
+mmap baseline account for the rest). Scaled-down: predicted bytes, requests
+and hit rate within ~25% of the measured ones; timing noisy on a shared machine.
+"""
+
+import ml_collections
+
+from hetflow.config import model_section
+from hetflow.sparsity.cost import memory_for_ffn_in_flash
+
+MODELS = ("turbosparse-mistral-7b", "bamboo-7b")
+SPEEDUP = 24.6  # PAPERS.md: average over llama.cpp, 50% of FFN in flash
+
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.title = "PowerInfer-2: decode tok/s with 50% of FFN in flash, vs llama.cpp, OnePlus 12"
+  c.profile = "oneplus12-ufs4"
+  c.dtype = "float16"
+  c.batch = 1
+  c.prompt_len = 64
+  c.new_tokens = 64
+  c.metric = "decode"
+  c.memory_label = "mem GB"
+  c.assumptions = [
+      "fp16 weights (paper: int4); memory = model minus 50% of FFN",
+      "llama.cpp = layerwise from disk, resident layers as fit (no page-cache thrash)",
+      "published sparsity, Zipf(1.1) hotness, trained predictor precision 0.8",
+  ]
+  levels = {m: memory_for_ffn_in_flash(m, 0.5) for m in MODELS}
+  nc = "neuron_cluster (PowerInfer-2)"
+  lw = "layerwise disk (llama.cpp)"
+  c.series = [
+      dict(label=nc, strategy="neuron_cluster",
+           options=dict(predictor="trained", predictor_path="/nonexistent/predictor",
+                        kv_reserve_bytes="256MiB"),
+           paper={m: [(gb, None)] for m, gb in levels.items()}),
+      dict(label=lw, strategy="layerwise",
+           options=dict(offload_tier="disk", resident_layers="auto", kv_reserve_tokens=1024),
+           paper={m: [(gb, None)] for m, gb in levels.items()}),
+  ]
+  c.ratios = [dict(model=m, gb=gb, numerator=nc, denominator=lw, paper=SPEEDUP,
+                   label="speed-up over llama.cpp") for m, gb in levels.items()]
+  c.models = list(MODELS)
+  c.cross_levels = False
+  c.plot = "powerinfer2_decode50.png"
+  c.measure = ml_collections.ConfigDict(dict(
+      model=model_section("opt-125m-sparse"),
+      budget=dict(device="420MB"),
+      options=dict(kv_reserve_bytes="8MiB", staging_bytes="16MiB", calibration_tokens=512),
+      prompt_tokens=16, new_tokens=24, profile=""))
+  c.measure.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
+  if arg == "noreal":
+    c.measure = None
+  c.smoke = {"models": ["bamboo-7b"], "measure": {
+      "model": {"name": "llama-tiny-sparse"}, "budget": {"device": "4MB"},
+      "options": {"kv_reserve_bytes": "64KiB", "staging_bytes": "256KiB",
+                  "calibration_tokens": 128},
+      "prompt_tokens": 4, "new_tokens": 6, "profile": "oneplus12-ufs4"}}
+  return c
