@@ -197,3 +197,14 @@ def test_options_are_validated():
     LayerwiseOptions(prefetch_depth=-1)
   with pytest.raises(ValueError, match="resident_layers"):
     LayerwiseOptions(resident_layers="most")
+
+
+def test_batch_with_padding_matches_resident(references):
+  model = references["opt-tiny"][0]
+  prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # left-padded by the engine
+  with Engine(model, "resident") as engine:
+    want = engine.generate(prompts, max_new_tokens=NEW, stop_tokens=()).tokens
+  options = dict(offload_tier="disk", prefetch_depth=1, kv_cache_tier="host")
+  with Engine(model, "layerwise", options=options) as engine:
+    np.testing.assert_array_equal(
+        engine.generate(prompts, max_new_tokens=NEW, stop_tokens=()).tokens, want)
