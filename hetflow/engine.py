@@ -162,9 +162,11 @@ class Engine:
       x, caches[i] = self.strategy.run_attention(i, attn, x, caches[i], cache_index, positions,
                                                  kv_mask, fn.attention)
       self.strategy.release(i, "attn")
+      del attn  # released weights must not outlive the strategy's accounting
       mlp = self.strategy.fetch(i, "mlp")
       x = self.strategy.run_ffn(i, mlp, x, fn.ffn)
       self.strategy.release(i, "mlp")
+      del mlp
       if self.trace:
         x.block_until_ready()
         self.timeline.add("compute", f"layer {i}", t0, time.perf_counter(), layer=i)

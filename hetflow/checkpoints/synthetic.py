@@ -159,7 +159,18 @@ def save_hf(model: Model, directory: str, dtype: Any = None,
   os.makedirs(partial)
   try:
     table = hf_names.hf_names(model.config)
-    shards, current, size = [], {}, 0
+    # Each shard is written as soon as it is full, so at most one shard is in
+    # memory; shards get their final "-of-N" names once N is known.
+    written: list[tuple[str, list[str], int]] = []  # (temp file, keys, bytes)
+    current, size = {}, 0
+
+    def flush():
+      nonlocal current, size
+      path = os.path.join(partial, f"shard-{len(written)}.tmp")
+      save_file(current, path, metadata={"format": "pt"})
+      written.append((path, list(current), size))
+      current, size = {}, 0
+
     bar = tqdm(total=model.nbytes, unit="B", unit_scale=True, disable=not progress,
                desc=f"writing {os.path.basename(directory)}")
     for name in model.shapes:
@@ -171,20 +182,19 @@ def save_hf(model: Model, directory: str, dtype: Any = None,
         current[key] = np.ascontiguousarray(part.T if transpose else part)
         size += part.nbytes
       if size >= max_shard_bytes:
-        shards.append(current)
-        current, size = {}, 0
+        flush()
     if current:
-      shards.append(current)
+      flush()
     bar.close()
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = ["model.safetensors"] if len(written) == 1 else [
+        f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
     weight_map = {}
-    for file, tensors in zip(names, shards):
-      save_file(tensors, os.path.join(partial, file), metadata={"format": "pt"})
-      weight_map.update({k: file for k in tensors})
-    if len(shards) > 1:
+    for file, (temp, keys, _) in zip(names, written):
+      os.rename(temp, os.path.join(partial, file))
+      weight_map.update({k: file for k in keys})
+    if len(written) > 1:
       with open(os.path.join(partial, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
+        json.dump({"metadata": {"total_size": sum(n for _, _, n in written)},
                    "weight_map": weight_map}, f, indent=2)
     hf_config = hf_names.config_to_hf(model.config)
     hf_config["torch_dtype"] = str(dtype)
