@@ -127,8 +127,8 @@ class CacheEstimate:
     active: [L] neurons that fire.
     hot_hits, cold_hits, misses: [L] active neurons served by each region / read.
     requests: [L] read requests after coalescing adjacent misses.
-    cold_horizon: Che's characteristic time T in tokens (inf: the cold region
-      holds every neuron that is not hot).
+    cold_horizon: Che's characteristic time T in whole tokens (inf: the cold
+      region holds every neuron that is not hot).
   """
 
   active: np.ndarray
@@ -149,7 +149,7 @@ def _che_horizon(p: np.ndarray, slots: int) -> float:
   if slots <= 0:
     return 0.0
   if slots >= len(p):
-    return math.inf
+    return math.inf  # everything that ever fires fits
   log1m = np.log1p(-np.minimum(p, 1 - 1e-12))
   filled = lambda t: float(np.sum(-np.expm1(t * log1m)))  # noqa: E731
   lo, hi = 0.0, 1.0
@@ -190,7 +190,11 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
       layer, cl = divmod(int(i), per)
       hot[layer, cl * cluster_size:(cl + 1) * cluster_size] = True
   cold_slots = slots - clusters_hot * cluster_size
+  # A token's requests arrive together, layer after layer: a record is asked
+  # for again only a whole token later, so only whole tokens of horizon count
+  # (a region smaller than one token's misses never hits).
   horizon = _che_horizon(freq[~hot], cold_slots)
+  horizon = math.floor(horizon) if math.isfinite(horizon) else horizon
   log1m = np.log1p(-np.minimum(freq, 1 - 1e-12))
   if tokens is None:
     hit = -np.expm1(horizon * log1m) if math.isfinite(horizon) else np.ones_like(freq)
@@ -267,9 +271,9 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
   # Falsely predicted neurons are cold ones: assume they miss like the misses do.
   scale = 1.0 / precision
   read = cache.misses.sum() * scale
-  if s["layout"] == "split":
+  if s["layout"] == "split":  # bytes asked for; O_DIRECT transfers 4 KiB per row
     mats = len(_matrices(model))
-    row = round_up(model.config.hidden_size * np.dtype(model.dtype).itemsize)
+    row = model.config.hidden_size * np.dtype(model.dtype).itemsize
     nbytes, requests = read * mats * row, read * mats
   else:
     nbytes, requests = read * s["record_nbytes"], cache.requests.sum() * scale
