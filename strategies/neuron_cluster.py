@@ -65,6 +65,12 @@ class NeuronClusterOptions:
       leaves (all neurons if there is no budget); 0 disables the cache.
     hot_fraction: share of the cache given to the hot (cluster) region.
     cluster_size: neurons per hot cluster.
+    admission: cold-region admission: "frequency" (scan-resistant: only
+      recently active misses, a bounded number per step, never displacing a
+      more active entry) or "all" (plain LRU; thrashes when a token's misses
+      exceed the region).
+    admit_decay: per-token decay of the activity counts admission uses.
+    admit_min: activity a miss needs to be admitted (see SegmentedCache).
     pipeline: overlap reads with compute (reads in flight on `io_depth`
       threads, cached part computed meanwhile, missing part in `pieces`
       pieces as they land); False reads one request at a time, then computes.
@@ -87,6 +93,9 @@ class NeuronClusterOptions:
   cache_bytes: int | str | None = None
   hot_fraction: float = 0.5
   cluster_size: int = 32
+  admission: Literal["frequency", "all"] = "frequency"
+  admit_decay: float = 0.9
+  admit_min: float = 1.5
   pipeline: bool = True
   io_depth: int = 8
   pieces: int = 4
@@ -278,7 +287,7 @@ class NeuronCluster(Strategy):
         sharding)
     hot = int(self.num_slots * o.hot_fraction)
     self.cache = SegmentedCache(c.num_layers, c.intermediate_size, self.num_slots, hot,
-                                o.cluster_size)
+                                o.cluster_size, o.admission, o.admit_decay, o.admit_min)
     self.reader = bundles_mod.BatchReader(o.io_depth)
     for index, (layer, cluster) in enumerate(self.cache.choose_hot(self.frequency)):
       first, positions = self.cache.place_hot(index, layer, cluster)

@@ -122,7 +122,8 @@ def test_bundle_store_layouts(tmp_path):
 
 
 def test_segmented_cache_regions():
-  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=12, hot_slots=8, cluster_size=4)
+  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=12, hot_slots=8, cluster_size=4,
+                         admission="all")
   freq = np.zeros((2, 64))
   freq[1, 4:8] = 1.0
   freq[0, 0:4] = 0.9
@@ -139,3 +140,33 @@ def test_segmented_cache_regions():
   got = cache.admit(0, np.array([50]))
   assert got[0] >= 8 and cache.slot_of[1, 40] == -1 and cache.slot_of[1, 41] >= 0
   assert cache.counters.evicted == 1
+
+
+def test_frequency_admission_resists_scans():
+  """A flood of one-off misses never displaces neurons that keep firing."""
+  layers, f = 2, 4096
+  cache = SegmentedCache(num_layers=layers, num_neurons=f, num_slots=64, hot_slots=0,
+                         cluster_size=4)
+  rng = np.random.default_rng(0)
+  steady = np.arange(2000, 2016)  # fire on every token
+  others = np.setdiff1d(np.arange(f), steady)
+  hits = []
+  for token in range(40):
+    for layer in range(layers):
+      scan = rng.choice(others, 500, replace=False)  # far more than the region holds
+      active = np.sort(np.concatenate([steady, scan]))
+      cache.protect(0)
+      pos, _, missing = cache.lookup(layer, active)
+      got = cache.admit(layer, missing)
+      assert (got >= 0).sum() <= 64 // layers  # one step never takes more than its share
+      hits.append(np.isin(steady, pos).all())
+  assert all(hits[-2 * layers:])  # the steady neurons stay cached through the flood
+  assert cache.counters.rejected > 0.9 * cache.counters.misses
+  # Plain LRU under the same flood keeps nothing.
+  lru = SegmentedCache(num_layers=1, num_neurons=f, num_slots=64, hot_slots=0, admission="all")
+  for token in range(10):
+    active = np.sort(np.concatenate([steady, rng.choice(others, 500, replace=False)]))
+    lru.protect(0)
+    pos, _, missing = lru.lookup(0, active)
+    lru.admit(0, missing)
+  assert not np.isin(steady, pos).any()

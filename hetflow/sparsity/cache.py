@@ -9,6 +9,14 @@ One pool of neuron-record slots shared by every layer, in two regions:
   `admit_fraction` of an uncached hot-ranked cluster swaps it in for the least
   recently used hot cluster (cluster-level LRU).
 * cold: single neurons, admitted on a miss, evicted least recently used.
+  With `admission="frequency"` (the default) the region is scan-resistant:
+  a step's misses are admitted only if they were active recently (a decayed
+  activity count, LLM in a Flash's "window", at least `admit_min`), at most
+  `cold_slots // num_layers` per layer and step (so one token's misses can
+  never flush the region), hottest first, and only by evicting an LRU entry
+  whose own recent activity is lower (TinyLFU's rule). A token's misses
+  (~17.5k on llama-1b) are far more than the region holds (~4.8k); admitting
+  them all evicted everything before it was reused (0 cold hits).
 
 The fixed region (attention, norms, embeddings, KV cache) is not here: the
 strategy places it. Evicted records are dropped, never written back (weights
@@ -31,6 +39,7 @@ class CacheCounters:
   Attributes:
     hot_hits, cold_hits, misses: active neurons found in each region / not.
     admitted, evicted: cold-region insertions and evictions.
+    rejected: misses the admission policy kept out of the cold region.
     cluster_swaps: hot clusters replaced (cluster LRU).
   """
 
@@ -39,6 +48,7 @@ class CacheCounters:
   misses: int = 0
   admitted: int = 0
   evicted: int = 0
+  rejected: int = 0
   cluster_swaps: int = 0
 
 
@@ -51,10 +61,20 @@ class SegmentedCache:
     hot_slots: slots [0, hot_slots) form the hot region (rounded down to
       whole clusters); the rest are the cold region.
     cluster_size: neurons per hot cluster.
+    admission: "all" admits every miss (plain LRU); "frequency" filters them
+      (see the module docstring).
+    decay: per-token decay of the activity counts (window ~ 1 / (1 - decay)
+      tokens).
+    admit_min: activity count a miss needs to be admitted (1 = active now;
+      1.5 with decay 0.9 = also active in one of the last ~6 tokens).
   """
 
   def __init__(self, num_layers: int, num_neurons: int, num_slots: int, hot_slots: int,
-               cluster_size: int = 32):
+               cluster_size: int = 32, admission: str = "frequency", decay: float = 0.9,
+               admit_min: float = 1.5):
+    if admission not in ("all", "frequency"):
+      raise ValueError(f"admission must be 'all' or 'frequency', got {admission!r}.")
+    self.admission, self.decay, self.admit_min = admission, decay, admit_min
     self.num_layers, self.num_neurons = num_layers, num_neurons
     self.cluster_size = cluster_size
     self.num_clusters_hot = hot_slots // cluster_size
@@ -67,6 +87,9 @@ class SegmentedCache:
     # cold: (layer, position) -> slot, in LRU order; free slots.
     self.cold_lru: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
     self.cold_free = list(range(num_slots - 1, self.hot_slots - 1, -1))
+    self.cold_slots = num_slots - self.hot_slots
+    # Decayed count of steps each neuron was active in: the admission filter.
+    self.activity = np.zeros((num_layers, num_neurons), np.float32)
     self.counters = CacheCounters()
 
   # -- hot region -----------------------------------------------------------
@@ -116,8 +139,11 @@ class SegmentedCache:
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Splits active `positions` into (cached positions, their slots, missing positions).
 
-    Touches the LRU state of the hits.
+    Touches the LRU state of the hits and counts `positions` as active in
+    this step (the admission filter's history).
     """
+    self.activity[layer] *= self.decay
+    self.activity[layer, positions] += 1.0
     slots = self.slot_of[layer, positions]
     hit = slots >= 0
     cached = slots[hit]
@@ -132,29 +158,42 @@ class SegmentedCache:
     return positions[hit], cached, positions[~hit]
 
   def admit(self, layer: int, positions: np.ndarray) -> np.ndarray:
-    """Gives cold slots to `positions` (just read); -1 where none is free to take.
+    """Gives cold slots to `positions` (just read); -1 where none is given.
 
     Victims come from the LRU end; neurons touched in this step are at the
     MRU end, so an in-flight computation never loses its records as long as
     the cold region is larger than one step's admissions (else they are not
     cached).
     """
+    positions = np.asarray(positions)
     out = np.full(len(positions), -1, np.int32)
     budget = len(self.cold_free) + len(self.cold_lru) - self._touched_now(layer)
-    for j, p in enumerate(positions):
+    order = np.arange(len(positions))
+    if self.admission == "frequency":
+      score = self.activity[layer, positions]
+      order = order[score >= self.admit_min]
+      order = order[np.argsort(-score[order], kind="stable")]  # hottest first
+      budget = min(budget, max(1, self.cold_slots // self.num_layers))
+    for j in order:
       if budget <= 0:
         break
+      p = int(positions[j])
       if self.cold_free:
         slot = self.cold_free.pop()
       else:
-        (ol, op), slot = self.cold_lru.popitem(last=False)
+        (ol, op), slot = next(iter(self.cold_lru.items()))
+        if self.admission == "frequency" and self.activity[ol, op] >= self.activity[layer, p]:
+          break  # candidates come hottest first: the rest would lose too
+        self.cold_lru.popitem(last=False)
         self.slot_of[ol, op] = -1
         self.counters.evicted += 1
-      self.cold_lru[(layer, int(p))] = slot
+      self.cold_lru[(layer, p)] = slot
       self.slot_of[layer, p] = slot
       out[j] = slot
       budget -= 1
-    self.counters.admitted += int((out >= 0).sum())
+    admitted = int((out >= 0).sum())
+    self.counters.admitted += admitted
+    self.counters.rejected += len(positions) - admitted
     return out
 
   def _touched_now(self, layer: int) -> int:
