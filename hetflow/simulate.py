@@ -330,7 +330,9 @@ def resident_events(ctx: PassContext) -> None:
 
 
 def _setting(placement: Placement, key: str, default):
-  """A strategy setting carried in the placement (predicted, or any group's details)."""
+  """A strategy setting carried in the placement (settings, predicted, or any group's details)."""
+  if key in placement.settings:
+    return placement.settings[key]
   if key in placement.predicted:
     return placement.predicted[key]
   for g in placement.groups.values():
@@ -346,7 +348,7 @@ def layerwise_events(ctx: PassContext) -> None:
   ring of `prefetch_depth + 1` slots, so `prefetch_depth` layers load while one
   computes; streaming wraps into the next pass.
 
-  Settings read from the placement (`predicted`, or a group's `details`), with
+  Settings read from the placement (`settings`, `predicted`, or a group's `details`), with
   layerwise's defaults:
     prefetch_depth (1): layers in flight while one computes.
     read_block_bytes (4 MiB): size of one disk request.

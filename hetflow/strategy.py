@@ -56,6 +56,8 @@ class Placement:
       (staging buffers, caches), on top of the groups' resident bytes.
     predicted: predicted figures (e.g. "decode_s_per_token") with their basis.
     notes: free-form lines shown when printed.
+    settings: runtime settings a cost model needs to predict this plan
+      (e.g. layerwise's prefetch_depth, read size, queue depth).
   """
 
   strategy: str
@@ -63,6 +65,7 @@ class Placement:
   working_bytes: dict[str, int] = dataclasses.field(default_factory=dict)
   predicted: dict[str, Any] = dataclasses.field(default_factory=dict)
   notes: tuple[str, ...] = ()
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def bytes_per_tier(self) -> dict[str, int]:
     """Resident bytes per tier: groups living there plus working bytes."""

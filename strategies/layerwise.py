@@ -357,8 +357,12 @@ class Layerwise(Strategy):
         f"streamed per token: {format_bytes(streamed_bytes)}",
     ]
     predicted = self._predict(model, lay, resident, streamed_bytes, profile)
+    # What the simulator needs to predict this plan (hetflow.simulate.layerwise_events).
+    settings = {"prefetch_depth": o.prefetch_depth, "read_block_bytes": o.read_chunk,
+                "read_queue_depth": o.reader_threads,
+                "link_copy": o.offload_tier == "host" or not lay.aliases}
     return Placement(self.name, groups, working_bytes=working, predicted=predicted,
-                     notes=tuple(notes))
+                     notes=tuple(notes), settings=settings)
 
   def _predict(self, model, lay, resident, streamed_bytes, profile) -> dict[str, Any]:
     """Per-token decode time from a HardwareProfile: reads overlap compute when k >= 1."""

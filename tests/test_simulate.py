@@ -78,7 +78,8 @@ def test_layerwise_from_disk_is_disk_bound_with_prefetch():
   plan = strategy.plan(model, hetflow.Budget(device="2GB"), A10)
   pred = simulate.predict(model, plan, A10)
   streamed = sum(g.nbytes for g in plan.groups.values() if g.tier == "disk")
-  disk = streamed / A10.disk_bw(4 << 20, 4)
+  disk = streamed / A10.disk_bw(plan.settings["read_block_bytes"],
+                                plan.settings["read_queue_depth"])
   assert pred.bottleneck == "disk"
   assert pred.decode_s_per_token == pytest.approx(disk, rel=0.05)
 
