@@ -52,6 +52,15 @@ def test_measured_sparsity_and_hotness_follow_the_target(recorded):
   assert top[:19].sum() > top[-96:].sum()  # skewed: top 10% fire more than bottom half
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_layer_hits_the_target_density(name):
+  """Per-layer density within 10% (relative) of the target, over 32 held-out prompts."""
+  model = hetflow.synthetic_model(name, sparsity=0.9, hotness="zipf:1.1", seed=0)
+  ids = np.concatenate([stats.calibration_ids(model.config, 1024, seed=s) for s in (3, 4, 5, 6)])
+  s, _ = stats.record_activations(model, ids)
+  assert np.all(np.abs(s.density - 0.1) <= 0.01), s.density
+
+
 def test_silu_models_are_refused_without_threshold():
   model = hetflow.synthetic_model("llama-tiny")
   with pytest.raises(ValueError, match="no exact zeros"):
