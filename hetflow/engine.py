@@ -180,8 +180,14 @@ class Engine:
   def _new_caches(self, batch: int, slots: int):
     cfg = self.model.config
     nbytes = 2 * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.model.dtype).itemsize
-    allocations = [self.ledger.allocate(self._kv_tier, nbytes, "kv_cache")
-                   for _ in range(cfg.num_layers)]
+    allocations = []
+    try:
+      for _ in range(cfg.num_layers):
+        allocations.append(self.ledger.allocate(self._kv_tier, nbytes, "kv_cache"))
+    except BaseException:  # refused part-way: give back what was taken
+      for a in allocations:
+        self.ledger.release(a)
+      raise
     if self._kv_tier == "host":
       # jnp.zeros cannot be made directly in a host memory kind on CPU (memory
       # kind mismatch); place host zeros there explicitly instead.

@@ -112,3 +112,16 @@ def test_bad_prompts(engine):
     engine.generate("hello", max_new_tokens=2)
   with pytest.raises(ValueError, match="max_new_tokens"):
     engine.generate([[1]], max_new_tokens=0)
+
+
+def test_kv_cache_over_budget_fails_cleanly():
+  """A generation whose KV cache does not fit fails with the tier named, and
+  leaves the ledger as it was (nothing half-allocated)."""
+  model = hetflow.synthetic_model("llama-tiny")
+  room = 10 * 2 * model.config.num_kv_heads * model.config.head_dim * 4  # ~10 tokens, 1 layer
+  engine = hetflow.Engine(model, budget=hetflow.Budget(device=model.nbytes + room))
+  before = engine.ledger.used("device")
+  with pytest.raises(hetflow.BudgetExceeded, match="kv_cache"):
+    engine.generate([[1, 2, 3]], max_new_tokens=40)
+  assert engine.ledger.used("device") == before
+  assert engine.generate([[1, 2]], max_new_tokens=1).tokens.shape == (1, 1)
