@@ -1,10 +1,12 @@
 """llama-1b-sparse (sparsity 0.9, zipf:1.1): neuron-cluster vs layer-wise at 40% of the model's bytes.
 
-Run (predictor and statistics first, once):
-  python -m experiments.train_predictor --config=configs/sparse/llama1b.py \
-      --workdir=/tmp/hetflow-llama1b-sparse
+Run:
   python -m experiments.benchmark --config=configs/bench/llama1b_sparse.py \
       --workdir=/tmp/bench-llama1b-sparse
+after training the predictor and statistics once (reused while its config is
+unchanged; the benchmark never retrains):
+  python -m experiments.train_predictor --config=configs/sparse/llama1b.py \
+      --workdir=/tmp/hetflow-llama1b-sparse
 Hardware: the 2-core, 24 GiB CPU machines here (MEASURING.md: ~2 GB/s O_DIRECT
 at 1 MiB, ~0.66 GB/s at 64 KiB one at a time); ~3 GB of disk for the bundle
 store (+4.4 GB for layer-wise's); < 3 GiB RAM per system; root to drop caches.

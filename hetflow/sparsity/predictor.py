@@ -7,6 +7,19 @@ that recall reaches a target. The rank r is chosen per layer: the smallest of
 the candidates whose predicted density at that recall is close enough to the
 true density. Trained with optax, saved and restored with orbax.
 
+A layer may instead hold an exact linear predictor (`exact_gate_params`): for
+an RMSNorm model with dReLU a neuron can fire only where its gate input is
+positive, and RMSNorm only rescales, so sign(x . (norm * gate column)) on the
+pre-norm residual predicts the gate exactly (recall 1; precision = P(up > 0)).
+It costs D x F floats, so it is for the layers the low-rank MLP predicts badly
+(layer 0 of the synthetic models: its input is mostly the token's random
+embedding, outside the low-rank subspace).
+
+Thresholds and reports come from validation samples, which should be what
+the runtime sees: decode-step inputs (`experiments.train_predictor` records
+them from greedy generations), not only prefill activations of calibration
+prompts (precision there was 0.8-0.9 against 0.4-0.5 on decode inputs).
+
 `OraclePredictor` computes the true active set from the layer's own gate/up
 weights: exact, the upper bound, and what the invariance tests use.
 
@@ -44,8 +57,11 @@ class TrainOptions:
     learning_rate: Adam's.
     positive_weight: weight of firing neurons in the loss (recall matters
       more than precision: a missed neuron changes the output).
-    validation_fraction: held-out share of the tokens for threshold and report.
+    validation_fraction: held-out share of the tokens for threshold and report
+      (when no separate validation samples are given).
     seed: initialisation and batching.
+    exact_layers: layers given the exact gate predictor instead (Llama with
+      dReLU only; needs the layer's weights, see `exact_gate_params`).
   """
 
   ranks: tuple[int, ...] = (32, 64, 128, 256)
@@ -57,6 +73,7 @@ class TrainOptions:
   positive_weight: float = 4.0
   validation_fraction: float = 0.2
   seed: int = 0
+  exact_layers: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -79,6 +96,8 @@ class LayerReport:
 
 
 def _forward(p, x):
+  if "exact" in p:  # exact gate predictor: a linear map, threshold 0
+    return x @ p["exact"]
   z = (x - p["mean"]) * p["inv_std"]
   return jax.nn.relu(z @ p["fc1"] + p["b1"]) @ p["fc2"] + p["b2"]
 
@@ -105,12 +124,19 @@ class LowRankPredictor:
   def nbytes(self) -> int:
     return sum(a.nbytes for p in self.params for a in p.values())
 
+  @property
+  def ranks(self) -> list[int]:
+    """Per layer rank (0 for an exact gate layer)."""
+    return [int(p["fc1"].shape[1]) if "fc1" in p else 0 for p in self.params]
+
   def place(self, sharding, permute: np.ndarray | None = None) -> None:
     """Puts the weights on a device, output columns in `permute`'s order [L, F]."""
     out = []
     for i, p in enumerate(self.params):
       p = dict(p)
-      if permute is not None:
+      if permute is not None and "exact" in p:
+        p["exact"] = p["exact"][:, permute[i]]
+      elif permute is not None:
         p["fc2"], p["b2"] = p["fc2"][:, permute[i]], p["b2"][permute[i]]
       out.append(jax.device_put(p, sharding))
     self._device = out
@@ -129,7 +155,7 @@ class LowRankPredictor:
     with ocp.StandardCheckpointer() as ckpt:
       ckpt.save(os.path.join(path, "weights"), tree, force=True)
     meta = {"thresholds": self.thresholds, "nbytes": self.nbytes(),
-            "ranks": [int(p["fc1"].shape[1]) for p in self.params],
+            "ranks": self.ranks,
             "reports": [dataclasses.asdict(r) for r in self.reports] if self.reports else None}
     with open(os.path.join(path, "predictor.json"), "w") as f:
       json.dump(meta, f, indent=1)
@@ -180,6 +206,24 @@ class OraclePredictor:
     return self._fn(self._device[layer], h)
 
 
+def exact_gate_params(config: ModelConfig, mlp: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The exact gate predictor of one Llama dReLU layer from its mlp leaves."""
+  if config.arch != "llama" or config.hidden_act != "drelu":
+    raise ValueError("exact gate predictors need a Llama model with dReLU (gate > 0 is"
+                     " then necessary for firing).")
+  return {"exact": (mlp["norm"][:, None] * mlp["gate"]).astype(np.float32)}
+
+
+def evaluate(p: dict[str, np.ndarray], threshold: float, x: np.ndarray, y: np.ndarray,
+             rank: int = 0) -> LayerReport:
+  """Recall, precision and densities of one layer's predictor on (x [N, D], y [N, F])."""
+  pred = np.asarray(jax.jit(_forward)(p, jnp.asarray(x))) > threshold
+  tp = (pred & y).sum()
+  return LayerReport(rank=rank, recall=float(tp / max(y.sum(), 1)),
+                     precision=float(tp / max(pred.sum(), 1)),
+                     predicted_density=float(pred.mean()), true_density=float(y.mean()))
+
+
 def _train_layer(x_tr, y_tr, x_va, y_va, rank: int, options: TrainOptions, key):
   n, d = x_tr.shape
   f = y_tr.shape[1]
@@ -216,27 +260,30 @@ def _train_layer(x_tr, y_tr, x_va, y_va, rank: int, options: TrainOptions, key):
   for _ in range(options.steps):
     idx = rng.integers(0, n, bs)
     trainable, state, _ = step(trainable, state, x_tr_j[idx], y_tr_j[idx])
-  params = {**fixed, **trainable}
+  params = {k: np.asarray(v) for k, v in {**fixed, **trainable}.items()}
   logits = np.asarray(jax.jit(_forward)(params, jnp.asarray(x_va)))
   pos = logits[y_va]
-  # Threshold: the (1 - target_recall) quantile of the firing neurons' logits.
+  # Threshold: the (1 - target_recall) quantile of the firing neurons' logits:
+  # the highest threshold (so the best precision) that reaches the target.
   thr = float(np.quantile(pos, 1.0 - options.target_recall)) if pos.size else 0.0
-  pred = logits > thr
-  tp = (pred & y_va).sum()
-  report = LayerReport(rank=rank, recall=float(tp / max(y_va.sum(), 1)),
-                       precision=float(tp / max(pred.sum(), 1)),
-                       predicted_density=float(pred.mean()), true_density=float(y_va.mean()))
-  return {k: np.asarray(v) for k, v in params.items()}, thr, report
+  return params, thr, evaluate(params, thr, x_va, y_va, rank)
 
 
 def train_predictors(samples: Samples, options: TrainOptions = TrainOptions(),
-                     progress: Callable[[str], None] | None = print) -> LowRankPredictor:
+                     progress: Callable[[str], None] | None = print,
+                     validation: Samples | None = None,
+                     exact: dict[int, dict[str, np.ndarray]] | None = None
+                     ) -> LowRankPredictor:
   """Trains one low-rank predictor per layer on recorded (input, active) pairs.
 
   Args:
     samples: from record_activations(..., samples=True).
     options: TrainOptions.
     progress: called with one line per layer and rank (None: silent).
+    validation: held-out pairs the threshold is set on and the reports come
+      from (decode-step inputs, as the runtime sees them); None holds out
+      `validation_fraction` of `samples`.
+    exact: layer -> exact_gate_params, for `options.exact_layers`.
 
   Returns:
     A LowRankPredictor with per-layer held-out reports.
@@ -244,14 +291,31 @@ def train_predictors(samples: Samples, options: TrainOptions = TrainOptions(),
   params, thresholds, reports = [], [], []
   key = jax.random.key(options.seed)
   for layer, (x, y) in enumerate(zip(samples.inputs, samples.active)):
-    n = x.shape[0]
-    perm = np.random.default_rng(options.seed + layer).permutation(n)
-    n_va = max(1, int(n * options.validation_fraction))
-    va, tr = perm[:n_va], perm[n_va:]
+    if validation is not None:
+      x_tr, y_tr = x, y
+      x_va, y_va = validation.inputs[layer], validation.active[layer]
+    else:
+      n = x.shape[0]
+      perm = np.random.default_rng(options.seed + layer).permutation(n)
+      n_va = max(1, int(n * options.validation_fraction))
+      va, tr = perm[:n_va], perm[n_va:]
+      x_tr, y_tr, x_va, y_va = x[tr], y[tr], x[va], y[va]
+    if layer in options.exact_layers:
+      if not exact or layer not in exact:
+        raise ValueError(f"exact_layers has {layer}: pass its exact_gate_params.")
+      rep = evaluate(exact[layer], 0.0, x_va, y_va)
+      if progress:
+        progress(f"layer {layer:3d} exact gate: recall {rep.recall:.3f} precision"
+                 f" {rep.precision:.3f} predicted density {rep.predicted_density:.3f}"
+                 f" (true {rep.true_density:.3f})")
+      params.append(exact[layer])
+      thresholds.append(0.0)
+      reports.append(rep)
+      continue
     best = None
     for rank in sorted(options.ranks):
       key, sub = jax.random.split(key)
-      p, thr, rep = _train_layer(x[tr], y[tr], x[va], y[va], rank, options, sub)
+      p, thr, rep = _train_layer(x_tr, y_tr, x_va, y_va, rank, options, sub)
       if progress:
         progress(f"layer {layer:3d} rank {rank:5d}: recall {rep.recall:.3f} precision"
                  f" {rep.precision:.3f} predicted density {rep.predicted_density:.3f}"
