@@ -45,6 +45,39 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GB = 1e9
 
 
+def bench_config(model: str = "llama-tiny", **overrides) -> ml_collections.ConfigDict:
+  """A bench config with the harness's defaults; configs state only what differs.
+
+  Fields:
+    model: the model section (hetflow.config.model_section(model)).
+    budget: device/host/disk sizes ("" = unlimited).
+    store_dir: the layerwise disk store ("" = the model's default, converted
+      on first use).
+    prompt_tokens, new_tokens: the workload.
+    repeats: measured runs per system; the fastest decode is kept, all are reported.
+    warmup: an identical run first, so the measured one compiles nothing.
+    memory_limit: e.g. "3GiB": lock the rest of RAM for the whole run.
+    drop_caches: evict the model's files before each run (and after warm-up).
+    drop_method: "fadvise" (per file) or "drop_caches" (machine-wide; disturbs
+      other jobs on the machine).
+    timeline: write timeline.png of one traced decode step.
+    profile_trace: a jax.profiler (Perfetto) trace per hetflow system.
+    timeout_s: per system.
+    order: comma-separated names of `systems` to run, in this order.
+    systems: name -> SystemSpec fields.
+    smoke: overrides that make the config a seconds-long run (tests).
+  """
+  c = ml_collections.ConfigDict(dict(
+      model=config_lib.model_section(model).to_dict(),
+      budget=dict(device="", host="", disk=""), store_dir="", prompt_tokens=16,
+      new_tokens=8, repeats=2, warmup=True, memory_limit="", drop_caches=True,
+      drop_method="fadvise", timeline=True, profile_trace=False, timeout_s=900, order="",
+      systems={}, smoke={}))
+  for key, value in overrides.items():
+    c[key] = value
+  return c
+
+
 @dataclasses.dataclass(frozen=True)
 class SystemSpec:
   """One row of the table.

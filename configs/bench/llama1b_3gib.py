@@ -12,36 +12,19 @@ as many resident blocks as 1.8 GiB of device budget allows >= 1.5x the best
 of them, since its O_DIRECT reads do not depend on the page cache at all.
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.benchmark import bench_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b")
   # Leaves ~1.2 GiB of the 3 GiB for the jax runtime, activations and page cache.
-  c.budget = ml_collections.ConfigDict(dict(device="1.8GiB", host="", disk=""))
-  c.store_dir = ""
-  c.prompt_tokens = 16
-  c.new_tokens = 8
-  c.repeats = 2  # measured runs per system; the fastest decode is kept, all are reported
-  c.warmup = True
-  c.memory_limit = "3GiB"
-  c.drop_caches = True  # evict the model's files before each run (and after warm-up)
-  c.drop_method = "fadvise"  # per file; "drop_caches": machine-wide (disturbs others' runs)
-  c.timeline = True
-  c.profile_trace = False
-  c.timeout_s = 1800
+  c = bench_config("llama-1b", budget=dict(device="1.8GiB", host="", disk=""),
+                   memory_limit="3GiB", timeout_s=1800)
   c.order = "layerwise_auto,layerwise_disk,transformers,accelerate_disk,accelerate_half"
-  c.systems = ml_collections.ConfigDict()
-  c.systems.layerwise_auto = dict(kind="hetflow", strategy="layerwise",
-                                  options=dict(offload_tier="disk", resident_layers="auto",
-                                               prefetch_depth=2, kv_reserve_tokens=256))
-  c.systems.layerwise_disk = dict(kind="hetflow", strategy="layerwise",
-                                  options=dict(offload_tier="disk", resident_layers=0,
-                                               prefetch_depth=2, kv_reserve_tokens=256))
+  for name, resident in (("layerwise_auto", "auto"), ("layerwise_disk", 0)):
+    c.systems[name] = dict(kind="hetflow", strategy="layerwise",
+                           options=dict(offload_tier="disk", resident_layers=resident,
+                                        prefetch_depth=2, kv_reserve_tokens=256))
   c.systems.transformers = dict(kind="transformers")
   c.systems.accelerate_disk = dict(kind="accelerate", resident_layers=0)
   c.systems.accelerate_half = dict(kind="accelerate", resident_layers=11)

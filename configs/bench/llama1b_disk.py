@@ -11,39 +11,21 @@ disk bandwidth / 4.1 GB ~ 0.5 tok/s; prefetch_depth >= 1 at >= 0.85 of the
 limit (the issue's target), depth 0 visibly lower (reads and compute serialised).
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.benchmark import bench_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b")
   # embed + head (524 MB) + 3 ring slots (3 x 176 MB) + a 256-token KV reserve < 1 GiB.
-  c.budget = ml_collections.ConfigDict(dict(device="1GiB", host="", disk=""))
-  c.store_dir = ""
-  c.prompt_tokens = 16
-  c.new_tokens = 8
-  c.repeats = 2  # measured runs per system; the fastest decode is kept, all are reported
-  c.warmup = True
-  c.memory_limit = ""
-  c.drop_caches = True  # evict the model's files before each run (and after warm-up)
-  c.drop_method = "fadvise"  # per file; "drop_caches": machine-wide (disturbs others' runs)
-  c.timeline = True
-  c.profile_trace = False
-  c.timeout_s = 900
+  c = bench_config("llama-1b", budget=dict(device="1GiB", host="", disk=""))
   c.order = "layerwise_k2,layerwise_k2_t4,layerwise_k1,layerwise_k0"
-  c.systems = ml_collections.ConfigDict()
+  streamed = dict(offload_tier="disk", resident_layers=0, kv_reserve_tokens=256)
   for k in (0, 1, 2):
-    c.systems[f"layerwise_k{k}"] = dict(
-        kind="hetflow", strategy="layerwise",
-        options=dict(offload_tier="disk", resident_layers=0, prefetch_depth=k,
-                     kv_reserve_tokens=256))
+    c.systems[f"layerwise_k{k}"] = dict(kind="hetflow", strategy="layerwise",
+                                        options=dict(streamed, prefetch_depth=k))
   c.systems.layerwise_k2_t4 = dict(  # fewer, larger requests in flight than the default 8 x 1 MiB
       kind="hetflow", strategy="layerwise",
-      options=dict(offload_tier="disk", resident_layers=0, prefetch_depth=2,
-                   kv_reserve_tokens=256, reader_threads=4, read_chunk=4 << 20))
+      options=dict(streamed, prefetch_depth=2, reader_threads=4, read_chunk=4 << 20))
   c.smoke = {"model": {"name": "llama-tiny"}, "budget": {"device": ""}, "prompt_tokens": 4,
              "new_tokens": 3, "order": "layerwise_k1"}
   return c

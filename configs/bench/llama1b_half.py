@@ -12,29 +12,13 @@ The resident blocks are spread over the depth (every other block), so the
 disk keeps reading while they compute.
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.benchmark import bench_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b")
-  c.budget = ml_collections.ConfigDict(dict(device="3.2GiB", host="", disk=""))
-  c.store_dir = ""
-  c.prompt_tokens = 16
-  c.new_tokens = 8
-  c.repeats = 2  # measured runs per system; the fastest decode is kept, all are reported
-  c.warmup = True
-  c.memory_limit = ""
-  c.drop_caches = True  # evict the model's files before each run (and after warm-up)
-  c.drop_method = "fadvise"  # per file; "drop_caches": machine-wide (disturbs others' runs)
-  c.timeline = True
-  c.profile_trace = False
-  c.timeout_s = 900
+  c = bench_config("llama-1b", budget=dict(device="3.2GiB", host="", disk=""))
   c.order = "layerwise_half_k2,layerwise_half_k1"
-  c.systems = ml_collections.ConfigDict()
   for k in (1, 2):
     c.systems[f"layerwise_half_k{k}"] = dict(
         kind="hetflow", strategy="layerwise",

@@ -10,28 +10,15 @@ token (all but the embedding table) / ~16-24 GB/s ~ 4-6 tok/s; the issue's
 target is hetflow >= 0.9x transformers (WORKSPACE_NOTES.md, "Resident").
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.benchmark import bench_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b")
-  c.budget = ml_collections.ConfigDict(dict(device="", host="", disk=""))
-  c.store_dir = ""
-  c.prompt_tokens = 16
-  c.new_tokens = 32
-  c.warmup = True
-  c.memory_limit = ""
-  c.drop_caches = True
-  c.timeline = False
-  c.profile_trace = False
-  c.timeout_s = 900
+  c = bench_config("llama-1b", new_tokens=32, timeline=False)
   c.order = "resident,transformers"
-  c.systems = ml_collections.ConfigDict()
   c.systems.resident = dict(kind="hetflow", strategy="resident")
   c.systems.transformers = dict(kind="transformers")
-  c.smoke = {"model": {"name": "llama-tiny"}, "new_tokens": 4, "order": "resident"}
+  c.smoke = {"model": {"name": "llama-tiny"}, "new_tokens": 4, "repeats": 1,
+             "order": "resident"}
   return c
