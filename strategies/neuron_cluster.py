@@ -65,6 +65,11 @@ class NeuronClusterOptions:
       leaves (all neurons if there is no budget); 0 disables the cache.
     hot_fraction: share of the cache given to the hot (cluster) region.
     cluster_size: neurons per hot cluster.
+    hot_policy: "static" pins the hottest clusters (by calibration frequency)
+      for good; "lru" also swaps a layer's most active uncached cluster in for
+      the least recently used hot one when its recent activity is
+      `swap_margin` times higher (one sequential read, counted as decode bytes).
+    swap_margin: the hysteresis of "lru".
     admission: cold-region admission: "frequency" (scan-resistant: only
       recently active misses, a bounded number per step, never displacing a
       more active entry) or "all" (plain LRU; thrashes when a token's misses
@@ -80,6 +85,11 @@ class NeuronClusterOptions:
     kv_reserve_bytes: device bytes left for the engine's KV cache when sizing
       the neuron cache; None: one row of min(max positions, 1024) slots.
     min_bucket: smallest padded active-set size.
+    audit: also compute the true active set each decode step (the oracle,
+      held outside the ledger: gate/up of every layer) to report per-layer
+      recall/precision on decode inputs, missed neurons and the ideal bytes
+      (truly active neurons not in the cache). For count measurements, not
+      timed runs or budgeted memory.
   """
 
   predictor: Literal["oracle", "trained"] = "oracle"
@@ -93,6 +103,8 @@ class NeuronClusterOptions:
   cache_bytes: int | str | None = None
   hot_fraction: float = 0.5
   cluster_size: int = 32
+  hot_policy: Literal["static", "lru"] = "static"
+  swap_margin: float = 1.5
   admission: Literal["frequency", "all"] = "frequency"
   admit_decay: float = 0.9
   admit_min: float = 1.5
@@ -102,6 +114,7 @@ class NeuronClusterOptions:
   staging_bytes: int | str = "64MiB"
   kv_reserve_bytes: int | str | None = None
   min_bucket: int = 16
+  audit: bool = False
 
 
 def _bucket(n: int, smallest: int) -> int:
@@ -257,18 +270,28 @@ class NeuronCluster(Strategy):
         self._fixed[g] = put(model.group_tensors(g), "fixed")
 
     # Predictor.
-    if o.predictor == "oracle":
+    def oracle():
       weights = []
       for i in range(c.num_layers):
         keys = [m for m in self.mats if m != "down"] + [
             m + "_bias" for m in self.mats if m != "down"]
         weights.append({k: model.tensor(f"layers/{i}/mlp/{k}") for k in keys
                         if f"layers/{i}/mlp/{k}" in model.shapes})
-      self.predictor = OraclePredictor(c, weights, self._threshold)
+      p = OraclePredictor(c, weights, self._threshold)
+      p.place(sharding, order)
+      return p
+
+    if o.predictor == "oracle":
+      self.predictor = oracle()
     else:
       self.predictor = LowRankPredictor.load(o.predictor_path)
+      self.predictor.place(sharding, order)
     self._allocs.append(ledger.allocate("device", self.predictor.nbytes(), "predictor"))
-    self.predictor.place(sharding, order)
+    # Not in the ledger: an auditing instrument, not part of the system measured.
+    self._truth = None
+    if o.audit:
+      self._truth = self.predictor if o.predictor == "oracle" else oracle()
+    self._audit = np.zeros((c.num_layers, 4), np.int64)  # true pos, false pos, false neg, ideal
 
     # Staging and cache pool: aligned buffers that jax aliases (no copies).
     rec = self.store.record_nbytes
@@ -302,7 +325,8 @@ class NeuronCluster(Strategy):
     self._phase = "prefill"
     self._shapes: set[tuple] = set()
     self._counters = dict(decode_tokens=0, decode_bytes=0, decode_requests=0, prefill_bytes=0,
-                          predicted=0, read_neurons=0, new_shapes_per_token=[])
+                          predicted=0, read_neurons=0, swap_bytes=0,
+                          new_shapes_per_token=[])
     self._fired: list[Any] = []
     self._staging_users: list[list[Any]] = [[], []]  # computations reading each half
 
@@ -415,9 +439,19 @@ class NeuronCluster(Strategy):
 
   def _decode(self, layer, params, x, h):
     o, c = self.options, self.config
-    mask = self.predictor.predict(layer, x, h)  # waits for x: the one sync per layer
+    mask = self.predictor.predict(layer, x, h)
+    # Waits for x: the one sync per layer (earlier computations are done).
     active = np.nonzero(np.asarray(mask).reshape(-1, c.intermediate_size).any(0))[0]
+    if o.hot_policy == "lru" and self.num_slots:
+      self._swap_hot(layer)
     self._counters["predicted"] += len(active)
+    if self._truth is not None:
+      true = np.asarray(self._truth.predict(layer, x, h)).reshape(-1, c.intermediate_size).any(0)
+      predicted = np.zeros_like(true)
+      predicted[active] = True
+      uncached = self.cache.slot_of[layer] < 0 if self.num_slots else np.ones_like(true)
+      self._audit[layer] += [(true & predicted).sum(), (~true & predicted).sum(),
+                             (true & ~predicted).sum(), (true & uncached).sum()]
     if self.num_slots:
       hit_pos, hit_slots, missing = self.cache.lookup(layer, active)
     else:
@@ -464,9 +498,43 @@ class NeuronCluster(Strategy):
       outs.append(self._compute("cache", self.pool_jax, active[:0], active[:0], h, params)[0])
     return outs
 
+  def _swap_hot(self, layer):
+    """Cluster-level LRU: one swap at most per layer step, before its lookup.
+
+    Safe then: every computation reading the pool so far (earlier layers',
+    this layer's previous step) fed x, which the predictor's output waited
+    for; this step's have not started.
+    """
+    swap = self.cache.swap_candidate(layer, self.options.swap_margin)
+    if swap is None:
+      return
+    index, cluster = swap
+    first, positions = self.cache.place_hot(index, layer, cluster)
+    rec = self.store.record_nbytes
+    reqs = [(off, n, dst + first * rec) for off, n, dst in self.store.requests(positions, True)]
+    for f in self.reader.read(self.store.file(layer), self.pool, reqs):
+      f.result()
+    self._counters["decode_bytes"] += sum(r[1] for r in reqs)
+    self._counters["decode_requests"] += len(reqs)
+    self._counters["swap_bytes"] += sum(r[1] for r in reqs)
+    self.cache.counters.cluster_swaps += 1
+
   # -- reporting ----------------------------------------------------------------
 
   def stats(self) -> dict[str, Any]:
+    """Counters since load.
+
+    Byte figures per decode token: `disk_bytes_per_token` read;
+    `useful_bytes_per_token` of read neurons that really fired (from their
+    computed activations); `false_positive_bytes_per_token` of read neurons
+    that did not fire. With `audit`: `ideal_bytes_per_token` = bytes of truly
+    active neurons not in the cache when the step looked (what a perfect
+    predictor would read), `missed_neurons_per_token` (false negatives,
+    computed without: the approximation), and per-layer recall/precision on
+    decode inputs. Without audit the truth of unread neurons is unknown and
+    `ideal_bytes_per_token` falls back to the useful bytes (`ideal_exact`
+    says which).
+    """
     k = dict(self._counters)
     n = max(k["decode_tokens"], 1)
     fired = int(sum(int(f) for f in self._fired))
@@ -474,13 +542,21 @@ class NeuronCluster(Strategy):
     per_token = k["decode_bytes"] / n
     useful = fired * neuron / n
     f_total = self.config.num_layers * self.config.intermediate_size
-    return {
+    tp, fp, fn, uncached = self._audit.T
+    audited = self._truth is not None
+    ideal = uncached.sum() * neuron / n if audited else useful
+    out = {
         "decode_tokens": k["decode_tokens"],
         "disk_bytes_per_token": per_token,
-        "ideal_bytes_per_token": useful,
-        "read_amplification": per_token / useful if useful else float("nan"),
+        "ideal_bytes_per_token": ideal,
+        "ideal_exact": audited,
+        "useful_bytes_per_token": useful,
+        "false_positive_bytes_per_token": (k["read_neurons"] - fired) * neuron / n,
+        "read_amplification": per_token / ideal if ideal else float("nan"),
         "requests_per_token": k["decode_requests"] / n,
+        "cluster_swap_bytes_per_token": k["swap_bytes"] / n,
         "predicted_density": k["predicted"] / n / f_total,
+        "read_neurons_per_token": k["read_neurons"] / n,
         "prefill_disk_bytes": k["prefill_bytes"],
         "cache_slots": self.num_slots,
         "cache_fraction": self.num_slots / f_total,
@@ -492,6 +568,15 @@ class NeuronCluster(Strategy):
         "decode": {"disk_bytes": k["decode_bytes"], "useful_bytes": fired * neuron,
                    "requests": k["decode_requests"]},
     }
+    if audited:
+      out.update(
+          missed_neurons_per_token=fn.sum() / n,
+          true_density=(tp + fn).sum() / n / f_total,
+          recall=float(tp.sum() / max((tp + fn).sum(), 1)),
+          precision=float(tp.sum() / max((tp + fp).sum(), 1)),
+          layer_recall=[float(a / max(a + b, 1)) for a, b in zip(tp, fn)],
+          layer_precision=[float(a / max(a + b, 1)) for a, b in zip(tp, fp)])
+    return out
 
   def close(self):
     reader = getattr(self, "reader", None)

@@ -27,7 +27,9 @@ def reference(request):
     dict(cache_bytes="64KiB", cluster_size=8),
     dict(cache_bytes=None),
     dict(cache_bytes="64KiB", pipeline=False, layout="split"),
-], ids=["no-cache", "small-cache", "full-cache", "split-serial"])
+    dict(cache_bytes="64KiB", cluster_size=8, hot_policy="lru", swap_margin=1.0,
+         admission="all"),
+], ids=["no-cache", "small-cache", "full-cache", "split-serial", "cluster-lru"])
 def test_oracle_matches_resident_exactly(reference, options):
   model, ids, tokens, logits = reference
   with Engine(model, "neuron_cluster", options=options) as engine:
@@ -38,6 +40,22 @@ def test_oracle_matches_resident_exactly(reference, options):
     assert s["decode_tokens"] == NEW_TOKENS - 1
     if options["cache_bytes"] is None:
       assert s["disk_bytes_per_token"] == 0 or s["cache"]["misses"] < s["cache"]["hot_hits"]
+    if options.get("hot_policy") == "lru":
+      assert s["cache"]["cluster_swaps"] > 0 and s["cluster_swap_bytes_per_token"] > 0
+
+
+def test_audit_counts_with_the_oracle(reference):
+  """The oracle reads exactly the truly active, uncached neurons: no false positives or misses."""
+  model, ids, tokens, _ = reference
+  with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8,
+                                                    audit=True)) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  np.testing.assert_array_equal(out.tokens, tokens)
+  s = out.stats["strategy"]
+  assert s["ideal_exact"] and s["recall"] == 1.0 and s["precision"] == 1.0
+  assert s["missed_neurons_per_token"] == 0 and s["false_positive_bytes_per_token"] == 0
+  assert s["ideal_bytes_per_token"] == s["useful_bytes_per_token"] > 0
+  assert s["disk_bytes_per_token"] >= s["ideal_bytes_per_token"]
 
 
 def test_ledger_peak_stays_within_budget(reference):
@@ -79,10 +97,14 @@ def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
   recall = [r.recall for r in p.reports]
   with Engine(model, "neuron_cluster", options=dict(
       predictor="trained", predictor_path=path,
-      stats_path=os.path.join(tmp_path, "stats.npz"), cache_bytes="32KiB")) as engine:
+      stats_path=os.path.join(tmp_path, "stats.npz"), cache_bytes="32KiB",
+      audit=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
   agreement = float((out.tokens == tokens).mean())
-  print(f"{model.config.name}: per-layer recall {np.round(recall, 3)},"
-        f" token agreement with dense {agreement:.2f}")
+  s = out.stats["strategy"]
+  print(f"{model.config.name}: per-layer recall {np.round(recall, 3)} (held out),"
+        f" on decode {np.round(s['layer_recall'], 3)}, precision"
+        f" {np.round(s['layer_precision'], 3)}; token agreement with dense {agreement:.2f}")
   assert min(recall) > 0.95
+  assert s["useful_bytes_per_token"] <= s["ideal_bytes_per_token"]
   assert 0.0 <= agreement <= 1.0 and out.stats["strategy"]["predicted_density"] < 0.6

@@ -179,3 +179,22 @@ def test_frequency_admission_resists_scans():
     pos, _, missing = lru.lookup(0, active)
     lru.admit(0, missing)
   assert not np.isin(steady, pos).any()
+
+
+def test_cluster_lru_swaps_in_an_active_cluster():
+  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=8, hot_slots=8, cluster_size=4)
+  freq = np.zeros((2, 64))
+  freq[0, :8] = 1.0
+  for i, (layer, cl) in enumerate(cache.choose_hot(freq)):
+    cache.place_hot(i, layer, cl)
+  assert cache.swap_candidate(1) is None  # nothing active yet
+  for _ in range(3):
+    cache.lookup(0, np.array([0, 1]))  # cluster (0, 0) stays in use, (0, 1) idles
+    cache.lookup(1, np.array([20, 21, 22]))  # cluster (1, 5) is busy outside the hot region
+  index, cluster = cache.swap_candidate(1)
+  assert cluster == 5 and cache.hot_owner[index] == (0, 1)
+  first, positions = cache.place_hot(index, 1, cluster)
+  assert list(positions) == [20, 21, 22, 23] and cache.slot_of[0, 4] == -1
+  pos, slots, missing = cache.lookup(1, np.array([21, 30]))
+  assert list(pos) == [21] and slots[0] == first + 1 and list(missing) == [30]
+  assert cache.swap_candidate(1) is None  # (0, 0) is in use: no better swap

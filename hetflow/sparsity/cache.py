@@ -4,10 +4,12 @@ One pool of neuron-record slots shared by every layer, in two regions:
 
 * hot: clusters (runs of `cluster_size` adjacent records in hotness order, i.e.
   neurons that fire often) chosen by summed firing frequency across all
-  layers, loaded at start with one sequential read per cluster and pinned.
-  When `cluster_lru` is on, a decode step whose active set covers at least
-  `admit_fraction` of an uncached hot-ranked cluster swaps it in for the least
-  recently used hot cluster (cluster-level LRU).
+  layers, loaded at start with one sequential read per cluster. Static by
+  default; with the strategy's `hot_policy="lru"`, `swap_candidate` proposes
+  replacing the least recently used hot cluster by this layer's most active
+  uncached cluster when that one's recent activity (decayed active count)
+  is clearly higher (cluster-level LRU; the swap costs one sequential read of
+  the cluster).
 * cold: single neurons, admitted on a miss, evicted least recently used.
   With `admission="frequency"` (the default) the region is scan-resistant:
   a step's misses are admitted only if they were active recently (a decayed
@@ -90,6 +92,9 @@ class SegmentedCache:
     self.cold_slots = num_slots - self.hot_slots
     # Decayed count of steps each neuron was active in: the admission filter.
     self.activity = np.zeros((num_layers, num_neurons), np.float32)
+    self.cluster_activity = np.zeros((num_layers, num_neurons // max(cluster_size, 1)),
+                                     np.float32)
+    self.hot_index: dict[tuple[int, int], int] = {}  # (layer, cluster) -> hot cluster slot
     self.counters = CacheCounters()
 
   # -- hot region -----------------------------------------------------------
@@ -113,6 +118,7 @@ class SegmentedCache:
     old = self.hot_owner[index]
     if old is not None:
       self.slot_of[old[0], old[1] * c:(old[1] + 1) * c] = -1
+      del self.hot_index[old]
     positions = np.arange(cluster * c, (cluster + 1) * c)
     # A cluster entering the hot region may have members in the cold region.
     for p in positions:
@@ -122,9 +128,33 @@ class SegmentedCache:
     first = index * c
     self.slot_of[layer, positions] = np.arange(first, first + c)
     self.hot_owner[index] = (layer, cluster)
+    self.hot_index[(layer, cluster)] = index
     self.hot_lru[index] = None
     self.hot_lru.move_to_end(index)
     return first, positions
+
+  def swap_candidate(self, layer: int, margin: float = 1.5) -> tuple[int, int] | None:
+    """(hot cluster slot, cluster of `layer`) to swap in, or None.
+
+    The candidate is `layer`'s most active cluster outside the hot region; it
+    replaces the least recently used hot cluster if its activity exceeds
+    `margin` times that cluster's (hysteresis: a swap costs a read). Call it
+    before the step's lookup, when no computation reads the victim's slots.
+    """
+    if not self.num_clusters_hot or not self.cluster_activity.shape[1]:
+      return None
+    act = self.cluster_activity[layer].copy()
+    for (l, cl) in self.hot_index:
+      if l == layer:
+        act[cl] = -1.0
+    cand = int(np.argmax(act))
+    victim = self.hot_victim(set())
+    if act[cand] <= 0 or victim is None:
+      return None
+    vl, vc = self.hot_owner[victim]
+    if act[cand] <= margin * self.cluster_activity[vl, vc]:
+      return None
+    return victim, cand
 
   def hot_victim(self, protect: set[int]) -> int | None:
     """Least recently used hot cluster slot not in `protect`."""
@@ -144,6 +174,11 @@ class SegmentedCache:
     """
     self.activity[layer] *= self.decay
     self.activity[layer, positions] += 1.0
+    n = self.cluster_activity.shape[1]
+    self.cluster_activity[layer] *= self.decay
+    if n:
+      self.cluster_activity[layer] += np.bincount(
+          positions // self.cluster_size, minlength=n + 1)[:n]  # the tail is no cluster
     slots = self.slot_of[layer, positions]
     hit = slots >= 0
     cached = slots[hit]

@@ -190,7 +190,8 @@ class OraclePredictor:
     self._fn = jax.jit(lambda w, h: jnp.abs(intermediate(config, w, h)) > threshold)
 
   def nbytes(self) -> int:
-    return sum(a.nbytes for w in self.weights for a in w.values())
+    weights = self.weights if self.weights is not None else self._device
+    return sum(a.nbytes for w in weights for a in w.values())
 
   def place(self, sharding, permute: np.ndarray | None = None) -> None:
     out = []
