@@ -27,7 +27,7 @@ def reference(request):
     dict(cache_bytes="64KiB", cluster_size=8),
     dict(cache_bytes=None),
     dict(cache_bytes="64KiB", pipeline=False, layout="split"),
-    dict(cache_bytes="64KiB", cluster_size=8, hot_policy="lru", swap_margin=1.0,
+    dict(cache_bytes="64KiB", cluster_size=4, hot_policy="lru", swap_margin=0.25,
          admission="all"),
 ], ids=["no-cache", "small-cache", "full-cache", "split-serial", "cluster-lru"])
 def test_oracle_matches_resident_exactly(reference, options):
