@@ -27,9 +27,16 @@ def _plan(series: dict, model, budget, profile):
   """The series' plan at `budget`, trying its fallback options if it does not fit.
 
   A series with `shape_plan=True` (neuron_cluster only) is planned from shapes
-  by hetflow.sparsity.cost where the strategy refuses the model (MoE).
+  by hetflow.sparsity.cost where the strategy refuses the model (MoE); with
+  `shape_plan="always"` it always is (options may then set weight_bits).
   """
   options = dict(series.get("options") or {})
+  if series.get("shape_plan") == "always":  # e.g. int4 weights, which hetflow cannot hold
+    from hetflow.sparsity import cost
+    try:
+      return cost.shape_placement(model, budget, options), "planned from shapes"
+    except BudgetExceeded as e:
+      return None, f"needs {e.minimum / 1e9:.2f} GB"
   try:
     return get_strategy(series["strategy"])(options).plan(model, budget, profile), ""
   except BudgetExceeded as first:

@@ -60,6 +60,12 @@ def get_config(arg=None):
            options=dict(offload_tier="disk", resident_layers="auto", kv_reserve_tokens=1024),
            paper={m: [(gb, None)] for m, gb in levels.items()}),
   ]
+  # The paper's precision for neuron_cluster (no int4 llama.cpp stand-in here).
+  c.series.append(dict(label="neuron_cluster int4", strategy="neuron_cluster",
+                       shape_plan="always",
+                       options=dict(c.series[0]["options"], weight_bits=4),
+                       paper={m: [(memory_for_ffn_in_flash(m, 0.5, weight_bits=4), None)]
+                              for m in MODELS}))
   c.ratios = [dict(model=m, gb=gb, numerator=nc, denominator=lw, paper=SPEEDUP,
                    label="speed-up over llama.cpp") for m, gb in levels.items()]
   c.models = list(MODELS)

@@ -273,7 +273,7 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
   read = cache.misses.sum() * scale
   if s["layout"] == "split":  # bytes asked for; O_DIRECT transfers 4 KiB per row
     mats = len(_matrices(model))
-    row = model.config.hidden_size * np.dtype(model.dtype).itemsize
+    row = model.config.hidden_size * np.dtype(model.dtype).itemsize * _weight_scale(model, s)
     nbytes, requests = read * mats * row, read * mats
   else:
     nbytes, requests = read * s["record_nbytes"], cache.requests.sum() * scale
@@ -288,6 +288,23 @@ def _matrices(model) -> tuple[str, ...]:
 def _neuron_bytes(model) -> int:
   """Bytes of weights one neuron's computation touches (its rows, unpadded)."""
   return len(_matrices(model)) * model.config.hidden_size * np.dtype(model.dtype).itemsize
+
+
+def _weight_scale(model, s: dict[str, Any]) -> float:
+  """Stored bytes per weight relative to the model's dtype ("weight_bits" in the details:
+  quantised weights that hetflow has no dtype for, e.g. PowerInfer-2's int4)."""
+  bits = s.get("weight_bits")
+  return bits / (8 * np.dtype(model.dtype).itemsize) if bits else 1.0
+
+
+def _kernels_time(ctx, group: str, scale: float) -> float:
+  """A layer half's compute with its kernels `scale` times their dtype's bytes."""
+  seconds = sum(ctx.compute_time("device", scale * m.nbytes, m.num_params)
+                for m in costmodel.group_matrices(ctx.model, group))
+  if group.endswith("/attn"):  # the KV cache keeps the compute dtype
+    seconds += costmodel.attention_core_time(ctx.model, ctx.profile, "device", ctx.batch,
+                                             ctx.tokens, ctx.context)
+  return seconds
 
 
 def _disk_bw(profile, size: float, depth: int) -> float:
@@ -308,7 +325,8 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
   n_layers, mats = c.num_layers, len(_matrices(model))
   n = neurons_per_layer(c)
   rec = s["record_nbytes"]
-  neuron = _neuron_bytes(model)
+  q = _weight_scale(model, s)
+  neuron = _neuron_bytes(model) * q
   mem_bw = prof.memory_bw
   cpu_bw = costmodel.matvec_bw(prof, "cpu", model.dtype)
   if ctx.phase == "decode":
@@ -328,7 +346,7 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
     prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
                    overhead=False)
     for i in range(n_layers):
-      prev = ctx.add("device", ctx.half_time(f"layers/{i}/attn"), (prev,), "attn", i)
+      prev = ctx.add("device", _kernels_time(ctx, f"layers/{i}/attn", q), (prev,), "attn", i)
       if ctx.phase != "decode":
         prev = _prefill_ffn(ctx, i, prev, n, rec, neuron, staging_cap)
         continue
@@ -339,7 +357,7 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
       # Gathered rows are copied (jnp.take) and then multiplied.
       work = lambda k: k * neuron * (1 / cpu_bw + 1 / mem_bw)  # noqa: E731
       if s["layout"] == "split":
-        nbytes = misses * mats * round_up(c.hidden_size * np.dtype(model.dtype).itemsize)
+        nbytes = misses * mats * round_up(int(c.hidden_size * np.dtype(model.dtype).itemsize * q))
         size = nbytes / max(misses * mats, 1e-12)
       else:
         nbytes = misses * rec
@@ -359,7 +377,10 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
       # Admitted records are copied into the cache pool.
       admit = misses * rec / mem_bw if s["cache_slots"] else 0.0
       prev = ctx.add("cpu", admit, tuple(parts), "sum + admit", i)
-    prev = ctx.add("device", ctx.head_time(), (prev,), "head")
+    params = c.embed_dim * c.vocab_size
+    head = costmodel.matmul_time(prof, "device", q * params * np.dtype(model.dtype).itemsize,
+                                 params, ctx.batch, model.dtype)
+    prev = ctx.add("device", head, (prev,), "head")
 
 
 def _prefill_ffn(ctx, layer, prev, n, rec, neuron, staging_cap) -> int:
@@ -385,7 +406,11 @@ def _prefill_ffn(ctx, layer, prev, n, rec, neuron, staging_cap) -> int:
 
 
 def shape_placement(model, budget, options: dict[str, Any] | None = None) -> Placement:
-  """A neuron_cluster placement sized from shapes, for MoE models the strategy refuses.
+  """A neuron_cluster placement sized from shapes, for what the strategy does not run.
+
+  That is MoE models, and quantised weights: `options` may add "weight_bits"
+  (e.g. 4 for PowerInfer-2's int4) to NeuronClusterOptions' fields; weights
+  (not the KV cache, not the predictor) are then sized and read at that width.
 
   Mirrors NeuronCluster.plan: the fixed region (everything but the neurons'
   rows), the predictor, the staging buffer and a KV reserve come first; the
@@ -397,14 +422,19 @@ def shape_placement(model, budget, options: dict[str, Any] | None = None) -> Pla
   """
   from strategies.neuron_cluster import NeuronClusterOptions
 
-  o = NeuronClusterOptions(**(options or {}))
+  options = dict(options or {})
+  bits = options.pop("weight_bits", None)
+  o = NeuronClusterOptions(**options)
   c = model.config
   item = np.dtype(model.dtype).itemsize
+  wq = bits / 8 if bits else item  # bytes per stored weight
   mats = len(_matrices(model))
   n = neurons_per_layer(c)
-  record = round_up(mats * c.hidden_size * item)
+  record = round_up(int(mats * c.hidden_size * wq))
   neurons = mats * c.hidden_size * n * item
-  fixed = sum(model.group_nbytes(g) for g in model.group_names()) - c.num_layers * neurons
+  # Everything but the neurons' rows, at the stored width (norms too: negligible).
+  fixed = int((sum(model.group_nbytes(g) for g in model.group_names())
+               - c.num_layers * neurons) * wq / item)
   if o.predictor == "oracle":
     predictor = c.num_layers * (mats - 1) * c.hidden_size * n * item
   else:  # rank D/16, as NeuronCluster plans an untrained one (float32)
@@ -426,8 +456,9 @@ def shape_placement(model, budget, options: dict[str, Any] | None = None) -> Pla
   if o.cache_bytes is not None:
     cache = min(cache, parse_bytes(o.cache_bytes))
   slots = cache // record
-  details = dict(dataclasses.asdict(o), record_nbytes=record, row_stride=c.hidden_size * item,
-                 cache_slots=slots, predictor_nbytes=predictor, staging_nbytes=staging)
+  details = dict(dataclasses.asdict(o), record_nbytes=record, row_stride=int(c.hidden_size * wq),
+                 cache_slots=slots, predictor_nbytes=predictor, staging_nbytes=staging,
+                 weight_bits=bits)
   groups = {g: (GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache", details)
                 if g.endswith("/mlp") else
                 GroupPlacement("device", model.group_nbytes(g), "fixed region"))
@@ -439,11 +470,13 @@ def shape_placement(model, budget, options: dict[str, Any] | None = None) -> Pla
       "device": predictor + staging + slots * record}, notes=notes)
 
 
-def memory_for_ffn_in_flash(name: str, fraction: float, dtype: str = "float16") -> float:
+def memory_for_ffn_in_flash(name: str, fraction: float, dtype: str = "float16",
+                            weight_bits: int | None = None) -> float:
   """GB of memory that leaves `fraction` of a named model's FFN weights in flash.
 
   The model's bytes minus that share of its FFN neurons' rows (shapes only),
-  as PowerInfer-2 states its "50% of FFN weights in flash" setting.
+  as PowerInfer-2 states its "50% of FFN weights in flash" setting; with
+  `weight_bits`, every weight counted at that width.
   """
   from hetflow.checkpoints import synthetic_model
   from hetflow.config import DTYPES
@@ -453,4 +486,5 @@ def memory_for_ffn_in_flash(name: str, fraction: float, dtype: str = "float16") 
   ffn = c.num_layers * len(_matrices(model)) * c.hidden_size * neurons_per_layer(c)
   ffn *= np.dtype(model.dtype).itemsize
   total = sum(model.group_nbytes(g) for g in model.group_names())
-  return round((total - fraction * ffn) / 1e9, 2)
+  scale = weight_bits / (8 * np.dtype(model.dtype).itemsize) if weight_bits else 1.0
+  return round(scale * (total - fraction * ffn) / 1e9, 2)
