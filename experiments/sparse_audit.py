@@ -9,6 +9,8 @@ systems' options; no timings (valid on a loaded machine).
 
 import json
 
+import numpy as np
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -20,6 +22,7 @@ _SYSTEMS = flags.DEFINE_list("systems", ["nc_pipeline"], "neuron_cluster systems
 _PROMPTS = flags.DEFINE_integer("prompts", 4, "fixed prompts (benchmark seeds 0..n-1)")
 _OVERRIDES = flags.DEFINE_string("overrides", "{}", "JSON options merged into every system")
 _OUT = flags.DEFINE_string("out", None, "JSON file for the results")
+_REFERENCE = flags.DEFINE_string("reference", None, "an earlier --out: reuse its dense tokens")
 
 
 def main(argv):
@@ -27,9 +30,13 @@ def main(argv):
   c = _CONFIG.value
   model = config_lib.build_model(c.model)
   budget = config_lib.build_budget(c.budget)
-  ref = reference_tokens(model, _PROMPTS.value, c.prompt_tokens, c.new_tokens)
+  if _REFERENCE.value:
+    with open(_REFERENCE.value) as f:
+      ref = np.array(json.load(f)["reference"])
+  else:
+    ref = reference_tokens(model, _PROMPTS.value, c.prompt_tokens, c.new_tokens)
   print(f"dense reference: {ref.tolist()}", flush=True)
-  results = {}
+  results = {"reference": ref.tolist()}
   for name in _SYSTEMS.value:
     options = dict(config_lib.to_dict(c.systems[name].options), **json.loads(_OVERRIDES.value))
     results[name] = audit(model, options, ref, c.prompt_tokens, budget)
