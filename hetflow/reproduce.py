@@ -17,8 +17,8 @@ import sys
 from typing import Any
 
 from hetflow import hardware, simulate
-from hetflow.config import DTYPES, to_dict
 from hetflow.checkpoints import synthetic_model
+from hetflow.config import DTYPES, to_dict
 from hetflow.memory.budget import Budget, BudgetExceeded
 from hetflow.strategy import get_strategy
 
