@@ -101,6 +101,24 @@ def test_predictor_trains_reports_and_round_trips(tmp_path, recorded):
   assert np.array_equal(np.asarray(p.predict(1, x)), np.asarray(q.predict(1, x)))
 
 
+def test_svd_and_exact_gate_predictors():
+  """Weight-derived predictors: the exact gate misses nothing, its SVD is close."""
+  model = hetflow.synthetic_model("llama-tiny-sparse", sparsity=0.9, hotness="zipf:1.1", seed=0)
+  ids = stats.calibration_ids(model.config, 1024, seed=3)
+  _, samples = stats.record_activations(model, ids, samples=True)
+  exact = {i: predictor.exact_gate_params(model.config, model.group_tensors(f"layers/{i}/mlp"))
+           for i in range(model.config.num_layers)}
+  options = predictor.TrainOptions(ranks=(8, 16), method="svd", target_recall=0.99,
+                                   exact_layers=(0,))
+  p = predictor.train_predictors(samples, options, progress=None, exact=exact)
+  assert p.ranks[0] == 0 and p.reports[0].recall == 1.0  # exact: gate > 0 is necessary
+  for r in p.reports[1:]:
+    assert r.recall >= 0.98 and r.predicted_density < 0.35
+  with pytest.raises(ValueError, match="dReLU"):
+    opt = hetflow.synthetic_model("opt-tiny-sparse")
+    predictor.exact_gate_params(opt.config, opt.group_tensors("layers/0/mlp"))
+
+
 def test_bundle_store_layouts(tmp_path):
   model = hetflow.synthetic_model("llama-tiny-sparse")
   f, d = model.config.intermediate_size, model.config.hidden_size

@@ -8,9 +8,10 @@ generations for decode-step samples run the resident engine: 4.4 GB of
 weights); generating the synthetic weights three times (calibration,
 recording, generation) and training dominate: ~10-20 min. A finished run is
 reused when the config matches (<workdir>/fingerprint.json).
-Expect: measured density ~0.1 per layer (0.09-0.11); on held-out decode steps
-recall ~0.99 (the target) at predicted density <= 2x the true density on
-layers >= 1; layer 0 exact (its gate, 46 MB: recall 1.0); predictor ~3% of the
+Expect: measured density ~0.1 per layer on calibration prompts (0.10-0.12),
+higher on decode steps (short contexts: ~0.21 at layer 0 to ~0.13); per layer
+the rank-128/256 SVD of the gate map at recall 0.99 (the target) on held-out
+decode steps, predicted density <= 2x the true one; predictor ~2% of the
 model's bytes.
 """
 
@@ -30,9 +31,10 @@ def get_config(arg=None):
   c.threshold = 0.0
   # Decode-step samples (the benchmark decodes 16 tokens after a 16-token prompt).
   c.decode = dict(prompts=16, prompt_tokens=16, new_tokens=32)
-  c.train = dict(ranks=(128, 256), target_recall=0.99, max_density_ratio=2.0, steps=300,
-                 batch_size=256, learning_rate=3e-3, positive_weight=4.0, exact_layers=(0,))
+  # The truncated SVD of each layer's gate map (no training): a trained MLP
+  # reached recall 0.99 on decode steps only by predicting ~95% of neurons.
+  c.train = dict(method="svd", ranks=(128, 256), target_recall=0.99, max_density_ratio=2.0,
+                 steps=300, batch_size=256, learning_rate=3e-3, positive_weight=4.0)
   c.smoke = {"model": {"name": "llama-tiny-sparse"}, "calibration_tokens": 256,
-             "decode": {"prompts": 2, "new_tokens": 4},
-             "train": {"ranks": (8,), "steps": 20}}
+             "decode": {"prompts": 2, "new_tokens": 4}, "train": {"ranks": (8,)}}
   return c

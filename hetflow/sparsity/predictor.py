@@ -62,6 +62,10 @@ class TrainOptions:
     seed: initialisation and batching.
     exact_layers: layers given the exact gate predictor instead (Llama with
       dReLU only; needs the layer's weights, see `exact_gate_params`).
+    method: "mlp" trains PowerInfer's low-rank MLP on the samples; "svd"
+      takes the rank-r truncated SVD of the exact gate map (Llama dReLU only;
+      needs the weights): no training, so no distribution shift to learn,
+      only the threshold is set on the validation samples.
   """
 
   ranks: tuple[int, ...] = (32, 64, 128, 256)
@@ -74,6 +78,7 @@ class TrainOptions:
   validation_fraction: float = 0.2
   seed: int = 0
   exact_layers: tuple[int, ...] = ()
+  method: str = "mlp"
 
 
 @dataclasses.dataclass
@@ -98,6 +103,8 @@ class LayerReport:
 def _forward(p, x):
   if "exact" in p:  # exact gate predictor: a linear map, threshold 0
     return x @ p["exact"]
+  if "u" in p:  # truncated SVD of the exact gate map
+    return (x @ p["u"]) @ p["v"]
   z = (x - p["mean"]) * p["inv_std"]
   return jax.nn.relu(z @ p["fc1"] + p["b1"]) @ p["fc2"] + p["b2"]
 
@@ -127,7 +134,8 @@ class LowRankPredictor:
   @property
   def ranks(self) -> list[int]:
     """Per layer rank (0 for an exact gate layer)."""
-    return [int(p["fc1"].shape[1]) if "fc1" in p else 0 for p in self.params]
+    return [int(p["fc1"].shape[1]) if "fc1" in p else int(p["u"].shape[1]) if "u" in p else 0
+            for p in self.params]
 
   def place(self, sharding, permute: np.ndarray | None = None) -> None:
     """Puts the weights on a device, output columns in `permute`'s order [L, F]."""
@@ -136,6 +144,8 @@ class LowRankPredictor:
       p = dict(p)
       if permute is not None and "exact" in p:
         p["exact"] = p["exact"][:, permute[i]]
+      elif permute is not None and "v" in p:
+        p["v"] = p["v"][:, permute[i]]
       elif permute is not None:
         p["fc2"], p["b2"] = p["fc2"][:, permute[i]], p["b2"][permute[i]]
       out.append(jax.device_put(p, sharding))
@@ -215,6 +225,22 @@ def exact_gate_params(config: ModelConfig, mlp: dict[str, np.ndarray]) -> dict[s
   return {"exact": (mlp["norm"][:, None] * mlp["gate"]).astype(np.float32)}
 
 
+def svd_params(exact: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+  """Rank-`rank` truncation of an exact gate predictor (x @ u @ v ~ x @ exact)."""
+  u, sv, vt = np.linalg.svd(exact["exact"].astype(np.float64), full_matrices=False)
+  return {"u": (u[:, :rank] * sv[:rank]).astype(np.float32),
+          "v": vt[:rank].astype(np.float32)}
+
+
+def _fit_threshold(p, x_va, y_va, rank, options):
+  logits = np.asarray(jax.jit(_forward)(p, jnp.asarray(x_va)))
+  pos = logits[y_va]
+  # The (1 - target_recall) quantile of the firing neurons' scores: the
+  # highest threshold (so the best precision) that reaches the target.
+  thr = float(np.quantile(pos, 1.0 - options.target_recall)) if pos.size else 0.0
+  return thr, evaluate(p, thr, x_va, y_va, rank)
+
+
 def evaluate(p: dict[str, np.ndarray], threshold: float, x: np.ndarray, y: np.ndarray,
              rank: int = 0) -> LayerReport:
   """Recall, precision and densities of one layer's predictor on (x [N, D], y [N, F])."""
@@ -262,12 +288,8 @@ def _train_layer(x_tr, y_tr, x_va, y_va, rank: int, options: TrainOptions, key):
     idx = rng.integers(0, n, bs)
     trainable, state, _ = step(trainable, state, x_tr_j[idx], y_tr_j[idx])
   params = {k: np.asarray(v) for k, v in {**fixed, **trainable}.items()}
-  logits = np.asarray(jax.jit(_forward)(params, jnp.asarray(x_va)))
-  pos = logits[y_va]
-  # Threshold: the (1 - target_recall) quantile of the firing neurons' logits:
-  # the highest threshold (so the best precision) that reaches the target.
-  thr = float(np.quantile(pos, 1.0 - options.target_recall)) if pos.size else 0.0
-  return params, thr, evaluate(params, thr, x_va, y_va, rank)
+  thr, report = _fit_threshold(params, x_va, y_va, rank, options)
+  return params, thr, report
 
 
 def train_predictors(samples: Samples, options: TrainOptions = TrainOptions(),
@@ -284,7 +306,8 @@ def train_predictors(samples: Samples, options: TrainOptions = TrainOptions(),
     validation: held-out pairs the threshold is set on and the reports come
       from (decode-step inputs, as the runtime sees them); None holds out
       `validation_fraction` of `samples`.
-    exact: layer -> exact_gate_params, for `options.exact_layers`.
+    exact: layer -> exact_gate_params, for `options.exact_layers` and for
+      every layer with method "svd".
 
   Returns:
     A LowRankPredictor with per-layer held-out reports.
@@ -316,7 +339,13 @@ def train_predictors(samples: Samples, options: TrainOptions = TrainOptions(),
     best = None
     for rank in sorted(options.ranks):
       key, sub = jax.random.split(key)
-      p, thr, rep = _train_layer(x_tr, y_tr, x_va, y_va, rank, options, sub)
+      if options.method == "svd":
+        if not exact or layer not in exact:
+          raise ValueError(f"method 'svd' needs layer {layer}'s exact_gate_params.")
+        p = svd_params(exact[layer], rank)
+        thr, rep = _fit_threshold(p, x_va, y_va, rank, options)
+      else:
+        p, thr, rep = _train_layer(x_tr, y_tr, x_va, y_va, rank, options, sub)
       if progress:
         progress(f"layer {layer:3d} rank {rank:5d}: recall {rep.recall:.3f} precision"
                  f" {rep.precision:.3f} predicted density {rep.predicted_density:.3f}"

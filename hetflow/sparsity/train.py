@@ -27,7 +27,7 @@ from hetflow.sparsity.predictor import (LowRankPredictor, TrainOptions, exact_ga
                                         train_predictors)
 from hetflow.sparsity.stats import Samples, calibration_ids, record_activations
 
-_VERSION = 2  # 2: decode-step samples, exact layers
+_VERSION = 2  # 2: decode-step samples, exact layers, svd
 
 
 def _fingerprint(config: Any) -> dict[str, Any]:
@@ -113,8 +113,11 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
 
   options = TrainOptions(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
                             for k, v in config_lib.to_dict(config.train).items()})
-  exact = {i: exact_gate_params(model.config, model.group_tensors(f"layers/{i}/mlp"))
-           for i in options.exact_layers}
+  layers = (range(model.config.num_layers) if options.method == "svd"
+            else options.exact_layers)
+  exact = {i: exact_gate_params(model.config, {k: model.tensor(f"layers/{i}/mlp/{k}")
+                                               for k in ("norm", "gate")})
+           for i in layers}
   predictor = train_predictors(samples, options, progress=lambda s: print(s, flush=True),
                                validation=validation, exact=exact)
   predictor.save(path)
