@@ -57,6 +57,18 @@ def test_hot_region_takes_the_hottest_clusters_and_cold_lru_follows_che():
   assert cost.estimate_cache(p, 160, 0.2, 32, tokens=3).hit_rate < more.hit_rate
 
 
+def test_frequency_admission_keeps_the_hottest_cold_neurons():
+  p = np.sort(np.random.default_rng(0).uniform(0, 0.3, (2, 128)))[:, ::-1]
+  est = cost.estimate_cache(p, 96, hot_fraction=1 / 3, cluster_size=32, admission="frequency")
+  # 32 hot slots: layer 0's hottest cluster; 64 cold slots: the next 64 hottest neurons.
+  rest = np.sort(np.concatenate([p[0, 32:], p[1]]))[::-1]
+  assert est.hot_hits.sum() == pytest.approx(p[0, :32].sum())
+  assert est.cold_hits.sum() == pytest.approx(rest[:64].sum())
+  # From a cold start they have to earn their place first.
+  assert cost.estimate_cache(p, 96, 1 / 3, 32, tokens=4,
+                             admission="frequency").cold_hits.sum() < est.cold_hits.sum()
+
+
 def test_moe_law_routes_k_of_x_experts():
   model = hetflow.synthetic_model("turbosparse-mixtral-47b", dtype=jnp.float16)
   freq = cost.layer_frequencies(model)

@@ -163,7 +163,8 @@ def _che_horizon(p: np.ndarray, slots: int) -> float:
 
 def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
                    cluster_size: int = 32, tokens: int | None = None,
-                   coalesce: bool = True) -> CacheEstimate:
+                   coalesce: bool = True, admission: str = "all", admit_decay: float = 0.9,
+                   admit_min: float = 1.5) -> CacheEstimate:
   """Expected hits, misses and read requests per token for a segmented cache.
 
   Args:
@@ -174,6 +175,13 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
     tokens: decode steps since the cold region was empty, averaged over
       (None: steady state).
     coalesce: adjacent misses are read with one request.
+    admission, admit_decay, admit_min: the cold region's policy, as
+      SegmentedCache. "all" admits every miss (LRU: Che's approximation).
+      "frequency" admits a miss whose decayed activity reaches admit_min and
+      evicts only colder entries, so the region converges to the hottest
+      non-hot neurons (modelled as exactly those, an LFU); from a cold start
+      neuron i is in by step t with probability 1 - exp(-t p_i w_i), w_i the
+      chance that it was also active within the window admit_min asks for.
 
   Returns:
     A CacheEstimate.
@@ -196,7 +204,9 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
   horizon = _che_horizon(freq[~hot], cold_slots)
   horizon = math.floor(horizon) if math.isfinite(horizon) else horizon
   log1m = np.log1p(-np.minimum(freq, 1 - 1e-12))
-  if tokens is None:
+  if admission == "frequency":
+    hit = _lfu_hits(freq, hot, cold_slots, tokens, log1m, admit_decay, admit_min)
+  elif tokens is None:
     hit = -np.expm1(horizon * log1m) if math.isfinite(horizon) else np.ones_like(freq)
   else:  # step t of a cold start remembers min(t, T) tokens
     steps = [min(t, horizon) for t in range(max(tokens, 1))]
@@ -213,6 +223,23 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
   return CacheEstimate(active=freq.sum(1), hot_hits=np.sum(freq * hot, 1),
                        cold_hits=np.sum(freq * hit * ~hot, 1), misses=miss.sum(1),
                        requests=requests, cold_horizon=horizon)
+
+
+def _lfu_hits(freq, hot, cold_slots, tokens, log1m, decay, admit_min) -> np.ndarray:
+  """Hit probabilities of a frequency-admitted cold region (see estimate_cache)."""
+  member = np.zeros_like(hot)
+  if cold_slots > 0:
+    p = np.where(hot, -1.0, freq).ravel()
+    top = np.argsort(-p, kind="stable")[:cold_slots]
+    member.ravel()[top[p[top] > 0]] = True
+  if tokens is None:
+    return member.astype(np.float64)
+  # Admission needs activity >= admit_min: one earlier activation within w tokens.
+  w = 0 if admit_min <= 1 else (math.log(admit_min - 1) / math.log(decay) if decay > 0 else 0)
+  prior = -np.expm1(max(w, 0) * log1m) if admit_min > 1 else np.ones_like(freq)
+  rate = freq * prior  # admissions per token
+  steps = np.arange(max(tokens, 1))[:, None, None]
+  return member * np.mean(-np.expm1(-steps * rate[None]), axis=0)
 
 
 # -- the placement's settings -------------------------------------------------
@@ -271,7 +298,9 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
   if precision is None:
     precision = 1.0 if s["predictor"] == "oracle" else TRAINED_PRECISION
   cache = estimate_cache(freq, s["cache_slots"], s["hot_fraction"], s["cluster_size"], tokens,
-                         s["coalesce"] and s["layout"] == "bundled")
+                         s["coalesce"] and s["layout"] == "bundled",
+                         s.get("admission", "all"), s.get("admit_decay", 0.9),
+                         s.get("admit_min", 1.5))
   # Falsely predicted neurons do not fire, so they are not the hot ones: they
   # all miss, and coalesce as the true misses do. (On llama-1b-sparse this
   # reproduced the measured hot share of predicted neurons, 19.6%.)
