@@ -186,7 +186,7 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
   Returns:
     A CacheEstimate.
   """
-  freq = np.asarray(freq, np.float64)
+  freq = np.ascontiguousarray(freq, np.float64)
   num_layers, n = freq.shape
   hot = np.zeros_like(freq, bool)
   clusters_hot = int(slots * hot_fraction) // cluster_size
@@ -227,11 +227,11 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
 
 def _lfu_hits(freq, hot, cold_slots, tokens, log1m, decay, admit_min) -> np.ndarray:
   """Hit probabilities of a frequency-admitted cold region (see estimate_cache)."""
-  member = np.zeros_like(hot)
+  member = np.zeros(freq.shape, bool)
   if cold_slots > 0:
-    p = np.where(hot, -1.0, freq).ravel()
+    p = np.where(hot, -1.0, freq).reshape(-1)
     top = np.argsort(-p, kind="stable")[:cold_slots]
-    member.ravel()[top[p[top] > 0]] = True
+    member[np.unravel_index(top[p[top] > 0], freq.shape)] = True
   if tokens is None:
     return member.astype(np.float64)
   # Admission needs activity >= admit_min: one earlier activation within w tokens.
