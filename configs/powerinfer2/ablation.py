@@ -19,9 +19,9 @@ takes what the budget leaves; +pipeline = reads in flight (8) while computing.
 Two sets of rows: fp16 (hetflow's plan) and int4 (the paper's precision,
 planned from shapes by the cost model, weights sized and read at 4 bits).
 Expect (2026-11-21): the same ordering; int4 baseline and +bundling within
-~25% of the paper (0.49, 1.17 tok/s); +cache and +pipeline far under it (~1.4
-vs 4.18 and 9.60): the predicted hit rate (~0.4 under Zipf(1.1)) is the lever;
-fp16 rows 0.3-1.2 tok/s.
+~25% of the paper (0.49, 1.17 tok/s); +cache and +pipeline far under it (~1.7
+vs 4.18 and 9.60): the predicted hit rate (~0.57 under Zipf(1.1)) is the lever;
+fp16 rows 0.3-1.3 tok/s.
 """
 
 import ml_collections

@@ -18,8 +18,8 @@ stands in as layerwise streaming from disk with as many layers resident as
 fit (llama.cpp's mmap would thrash the page cache and re-read more, so the
 predicted ratio is a lower bound); published sparsities (TurboSparse-Mistral
 90%, Bamboo 87.5%), Zipf(1.1) hotness, trained predictor at precision 0.8.
-Expect (2026-11-21): neuron_cluster ~1.2-1.5 tok/s (int4 ~1.5-2.0) vs
-layerwise 0.34 tok/s: a 3.4-4.3x ratio where the paper reports 24.6x on average
+Expect (2026-11-21): neuron_cluster ~1.3-1.6 tok/s (int4 ~1.7-2.2) vs
+layerwise 0.34 tok/s: a 3.8-4.6x ratio where the paper reports 24.6x on average
 (int4, the NPU, a more skewed activation law and a thrashing mmap baseline
 account for the rest). Scaled-down: predicted neurons and disk bytes per token
 within ~10% of the measured ones, requests within ~20%, decode tok/s within

@@ -20,7 +20,7 @@ precision 0.8 (rank D/16 sizing).
 Two series: fp16 (what hetflow can hold) and int4 (the paper's precision,
 weights sized and read at 4 bits by the cost model only).
 Expect (2026-11-21): fp16 does not fit 7 GB (needs 7.45) and gives ~0.3 tok/s
-at 19 GB; int4 ~0.5 and ~1.0 tok/s, i.e. 0.23x and 0.08x the paper's 2.13 and
+at 19 GB; int4 ~0.55 and ~1.1 tok/s, i.e. 0.26x and 0.09x the paper's 2.13 and
 11.68: disk-bound on 8 KiB misses. The gap is the activation law: the paper's
 figure needs a hit rate above ~97% with near-exact prediction (WORKSPACE_NOTES.md,
 "PowerInfer-2 reproduction (predicted)").
