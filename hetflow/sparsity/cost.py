@@ -262,6 +262,7 @@ class DecodeCounts:
     cache: the CacheEstimate (counts of truly active neurons).
     predicted_per_layer: [L] neurons the predictor selects.
     read_per_layer: [L] neurons read from disk.
+    requests_per_layer: [L] read requests.
     predicted: neurons the predictor selects per token.
     read_neurons: neurons read from disk per token.
     disk_bytes: bytes read per token.
@@ -272,6 +273,7 @@ class DecodeCounts:
   cache: CacheEstimate
   predicted_per_layer: np.ndarray
   read_per_layer: np.ndarray
+  requests_per_layer: np.ndarray
   predicted: float
   read_neurons: float
   disk_bytes: float
@@ -314,7 +316,8 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
   else:
     nbytes = read_l.sum() * s["record_nbytes"]
   requests = float(requests_l.sum())
-  return DecodeCounts(cache, predicted, read_l, float(predicted.sum()), float(read_l.sum()),
+  return DecodeCounts(cache, predicted, read_l, requests_l, float(predicted.sum()),
+                      float(read_l.sum()),
                       float(nbytes), requests, float(nbytes / requests) if requests else 0.0)
 
 
@@ -356,7 +359,16 @@ def _disk_bw(profile, size: float, depth: int) -> float:
 
 @simulate.register_cost_model("neuron_cluster")
 def neuron_cluster_events(ctx: simulate.PassContext) -> None:
-  """Dense streamed prefill and sparse cached decode (see the module docstring)."""
+  """Dense streamed prefill and sparse cached decode (see the module docstring).
+
+  Reads neuron_cluster's sizes and options from the mlp groups' details
+  (record_nbytes, cache_slots, predictor_nbytes, staging_nbytes, layout,
+  coalesce, pipeline, io_depth, pieces, hot_fraction, cluster_size,
+  admission, ...), and optionally: weight_bits (quantised weights),
+  frequencies ([L, N] firing probabilities instead of the model's law) and
+  cold_start_tokens (average over that many decode steps from an empty cold
+  region instead of the steady state).
+  """
   model, prof, pl = ctx.model, ctx.profile, ctx.placement
   c, s = model.config, _settings(pl)
   n_layers, mats = c.num_layers, len(_matrices(model))
@@ -367,14 +379,10 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
   mem_bw = prof.memory_bw
   cpu_bw = costmodel.matvec_bw(prof, "cpu", model.dtype)
   if ctx.phase == "decode":
-    # "cold_start_tokens" in the details: average over that many decode steps
-    # from an empty cold region (a short run) instead of the steady state.
     counts = decode_counts(model, pl, tokens=s.get("cold_start_tokens"),
                            freq=s.get("frequencies"))
-    reqs = counts.cache.requests * counts.read_per_layer / np.maximum(counts.cache.misses,
-                                                                       1e-12)
     per_layer = [(float(counts.predicted_per_layer[i]), float(counts.read_per_layer[i]),
-                  float(reqs[i])) for i in range(n_layers)]
+                  float(counts.requests_per_layer[i])) for i in range(n_layers)]
     predictor = (s["predictor_nbytes"] / n_layers if s["predictor"] != "oracle"
                  else (mats - 1) * c.hidden_size * n * np.dtype(model.dtype).itemsize)
   staging_cap = max(2, s["staging_nbytes"] // rec)
