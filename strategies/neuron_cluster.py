@@ -9,13 +9,21 @@ sequential reads, double-buffered. Decode runs sparse, per layer:
   predict -> split the active set into cached and missing -> issue reads for
   the missing records (coalesced runs, `io_depth` in flight) -> compute the
   cached part while they land -> compute each piece of the missing part as
-  its reads complete -> sum -> admit the new records to the cold region.
+  its reads complete -> sum -> admit the recently active new records to the
+  cold region (scan-resistant: a token's misses outnumber the region).
 
 Static shapes: active-set sizes are padded to power-of-two buckets, so decode
 compiles a handful of shapes. With the oracle predictor on a model with true
 zeros the result equals `resident`'s (up to float summation order); with a
 trained predictor, missed neurons are an approximation that the stats and the
-benchmark report (recall, token agreement).
+benchmark report (recall, token agreement); `audit=True` also computes the true
+active set to count misses, false positives and the ideal bytes
+(`experiments.sparse_audit`).
+
+Not done: reading layer l+1's neurons while layer l computes. Its active set
+is predicted from its own input, which exists only after layer l; a
+look-ahead predictor (x_l -> active set of l+1) would be a second, less
+accurate model.
 """
 
 from __future__ import annotations
