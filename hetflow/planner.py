@@ -109,6 +109,7 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
       tiers = placement.bytes_per_tier()
       reason = (f"decode bound by {prediction.bottleneck}; device {format_bytes(tiers['device'])},"
                 f" host {format_bytes(tiers['host'])}, disk {format_bytes(tiers['disk'])}")
+      reason += "".join(f"; {note}" for note in placement.notes if note.startswith("needs:"))
       ranked.append(RankedPlan(name, options, placement, prediction, reason))
   feasible = sorted((r for r in ranked if r.feasible),
                     key=lambda r: r.prediction.decode_s_per_token)

@@ -221,6 +221,10 @@ class NeuronCluster(Strategy):
              f" predictor {o.predictor} {format_bytes(s['predictor'])},"
              f" staging {format_bytes(s['staging'])}, layout {o.layout},"
              f" pipeline {o.pipeline}",)
+    if o.predictor == "trained" and not os.path.exists(
+        os.path.join(o.predictor_path, "predictor.json")):
+      notes += (f"needs: a trained predictor at {o.predictor_path} (sized here as rank"
+                " D/16; python -m experiments.train_predictor)",)
     return Placement(self.name, groups, working_bytes={
         "device": s["predictor"] + s["staging"] + slots * s["record"]},
         predicted={}, notes=notes)

@@ -29,6 +29,35 @@ def test_config_opens_with_its_command(path):
   assert load(path) is not None
 
 
+def _launchers():
+  """Launcher module name -> the library function it calls (config, workdir)."""
+  from hetflow import benchmark, planner, reproduce
+  from hetflow.generation import generate
+  from hetflow.sparsity.train import train_from_config
+
+  quiet = io.StringIO()
+  return {
+      "generate": lambda config, workdir: generate(config, out=quiet),
+      "plan": lambda config, workdir: planner.run(config, workdir, out=quiet),
+      "benchmark": benchmark.benchmark,
+      "reproduce": reproduce.run,
+      "train_predictor": train_from_config,
+  }
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_smoke_runs(path, tmp_path, monkeypatch):
+  """Each config runs through the launcher its docstring names, with its smoke overrides."""
+  import re
+
+  monkeypatch.setenv("HETFLOW_CACHE", str(tmp_path / "cache"))
+  launcher = re.search(r"python -m experiments\.(\w+)", open(os.path.join(ROOT, path)).read())[1]
+  launchers = _launchers()
+  assert launcher in launchers, f"{path}: no smoke runner for experiments.{launcher}"
+  result = launchers[launcher](apply_smoke(load(path)), str(tmp_path / "work"))
+  assert result is not None
+
+
 def test_default_config_generates():
   from hetflow.generation import generate
 

@@ -175,7 +175,13 @@ class LowRankPredictor:
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(path)
-    with open(os.path.join(path, "predictor.json")) as f:
+    meta_path = os.path.join(path, "predictor.json")
+    if not os.path.exists(meta_path):
+      raise FileNotFoundError(
+          f"no trained predictor at {path} ({meta_path} is missing); train one with"
+          " `python -m experiments.train_predictor --config=configs/sparse/<model>.py`"
+          " or use predictor='oracle'.")
+    with open(meta_path) as f:
       meta = json.load(f)
     with ocp.StandardCheckpointer() as ckpt:
       tree = ckpt.restore(os.path.join(path, "weights"))
