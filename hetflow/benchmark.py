@@ -581,6 +581,12 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
         spec["system"]["options"] = dict(system.options, store_dir=store.path)
       if config.get("profile_trace") and system.kind == "hetflow":
         spec["profile_dir"] = os.path.join(workdir, "profile", system.name)
+      available_before = None
+      if limit is not None:
+        from hetflow.memory.limit import mem_available
+
+        limit.top_up()  # what this process freed since the lock must not raise the limit
+        available_before = mem_available()
       drop_cold(spec)
       print(f"running {system.name} ...", flush=True)
       # The disk is shared with other work: probe it again after each system.
@@ -588,6 +594,8 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
       # demonstrated rate, the strictest limit); the probes next to a row show
       # how busy the disk was around it.
       r = _child(spec, workdir, config.get("timeout_s", 1800))
+      if available_before is not None:
+        r["mem_available_at_start"] = available_before
       after = probe_disk_bandwidth(store, 256 << 20, start=cursor)
       cursor = after["next"]
       disk_probes.append(after["bytes_per_s"])
@@ -607,6 +615,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
         results["timeline"] = _child(spec, workdir, config.get("timeout_s", 1800))
   finally:
     if limit is not None:
+      results["memory_limit"]["locked_final"] = limit.locked_bytes
       limit.__exit__(None, None, None)
   probes["disk"]["bytes_per_s_all"] = disk_probes
   probes["disk"]["bytes_per_s"] = max(disk_probes)

@@ -576,3 +576,17 @@ def test_memory_limit_fails_clearly_when_helper_cannot_lock(monkeypatch):
   with pytest.raises(memory.MemoryLimitError, match="within"):
     with MemoryLimit(lock_bytes="1MiB", drop_caches=False, timeout=1):
       pass
+
+
+def test_memory_limit_top_up_locks_what_was_freed(monkeypatch):
+  """Memory freed after entry is locked again, so the limit holds for later systems."""
+  from hetflow.memory import limit as limit_mod
+
+  limit_bytes = 1 << 30
+  readings = iter([limit_bytes + (64 << 20), limit_bytes + (96 << 20)])
+  monkeypatch.setattr(limit_mod, "mem_available", lambda: next(readings))
+  with limit_mod.MemoryLimit(limit_bytes, drop_caches=False) as held:
+    assert held.locked_bytes == 64 << 20
+    assert held.top_up(slack=16 << 20) == 96 << 20
+    assert held.locked_bytes == (64 + 96) << 20
+  assert held.locked_bytes == 0

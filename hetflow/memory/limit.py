@@ -121,7 +121,7 @@ class MemoryLimit:
     self.locked_bytes = 0
     self.pid: int | None = None
     self.cache_drop: str | None = None
-    self._proc: subprocess.Popen | None = None
+    self._procs: list[subprocess.Popen] = []
 
   def __enter__(self) -> MemoryLimit:
     available = mem_available()
@@ -151,7 +151,7 @@ class MemoryLimit:
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
     )
-    self._proc = proc
+    self._procs.append(proc)
     deadline = time.monotonic() + self.timeout
     line = b""
     try:
@@ -178,24 +178,36 @@ class MemoryLimit:
     except BaseException:
       self._stop(kill=True)  # a stuck or failed helper gets no grace period
       raise
-    self.locked_bytes = n
-    self.pid = proc.pid
+    self.locked_bytes += n
+    self.pid = self.pid or proc.pid
+
+  def top_up(self, slack: int = 64 << 20) -> int:
+    """Locks what was freed since entry, so that `limit_bytes` is again all that
+    is available. A benchmark calls this before each system: memory its own
+    process frees after entry (probe buffers, say) would otherwise raise the
+    effective limit for every system that follows. Returns the bytes added."""
+    if self.limit_bytes is None or not self._procs:
+      return 0
+    extra = mem_available() - self.limit_bytes
+    if extra <= slack:
+      return 0
+    self._start(extra)
+    return extra
 
   def _stop(self, kill: bool = False) -> None:
-    proc, self._proc = self._proc, None
-    if proc is None:
-      return
-    try:
-      if kill:
+    procs, self._procs = self._procs, []
+    for proc in procs:
+      try:
+        if kill:
+          proc.kill()
+        proc.stdin.close()  # the helper's stdin.read() returns and it exits
+        proc.wait(timeout=10)
+      except (OSError, subprocess.TimeoutExpired):
         proc.kill()
-      proc.stdin.close()  # the helper's stdin.read() returns and it exits
-      proc.wait(timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-      proc.kill()
-      proc.wait()
-    finally:
-      for f in (proc.stdout, proc.stderr):
-        f.close()
+        proc.wait()
+      finally:
+        for f in (proc.stdout, proc.stderr):
+          f.close()
     self.locked_bytes = 0
     self.pid = None
 
