@@ -8,6 +8,7 @@ whole run, and writes into `workdir`:
 
   results.json   every figure, the probes, the machine, the config
   results.md     the table
+  decode.png     decode tok/s per system (for an ablation config: its chart)
   timeline.png   per-layer reads, transfers and compute of one decode step
                  (a separate short run with Engine(trace=True)); timeline.json
                  is the same as a Chrome/Perfetto trace
@@ -632,8 +633,34 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
     json.dump(results, f, indent=1, default=str)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(markdown(results))
+  plot_decode(results, os.path.join(workdir, "decode.png"))
   print(markdown(results))
   return results
+
+
+def plot_decode(results: dict[str, Any], path: str) -> None:
+  """A bar per system: decode tok/s, in the config's order (an ablation's steps
+  read left to right). Fractions of the limit stay in the table: the limit
+  assumes dense streaming, which sparse strategies beat by design."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rows = [r for r in results["systems"] if r.get("ok")]
+  fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(rows)), 3.2))
+  bars = ax.bar([r["name"] for r in rows], [r["decode_tok_s"] for r in rows],
+                color=["tab:blue" if r["kind"] == "hetflow" else "tab:gray" for r in rows])
+  for bar, r in zip(bars, rows):
+    ax.annotate(f"{r['decode_tok_s']:.3f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                va="bottom", fontsize=7)
+  ax.set_ylabel("decode tok/s")
+  ax.set_title(f"{results['config']['model'].get('name', '')}: decode (grey: peers)", fontsize=9)
+  ax.tick_params(axis="x", labelsize=7, rotation=20)
+  ax.margins(y=0.25)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def _summary(r: dict[str, Any]) -> str:

@@ -65,6 +65,7 @@ def test_tiny_benchmark_writes_every_figure(tiny_run):
   table = open(os.path.join(workdir, "results.md")).read()
   assert all(f"| {n} |" in table for n in names)
   assert os.path.getsize(os.path.join(workdir, "timeline.png")) > 1000
+  assert os.path.getsize(os.path.join(workdir, "decode.png")) > 1000
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
