@@ -325,18 +325,15 @@ class Engine:
 _compile_count = 0
 
 
-def _on_compile(*args, **kwargs):
+def _on_duration_event(event: str, *args, **kwargs) -> None:
+  """Counts XLA compilations, so stats can show that recompiles stop after warm-up."""
   global _compile_count
-  _compile_count += 1
+  if event.endswith("backend_compile_duration"):
+    _compile_count += 1
 
 
 def _compilations() -> int:
   return _compile_count
 
 
-try:  # Count XLA compilations, so stats can show recompiles stop after warm-up.
-  from jax import monitoring
-  monitoring.register_event_duration_secs_listener(
-      lambda event, *a, **k: _on_compile() if event == "/jax/compilation_cache/compile_requests_use_cache" or event.endswith("backend_compile_duration") else None)
-except Exception:  # pragma: no cover - monitoring is optional
-  pass
+jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
