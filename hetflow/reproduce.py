@@ -1,7 +1,7 @@
 """Reproducing a paper's figure on paper: predicted figures next to published ones.
 
-`run(config, workdir)` reads a config from `configs/<paper>/` (see
-configs/hetegen/fig8.py for the fields), plans every series' strategy at every
+`run(config, workdir)` reads a config from `configs/<paper>/` (built with
+`reproduce_config`, which documents the fields), plans every series' strategy at every
 memory level for every model *from shapes only* (`jax.eval_shape`; no weight is
 materialised), predicts it with `hetflow.simulate` on the config's named
 `HardwareProfile`, and prints one row per point: the paper's figure, the
@@ -16,11 +16,51 @@ import os
 import sys
 from typing import Any
 
+import ml_collections
+
 from hetflow import hardware, simulate
 from hetflow.checkpoints import synthetic_model
 from hetflow.config import DTYPES, to_dict
 from hetflow.memory.budget import Budget, BudgetExceeded
 from hetflow.strategy import get_strategy
+
+# neuron_cluster options for predicting a paper's hardware from shapes alone: a
+# trained predictor that plan() sizes at rank D/16 (nothing exists at this path
+# and nothing is loaded: these plans are never materialised).
+SHAPE_ONLY_NEURON_CLUSTER = dict(predictor="trained", predictor_path="/nonexistent/predictor",
+                                 kv_reserve_bytes="256MiB")
+
+
+def reproduce_config(title: str, profile: str, models: list[str], series: list[dict],
+                     **overrides) -> ml_collections.ConfigDict:
+  """A reproduce config with the common defaults; configs state only what differs.
+
+  Fields:
+    title: the table's heading.
+    profile: a named HardwareProfile (hetflow.hardware.PROFILES).
+    models: synthetic shape names to predict.
+    series: one dict per strategy: label, strategy, options, paper ({model:
+      [(memory GB, published figure or None)]}), optionally shape_plan,
+      fallback_options.
+    dtype, batch, prompt_len, new_tokens: the workload (default: fp16, batch 1,
+      64-token prompt, 64 new tokens).
+    metric: "decode" (tok/s per decode step) or "throughput" (new tokens over
+      prefill + decode).
+    memory_label: the x axis's unit label.
+    assumptions: lines printed under the table.
+    cross_levels: predict every series at every series' memory levels.
+    ratios: optional rows comparing two series.
+    measure: optional scaled-down real run (see `measure_scaled`).
+    plot: file name of the plot in the workdir ("" for none).
+    smoke: overrides for a seconds-long test run.
+  """
+  c = ml_collections.ConfigDict(dict(
+      title=title, profile=profile, dtype="float16", batch=1, prompt_len=64, new_tokens=64,
+      metric="decode", memory_label="mem GB", assumptions=[], series=series, models=models,
+      cross_levels=False, plot="", smoke={}))
+  for key, value in overrides.items():
+    c[key] = value
+  return c
 
 
 def _plan(series: dict, model, budget, profile):

@@ -17,7 +17,7 @@ staging buffers and (for layerwise) its ring, not the KV cache: the paper does
 not say how it counted it.
 """
 
-import ml_collections
+from hetflow.reproduce import reproduce_config
 
 # PAPERS.md, HeteGen section: GPU GB -> tok/s, read off the figure.
 HETEGEN = {
@@ -38,24 +38,16 @@ FLEXGEN = {
 def get_config(arg=None):
   """arg: a comma-separated subset of models, e.g. "opt-6.7b" (default: all three)."""
   models = arg.split(",") if arg else list(HETEGEN)
-  c = ml_collections.ConfigDict()
-  c.title = "HeteGen Fig. 8: OPT fp16 throughput (tok/s) vs GPU memory, A10 + PCIe"
-  c.profile = "a10-pcie"
-  c.dtype = "float16"
-  c.batch = 1
-  c.prompt_len = 512
-  c.new_tokens = 64
-  c.metric = "throughput"  # new_tokens / (prefill + (new_tokens - 1) * decode)
-  c.series = [
+  series = [
       dict(label="tensor_split (HeteGen)", strategy="tensor_split",
            options=dict(prompt_len=512), paper=HETEGEN),
       dict(label="layerwise host (FlexGen)", strategy="layerwise",
            options=dict(offload_tier="host", resident_layers="auto", kv_reserve_tokens=0),
            fallback_options=dict(prefetch_depth=0), paper=FLEXGEN),
   ]
-  c.models = models
-  # Predict every series at the memory levels of both papers' series.
-  c.cross_levels = True
-  c.plot = "hetegen_fig8.png"
-  c.smoke = {"models": ["opt-6.7b"]}
-  return c
+  return reproduce_config(
+      "HeteGen Fig. 8: OPT fp16 throughput (tok/s) vs GPU memory, A10 + PCIe", "a10-pcie",
+      models, series, prompt_len=512, memory_label="GPU GB",
+      metric="throughput",  # new_tokens / (prefill + (new_tokens - 1) * decode)
+      cross_levels=True,  # predict every series at the memory levels of both papers' series
+      plot="hetegen_fig8.png", smoke={"models": ["opt-6.7b"]})

@@ -24,8 +24,7 @@ vs 4.18 and 9.60): the predicted hit rate (~0.57 under Zipf(1.1)) is the lever;
 fp16 rows 0.3-1.3 tok/s.
 """
 
-import ml_collections
-
+from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 from hetflow.sparsity.cost import memory_for_ffn_in_flash
 
 MODEL = "bamboo-7b"
@@ -41,34 +40,22 @@ STAGES = {
 def get_config(arg=None):
   del arg
   gb = memory_for_ffn_in_flash(MODEL, 0.5)
-  c = ml_collections.ConfigDict()
-  c.title = "PowerInfer-2 ablation: Bamboo-7B decode tok/s, 50% of FFN in flash, OnePlus 12"
-  c.profile = "oneplus12-ufs4"
-  c.dtype = "float16"
-  c.batch = 1
-  c.prompt_len = 64
-  c.new_tokens = 64
-  c.metric = "decode"
-  c.memory_label = "mem GB"
-  c.assumptions = [
-      "fp16 weights; NPU not modelled (paper +NPU: 11.07)",
-      f"memory {gb} GB = model minus 50% of its FFN (the paper's ablation budget is not given)",
-      "87.5% sparsity, Zipf(1.1) hotness, trained predictor precision 0.8",
-  ]
-  common = dict(predictor="trained", predictor_path="/nonexistent/predictor",
-                kv_reserve_bytes="256MiB")
-  c.series = [dict(label=f"neuron_cluster {stage}", strategy="neuron_cluster",
-                   options=dict(common, **opts), paper={MODEL: [(gb, PAPER_TOK_S[stage])]})
-              for stage, opts in STAGES.items()]
+  series = [dict(label=f"neuron_cluster {stage}", strategy="neuron_cluster",
+                 options=dict(SHAPE_ONLY_NEURON_CLUSTER, **opts),
+                 paper={MODEL: [(gb, PAPER_TOK_S[stage])]})
+            for stage, opts in STAGES.items()]
   # The paper's precision: int4 weights, sized and read at 4 bits (shapes only),
   # with 50% of the int4 FFN in flash.
   gb4 = memory_for_ffn_in_flash(MODEL, 0.5, weight_bits=4)
-  c.series += [dict(label=f"int4 {stage}", strategy="neuron_cluster", shape_plan="always",
-                    options=dict(common, weight_bits=4, **opts),
-                    paper={MODEL: [(gb4, PAPER_TOK_S[stage])]})
-               for stage, opts in STAGES.items()]
-  c.models = [MODEL]
-  c.cross_levels = False
-  c.plot = "powerinfer2_ablation.png"
-  c.smoke = {}
-  return c
+  series += [dict(label=f"int4 {stage}", strategy="neuron_cluster", shape_plan="always",
+                  options=dict(SHAPE_ONLY_NEURON_CLUSTER, weight_bits=4, **opts),
+                  paper={MODEL: [(gb4, PAPER_TOK_S[stage])]})
+             for stage, opts in STAGES.items()]
+  return reproduce_config(
+      "PowerInfer-2 ablation: Bamboo-7B decode tok/s, 50% of FFN in flash, OnePlus 12",
+      "oneplus12-ufs4", [MODEL], series, plot="powerinfer2_ablation.png",
+      assumptions=[
+          "fp16 weights; NPU not modelled (paper +NPU: 11.07)",
+          f"memory {gb} GB = model minus 50% of its FFN (the paper's ablation budget is not given)",
+          "87.5% sparsity, Zipf(1.1) hotness, trained predictor precision 0.8",
+      ])

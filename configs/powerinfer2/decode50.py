@@ -29,6 +29,7 @@ within ~10% of the measured ones, requests within ~20%, decode tok/s within
 import ml_collections
 
 from hetflow.config import model_section
+from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 from hetflow.sparsity.cost import memory_for_ffn_in_flash
 
 MODELS = ("turbosparse-mistral-7b", "bamboo-7b")
@@ -36,43 +37,31 @@ SPEEDUP = 24.6  # PAPERS.md: average over llama.cpp, 50% of FFN in flash
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.title = "PowerInfer-2: decode tok/s with 50% of FFN in flash, vs llama.cpp, OnePlus 12"
-  c.profile = "oneplus12-ufs4"
-  c.dtype = "float16"
-  c.batch = 1
-  c.prompt_len = 64
-  c.new_tokens = 64
-  c.metric = "decode"
-  c.memory_label = "mem GB"
-  c.assumptions = [
-      "fp16 weights (paper: int4); memory = model minus 50% of FFN",
-      "llama.cpp = layerwise from disk, resident layers as fit (no page-cache thrash)",
-      "published sparsity, Zipf(1.1) hotness, trained predictor precision 0.8",
-  ]
   levels = {m: memory_for_ffn_in_flash(m, 0.5) for m in MODELS}
   nc = "neuron_cluster (PowerInfer-2)"
   lw = "layerwise disk (llama.cpp)"
-  c.series = [
-      dict(label=nc, strategy="neuron_cluster",
-           options=dict(predictor="trained", predictor_path="/nonexistent/predictor",
-                        kv_reserve_bytes="256MiB"),
+  series = [
+      dict(label=nc, strategy="neuron_cluster", options=dict(SHAPE_ONLY_NEURON_CLUSTER),
            paper={m: [(gb, None)] for m, gb in levels.items()}),
       dict(label=lw, strategy="layerwise",
            options=dict(offload_tier="disk", resident_layers="auto", kv_reserve_tokens=1024),
            paper={m: [(gb, None)] for m, gb in levels.items()}),
+      # The paper's precision for neuron_cluster (no int4 llama.cpp stand-in here).
+      dict(label="neuron_cluster int4", strategy="neuron_cluster", shape_plan="always",
+           options=dict(SHAPE_ONLY_NEURON_CLUSTER, weight_bits=4),
+           paper={m: [(memory_for_ffn_in_flash(m, 0.5, weight_bits=4), None)]
+                  for m in MODELS}),
   ]
-  # The paper's precision for neuron_cluster (no int4 llama.cpp stand-in here).
-  c.series.append(dict(label="neuron_cluster int4", strategy="neuron_cluster",
-                       shape_plan="always",
-                       options=dict(c.series[0]["options"], weight_bits=4),
-                       paper={m: [(memory_for_ffn_in_flash(m, 0.5, weight_bits=4), None)]
-                              for m in MODELS}))
-  c.ratios = [dict(model=m, gb=gb, numerator=nc, denominator=lw, paper=SPEEDUP,
-                   label="speed-up over llama.cpp") for m, gb in levels.items()]
-  c.models = list(MODELS)
-  c.cross_levels = False
-  c.plot = "powerinfer2_decode50.png"
+  c = reproduce_config(
+      "PowerInfer-2: decode tok/s with 50% of FFN in flash, vs llama.cpp, OnePlus 12",
+      "oneplus12-ufs4", list(MODELS), series, plot="powerinfer2_decode50.png",
+      assumptions=[
+          "fp16 weights (paper: int4); memory = model minus 50% of FFN",
+          "llama.cpp = layerwise from disk, resident layers as fit (no page-cache thrash)",
+          "published sparsity, Zipf(1.1) hotness, trained predictor precision 0.8",
+      ],
+      ratios=[dict(model=m, gb=gb, numerator=nc, denominator=lw, paper=SPEEDUP,
+                   label="speed-up over llama.cpp") for m, gb in levels.items()])
   c.measure = ml_collections.ConfigDict(dict(
       model=model_section("opt-125m-sparse"),
       budget=dict(device="420MB"),

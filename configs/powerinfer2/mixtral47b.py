@@ -26,38 +26,26 @@ figure needs a hit rate above ~97% with near-exact prediction (WORKSPACE_NOTES.m
 "PowerInfer-2 reproduction (predicted)").
 """
 
-import ml_collections
+from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 
 PAPER = {"turbosparse-mixtral-47b": [(7.0, 2.13), (19.0, 11.68)]}
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.title = "PowerInfer-2: TurboSparse-Mixtral-47B decode tok/s vs memory, OnePlus 12"
-  c.profile = "oneplus12-ufs4"
-  c.dtype = "float16"
-  c.batch = 1
-  c.prompt_len = 64
-  c.new_tokens = 64
-  c.metric = "decode"
-  c.memory_label = "mem GB"
-  c.assumptions = [
-      "fp16 series: hetflow's widths; int4 series: weights at 4 bits (shapes only)",
-      "85% sparsity per expert, Zipf(1.1) hotness, uniform routing to 2 of 8 experts",
-      "trained predictor, precision 0.8; plan sized from shapes (strategy refuses MoE)",
-  ]
-  options = dict(predictor="trained", predictor_path="/nonexistent/predictor",
-                 kv_reserve_bytes="256MiB")
-  c.series = [
+  options = dict(SHAPE_ONLY_NEURON_CLUSTER)
+  series = [
       dict(label="neuron_cluster fp16", strategy="neuron_cluster", shape_plan=True,
            options=options, paper=PAPER),
       # The paper's precision: int4 weights (8 KB neurons), sized and read at 4 bits.
       dict(label="neuron_cluster int4", strategy="neuron_cluster", shape_plan="always",
            options=dict(options, weight_bits=4), paper=PAPER),
   ]
-  c.models = list(PAPER)
-  c.cross_levels = False
-  c.plot = "powerinfer2_mixtral47b.png"
-  c.smoke = {}
-  return c
+  return reproduce_config(
+      "PowerInfer-2: TurboSparse-Mixtral-47B decode tok/s vs memory, OnePlus 12",
+      "oneplus12-ufs4", list(PAPER), series, plot="powerinfer2_mixtral47b.png",
+      assumptions=[
+          "fp16 series: hetflow's widths; int4 series: weights at 4 bits (shapes only)",
+          "85% sparsity per expert, Zipf(1.1) hotness, uniform routing to 2 of 8 experts",
+          "trained predictor, precision 0.8; plan sized from shapes (strategy refuses MoE)",
+      ])
