@@ -23,30 +23,17 @@ and pipeline one at a time.
 memory_limit stays empty: the machine is shared.
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.benchmark import bench_config
 
 WORKDIR = "/tmp/hetflow-llama1b-sparse"
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b-sparse")
+  c = bench_config("llama-1b-sparse", budget=dict(device="1.64GiB", host="", disk=""),
+                   new_tokens=16, repeats=1, timeline=False, timeout_s=1800)
   c.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
-  c.budget = ml_collections.ConfigDict(dict(device="1.64GiB", host="", disk=""))
-  c.store_dir = ""
-  c.prompt_tokens = 16
-  c.new_tokens = 16
-  c.warmup = True
-  c.memory_limit = ""
-  c.drop_caches = True
-  c.timeline = False
-  c.profile_trace = False
-  c.timeout_s = 1800
   c.order = ("layerwise,nc_baseline,nc_bundling,nc_cache,nc_pipeline")
-  c.systems = ml_collections.ConfigDict()
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise", options=dict(
       offload_tier="disk", resident_layers="auto", prefetch_depth=2, kv_reserve_tokens=256))
   common = dict(predictor="trained", predictor_path=f"{WORKDIR}/predictor",
