@@ -356,41 +356,20 @@ class Layerwise(Strategy):
         f" host {format_bytes(minimum['host'])}",
         f"streamed per token: {format_bytes(streamed_bytes)}",
     ]
-    predicted = self._predict(model, lay, resident, streamed_bytes, profile)
     # What the simulator needs to predict this plan (hetflow.simulate.layerwise_events).
     settings = {"prefetch_depth": o.prefetch_depth, "read_block_bytes": o.read_chunk,
                 "read_queue_depth": o.reader_threads,
                 "link_copy": o.offload_tier == "host" or not lay.aliases}
-    return Placement(self.name, groups, working_bytes=working, predicted=predicted,
-                     notes=tuple(notes), settings=settings)
+    placement = Placement(self.name, groups, working_bytes=working, notes=tuple(notes),
+                          settings=settings)
+    if profile is not None:
+      from hetflow import simulate  # the simulator imports strategy code: load it late
 
-  def _predict(self, model, lay, resident, streamed_bytes, profile) -> dict[str, Any]:
-    """Per-token decode time from a HardwareProfile: reads overlap compute when k >= 1."""
-    if profile is None:
-      return {}
-    o = self.options
-    dtype = jnp.dtype(model.dtype).name
-    # Decode reads one row of the embedding table, but all of the LM head (the
-    # embedding itself when tied).
-    head = model.group_nbytes("embed") if model.config.tie_word_embeddings else 0
-    touched = sum(lay.layer) + model.group_nbytes("head") + head
-    matvec = profile.device_matvec_bw.get(dtype) or max(profile.device_matvec_bw.values())
-    compute_s = touched / matvec
-    if o.offload_tier == "disk":
-      bw = profile.disk_bw(o.read_chunk, o.reader_threads)
-      what = f"disk {bw / 1e9:.2f} GB/s"
-    else:
-      bw = profile.link_bw(pinned=True)
-      what = f"host->device {bw / 1e9:.2f} GB/s"
-    move_s = streamed_bytes / bw
-    total = max(move_s, compute_s) if o.prefetch_depth >= 1 else move_s + compute_s
-    return {
-        "decode_s_per_token": round(total, 4),
-        "decode_basis": (f"{format_bytes(streamed_bytes)} streamed at {what}"
-                         f" ({move_s:.3f} s) {'overlapped with' if o.prefetch_depth else 'then'}"
-                         f" compute {format_bytes(touched)} at {matvec / 1e9:.1f} GB/s"
-                         f" ({compute_s:.3f} s); profile {profile.name}"),
-    }
+      pred = simulate.predict(model, placement, profile)
+      placement.predicted.update(prefill_s=round(pred.prefill_s, 6),
+                                 decode_s_per_token=round(pred.decode_s_per_token, 6),
+                                 decode_bound_by=pred.bottleneck)
+    return placement
 
   # -- materialising -------------------------------------------------------------
 
