@@ -15,7 +15,8 @@ import json
 
 from absl import app, flags
 
-_PROFILE = flags.DEFINE_string("profile", None, "HardwareProfile JSON of this machine")
+_PROFILE = flags.DEFINE_string("profile", "", "HardwareProfile name or JSON ('': this"
+                                " machine's, calibrated for the model)")
 _MODEL = flags.DEFINE_string("model", "llama-1b", "synthetic shape")
 _STRATEGY = flags.DEFINE_string("strategy", "resident", "registered strategy")
 _OPTIONS = flags.DEFINE_string("options", "{}", "strategy options as JSON")
@@ -29,10 +30,10 @@ def main(argv):
   import numpy as np
 
   import hetflow
-  from hetflow import hardware, simulate
+  from hetflow import planner, simulate
 
-  profile = hardware.get_profile(_PROFILE.value)
   model = hetflow.synthetic_model(_MODEL.value)
+  profile = planner.load_profile(_PROFILE.value or None, model)
   options = json.loads(_OPTIONS.value)
   budget = hetflow.Budget(device=_DEVICE.value or None)
   engine = hetflow.Engine(model, _STRATEGY.value, budget=budget, options=options or None,

@@ -197,6 +197,33 @@ def attention_core_time(model, profile, side: Side, batch: int, tokens: int,
              fl / flops(profile, side, model.dtype))
 
 
+def half_roofline(model, profile, half: str, context: int) -> float:
+  """Roofline seconds of one decode step (batch 1) of layer 0's `half` ("attn", "mlp", "head")."""
+  if half == "head":
+    return head_time(model, profile, "device", 1, 1)
+  group = f"layers/0/{half}"
+  seconds = sum(matmul_time(profile, "device", m.nbytes, m.num_params, 1, model.dtype)
+                for m in group_matrices(model, group))
+  if half == "attn":
+    seconds += attention_core_time(model, profile, "device", 1, 1, context)
+  return seconds
+
+
+def decode_scale(profile, model, half: str, side: Side) -> float:
+  """Measured over roofline decode time of `half` ("attn", "mlp", "head") on `side`.
+
+  1.0 unless `profile` carries a calibration of this model's shapes
+  (`hetflow.calibration`); that was measured on the profile's device, so it
+  applies to the CPU side only where the device is the CPU.
+  """
+  from hetflow import calibration  # calibration imports jax models; costmodel stays light
+
+  measured = calibration.measured(profile, model)
+  if not measured or (side == "cpu" and not shares_cpu(profile)):
+    return 1.0
+  return measured[f"{half}_s"] / half_roofline(model, profile, half, int(measured["context"]))
+
+
 def head_time(model, profile, side: Side, batch: int, tokens: int) -> float:
   """Seconds for the LM head on `tokens` rows (the engine runs it on the last only)."""
   c = model.config

@@ -135,7 +135,8 @@ class Engine:
     if strategy == "auto":
       from hetflow import planner  # the planner imports the simulator; load it only here
       chosen = planner.best(model, self.budget, profile)
-      strategy, options, profile = chosen.strategy, chosen.options, planner.load_profile(profile)
+      profile = planner.load_profile(profile, model)
+      strategy, options = chosen.strategy, chosen.options
     self.strategy = make_strategy(strategy, options)
     self.timeline = Timeline()
     self.trace = trace

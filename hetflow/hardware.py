@@ -70,6 +70,9 @@ class HardwareProfile:
     host_memory: bytes of host RAM, or None if unknown.
     disk_direct: whether disk figures were taken with O_DIRECT (None: not
       measured here).
+    models: measured decode costs of specific models' shapes on this machine,
+      keyed by ``hetflow.calibration.model_key`` (see that module); empty for
+      profiles of other machines.
     notes: provenance: how it was measured, or the assumptions behind it.
   """
 
@@ -86,6 +89,7 @@ class HardwareProfile:
   device_memory: int | None = None
   host_memory: int | None = None
   disk_direct: bool | None = None
+  models: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
   notes: str = ""
 
   def __post_init__(self):
@@ -106,6 +110,8 @@ class HardwareProfile:
     ):
       object.__setattr__(self, f, {str(k): float(v) for k, v in getattr(self, f).items()})
     object.__setattr__(self, "matvec_impl", {str(k): str(v) for k, v in self.matvec_impl.items()})
+    object.__setattr__(self, "models", {str(k): {str(n): float(x) for n, x in m.items()}
+                                        for k, m in self.models.items()})
 
   # -- queries --------------------------------------------------------------
 
@@ -377,9 +383,9 @@ class MeasureSettings:
       machines only ever slows a run down).
   """
 
-  disk_file_bytes: int = 256 * MiB
+  disk_file_bytes: int = 1 * GiB
   disk_block_sizes: tuple[int, ...] = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
-  disk_queue_depths: tuple[int, ...] = (1, 4)
+  disk_queue_depths: tuple[int, ...] = (1, 4, 8)
   disk_max_requests: int = 4096
   memcpy_bytes: int = 512 * MiB
   matvec_dim: int = 4096

@@ -10,10 +10,11 @@ this machine's HardwareProfile. Plans that cannot fit say why.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
-from hetflow import simulate
+from hetflow import calibration, simulate
 from hetflow.hardware import HardwareProfile, get_profile, measure
 from hetflow.memory.budget import Budget, BudgetExceeded, format_bytes
 from hetflow.models.model import Model
@@ -57,18 +58,31 @@ class RankedPlan:
     return f"{self.strategy}({inner})"
 
 
-def load_profile(profile: Any = None, workdir: str = "/tmp/hetflow-profile") -> HardwareProfile:
+def load_profile(profile: Any = None, model: Model | None = None,
+                 workdir: str = "/tmp/hetflow-profile") -> HardwareProfile:
   """A HardwareProfile: the one given (name, path or object), else the cached
-  measurement of this machine, else a quick measurement (cached for next time)."""
+  measurement of this machine, else a quick measurement (cached for next time).
+
+  For this machine's cached profile and a `model`, the model's decode costs are
+  measured once too (`hetflow.calibration`) and kept in the cached profile.
+  """
   if profile is not None:
     return get_profile(profile)
   path = default_profile_path()
   if os.path.exists(path):
-    return HardwareProfile.from_json(path)
-  print(f"measuring this machine (once; cached in {path}) ...", flush=True)
-  measured = measure(workdir, quick=True)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  measured.to_json(path)
+    measured = HardwareProfile.from_json(path)
+  else:
+    print(f"measuring this machine (once; cached in {path}) ...", flush=True)
+    measured = measure(workdir, quick=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    measured.to_json(path)
+  if model is not None and calibration.measured(measured, model) is None:
+    if calibration.fits_in_memory(model):
+      measured = calibration.calibrate(model, measured)
+      measured.to_json(path)
+    else:
+      print(f"not calibrating {calibration.model_key(model)}: two of its layers do not fit in"
+            " the memory available; predicting from the profile's generic rates", flush=True)
   return measured
 
 
@@ -90,7 +104,7 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
     infeasible ones with the reason.
   """
   budget = Budget.from_any(budget)
-  profile = load_profile(profile)
+  profile = load_profile(profile, model)
   ranked: list[RankedPlan] = []
   for name in strategies or available_strategies():
     cls = get_strategy(name)
@@ -165,10 +179,11 @@ def run(config, workdir: str, out=None) -> dict[str, Any]:
   out = out or sys.stdout
   model = config_lib.build_model(config.model)
   budget = config_lib.build_budget(config.get("budget"))
-  profile = load_profile(config.get("profile") or None)
+  profile = load_profile(config.get("profile") or None, model)
   ranked = plan(model, budget, profile, prompt_len=config.prompt_tokens,
                 new_tokens=config.new_tokens)
-  print(f"{model.description} in {budget}, profile {profile.name}:", file=out)
+  print(f"{model.description} in {budget}, profile {profile.name}"
+        f" ({calibration.summary(profile, model)}):", file=out)
   print(format_table(ranked), file=out)
   if ranked and ranked[0].feasible:
     print(f"\nwinner: {ranked[0].label()}\n{ranked[0].placement}", file=out)
@@ -201,4 +216,8 @@ def run(config, workdir: str, out=None) -> dict[str, Any]:
     lines.append(f"| {r.label()} | {predicted:.3f} | {shown} |"
                  f" {'' if error is None else f'{error:+.0%}'} |")
   print("\n".join(lines), file=out)
+  summary.update(model=model.config.name, budget=str(budget),
+                 calibration=calibration.summary(profile, model))
+  with open(os.path.join(workdir, "plan.json"), "w") as f:
+    json.dump(summary, f, indent=2)
   return summary

@@ -248,7 +248,7 @@ def measure_scaled(section, out=None) -> dict[str, Any]:
   out = out or sys.stdout
   model = config_lib.build_model(section.model)
   budget = config_lib.build_budget(section.get("budget"))
-  profile = planner.load_profile(section.get("profile") or None)
+  profile = planner.load_profile(section.get("profile") or None, model)
   ids = np.random.default_rng(0).integers(3, model.config.vocab_size,
                                           (1, section.prompt_tokens))
   with Engine(model, "neuron_cluster", budget, options=to_dict(section.options)) as engine:

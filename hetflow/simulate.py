@@ -37,7 +37,7 @@ from typing import Any, Callable, Literal
 
 import jax.numpy as jnp
 
-from hetflow import costmodel
+from hetflow import calibration, costmodel
 from hetflow.strategy import Placement
 
 Resource = Literal["disk", "link", "link_d2h", "cpu", "device"]
@@ -112,6 +112,7 @@ class PassContext:
   events: list[Event] = dataclasses.field(default_factory=list)
   state: dict[str, Any] = dataclasses.field(default_factory=dict)
   pass_index: int = 0
+  _scales: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
 
   def add(self, resource: str, seconds: float, deps=(), label: str = "",
           layer: int | None = None, nbytes: int = 0, overhead: bool = True) -> int:
@@ -132,23 +133,46 @@ class PassContext:
     """Rows through every matmul in this pass: batch x new tokens."""
     return self.batch * self.tokens
 
-  def compute_time(self, side: str, nbytes: float, num_params: float) -> float:
-    """Roofline seconds of a matmul on `side` over this pass's rows."""
-    return costmodel.matmul_time(self.profile, side, nbytes, num_params, self.rows,
-                                 self.dtype)
+  def scale(self, half: str, side: str) -> float:
+    """Measured over roofline time of `half` ("attn", "mlp", "head") in decode; 1 in prefill."""
+    if self.phase != "decode":
+      return 1.0
+    key = (half, side)
+    if key not in self._scales:
+      self._scales[key] = costmodel.decode_scale(self.profile, self.model, half, side)
+    return self._scales[key]
+
+  def compute_time(self, side: str, nbytes: float, num_params: float,
+                   half: str | None = None) -> float:
+    """Seconds of a matmul on `side` over this pass's rows: the roofline, scaled
+    to this model's measured decode rate when `half` ("attn", "mlp") is given."""
+    seconds = costmodel.matmul_time(self.profile, side, nbytes, num_params, self.rows,
+                                    self.dtype)
+    return seconds * (self.scale(half, side) if half else 1.0)
 
   def half_time(self, group: str, side: str = "device") -> float:
     """Seconds to compute one whole layer half on `side` (kernels + attention core)."""
+    half = group.split("/")[-1]
     seconds = sum(self.compute_time(side, m.nbytes, m.num_params)
                   for m in costmodel.group_matrices(self.model, group))
-    if group.endswith("/attn"):
+    if half == "attn":
       seconds += costmodel.attention_core_time(self.model, self.profile, side, self.batch,
                                                self.tokens, self.context)
-    return seconds
+    return seconds * self.scale(half, side)
 
   def head_time(self, side: str = "device") -> float:
     # The engine computes logits of the last token only, in both phases.
-    return costmodel.head_time(self.model, self.profile, side, self.batch, 1)
+    return (costmodel.head_time(self.model, self.profile, side, self.batch, 1)
+            * self.scale("head", side))
+
+  def copy_time(self, nbytes: float) -> float:
+    """Seconds to move `nbytes` of whole layers host -> device: this model's measured
+    layer copy where the profile has one, else the profile's link rate."""
+    measured = calibration.measured(self.profile, self.model)
+    if measured:
+      layer = sum(self.model.group_nbytes(f"layers/0/{h}") for h in ("attn", "mlp"))
+      return measured["layer_copy_s"] * nbytes / layer
+    return nbytes / self.profile.link_bw(True)
 
 
 CostModel = Callable[[PassContext], None]
@@ -385,7 +409,7 @@ def layerwise_events(ctx: PassContext) -> None:
           copy = not shared
         copy = bool(_setting(pl, "link_copy", copy))
         if copy:
-          loaded = ctx.add("link", nbytes / prof.link_bw(True), (loaded, free),
+          loaded = ctx.add("link", ctx.copy_time(nbytes), (loaded, free),
                            f"h2d layer {i}", i, nbytes)
       for g in halves:
         prev = ctx.add("device", ctx.half_time(g), (prev, loaded), g, i)
@@ -402,6 +426,9 @@ def tensor_split_events(ctx: PassContext) -> None:
   Mirrors strategies/tensor_split.py: the weight transfer of split kernel u+1
   is issued right after kernel u's device multiply, once kernel u-1's device
   multiply has finished (two kernels of staging); it wraps into the next pass.
+  Each split kernel also costs a fixed `split_overhead_s` on the device (its
+  extra dispatches and activation copies): this model's measured figure where
+  the profile has a calibration, else the strategy option's.
   Reads `details["matrices"]` of each group: {name: {"resident": bool,
   "alpha": {"prefill": a, "decode": a}}}.
   """
@@ -414,6 +441,9 @@ def tensor_split_events(ctx: PassContext) -> None:
   groups = _layer_groups(ctx.model)
   mats = {g: costmodel.group_matrices(ctx.model, g) for g in groups}
   info = {g: pl.groups[g].details.get("matrices", {}) for g in groups}
+  measured = calibration.measured(prof, ctx.model)
+  split_cost = (measured["split_kernel_s"] if measured and "split_kernel_s" in measured
+                else float(_setting(pl, "split_overhead_s", 0.0)))
   units = [(g, m) for g in groups for m in mats[g]
            if not info[g].get(m.name, {}).get("resident", False)]
   issued: dict[int, int | None] = {}  # unit (across passes) -> its transfer event
@@ -438,13 +468,13 @@ def tensor_split_events(ctx: PassContext) -> None:
     prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
                    overhead=False)
     for g in groups:
-      layer = _layer_of(g)
+      layer, half = _layer_of(g), g.split("/")[-1]
       stage_in = prev
       for stage in sorted({m.stage for m in mats[g]}):
-        if stage == 1 and g.endswith("/attn"):
+        if stage == 1 and half == "attn":
           stage_in = ctx.add("device", costmodel.attention_core_time(
-              ctx.model, prof, "device", ctx.batch, ctx.tokens, ctx.context), (stage_in,),
-                             f"{g} core", layer)
+              ctx.model, prof, "device", ctx.batch, ctx.tokens, ctx.context)
+                             * ctx.scale(half, "device"), (stage_in,), f"{g} core", layer)
         in_stage = [m for m in mats[g] if m.stage == stage]
         split = [m for m in in_stage if not info[g].get(m.name, {}).get("resident", False)]
         joins, cpu = [], {}
@@ -456,16 +486,18 @@ def tensor_split_events(ctx: PassContext) -> None:
           for m in split:  # CPU parts are issued first
             a = alpha_of(g, m)
             cpu[m.name] = ctx.add("cpu", ctx.compute_time("cpu", (1 - a) * m.nbytes,
-                                                          (1 - a) * m.num_params),
+                                                          (1 - a) * m.num_params, half),
                                   (sent,), f"cpu {g}/{m.name}", layer)
         for m in in_stage:
           if m not in split:
-            joins.append(ctx.add("device", ctx.compute_time("device", m.nbytes, m.num_params),
+            joins.append(ctx.add("device", ctx.compute_time("device", m.nbytes, m.num_params,
+                                                            half),
                                  (stage_in,), f"{g}/{m.name}", layer))
             continue
           a = alpha_of(g, m)
           issue(k)
-          dev = ctx.add("device", ctx.compute_time("device", a * m.nbytes, a * m.num_params),
+          dev = ctx.add("device", ctx.compute_time("device", a * m.nbytes, a * m.num_params,
+                                                   half),
                         (stage_in, issued[k]), f"dev {g}/{m.name}", layer)
           dev_events.append(dev)
           k += 1
@@ -474,7 +506,7 @@ def tensor_split_events(ctx: PassContext) -> None:
           y_bytes = int(ctx.rows * (1 - a) * out_cols * itemsize)
           back = ctx.add("link", y_bytes / link, (cpu[m.name],), f"h2d {g}/{m.name} y",
                          layer, y_bytes)
-          joins.append(ctx.add("device", 0.0, (dev, back), f"join {g}/{m.name}", layer))
+          joins.append(ctx.add("device", split_cost, (dev, back), f"join {g}/{m.name}", layer))
         stage_in = ctx.add("device", 0.0, tuple(joins), f"{g} stage {stage}", layer)
       prev = stage_in
     prev = ctx.add("device", ctx.head_time(), (prev,), "head")

@@ -240,7 +240,8 @@ class TensorSplit(Strategy):
     # "transfers" are no-ops (the simulator must not charge a link for them).
     link_copy = not (jax.devices()[0].platform == "cpu" and len(jax.devices("cpu")) == 1)
     placement = Placement(self.name, groups, working,
-                          {"alpha": alpha, "link_copy": link_copy}, tuple(notes))
+                          {"alpha": alpha, "link_copy": link_copy,
+                           "split_overhead_s": o.split_overhead_s}, tuple(notes))
     if o.predict:
       from hetflow import simulate
       pred = simulate.predict(model, placement, profile, o.batch, o.prompt_len)

@@ -339,12 +339,13 @@ def _weight_scale(model, s: dict[str, Any]) -> float:
 
 def _kernels_time(ctx, group: str, scale: float) -> float:
   """A layer half's compute with its kernels `scale` times their dtype's bytes."""
+  half = group.split("/")[-1]
   seconds = sum(ctx.compute_time("device", scale * m.nbytes, m.num_params)
                 for m in costmodel.group_matrices(ctx.model, group))
-  if group.endswith("/attn"):  # the KV cache keeps the compute dtype
+  if half == "attn":  # the KV cache keeps the compute dtype
     seconds += costmodel.attention_core_time(ctx.model, ctx.profile, "device", ctx.batch,
                                              ctx.tokens, ctx.context)
-  return seconds
+  return seconds * ctx.scale(half, "device")
 
 
 def _disk_bw(profile, size: float, depth: int) -> float:
@@ -424,7 +425,7 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
       prev = ctx.add("cpu", admit, tuple(parts), "sum + admit", i)
     params = c.embed_dim * c.vocab_size
     head = costmodel.matmul_time(prof, "device", q * params * np.dtype(model.dtype).itemsize,
-                                 params, ctx.batch, model.dtype)
+                                 params, ctx.batch, model.dtype) * ctx.scale("head", "device")
     prev = ctx.add("device", head, (prev,), "head")
 
 

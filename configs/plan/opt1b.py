@@ -1,0 +1,33 @@
+"""Which strategy for opt-1.3b (4.9 GiB in float32) under a device budget, on this machine.
+
+Run:
+  python -m experiments.plan --config=configs/plan/opt1b.py
+  python -m experiments.plan --config=configs/plan/opt1b.py --config.budget.device=3GiB \
+      --config.run=true --workdir=/tmp/plan-opt1b
+Hardware: this machine's HardwareProfile (cached in $HETFLOW_CACHE/hardware_profile.json,
+~/.cache/hetflow by default, with this model's decode costs measured once), or
+--config.profile=a10-pcie.
+Expect: as configs/plan/llama1b.py; OPT's 50272-token tied embedding (393 MiB)
+and 2048 learned positions make the smallest layer-wise budget ~1.3 GiB.
+The planner's accuracy over three budgets: scripts/planner_accuracy.sh.
+"""
+
+import ml_collections
+
+from hetflow.config import model_section
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.model = model_section("opt-1.3b")
+  c.budget = ml_collections.ConfigDict(dict(device="2GiB", host="", disk=""))
+  c.profile = ""  # "": this machine's (measured once and cached); or a name / JSON path
+  c.prompt_tokens = 16
+  c.new_tokens = 16
+  c.run = False
+  c.run_top = 3
+  c.timeout_s = 1800
+  c.smoke = {"model": {"name": "opt-tiny"}, "budget": {"device": "1MiB"},
+             "profile": "a10-pcie", "prompt_tokens": 8, "new_tokens": 4}
+  return c

@@ -1,0 +1,236 @@
+"""Measured decode costs of one model's shapes on this machine, for the simulator.
+
+A `HardwareProfile` holds rates of generic kernels (a 4096^2 matvec, a 256 MiB
+copy). A model's own kernels run at other rates: XLA CPU streams a
+[2048, 5632] matvec 15-30% slower than a [5632, 2048] one, a half is its
+matrices plus norms, RoPE and activations, and `device_put` of a layer's
+leaves costs what the allocator makes of those sizes. Predicting from the
+generic rates alone was 27-68% off here (WORKSPACE_NOTES.md, "Planner").
+
+So, like FFTW's wisdom or an autotuner's cache, the profile of *this* machine
+keeps, per model shape, what these cost when measured once:
+
+  attn_s      one decode attention half (batch 1, one token, `context` positions)
+  mlp_s       one decode FFN half
+  head_s      the LM head on one token
+  layer_copy_s  host -> device of one layer (both halves), in steady state
+  split_kernel_s  tensor_split's fixed cost per split kernel (dispatches, the
+                activation copies, the join): a 2-layer, 64-wide model of the
+                same architecture decoded by tensor_split minus by resident,
+                per split kernel
+
+measured with random weights of the model's shapes, cycling through enough
+distinct layers (>= `total_bytes`) that no cache serves them, as decode
+touches each weight once per token. The simulator (`costmodel.decode_scale`)
+turns them into a correction factor per half kind over its roofline, so the
+cost models keep their structure (splits, overlap, sparsity) and only the
+rates become the measured ones. Named paper profiles carry none and predict
+from the roofline alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hetflow.memory import tiers
+from hetflow.memory.budget import format_bytes
+
+GiB = 2**30
+
+
+def model_key(model) -> str:
+  """What decode costs depend on: per-layer shapes, vocabulary and dtype (not weights)."""
+  c = model.config
+  key = (f"{c.arch} d{c.hidden_size} f{c.intermediate_size} h{c.num_heads}/{c.num_kv_heads}"
+         f"x{c.head_dim} v{c.vocab_size} {c.hidden_act} {jnp.dtype(model.dtype).name}")
+  if c.num_experts:
+    key += f" e{c.experts_per_token}/{c.num_experts}"
+  return key
+
+
+def measured(profile, model) -> dict[str, float] | None:
+  """The calibration of `model`'s shapes in `profile`, or None."""
+  return (getattr(profile, "models", None) or {}).get(model_key(model))
+
+
+def _layer_nbytes(model) -> int:
+  return model.group_nbytes("layers/0/attn") + model.group_nbytes("layers/0/mlp")
+
+
+def _available() -> int | None:
+  try:
+    with open("/proc/meminfo") as f:
+      return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration):
+    return None
+
+
+def _max_layers(model) -> int:
+  """Distinct layers that fit in half the memory available now (each is also copied once)."""
+  available = _available()
+  if available is None:
+    return 2
+  return int((available // 2 - 2 * model.group_nbytes("head")) // (2 * _layer_nbytes(model)))
+
+
+def fits_in_memory(model) -> bool:
+  """Whether calibrating `model` fits: at least two of its layers, copies and head."""
+  return _max_layers(model) >= 2
+
+
+def _random_group(model, group: str, key) -> dict[str, jax.Array]:
+  """Random device arrays of one group's shapes (values do not change dense timings)."""
+  prefix = group + "/"
+  out = {}
+  for i, (name, s) in enumerate(sorted(model.shapes.items())):
+    if name.startswith(prefix):
+      out[name[len(prefix):]] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape,
+                                                         s.dtype)
+  return out
+
+
+def _best(fn, repeats: int) -> float:
+  best = math.inf
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def _tiny(model):
+  """A 2-layer, 64-wide model of `model`'s architecture: its compute is ~0, its dispatches not."""
+  from hetflow.checkpoints.synthetic import SyntheticSource
+  from hetflow.models.model import Model
+
+  c = model.config
+  kv = 4 if c.num_kv_heads == c.num_heads else (1 if c.num_kv_heads == 1 else 2)
+  tiny = dataclasses.replace(
+      c, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=kv, head_dim=16,
+      vocab_size=256, num_layers=2, word_embed_proj_dim=None, max_position_embeddings=64,
+      name=f"{c.name}-calibration")
+  return Model(config=tiny, source=SyntheticSource(tiny, 0), dtype=model.dtype)
+
+
+def _decode_step_s(model, strategy: str, options=None, repeats: int = 3) -> float:
+  from hetflow.engine import Engine
+
+  ids = np.arange(3, 11, dtype=np.int32)[None]
+  with Engine(model, strategy, options=options) as engine:
+    engine.generate(ids, max_new_tokens=16, stop_tokens=())  # compile
+    return min(1.0 / engine.generate(ids, max_new_tokens=16, stop_tokens=())
+               .stats["decode_tokens_per_s"] for _ in range(repeats))
+
+
+def split_kernel_overhead(model, repeats: int = 3) -> float:
+  """Seconds tensor_split adds per split kernel on this machine, beyond the multiplies."""
+  from hetflow import costmodel
+
+  tiny = _tiny(model)
+  kernels = sum(len(costmodel.group_matrices(tiny, g)) for g in tiny.group_names()
+                if g.startswith("layers/"))
+  split = _decode_step_s(tiny, "tensor_split", dict(alpha=0.5, keep_resident=False), repeats)
+  resident = _decode_step_s(tiny, "resident", None, repeats)
+  return max(split - resident, 0.0) / kernels
+
+
+def calibrate(model, profile, context: int = 64, total_bytes: int = 4 * GiB, repeats: int = 3,
+              progress: bool = True) -> Any:
+  """Measures `model`'s decode halves, head and layer copy; returns the profile with them.
+
+  Args:
+    model: a hetflow Model; only its shapes are used (weights are random).
+    profile: this machine's HardwareProfile (the result is a copy with
+      `models[model_key(model)]` set).
+    context: KV positions the attention half attends over.
+    total_bytes: distinct layer bytes cycled through per timing (>= the
+      caches); capped at the model's layers.
+    repeats: best of this many sweeps.
+    progress: print what is measured.
+
+  Returns:
+    A new HardwareProfile.
+  """
+  c = model.config
+  fn = model.functions
+  layer_bytes = _layer_nbytes(model)
+  count = max(1, min(c.num_layers, math.ceil(total_bytes / layer_bytes), _max_layers(model)))
+  if progress:
+    print(f"calibrating {model_key(model)} on this machine: {count} layers of random weights"
+          f" ({format_bytes(count * layer_bytes)}), once ...", flush=True)
+  device, host = tiers.device_sharding(), tiers.host_sharding()
+  key = jax.random.key(0)
+  layers = [{h: jax.device_put(_random_group(model, f"layers/0/{h}", jax.random.fold_in(key, i)),
+                               device) for h in ("attn", "mlp")} for i in range(count)]
+  head = jax.device_put(_random_group(model, "head", key), device)
+  tokens = (jax.device_put(_random_group(model, "embed", key)["tokens"], device)
+            if c.tie_word_embeddings else None)
+  x = 0.1 * jax.random.normal(key, (1, 1, c.hidden_size), model.dtype)
+  caches = [fn.new_cache(1, context + 1, device) for _ in range(count)]
+  positions = jnp.full((1, 1), context, jnp.int32)
+  mask = jnp.ones((1, context + 1), bool)
+
+  def attention_sweep():
+    y = x
+    for i, layer in enumerate(layers):
+      y, caches[i] = fn.attention(layer["attn"], y, caches[i], context, positions, mask)
+    y.block_until_ready()
+
+  def mlp_sweep():
+    y = x
+    for layer in layers:
+      y = fn.ffn(layer["mlp"], y)
+    y.block_until_ready()
+
+  def head_call():
+    fn.head(head, tokens, x).block_until_ready()
+
+  results = {}
+  for name, run, calls in (("attn_s", attention_sweep, count), ("mlp_s", mlp_sweep, count),
+                           ("head_s", head_call, 1)):
+    run()  # compile, and fault the pages in
+    results[name] = _best(run, repeats) / calls
+  del layers, caches
+
+  # host -> device of one layer, as layer-wise streams it: the layer's leaves in
+  # host memory, a fresh device copy each time, dropped after use.
+  copies = max(2, min(count, 8))
+  hosted = [jax.device_put(_random_group(model, f"layers/0/{h}", jax.random.fold_in(key, i)),
+                           host) for i in range(copies) for h in ("attn", "mlp")]
+  jax.block_until_ready(hosted)
+
+  def copy_sweep():
+    for tree in hosted:
+      moved = jax.device_put(tree, device)
+      jax.block_until_ready(moved)
+      del moved
+
+  copy_sweep()
+  results["layer_copy_s"] = _best(copy_sweep, repeats) / copies
+  del hosted
+  results["split_kernel_s"] = split_kernel_overhead(model, repeats)
+  results["context"] = float(context)
+  results["layers_cycled"] = float(count)
+  if progress:
+    print("  " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in results.items()
+                           if k.endswith("_s")), flush=True)
+  models = dict(getattr(profile, "models", None) or {})
+  models[model_key(model)] = results
+  return dataclasses.replace(profile, models=models)
+
+
+def summary(profile, model) -> str:
+  """One line: the calibration used for `model`, or that there is none."""
+  m = measured(profile, model)
+  if not m:
+    return f"{model_key(model)}: not calibrated (roofline from the profile's generic rates)"
+  return (f"{model_key(model)}: calibrated decode attn {m['attn_s'] * 1e3:.2f} ms, ffn"
+          f" {m['mlp_s'] * 1e3:.2f} ms, head {m['head_s'] * 1e3:.2f} ms, layer copy"
+          f" {m['layer_copy_s'] * 1e3:.2f} ms")
