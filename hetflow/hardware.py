@@ -438,17 +438,20 @@ def _measure_disk(
       os.fsync(f.fileno())
     method = drop_page_cache(path)
     buf = aligned_empty(size)
+    buf.fill(0)  # as the strategies' buffers: O_DIRECT into untouched pages is slower here
     table: dict[int, dict[int, float]] = {}
     direct = True
     offset = 0
-    for qd in s.disk_queue_depths:
-      with ReaderPool(num_workers=qd) as pool:
-        for block in s.disk_block_sizes:
-          step(f"disk {format_bytes(block)} qd={qd}")
-          nbytes = min(size, block * s.disk_max_requests)
-          nbytes -= nbytes % block
-          best = math.inf
-          for _ in range(s.repeats):
+    # Repeats are whole sweeps, so a disk that is slow for a while (the host
+    # still writing the file back, a neighbour's burst) slows one sweep, not
+    # every repeat of the points measured at that moment; the best is kept.
+    for sweep in range(s.repeats):
+      for qd in s.disk_queue_depths:
+        with ReaderPool(num_workers=qd) as pool:
+          for block in s.disk_block_sizes:
+            step(f"disk {format_bytes(block)} qd={qd} (sweep {sweep + 1}/{s.repeats})")
+            nbytes = min(size, block * s.disk_max_requests)
+            nbytes -= nbytes % block
             # O_DIRECT bypasses the cache anyway; fadvise is for the
             # buffered fallback, and it is cheap.
             drop_page_cache(path, method="fadvise")
@@ -458,10 +461,11 @@ def _measure_disk(
               offset = 0
             t0 = time.perf_counter()
             pool.read_into(path, offset, buf, nbytes, chunk=block).result()
-            best = min(best, time.perf_counter() - t0)
+            rate = nbytes / (time.perf_counter() - t0)
+            row = table.setdefault(qd, {})
+            row[block] = max(row.get(block, 0.0), rate)
             offset += nbytes
-          table.setdefault(qd, {})[block] = nbytes / best
-        direct = direct and pool.direct
+          direct = direct and pool.direct
     return table, direct, method
   finally:
     os.remove(path)
@@ -608,7 +612,7 @@ def measure(
   cpu = jax.devices("cpu")[0]
   default = jax.devices()[0]
   on_accel = default.platform != "cpu"
-  steps = len(s.disk_block_sizes) * len(s.disk_queue_depths) + 1 + 4 + 2 + (4 if on_accel else 0)
+  steps = len(s.disk_block_sizes) * len(s.disk_queue_depths) * s.repeats + 1 + 4 + 2 + (4 if on_accel else 0)
   bar = tqdm(total=steps, desc="profiling", disable=not progress)
 
   def step(what: str) -> None:

@@ -113,13 +113,14 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
     for options in cls.candidates(model, budget):
       try:
         placement = cls(options).plan(model, budget, profile)
+        prediction = simulate.predict(model, placement, profile, batch, prompt_len, new_tokens)
       except BudgetExceeded as e:
         ranked.append(RankedPlan(name, options, None, None, f"does not fit: {e}"))
         continue
-      except ValueError as e:  # e.g. a dense model offered to a sparse strategy
+      except ValueError as e:  # e.g. a dense model offered to a sparse strategy, or a
+        # sparse one whose activation frequencies the cost model does not know
         ranked.append(RankedPlan(name, options, None, None, f"not applicable: {e}"))
         continue
-      prediction = simulate.predict(model, placement, profile, batch, prompt_len, new_tokens)
       tiers = placement.bytes_per_tier()
       reason = (f"decode bound by {prediction.bottleneck}; device {format_bytes(tiers['device'])},"
                 f" host {format_bytes(tiers['host'])}, disk {format_bytes(tiers['disk'])}")

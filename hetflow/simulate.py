@@ -19,8 +19,11 @@ Cost models are registered by strategy name, so a new strategy brings its own:
       ...
 
 On a machine whose "device" is the CPU itself (`costmodel.shares_cpu`), the
-"device" resource is the "cpu" resource: compute of both kinds contends for the
-same cores.
+"device" and "link" resources are the "cpu" resource: compute of both kinds
+contends for the same cores, and a host->device copy is a memcpy by those
+cores over the memory bus the matvecs already fill (measured here: layer-wise
+from host memory takes compute + copy time per token, not the larger of the
+two; WORKSPACE_NOTES.md, "Planner accuracy").
 
 Decode time is measured in steady state: two decode passes are simulated back
 to back and the second one's increment is the per-token time, so prefetches
@@ -42,6 +45,8 @@ from hetflow.strategy import Placement
 
 Resource = Literal["disk", "link", "link_d2h", "cpu", "device"]
 RESOURCES: tuple[str, ...] = ("disk", "link", "link_d2h", "cpu", "device")
+# Where the device is the CPU: the resources that are really the CPU's cores.
+_SHARED_WITH_CPU = ("device", "link", "link_d2h")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +234,7 @@ def run_events(events: list[Event], shared_cpu: bool = False) -> Schedule:
 
   Args:
     events: as built by a cost model (deps refer to earlier indices).
-    shared_cpu: map the "device" resource onto "cpu" (the device is the CPU).
+    shared_cpu: map the "device" and link resources onto "cpu" (the device is the CPU).
 
   Returns:
     The Schedule.
@@ -238,7 +243,7 @@ def run_events(events: list[Event], shared_cpu: bool = False) -> Schedule:
   busy: dict[str, float] = {}
   start, end = [], []
   for i, ev in enumerate(events):
-    res = "cpu" if shared_cpu and ev.resource == "device" else ev.resource
+    res = "cpu" if shared_cpu and ev.resource in _SHARED_WITH_CPU else ev.resource
     if any(d >= i for d in ev.deps):
       raise ValueError(f"event {i} ({ev.label}) depends on a later event {ev.deps}.")
     t0 = max([free.get(res, 0.0)] + [end[d] for d in ev.deps])

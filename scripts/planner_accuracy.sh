@@ -12,7 +12,7 @@ OUT=${1:-/tmp/planacc}; shift || true
 MODELS=${*:-"llama1b opt1b llama1b_sparse"}
 declare -A BUDGETS=(
   [llama1b]="1GiB 2GiB 3GiB"                 # host unlimited: tensor_split and host tiers run
-  [opt1b]="1.5GiB 2.5GiB 3.5GiB"
+  [opt1b]="2GiB 2.75GiB 3.5GiB"
   [llama1b_sparse]="1.64GiB 2GiB 2.5GiB"     # host 0: all the model's RAM is the budget
 )
 mkdir -p "$OUT"

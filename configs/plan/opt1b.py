@@ -8,7 +8,7 @@ Hardware: this machine's HardwareProfile (cached in $HETFLOW_CACHE/hardware_prof
 ~/.cache/hetflow by default, with this model's decode costs measured once), or
 --config.profile=a10-pcie.
 Expect: as configs/plan/llama1b.py; OPT's 50272-token tied embedding (393 MiB)
-and 2048 learned positions make the smallest layer-wise budget ~1.3 GiB.
+and the KV reserve for its 2048 positions make the smallest layer-wise budget 1.52 GiB.
 The planner's accuracy over three budgets: scripts/planner_accuracy.sh.
 """
 
