@@ -14,9 +14,12 @@ keeps, per model shape, what these cost when measured once:
   mlp_s       one decode FFN half
   head_s      the LM head on one token
   layer_copy_s  host -> device of one layer (both halves), in steady state
-  split_kernel_s  tensor_split's fixed cost per split kernel (dispatches, the
-                activation copies, the join): the model's first two layers
-                decoded by tensor_split minus by resident, per split kernel
+  gather_bw   bytes of FFN neuron records per second through neuron_cluster's
+                sparse step (gather the predicted neurons' rows, multiply)
+  split_kernel_s  where the device is the CPU: tensor_split's fixed cost per
+                split kernel (dispatches, the activation copies, the join):
+                eight of the model's layers decoded by tensor_split minus by
+                resident, per split kernel
 
 measured with random weights of the model's shapes, cycling through enough
 distinct layers (>= `total_bytes`) that no cache serves them, as decode
@@ -29,15 +32,15 @@ from the roofline alone.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hetflow.hardware import HardwareProfile
 from hetflow.memory import tiers
 from hetflow.memory.budget import format_bytes
 
@@ -56,7 +59,7 @@ def model_key(model) -> str:
 
 def measured(profile, model) -> dict[str, float] | None:
   """The calibration of `model`'s shapes in `profile`, or None."""
-  return (getattr(profile, "models", None) or {}).get(model_key(model))
+  return profile.models.get(model_key(model))
 
 
 def _layer_nbytes(model) -> int:
@@ -104,12 +107,15 @@ def _best(fn, repeats: int) -> float:
   return best
 
 
-def _two_layers(model):
-  """`model`'s first two layers (random weights of its shapes), as a model of its own."""
+def _few_layers(model, layers: int = 8):
+  """`model`'s layer shapes, `layers` of them, with a 256-token vocabulary (so that
+  the head, which both strategies run alike, does not drown the difference)."""
   from hetflow.checkpoints.synthetic import SyntheticSource
   from hetflow.models.model import Model
 
-  config = dataclasses.replace(model.config, num_layers=2, name=f"{model.config.name}-calibration")
+  config = dataclasses.replace(model.config, num_layers=layers, vocab_size=256,
+                               bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                               name=f"{model.config.name}-calibration")
   return Model(config=config, source=SyntheticSource(config, 0), dtype=model.dtype)
 
 
@@ -123,26 +129,66 @@ def _decode_step_s(model, strategy: str, options=None, repeats: int = 3) -> floa
                .stats["decode_tokens_per_s"] for _ in range(repeats))
 
 
-def split_kernel_overhead(model, repeats: int = 3) -> float:
+def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
   """Seconds tensor_split adds per split kernel on this machine, beyond the multiplies.
 
   Measured at the model's own widths, because the cost is not the dispatches
   alone: while Python dispatches, the multiplies that want every core wait
-  for the one it holds (on 2 cores here it came to ~2.7x the dispatch time of
-  a 64-wide model).
+  for the one it holds (on 2 cores here: 0.31 ms per kernel at llama-1b's
+  widths against 0.17 ms at 64 wide). Only meaningful where the device is the
+  CPU: with an accelerator the difference would include the link transfers,
+  which the simulator models itself.
   """
   from hetflow import costmodel
 
-  two = _two_layers(model)
-  kernels = sum(len(costmodel.group_matrices(two, g)) for g in two.group_names()
+  few = _few_layers(model)
+  kernels = sum(len(costmodel.group_matrices(few, g)) for g in few.group_names()
                 if g.startswith("layers/"))
-  split = _decode_step_s(two, "tensor_split", dict(alpha=0.5, keep_resident=False), repeats)
-  resident = _decode_step_s(two, "resident", None, repeats)
+  split = _decode_step_s(few, "tensor_split", dict(alpha=alpha, keep_resident=False), repeats)
+  resident = _decode_step_s(few, "resident", None, repeats)
   return max(split - resident, 0.0) / kernels
 
 
-def calibrate(model, profile, context: int = 64, total_bytes: int = 4 * GiB, repeats: int = 3,
-              progress: bool = True) -> Any:
+def gather_rate(model, rows: int = 1024, pool_bytes: int = GiB, calls: int = 16,
+                repeats: int = 3) -> float:
+  """Bytes of FFN neuron records per second through a gather-and-multiply of `rows`
+  neurons from a pool in memory: neuron_cluster's sparse FFN step (its `partial`).
+
+  XLA CPU's gather is far below memory bandwidth (~1.8 GB/s of records here
+  against ~12 GB/s for a copy), so the cost model must not assume a copy.
+  """
+  c = model.config
+  mats = 2 if c.arch == "opt" else 3
+  d = c.hidden_size
+  record = mats * d
+  pool_rows = max(rows, pool_bytes // (record * jnp.dtype(model.dtype).itemsize))
+  pool = jax.random.normal(jax.random.key(1), (pool_rows, record), model.dtype)
+  h = jnp.ones((1, 1, d), model.dtype)
+
+  @jax.jit
+  def partial(buf, idx, h):
+    w = jnp.take(buf, idx, axis=0)
+    parts = [w[:, i * d:(i + 1) * d] for i in range(mats)]
+    a = jax.nn.relu(jnp.einsum("BTD,nD->BTn", h, parts[0]))
+    if mats == 3:
+      a = a * jnp.einsum("BTD,nD->BTn", h, parts[1])
+    return jnp.einsum("BTn,nD->BTD", a, parts[-1])
+
+  rng = np.random.default_rng(0)
+  indices = [jnp.asarray(np.sort(rng.choice(pool_rows, rows, replace=False)).astype(np.int32))
+             for _ in range(calls)]
+  partial(pool, indices[0], h).block_until_ready()
+
+  def sweep():
+    for idx in indices:
+      y = partial(pool, idx, h)
+    y.block_until_ready()
+
+  return calls * rows * record * jnp.dtype(model.dtype).itemsize / _best(sweep, repeats)
+
+
+def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: int = 4 * GiB,
+              repeats: int = 3, progress: bool = True) -> HardwareProfile:
   """Measures `model`'s decode halves, head and layer copy; returns the profile with them.
 
   Args:
@@ -199,29 +245,37 @@ def calibrate(model, profile, context: int = 64, total_bytes: int = 4 * GiB, rep
     results[name] = _best(run, repeats) / calls
   del layers, caches
 
-  # host -> device of one layer, as layer-wise streams it: the layer's leaves in
-  # host memory, a fresh device copy each time, dropped after use.
-  copies = max(2, min(count, 8))
-  hosted = [jax.device_put(_random_group(model, f"layers/0/{h}", jax.random.fold_in(key, i)),
-                           host) for i in range(copies) for h in ("attn", "mlp")]
+  # host -> device of one layer, as layer-wise streams it: both halves in one
+  # device_put from host memory, the last two copies alive (its ring of
+  # prefetch depth 1), the older one dropped when a new one arrives.
+  copies = max(3, min(count, 8))
+  hosted = [{h: jax.device_put(_random_group(model, f"layers/0/{h}", jax.random.fold_in(key, i)),
+                               host) for h in ("attn", "mlp")} for i in range(copies)]
   jax.block_until_ready(hosted)
 
   def copy_sweep():
+    ring = collections.deque(maxlen=2)
     for tree in hosted:
-      moved = jax.device_put(tree, device)
-      jax.block_until_ready(moved)
-      del moved
+      ring.append(jax.device_put(tree, device))
+      jax.block_until_ready(ring[-1])
+    ring.clear()
 
   copy_sweep()
   results["layer_copy_s"] = _best(copy_sweep, repeats) / copies
   del hosted
-  results["split_kernel_s"] = split_kernel_overhead(model, repeats)
+  results["gather_bw"] = gather_rate(model, repeats=repeats)
+  if jax.default_backend() == "cpu":
+    # At the split this machine's profile gives (one tiny and one wide
+    # multiply per kernel cost more than two halves).
+    from hetflow import costmodel
+    alpha = costmodel.phase_alpha(profile, 1, model.dtype)
+    results["split_kernel_s"] = split_kernel_overhead(model, alpha, max(repeats, 5))
   results["context"] = float(context)
   results["layers_cycled"] = float(count)
   if progress:
     print("  " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in results.items()
                            if k.endswith("_s")), flush=True)
-  models = dict(getattr(profile, "models", None) or {})
+  models = dict(profile.models)
   models[model_key(model)] = results
   return dataclasses.replace(profile, models=models)
 

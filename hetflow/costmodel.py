@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
+from hetflow import calibration
+
 Side = Literal["cpu", "device"]
 Phase = Literal["prefill", "decode"]
 
@@ -216,8 +218,6 @@ def decode_scale(profile, model, half: str, side: Side) -> float:
   (`hetflow.calibration`); that was measured on the profile's device, so it
   applies to the CPU side only where the device is the CPU.
   """
-  from hetflow import calibration  # calibration imports jax models; costmodel stays light
-
   measured = calibration.measured(profile, model)
   if not measured or (side == "cpu" and not shares_cpu(profile)):
     return 1.0

@@ -152,7 +152,7 @@ def main():
   rows = []
   for gb in budgets:
     for strategy, options in (
-        ("tensor_split", dict(prompt_len=prompt, reserve_bytes=0)),
+        ("tensor_split", dict(prompt_len=prompt, kv_reserve_tokens=prompt + new)),
         ("layerwise", dict(offload_tier="host", resident_layers="auto",
                            kv_reserve_tokens=prompt + new))):
       row = run_strategy(model, strategy, options, int(gb * 1e9), profile, prompt, new)

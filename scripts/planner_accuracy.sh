@@ -28,18 +28,23 @@ for model in $MODELS; do
 done
 python - "$OUT" <<'PY'
 import glob, json, os, sys
-rows = ["| model | budget | plan | predicted tok/s | measured tok/s | error |", "|---|---|---|---|---|---|"]
-errors = []
+rows = ["| model | budget | plan | predicted tok/s | measured tok/s | error | disk probed GB/s"
+        " | error at that disk rate |", "|---|---|---|---|---|---|---|---|"]
+errors, errors_at_disk = [], []
+pct = lambda e: "" if e is None else f"{e:+.0%}"
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "plan.json"))):
   s = json.load(open(path))
   for r in s["compared"]:
     got = r["measured_decode_tok_s"]
-    err = r["error"]
-    if err is not None:
-      errors.append(abs(err))
+    if r["error"] is not None:
+      errors.append(abs(r["error"]))
+      errors_at_disk.append(abs(r["error_at_probed_disk"]))
     rows.append(f"| {s['model']} | {s['budget']} | {r['plan']} | {r['predicted_decode_tok_s']:.3f}"
-                f" | {'failed' if got is None else f'{got:.3f}'} | {'' if err is None else f'{err:+.0%}'} |")
+                f" | {'failed' if got is None else f'{got:.3f}'} | {pct(r['error'])}"
+                f" | {r['disk_probed_bytes_per_s'] / 1e9:.2f} | {pct(r['error_at_probed_disk'])} |")
 print("\n".join(rows))
-if errors:
-  print(f"\n{sum(e <= 0.2 for e in errors)} of {len(errors)} plans within 20%; worst {max(errors):.0%}")
+for name, errs in (("as predicted", errors), ("at the disk rate probed in the run", errors_at_disk)):
+  if errs:
+    print(f"{name}: {sum(e <= 0.2 for e in errs)} of {len(errs)} plans within 20%;"
+          f" worst {max(errs):.0%}")
 PY

@@ -163,6 +163,7 @@ class NeuronCluster(Strategy):
     neuron_leaves = sum(model.shapes[f"layers/0/mlp/{m}"].size for m in mats) * item
     fixed = sum(model.group_nbytes(g) for g in model.group_names() if not g.endswith("/mlp"))
     fixed += c.num_layers * (model.group_nbytes("layers/0/mlp") - neuron_leaves)
+    quality = None
     if o.predictor == "oracle":
       predictor = c.num_layers * (len(mats) - 1) * c.hidden_size * c.intermediate_size * item
     else:
@@ -172,7 +173,13 @@ class NeuronCluster(Strategy):
       meta = os.path.join(o.predictor_path, "predictor.json")
       if os.path.exists(meta):
         with open(meta) as f:
-          predictor = int(json.load(f)["nbytes"])
+          trained = json.load(f)
+        predictor = int(trained["nbytes"])
+        # What training measured per layer; the cost model predicts reads from it.
+        reports = trained.get("reports") or []
+        if len(reports) == c.num_layers:
+          quality = {"true_density": [r["true_density"] for r in reports],
+                     "precision": [r["precision"] for r in reports]}
       else:  # not trained yet (e.g. planning a config): rank D/16 as an estimate
         r = c.hidden_size // 16
         predictor = c.num_layers * (c.hidden_size * (r + 2) + r * (c.intermediate_size + 1)
@@ -183,7 +190,8 @@ class NeuronCluster(Strategy):
           2 * c.num_layers * c.num_kv_heads * c.head_dim * item
           * min(c.max_position_embeddings, 1024))
     return dict(record=record, stride=stride, fixed=fixed, predictor=predictor,
-                staging=staging, kv=kv, full_cache=c.num_layers * c.intermediate_size * record)
+                staging=staging, kv=kv, full_cache=c.num_layers * c.intermediate_size * record,
+                predictor_quality=quality)
 
   def plan(self, model, budget, profile=None) -> Placement:
     c, o = model.config, self.options
@@ -209,7 +217,7 @@ class NeuronCluster(Strategy):
     # Sizes and settings the simulator's cost model reads (hetflow/sparsity/cost.py).
     details = dict(dataclasses.asdict(o), record_nbytes=s["record"], row_stride=s["stride"],
                    cache_slots=slots, predictor_nbytes=s["predictor"],
-                   staging_nbytes=s["staging"])
+                   staging_nbytes=s["staging"], predictor_quality=s["predictor_quality"])
     for g in model.group_names():
       if g.endswith("/mlp"):
         groups[g] = GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache",

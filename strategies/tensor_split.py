@@ -78,8 +78,10 @@ class TensorSplitOptions:
     batch: rows per decode step assumed when choosing alphas and predicting.
     prompt_len: prompt tokens per row assumed for the prefill alpha and the
       predicted prefill time.
-    reserve_bytes: device bytes left free for what the engine allocates itself
-      (the KV cache, activations); the scheduler places nothing there.
+    kv_reserve_tokens: KV positions (at `batch`) reserved on the device for the
+      engine's KV cache; None: the model's max_position_embeddings (as
+      layerwise). The scheduler places nothing there.
+    reserve_bytes: further device bytes left free (activations).
     pinned: whether host weights are read at the pinned link rate.
     split_overhead_s: fixed cost of one split matmul beyond its bytes (two
       activation copies and extra dispatches); makes the scheduler prefer small
@@ -91,6 +93,7 @@ class TensorSplitOptions:
   keep_resident: bool = True
   batch: int = 1
   prompt_len: int = 512
+  kv_reserve_tokens: int | None = None
   reserve_bytes: int = 0
   pinned: bool = True
   split_overhead_s: float = 60e-6
@@ -150,7 +153,11 @@ class TensorSplit(Strategy):
 
     fixed = (model.group_nbytes("embed") + model.group_nbytes("head")
              + sum(costmodel.small_nbytes(model, g) for g in layer_groups))
-    minimum = fixed + o.reserve_bytes + staging(set())
+    c = model.config
+    kv_tokens = c.max_position_embeddings if o.kv_reserve_tokens is None else o.kv_reserve_tokens
+    reserve = o.reserve_bytes + (o.batch * kv_tokens * 2 * c.num_layers * c.num_kv_heads
+                                 * c.head_dim * jnp.dtype(model.dtype).itemsize)
+    minimum = fixed + reserve + staging(set())
     limit = budget.device
     if (limit is not None and minimum > limit and o.alpha is None
         and alpha["prefill"] > alpha["decode"]):
@@ -158,12 +165,12 @@ class TensorSplit(Strategy):
       # prefill settles for what the staging room allows, down to decode's alpha.
       formula = alpha["prefill"]
       largest = max(m.nbytes for v in mats.values() for m in v)
-      room = (limit - fixed - o.reserve_bytes) / (2 * largest)
+      room = (limit - fixed - reserve) / (2 * largest)
       alpha["prefill"] = min(formula, max(alpha["decode"], room - 1e-3))
-      minimum = fixed + o.reserve_bytes + staging(set())
+      minimum = fixed + reserve + staging(set())
       if minimum > limit:
         alpha["prefill"] = alpha["decode"]
-        minimum = fixed + o.reserve_bytes + staging(set())
+        minimum = fixed + reserve + staging(set())
       notes.append(f"prefill alpha capped at {alpha['prefill']:.3f} (formula: {formula:.3f})"
                    " so that staging fits the device budget")
     if limit is not None and minimum > limit:
@@ -183,7 +190,7 @@ class TensorSplit(Strategy):
       return (split + o.split_overhead_s - m.nbytes / v_dev) / m.nbytes
 
     resident: set[tuple[str, str]] = set()
-    used = fixed + o.reserve_bytes
+    used = fixed + reserve
     if o.keep_resident:
       candidates = sorted(((g, m) for g in layer_groups for m in mats[g]),
                           key=lambda gm: -saving_per_byte(gm[1]))
@@ -232,7 +239,8 @@ class TensorSplit(Strategy):
         f" ({o.batch}x{o.prompt_len} rows), decode {alpha['decode']:.3f}",
         f"matrices resident: {len(resident)} of {sum(len(v) for v in mats.values())};"
         f" staging {format_bytes(stage)} (two kernels of device columns in flight);"
-        f" reserve {format_bytes(o.reserve_bytes)}",
+        f" reserve {format_bytes(reserve)} (KV cache for {kv_tokens} positions at batch"
+        f" {o.batch}, and {format_bytes(o.reserve_bytes)} more)",
         "host groups: nbytes = host part; their device part (norms, biases, resident"
         " kernels) is in working_bytes['device']",
     ]

@@ -40,7 +40,7 @@ def get_config(arg=None):
   models = arg.split(",") if arg else list(HETEGEN)
   series = [
       dict(label="tensor_split (HeteGen)", strategy="tensor_split",
-           options=dict(prompt_len=512), paper=HETEGEN),
+           options=dict(prompt_len=512, kv_reserve_tokens=0), paper=HETEGEN),
       dict(label="layerwise host (FlexGen)", strategy="layerwise",
            options=dict(offload_tier="host", resident_layers="auto", kv_reserve_tokens=0),
            fallback_options=dict(prefetch_depth=0), paper=FLEXGEN),

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from hetflow import costmodel, simulate
+from hetflow import calibration, costmodel, simulate
 from hetflow.checkpoints.sparse import parse_hotness, zipf_frequencies
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
 from hetflow.memory.buffers import round_up
@@ -293,12 +293,24 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
     freq: [L, N] firing probabilities to use instead of the model's law (e.g.
       the strategy's recorded statistics, hottest first).
     precision: share of predicted neurons that fire (default: 1 for the
-      oracle, TRAINED_PRECISION for a trained predictor).
+      oracle; for a trained predictor, the per-layer precision its training
+      measured (`predictor_quality` in the plan), else TRAINED_PRECISION).
   """
   s = _settings(placement)
-  freq = layer_frequencies(model) if freq is None else freq
+  quality = s.get("predictor_quality") if s["predictor"] != "oracle" else None
+  if freq is None:
+    freq = layer_frequencies(model)
+    if quality:
+      # The law's shape, at the density each layer measured while training.
+      density = np.asarray(quality["true_density"])[:, None]
+      freq = np.minimum(freq * density / freq.mean(axis=1, keepdims=True), 1.0)
   if precision is None:
-    precision = 1.0 if s["predictor"] == "oracle" else TRAINED_PRECISION
+    if s["predictor"] == "oracle":
+      precision = 1.0
+    elif quality:
+      precision = np.asarray(quality["precision"])
+    else:
+      precision = TRAINED_PRECISION
   cache = estimate_cache(freq, s["cache_slots"], s["hot_fraction"], s["cluster_size"], tokens,
                          s["coalesce"] and s["layout"] == "bundled",
                          s.get("admission", "all"), s.get("admit_decay", 0.9),
@@ -379,6 +391,9 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
   neuron = _neuron_bytes(model) * q
   mem_bw = prof.memory_bw
   cpu_bw = costmodel.matvec_bw(prof, "cpu", model.dtype)
+  measured = calibration.measured(prof, model)
+  per_byte = (1 / measured["gather_bw"] if measured and "gather_bw" in measured
+              else 1 / cpu_bw + 1 / mem_bw)
   if ctx.phase == "decode":
     counts = decode_counts(model, pl, tokens=s.get("cold_start_tokens"),
                            freq=s.get("frequencies"))
@@ -400,8 +415,9 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
       predicted, misses, requests = per_layer[i]
       pred = ctx.add("cpu", predictor / cpu_bw, (prev,), "predict", i)
       hits = predicted - misses
-      # Gathered rows are copied (jnp.take) and then multiplied.
-      work = lambda k: k * neuron * (1 / cpu_bw + 1 / mem_bw)  # noqa: E731
+      # Gathered rows are copied (jnp.take) and then multiplied: at the rate
+      # measured for this model where the profile has one (calibration).
+      work = lambda k: k * neuron * per_byte  # noqa: E731
       if s["layout"] == "split":
         nbytes = misses * mats * round_up(int(c.hidden_size * np.dtype(model.dtype).itemsize * q))
         size = nbytes / max(misses * mats, 1e-12)
