@@ -10,7 +10,6 @@ systems' options; no timings (valid on a loaded machine).
 import json
 
 import numpy as np
-
 from absl import app, flags
 from ml_collections import config_flags
 

@@ -10,7 +10,13 @@ from hetflow.checkpoints import CheckpointError, load_model, save_hf, synthetic_
 from hetflow.engine import Engine, GenerationOutput, SamplingOptions
 from hetflow.memory.budget import Budget, BudgetExceeded, MemoryLedger
 from hetflow.models import Model, ModelConfig
-from hetflow.strategy import (GroupPlacement, Placement, Strategy, available_strategies,
-                              get_strategy, register_strategy)
+from hetflow.strategy import (
+                              GroupPlacement,
+                              Placement,
+                              Strategy,
+                              available_strategies,
+                              get_strategy,
+                              register_strategy,
+)
 
 __version__ = "0.1.0"

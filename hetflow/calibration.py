@@ -36,6 +36,7 @@ import collections
 import dataclasses
 import math
 import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,7 +140,7 @@ def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
   CPU: with an accelerator the difference would include the link transfers,
   which the simulator models itself.
   """
-  from hetflow import costmodel
+  from hetflow import costmodel  # costmodel imports this module
 
   few = _few_layers(model)
   kernels = sum(len(costmodel.group_matrices(few, g)) for g in few.group_names()
@@ -187,31 +188,10 @@ def gather_rate(model, rows: int = 1024, pool_bytes: int = GiB, calls: int = 16,
   return calls * rows * record * jnp.dtype(model.dtype).itemsize / _best(sweep, repeats)
 
 
-def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: int = 4 * GiB,
-              repeats: int = 3, progress: bool = True) -> HardwareProfile:
-  """Measures `model`'s decode halves, head and layer copy; returns the profile with them.
-
-  Args:
-    model: a hetflow Model; only its shapes are used (weights are random).
-    profile: this machine's HardwareProfile (the result is a copy with
-      `models[model_key(model)]` set).
-    context: KV positions the attention half attends over.
-    total_bytes: distinct layer bytes cycled through per timing (>= the
-      caches); capped at the model's layers.
-    repeats: best of this many sweeps.
-    progress: print what is measured.
-
-  Returns:
-    A new HardwareProfile.
-  """
-  c = model.config
-  fn = model.functions
-  layer_bytes = _layer_nbytes(model)
-  count = max(1, min(c.num_layers, math.ceil(total_bytes / layer_bytes), _max_layers(model)))
-  if progress:
-    print(f"calibrating {model_key(model)} on this machine: {count} layers of random weights"
-          f" ({format_bytes(count * layer_bytes)}), once ...", flush=True)
-  device, host = tiers.device_sharding(), tiers.host_sharding()
+def _time_halves(model, count: int, context: int, repeats: int) -> dict[str, float]:
+  """Seconds of one decode attention half, FFN half and head, cycling `count` layers."""
+  c, fn = model.config, model.functions
+  device = tiers.device_sharding()
   key = jax.random.key(0)
   layers = [{h: jax.device_put(_random_group(model, f"layers/0/{h}", jax.random.fold_in(key, i)),
                                device) for h in ("attn", "mlp")} for i in range(count)]
@@ -243,12 +223,15 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
                            ("head_s", head_call, 1)):
     run()  # compile, and fault the pages in
     results[name] = _best(run, repeats) / calls
-  del layers, caches
+  return results
 
-  # host -> device of one layer, as layer-wise streams it: both halves in one
-  # device_put from host memory, the last two copies alive (its ring of
-  # prefetch depth 1), the older one dropped when a new one arrives.
-  copies = max(3, min(count, 8))
+
+def _time_layer_copy(model, copies: int, repeats: int) -> float:
+  """Seconds of one layer's host -> device copy, as layer-wise streams it: both
+  halves in one device_put from host memory, the last two copies alive (its
+  ring at prefetch depth 1), the older one dropped when a new one arrives."""
+  device, host = tiers.device_sharding(), tiers.host_sharding()
+  key = jax.random.key(0)
   hosted = [{h: jax.device_put(_random_group(model, f"layers/0/{h}", jax.random.fold_in(key, i)),
                                host) for h in ("attn", "mlp")} for i in range(copies)]
   jax.block_until_ready(hosted)
@@ -258,23 +241,49 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
     for tree in hosted:
       ring.append(jax.device_put(tree, device))
       jax.block_until_ready(ring[-1])
-    ring.clear()
 
   copy_sweep()
-  results["layer_copy_s"] = _best(copy_sweep, repeats) / copies
-  del hosted
+  return _best(copy_sweep, repeats) / copies
+
+
+def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: int = 4 * GiB,
+              repeats: int = 3, progress: bool = True) -> HardwareProfile:
+  """Measures `model`'s decode halves, head and layer copy; returns the profile with them.
+
+  Args:
+    model: a hetflow Model; only its shapes are used (weights are random).
+    profile: this machine's HardwareProfile (the result is a copy with
+      `models[model_key(model)]` set).
+    context: KV positions the attention half attends over.
+    total_bytes: distinct layer bytes cycled through per timing (>= the
+      caches); capped at the model's layers.
+    repeats: best of this many sweeps.
+    progress: print what is measured.
+
+  Returns:
+    A new HardwareProfile.
+  """
+  c = model.config
+  layer_bytes = _layer_nbytes(model)
+  count = max(1, min(c.num_layers, math.ceil(total_bytes / layer_bytes), _max_layers(model)))
+  if progress:
+    print(f"calibrating {model_key(model)} on this machine: {count} layers of random weights"
+          f" ({format_bytes(count * layer_bytes)}), once ...", flush=True)
+  results = _time_halves(model, count, context, repeats)
+  results["layer_copy_s"] = _time_layer_copy(model, max(3, min(count, 8)), repeats)
+  results["context"] = float(context)
+  results["layers_cycled"] = float(count)
   results["gather_bw"] = gather_rate(model, repeats=repeats)
   if jax.default_backend() == "cpu":
     # At the split this machine's profile gives (one tiny and one wide
     # multiply per kernel cost more than two halves).
-    from hetflow import costmodel
+    from hetflow import costmodel  # costmodel imports this module
     alpha = costmodel.phase_alpha(profile, 1, model.dtype)
     results["split_kernel_s"] = split_kernel_overhead(model, alpha, max(repeats, 5))
-  results["context"] = float(context)
-  results["layers_cycled"] = float(count)
   if progress:
     print("  " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in results.items()
-                           if k.endswith("_s")), flush=True)
+                           if k.endswith("_s"))
+          + f", gather {results['gather_bw'] / 1e9:.2f} GB/s", flush=True)
   models = dict(profile.models)
   models[model_key(model)] = results
   return dataclasses.replace(profile, models=models)

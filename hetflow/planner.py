@@ -21,7 +21,6 @@ from hetflow.models.model import Model
 from hetflow.strategy import Placement, available_strategies, get_strategy
 
 
-
 def default_profile_path() -> str:
   """$HETFLOW_CACHE (default ~/.cache/hetflow)/hardware_profile.json."""
   root = os.environ.get("HETFLOW_CACHE") or os.path.expanduser("~/.cache/hetflow")

@@ -50,7 +50,7 @@ def bandwidth(nbytes):
   for kind in ("pinned_host", "unpinned_host"):
     try:
       src = jax.device_put(host, jax.sharding.SingleDeviceSharding(dev, memory_kind=kind))
-      out[kind] = nbytes / _best(lambda: jax.device_put(src, dst).block_until_ready())
+      out[kind] = nbytes / _best(lambda src=src: jax.device_put(src, dst).block_until_ready())
     except Exception as e:  # a backend without that memory kind
       out[kind] = repr(e)
   src = jax.device_put(host, jax.devices("cpu")[0])
@@ -121,9 +121,9 @@ def main():
   parser.add_argument("--budgets_gb", default="1,2,4,8")
   args = parser.parse_args()
 
-  from hetflow import hardware
   import hetflow
   import strategies.tensor_split as ts
+  from hetflow import hardware
 
   result = dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"))

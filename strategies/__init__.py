@@ -1,6 +1,3 @@
 """Built-in strategies; importing this package registers them."""
 
-from strategies import resident
-from strategies import layerwise
-from strategies import tensor_split
-from strategies import neuron_cluster
+from strategies import layerwise, neuron_cluster, resident, tensor_split

@@ -32,7 +32,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import time
 from typing import Any, Literal
 
 import jax
@@ -46,7 +45,12 @@ from hetflow.models import layers, modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
 from hetflow.sparsity.predictor import LowRankPredictor, OraclePredictor
-from hetflow.sparsity.stats import ActivationStats, calibration_ids, check_sparse, record_activations
+from hetflow.sparsity.stats import (
+  ActivationStats,
+  calibration_ids,
+  check_sparse,
+  record_activations,
+)
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 

@@ -679,13 +679,13 @@ def alpha_sweep(d_in: int = 4096, d_out: int = 16384, alphas=None, repeats: int 
     dev_block = jax.device_put(w[:, :cut], host) if cut else None
     cpu_block = jax.device_put(w[:, cut:], host) if cut < d_out else None
 
-    def cpu_side():
+    def cpu_side(cpu_block=cpu_block):
       if cpu_block is None:
         return None
       y = _matmul_jit(jax.device_put(x, host), (cpu_block,))
       return jax.device_put(y, dev)
 
-    def device_side():
+    def device_side(dev_block=dev_block):
       if dev_block is None:
         return None
       return _matmul_jit(x, (jax.device_put(dev_block, dev),))

@@ -178,7 +178,7 @@ def test_frequency_admission_resists_scans():
   steady = np.arange(2000, 2016)  # fire on every token
   others = np.setdiff1d(np.arange(f), steady)
   hits = []
-  for token in range(40):
+  for _ in range(40):
     for layer in range(layers):
       scan = rng.choice(others, 500, replace=False)  # far more than the region holds
       active = np.sort(np.concatenate([steady, scan]))
@@ -191,7 +191,7 @@ def test_frequency_admission_resists_scans():
   assert cache.counters.rejected > 0.9 * cache.counters.misses
   # Plain LRU under the same flood keeps nothing.
   lru = SegmentedCache(num_layers=1, num_neurons=f, num_slots=64, hot_slots=0, admission="all")
-  for token in range(10):
+  for _ in range(10):
     active = np.sort(np.concatenate([steady, rng.choice(others, 500, replace=False)]))
     lru.protect(0)
     pos, _, missing = lru.lookup(0, active)

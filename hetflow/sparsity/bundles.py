@@ -24,11 +24,11 @@ import json
 import os
 import shutil
 import threading
-from typing import Iterable, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
-from hetflow.memory.buffers import PAGE, aligned_empty, dtype_from_name, round_up
+from hetflow.memory.buffers import dtype_from_name, round_up
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 

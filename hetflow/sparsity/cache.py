@@ -144,8 +144,8 @@ class SegmentedCache:
     if not self.num_clusters_hot or not self.cluster_activity.shape[1]:
       return None
     act = self.cluster_activity[layer].copy()
-    for (l, cl) in self.hot_index:
-      if l == layer:
+    for (lay, cl) in self.hot_index:
+      if lay == layer:
         act[cl] = -1.0
     cand = int(np.argmax(act))
     victim = self.hot_victim(set())

@@ -23,8 +23,12 @@ from typing import Any
 import numpy as np
 
 from hetflow import config as config_lib
-from hetflow.sparsity.predictor import (LowRankPredictor, TrainOptions, exact_gate_params,
-                                        train_predictors)
+from hetflow.sparsity.predictor import (
+  LowRankPredictor,
+  TrainOptions,
+  exact_gate_params,
+  train_predictors,
+)
 from hetflow.sparsity.stats import Samples, calibration_ids, record_activations
 
 _VERSION = 2  # 2: decode-step samples, exact layers, svd
