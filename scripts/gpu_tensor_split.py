@@ -11,7 +11,8 @@ Measures, on the jax default device (a GPU):
   3. HeteGen's setup: an OPT-6.7B-shaped synthetic model in fp16, batch 1,
      prompt 512, 64 new tokens; tensor_split and layerwise (host tier) at
      several device budgets: time to first token, decode tok/s, throughput,
-     with the simulator's prediction (on a profile measured here) beside each;
+     with the simulator's prediction (on a profile measured here, with the
+     model's halves and layer copy calibrated on this GPU) beside each;
   4. the alpha sweep on one FFN-sized matrix.
 Writes one JSON file. Expect (HeteGen on an A10): tensor_split >= 2.5x
 layerwise at the smallest budget; on an H100 the link (PCIe 5) and the host
@@ -123,7 +124,7 @@ def main():
 
   import hetflow
   import strategies.tensor_split as ts
-  from hetflow import hardware
+  from hetflow import calibration, hardware
 
   result = dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"))
@@ -147,6 +148,13 @@ def main():
         flush=True)
   name = "opt-tiny" if args.smoke else "opt-6.7b"
   model = hetflow.synthetic_model(name, dtype=jnp.float16)
+  # This model's halves and layer copies measured on this GPU, as the planner does
+  # on the machine it plans for (hetflow/calibration.py).
+  try:
+    profile = calibration.calibrate(model, profile)
+    result["profile"] = profile.to_dict()
+  except Exception as e:
+    result["calibration_error"] = repr(e)
   prompt, new = (16, 8) if args.smoke else (512, 64)
   budgets = [0.002, 0.004] if args.smoke else [float(b) for b in args.budgets_gb.split(",")]
   rows = []
