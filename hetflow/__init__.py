@@ -4,12 +4,14 @@
   engine = hetflow.Engine(model, strategy="layerwise",
                           budget=hetflow.Budget(device="512MiB", host="4GiB"))
   out = engine.generate(ids, max_new_tokens=32)
+  ranked = hetflow.plan(model, hetflow.Budget(device="1GiB"))  # strategies ranked, predicted
 """
 
 from hetflow.checkpoints import CheckpointError, load_model, save_hf, synthetic_model
 from hetflow.engine import Engine, GenerationOutput, SamplingOptions
 from hetflow.memory.budget import Budget, BudgetExceeded, MemoryLedger
 from hetflow.models import Model, ModelConfig
+from hetflow.planner import plan
 from hetflow.strategy import (
                               GroupPlacement,
                               Placement,

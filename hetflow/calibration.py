@@ -17,7 +17,7 @@ keeps, per model shape, what these cost when measured once:
   gather_bw   bytes of FFN neuron records per second through neuron_cluster's
                 sparse step (gather the predicted neurons' rows, multiply)
   split_kernel_s  where the device is the CPU: tensor_split's fixed cost per
-                split kernel (dispatches, the activation copies, the join):
+                kernel (its staged halves' dispatches, activation copies, joins):
                 eight of the model's layers decoded by tensor_split minus by
                 resident, per split kernel
 
@@ -131,7 +131,7 @@ def _decode_step_s(model, strategy: str, options=None, repeats: int = 3) -> floa
 
 
 def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
-  """Seconds tensor_split adds per split kernel on this machine, beyond the multiplies.
+  """Seconds tensor_split adds per kernel on this machine, beyond the multiplies.
 
   Measured at the model's own widths, because the cost is not the dispatches
   alone: while Python dispatches, the multiplies that want every core wait

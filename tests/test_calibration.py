@@ -62,9 +62,10 @@ def test_layerwise_host_copies_add_to_compute_where_the_device_is_the_cpu():
   assert pred.decode_s_per_token == pytest.approx(layers * (10e-3 + 3e-3) + 5e-3, rel=1e-6)
 
 
-def test_tensor_split_charges_the_calibrated_overhead_per_split_kernel():
+@pytest.mark.parametrize("keep_resident", [False, True])  # all split / all resident
+def test_tensor_split_charges_the_calibrated_overhead_per_kernel(keep_resident):
   model = hetflow.synthetic_model("llama-tiny")
-  plan = get_strategy("tensor_split")(dict(alpha=0.5, keep_resident=False)).plan(
+  plan = get_strategy("tensor_split")(dict(alpha=0.5, keep_resident=keep_resident)).plan(
       model, hetflow.Budget(), CPU_ONLY)
   kernels = sum(len(m["matrices"]) for m in
                 (g.details for n, g in plan.groups.items() if n.startswith("layers/")))
