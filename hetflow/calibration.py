@@ -35,13 +35,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.hardware import HardwareProfile
+from hetflow.hardware import HardwareProfile, best_time
 from hetflow.memory import tiers
 from hetflow.memory.budget import format_bytes
 
@@ -97,15 +96,6 @@ def _random_group(model, group: str, key) -> dict[str, jax.Array]:
       out[name[len(prefix):]] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape,
                                                          s.dtype)
   return out
-
-
-def _best(fn, repeats: int) -> float:
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
 
 
 def _few_layers(model, layers: int = 8):
@@ -185,7 +175,7 @@ def gather_rate(model, rows: int = 1024, pool_bytes: int = GiB, calls: int = 16,
       y = partial(pool, idx, h)
     y.block_until_ready()
 
-  return calls * rows * record * jnp.dtype(model.dtype).itemsize / _best(sweep, repeats)
+  return calls * rows * record * jnp.dtype(model.dtype).itemsize / best_time(sweep, repeats)
 
 
 def _time_halves(model, count: int, context: int, repeats: int) -> dict[str, float]:
@@ -222,7 +212,7 @@ def _time_halves(model, count: int, context: int, repeats: int) -> dict[str, flo
   for name, run, calls in (("attn_s", attention_sweep, count), ("mlp_s", mlp_sweep, count),
                            ("head_s", head_call, 1)):
     run()  # compile, and fault the pages in
-    results[name] = _best(run, repeats) / calls
+    results[name] = best_time(run, repeats) / calls
   return results
 
 
@@ -243,7 +233,7 @@ def _time_layer_copy(model, copies: int, repeats: int) -> float:
       jax.block_until_ready(ring[-1])
 
   copy_sweep()
-  return _best(copy_sweep, repeats) / copies
+  return best_time(copy_sweep, repeats) / copies
 
 
 def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: int = 4 * GiB,

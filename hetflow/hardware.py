@@ -409,7 +409,8 @@ class MeasureSettings:
     )
 
 
-def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
+  """The fastest of `repeats` calls of `fn`, in seconds (noise only ever slows a call)."""
   best = math.inf
   for _ in range(repeats):
     t0 = time.perf_counter()
@@ -475,7 +476,7 @@ def _measure_memcpy(s: MeasureSettings, step) -> float:
   step("memcpy")
   src = np.ones(s.memcpy_bytes, np.uint8)
   dst = np.zeros_like(src)  # touched, so page faults are not timed
-  return s.memcpy_bytes / _best_time(lambda: np.copyto(dst, src), s.repeats)
+  return s.memcpy_bytes / best_time(lambda: np.copyto(dst, src), s.repeats)
 
 
 def _matvec_fns():
@@ -515,7 +516,7 @@ def _measure_matvec(device, s: MeasureSettings, step, label: str):
         for w in ws:
           fn(w, x).block_until_ready()
 
-      rate = count * per / _best_time(run, s.repeats)
+      rate = count * per / best_time(run, s.repeats)
       if rate > best_rate:
         best_rate, best_impl = rate, impl
     rates[name], impls[name] = best_rate, best_impl
@@ -535,7 +536,7 @@ def _measure_matmul(device, s: MeasureSettings, step, label: str) -> dict[str, f
     step(f"{label} matmul {name}")
     a = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), device)
     fn(a, a).block_until_ready()
-    out[name] = 2 * n**3 / _best_time(lambda a=a: fn(a, a).block_until_ready(), s.repeats)
+    out[name] = 2 * n**3 / best_time(lambda a=a: fn(a, a).block_until_ready(), s.repeats)
   return out
 
 
@@ -563,7 +564,7 @@ def _measure_transfer(device, s: MeasureSettings, step) -> dict[str, float]:
       y.delete()
 
     move()  # warm-up: first transfers pay one-time setup
-    out[kind] = n * 4 / _best_time(move, s.repeats)
+    out[kind] = n * 4 / best_time(move, s.repeats)
   return out
 
 

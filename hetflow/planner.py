@@ -130,6 +130,38 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
   return feasible + [r for r in ranked if not r.feasible]
 
 
+def plan_config(model: str, device: str, host: str = "", smoke: dict | None = None,
+                **overrides):
+  """A config for `python -m experiments.plan` with its defaults; configs state only what differs.
+
+  Fields:
+    model: the model section (hetflow.config.model_section(model)).
+    budget: device / host / disk sizes ("" = unlimited).
+    profile: "" = this machine's (measured once and cached; each model's decode
+      costs calibrated once), or a named profile or a JSON path.
+    prompt_tokens, new_tokens: the workload predicted (and run).
+    run: also run the top `run_top` plans and print predicted next to measured.
+    timeout_s: per run.
+    smoke: overrides for the test suite's smoke run (tests/test_configs.py).
+  """
+  import ml_collections
+
+  from hetflow.config import model_section
+
+  c = ml_collections.ConfigDict()
+  c.model = model_section(model)
+  c.budget = ml_collections.ConfigDict(dict(device=device, host=host, disk=""))
+  c.profile = ""
+  c.prompt_tokens = 16
+  c.new_tokens = 16
+  c.run = False
+  c.run_top = 3
+  c.timeout_s = 1800
+  c.smoke = smoke or {}
+  c.update(overrides)
+  return c
+
+
 def format_table(ranked: list[RankedPlan]) -> str:
   """The ranking as a Markdown table."""
   lines = ["| rank | plan | prefill (s) | decode (tok/s) | why |", "|---|---|---|---|---|"]

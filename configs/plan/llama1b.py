@@ -12,22 +12,11 @@ keeps the most bytes off the slowest link. With run=true, predicted and measured
 decode tok/s side by side (WORKSPACE_NOTES.md, "Planner").
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.planner import plan_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b")
-  c.budget = ml_collections.ConfigDict(dict(device="1GiB", host="", disk=""))
-  c.profile = ""  # "": this machine's (measured once and cached); or a name / JSON path
-  c.prompt_tokens = 16
-  c.new_tokens = 16
-  c.run = False
-  c.run_top = 3
-  c.timeout_s = 1800
-  c.smoke = {"model": {"name": "llama-tiny"}, "budget": {"device": "1MiB"},
-             "profile": "a10-pcie", "prompt_tokens": 8, "new_tokens": 4}
-  return c
+  return plan_config("llama-1b", device="1GiB",
+                     smoke={"model": {"name": "llama-tiny"}, "budget": {"device": "1MiB"},
+                            "profile": "a10-pcie", "prompt_tokens": 8, "new_tokens": 4})

@@ -19,23 +19,13 @@ experiments.train_predictor before running that plan); until then plan()
 sizes it at rank D/16.
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.planner import plan_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("llama-1b-sparse")
+  c = plan_config("llama-1b-sparse", device="1.64GiB", host="0", run_top=2,
+                  smoke={"model": {"name": "llama-tiny-sparse"}, "budget": {"device": "4MB"},
+                         "profile": "oneplus12-ufs4", "prompt_tokens": 8, "new_tokens": 4})
   c.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
-  c.budget = ml_collections.ConfigDict(dict(device="1.64GiB", host="0", disk=""))
-  c.profile = ""  # "": this machine's (measured once and cached); or a name / JSON path
-  c.prompt_tokens = 16
-  c.new_tokens = 16
-  c.run = False
-  c.run_top = 2
-  c.timeout_s = 1800
-  c.smoke = {"model": {"name": "llama-tiny-sparse"}, "budget": {"device": "4MB"},
-             "profile": "oneplus12-ufs4", "prompt_tokens": 8, "new_tokens": 4}
   return c

@@ -12,22 +12,11 @@ and the KV reserve for its 2048 positions make the smallest layer-wise budget 1.
 The planner's accuracy over three budgets: scripts/planner_accuracy.sh.
 """
 
-import ml_collections
-
-from hetflow.config import model_section
+from hetflow.planner import plan_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model = model_section("opt-1.3b")
-  c.budget = ml_collections.ConfigDict(dict(device="2GiB", host="", disk=""))
-  c.profile = ""  # "": this machine's (measured once and cached); or a name / JSON path
-  c.prompt_tokens = 16
-  c.new_tokens = 16
-  c.run = False
-  c.run_top = 3
-  c.timeout_s = 1800
-  c.smoke = {"model": {"name": "opt-tiny"}, "budget": {"device": "1MiB"},
-             "profile": "a10-pcie", "prompt_tokens": 8, "new_tokens": 4}
-  return c
+  return plan_config("opt-1.3b", device="2GiB",
+                     smoke={"model": {"name": "opt-tiny"}, "budget": {"device": "1MiB"},
+                            "profile": "a10-pcie", "prompt_tokens": 8, "new_tokens": 4})
