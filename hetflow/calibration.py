@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 
 import jax
@@ -123,12 +124,11 @@ def _decode_step_s(model, strategy: str, options=None, repeats: int = 3) -> floa
 def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
   """Seconds tensor_split adds per kernel on this machine, beyond the multiplies.
 
-  Measured at the model's own widths, because the cost is not the dispatches
-  alone: while Python dispatches, the multiplies that want every core wait
-  for the one it holds (on 2 cores here: 0.31 ms per kernel at llama-1b's
-  widths against 0.17 ms at 64 wide). Only meaningful where the device is the
-  CPU: with an accelerator the difference would include the link transfers,
-  which the simulator models itself.
+  Measured at the model's own widths, on eight layers with a small vocabulary.
+  Here it came to 0.14-0.26 ms per kernel, while the full-size llama-1b and
+  opt-1.3b runs imply 0.25-0.4 ms: treat it as a lower bound. Only meaningful
+  where the device is the CPU: with an accelerator the difference would
+  include the link transfers, which the simulator models itself.
   """
   from hetflow import costmodel  # costmodel imports this module
 
@@ -142,40 +142,33 @@ def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
 
 def gather_rate(model, rows: int = 1024, pool_bytes: int = GiB, calls: int = 16,
                 repeats: int = 3) -> float:
-  """Bytes of FFN neuron records per second through a gather-and-multiply of `rows`
-  neurons from a pool in memory: neuron_cluster's sparse FFN step (its `partial`).
+  """Bytes of FFN neuron records per second through neuron_cluster's sparse step
+  (`bundles.neuron_step`: gather `rows` neurons' records from a pool, multiply).
 
-  XLA CPU's gather is far below memory bandwidth (~1.8 GB/s of records here
+  XLA CPU's gather is far below memory bandwidth (~1.9 GB/s of records here
   against ~12 GB/s for a copy), so the cost model must not assume a copy.
   """
+  from hetflow.sparsity import bundles  # bundles imports the models, which are heavier
+
   c = model.config
-  mats = 2 if c.arch == "opt" else 3
-  d = c.hidden_size
-  record = mats * d
-  pool_rows = max(rows, pool_bytes // (record * jnp.dtype(model.dtype).itemsize))
+  record = len(bundles.neuron_matrices(c)) * c.hidden_size  # bundled: rows back to back
+  itemsize = jnp.dtype(model.dtype).itemsize
+  pool_rows = max(rows, pool_bytes // (record * itemsize))
   pool = jax.random.normal(jax.random.key(1), (pool_rows, record), model.dtype)
-  h = jnp.ones((1, 1, d), model.dtype)
-
-  @jax.jit
-  def partial(buf, idx, h):
-    w = jnp.take(buf, idx, axis=0)
-    parts = [w[:, i * d:(i + 1) * d] for i in range(mats)]
-    a = jax.nn.relu(jnp.einsum("BTD,nD->BTn", h, parts[0]))
-    if mats == 3:
-      a = a * jnp.einsum("BTD,nD->BTn", h, parts[1])
-    return jnp.einsum("BTn,nD->BTD", a, parts[-1])
-
+  h = jnp.ones((1, 1, c.hidden_size), model.dtype)
+  valid = jnp.ones((rows,), bool)
+  step = jax.jit(functools.partial(bundles.neuron_step, c, c.hidden_size))
   rng = np.random.default_rng(0)
   indices = [jnp.asarray(np.sort(rng.choice(pool_rows, rows, replace=False)).astype(np.int32))
              for _ in range(calls)]
-  partial(pool, indices[0], h).block_until_ready()
+  step(pool, indices[0], valid, indices[0], h, {})[0].block_until_ready()
 
   def sweep():
     for idx in indices:
-      y = partial(pool, idx, h)
+      y, _ = step(pool, idx, valid, idx, h, {})
     y.block_until_ready()
 
-  return calls * rows * record * jnp.dtype(model.dtype).itemsize / best_time(sweep, repeats)
+  return calls * rows * record * itemsize / best_time(sweep, repeats)
 
 
 def _time_halves(model, count: int, context: int, repeats: int) -> dict[str, float]:

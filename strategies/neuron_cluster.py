@@ -29,19 +29,19 @@ accurate model.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import tempfile
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
 from hetflow.memory.buffers import aligned_empty, view_as
-from hetflow.models import layers, modules
+from hetflow.models import modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
 from hetflow.sparsity.predictor import LowRankPredictor, OraclePredictor
@@ -355,31 +355,9 @@ class NeuronCluster(Strategy):
     self._staging_users: list[list[Any]] = [[], []]  # computations reading each half
 
   def _build_functions(self):
-    c, mats, d = self.config, self.mats, self.config.hidden_size
+    c = self.config
     stride = self.store.row_stride // np.dtype(self.model.dtype).itemsize
-    act = layers.activation(c.hidden_act)
-
-    def partial(buf, idx, valid, pos, h, small):
-      w = jnp.take(buf, idx, axis=0)  # [n, record elements]
-      rows = {m: w[:, i * stride:i * stride + d] for i, m in enumerate(mats)}  # [n, D]
-
-      def proj(m):
-        y = jnp.einsum("BTD,nD->BTn", h, rows[m])
-        b = small.get(m + "_bias")
-        return y if b is None else y + jnp.take(b, pos)
-
-      if c.arch == "opt":
-        a = act(proj("up"))
-      else:
-        u = proj("up")
-        if c.hidden_act == "drelu":
-          u = jax.nn.relu(u)
-        a = act(proj("gate")) * u
-      a = jnp.where(valid, a, 0)  # padding slots contribute exact zeros
-      fired = jnp.sum(jnp.any(a.reshape(-1, a.shape[-1]) != 0, axis=0))
-      return jnp.einsum("BTn,nD->BTD", a, rows["down"]), fired
-
-    self._partial = jax.jit(partial)
+    self._partial = jax.jit(functools.partial(bundles_mod.neuron_step, c, stride))
     self._norm = jax.jit(lambda w, x: modules._norm(c, w)(x))
     self._add = jax.jit(lambda a, b: a + b)
 

@@ -47,6 +47,7 @@ from hetflow import calibration, costmodel, simulate
 from hetflow.checkpoints.sparse import parse_hotness, zipf_frequencies
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
 from hetflow.memory.buffers import round_up
+from hetflow.sparsity.bundles import neuron_matrices
 from hetflow.strategy import GroupPlacement, Placement
 
 # A trained predictor reads more neurons than fire: at recall 0.98 the
@@ -322,7 +323,7 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
   read_l = cache.misses + (predicted - cache.active)
   requests_l = cache.requests * read_l / np.maximum(cache.misses, 1e-12)
   if s["layout"] == "split":  # bytes asked for; O_DIRECT transfers 4 KiB per row
-    mats = len(_matrices(model))
+    mats = len(neuron_matrices(model.config))
     row = model.config.hidden_size * np.dtype(model.dtype).itemsize * _weight_scale(model, s)
     nbytes, requests_l = read_l.sum() * mats * row, read_l * mats
   else:
@@ -333,13 +334,9 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
                       float(nbytes), requests, float(nbytes / requests) if requests else 0.0)
 
 
-def _matrices(model) -> tuple[str, ...]:
-  return ("up", "down") if model.config.arch == "opt" else ("gate", "up", "down")
-
-
 def _neuron_bytes(model) -> int:
   """Bytes of weights one neuron's computation touches (its rows, unpadded)."""
-  return len(_matrices(model)) * model.config.hidden_size * np.dtype(model.dtype).itemsize
+  return len(neuron_matrices(model.config)) * model.config.hidden_size * np.dtype(model.dtype).itemsize
 
 
 def _weight_scale(model, s: dict[str, Any]) -> float:
@@ -384,7 +381,7 @@ def neuron_cluster_events(ctx: simulate.PassContext) -> None:
   """
   model, prof, pl = ctx.model, ctx.profile, ctx.placement
   c, s = model.config, _settings(pl)
-  n_layers, mats = c.num_layers, len(_matrices(model))
+  n_layers, mats = c.num_layers, len(neuron_matrices(model.config))
   n = neurons_per_layer(c)
   rec = s["record_nbytes"]
   q = _weight_scale(model, s)
@@ -490,7 +487,7 @@ def shape_placement(model, budget, options: dict[str, Any] | None = None) -> Pla
   c = model.config
   item = np.dtype(model.dtype).itemsize
   wq = bits / 8 if bits else item  # bytes per stored weight
-  mats = len(_matrices(model))
+  mats = len(neuron_matrices(model.config))
   n = neurons_per_layer(c)
   record = round_up(int(mats * c.hidden_size * wq))
   neurons = mats * c.hidden_size * n * item
@@ -545,7 +542,7 @@ def memory_for_ffn_in_flash(name: str, fraction: float, dtype: str = "float16",
 
   model = synthetic_model(name, dtype=DTYPES[dtype])
   c = model.config
-  ffn = c.num_layers * len(_matrices(model)) * c.hidden_size * neurons_per_layer(c)
+  ffn = c.num_layers * len(neuron_matrices(model.config)) * c.hidden_size * neurons_per_layer(c)
   ffn *= np.dtype(model.dtype).itemsize
   total = sum(model.group_nbytes(g) for g in model.group_names())
   scale = weight_bits / (8 * np.dtype(model.dtype).itemsize) if weight_bits else 1.0
