@@ -6,6 +6,8 @@ Every launcher's config has a `model` section:
   model.checkpoint  path of a local HF checkpoint directory
   model.seed        seed of synthetic weights
   model.dtype       compute dtype: "float32", "bfloat16" or "float16"
+  model.weights     weight format of the linear kernels: "float32", "bfloat16",
+                    "int8", "int8-g32", "int4", "int4-asym", ... (hetflow/formats.py)
   model.kwargs      extra keyword arguments for synthetic_model (e.g. sparsity)
 and, where it runs a strategy, `strategy.name`, `strategy.options` (fields of
 that strategy's Options dataclass) and `budget` (device/host/disk sizes).
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from hetflow.checkpoints import load_model, synthetic_model
+from hetflow.formats import WeightFormat
 from hetflow.memory.budget import Budget
 from hetflow.models.model import Model
 
@@ -29,9 +32,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def model_section(name: str = "llama-tiny", checkpoint: str = "", seed: int = 0,
-                  dtype: str = "float32") -> ml_collections.ConfigDict:
+                  dtype: str = "float32", weights: str = "float32") -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(name=name, checkpoint=checkpoint, seed=seed,
-                                        dtype=dtype, kwargs={}))
+                                        dtype=dtype, weights=weights, kwargs={}))
 
 
 def build_model(section: Any) -> Model:
@@ -39,10 +42,14 @@ def build_model(section: Any) -> Model:
   if section.dtype not in DTYPES:
     raise ValueError(f"model.dtype={section.dtype!r}; expected one of {sorted(DTYPES)}.")
   dtype = DTYPES[section.dtype]
+  weights = section.get("weights") or None
+  if weights is not None:
+    WeightFormat.parse(weights)  # a bad name fails here, naming model.weights
   if section.get("checkpoint"):
-    return load_model(section.checkpoint, dtype=dtype)
+    return load_model(section.checkpoint, dtype=dtype, weights=weights)
   kwargs = dict(section.get("kwargs") or {})
-  return synthetic_model(section.name, seed=section.seed, dtype=dtype, **kwargs)
+  return synthetic_model(section.name, seed=section.seed, dtype=dtype,
+                         weights=weights or "float32", **kwargs)
 
 
 def build_budget(section: Any) -> Budget:

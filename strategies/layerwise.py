@@ -46,7 +46,7 @@ from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up
 from hetflow.memory.reader import ReaderPool, ReadError
 from hetflow.memory.store import LayerStore
-from hetflow.models.model import Model
+from hetflow.models.model import Model, flatten_group, unflatten
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 HALVES = ("attn", "mlp")
@@ -121,17 +121,22 @@ def store_fingerprint(model: Model) -> str:
         (f, os.path.getsize(os.path.join(model.description, f)),
          int(os.path.getmtime(os.path.join(model.description, f))))
         for f in os.listdir(model.description) if f.endswith(".safetensors"))
-  blob = json.dumps({"config": dataclasses.asdict(model.config),
-                     "dtype": jnp.dtype(model.dtype).name, "source": source},
+  identity = {"config": dataclasses.asdict(model.config), "dtype": jnp.dtype(model.dtype).name,
+              "source": source}
+  if not model.format.plain:  # float32 stores written before formats existed stay valid
+    identity["weights"] = model.weights
+  blob = json.dumps(identity,
                     sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def default_store_dir(model: Model) -> str:
-  """$HETFLOW_CACHE (default ~/.cache/hetflow)/stores/<name>-<dtype>-<hash>."""
+  """$HETFLOW_CACHE (default ~/.cache/hetflow)/stores/<name>-<dtype>[-<weights>]-<hash>."""
   root = os.environ.get("HETFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "hetflow")
-  name = f"{model.config.name}-{jnp.dtype(model.dtype).name}-{store_fingerprint(model)[:12]}"
+  weights = "" if model.format.plain else f"-{model.weights}"
+  name = (f"{model.config.name}-{jnp.dtype(model.dtype).name}{weights}"
+          f"-{store_fingerprint(model)[:12]}")
   return os.path.join(root, "stores", name)
 
 
@@ -146,8 +151,10 @@ def write_store(model: Model, path: str, progress: bool = True,
                 overwrite: bool = False) -> LayerStore:
   """Converts `model` into a disk store at `path`, one file per placement group.
 
-  Tensors are stored in the model's compute dtype, so reading a block needs no
-  conversion per token. Atomic (LayerStore.write): an interrupted conversion
+  Tensors are stored as the model's weight format holds them (quantized
+  kernels as their leaves, "up/q", "up/scale"; the rest in the compute dtype),
+  so reading a block needs no conversion per token and each kernel is
+  quantized once, here. Atomic (LayerStore.write): an interrupted conversion
   leaves no store that looks complete. Peak memory is one group.
 
   Args:
@@ -168,12 +175,12 @@ def write_store(model: Model, path: str, progress: bool = True,
 
   def generate():
     for g in groups:
-      tensors = model.group_tensors(g)
-      yield g, tensors
+      yield g, flatten_group(model.group_tensors(g))
       bar.update(padded_group_nbytes(model, g))  # runs once the group is written
 
   metadata = {"fingerprint": store_fingerprint(model), "model": model.config.name,
-              "dtype": jnp.dtype(model.dtype).name, "description": model.description}
+              "dtype": jnp.dtype(model.dtype).name, "weights": model.weights,
+              "description": model.description}
   try:
     return LayerStore.write(path, generate(), progress=False, overwrite=overwrite,
                             metadata=metadata)
@@ -200,8 +207,9 @@ def open_store(model: Model, path: str | None = None, convert: bool = True,
   if found != store_fingerprint(model):
     raise ValueError(
         f"the store at {path} was written from {store.metadata.get('description')!r}"
-        f" ({store.metadata.get('dtype')}), not from this model ({model.description!r},"
-        f" {jnp.dtype(model.dtype).name}); pass another store_dir or delete it.")
+        f" ({store.metadata.get('dtype')}, weights {store.metadata.get('weights', 'float32')}),"
+        f" not from this model ({model.description!r}, {jnp.dtype(model.dtype).name},"
+        f" weights {model.weights}); pass another store_dir or delete it.")
   missing = [g for g in model.group_names() if model.group_nbytes(g) and g not in store.groups]
   if missing:
     raise ValueError(f"the store at {path} lacks groups {missing[:3]}...")
@@ -390,7 +398,9 @@ class Layerwise(Strategy):
     def load(group):  # host numpy tensors of one group, from the store when there is one
       if not model.group_nbytes(group):
         return {}
-      return self._store.load(group) if self._store is not None else model.group_tensors(group)
+      if self._store is not None:
+        return unflatten(self._store.load(group))
+      return model.group_tensors(group)
 
     def place(tier, nbytes, group, tensors, sharding):
       self._allocations.append(ledger.allocate(tier, nbytes, group))
@@ -480,7 +490,7 @@ class Layerwise(Strategy):
       self._count("disk_bytes_read", offset)
       if self.timeline is not None:
         self.timeline.add("read", f"read layer {layer}", t0, t1, layer=layer, nbytes=offset)
-      host = {h: self._store.views(g, part) for h, (g, part) in views.items()}
+      host = {h: unflatten(self._store.views(g, part)) for h, (g, part) in views.items()}
       params = jax.device_put(host, self._device)  # aliases the ring buffer on CPU
       if not self._layout_.aliases:
         jax.block_until_ready(params)  # the staging buffer is free once the copy is done

@@ -98,14 +98,19 @@ class SafetensorsSource:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def load_model(directory: str, dtype: Any = jnp.float32) -> Model:
-  """Loads a local HF checkpoint directory lazily.
+def load_model(directory: str, dtype: Any = jnp.float32, weights: str | None = None) -> Model:
+  """Loads a local HF checkpoint directory, or a GGUF file, lazily.
 
   Args:
     directory: holds config.json, *.safetensors (and the index json when
-      sharded), optionally tokenizer.json.
+      sharded), optionally tokenizer.json; or a llama-family *.gguf file
+      (hetflow.checkpoints.gguf).
     dtype: compute dtype; stored bf16/fp16/fp32 tensors convert to it when
       they are placed.
+    weights: weight format of the linear kernels ("float32", "bfloat16",
+      "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/formats.py).
+      Each kernel is quantized once, tensor by tensor, as a strategy places
+      it. None: float32 (for a GGUF file: the format its kernels are in).
 
   Returns:
     A Model whose tensors are read from the memory-mapped shards on demand.
@@ -114,6 +119,9 @@ def load_model(directory: str, dtype: Any = jnp.float32) -> Model:
     CheckpointError: naming the missing or bad file, field or tensor.
   """
   directory = os.fspath(directory)
+  if directory.endswith(".gguf") and os.path.isfile(directory):
+    from hetflow.checkpoints import gguf  # the gguf package is needed only for GGUF files
+    return gguf.load_gguf(directory, dtype=dtype, weights=weights)
   if not os.path.isdir(directory):
     raise CheckpointError(f"checkpoint directory {directory!r} does not exist.")
   config_path = os.path.join(directory, "config.json")
@@ -131,7 +139,8 @@ def load_model(directory: str, dtype: Any = jnp.float32) -> Model:
   source = SafetensorsSource(_shard_files(directory), table)
   _check_tensors(config, source, table, dtype)
   return Model(config=config, source=source, dtype=dtype,
-               tokenizer=_load_tokenizer(directory), description=directory)
+               tokenizer=_load_tokenizer(directory), description=directory,
+               weights=weights or "float32")
 
 
 def _check_tensors(config, source: SafetensorsSource, table, dtype):

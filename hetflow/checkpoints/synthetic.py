@@ -14,6 +14,7 @@ tests rely on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -116,8 +117,12 @@ class SyntheticSource:
     return array.astype(dtype, copy=False)
 
 
-def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32, **kwargs) -> Model:
+def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32,
+                    weights: str = "float32", **kwargs) -> Model:
   """A deterministic random model of a named shape (see SHAPES).
+
+  `weights` is the format of its linear kernels (hetflow/formats.py); each
+  kernel is generated in float32 and quantized when a strategy places it.
 
   Names ending in "-sparse" ("llama-1b-sparse", "opt-tiny-sparse", ...) are
   models with true activation sparsity; they take `sparsity=`, `hotness=` and
@@ -125,12 +130,13 @@ def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32, **kwargs
   """
   if name.endswith("-sparse"):
     from hetflow.checkpoints.sparse import sparse_model
-    return sparse_model(name, seed=seed, dtype=dtype, **kwargs)
+    model = sparse_model(name, seed=seed, dtype=dtype, **kwargs)
+    return dataclasses.replace(model, weights=weights)
   if kwargs:
     raise TypeError(f"unexpected arguments {sorted(kwargs)} for {name!r} (not a -sparse model).")
   config = synthetic_config(name)
   return Model(config=config, source=SyntheticSource(config, seed), dtype=dtype,
-               description=f"synthetic {name} (seed {seed})")
+               description=f"synthetic {name} (seed {seed})", weights=weights)
 
 
 def save_hf(model: Model, directory: str, dtype: Any = None,

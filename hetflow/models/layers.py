@@ -18,6 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from hetflow import formats
 from hetflow.models.config import ModelConfig
 
 # Finite instead of -inf so that a fully masked row (a padding query) gives a
@@ -62,8 +63,13 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def linear(x, kernel, bias=None):
-  """x @ kernel (+ bias); kernel is [in, out] so rows are input features."""
-  y = jnp.einsum("...i,io->...o", x, kernel)
+  """x @ kernel (+ bias) for a kernel in any weight format.
+
+  A float32 kernel is an array [in, out] (rows are input features); a
+  bfloat16/int8/int4 kernel is its dict of stored leaves, computed with the
+  fastest formulation measured for its format (hetflow/formats.py).
+  """
+  y = formats.matmul(x, kernel)
   return y if bias is None else y + bias
 
 

@@ -1,10 +1,17 @@
 """A model = a config + a lazy source of weights, and its jitted half-functions.
 
 Weights are never all materialised at once by hetflow itself: a `WeightSource`
-hands out one named tensor at a time (memory-mapped from safetensors, or
-generated for synthetic models), and a strategy decides when and where each
+hands out one named tensor at a time (memory-mapped from safetensors or GGUF,
+or generated for synthetic models), and a strategy decides when and where each
 one is placed. Names are the stable flat paths of hetflow.models.modules,
 e.g. "embed/tokens", "layers/3/mlp/up", "head/lm_head".
+
+A model's weight format (`Model.weights`, see hetflow/formats.py) decides how
+its linear kernels are stored: a quantized kernel is a small dict of arrays at
+the kernel's path ("layers/3/mlp/up" -> {"q", "scale"}), made once per tensor
+as a strategy places it, so the whole model is never widened in memory.
+`Model.shapes` lists the stored leaves ("layers/3/mlp/up/q", ...);
+`parameter_shapes` the logical (float) ones.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hetflow import formats
 from hetflow.models import modules
 from hetflow.models.config import ModelConfig
 
@@ -24,7 +32,13 @@ Tree = dict[str, Any]
 
 
 class WeightSource(Protocol):
-  """Where a model's tensors come from; `get` materialises one tensor."""
+  """Where a model's tensors come from; `get` materialises one tensor.
+
+  A source that holds kernels already in some format (a GGUF file) may also
+  define `get_stored(name, fmt) -> dict | None`: the kernel's stored leaves in
+  `fmt` (a hetflow.formats.WeightFormat) when it has them without
+  re-quantizing, else None.
+  """
 
   def get(self, name: str, dtype) -> np.ndarray:
     """Returns tensor `name` (hetflow layout) as a numpy array of `dtype`."""
@@ -65,6 +79,23 @@ def parameter_shapes(config: ModelConfig, dtype=jnp.float32) -> dict[str, jax.Sh
   return shapes
 
 
+@functools.lru_cache(maxsize=64)
+def stored_shapes(config: ModelConfig, dtype, weights: formats.WeightFormat
+                  ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Every stored leaf's name, shape and dtype under weight format `weights`.
+
+  Kernels the format applies to become their leaves ("layers/0/mlp/up/q",
+  ".../scale"); every other parameter is as in `parameter_shapes`.
+  """
+  out = {}
+  for name, spec in parameter_shapes(config, dtype).items():
+    if weights.applies(name):
+      out.update({f"{name}/{leaf}": s for leaf, s in weights.leaf_shapes(spec.shape).items()})
+    else:
+      out[name] = spec
+  return out
+
+
 def group_of(name: str) -> str:
   """The placement group of a parameter: "embed", "head", "layers/3/attn", ..."""
   parts = name.split("/")
@@ -93,6 +124,9 @@ class Model:
     dtype: compute dtype; tensors are converted to it when materialised.
     tokenizer: a `tokenizers.Tokenizer` when the checkpoint has one, else None.
     description: where the weights came from, for logs and tables.
+    weights: the weight format of the linear kernels ("float32", "bfloat16",
+      "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/formats.py).
+      Embeddings, norms, biases and the MoE router stay in `dtype`.
   """
 
   config: ModelConfig
@@ -100,14 +134,47 @@ class Model:
   dtype: Any = jnp.float32
   tokenizer: Any = None
   description: str = ""
+  weights: str = "float32"
+
+  def __post_init__(self):
+    self.weights = formats.WeightFormat.parse(self.weights).name
+
+  @property
+  def format(self) -> formats.WeightFormat:
+    """The weight format as an object."""
+    return formats.WeightFormat.parse(self.weights)
 
   @property
   def shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Stored leaves (a quantized kernel contributes one entry per leaf)."""
+    return stored_shapes(self.config, jnp.dtype(self.dtype), self.format)
+
+  @property
+  def logical_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Parameters as float arrays of the compute dtype, whatever the format."""
     return parameter_shapes(self.config, jnp.dtype(self.dtype))
 
   def tensor(self, name: str) -> np.ndarray:
-    """Materialises one tensor in the compute dtype (host numpy array)."""
+    """Materialises one parameter as the source holds it, in the compute dtype.
+
+    For a quantized model this is the float value before quantization (what
+    `param` stores); strategies place `param`/`group_tensors` instead.
+    """
     return self.source.get(name, jnp.dtype(self.dtype))
+
+  def param(self, name: str) -> Any:
+    """Materialises one parameter as stored: an array, or a kernel's dict of leaves."""
+    fmt = self.format
+    if not fmt.applies(name):
+      return self.tensor(name)
+    get_stored = getattr(self.source, "get_stored", None)
+    stored = get_stored(name, fmt) if get_stored is not None else None
+    if stored is not None:
+      return stored
+    # bfloat16 is read as bfloat16 (never widened); integer formats widen one
+    # tensor at a time while quantizing it.
+    dtype = jnp.bfloat16 if fmt.kind == "bfloat16" else jnp.float32
+    return fmt.quantize(self.source.get(name, jnp.dtype(dtype)))
 
   def group_names(self) -> list[str]:
     """Placement groups in execution order: embed, layers/i/{attn,mlp}, head."""
@@ -116,10 +183,15 @@ class Model:
       groups += [f"layers/{i}/attn", f"layers/{i}/mlp"]
     return groups + ["head"]
 
-  def group_tensors(self, group: str) -> dict[str, np.ndarray]:
-    """Materialises every tensor of one group, keyed by leaf name."""
+  def group_tensors(self, group: str) -> dict[str, Any]:
+    """Materialises every parameter of one group as stored, keyed by leaf name.
+
+    A quantized kernel is a dict of arrays ({"q", "scale"}); everything else
+    an array. `flatten_group` turns it into flat "up/q" names (disk stores).
+    """
     prefix = group + "/"
-    return {n[len(prefix):]: self.tensor(n) for n in self.shapes if n.startswith(prefix)}
+    return {n[len(prefix):]: self.param(n) for n in self.logical_shapes
+            if n.startswith(prefix)}
 
   def group_nbytes(self, group: str) -> int:
     prefix = group + "/"
@@ -131,12 +203,23 @@ class Model:
     return sum(s.size * s.dtype.itemsize for s in self.shapes.values())
 
   def params(self) -> Tree:
-    """Every tensor, as a nested tree of numpy arrays (materialises all)."""
-    return unflatten({n: self.tensor(n) for n in self.shapes})
+    """Every parameter as stored, as a nested tree (materialises all)."""
+    return unflatten({n: self.param(n) for n in self.logical_shapes})
 
   @functools.cached_property
   def functions(self) -> "ModelFunctions":
     return ModelFunctions(self.config, jnp.dtype(self.dtype))
+
+
+def flatten_group(tensors: Mapping[str, Any]) -> dict[str, Any]:
+  """{"up": {"q": a, "scale": s}, "norm": n} -> {"up/q": a, "up/scale": s, "norm": n}."""
+  flat = {}
+  for name, value in tensors.items():
+    if isinstance(value, Mapping):
+      flat.update({f"{name}/{k}": v for k, v in flatten_group(value).items()})
+    else:
+      flat[name] = value
+  return flat
 
 
 class ModelFunctions:
@@ -150,19 +233,17 @@ class ModelFunctions:
   def __init__(self, config: ModelConfig, dtype):
     self.config = config
     self.dtype = dtype
-    embed = modules.Embed(config, dtype)
-    attn = modules.AttentionHalf(config, dtype)
-    ffn = _ffn_module(config)(config, dtype)
-    head = modules.Head(config, dtype)
-    self.embed = jax.jit(lambda p, ids, pos: embed.apply({"params": p}, ids, pos))
+    # The pure half-functions of the modules, not Module.apply: a quantized
+    # kernel's leaves are a dict where the module declares one array, and the
+    # functions dispatch on it (hetflow/formats.py).
+    self.embed = jax.jit(lambda p, ids, pos: modules.embed(config, p, ids, pos))
     # The cache is donated: XLA updates it in place instead of copying it.
     self.attention = jax.jit(
-        lambda p, x, cache, index, pos, mask: attn.apply(
-            {"params": p}, x, cache, index, pos, mask),
+        lambda p, x, cache, index, pos, mask: modules.attention_half(
+            config, p, x, cache, index, pos, mask, modules.named_linear),
         donate_argnums=(2,))
-    self.ffn = jax.jit(lambda p, x: ffn.apply({"params": p}, x))
-    self.head = jax.jit(lambda p, tokens, x: head.apply({"params": p}, x, tokens))
-    self.ffn_module = ffn
+    self.ffn = jax.jit(lambda p, x: modules.ffn_half(config, p, x))
+    self.head = jax.jit(lambda p, tokens, x: modules.head(config, p, x, tokens))
 
   def new_cache(self, batch: int, slots: int, sharding=None):
     """A zeroed KV cache for one layer: (k, v), each [B, S, G, K]."""

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hetflow import formats
 from hetflow.models import layers
 from hetflow.models.config import ModelConfig
 
@@ -213,8 +214,11 @@ def moe_ffn(config: ModelConfig, w: dict[str, Any], h, linear=None):
   weights, idx = route(config, w["router"], h)
   act = layers.activation(config.hidden_act)
   b, t, k = idx.shape
+  # Quantized experts are dequantized after the gather (only k experts' bytes).
+  expert = lambda kernel: formats.dequantize(kernel, h.dtype)
   if b * t * k < config.num_experts:
-    gate, up, down = (jnp.take(w[n], idx, axis=0) for n in ("gate", "up", "down"))
+    gate, up, down = (expert(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), w[n]))
+                      for n in ("gate", "up", "down"))
     g = act(jnp.einsum("BTD,BTkDF->BTkF", h, gate))
     u = jnp.einsum("BTD,BTkDF->BTkF", h, up)
     if config.hidden_act == "drelu":
@@ -222,11 +226,11 @@ def moe_ffn(config: ModelConfig, w: dict[str, Any], h, linear=None):
     out = jnp.einsum("BTkF,BTkFD->BTkD", g * u, down)
     return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(h.dtype))
   combine = _dense_combine(config, weights, idx).astype(h.dtype)  # [B, T, X]
-  g = act(jnp.einsum("BTD,XDF->BTXF", h, w["gate"]))
-  u = jnp.einsum("BTD,XDF->BTXF", h, w["up"])
+  g = act(jnp.einsum("BTD,XDF->BTXF", h, expert(w["gate"])))
+  u = jnp.einsum("BTD,XDF->BTXF", h, expert(w["up"]))
   if config.hidden_act == "drelu":
     u = jax.nn.relu(u)
-  out = jnp.einsum("BTXF,XFD->BTXD", g * u, w["down"])
+  out = jnp.einsum("BTXF,XFD->BTXD", g * u, expert(w["down"]))
   return jnp.einsum("BTXD,BTX->BTD", out, combine)
 
 
@@ -239,16 +243,24 @@ class Embed(nn.Module):
   @nn.compact
   def __call__(self, ids, positions):
     c = self.config
-    tokens = self.param("tokens", _init, (c.vocab_size, c.embed_dim), self.dtype)
-    x = jnp.take(tokens, ids, axis=0)  # [B, T, E]
-    if c.arch != "opt":
-      return x
-    if c.embed_dim != c.hidden_size:
-      x = layers.linear(x, self.param("project_in", _init,
-                                      (c.embed_dim, c.hidden_size), self.dtype))
-    table = self.param("positions", _init, (
-        c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size), self.dtype)
-    return x + jnp.take(table, positions + OPT_POSITION_OFFSET, axis=0)
+    w = {"tokens": self.param("tokens", _init, (c.vocab_size, c.embed_dim), self.dtype)}
+    if c.arch == "opt":
+      if c.embed_dim != c.hidden_size:
+        w["project_in"] = self.param("project_in", _init, (c.embed_dim, c.hidden_size),
+                                     self.dtype)
+      w["positions"] = self.param("positions", _init, (
+          c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size), self.dtype)
+    return embed(c, w, ids, positions)
+
+
+def embed(config: ModelConfig, w, ids, positions):
+  """Embed as a pure function of its leaves `w`: ids [B, T] -> x [B, T, D]."""
+  x = jnp.take(w["tokens"], ids, axis=0)  # [B, T, E]
+  if config.arch != "opt":
+    return x
+  if "project_in" in w:
+    x = layers.linear(x, w["project_in"])
+  return x + jnp.take(w["positions"], positions + OPT_POSITION_OFFSET, axis=0)
 
 
 class Head(nn.Module):
@@ -265,14 +277,23 @@ class Head(nn.Module):
   @nn.compact
   def __call__(self, x, embed_tokens=None):
     c = self.config
-    if c.final_layer_norm:
-      x = _norm(c, _norm_leaves(self, c))(x)
+    w = _norm_leaves(self, c) if c.final_layer_norm else {}
     if c.arch == "opt" and c.embed_dim != c.hidden_size:
-      x = layers.linear(x, self.param("project_out", _init,
-                                      (c.hidden_size, c.embed_dim), self.dtype))
-    if c.tie_word_embeddings:
-      logits = jnp.einsum("BTE,VE->BTV", x, embed_tokens)
-    else:
-      logits = layers.linear(x, self.param("lm_head", _init,
-                                           (c.embed_dim, c.vocab_size), self.dtype))
-    return logits.astype(jnp.float32)
+      w["project_out"] = self.param("project_out", _init, (c.hidden_size, c.embed_dim),
+                                    self.dtype)
+    if not c.tie_word_embeddings:
+      w["lm_head"] = self.param("lm_head", _init, (c.embed_dim, c.vocab_size), self.dtype)
+    return head(c, w, x, embed_tokens)
+
+
+def head(config: ModelConfig, w, x, embed_tokens=None):
+  """Head as a pure function of its leaves `w`: x [B, T, D] -> logits [B, T, V] f32."""
+  if config.final_layer_norm:
+    x = _norm(config, w)(x)
+  if "project_out" in w:
+    x = layers.linear(x, w["project_out"])
+  if config.tie_word_embeddings:
+    logits = jnp.einsum("BTE,VE->BTV", x, embed_tokens)
+  else:
+    logits = layers.linear(x, w["lm_head"])
+  return logits.astype(jnp.float32)

@@ -1,0 +1,380 @@
+"""Matrix-vector formulations of every weight format, and a probe that times them.
+
+XLA's CPU `dot` is fast only for float32 with the kernel stored [in, out]; on
+bfloat16, int8 and int4 kernels it runs 10-25x slower than float32 (see
+`docs/formats.md`). Written as elementwise multiply + reduce over `in` with the
+kernel stored [out, in], the same formats keep float32's weights per second, so
+fewer bytes per weight are never slower. This module holds each formulation
+that was measured, keyed by (format, name), so the choice in
+`hetflow.formats` is reproducible with `python -m experiments.kernels`.
+
+Conventions (shared with `hetflow.formats`): x is [..., in]; a float32 kernel
+is [in, out]; every narrower kernel is stored [out, in] ("t" below), with
+scales [out, in / group] (per channel: [out, 1]). int4 packs two values per
+byte in GGUF's order: in each group of g, byte j holds value j in its low
+nibble and value j + g/2 in its high nibble.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# -- the formulations ----------------------------------------------------------------------
+
+
+def _f32(x):
+  return x.astype(jnp.float32)
+
+
+def _grouped(x, groups: int):
+  """x [..., in] -> [..., groups, in / groups]."""
+  return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+
+
+def float32_dot(x, w):
+  """x @ W, W [in, out]: XLA's dot (the float32 roof)."""
+  return jnp.einsum("...i,io->...o", x, w)
+
+
+def float32_dot_t(x, wt):
+  """x @ Wt.T, Wt [out, in]."""
+  return jnp.einsum("...i,oi->...o", x, wt)
+
+
+def float32_ew_t(x, wt):
+  """sum over `in` of Wt * x, Wt [out, in]."""
+  return jnp.sum(wt * x[..., None, :], axis=-1)
+
+
+def bfloat16_dot(x, w):
+  """bf16 x @ bf16 W [in, out], accumulated in float32."""
+  return jnp.einsum("...i,io->...o", x.astype(jnp.bfloat16), w,
+                    preferred_element_type=jnp.float32)
+
+
+def bfloat16_dot_up(x, w):
+  """x @ float32(W), W [in, out]."""
+  return jnp.einsum("...i,io->...o", _f32(x), _f32(w))
+
+
+def bfloat16_ew_t(x, wt):
+  """sum over `in` of float32(Wt) * x, Wt [out, in]."""
+  return jnp.sum(_f32(wt) * _f32(x)[..., None, :], axis=-1)
+
+
+def bfloat16_ew(x, w):
+  """sum over `in` of float32(W) * x, W [in, out] (reduce over rows)."""
+  return jnp.sum(_f32(w) * _f32(x)[..., :, None], axis=-2)
+
+
+def int8_channel_ew_t(x, q, scale):
+  """(sum over `in` of float32(q) * x) * scale; q [out, in], scale [out, 1]."""
+  return jnp.sum(_f32(q) * _f32(x)[..., None, :], axis=-1) * scale[:, 0]
+
+
+def int8_channel_dot_t(x, q, scale):
+  """(x @ float32(q).T) * scale."""
+  return jnp.einsum("...i,oi->...o", _f32(x), _f32(q)) * scale[:, 0]
+
+
+def int8_channel_dot_int(x, q, scale):
+  """x quantized per row to int8, int8 x int8 -> int32 dot, both scales after."""
+  x = _f32(x)
+  sx = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+  sx = jnp.where(sx == 0, 1.0, sx)
+  xq = jnp.round(x / sx).astype(jnp.int8)
+  acc = jnp.einsum("...i,oi->...o", xq, q, preferred_element_type=jnp.int32)
+  return acc.astype(jnp.float32) * sx * scale[:, 0]
+
+
+def int8_group_ew_t(x, q, scale):
+  """Per group: sum of float32(q) * x, times the group's scale, then summed."""
+  o, groups = scale.shape
+  part = jnp.sum(_f32(q).reshape(o, groups, -1) * _grouped(_f32(x), groups)[..., None, :, :],
+                 axis=-1)  # [..., out, groups]
+  return jnp.sum(part * _f32(scale), axis=-1)
+
+
+def int8_group_dequant_ew_t(x, q, scale):
+  """Dequantize (q * scale per group) first, then multiply and reduce."""
+  o, groups = scale.shape
+  w = (_f32(q).reshape(o, groups, -1) * _f32(scale)[..., None]).reshape(o, -1)
+  return jnp.sum(w * _f32(x)[..., None, :], axis=-1)
+
+
+def _nibbles(packed):
+  """uint8 [out, in / 2] -> (low, high) nibbles as float32, each [out, in / 2]."""
+  return _f32(packed & 15), _f32(packed >> 4)
+
+
+def _int4_parts(x, packed, groups):
+  """Per group: sum of nibble * x, and the sum of x ([..., out, groups], [..., groups])."""
+  o = packed.shape[0]
+  lo, hi = _nibbles(packed)
+  xg = _grouped(_f32(x), groups)  # [..., groups, g]
+  half = xg.shape[-1] // 2
+  x_lo, x_hi = xg[..., :half], xg[..., half:]
+  lo = lo.reshape(o, groups, half)
+  hi = hi.reshape(o, groups, half)
+  part = jnp.sum(lo * x_lo[..., None, :, :] + hi * x_hi[..., None, :, :], axis=-1)
+  return part, jnp.sum(xg, axis=-1)
+
+
+def int4_ew_t(x, packed, scale):
+  """Symmetric int4 (Q4_0): value = (nibble - 8) * scale, the 8 and scale after the sums."""
+  part, xsum = _int4_parts(x, packed, scale.shape[1])
+  return jnp.sum((part - 8.0 * xsum[..., None, :]) * _f32(scale), axis=-1)
+
+
+def int4_signed_ew_t(x, packed, scale):
+  """Symmetric int4: nibbles made signed (- 8) before the multiply; scale after."""
+  o, groups = scale.shape
+  lo, hi = _nibbles(packed)
+  xg = _grouped(_f32(x), groups)
+  half = xg.shape[-1] // 2
+  lo = (lo - 8.0).reshape(o, groups, half)
+  hi = (hi - 8.0).reshape(o, groups, half)
+  part = jnp.sum(lo * xg[..., None, :, :half] + hi * xg[..., None, :, half:], axis=-1)
+  return jnp.sum(part * _f32(scale), axis=-1)
+
+
+def int4_dequant_ew_t(x, packed, scale):
+  """Dequantize to float32 [out, in] first, then multiply and reduce."""
+  return float32_ew_t(x, dequant_int4(packed, scale))
+
+
+def int4_min_ew_t(x, packed, scale, minimum):
+  """Asymmetric int4 (Q4_1): value = nibble * scale + min, both applied after the sums."""
+  part, xsum = _int4_parts(x, packed, scale.shape[1])
+  return jnp.sum(part * _f32(scale) + xsum[..., None, :] * _f32(minimum), axis=-1)
+
+
+def dequant_int4(packed, scale, minimum=None):
+  """int4 kernel -> float32 [out, in]."""
+  o, groups = scale.shape
+  lo, hi = _nibbles(packed)
+  half = packed.shape[1] // groups
+  vals = jnp.concatenate([lo.reshape(o, groups, half), hi.reshape(o, groups, half)], axis=-1)
+  if minimum is None:
+    return ((vals - 8.0) * _f32(scale)[..., None]).reshape(o, -1)
+  return (vals * _f32(scale)[..., None] + _f32(minimum)[..., None]).reshape(o, -1)
+
+
+# -- qwix (Google's JAX quantization library), for comparison ---------------------------------
+
+
+def _qwix_einsum(x, qarray):
+  import qwix
+  return qwix.einsum("...i,oi->...o", _f32(x), qarray)
+
+
+def _qwix_dequant_ew(x, qarray):
+  import qwix
+  return float32_ew_t(x, qwix.dequantize(qarray))
+
+
+# -- the probe -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One formulation of one format on one shape, with its inputs.
+
+  Attributes:
+    format: weight format label ("float32", "int8-g32", "int4", ...).
+    name: formulation label.
+    fn: f(x, *weights) -> y [..., out].
+    weights: the stored arrays (their bytes are the weight bytes).
+  """
+
+  format: str
+  name: str
+  fn: Callable[..., Any]
+  weights: tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  """What `measure` reports for one Case.
+
+  Attributes:
+    format, name: as in Case.
+    shape: (in, out).
+    seconds: best time of one call.
+    weight_bytes: bytes of the stored arrays.
+    gbps: weight bytes per second / 1e9.
+    gweights: weights (in * out) per second / 1e9.
+    max_rel_error: max |y - y_ref| / max |y_ref| against float32 of the
+      dequantized weights (catches a wrong formulation).
+  """
+
+  format: str
+  name: str
+  shape: tuple[int, int]
+  seconds: float
+  weight_bytes: int
+  gbps: float
+  gweights: float
+  max_rel_error: float
+
+
+def _quantize_int8(w_t: np.ndarray, group: int):
+  o, n = w_t.shape
+  g = n if group == 0 else group
+  blocks = w_t.reshape(o, n // g, g)
+  scale = np.abs(blocks).max(axis=-1) / 127.0
+  scale = np.where(scale == 0, 1.0, scale).astype(np.float32 if group == 0 else np.float16)
+  q = np.clip(np.rint(blocks / scale.astype(np.float32)[..., None]), -127, 127).astype(np.int8)
+  return q.reshape(o, n), scale
+
+
+def _quantize_int4(w_t: np.ndarray, group: int, asymmetric: bool):
+  o, n = w_t.shape
+  blocks = w_t.reshape(o, n // group, group)
+  if asymmetric:
+    lo, hi = blocks.min(-1), blocks.max(-1)
+    scale = ((hi - lo) / 15.0).astype(np.float16)
+    minimum = lo.astype(np.float16)
+    s = np.where(scale == 0, 1.0, scale.astype(np.float32))
+    vals = np.clip(np.rint((blocks - minimum.astype(np.float32)[..., None]) / s[..., None]),
+                   0, 15)
+  else:
+    amax_idx = np.abs(blocks).argmax(-1)
+    signed_max = np.take_along_axis(blocks, amax_idx[..., None], -1)[..., 0]
+    scale = (signed_max / -8.0).astype(np.float16)  # GGUF Q4_0's rule
+    s = np.where(scale == 0, 1.0, scale.astype(np.float32))
+    vals = np.clip(np.rint(blocks / s[..., None]) + 8, 0, 15)
+    minimum = None
+  vals = vals.astype(np.uint8)
+  half = group // 2
+  packed = (vals[..., :half] | (vals[..., half:] << 4)).reshape(o, n // 2)
+  return packed, scale, minimum
+
+
+def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True) -> list[Case]:
+  """Every measured formulation for a [n_in x n_out] kernel.
+
+  Args:
+    n_in, n_out: the kernel's shape (x has n_in features).
+    formats: labels to keep (None: all).
+    seed: seed of the random weights.
+    qwix: include qwix's QArray formulations (needs `pip install qwix`).
+
+  Returns:
+    The cases, in a stable order.
+  """
+  rng = np.random.default_rng(seed)
+  w = (rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)).astype(np.float32)
+  wt = np.ascontiguousarray(w.T)
+  put = jax.device_put
+  bf = put(w.astype(jnp.bfloat16))
+  bft = put(wt.astype(jnp.bfloat16))
+  out: list[Case] = [
+      Case("float32", "dot [in,out]", float32_dot, (put(w),)),
+      Case("float32", "dot [out,in]", float32_dot_t, (put(wt),)),
+      Case("float32", "mul+sum [out,in]", float32_ew_t, (put(wt),)),
+      Case("bfloat16", "dot [in,out] bf16", bfloat16_dot, (bf,)),
+      Case("bfloat16", "dot [in,out] upcast", bfloat16_dot_up, (bf,)),
+      Case("bfloat16", "mul+sum [out,in]", bfloat16_ew_t, (bft,)),
+      Case("bfloat16", "mul+sum [in,out]", bfloat16_ew, (bf,)),
+  ]
+  q, s = _quantize_int8(wt, 0)  # s [out, 1]
+  ch = (put(q), put(s))
+  out += [Case("int8", "mul+sum, scale after", int8_channel_ew_t, ch),
+          Case("int8", "dot upcast, scale after", int8_channel_dot_t, ch),
+          Case("int8", "int8 x int8 dot", int8_channel_dot_int, ch)]
+  for g in (32, 64):
+    q, s = _quantize_int8(wt, g)
+    gr = (put(q), put(s))
+    out += [Case(f"int8-g{g}", "mul+sum, scale after", int8_group_ew_t, gr),
+            Case(f"int8-g{g}", "dequantize, mul+sum", int8_group_dequant_ew_t, gr)]
+  for g in (32, 64):
+    p, s, _ = _quantize_int4(wt, g, False)
+    sym = (put(p), put(s))
+    label = "int4" if g == 32 else f"int4-g{g}"
+    out += [Case(label, "mul+sum, 8 and scale after", int4_ew_t, sym),
+            Case(label, "signed nibbles, scale after", int4_signed_ew_t, sym),
+            Case(label, "dequantize, mul+sum", int4_dequant_ew_t, sym)]
+    p, s, m = _quantize_int4(wt, g, True)
+    out += [Case(label + "-asym", "mul+sum, scale+min after", int4_min_ew_t,
+                 (put(p), put(s), put(m)))]
+  if qwix:
+    import qwix as qw
+    for label, qtype, tiles in (("int8", jnp.int8, {}), ("int8-g32", jnp.int8, {1: 32}),
+                                ("int4", jnp.int4, {1: 32})):
+      channel = () if tiles else (0,)
+      qa = qw.quantize(jnp.asarray(wt), qtype, channelwise_axes=channel, tiled_axes=tiles)
+      qa = put(qa)
+      out += [Case(label, "qwix.einsum (QArray)", _qwix_einsum, (qa,)),
+              Case(label, "qwix.dequantize, mul+sum", _qwix_dequant_ew, (qa,))]
+  if formats is not None:
+    out = [c for c in out if c.format in formats]
+  return out
+
+
+def _reference(case: Case, x):
+  """float32 matvec with the case's own (dequantized) weights."""
+  fn, w = case.fn, case.weights
+  if fn in (float32_dot,):
+    return x @ np.asarray(w[0])
+  if fn in (float32_dot_t, float32_ew_t):
+    return x @ np.asarray(w[0]).T
+  if fn in (bfloat16_dot, bfloat16_dot_up, bfloat16_ew):
+    return x @ np.asarray(w[0], np.float32)
+  if fn is bfloat16_ew_t:
+    return x @ np.asarray(w[0], np.float32).T
+  if fn in (_qwix_einsum, _qwix_dequant_ew):
+    import qwix
+    return x @ np.asarray(qwix.dequantize(w[0]), np.float32).T
+  if len(w) == 2 and w[0].dtype == jnp.int8:
+    q, s = (np.asarray(a, np.float32) for a in w)
+    o, groups = s.shape
+    return x @ (q.reshape(o, groups, -1) * s[..., None]).reshape(o, -1).T
+  return x @ np.asarray(dequant_int4(*w)).T
+
+
+def bytes_of(tree) -> int:
+  return sum(a.nbytes for a in jax.tree.leaves(tree))
+
+
+def measure(n_in: int, n_out: int, formats=None, repeats: int = 20, batch: int = 1,
+            qwix: bool = True, progress: Callable[[Timing], None] | None = None) -> list[Timing]:
+  """Times every formulation on one kernel shape (best of `repeats` calls).
+
+  Args:
+    n_in, n_out: the kernel's shape.
+    formats: format labels to keep (None: all).
+    repeats: timed calls per case; the best is kept.
+    batch: rows of x (1: decode's matrix-vector product).
+    qwix: include qwix's formulations.
+    progress: called with each Timing as it is measured.
+
+  Returns:
+    One Timing per case.
+  """
+  x = np.random.default_rng(1).standard_normal((batch, n_in), dtype=np.float32)
+  xd = jax.device_put(x)
+  results = []
+  for case in cases(n_in, n_out, formats, qwix=qwix):
+    fn = jax.jit(case.fn)
+    y = np.asarray(fn(xd, *case.weights))
+    ref = _reference(case, x)
+    err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      fn(xd, *case.weights).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    nbytes = bytes_of(case.weights)
+    timing = Timing(case.format, case.name, (n_in, n_out), best, nbytes, nbytes / best / 1e9,
+                    n_in * n_out / best / 1e9, err)
+    if progress is not None:
+      progress(timing)
+    results.append(timing)
+  return results
