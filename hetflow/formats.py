@@ -171,19 +171,21 @@ class WeightFormat:
     if self.kind == "bfloat16":
       return {"q": np.ascontiguousarray(np.swapaxes(kernel.astype(ml_dtypes.bfloat16,
                                                                   copy=False), -1, -2))}
-    wt = np.swapaxes(np.asarray(kernel, np.float32), -1, -2)  # [..., out, in]
-    *lead, n_out, n_in = wt.shape
+    wt = np.ascontiguousarray(np.swapaxes(np.asarray(kernel, np.float32), -1, -2))
+    *lead, n_out, n_in = wt.shape  # [..., out, in]
     group = self.group or n_in
     blocks = wt.reshape(*lead, n_out, n_in // group, group)
     if self.kind == "int8":
       q, scale = quantize_int8(blocks)
-      scale = scale.astype(np.float32 if not self.group else np.float16)
-      return {"q": q.reshape(wt.shape), "scale": scale}
-    if self.asymmetric:
+      leaves = {"q": q.reshape(wt.shape),
+                "scale": scale.astype(np.float32 if not self.group else np.float16)}
+    elif self.asymmetric:
       packed, scale, minimum = quantize_int4_asym(blocks)
-      return {"q": packed.reshape(*lead, n_out, n_in // 2), "scale": scale, "min": minimum}
-    packed, scale = quantize_int4(blocks)
-    return {"q": packed.reshape(*lead, n_out, n_in // 2), "scale": scale}
+      leaves = {"q": packed.reshape(*lead, n_out, n_in // 2), "scale": scale, "min": minimum}
+    else:
+      packed, scale = quantize_int4(blocks)
+      leaves = {"q": packed.reshape(*lead, n_out, n_in // 2), "scale": scale}
+    return {k: np.ascontiguousarray(v) for k, v in leaves.items()}
 
 
 # -- quantization rules (numpy; GGUF's, bit for bit at group 32) ------------------------------

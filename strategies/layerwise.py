@@ -121,6 +121,9 @@ def store_fingerprint(model: Model) -> str:
         (f, os.path.getsize(os.path.join(model.description, f)),
          int(os.path.getmtime(os.path.join(model.description, f))))
         for f in os.listdir(model.description) if f.endswith(".safetensors"))
+  elif model.description and os.path.isfile(model.description):  # a GGUF file
+    source["files"] = [(os.path.getsize(model.description),
+                        int(os.path.getmtime(model.description)))]
   identity = {"config": dataclasses.asdict(model.config), "dtype": jnp.dtype(model.dtype).name,
               "source": source}
   if not model.format.plain:  # float32 stores written before formats existed stay valid

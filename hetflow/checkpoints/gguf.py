@@ -153,10 +153,12 @@ class GGUFSource:
 
 def _field(reader, key: str, default: Any = None) -> Any:
   field = reader.fields.get(key)
-  if field is None:
-    return default
-  value = field.contents()
-  return value
+  return default if field is None else field.contents()
+
+
+def _float(value) -> float:
+  """A float32 metadata value as the decimal it was written from (1e-05, not 9.99e-06)."""
+  return float(f"{float(value):.7g}")
 
 
 def _config(reader, path: str) -> ModelConfig:
@@ -183,7 +185,7 @@ def _config(reader, path: str) -> ModelConfig:
   d, heads = need("embedding_length"), need("attention.head_count")
   scaling = None
   if _field(reader, f"{arch}.rope.scaling.type") == "linear":
-    scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    scaling = {"rope_type": "linear", "factor": _float(_field(reader, f"{arch}.rope.scaling.factor"))}
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
   bos = _field(reader, "tokenizer.ggml.bos_token_id")
   pad = _field(reader, "tokenizer.ggml.padding_token_id")
@@ -195,8 +197,8 @@ def _config(reader, path: str) -> ModelConfig:
       num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
       head_dim=int(_field(reader, f"{arch}.rope.dimension_count", d // heads)),
       max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
-      norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-      rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+      norm_eps=_float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+      rope_theta=_float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
       rope_scaling=scaling, tie_word_embeddings="output.weight" not in tensors,
       bos_token_id=None if bos is None else int(bos),
       eos_token_id=None if eos is None else int(eos),
