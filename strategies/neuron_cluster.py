@@ -199,6 +199,10 @@ class NeuronCluster(Strategy):
 
   def plan(self, model, budget, profile=None) -> Placement:
     c, o = model.config, self.options
+    if not model.format.plain:  # its kernels would need format-aware code (issue 11)
+      raise ValueError("neuron_cluster runs float32 weights only; this model has"
+                       f" weights={model.weights!r}. Use resident or layerwise, or load"
+                       " it with weights='float32'.")
     check_sparse(c, o.threshold)
     if not c.do_layer_norm_before:
       raise ValueError("neuron_cluster supports pre-LN models only (not OPT-350m).")

@@ -133,6 +133,10 @@ class TensorSplit(Strategy):
 
   def plan(self, model, budget, profile=None) -> Placement:
     o = self.options
+    if not model.format.plain:  # its kernels would need format-aware code (issue 11)
+      raise ValueError("tensor_split runs float32 weights only; this model has"
+                       f" weights={model.weights!r}. Use resident or layerwise, or load"
+                       " it with weights='float32'.")
     notes = []
     if profile is None:
       profile = default_profile()

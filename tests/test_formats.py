@@ -213,3 +213,10 @@ def test_replace_keeps_the_source():
   model = hetflow.synthetic_model("llama-tiny")
   int8 = dataclasses.replace(model, weights="int8")
   assert int8.source is model.source and int8.weights == "int8" and model.weights == "float32"
+
+
+@pytest.mark.parametrize("strategy", ["tensor_split", "neuron_cluster"])
+def test_strategies_without_formats_refuse_them(strategy):
+  model = hetflow.synthetic_model("llama-tiny-relu", weights="int8")
+  with pytest.raises(ValueError, match=f"{strategy} runs float32 weights only.*weights='int8'"):
+    Engine(model, strategy)
