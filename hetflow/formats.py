@@ -9,25 +9,27 @@ percent of the bytes, and the embedding is read one row per token).
   float32     the kernel is one array [in, out] in the compute dtype (XLA's dot)
   bfloat16    {"q": bfloat16 [out, in]}
   int8        {"q": int8 [out, in], "scale": float32 [out, 1]}: per output channel
-  int8-g32    {"q": int8 [out, in], "scale": float16 [out, in / 32]} (GGUF Q8_0;
-              also -g64, -g128)
-  int4        {"q": uint8 [out, in / 2], "scale": float16 [out, in / 32]}:
+  int8-g32    {"q": int8 [in / 32, out, 32], "scale": float16 [in / 32, out]}
+              (GGUF Q8_0's values; also -g64, -g128)
+  int4        {"q": uint8 [in / 32, out, 16], "scale": float16 [in / 32, out]}:
               symmetric, groups of 32 (GGUF Q4_0); value = (nibble - 8) * scale
   int4-g64    groups of 64
-  int4-asym   plus "min": float16 [out, in / 32]; value = nibble * scale + min
+  int4-asym   plus "min": float16 [in / 32, out]; value = nibble * scale + min
               (GGUF Q4_1); also int4-g64-asym
 
 A quantized kernel is a small dict of arrays at the kernel's usual path
 (`layers/3/mlp/up` -> {"q", "scale"}), so strategies that move a group's tree
 of arrays need no format-specific code; which formulation computes it follows
-from the leaves' names and dtypes alone. Narrow kernels are stored [out, in]
-(as HF and GGUF store them) because XLA CPU computes them fastest as an
-elementwise multiply and a reduction over the contiguous `in` axis, with the
-scale applied after the reduction; `hetflow.kernels` holds every formulation
-that was measured and `docs/formats.md` the figures. int4 packs two values per
-byte in GGUF's block order: in each group, byte j holds value j in its low
-nibble and value j + g/2 in its high nibble, so GGUF files map without
-re-quantizing.
+from the leaves' shapes and dtypes alone. The layouts are the ones XLA CPU
+computes fastest (`hetflow.kernels`, figures in `docs/formats.md`): bfloat16
+and per-channel int8 are stored [out, in] and computed as one multiply and a
+reduction over the contiguous `in` axis, the scale applied after it; grouped
+formats are stored group-major ([in / g, out, g]) and computed as a scan over
+groups, each step a 2-D multiply-reduce (a 3-D reduction, or a group axis
+inside each row, ran 10-100x slower). int4 packs two values per byte in GGUF's
+block order: in each group, byte j holds value j in its low nibble and value
+j + g/2 in its high nibble, so GGUF files map without re-quantizing (their
+blocks are only regrouped).
 
 Quantization rules are GGUF's (Q8_0, Q4_0, Q4_1, generalised to other group
 sizes), bit for bit at group 32, so a kernel quantized here equals the same
@@ -150,14 +152,15 @@ class WeightFormat:
       raise FormatError(f"a kernel of {n_in} inputs cannot be cut into groups of {group}"
                         f" ({self.name}); choose another format for this model.")
     groups = n_in // group
-    scale_dtype = jnp.float32 if not self.group else jnp.float16
-    if self.kind == "int8":
-      leaves = {"q": jax.ShapeDtypeStruct(lead + (n_out, n_in), jnp.int8)}
-    else:
-      leaves = {"q": jax.ShapeDtypeStruct(lead + (n_out, n_in // 2), jnp.uint8)}
-    leaves["scale"] = jax.ShapeDtypeStruct(lead + (n_out, groups), scale_dtype)
+    if not self.group:
+      return {"q": jax.ShapeDtypeStruct(lead + (n_out, n_in), jnp.int8),
+              "scale": jax.ShapeDtypeStruct(lead + (n_out, 1), jnp.float32)}
+    per_group = group if self.kind == "int8" else group // 2
+    leaves = {"q": jax.ShapeDtypeStruct(lead + (groups, n_out, per_group),
+                                        jnp.int8 if self.kind == "int8" else jnp.uint8),
+              "scale": jax.ShapeDtypeStruct(lead + (groups, n_out), jnp.float16)}
     if self.asymmetric:
-      leaves["min"] = jax.ShapeDtypeStruct(lead + (n_out, groups), jnp.float16)
+      leaves["min"] = jax.ShapeDtypeStruct(lead + (groups, n_out), jnp.float16)
     return leaves
 
   def quantize(self, kernel: np.ndarray) -> dict[str, np.ndarray]:
@@ -177,15 +180,26 @@ class WeightFormat:
     blocks = wt.reshape(*lead, n_out, n_in // group, group)
     if self.kind == "int8":
       q, scale = quantize_int8(blocks)
-      leaves = {"q": q.reshape(wt.shape),
-                "scale": scale.astype(np.float32 if not self.group else np.float16)}
+      if not self.group:
+        return {"q": np.ascontiguousarray(q.reshape(wt.shape)), "scale": scale}  # [out, 1]
+      leaves = {"q": q, "scale": scale.astype(np.float16)}
     elif self.asymmetric:
       packed, scale, minimum = quantize_int4_asym(blocks)
-      leaves = {"q": packed.reshape(*lead, n_out, n_in // 2), "scale": scale, "min": minimum}
+      leaves = {"q": packed, "scale": scale, "min": minimum}
     else:
       packed, scale = quantize_int4(blocks)
-      leaves = {"q": packed.reshape(*lead, n_out, n_in // 2), "scale": scale}
-    return {k: np.ascontiguousarray(v) for k, v in leaves.items()}
+      leaves = {"q": packed, "scale": scale}
+    return group_major(leaves)
+
+
+def group_major(leaves: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Row-major blocks ({"q": [..., out, G, b], "scale"/"min": [..., out, G]}) -> group-major
+  ([..., G, out, b] and [..., G, out]), contiguous: a copy, values unchanged."""
+  out = {}
+  for name, a in leaves.items():
+    a = np.moveaxis(a, -3, -2) if name == "q" else np.swapaxes(a, -1, -2)
+    out[name] = np.ascontiguousarray(a)
+  return out
 
 
 # -- quantization rules (numpy; GGUF's, bit for bit at group 32) ------------------------------
@@ -238,14 +252,15 @@ def quantize_int4_asym(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def format_of(kernel: Any) -> str:
-  """The format a stored kernel is in, from its leaves alone."""
+  """The format a stored kernel is in, from its leaves alone:
+  "float32", "bfloat16", "int8" (per channel), "int8-g", "int4" or "int4-asym"."""
   if not isinstance(kernel, dict):
     return "float32"
   q = kernel["q"]
   if q.dtype == jnp.bfloat16:
     return "bfloat16"
   if q.dtype == jnp.int8:
-    return "int8" if kernel["scale"].shape[-1] == 1 else "int8-g"
+    return "int8" if q.ndim == kernel["scale"].ndim else "int8-g"
   return "int4-asym" if "min" in kernel else "int4"
 
 
@@ -258,46 +273,54 @@ def dequantize(kernel: Any, dtype=jnp.float32):
   if fmt == "bfloat16":
     return jnp.swapaxes(q, -1, -2).astype(dtype)
   scale = kernel["scale"].astype(jnp.float32)
-  *lead, n_out, groups = scale.shape
-  if fmt.startswith("int8"):
-    w = q.astype(jnp.float32).reshape(*lead, n_out, groups, -1) * scale[..., None]
+  if fmt == "int8":
+    return jnp.swapaxes(q.astype(jnp.float32) * scale, -1, -2).astype(dtype)
+  if fmt == "int8-g":
+    w = q.astype(jnp.float32) * scale[..., None]  # [..., G, out, g]
   else:
-    lo = (q & 15).astype(jnp.float32).reshape(*lead, n_out, groups, -1)
-    hi = (q >> 4).astype(jnp.float32).reshape(*lead, n_out, groups, -1)
-    vals = jnp.concatenate([lo, hi], axis=-1)
+    vals = jnp.concatenate([(q & 15).astype(jnp.float32), (q >> 4).astype(jnp.float32)],
+                           axis=-1)
     if "min" in kernel:
       w = vals * scale[..., None] + kernel["min"].astype(jnp.float32)[..., None]
     else:
       w = (vals - 8.0) * scale[..., None]
-  return jnp.swapaxes(w.reshape(*lead, n_out, -1), -1, -2).astype(dtype)
+  *lead, groups, n_out, g = w.shape
+  return jnp.swapaxes(w, -1, -2).reshape(*lead, groups * g, n_out).astype(dtype)
+
+
+def _matvec(x, kernel, fmt):
+  """One row x [in] @ a stored kernel -> [out] float32, the fastest measured formulation."""
+  q = kernel["q"]
+  if fmt == "bfloat16":
+    return kernels.bfloat16_ew_t(x, q)
+  if fmt == "int8":
+    return kernels.int8_channel_ew_t(x, q, kernel["scale"])
+  if fmt == "int8-g":
+    return kernels.int8_group_scan_gm(x, q, kernel["scale"])
+  if fmt == "int4":
+    return kernels.int4_scan_gm(x, q, kernel["scale"])
+  return kernels.int4_min_scan_gm(x, q, kernel["scale"], kernel["min"])
 
 
 def matmul(x, kernel):
   """x [..., in] @ a stored kernel -> [..., out] in x's dtype.
 
-  One row at a time (decode) uses the fastest measured matrix-vector
-  formulation of the kernel's format; many rows (prefill) dequantize the
+  Up to MATVEC_MAX_ROWS rows (decode) go one row at a time through the fastest
+  measured matrix-vector formulation of the kernel's format (each on a 1-D
+  row: see hetflow/kernels.py for why); more rows (prefill) dequantize the
   kernel once and use XLA's dot.
   """
   fmt = format_of(kernel)
   if fmt == "float32":
     return jnp.einsum("...i,io->...o", x, kernel)
-  rows = int(np.prod(x.shape[:-1]))
+  lead = x.shape[:-1]
+  rows = int(np.prod(lead))
   if rows > MATVEC_MAX_ROWS:
     return jnp.einsum("...i,io->...o", x.astype(jnp.float32),
                       dequantize(kernel)).astype(x.dtype)
-  q = kernel["q"]
-  if fmt == "bfloat16":
-    y = kernels.bfloat16_ew_t(x, q)
-  elif fmt == "int8":
-    y = kernels.int8_channel_ew_t(x, q, kernel["scale"])
-  elif fmt == "int8-g":
-    y = kernels.int8_group_ew_t(x, q, kernel["scale"])
-  elif fmt == "int4":
-    y = kernels.int4_ew_t(x, q, kernel["scale"])
-  else:
-    y = kernels.int4_min_ew_t(x, q, kernel["scale"], kernel["min"])
-  return y.astype(x.dtype)
+  flat = x.reshape(rows, x.shape[-1])
+  y = jnp.stack([_matvec(flat[r], kernel, fmt) for r in range(rows)])
+  return y.reshape(*lead, -1).astype(x.dtype)
 
 
 def nbytes(tree: Any) -> int:

@@ -8,11 +8,15 @@ fewer bytes per weight are never slower. This module holds each formulation
 that was measured, keyed by (format, name), so the choice in
 `hetflow.formats` is reproducible with `python -m experiments.kernels`.
 
-Conventions (shared with `hetflow.formats`): x is [..., in]; a float32 kernel
-is [in, out]; every narrower kernel is stored [out, in] ("t" below), with
-scales [out, in / group] (per channel: [out, 1]). int4 packs two values per
-byte in GGUF's order: in each group of g, byte j holds value j in its low
-nibble and value j + g/2 in its high nibble.
+Conventions (shared with `hetflow.formats`): x is [..., in] (the matrix-vector
+formulations take one row, x [in]: XLA CPU hands a 2-D multiply-reduce to a
+YNNPACK fusion that is fast, and a 3-D one to the same fusion, 20-100x
+slower); a float32 kernel is [in, out]; bfloat16 and per-channel int8 kernels
+are stored [out, in] ("t" below, scales [out, 1]); grouped kernels are stored
+group-major, [in / g, out, g] ("gm" below, scales [in / g, out]), and computed
+group by group in a `lax.scan`, each step a 2-D multiply-reduce. int4 packs two
+values per byte in GGUF's order: in each group of g, byte j holds value j in its
+low nibble and value j + g/2 in its high nibble.
 """
 
 from __future__ import annotations
@@ -106,6 +110,63 @@ def int8_group_dequant_ew_t(x, q, scale):
   o, groups = scale.shape
   w = (_f32(q).reshape(o, groups, -1) * _f32(scale)[..., None]).reshape(o, -1)
   return jnp.sum(w * _f32(x)[..., None, :], axis=-1)
+
+
+def int8_group_scan_gm(x, q, scale):
+  """Group-major int8 [G, out, g]: a scan over groups, each a 2-D multiply-reduce, scale after."""
+  groups, n_out, g = q.shape
+  xg = _f32(x).reshape(groups, g)
+
+  def step(acc, args):
+    qg, xk, sg = args
+    return acc + jnp.sum(_f32(qg) * xk, axis=-1) * _f32(sg), None
+
+  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (q, xg, scale))[0]
+
+
+def int8_group_3d_gm(x, q, scale):
+  """Group-major int8: one 3-D multiply-reduce over all groups, then the scales."""
+  groups, _, g = q.shape
+  part = jnp.sum(_f32(q) * _f32(x).reshape(groups, 1, g), axis=-1)  # [G, out]
+  return jnp.sum(part * _f32(scale), axis=0)
+
+
+def int4_scan_gm(x, packed, scale):
+  """Group-major symmetric int4 [G, out, g/2]: per group two sums (low, high nibbles),
+  minus 8 * sum(x), times the scale."""
+  groups, n_out, half = packed.shape
+  xg = _f32(x).reshape(groups, 2 * half)
+
+  def step(acc, args):
+    pg, xk, sg = args
+    v = (jnp.sum(_f32(pg & 15) * xk[:half], axis=-1)
+         + jnp.sum(_f32(pg >> 4) * xk[half:], axis=-1))
+    return acc + (v - 8.0 * jnp.sum(xk)) * _f32(sg), None
+
+  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, xg, scale))[0]
+
+
+def int4_min_scan_gm(x, packed, scale, minimum):
+  """Group-major asymmetric int4: per group (nibble sums) * scale + sum(x) * min."""
+  groups, n_out, half = packed.shape
+  xg = _f32(x).reshape(groups, 2 * half)
+
+  def step(acc, args):
+    pg, xk, sg, mg = args
+    v = (jnp.sum(_f32(pg & 15) * xk[:half], axis=-1)
+         + jnp.sum(_f32(pg >> 4) * xk[half:], axis=-1))
+    return acc + v * _f32(sg) + jnp.sum(xk) * _f32(mg), None
+
+  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32),
+                      (packed, xg, scale, minimum))[0]
+
+
+def group_major(q, scale, minimum=None):
+  """Row-major [out, in or in/2] values and [out, G] scales -> group-major ([G, out, .], [G, out])."""
+  n_out, groups = scale.shape
+  q = jnp.swapaxes(q.reshape(n_out, groups, -1), 0, 1)
+  out = (q, scale.T) if minimum is None else (q, scale.T, minimum.T)
+  return tuple(jnp.asarray(a).copy() for a in out)
 
 
 def _nibbles(packed):
@@ -289,21 +350,28 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True)
   out += [Case("int8", "mul+sum, scale after", int8_channel_ew_t, ch),
           Case("int8", "dot upcast, scale after", int8_channel_dot_t, ch),
           Case("int8", "int8 x int8 dot", int8_channel_dot_int, ch)]
-  for g in (32, 64):
+  for g in (32, 64, 128):
     q, s = _quantize_int8(wt, g)
     gr = (put(q), put(s))
-    out += [Case(f"int8-g{g}", "mul+sum, scale after", int8_group_ew_t, gr),
-            Case(f"int8-g{g}", "dequantize, mul+sum", int8_group_dequant_ew_t, gr)]
+    gm = tuple(put(a) for a in group_major(q, s))
+    out += [Case(f"int8-g{g}", "row-major: mul+sum per group, scale after", int8_group_ew_t, gr),
+            Case(f"int8-g{g}", "row-major: dequantize, mul+sum", int8_group_dequant_ew_t, gr),
+            Case(f"int8-g{g}", "group-major: one 3-D mul+sum", int8_group_3d_gm, gm),
+            Case(f"int8-g{g}", "group-major: scan over groups", int8_group_scan_gm, gm)]
   for g in (32, 64):
     p, s, _ = _quantize_int4(wt, g, False)
     sym = (put(p), put(s))
+    gm = tuple(put(a) for a in group_major(p, s))
     label = "int4" if g == 32 else f"int4-g{g}"
-    out += [Case(label, "mul+sum, 8 and scale after", int4_ew_t, sym),
-            Case(label, "signed nibbles, scale after", int4_signed_ew_t, sym),
-            Case(label, "dequantize, mul+sum", int4_dequant_ew_t, sym)]
+    out += [Case(label, "row-major: mul+sum, 8 and scale after", int4_ew_t, sym),
+            Case(label, "row-major: signed nibbles, scale after", int4_signed_ew_t, sym),
+            Case(label, "row-major: dequantize, mul+sum", int4_dequant_ew_t, sym),
+            Case(label, "group-major: scan over groups", int4_scan_gm, gm)]
     p, s, m = _quantize_int4(wt, g, True)
-    out += [Case(label + "-asym", "mul+sum, scale+min after", int4_min_ew_t,
-                 (put(p), put(s), put(m)))]
+    out += [Case(label + "-asym", "row-major: mul+sum, scale+min after", int4_min_ew_t,
+                 (put(p), put(s), put(m))),
+            Case(label + "-asym", "group-major: scan over groups", int4_min_scan_gm,
+                 tuple(put(a) for a in group_major(p, s, m)))]
   if qwix:
     import qwix as qw
     for label, qtype, tiles in (("int8", jnp.int8, {}), ("int8-g32", jnp.int8, {1: 32}),
@@ -332,11 +400,14 @@ def _reference(case: Case, x):
   if fn in (_qwix_einsum, _qwix_dequant_ew):
     import qwix
     return x @ np.asarray(qwix.dequantize(w[0]), np.float32).T
+  if w[0].ndim == 3:  # group-major: back to row-major
+    q = np.swapaxes(np.asarray(w[0]), 0, 1)
+    w = (q.reshape(q.shape[0], -1),) + tuple(np.asarray(a).T for a in w[1:])
   if len(w) == 2 and w[0].dtype == jnp.int8:
     q, s = (np.asarray(a, np.float32) for a in w)
     o, groups = s.shape
     return x @ (q.reshape(o, groups, -1) * s[..., None]).reshape(o, -1).T
-  return x @ np.asarray(dequant_int4(*w)).T
+  return x @ np.asarray(dequant_int4(*(jnp.asarray(a) for a in w))).T
 
 
 def bytes_of(tree) -> int:
@@ -351,7 +422,7 @@ def measure(n_in: int, n_out: int, formats=None, repeats: int = 20, batch: int =
     n_in, n_out: the kernel's shape.
     formats: format labels to keep (None: all).
     repeats: timed calls per case; the best is kept.
-    batch: rows of x (1: decode's matrix-vector product).
+    batch: rows of x (1: decode's matrix-vector product, x passed as [in]).
     qwix: include qwix's formulations.
     progress: called with each Timing as it is measured.
 
@@ -359,11 +430,11 @@ def measure(n_in: int, n_out: int, formats=None, repeats: int = 20, batch: int =
     One Timing per case.
   """
   x = np.random.default_rng(1).standard_normal((batch, n_in), dtype=np.float32)
-  xd = jax.device_put(x)
+  xd = jax.device_put(x[0] if batch == 1 else x)
   results = []
   for case in cases(n_in, n_out, formats, qwix=qwix):
     fn = jax.jit(case.fn)
-    y = np.asarray(fn(xd, *case.weights))
+    y = np.asarray(fn(xd, *case.weights)).reshape(batch, n_out)
     ref = _reference(case, x)
     err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
     best = float("inf")

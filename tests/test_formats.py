@@ -56,7 +56,7 @@ def test_bad_format_names(spec):
 
 
 @pytest.mark.parametrize("spec", FORMATS)
-@pytest.mark.parametrize("rows", [1, 8])  # the matrix-vector path and the prefill path
+@pytest.mark.parametrize("rows", [1, 3, 8])  # matrix-vector (one row at a time), prefill
 def test_matmul_equals_dequantized_kernel(spec, rows):
   rng = np.random.default_rng(0)
   w = rng.standard_normal((128, 96), dtype=np.float32) / np.sqrt(128)
@@ -74,7 +74,7 @@ def test_int4_rounds_like_gguf_q4_0():
   """A block's values land on the 16 levels (nibble - 8) * scale, the peak exactly at -8."""
   w = np.linspace(-1, 0.5, 64, dtype=np.float32).reshape(64, 1)  # [in, out=1]
   kernel = WeightFormat.parse("int4").quantize(w)
-  assert kernel["q"].shape == (1, 32) and kernel["scale"].shape == (1, 2)
+  assert kernel["q"].shape == (2, 1, 16) and kernel["scale"].shape == (2, 1)  # group-major
   dense = np.asarray(formats.dequantize(kernel))[:, 0]
   assert dense[0] == np.float32(np.float16(1 / 8)) * -8  # the peak |value| is exact
 

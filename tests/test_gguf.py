@@ -53,15 +53,15 @@ def test_quantizers_are_gguf_bit_for_bit(qtype, spec):
   rng = np.random.default_rng(0)
   w = rng.standard_normal((96, 40), dtype=np.float32)  # [in, out]
   w[:32, 0] = 0  # an all-zero block
-  ours = WeightFormat.parse(spec).quantize(w)
+  ours = WeightFormat.parse(spec).quantize(w)  # group-major: [G, out, block]
   theirs = gguf.quants.quantize(np.ascontiguousarray(w.T), getattr(gguf.GGMLQuantizationType,
                                                                   qtype))
-  blocks = theirs.reshape(40, 3, -1)
-  np.testing.assert_array_equal(ours["scale"].view(np.uint8).reshape(40, 3, 2), blocks[..., :2])
+  blocks = theirs.reshape(40, 3, -1).transpose(1, 0, 2)  # [G, out, bytes]
+  np.testing.assert_array_equal(ours["scale"].view(np.uint8).reshape(3, 40, 2), blocks[..., :2])
   start = 4 if "min" in ours else 2
   if "min" in ours:
-    np.testing.assert_array_equal(ours["min"].view(np.uint8).reshape(40, 3, 2), blocks[..., 2:4])
-  np.testing.assert_array_equal(ours["q"].view(np.uint8).reshape(40, 3, -1), blocks[..., start:])
+    np.testing.assert_array_equal(ours["min"].view(np.uint8).reshape(3, 40, 2), blocks[..., 2:4])
+  np.testing.assert_array_equal(ours["q"].view(np.uint8), blocks[..., start:])
 
 
 @pytest.mark.parametrize("file_type,spec", [("F32", "float32"), ("Q8_0", "int8-g32"),
@@ -110,7 +110,7 @@ def test_other_format_requantizes_from_the_values(tmp_path, synthetic):
       formats.dequantize(stored)))
   int4 = hetflow.load_model(path, weights="int4")
   kernel = int4.param("layers/0/attn/k")
-  assert kernel["q"].dtype == np.uint8 and kernel["q"].shape == (32, 32)
+  assert kernel["q"].dtype == np.uint8 and kernel["q"].shape == (2, 32, 16)  # [G, out, 16]
   tokens, _ = _run(int4)
   layerwise, _ = _run(int4, "layerwise", LayerwiseOptions(offload_tier="host"))
   np.testing.assert_array_equal(layerwise, tokens)

@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 
 from hetflow.checkpoints.hf import CheckpointError
-from hetflow.formats import WeightFormat
+from hetflow.formats import WeightFormat, group_major
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model, parameter_shapes
 
@@ -133,22 +133,22 @@ class GGUFSource:
     data = np.asarray(t.data)
     n_out = data.shape[0]
     types = _types()
-    if t.tensor_type == types.BF16:
-      leaves = {"q": data.view(ml_dtypes.bfloat16)}
-    else:
-      blocks = data.reshape(n_out, -1, {types.Q8_0: 34, types.Q4_0: 18,
-                                        types.Q4_1: 20}[t.tensor_type])
-      scale = np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]
-      if t.tensor_type == types.Q8_0:
-        leaves = {"q": blocks[..., 2:].view(np.int8).reshape(n_out, -1), "scale": scale}
-      elif t.tensor_type == types.Q4_0:
-        leaves = {"q": blocks[..., 2:].reshape(n_out, -1), "scale": scale}
-      else:
-        minimum = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
-        leaves = {"q": blocks[..., 4:].reshape(n_out, -1), "scale": scale, "min": minimum}
     heads = _rope_rows(self.config, name)
-    return {k: (_permute(v, heads, inverse=True) if heads is not None
-                else np.ascontiguousarray(v)) for k, v in leaves.items()}
+    if heads is not None:  # rows are output channels; blocks stay whole
+      data = _permute(data, heads, inverse=True)
+    if t.tensor_type == types.BF16:
+      return {"q": np.ascontiguousarray(data.view(ml_dtypes.bfloat16))}
+    blocks = data.reshape(n_out, -1, {types.Q8_0: 34, types.Q4_0: 18,
+                                      types.Q4_1: 20}[t.tensor_type])  # [out, G, block]
+    leaves = {"scale": np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]}
+    if t.tensor_type == types.Q8_0:
+      leaves["q"] = blocks[..., 2:].view(np.int8)
+    elif t.tensor_type == types.Q4_0:
+      leaves["q"] = blocks[..., 2:]
+    else:
+      leaves["min"] = np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0]
+      leaves["q"] = blocks[..., 4:]
+    return group_major(leaves)
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
