@@ -1,4 +1,4 @@
-"""The token loop: prefill, decode, KV cache, sampling, timing (DESIGN.md seam 2).
+"""The token loop: prefill, decode, KV cache, sampling, timing (docs/architecture.md).
 
 The engine runs embed -> block 0..L-1 -> head with one jitted function per
 half-block kind, asking the strategy for each layer's weights just in time.
@@ -31,8 +31,8 @@ class GenerationOutput:
   Attributes:
     tokens: [B, N] new token ids per prompt (pad_token_id after a stop token).
     stats: prefill_s (time to first token), decode_tokens_per_s, new_tokens,
-      recompilations, per-tier bytes (peak) from the ledger, and the
-      strategy's counters.
+      recompilations, per-tier bytes (peak) from the ledger, and under
+      "strategy" the strategy's StrategyStats (cumulative over the engine's runs).
     text: decoded strings when the model has a tokenizer, else None.
   """
 
@@ -122,7 +122,8 @@ class Engine:
     Args:
       model: from hetflow.load_model or hetflow.synthetic_model.
       strategy: a registered name ("resident", "layerwise", ...), an instance,
-        or "auto": the planner's best plan for this budget (hetflow.planner).
+        or "auto": the planner's best plan for this budget (hetflow.planner,
+        registered as a resolver by the `hetflow` package).
       budget: hetflow.Budget, a dict, or None (unlimited).
       options: the strategy's Options dataclass (or a dict of its fields).
       profile: a HardwareProfile for the strategy's planning, if it uses one.
@@ -132,18 +133,17 @@ class Engine:
     self.model = model
     self.budget = Budget.from_any(budget)
     self.ledger = MemoryLedger(self.budget)
-    if strategy == "auto":
-      from hetflow import planner  # the planner imports the simulator; load it only here
-      chosen = planner.best(model, self.budget, profile)
-      profile = planner.load_profile(profile, model)
-      strategy, options = chosen.strategy, chosen.options
-    self.strategy = make_strategy(strategy, options)
+    self.strategy, profile = make_strategy(strategy, options, model, self.budget, profile)
     self.timeline = Timeline()
     self.trace = trace
     self.strategy.timeline = self.timeline
     self.strategy.ledger = self.ledger
     self.placement = self.strategy.plan(model, self.budget, profile)
-    self.strategy.materialize(self.placement, model, self.ledger)
+    try:
+      self.strategy.materialize(self.placement, model, self.ledger)
+    except BaseException:  # nothing placed may outlive a failed start
+      self.close()
+      raise
     self.functions = model.functions
     kv_tier = self.strategy.kv_cache_tier()
     self._kv_sharding = (tiers.host_sharding() if kv_tier == "host"
@@ -154,6 +154,9 @@ class Engine:
 
   def _run(self, phase, ids, positions, caches, cache_index, kv_mask, last_only):
     fn, cfg = self.functions, self.model.config
+    counters = self.strategy.counters.phase(phase)
+    counters.passes += 1
+    counters.tokens += ids.shape[1]
     self.strategy.begin(phase, ids.shape[1])
     globals_ = self.strategy.globals()
     x = fn.embed(globals_["embed"], ids, positions)
@@ -180,7 +183,7 @@ class Engine:
 
   def _new_caches(self, batch: int, slots: int):
     cfg = self.model.config
-    nbytes = 2 * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.model.dtype).itemsize
+    nbytes = self.model.kv_cache_nbytes(slots, batch, layers=1)
     allocations = []
     try:
       for _ in range(cfg.num_layers):
@@ -297,7 +300,7 @@ class Engine:
         "decode_tokens_per_s": steps / decode_s if steps else float("nan"),
         "recompilations": _compilations() - compiles_before,
         "ledger": self.ledger.summary(),
-        "strategy": self.strategy.stats(),
+        "strategy": self.strategy.stats().copy(),
     }
     text = None
     if self.model.tokenizer is not None:
@@ -314,7 +317,10 @@ class Engine:
     return prompts
 
   def close(self) -> None:
+    """Closes the strategy and gives back every byte it placed: the ledger ends at zero."""
     self.strategy.close()
+    for allocation in self.ledger.live():
+      self.ledger.release(allocation)
 
   def __enter__(self):
     return self

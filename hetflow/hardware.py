@@ -71,7 +71,7 @@ class HardwareProfile:
     disk_direct: whether disk figures were taken with O_DIRECT (None: not
       measured here).
     models: measured decode costs of specific models' shapes on this machine,
-      keyed by ``hetflow.calibration.model_key`` (see that module); empty for
+      keyed by ``model_key`` (measured by ``hetflow.bench.calibration``); empty for
       profiles of other machines.
     notes: provenance: how it was measured, or the assumptions behind it.
   """
@@ -226,6 +226,39 @@ class HardwareProfile:
     if self.notes:
       lines.append(f"notes: {self.notes}")
     return "\n".join(lines)
+
+
+def device_is_cpu(profile: HardwareProfile | None) -> bool:
+  """Whether the profile's "device" is the CPU itself (CPU-only or unified memory).
+
+  Such machines have no accelerator memory size (`device_memory` is None):
+  "device" and "cpu" compute contend for the same cores, and placing a
+  page-aligned host buffer on the "device" aliases it instead of copying.
+  None stands for the machine this process runs on, whose JAX backend says.
+  """
+  if profile is None:
+    import jax  # only this question needs the backend; profiles are plain data
+
+    return jax.default_backend() == "cpu"
+  return profile.device_memory is None
+
+
+def model_key(model) -> str:
+  """What a model's decode costs depend on: per-layer shapes, vocabulary and dtype (not weights).
+
+  The key under which `HardwareProfile.models` keeps a model's calibration.
+  """
+  c = model.config
+  key = (f"{c.arch} d{c.hidden_size} f{c.intermediate_size} h{c.num_heads}/{c.num_kv_heads}"
+         f"x{c.head_dim} v{c.vocab_size} {c.hidden_act} {np.dtype(model.dtype).name}")
+  if c.num_experts:
+    key += f" e{c.experts_per_token}/{c.num_experts}"
+  return key
+
+
+def measured_costs(profile: HardwareProfile, model) -> Mapping[str, float] | None:
+  """The calibration of `model`'s shapes kept in `profile`, or None (named profiles have none)."""
+  return profile.models.get(model_key(model))
 
 
 def _log_interp(x: float, x0: float, x1: float, y0: float, y1: float) -> float:

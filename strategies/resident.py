@@ -8,6 +8,7 @@ import dataclasses
 import jax
 from tqdm.auto import tqdm
 
+from hetflow import simulate
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
@@ -44,6 +45,18 @@ class Resident(Strategy):
         ledger.allocate("device", info.nbytes, group)
         self._params[group] = jax.device_put(model.group_tensors(group), sharding)
         bar.update(info.nbytes)
+
+  @staticmethod
+  def cost_model(ctx: simulate.PassContext) -> None:
+    """Everything on the device: compute only, one half after the other."""
+    prev = None
+    for p in range(ctx.passes):
+      ctx.pass_index = p
+      prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
+                     overhead=False)
+      for g in simulate.layer_groups(ctx.model):
+        prev = ctx.add("device", ctx.half_time(g), (prev,), g, simulate.layer_of(g))
+      prev = ctx.add("device", ctx.head_time(), (prev,), "head")
 
   def globals(self):
     return {"embed": self._params["embed"], "head": self._params.get("head", {})}

@@ -31,14 +31,15 @@ def test_config_opens_with_its_command(path):
 
 def _launchers():
   """Launcher module name -> the library function it calls (config, workdir)."""
-  from hetflow import benchmark, planner, reproduce
+  from hetflow import benchmark, reproduce
+  from hetflow.bench import plan_run
   from hetflow.generation import generate
   from hetflow.sparsity.train import train_from_config
 
   quiet = io.StringIO()
   return {
       "generate": lambda config, workdir: generate(config, out=quiet),
-      "plan": lambda config, workdir: planner.run(config, workdir, out=quiet),
+      "plan": lambda config, workdir: plan_run.run(config, workdir, out=quiet),
       "benchmark": benchmark.benchmark,
       "reproduce": reproduce.run,
       "train_predictor": train_from_config,

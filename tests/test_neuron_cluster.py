@@ -36,7 +36,7 @@ def test_oracle_matches_resident_exactly(reference, options):
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens)
     np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
-    s = out.stats["strategy"]
+    s = out.stats["strategy"].details
     assert s["decode_tokens"] == NEW_TOKENS - 1
     if options["cache_bytes"] is None:
       assert s["disk_bytes_per_token"] == 0 or s["cache"]["misses"] < s["cache"]["hot_hits"]
@@ -51,7 +51,7 @@ def test_audit_counts_with_the_oracle(reference):
                                                     audit=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
   np.testing.assert_array_equal(out.tokens, tokens)
-  s = out.stats["strategy"]
+  s = out.stats["strategy"].details
   assert s["ideal_exact"] and s["recall"] == 1.0 and s["precision"] == 1.0
   assert s["missed_neurons_per_token"] == 0 and s["false_positive_bytes_per_token"] == 0
   assert s["ideal_bytes_per_token"] == s["useful_bytes_per_token"] > 0
@@ -66,7 +66,7 @@ def test_ledger_peak_stays_within_budget(reference):
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens)
     assert engine.ledger.peak("device") <= budget.device
-    assert out.stats["strategy"]["cache_slots"] > 0
+    assert out.stats["strategy"].details["cache_slots"] > 0
   with pytest.raises(BudgetExceeded) as err:
     Engine(model, "neuron_cluster", budget=Budget(device=model.nbytes // 10))
   assert err.value.minimum > model.nbytes // 10
@@ -78,7 +78,7 @@ def test_decode_compiles_a_few_shapes_then_stops(reference):
     first = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     second = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     assert second.stats["recompilations"] == 0
-    s = second.stats["strategy"]
+    s = second.stats["strategy"].details
     f = model.config.intermediate_size
     assert s["compiled_shapes"] <= 2 * (int(np.log2(f)) + 2)
     assert sum(s["new_shapes_per_token"][NEW_TOKENS - 1:]) == 0  # none in the second run
@@ -101,10 +101,10 @@ def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
       audit=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
   agreement = float((out.tokens == tokens).mean())
-  s = out.stats["strategy"]
+  s = out.stats["strategy"].details
   print(f"{model.config.name}: per-layer recall {np.round(recall, 3)} (held out),"
         f" on decode {np.round(s['layer_recall'], 3)}, precision"
         f" {np.round(s['layer_precision'], 3)}; token agreement with dense {agreement:.2f}")
   assert min(recall) > 0.95
   assert s["useful_bytes_per_token"] <= s["ideal_bytes_per_token"]
-  assert 0.0 <= agreement <= 1.0 and out.stats["strategy"]["predicted_density"] < 0.6
+  assert 0.0 <= agreement <= 1.0 and out.stats["strategy"].details["predicted_density"] < 0.6

@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise", options=dict(
       offload_tier="disk", resident_layers="auto", prefetch_depth=2, kv_reserve_tokens=256))
   common = dict(predictor="trained", predictor_path=f"{WORKDIR}/predictor",
-                stats_path=f"{WORKDIR}/stats.npz", kv_reserve_bytes="16MiB",
+                stats_path=f"{WORKDIR}/stats.npz", kv_reserve_tokens=372,
                 staging_bytes="64MiB")
   # PowerInfer-2's ablation: each row adds one mechanism to the one before.
   rows = {

@@ -4,12 +4,12 @@ Run:
   python -m experiments.reproduce --config=configs/powerinfer2/mixtral47b.py \
       --workdir=/tmp/powerinfer2-mixtral
 Hardware: any machine; nothing runs here. Every hetflow figure is PREDICTED by
-hetflow.simulate with the neuron_cluster cost model (hetflow/sparsity/cost.py)
+hetflow.simulate with the neuron_cluster cost model (strategies/neuron_cluster/cost.py)
 on the "oneplus12-ufs4" profile (OnePlus 12: UFS 4.0 ~450 MB/s at 4 KB to
 ~4 GB/s at 512 KB reads from PAPERS.md; CPU and DRAM rates assumed, see
 hetflow/hardware.py; NPU not modelled), batch 1, prompt 64, 64 new tokens.
 The strategy itself refuses MoE models: the plan is sized from shapes by
-hetflow.sparsity.cost.shape_placement (every expert's neurons are cache
+strategies.neuron_cluster.cost.shape_placement (every expert's neurons are cache
 entries; a token reaches 2 of 8 experts, routed uniformly), so these are
 predictions from shapes only.
 Assumed: fp16 weights (hetflow has no int4 dtype; PowerInfer-2 reads 8 KB

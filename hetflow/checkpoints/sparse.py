@@ -59,6 +59,7 @@ from scipy import special
 from hetflow.checkpoints.synthetic import SHAPES, SyntheticSource
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
+from hetflow.models.walk import normalize, walk
 
 _VERSION = 2  # 2: per-layer shift to the exact target density
 RESIDUAL_CONSTANT = 1.0  # value of the residual stream's constant coordinate (Llama)
@@ -230,8 +231,6 @@ class SparseSource:
       return self._calibration
 
   def _calibrate(self) -> dict[str, np.ndarray]:
-    from hetflow.sparsity.walk import normalize, walk  # sparsity imports checkpoints
-
     c = self.config
     t = min(128, c.max_position_embeddings)
     b = max(1, -(-self.spec.calibration_tokens // t))

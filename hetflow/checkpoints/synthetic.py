@@ -116,18 +116,12 @@ class SyntheticSource:
     return array.astype(dtype, copy=False)
 
 
-def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32, **kwargs) -> Model:
-  """A deterministic random model of a named shape (see SHAPES).
+def dense_model(name: str, seed: int = 0, dtype: Any = jnp.float32) -> Model:
+  """A deterministic random model of a named dense shape (see SHAPES).
 
-  Names ending in "-sparse" ("llama-1b-sparse", "opt-tiny-sparse", ...) are
-  models with true activation sparsity; they take `sparsity=`, `hotness=` and
-  the other keyword arguments of hetflow.checkpoints.sparse.sparse_model.
+  `hetflow.synthetic_model` (hetflow/checkpoints/named.py) also knows the
+  sparse ones.
   """
-  if name.endswith("-sparse"):
-    from hetflow.checkpoints.sparse import sparse_model
-    return sparse_model(name, seed=seed, dtype=dtype, **kwargs)
-  if kwargs:
-    raise TypeError(f"unexpected arguments {sorted(kwargs)} for {name!r} (not a -sparse model).")
   config = synthetic_config(name)
   return Model(config=config, source=SyntheticSource(config, seed), dtype=dtype,
                description=f"synthetic {name} (seed {seed})")

@@ -130,6 +130,21 @@ class Model:
   def nbytes(self) -> int:
     return sum(s.size * s.dtype.itemsize for s in self.shapes.values())
 
+  def kv_cache_nbytes(self, tokens: int | None = None, batch: int = 1,
+                      layers: int | None = None) -> int:
+    """Bytes of the KV cache (keys and values) the engine allocates.
+
+    Args:
+      tokens: positions per row; None: the model's max positions (the reserve
+        every strategy plans by default).
+      batch: rows.
+      layers: layers counted; None: all of them.
+    """
+    c = self.config
+    tokens = c.max_position_embeddings if tokens is None else tokens
+    layers = c.num_layers if layers is None else layers
+    return 2 * layers * batch * tokens * c.num_kv_heads * c.head_dim * jnp.dtype(self.dtype).itemsize
+
   def params(self) -> Tree:
     """Every tensor, as a nested tree of numpy arrays (materialises all)."""
     return unflatten({n: self.tensor(n) for n in self.shapes})

@@ -41,7 +41,7 @@ def audit(model, options: dict[str, Any], reference: np.ndarray, prompt_tokens: 
       out = e.generate(prompt_ids(model.config.vocab_size, prompt_tokens, seed=s),
                        max_new_tokens=new_tokens, stop_tokens=())
       tokens.append(out.tokens[0])
-    stats = out.stats["strategy"]  # counters are cumulative over the prompts
+    stats = out.stats["strategy"].details  # counters are cumulative over the prompts
   gc.collect()
   tokens = np.stack(tokens)
   same = tokens == reference
