@@ -199,8 +199,7 @@ class TensorSplit(Strategy):
              + sum(costmodel.small_nbytes(model, g) for g in layer_groups))
     c = model.config
     kv_tokens = c.max_position_embeddings if o.kv_reserve_tokens is None else o.kv_reserve_tokens
-    reserve = o.reserve_bytes + (o.batch * kv_tokens * 2 * c.num_layers * c.num_kv_heads
-                                 * c.head_dim * jnp.dtype(model.dtype).itemsize)
+    reserve = o.reserve_bytes + model.kv_cache_nbytes(kv_tokens, o.batch)
     minimum = fixed + reserve + staging(set())
     limit = budget.device
     if (limit is not None and minimum > limit and o.alpha is None

@@ -79,7 +79,7 @@ def test_matches_resident(references, name, options):
   stats = out.stats["strategy"]
   streamed = model.config.num_layers - options.get("resident_layers", 0)
   # Every decode pass streams every non-resident layer once.
-  assert stats["decode"].get("streamed_layers", 0) == streamed * (NEW - 1)
+  assert stats.decode.get("streamed_layers", 0) == streamed * (NEW - 1)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -9,7 +9,7 @@ ReLU input is negative, nothing is masked after the fact. This is what lets the
 neuron-cluster strategy be benchmarked honestly without downloaded weights.
 The figures it gives are those of *this* sparsity: real models' speed-ups
 depend on their real sparsity (ReluLLaMA-7B 67%, ProSparse-7B 89%, Bamboo-7B
-~85-90%, TurboSparse-Mistral 90%, OPT 96-98%; see shared/PAPERS.md).
+~85-90%, TurboSparse-Mistral 90%, OPT 96-98%; see docs/papers.md).
 
 Construction (per layer, from the seed):
   * target frequencies p_i: `zipf:s` gives p = min(max_frequency, C / rank^s)

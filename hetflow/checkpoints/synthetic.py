@@ -66,7 +66,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                          max_position_embeddings=32768, rope_theta=1e6, num_experts=8,
                          experts_per_token=2),
-    # PowerInfer-2's models (shared/PAPERS.md): Mistral-7B / Mixtral-8x7B shapes whose FFNs
+    # PowerInfer-2's models (docs/papers.md): Mistral-7B / Mixtral-8x7B shapes whose FFNs
     # use dReLU (ReLU on gate and up). Published activation sparsities live with the
     # neuron_cluster cost model (hetflow/sparsity/cost.py, PUBLISHED_LAWS).
     "turbosparse-mistral-7b": dict(_MISTRAL_7B, hidden_act="drelu"),

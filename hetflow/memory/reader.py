@@ -1,7 +1,7 @@
 """Asynchronous O_DIRECT reads into aligned buffers, and cold-cache helpers.
 
 Why O_DIRECT: a "disk" tier served from the page cache is RAM, and would make
-every disk benchmark lie (``MEASURING.md``: cold means cold). O_DIRECT needs
+every disk benchmark lie (``docs/measuring.md``: cold means cold). O_DIRECT needs
 the buffer address, the file offset and the length to be multiples of the
 logical block size; hetflow uses 4096 everywhere, and its store pads files to
 4096 so the last partial block can be read rounded up.

@@ -157,7 +157,7 @@ class Model:
 class ModelFunctions:
   """The jitted pieces the engine composes; each compiled once per shape.
 
-  One jitted function per block kind (DESIGN.md seam 2): `attention` and `ffn`
+  One jitted function per block kind (docs/architecture.md, the engine seam): `attention` and `ffn`
   take one layer's parameters as arguments, so the same executable serves
   every layer wherever its weights live.
   """
