@@ -22,12 +22,13 @@ def generate(config, out=sys.stdout) -> GenerationOutput:
   Returns:
     The GenerationOutput.
   """
+  # Everything a config names is checked before the model is loaded.
+  options = config_lib.build_options(config.strategy.name, config.strategy.get("options"))
+  budget = config_lib.build_budget(config.get("budget"))
   model = config_lib.build_model(config.model)
   print(f"model: {model.description} ({model.config.arch}, {model.config.num_layers} layers,"
         f" {format_bytes(model.nbytes)} in {config.model.dtype})", file=out)
-  engine = Engine(model, strategy=config.strategy.name,
-                  budget=config_lib.build_budget(config.get("budget")),
-                  options=config_lib.to_dict(config.strategy.get("options")) or None)
+  engine = Engine(model, strategy=config.strategy.name, budget=budget, options=options)
   print(engine.placement, file=out)
   prompt = config.prompt
   if isinstance(prompt, str) and model.tokenizer is None:
