@@ -570,6 +570,8 @@ class Layerwise(Strategy):
       params = future.result()
     except BaseException as e:
       self._current = None
+      if not isinstance(e, Exception):  # Ctrl-C while waiting: an interrupt, not a read error
+        raise
       what = (f"reading layer {layer} from {self._store.path}" if self._store is not None
               else f"moving layer {layer} to the device")
       if isinstance(e, OSError):

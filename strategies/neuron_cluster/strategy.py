@@ -29,6 +29,7 @@ accurate model.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -41,6 +42,7 @@ import numpy as np
 
 from hetflow.memory import tiers
 from hetflow.memory.buffers import aligned_empty, view_as
+from hetflow.memory.reader import ReadError
 from hetflow.models import modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
@@ -353,10 +355,15 @@ class NeuronCluster(Strategy):
 
   def run_ffn(self, layer, params, x, ffn):
     h = self._norm(params, x)
-    if self._phase == "decode":
-      parts = self._decode(layer, params, x, h)
-    else:
-      parts = self._prefill(layer, params, h)
+    try:
+      if self._phase == "decode":
+        parts = self._decode(layer, params, x, h)
+      else:
+        parts = self._prefill(layer, params, h)
+    except OSError as e:  # the reads of this layer's neurons (and any hot-cache swap)
+      raise ReadError(e.errno or errno.EIO,
+                      f"neuron_cluster: reading layer {layer}'s neurons from"
+                      f" {self.store.file(layer)} (store {self.store.path}) failed: {e}") from e
     acc = parts[0]
     for p in parts[1:]:
       acc = self._add(acc, p)
