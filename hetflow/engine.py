@@ -323,7 +323,7 @@ class Engine:
         than the model's learned positions. Rotary models warn past
         max_position_embeddings, as transformers does.
     """
-    ids, mask = pad_batch(ids, self._pad_id())
+    ids, mask = pad_batch(ids, self._input_pad(self._pad_id()))
     if attention_mask is not None:
       mask = np.asarray(attention_mask)
       if mask.shape != ids.shape:
@@ -363,6 +363,15 @@ class Engine:
                   " rotary positions run past it, but the output usually degrades.",
                   stacklevel=3)
 
+  def _input_pad(self, pad: int) -> int:
+    """The id left padding feeds the model: `pad` if it is in the vocabulary, else 0.
+
+    Masked positions still pass through the embedding: an id outside the table
+    (a config's pad_token_id=-1, say) gathers NaN, which reaches the real
+    tokens through the attention's zero weights (0 * NaN).
+    """
+    return pad if 0 <= pad < self.model.config.vocab_size else 0
+
   def _pad_id(self) -> int:
     cfg = self.model.config
     if cfg.pad_token_id is not None:
@@ -398,10 +407,12 @@ class Engine:
                        f" {vocab} (0 keeps every token).")
     prompts = self._encode(prompts)
     pad = self._pad_id() if pad_token_id is None else pad_token_id
+    if not _is_int(pad) or not abs(pad) <= np.iinfo(np.int32).max:
+      raise ValueError(f"pad_token_id={pad!r}; expected an int (the id that fills stopped rows).")
     stops = np.array(self.model.config.stop_tokens if stop_tokens is None else list(stop_tokens),
                      np.int32)
     rng = np.random.default_rng(seed)
-    ids, mask = pad_batch(prompts, pad)
+    ids, mask = pad_batch(prompts, self._input_pad(pad))
     check_ids(ids, mask, vocab)
     b, t = ids.shape
     slots = t + max_new_tokens

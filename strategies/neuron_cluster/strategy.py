@@ -131,6 +131,26 @@ class NeuronClusterOptions:
   min_bucket: int = 16
   audit: bool = False
 
+  def __post_init__(self):
+    # Bad values are named here, not met as numpy errors while materialising.
+    for name in ("cache_bytes", "staging_bytes", "kv_reserve_bytes"):
+      value = getattr(self, name)
+      if value is not None:
+        try:
+          parse_bytes(value)
+        except ValueError as e:
+          raise ValueError(f"{name}: {e}") from None
+    for name, choices in (("predictor", ("oracle", "trained")), ("layout", ("bundled", "split")),
+                          ("hot_policy", ("static", "lru")), ("admission", ("frequency", "all"))):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {choices}.")
+    for name in ("calibration_tokens", "cluster_size", "io_depth", "pieces", "min_bucket"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}; expected an int >= 1.")
+    if not 0 <= self.hot_fraction <= 1:
+      raise ValueError(f"hot_fraction={self.hot_fraction!r}; expected a fraction in [0, 1].")
+
 
 def read_predictor_quality(options: NeuronClusterOptions) -> cost.PredictorQuality | None:
   """A trained predictor's size and per-layer quality from its predictor.json, or
