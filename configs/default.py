@@ -7,7 +7,7 @@ Run:
   python -m experiments.generate --config=configs/default.py --config.strategy.name=layerwise \
       --config.strategy.options.prefetch_depth=2 --config.budget.device=1GiB
 Every option of every strategy can be set as --config.strategy.options.<name>
-(hetflow.config.options_section); the chosen strategy must have it.
+(hetflow.generation.options_section); the chosen strategy must have it.
 Hardware: any machine with ~6 GiB free RAM (llama-1b is 4.4 GB in float32).
 Expect: 32 generated token ids (random weights, so no meaningful text), about
 5 tok/s decode on a 2-core CPU (memory-bandwidth bound; WORKSPACE_NOTES.md).
@@ -15,7 +15,8 @@ Expect: 32 generated token ids (random weights, so no meaningful text), about
 
 import ml_collections
 
-from hetflow.config import model_section, options_section
+from hetflow.config import model_section
+from hetflow.generation import options_section
 
 
 def get_config(arg=None):

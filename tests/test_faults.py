@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 import hetflow
 from hetflow import config as config_lib
+from hetflow import generation
 from hetflow.checkpoints import CheckpointError, save_hf
 from hetflow.engine import Engine, NonFiniteLogitsError, SamplingOptions, sample
 from hetflow.memory import Budget, BudgetExceeded, ReadError
@@ -94,16 +95,16 @@ def test_budget_names_the_tier_and_the_valid_tiers():
 
 
 def test_every_option_of_every_strategy_is_a_config_field():
-  section = config_lib.options_section()
+  section = generation.options_section()
   for name in available_strategies():
     for f in dataclasses.fields(get_strategy(name).Options):
       assert f.name in section and section[f.name] is None, (name, f.name)
-  assert config_lib.build_options("layerwise", section) is None  # unset: the defaults
+  assert generation.build_options("layerwise", section) is None  # unset: the defaults
 
 
 def test_options_are_built_for_the_chosen_strategy(tmp_path):
-  options = config_lib.build_options(
-      "layerwise", dict(config_lib.options_section().to_dict(), store_dir=str(tmp_path),
+  options = generation.build_options(
+      "layerwise", dict(generation.options_section().to_dict(), store_dir=str(tmp_path),
                         prefetch_depth=2, resident_layers="auto"))
   assert (options.store_dir, options.prefetch_depth, options.resident_layers) == (
       str(tmp_path), 2, "auto")
@@ -126,7 +127,7 @@ def test_options_are_built_for_the_chosen_strategy(tmp_path):
         "bad-size-type", "options-with-auto", "unknown-strategy"])
 def test_bad_options_name_the_option(strategy, options, error, words):
   with pytest.raises(error) as e:
-    config_lib.build_options(strategy, options)
+    generation.build_options(strategy, options)
   for w in words:
     assert w in str(e.value), str(e.value)
 
@@ -170,13 +171,11 @@ def test_override_flags_that_name_no_field(flag, words):
 
 
 def test_generation_checks_the_config_before_loading_the_model(tmp_path):
-  from hetflow.generation import generate
-
   config = config_lib.apply_smoke(_parse_flags([]))
   config.model.checkpoint = str(tmp_path / "missing")  # never reached: the options fail first
   config.strategy.options.store_dir = str(tmp_path)
   with pytest.raises(config_lib.ConfigError, match="store_dir.*'resident'"):
-    generate(config, out=open(os.devnull, "w"))
+    generation.generate(config, out=open(os.devnull, "w"))
   assert os.listdir(tmp_path) == []
 
 

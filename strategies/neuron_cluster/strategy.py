@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from hetflow.memory import tiers
+from hetflow.memory.budget import parse_bytes
 from hetflow.memory.buffers import aligned_empty, view_as
 from hetflow.memory.reader import ReadError
 from hetflow.models import modules
@@ -133,7 +134,7 @@ class NeuronClusterOptions:
 
   def __post_init__(self):
     # Bad values are named here, not met as numpy errors while materialising.
-    for name in ("cache_bytes", "staging_bytes", "kv_reserve_bytes"):
+    for name in ("cache_bytes", "staging_bytes"):
       value = getattr(self, name)
       if value is not None:
         try:
@@ -148,6 +149,9 @@ class NeuronClusterOptions:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r}; expected an int >= 1.")
+    t = self.kv_reserve_tokens
+    if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+      raise ValueError(f"kv_reserve_tokens={t!r}; expected an int >= 0 or None.")
     if not 0 <= self.hot_fraction <= 1:
       raise ValueError(f"hot_fraction={self.hot_fraction!r}; expected a fraction in [0, 1].")
 
