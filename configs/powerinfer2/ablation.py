@@ -24,7 +24,7 @@ vs 4.18 and 9.60): the predicted hit rate (~0.57 under Zipf(1.1)) is the lever;
 fp16 rows 0.3-1.3 tok/s.
 """
 
-from hetflow.sparsity.cost import memory_for_ffn_in_flash
+from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 

@@ -27,7 +27,7 @@ within ~10% of the measured ones, requests within ~20%, decode tok/s within
 """
 
 import ml_collections
-from hetflow.sparsity.cost import memory_for_ffn_in_flash
+from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 from hetflow.config import model_section
 from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
