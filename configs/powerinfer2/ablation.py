@@ -24,9 +24,8 @@ vs 4.18 and 9.60): the predicted hit rate (~0.57 under Zipf(1.1)) is the lever;
 fp16 rows 0.3-1.3 tok/s.
 """
 
-from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
-
 from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
+from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 MODEL = "bamboo-7b"
 PAPER_TOK_S = {"baseline": 0.40, "+bundling": 1.09, "+cache": 4.18, "+pipeline": 9.60}

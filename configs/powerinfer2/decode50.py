@@ -27,10 +27,10 @@ within ~10% of the measured ones, requests within ~20%, decode tok/s within
 """
 
 import ml_collections
-from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 from hetflow.config import model_section
 from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
+from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 MODELS = ("turbosparse-mistral-7b", "bamboo-7b")
 SPEEDUP = 24.6  # PAPERS.md: average over llama.cpp, 50% of FFN in flash

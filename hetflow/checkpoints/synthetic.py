@@ -68,7 +68,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                          experts_per_token=2),
     # PowerInfer-2's models (docs/papers.md): Mistral-7B / Mixtral-8x7B shapes whose FFNs
     # use dReLU (ReLU on gate and up). Published activation sparsities live with the
-    # neuron_cluster cost model (hetflow/sparsity/cost.py, PUBLISHED_LAWS).
+    # neuron_cluster cost model (hetflow/sparsity/cache_model.py, PUBLISHED_LAWS).
     "turbosparse-mistral-7b": dict(_MISTRAL_7B, hidden_act="drelu"),
     "bamboo-7b": dict(_MISTRAL_7B, hidden_act="drelu"),
     "turbosparse-mixtral-47b": dict(_MISTRAL_7B, arch="mixtral", hidden_act="drelu",
