@@ -1,4 +1,4 @@
-"""Everything tensor-split needs a GPU for, in one call (MEASURING.md: "carry one script").
+"""Everything tensor-split needs a GPU for, in one call (one prepared script per GPU session).
 
   python scripts/gpu_tensor_split.py --out=$OUT/gpu_tensor_split.json
   python scripts/gpu_tensor_split.py --smoke --out=/tmp/smoke.json   # CPU, tiny, seconds
@@ -123,8 +123,7 @@ def main():
   args = parser.parse_args()
 
   import hetflow
-  import strategies.tensor_split as ts
-  from hetflow import calibration, hardware
+  from hetflow.bench import alpha, calibration, probes
 
   result = dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M"))
@@ -136,12 +135,12 @@ def main():
     except Exception as e:
       result[key] = {"error": repr(e)}
     print(key, result[key], flush=True)
-  profile = hardware.measure("/tmp", quick=True, progress=False, name="this-gpu-machine")
+  profile = probes.measure("/tmp", quick=True, progress=False, name="this-gpu-machine")
   result["profile"] = profile.to_dict()
   try:
-    result["alpha_sweep"] = ts.alpha_sweep(4096 if not args.smoke else 256,
-                                           16384 if not args.smoke else 1024,
-                                           dtype=jnp.float16)
+    result["alpha_sweep"] = alpha.alpha_sweep(4096 if not args.smoke else 256,
+                                              16384 if not args.smoke else 1024,
+                                              dtype=jnp.float16)
   except Exception as e:
     result["alpha_sweep"] = {"error": repr(e)}
   print("alpha sweep", {k: v for k, v in result["alpha_sweep"].items() if k != "rows"},
@@ -149,7 +148,7 @@ def main():
   name = "opt-tiny" if args.smoke else "opt-6.7b"
   model = hetflow.synthetic_model(name, dtype=jnp.float16)
   # This model's halves and layer copies measured on this GPU, as the planner does
-  # on the machine it plans for (hetflow/calibration.py).
+  # on the machine it plans for (hetflow/bench/calibration.py).
   try:
     profile = calibration.calibrate(model, profile)
     result["profile"] = profile.to_dict()

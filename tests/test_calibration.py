@@ -7,8 +7,8 @@ import json
 import pytest
 
 import hetflow
-from hetflow import calibration, hardware, planner, simulate
-from hetflow.bench import machine
+from hetflow import hardware, planner, simulate
+from hetflow.bench import calibration, machine
 from hetflow.strategy import get_strategy
 
 # A CPU-only machine: the device is the CPU (device_memory None).

@@ -132,7 +132,7 @@ def test_hetegen_fig8_config_predicts_near_the_paper():
   import importlib.util
   import os
 
-  from hetflow import reproduce
+  from hetflow.bench import reproduce
   from hetflow.config import apply_smoke
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

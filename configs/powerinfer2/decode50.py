@@ -5,7 +5,7 @@ Run:
       --workdir=/tmp/powerinfer2-decode50
   python -m experiments.reproduce --config=configs/powerinfer2/decode50.py:noreal  # predictions only
 Hardware: the phone figures are PREDICTED by hetflow.simulate on the
-"oneplus12-ufs4" profile (UFS 4.0 from PAPERS.md; CPU/DRAM assumed, see
+"oneplus12-ufs4" profile (UFS 4.0 from the PowerInfer-2 paper; CPU/DRAM assumed, see
 hetflow/hardware.py), batch 1, prompt 64, 64 new tokens. The scaled-down run
 is MEASURED on this machine: opt-125m-sparse (sparsity 0.9, zipf:1.1, float32)
 through Engine(strategy="neuron_cluster") at a budget that leaves about half of
@@ -28,12 +28,12 @@ within ~10% of the measured ones, requests within ~20%, decode tok/s within
 
 import ml_collections
 
+from hetflow.bench.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 from hetflow.config import model_section
-from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 MODELS = ("turbosparse-mistral-7b", "bamboo-7b")
-SPEEDUP = 24.6  # PAPERS.md: average over llama.cpp, 50% of FFN in flash
+SPEEDUP = 24.6  # PowerInfer-2 paper: average over llama.cpp, 50% of FFN in flash
 
 
 def get_config(arg=None):

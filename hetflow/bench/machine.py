@@ -3,7 +3,7 @@
 The planner (hetflow.planner) predicts on whatever profile it is given. Here
 is where "this machine" comes from: a quick measurement the first time, kept
 under the cache root, and each model's own decode costs calibrated once
-(hetflow.calibration). `hetflow.plan` and `Engine(strategy="auto")` (its
+(hetflow.bench.calibration). `hetflow.plan` and `Engine(strategy="auto")` (its
 resolver, `choose`) go through this module.
 """
 
@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hetflow import calibration, planner
-from hetflow.hardware import HardwareProfile, get_profile, measure, measured_costs, model_key
+from hetflow import planner
+from hetflow.bench import calibration, probes
+from hetflow.hardware import HardwareProfile, get_profile, measured_costs, model_key
 from hetflow.models.model import Model
 from hetflow.strategy import Strategy, get_strategy
 
@@ -30,7 +31,7 @@ def machine_profile(profile: Any = None, model: Model | None = None,
   measurement of this machine, else a quick measurement (cached for next time).
 
   For this machine's cached profile and a `model`, the model's decode costs are
-  measured once too (hetflow.calibration) and kept in the cached profile.
+  measured once too (hetflow.bench.calibration) and kept in the cached profile.
   """
   if profile is not None:
     return get_profile(profile)
@@ -39,7 +40,7 @@ def machine_profile(profile: Any = None, model: Model | None = None,
     measured = HardwareProfile.from_json(path)
   else:
     print(f"measuring this machine (once; cached in {path}) ...", flush=True)
-    measured = measure(workdir, quick=True)
+    measured = probes.measure(workdir, quick=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     measured.to_json(path)
   if model is not None and measured_costs(measured, model) is None:

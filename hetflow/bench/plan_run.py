@@ -6,10 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
-from hetflow import calibration, planner, simulate
+import ml_collections
+
+from hetflow import config as config_lib
+from hetflow import planner, simulate
+from hetflow.bench import calibration
 from hetflow.bench.machine import machine_profile
+from hetflow.bench.runner import benchmark
 from hetflow.hardware import HardwareProfile
 
 
@@ -38,12 +44,6 @@ def run(config, workdir: str, out=None) -> dict[str, Any]:
   Returns:
     {"ranked": [...], "compared": [...]} with predicted and measured figures.
   """
-  import sys
-
-  import ml_collections
-
-  from hetflow import config as config_lib
-
   out = out or sys.stdout
   model = config_lib.build_model(config.model)
   budget = config_lib.build_budget(config.get("budget"))
@@ -60,8 +60,6 @@ def run(config, workdir: str, out=None) -> dict[str, Any]:
                          if r.feasible else None} for r in ranked], "compared": []}
   if not config.get("run"):
     return summary
-  from hetflow.benchmark import benchmark
-
   top = [r for r in ranked if r.feasible][:config.run_top]
   systems = {f"plan{i + 1}": dict(kind="hetflow", strategy=r.strategy,
                                   options=_non_default_options(r.options))

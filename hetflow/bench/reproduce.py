@@ -70,8 +70,9 @@ def _plan(series: dict, model, budget, profile):
   """The series' plan at `budget`, trying its fallback options if it does not fit.
 
   A series with `shape_plan=True` (neuron_cluster only) is planned from shapes
-  by strategies.neuron_cluster.cost.shape_placement where the strategy refuses the model (MoE); with
-  `shape_plan="always"` it always is (options may then set weight_bits).
+  by strategies.neuron_cluster.cost.shape_placement where the strategy refuses the
+  model (MoE); with `shape_plan="always"` it always is (options may then set
+  weight_bits).
   """
   options = dict(series.get("options") or {})
   bits = options.pop("weight_bits", None)
@@ -158,7 +159,7 @@ def format_table(config, rows) -> str:
   lines = [config.title,
            f"hetflow figures are PREDICTED by hetflow.simulate on profile {config.profile!r}"
            f" (batch {config.batch}, prompt {config.prompt_len}, {config.new_tokens} new"
-           f" tokens, metric {config.metric}); paper figures as in PAPERS.md.",
+           f" tokens, metric {config.metric}); paper figures as the config quotes them.",
            f"{'model':<10} {'series':<26} {config.get('memory_label', 'GPU GB'):>7} {'paper':>7}"
            f" {'predicted':>10} {'pred/paper':>10}  bound by / note"]
   if config.get("assumptions"):
