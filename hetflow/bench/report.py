@@ -20,30 +20,24 @@ def reads_label(reads: dict[str, Any] | None, proc_read_bytes: int | None = None
   """The "page cache" cell of one row, from the reader's record of the measured run.
 
   Args:
-    reads: as `runner.strategy_facts` returns it under "reads": bytes, requests,
-      direct_requests and buffered_requests (None where the reader only said
-      whether it stayed direct), direct, fallbacks; None: the strategy has no
-      disk reader.
+    reads: as `runner.strategy_facts` returns it under "reads" (bytes,
+      requests, direct_requests, buffered_requests, fallbacks); None: the
+      strategy has no file reader.
     proc_read_bytes: bytes the process fetched from storage during the run
       (/proc/self/io), or None / negative if unknown.
 
   Returns:
-    "no (O_DIRECT, ...)", "yes (buffered ...)" or "n/a (no disk reads)".
+    "no (O_DIRECT, N requests)", "yes: buffered (B of N requests); ..." or
+    "n/a (no disk reads)".
   """
   if not reads or not reads.get("requests"):
     return "n/a (no disk reads)"
-  requests = int(reads["requests"])
-  buffered = reads.get("buffered_requests")
-  if buffered is None:  # the reader said only whether every read so far was direct
-    buffered = 0 if reads.get("direct") else requests
-    count = "" if reads.get("direct") else " (O_DIRECT refused)"
-  else:
-    count = f" ({int(buffered)} of {requests} requests)"
+  requests, buffered = int(reads["requests"]), int(reads["buffered_requests"])
   if not buffered:
     return f"no (O_DIRECT, {requests} requests)"
-  label = f"yes: buffered{count}"
+  label = f"yes: buffered ({buffered} of {requests} requests)"
   if proc_read_bytes is not None and proc_read_bytes >= 0:
-    label += (f"; {format_bytes(proc_read_bytes)} of {format_bytes(reads.get('bytes', 0))}"
+    label += (f"; {format_bytes(proc_read_bytes)} of {format_bytes(reads['bytes'])}"
               " from the disk")
   fallbacks = reads.get("fallbacks") or ()
   if fallbacks:

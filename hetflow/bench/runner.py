@@ -78,46 +78,27 @@ def machine_info() -> dict[str, Any]:
 
 
 def strategy_facts(stats) -> dict[str, Any]:
-  """The figures the benchmark takes from `Strategy.stats()`, cumulative since load.
+  """The figures the benchmark takes from a strategy's `StrategyStats`, cumulative since load.
 
-  The one place that knows the shape of a strategy's stats: the typed
-  `StrategyStats` (`decode`, a PhaseCounters with disk_bytes, h2d_bytes and
-  wait_s; `reads`, the reader's ReadRecord or None), or the plain dicts the
-  strategies returned before it (their "decode" section; layerwise's
-  "reader", the ReaderPool's counters; neuron_cluster's "direct_io").
+  The one place that reads a strategy's stats: the decode counters (bytes read
+  from disk, copied host -> device, seconds waited) and the reader's own
+  record of its reads (None if the strategy reads no files).
 
   Args:
     stats: what `engine.strategy.stats()` returned.
 
   Returns:
-    {"decode": {"disk_bytes", "h2d_bytes", "wait_s"}, "reads": None (no disk
-    reader) or {"bytes", "requests", "direct_requests", "buffered_requests"
-    (None where only `direct` is known), "direct", "fallbacks"}}.
+    {"decode": {"disk_bytes", "h2d_bytes", "wait_s"}, "reads": None or
+    {"bytes", "requests", "direct_requests", "buffered_requests", "direct",
+    "fallbacks"}}, plain numbers (JSON-able).
   """
-  if not isinstance(stats, dict):
-    d = stats.decode
-    record = stats.reads
-    reads = None if record is None else {
-        "bytes": record.bytes, "requests": record.requests,
-        "direct_requests": record.direct_requests,
-        "buffered_requests": record.buffered_requests, "direct": record.direct,
-        "fallbacks": list(record.fallbacks)}
-    return {"decode": {"disk_bytes": d.disk_bytes, "h2d_bytes": d.h2d_bytes,
-                       "wait_s": d.wait_s}, "reads": reads}
-  decode = stats.get("decode") or {}
-  counters = {"disk_bytes": decode.get("disk_bytes", 0),
-              "h2d_bytes": decode.get("host_to_device_bytes", 0),
-              "wait_s": decode.get("fetch_wait_s", 0)}
-  reads = None
-  if stats.get("reader"):
-    pool = stats["reader"]
-    reads = {"bytes": pool["bytes"], "requests": pool["requests"], "direct": pool["direct"]}
-  elif "direct_io" in stats:
-    reads = {"bytes": decode.get("disk_bytes", 0) + stats.get("prefill_disk_bytes", 0),
-             "requests": decode.get("requests", 0), "direct": stats["direct_io"]}
-  if reads is not None:
-    reads.update(direct_requests=None, buffered_requests=None, fallbacks=[])
-  return {"decode": counters, "reads": reads}
+  d, record = stats.decode, stats.reads
+  reads = None if record is None else {
+      "bytes": record.bytes, "requests": record.requests,
+      "direct_requests": record.direct_requests, "buffered_requests": record.buffered_requests,
+      "direct": record.direct, "fallbacks": list(record.fallbacks)}
+  return {"decode": {"disk_bytes": d.disk_bytes, "h2d_bytes": d.h2d_bytes, "wait_s": d.wait_s},
+          "reads": reads}
 
 
 def _facts_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
@@ -128,9 +109,9 @@ def _facts_delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any
     old = before["reads"] or {}
     reads = dict(reads)
     for k in ("bytes", "requests", "direct_requests", "buffered_requests"):
-      if reads.get(k) is not None:
-        reads[k] -= old.get(k) or 0
-    reads["fallbacks"] = reads["fallbacks"][len(old.get("fallbacks") or ()):]
+      reads[k] -= old.get(k, 0)
+    reads["fallbacks"] = reads["fallbacks"][len(old.get("fallbacks", ())):]
+    reads["direct"] = (reads["buffered_requests"] == 0) if reads["requests"] else None
   return {"decode": decode, "reads": reads}
 
 
@@ -219,7 +200,7 @@ def _run_hetflow(system: SystemSpec, model, spec, prompt) -> dict[str, Any]:
         "streamed": {"disk": layer_tiers["disk"], "host": layer_tiers["host"]},
         "recompilations": s["recompilations"],
         "page_cache": report.reads_label(facts["reads"], proc_read),
-        "strategy_stats": stats if isinstance(stats, dict) else dataclasses.asdict(stats),
+        "strategy_stats": dataclasses.asdict(stats),
     })
   result["peak_rss"] = peak_rss()
   return result
