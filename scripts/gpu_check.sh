@@ -32,7 +32,7 @@
 # Budget on an H200 (sizes x rates; the rates are assumptions until a GPU run, so each step
 # also has a hard limit, and Figure 8 skips rows that would end past its deadline):
 #   environment  jax + CUDA start, nvidia-smi                                        ~10 s
-#   tests        13 token checks on tiny models (~3 s of compiles each), while 4 memory
+#   tests        14 token checks on tiny models (~3 s of compiles each), while 4 memory
 #                probes run in parallel processes (opt-125m: ~15 s; opt-125m-sparse: ~40 s
 #                of CPU for its calibration and neuron store)               ~70 s, limit 200 s
 #   links        256 MiB x 4 sources x 4 copies at >= 10 GB/s; 3 x 8192^3 fp16 matmuls
