@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -170,10 +171,16 @@ def _memory_spec(strategy):
               ids=IDS.tolist(), new=NEW)
 
 
+# Seconds a probe may run, from its start: under a caller's own time limit (gpu_check.sh
+# sets it), a probe that hangs fails its test and pytest still writes its report.
+PROBE_LIMIT_S = float(os.environ.get("HETFLOW_GPU_PROBE_LIMIT_S", "600"))
+
+
 class _Probe:
   """One probe process; its output goes to files (progress bars could fill a pipe)."""
 
-  def __init__(self, spec, env, autotune):
+  def __init__(self, spec, env, autotune, started=None):
+    self.started = time.monotonic() if started is None else started
     env = dict(env)
     if ON_ACCELERATOR and not autotune:
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
@@ -181,9 +188,13 @@ class _Probe:
     self.proc = subprocess.Popen([sys.executable, "-c", _MEMORY_PROBE, json.dumps(spec)],
                                  env=env, cwd=ROOT, stdout=self.out, stderr=self.err, text=True)
 
-  def result(self, timeout=600):
-    """(returncode, stdout, stderr) once it ends."""
-    code = self.proc.wait(timeout=timeout)
+  def result(self):
+    """(returncode, stdout, stderr) once it ends; returncode None if it ran out of time."""
+    try:
+      code = self.proc.wait(timeout=max(1.0, self.started + PROBE_LIMIT_S - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      self.kill()
+      code = None
     texts = []
     for f in (self.out, self.err):
       f.seek(0)
@@ -216,7 +227,8 @@ def _probe_result(spec, env, probe):
   autotune = "off" if ON_ACCELERATOR else "n/a (cpu)"
   if code and "xla_gpu_autotune_level" in stderr:  # an XLA that no longer knows the flag
     autotune = "on (this XLA does not know --xla_gpu_autotune_level)"
-    code, stdout, stderr = _Probe(spec, env, autotune=True).result()
+    code, stdout, stderr = _Probe(spec, env, autotune=True, started=probe.started).result()
+  assert code is not None, f"memory probe of {spec['strategy']} ran past {PROBE_LIMIT_S} s"
   assert code == 0 and stdout.strip(), \
       f"memory probe of {spec['strategy']} failed ({code}):\n{stderr[-4000:]}"
   result = json.loads(stdout.strip().splitlines()[-1])
