@@ -380,6 +380,8 @@ def figure8(sizes: Sizes, save, deadline: float | None) -> dict:
   result["rates"] = dict(
       link_pinned_GBps=profile.link_bw(True) / 1e9,
       link_unpinned_GBps=profile.link_bw(False) / 1e9,
+      cpu_matvec_GBps={k: v / 1e9 for k, v in profile.cpu_matvec_bw.items()},
+      device_matvec_GBps={k: v / 1e9 for k, v in profile.device_matvec_bw.items()},
       decode_alpha=costmodel.phase_alpha(profile, 1, model.dtype),
       prefill_alpha=costmodel.phase_alpha(profile, sizes.prompt, model.dtype))
   save(result)

@@ -11,7 +11,8 @@ backend must stay listed, tensor_split multiplies its host columns there). Witho
 backend they skip, unless HETFLOW_GPU_TESTS_ON_CPU=1 (scripts/gpu_check.sh --smoke): then
 the same checks run on the CPU, where `memory_stats()` is None and only the ledger side of
 the memory check is recorded. With HETFLOW_GPU_RECORD=path every check appends one JSON line
-of what it measured there, which scripts/gpu_check.sh puts in its report.
+of what it measured there, which scripts/gpu_check.sh puts in its report;
+HETFLOW_GPU_PROBE_LIMIT_S (default 600) bounds each memory probe's seconds.
 
 The memory check. Each strategy runs in a fresh process (the allocator's peak is
 per process and never resets), with XLA's autotuner off (it allocates scratch copies of
