@@ -15,7 +15,8 @@ gpu_tests.xml and gpu_tests.jsonl from pytest, gpu_tensor_split.json) into gpu_c
                per strategy: the ledger against memory_stats(), or why there is none)
   links, alpha, compute_on, figure8   from scripts/gpu_tensor_split.py
   expected     the sections this run was asked for (gpu_check.sh --sections, --skip-tests)
-  missing      expected sections absent or failed; empty when the run is complete
+  missing      expected sections absent or failed (Figure 8 also when no budget has both
+               strategies' rows); empty when the run is complete
 """
 
 import argparse
@@ -129,6 +130,10 @@ def assemble(directory: str, mode: str, steps: dict, budget: dict,
                                 or not report["exactness"]["tokens"]):
     missing.append("exactness")
   missing += [s for s in SECTIONS if s in expect and (not report[s] or "error" in report[s])]
+  # Figure 8 without one budget at which both strategies ran has no result to report.
+  if ("figure8" in expect and "figure8" not in missing
+      and not report["figure8"].get("tensor_split_over_layerwise")):
+    missing.append("figure8")
   report["expected"] = list(expect)
   report["missing"] = missing
   return report

@@ -309,7 +309,8 @@ def run_strategy(model, name, options, device_gib, profile, prompt_len, new_toke
                             options=options, profile=profile)
     row["build_s"] = time.perf_counter() - start
     row["placement_bytes"] = engine.placement.bytes_per_tier()
-    ids = np.random.default_rng(0).integers(3, 1000, (1, prompt_len)).astype(np.int32)
+    vocab = min(1000, model.config.vocab_size)
+    ids = np.random.default_rng(0).integers(3, vocab, (1, prompt_len)).astype(np.int32)
     out = engine.generate(ids, max_new_tokens=new_tokens, stop_tokens=())
     row["generations"] = 1
     if out.stats["recompilations"]:  # the first one compiled: measure warm
