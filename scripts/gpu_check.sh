@@ -144,7 +144,8 @@ main() {
     export HETFLOW_GPU_RECORD="$OUT/gpu_tests.jsonl"
     # A memory probe past this fails its test, so pytest ends (and reports) within its limit.
     export HETFLOW_GPU_PROBE_LIMIT_S=$((TESTS_LIMIT - 40))
-    step tests "$TESTS_LIMIT" "$PY" -m pytest -q -m gpu tests/test_gpu.py "${select[@]}" \
+    step tests "$TESTS_LIMIT" "$PY" -m pytest -q -m gpu tests/test_gpu.py \
+        ${select[@]+"${select[@]}"} \
         --junitxml="$OUT/gpu_tests.xml" -o junit_family=xunit2
     unset HETFLOW_GPU_RECORD HETFLOW_GPU_PROBE_LIMIT_S
   fi
@@ -152,7 +153,7 @@ main() {
   [ "$MODE" = smoke ] && smoke=(--smoke)
   local left=$((start + SPLIT_END - $(date +%s)))
   step tensor_split "$((left > 30 ? left : 30))" "$PY" scripts/gpu_tensor_split.py \
-      "${smoke[@]}" --sections="$SECTIONS" --out="$OUT/gpu_tensor_split.json" \
+      ${smoke[@]+"${smoke[@]}"} --sections="$SECTIONS" --out="$OUT/gpu_tensor_split.json" \
       --deadline=$((start + FIG8_DEADLINE))
   echo "== report ($(($(date +%s) - start)) s in)"
   "$PY" scripts/gpu_check_report.py assemble --mode="$MODE" --dir="$OUT" \

@@ -139,6 +139,34 @@ def assemble(directory: str, mode: str, steps: dict, budget: dict,
   return report
 
 
+def headline(report: dict) -> dict:
+  """The figures to read first, short enough for the end of a log."""
+  def get(*keys):
+    node = report
+    for k in keys:
+      if not isinstance(node, dict) or k not in node:
+        return None
+      node = node[k]
+    return node
+
+  memory = {r["strategy"]: (round(r["device_peak"] / r["ledger_device_peak"], 3)
+                            if r.get("device_peak") is not None else "no memory_stats")
+            for r in get("exactness", "memory") or []}
+  tokens = get("exactness", "tokens") or []
+  return dict(
+      tokens_equal=f"{sum(bool(r['tokens_equal']) for r in tokens)}/{len(tokens)}",
+      device_peak_over_ledger_peak=memory,
+      link_GBps=get("links", "bandwidth_GBps"), overlap=get("links", "overlap", "overlap"),
+      formula_alpha=get("alpha", "formula_alpha"), best_alpha=get("alpha", "best_alpha"),
+      compute_on=dict(compiled=get("compute_on", "compiled"),
+                      speedup=get("compute_on", "speedup"),
+                      error=(get("compute_on", "error") or "")[:200] or None),
+      figure8_ratio=get("figure8", "tensor_split_over_layerwise"),
+      figure8_predicted_ratio=get("figure8", "predicted_tensor_split_over_layerwise"),
+      skipped_rows=[(r["strategy"], r["device_gib"]) for r in get("figure8", "runs") or []
+                    if "skipped" in r or "error" in r])
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("command", choices=("env", "assemble"))
@@ -165,6 +193,7 @@ def main():
   path = os.path.join(args.dir, "gpu_check.json")
   with open(path, "w") as f:
     json.dump(report, f, indent=1, default=str)
+  print(json.dumps(headline(report), default=str))
   p = report["exactness"]["pytest"]
   print(f"wrote {path}: tests {p.get('passed')} passed, {len(p.get('failed', []))} failed;"
         f" missing sections: {report['missing'] or 'none'}")
