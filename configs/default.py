@@ -4,6 +4,10 @@ Run:
   python -m experiments.generate --config=configs/default.py
   python -m experiments.generate --config=configs/default.py \
       --config.model.checkpoint=/path/to/hf_dir --config.prompt="Once upon a time"
+  python -m experiments.generate --config=configs/default.py --config.strategy.name=layerwise \
+      --config.strategy.options.prefetch_depth=2 --config.budget.device=1GiB
+Every option of every strategy can be set as --config.strategy.options.<name>
+(hetflow.generation.options_section); the chosen strategy must have it.
 Hardware: any machine with ~6 GiB free RAM (llama-1b is 4.4 GB in float32).
 Expect: 32 generated token ids (random weights, so no meaningful text), about
 5 tok/s decode on a 2-core CPU (memory-bandwidth bound; WORKSPACE_NOTES.md).
@@ -12,13 +16,14 @@ Expect: 32 generated token ids (random weights, so no meaningful text), about
 import ml_collections
 
 from hetflow.config import model_section
+from hetflow.generation import options_section
 
 
 def get_config(arg=None):
   del arg
   c = ml_collections.ConfigDict()
   c.model = model_section("llama-1b")
-  c.strategy = ml_collections.ConfigDict(dict(name="resident", options={}))
+  c.strategy = ml_collections.ConfigDict(dict(name="resident", options=options_section()))
   c.budget = ml_collections.ConfigDict(dict(device="", host="", disk=""))
   c.prompt = "Once upon a time"  # token ids are used when the model has no tokenizer
   c.batch_size = 1

@@ -26,7 +26,7 @@ _OUT = flags.DEFINE_string("out", "", "write the result as JSON here")
 
 def main(argv):
   del argv
-  from strategies.tensor_split import alpha_sweep
+  from hetflow.bench.alpha import alpha_sweep
 
   r = alpha_sweep(_D_IN.value, _D_OUT.value, repeats=_REPEATS.value)
   print(f"matrix {r['matrix']}, device {r['devices']['device']}, CPU side"

@@ -4,13 +4,13 @@
   python -m experiments.benchmark --config=configs/bench/llama1b_disk.py --workdir=/tmp/bench-disk \
       --config.new_tokens=8 --config.profile_trace=True
 
-Writes results.json, results.md and timeline.png into --workdir (see hetflow/benchmark.py).
+Writes results.json, results.md and timeline.png into --workdir (see hetflow/bench/runner.py).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from hetflow import benchmark
+from hetflow.bench.runner import benchmark
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/bench/*.py file.",
                                           lock_config=True)
@@ -19,7 +19,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "./results/bench", "Where results are 
 
 def main(argv):
   del argv
-  benchmark.benchmark(_CONFIG.value, _WORKDIR.value)
+  benchmark(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

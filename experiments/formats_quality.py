@@ -1,4 +1,4 @@
-"""Quality of each weight format against float32 (hetflow.quality): top-1 agreement, mean KL.
+"""Quality of each weight format against float32 (hetflow.bench.quality): top-1 agreement, mean KL.
 
   python -m experiments.formats_quality --model=llama-tiny
   python -m experiments.formats_quality --checkpoint=/path/to/hf_dir --formats=int8,int4
@@ -7,8 +7,8 @@
 from absl import app, flags
 
 import hetflow
-from hetflow import quality
-from hetflow.formats import WeightFormat
+from hetflow.bench import quality
+from hetflow.models.formats import WeightFormat
 
 _MODEL = flags.DEFINE_string("model", "llama-tiny", "synthetic model name")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "HF directory or GGUF file (over --model)")

@@ -1,4 +1,4 @@
-"""Times every weight format's matrix-vector formulations on XLA CPU (hetflow.kernels).
+"""Times every weight format's matrix-vector formulations on XLA CPU (hetflow/bench/kernels.py).
 
   python -m experiments.kernels                      # [4096 x 11008] and [2048 x 5632]
   python -m experiments.kernels --shapes=4096x11008 --formats=int8,int4 --repeats=50
@@ -8,7 +8,7 @@ Run it under the bench lock on a shared machine (`flock /tmp/hetflow-bench.lock 
 
 from absl import app, flags
 
-from hetflow import kernels
+from hetflow.bench import kernels
 
 _SHAPES = flags.DEFINE_list("shapes", ["4096x11008", "2048x5632"], "kernels as INxOUT")
 _FORMATS = flags.DEFINE_list("formats", None, "format labels to keep (default: all)")

@@ -8,7 +8,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from hetflow import planner
+from hetflow.bench import plan_run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/plan/llama1b.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/hetflow-plan", "where --run writes results")
@@ -16,7 +16,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/hetflow-plan", "where --run writ
 
 def main(argv):
   del argv
-  planner.run(_CONFIG.value, _WORKDIR.value)
+  plan_run.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ of RAM. Run as root to drop the page cache (else fadvise is used).
 
 from absl import app, flags
 
-from hetflow import hardware
+from hetflow.bench.probes import measure
 
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Directory on the disk to measure (default: a temp dir)."
@@ -24,7 +24,7 @@ def main(argv):
   import tempfile
 
   with tempfile.TemporaryDirectory(prefix="hetflow-profile-") as tmp:
-    profile = hardware.measure(_WORKDIR.value or tmp, quick=_QUICK.value, name=_NAME.value)
+    profile = measure(_WORKDIR.value or tmp, quick=_QUICK.value, name=_NAME.value)
   print(profile.table())
   profile.to_json(_OUT.value)
   print(f"wrote {_OUT.value}")

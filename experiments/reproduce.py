@@ -6,7 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from hetflow import reproduce
+from hetflow.bench.reproduce import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/hetegen/fig8.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/hetflow-reproduce", "where the table and plot go")
@@ -14,7 +14,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/hetflow-reproduce", "where the t
 
 def main(argv):
   del argv
-  reproduce.run(_CONFIG.value, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

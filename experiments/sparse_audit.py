@@ -14,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hetflow import config as config_lib
-from hetflow.sparsity.audit import audit, reference_tokens, summary
+from hetflow.bench.audit import audit, reference_tokens, summary
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a benchmark config")
 _SYSTEMS = flags.DEFINE_list("systems", ["nc_pipeline"], "neuron_cluster systems of the config")

@@ -6,7 +6,7 @@
 from absl import app, flags
 from ml_collections import config_flags
 
-from hetflow.sparsity.train import train_from_config
+from hetflow.bench.train_predictor import train_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sparse/<name>.py",
                                           lock_config=True)

@@ -30,10 +30,11 @@ def main(argv):
   import numpy as np
 
   import hetflow
-  from hetflow import planner, simulate
+  from hetflow import simulate
+  from hetflow.bench.machine import machine_profile
 
   model = hetflow.synthetic_model(_MODEL.value)
-  profile = planner.load_profile(_PROFILE.value or None, model)
+  profile = machine_profile(_PROFILE.value or None, model)
   options = json.loads(_OPTIONS.value)
   budget = hetflow.Budget(device=_DEVICE.value or None)
   engine = hetflow.Engine(model, _STRATEGY.value, budget=budget, options=options or None,

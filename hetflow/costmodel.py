@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from hetflow import calibration
+from hetflow import hardware
 
 Side = Literal["cpu", "device"]
 Phase = Literal["prefill", "decode"]
@@ -96,15 +96,6 @@ def phase_alpha(profile, tokens: int, dtype, pinned: bool = True) -> float:
   return hetegen_alpha(effective_rate(profile, "cpu", tokens, dtype),
                        profile.link_bw(pinned),
                        effective_rate(profile, "device", tokens, dtype))
-
-
-def shares_cpu(profile) -> bool:
-  """Whether the profile's "device" is the CPU itself (CPU-only or unified memory).
-
-  Such machines have no accelerator memory size (`device_memory` is None); on
-  them "device" compute and "cpu" compute contend for the same cores.
-  """
-  return profile.device_memory is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +206,11 @@ def decode_scale(profile, model, half: str, side: Side) -> float:
   """Measured over roofline decode time of `half` ("attn", "mlp", "head") on `side`.
 
   1.0 unless `profile` carries a calibration of this model's shapes
-  (`hetflow.calibration`); that was measured on the profile's device, so it
+  (`hetflow.bench.calibration`); that was measured on the profile's device, so it
   applies to the CPU side only where the device is the CPU.
   """
-  measured = calibration.measured(profile, model)
-  if not measured or (side == "cpu" and not shares_cpu(profile)):
+  measured = hardware.measured_costs(profile, model)
+  if not measured or (side == "cpu" and not hardware.device_is_cpu(profile)):
     return 1.0
   return measured[f"{half}_s"] / half_roofline(model, profile, half, int(measured["context"]))
 

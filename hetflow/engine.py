@@ -1,4 +1,4 @@
-"""The token loop: prefill, decode, KV cache, sampling, timing (DESIGN.md seam 2).
+"""The token loop: prefill, decode, KV cache, sampling, timing (docs/architecture.md).
 
 The engine runs embed -> block 0..L-1 -> head with one jitted function per
 half-block kind, asking the strategy for each layer's weights just in time.
@@ -10,7 +10,9 @@ and reads run while earlier layers compute.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +25,10 @@ from hetflow.models.model import Model
 from hetflow.strategy import Strategy, make_strategy
 from hetflow.trace import Timeline
 
+# Events an untraced engine's timeline keeps: a llama-1b decode step streams 22
+# layers with 3 events each, so this covers about 60 tokens (~1 MB) and never grows.
+UNTRACED_EVENTS = 4096
+
 
 @dataclasses.dataclass
 class GenerationOutput:
@@ -31,8 +37,8 @@ class GenerationOutput:
   Attributes:
     tokens: [B, N] new token ids per prompt (pad_token_id after a stop token).
     stats: prefill_s (time to first token), decode_tokens_per_s, new_tokens,
-      recompilations, per-tier bytes (peak) from the ledger, and the
-      strategy's counters.
+      recompilations, per-tier bytes (peak) from the ledger, and under
+      "strategy" the strategy's StrategyStats (cumulative over the engine's runs).
     text: decoded strings when the model has a tokenizer, else None.
   """
 
@@ -57,23 +63,70 @@ class SamplingOptions:
   top_p: float = 1.0
   seed: int = 0
 
+  def __post_init__(self):
+    t, k, p = self.temperature, self.top_k, self.top_p
+    if not _is_number(t) or not math.isfinite(t) or t < 0:
+      raise ValueError(f"temperature={t!r}; expected a finite number >= 0 (0 is greedy).")
+    if not _is_int(k) or k < 0:
+      raise ValueError(f"top_k={k!r}; expected an int >= 0 (0 keeps every token).")
+    if not _is_number(p) or not 0 < p <= 1:
+      raise ValueError(f"top_p={p!r}; expected 0 < top_p <= 1 (1.0 keeps every token; top_p"
+                       " = 0 would keep none: use temperature=0 for greedy decoding).")
+    if not _is_int(self.seed):
+      raise ValueError(f"seed={self.seed!r}; expected an int.")
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+  return _is_int(x) or isinstance(x, (float, np.floating))
+
 
 def pad_batch(prompts: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads a batch of prompts (lists of ids or a [B, T] array).
 
   Returns:
     ids [B, T] int32 and mask [B, T] bool (True on real tokens).
+
+  Raises:
+    ValueError: naming the prompt that is empty, not made of integer ids, or
+      not shaped [T] / [B, T].
   """
+  if prompts is None:
+    raise ValueError("prompts is None; pass token ids ([B, T] or a list of id lists) or text.")
   if isinstance(prompts, (np.ndarray, jax.Array)):
-    ids = np.asarray(prompts, dtype=np.int32)
+    array = np.asarray(prompts)
+    if array.dtype.kind not in "iu":
+      raise ValueError(f"prompts has dtype {array.dtype}; token ids must be integers"
+                       " (e.g. np.asarray(ids, np.int32)).")
+    if array.ndim not in (1, 2) or array.size == 0:
+      raise ValueError(f"prompts has shape {list(array.shape)}; expected [T] or [B, T] token"
+                       " ids with at least one token.")
+    _check_id_range(array, "prompts")
+    ids = array.astype(np.int32)
     if ids.ndim == 1:
       ids = ids[None]
     return ids, np.ones(ids.shape, bool)
-  rows = [list(p) for p in prompts]
-  if rows and not isinstance(rows[0], list):
-    rows = [rows]
-  if not rows or min(len(r) for r in rows) == 0:
-    raise ValueError("every prompt needs at least one token.")
+  try:
+    rows = [list(p) if not _is_int(p) else p for p in prompts]
+  except TypeError:
+    raise ValueError(f"prompts={prompts!r} is not a list of token id lists; pass [[1, 2, 3]],"
+                     " a [B, T] array, or text.") from None
+  if rows and all(_is_int(r) for r in rows):
+    rows = [rows]  # one prompt given as a flat list of ids
+  if not rows:
+    raise ValueError("prompts is empty; pass at least one prompt.")
+  for i, r in enumerate(rows):
+    if not isinstance(r, list) or not r:
+      raise ValueError(f"prompt {i} is {'empty' if r == [] else repr(r)}; every prompt needs"
+                       " at least one token id.")
+    bad = next((x for x in r if not _is_int(x)), None)
+    if bad is not None:
+      raise ValueError(f"prompt {i} holds {bad!r} ({type(bad).__name__}); token ids must be"
+                       " integers.")
+    _check_id_range(np.asarray(r, dtype=object), f"prompt {i}")
   t = max(len(r) for r in rows)
   ids = np.full((len(rows), t), pad_id, np.int32)
   mask = np.zeros((len(rows), t), bool)
@@ -83,8 +136,63 @@ def pad_batch(prompts: Any, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, mask
 
 
-def sample(logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator) -> np.ndarray:
-  """Next token per row from logits [B, V] (float32, on the host)."""
+def _check_id_range(ids: np.ndarray, what: str) -> None:
+  """Ids must fit int32 and be >= 0 (the vocabulary bound is checked by the engine)."""
+  low, high = ids.min(), ids.max()
+  if low < 0:
+    raise ValueError(f"{what} holds token id {int(low)}; token ids are >= 0.")
+  if high > np.iinfo(np.int32).max:
+    raise ValueError(f"{what} holds token id {int(high)}, beyond any vocabulary.")
+
+
+def check_ids(ids: np.ndarray, mask: np.ndarray, vocab_size: int) -> None:
+  """Refuses token ids outside [0, vocab_size) among the real (unmasked) tokens.
+
+  An id past the embedding table would be gathered as garbage (NaN logits on
+  the CPU), so it is refused by name rather than decoded.
+  """
+  real = ids[mask]
+  bad = real[(real < 0) | (real >= vocab_size)]
+  if bad.size:
+    rows = sorted({int(r) for r in np.nonzero(((ids < 0) | (ids >= vocab_size)) & mask)[0]})
+    raise ValueError(f"token id {int(bad[0])} (prompt row(s) {rows[:8]}) is outside the model's"
+                     f" vocabulary [0, {vocab_size}); pass ids below {vocab_size}.")
+
+
+class NonFiniteLogitsError(FloatingPointError):
+  """The model produced NaN or +inf logits: no token can be chosen from them."""
+
+
+def sample(logits: np.ndarray, options: SamplingOptions, rng: np.random.Generator,
+           where: str = "") -> np.ndarray:
+  """Next token per row from logits [B, V] (float32, on the host).
+
+  Args:
+    logits: [B, V].
+    options: how to choose.
+    rng: the sampler's generator.
+    where: what produced the logits (e.g. "decode step 3"), for errors.
+
+  Returns:
+    [B] int32 token ids.
+
+  Raises:
+    NonFiniteLogitsError: a row holds NaN or +inf, or is -inf everywhere. Such a
+      row means the forward pass went wrong (NaN/inf weights or inputs, or a
+      float16 overflow): any token "chosen" from it would be garbage (argmax of
+      NaN is token 0), so the run stops there, by name, instead.
+    ValueError: top_k above the vocabulary size.
+  """
+  bad = np.isnan(logits).any(-1) | np.isposinf(logits).any(-1) | np.isneginf(logits).all(-1)
+  if bad.any():
+    rows = [int(r) for r in np.nonzero(bad)[0]]
+    raise NonFiniteLogitsError(
+        f"the model's logits{' at ' + where if where else ''} are NaN or infinite for batch"
+        f" row(s) {rows[:8]}: the weights or the inputs hold NaN/inf, or the compute dtype"
+        " overflowed (float16); check the checkpoint's tensors, or run in float32/bfloat16.")
+  if options.top_k > logits.shape[-1]:
+    raise ValueError(f"top_k={options.top_k} is above the vocabulary size {logits.shape[-1]};"
+                     f" pass top_k <= {logits.shape[-1]} (0 keeps every token).")
   if options.temperature <= 0:
     return np.argmax(logits, axis=-1).astype(np.int32)
   logits = logits / options.temperature
@@ -122,7 +230,8 @@ class Engine:
     Args:
       model: from hetflow.load_model or hetflow.synthetic_model.
       strategy: a registered name ("resident", "layerwise", ...), an instance,
-        or "auto": the planner's best plan for this budget (hetflow.planner).
+        or "auto": the planner's best plan for this budget (hetflow.planner,
+        registered as a resolver by the `hetflow` package).
       budget: hetflow.Budget, a dict, or None (unlimited).
       options: the strategy's Options dataclass (or a dict of its fields).
       profile: a HardwareProfile for the strategy's planning, if it uses one.
@@ -132,18 +241,19 @@ class Engine:
     self.model = model
     self.budget = Budget.from_any(budget)
     self.ledger = MemoryLedger(self.budget)
-    if strategy == "auto":
-      from hetflow import planner  # the planner imports the simulator; load it only here
-      chosen = planner.best(model, self.budget, profile)
-      profile = planner.load_profile(profile, model)
-      strategy, options = chosen.strategy, chosen.options
-    self.strategy = make_strategy(strategy, options)
-    self.timeline = Timeline()
+    self.strategy, profile = make_strategy(strategy, options, model, self.budget, profile)
+    # Untraced, the strategy's read/transfer/wait events stay a bounded ring (the
+    # benchmark's disk-busy figure reads them); traced runs keep everything.
+    self.timeline = Timeline(max_events=None if trace else UNTRACED_EVENTS)
     self.trace = trace
     self.strategy.timeline = self.timeline
     self.strategy.ledger = self.ledger
     self.placement = self.strategy.plan(model, self.budget, profile)
-    self.strategy.materialize(self.placement, model, self.ledger)
+    try:
+      self.strategy.materialize(self.placement, model, self.ledger)
+    except BaseException:  # nothing placed may outlive a failed start
+      self.close()
+      raise
     self.functions = model.functions
     kv_tier = self.strategy.kv_cache_tier()
     self._kv_sharding = (tiers.host_sharding() if kv_tier == "host"
@@ -154,6 +264,9 @@ class Engine:
 
   def _run(self, phase, ids, positions, caches, cache_index, kv_mask, last_only):
     fn, cfg = self.functions, self.model.config
+    counters = self.strategy.counters.phase(phase)
+    counters.passes += 1
+    counters.tokens += ids.shape[1]
     self.strategy.begin(phase, ids.shape[1])
     globals_ = self.strategy.globals()
     x = fn.embed(globals_["embed"], ids, positions)
@@ -180,7 +293,7 @@ class Engine:
 
   def _new_caches(self, batch: int, slots: int):
     cfg = self.model.config
-    nbytes = 2 * batch * slots * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(self.model.dtype).itemsize
+    nbytes = self.model.kv_cache_nbytes(slots, batch, layers=1)
     allocations = []
     try:
       for _ in range(cfg.num_layers):
@@ -202,10 +315,27 @@ class Engine:
     return caches, allocations
 
   def forward(self, ids, attention_mask=None) -> np.ndarray:
-    """Logits [B, T, V] (float32) for a full sequence; no generation."""
-    ids, mask = pad_batch(ids, self._pad_id())
+    """Logits [B, T, V] (float32) for a full sequence; no generation.
+
+    Raises:
+      ValueError: bad ids (see pad_batch, check_ids), an attention_mask of
+        another shape or with a row of no tokens, or (OPT) a sequence longer
+        than the model's learned positions. Rotary models warn past
+        max_position_embeddings, as transformers does.
+    """
+    ids, mask = pad_batch(ids, self._input_pad(self._pad_id()))
     if attention_mask is not None:
-      mask = np.asarray(attention_mask, bool)
+      mask = np.asarray(attention_mask)
+      if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {list(mask.shape)} but the ids have"
+                         f" {list(ids.shape)}; pass one mask entry per token.")
+      mask = mask.astype(bool)
+      empty = np.nonzero(~mask.any(1))[0]
+      if empty.size:
+        raise ValueError(f"attention_mask row(s) {empty[:8].tolist()} mask every token; each"
+                         " row needs at least one real token.")
+    check_ids(ids, mask, self.model.config.vocab_size)
+    self._check_positions(int(mask.sum(1).max()), 0)
     b, t = ids.shape
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     caches, allocations = self._new_caches(b, t)
@@ -216,6 +346,31 @@ class Engine:
     finally:
       for a in allocations:
         self.ledger.release(a)
+
+  def _check_positions(self, prompt_len: int, max_new_tokens: int) -> None:
+    """Past the model's positions: an error for learned positions (OPT), a warning
+    for rotary ones (they run, with degraded quality), as transformers does."""
+    cfg = self.model.config
+    limit, total = cfg.max_position_embeddings, prompt_len + max_new_tokens
+    if total <= limit:
+      return
+    what = (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens})" if max_new_tokens
+            else f"sequence ({prompt_len} tokens)")
+    if cfg.arch == "opt":
+      raise ValueError(f"{what} = {total} exceeds the model's {limit} learned positions;"
+                       f" shorten the prompt or generate fewer tokens.")
+    warnings.warn(f"{what} = {total} exceeds the model's max_position_embeddings ({limit});"
+                  " rotary positions run past it, but the output usually degrades.",
+                  stacklevel=3)
+
+  def _input_pad(self, pad: int) -> int:
+    """The id left padding feeds the model: `pad` if it is in the vocabulary, else 0.
+
+    Masked positions still pass through the embedding: an id outside the table
+    (a config's pad_token_id=-1, say) gathers NaN, which reaches the real
+    tokens through the attention's zero weights (0 * NaN).
+    """
+    return pad if 0 <= pad < self.model.config.vocab_size else 0
 
   def _pad_id(self) -> int:
     cfg = self.model.config
@@ -243,21 +398,27 @@ class Engine:
     Returns:
       GenerationOutput with tokens [B, max_new_tokens] and stats.
     """
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1.")
+    options = SamplingOptions(temperature, top_k, top_p, seed)
+    vocab = self.model.config.vocab_size
+    if options.top_k > vocab:
+      raise ValueError(f"top_k={top_k} is above the vocabulary size {vocab}; pass top_k <="
+                       f" {vocab} (0 keeps every token).")
     prompts = self._encode(prompts)
     pad = self._pad_id() if pad_token_id is None else pad_token_id
+    if not _is_int(pad) or not abs(pad) <= np.iinfo(np.int32).max:
+      raise ValueError(f"pad_token_id={pad!r}; expected an int (the id that fills stopped rows).")
     stops = np.array(self.model.config.stop_tokens if stop_tokens is None else list(stop_tokens),
                      np.int32)
-    options = SamplingOptions(temperature, top_k, top_p, seed)
     rng = np.random.default_rng(seed)
-    ids, mask = pad_batch(prompts, pad)
+    ids, mask = pad_batch(prompts, self._input_pad(pad))
+    check_ids(ids, mask, vocab)
     b, t = ids.shape
     slots = t + max_new_tokens
-    limit = self.model.config.max_position_embeddings
-    if self.model.config.arch == "opt" and slots > limit:
-      raise ValueError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds the"
-                       f" model's {limit} learned positions.")
+    # Left padding takes KV slots but no positions; OPT's check counts slots (as before).
+    self._check_positions(t if self.model.config.arch == "opt" else int(mask.sum(1).max()),
+                          max_new_tokens)
     kv_mask = np.concatenate([mask, np.ones((b, max_new_tokens), bool)], axis=1)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     kv_mask_dev = jnp.asarray(kv_mask)
@@ -267,7 +428,7 @@ class Engine:
       start = time.perf_counter()
       logits = self._run("prefill", jnp.asarray(ids), jnp.asarray(positions), caches, 0,
                          kv_mask_dev, last_only=True)
-      token = sample(np.asarray(logits[:, -1]), options, rng)
+      token = sample(np.asarray(logits[:, -1]), options, rng, "prefill")
       prefill_s = time.perf_counter() - start
       out = np.full((b, max_new_tokens), pad, np.int32)
       done = np.zeros(b, bool)
@@ -283,7 +444,7 @@ class Engine:
         logits = self._run("decode", jnp.asarray(token[:, None]),
                            jnp.asarray(last_pos[:, None].astype(np.int32)), caches, t + step,
                            kv_mask_dev, last_only=True)
-        token = sample(np.asarray(logits[:, -1]), options, rng)
+        token = sample(np.asarray(logits[:, -1]), options, rng, f"decode step {step + 1}")
         steps += 1
       decode_s = time.perf_counter() - decode_start
     finally:
@@ -297,24 +458,39 @@ class Engine:
         "decode_tokens_per_s": steps / decode_s if steps else float("nan"),
         "recompilations": _compilations() - compiles_before,
         "ledger": self.ledger.summary(),
-        "strategy": self.strategy.stats(),
+        "strategy": self.strategy.stats().copy(),
     }
     text = None
-    if self.model.tokenizer is not None:
+    # An unreadable tokenizer.json (hetflow.checkpoints.hf) still lets id prompts run.
+    if self.model.tokenizer is not None and getattr(self.model.tokenizer, "readable", True):
       text = [self.model.tokenizer.decode([int(i) for i in row if i != pad]) for row in out]
     return GenerationOutput(tokens=out, stats=stats, text=text)
 
   def _encode(self, prompts):
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                    and isinstance(prompts[0], str)):
-      if self.model.tokenizer is None:
-        raise ValueError("text prompts need a model with tokenizer.json; pass token ids.")
-      texts = [prompts] if isinstance(prompts, str) else list(prompts)
-      return [self.model.tokenizer.encode(s).ids for s in texts]
-    return prompts
+    """Text prompts -> id lists (ids pass through); errors name the prompt."""
+    is_list = isinstance(prompts, (list, tuple))
+    if not (isinstance(prompts, str) or (is_list and any(isinstance(p, str) for p in prompts))):
+      return prompts
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    mixed = next((i for i, p in enumerate(texts) if not isinstance(p, str)), None)
+    if mixed is not None:
+      raise ValueError(f"prompt {mixed} is {type(texts[mixed]).__name__} among text prompts;"
+                       " pass all prompts as text or all as token ids.")
+    if self.model.tokenizer is None:
+      raise ValueError(f"text prompts need a tokenizer, and {self.model.description or 'the model'}"
+                       " has no tokenizer.json; pass token ids instead.")
+    encoded = [self.model.tokenizer.encode(s).ids for s in texts]
+    empty = next((i for i, e in enumerate(encoded) if not e), None)
+    if empty is not None:
+      raise ValueError(f"prompt {empty} ({texts[empty]!r}) encodes to no tokens; pass"
+                       " non-empty text.")
+    return encoded
 
   def close(self) -> None:
+    """Closes the strategy and gives back every byte it placed: the ledger ends at zero."""
     self.strategy.close()
+    for allocation in self.ledger.live():
+      self.ledger.release(allocation)
 
   def __enter__(self):
     return self

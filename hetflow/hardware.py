@@ -1,12 +1,13 @@
-"""Measuring a machine into a HardwareProfile, and named profiles of paper hardware.
+"""The HardwareProfile schema, and named profiles of paper hardware.
 
 A profile holds the rates a planner or simulator needs to predict a strategy's
 time: disk read bandwidth by request size and queue depth, the host->device
 link, memory bandwidth, and matrix-vector and matmul rates on the CPU and the
-accelerator. ``measure`` fills one in on the machine at hand; ``PROFILES``
-holds the testbeds of HeteGen and PowerInfer-2 (figures from
-``/work/shared/PAPERS.md`` where the papers give them, and stated assumptions
-where they do not).
+accelerator. ``hetflow.bench.probes.measure`` fills one in on the machine at
+hand (and ``hetflow.bench.calibration`` adds a model's own decode costs);
+``PROFILES`` holds the testbeds of HeteGen and PowerInfer-2 (figures from the
+papers where they give them, see docs/papers.md, and stated assumptions where
+they do not).
 
 Units: bytes, bytes/s and FLOP/s throughout. Matrix-vector rates are *bytes of
 weights consumed per second*, because decode at batch 1 is bound by how fast
@@ -16,15 +17,10 @@ the weights stream through, not by arithmetic.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import math
 import os
-import platform
-import socket
-import tempfile
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -71,7 +67,7 @@ class HardwareProfile:
     disk_direct: whether disk figures were taken with O_DIRECT (None: not
       measured here).
     models: measured decode costs of specific models' shapes on this machine,
-      keyed by ``hetflow.calibration.model_key`` (see that module); empty for
+      keyed by ``model_key`` (measured by ``hetflow.bench.calibration``); empty for
       profiles of other machines.
     notes: provenance: how it was measured, or the assumptions behind it.
   """
@@ -228,6 +224,39 @@ class HardwareProfile:
     return "\n".join(lines)
 
 
+def device_is_cpu(profile: HardwareProfile | None) -> bool:
+  """Whether the profile's "device" is the CPU itself (CPU-only or unified memory).
+
+  Such machines have no accelerator memory size (`device_memory` is None):
+  "device" and "cpu" compute contend for the same cores, and placing a
+  page-aligned host buffer on the "device" aliases it instead of copying.
+  None stands for the machine this process runs on, whose JAX backend says.
+  """
+  if profile is None:
+    import jax  # only this question needs the backend; profiles are plain data
+
+    return jax.default_backend() == "cpu"
+  return profile.device_memory is None
+
+
+def model_key(model) -> str:
+  """What a model's decode costs depend on: per-layer shapes, vocabulary and dtype (not weights).
+
+  The key under which `HardwareProfile.models` keeps a model's calibration.
+  """
+  c = model.config
+  key = (f"{c.arch} d{c.hidden_size} f{c.intermediate_size} h{c.num_heads}/{c.num_kv_heads}"
+         f"x{c.head_dim} v{c.vocab_size} {c.hidden_act} {np.dtype(model.dtype).name}")
+  if c.num_experts:
+    key += f" e{c.experts_per_token}/{c.num_experts}"
+  return key
+
+
+def measured_costs(profile: HardwareProfile, model) -> Mapping[str, float] | None:
+  """The calibration of `model`'s shapes kept in `profile`, or None (named profiles have none)."""
+  return profile.models.get(model_key(model))
+
+
 def _log_interp(x: float, x0: float, x1: float, y0: float, y1: float) -> float:
   t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
   return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
@@ -354,314 +383,4 @@ def get_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwarePr
   raise KeyError(
     f"no hardware profile {key!r}: not one of {sorted(PROFILES)} and not a JSON file "
     "(make one with `python -m experiments.profile_hardware`)"
-  )
-
-
-# -- measuring -----------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class MeasureSettings:
-  """Sizes used by :func:`measure`.
-
-  Attributes:
-    disk_file_bytes: size of the temporary file read for disk figures.
-    disk_block_sizes: request sizes measured.
-    disk_queue_depths: requests in flight measured (reader threads).
-    disk_max_requests: at most this many requests per (size, depth) point,
-      so 4 KiB points finish quickly; each point reads
-      ``min(disk_file_bytes, size * disk_max_requests)`` bytes.
-    memcpy_bytes: size of the copied buffer; large enough to leave the caches.
-    matvec_dim: weight matrices are ``matvec_dim`` square.
-    matvec_total_bytes: the matvec cycles through this many bytes of distinct
-      matrices per repetition, so caches cannot serve the weights (the host
-      here reports a 480 MiB L3) -- as in decode, where every weight is
-      touched once per token.
-    matmul_dim: square matmul size for FLOP/s.
-    transfer_bytes: size of each host->device ``device_put``.
-    repeats: repetitions per figure; the best is kept (noise on shared
-      machines only ever slows a run down).
-  """
-
-  disk_file_bytes: int = 1 * GiB
-  disk_block_sizes: tuple[int, ...] = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
-  disk_queue_depths: tuple[int, ...] = (1, 4, 8)
-  disk_max_requests: int = 4096
-  memcpy_bytes: int = 512 * MiB
-  matvec_dim: int = 4096
-  matvec_total_bytes: int = 1 * GiB
-  matmul_dim: int = 2048
-  transfer_bytes: int = 256 * MiB
-  repeats: int = 3
-
-  @classmethod
-  def quick(cls) -> MeasureSettings:
-    """Small sizes (seconds, not minutes); figures are indicative only."""
-    return cls(
-      disk_file_bytes=8 * MiB,
-      disk_max_requests=256,
-      memcpy_bytes=32 * MiB,
-      matvec_dim=1024,
-      matvec_total_bytes=32 * MiB,
-      matmul_dim=512,
-      transfer_bytes=16 * MiB,
-      repeats=2,
-    )
-
-
-def best_time(fn: Callable[[], Any], repeats: int) -> float:
-  """The fastest of `repeats` calls of `fn`, in seconds (noise only ever slows a call)."""
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - t0)
-  return best
-
-
-def _measure_disk(
-  workdir: str, s: MeasureSettings, step
-) -> tuple[dict[int, dict[int, float]], bool, str]:
-  from hetflow.memory import ReaderPool, aligned_empty, drop_page_cache, round_up
-
-  size = round_up(s.disk_file_bytes)
-  rng = np.random.default_rng(0)
-  fd, path = tempfile.mkstemp(prefix="hetflow-disk-", suffix=".bin", dir=workdir)
-  try:
-    # Random bytes: a thin-provisioned or compressing disk cannot shortcut them.
-    with os.fdopen(fd, "wb") as f:
-      left = size
-      while left:
-        n = min(left, 16 * MiB)
-        f.write(rng.bytes(n))
-        left -= n
-      f.flush()
-      os.fsync(f.fileno())
-    method = drop_page_cache(path)
-    buf = aligned_empty(size)
-    buf.fill(0)  # as the strategies' buffers: O_DIRECT into untouched pages is slower here
-    table: dict[int, dict[int, float]] = {}
-    direct = True
-    offset = 0
-    # Repeats are whole sweeps, so a disk that is slow for a while (the host
-    # still writing the file back, a neighbour's burst) slows one sweep, not
-    # every repeat of the points measured at that moment; the best is kept.
-    for sweep in range(s.repeats):
-      for qd in s.disk_queue_depths:
-        with ReaderPool(num_workers=qd) as pool:
-          for block in s.disk_block_sizes:
-            step(f"disk {format_bytes(block)} qd={qd} (sweep {sweep + 1}/{s.repeats})")
-            nbytes = min(size, block * s.disk_max_requests)
-            nbytes -= nbytes % block
-            # O_DIRECT bypasses the cache anyway; fadvise is for the
-            # buffered fallback, and it is cheap.
-            drop_page_cache(path, method="fadvise")
-            # Rotate the region read, so repeats do not hit the
-            # same blocks (a caching hypervisor would serve them).
-            if offset + nbytes > size:
-              offset = 0
-            t0 = time.perf_counter()
-            pool.read_into(path, offset, buf, nbytes, chunk=block).result()
-            rate = nbytes / (time.perf_counter() - t0)
-            row = table.setdefault(qd, {})
-            row[block] = max(row.get(block, 0.0), rate)
-            offset += nbytes
-          direct = direct and pool.direct
-    return table, direct, method
-  finally:
-    os.remove(path)
-
-
-def _measure_memcpy(s: MeasureSettings, step) -> float:
-  step("memcpy")
-  src = np.ones(s.memcpy_bytes, np.uint8)
-  dst = np.zeros_like(src)  # touched, so page faults are not timed
-  return s.memcpy_bytes / best_time(lambda: np.copyto(dst, src), s.repeats)
-
-
-def _matvec_fns():
-  import jax
-  import jax.numpy as jnp
-
-  return {
-    "dot": jax.jit(lambda w, x: jnp.dot(w, x, preferred_element_type=jnp.float32)),
-    "multiply_sum": jax.jit(lambda w, x: jnp.sum(w * x[None, :], axis=1, dtype=jnp.float32)),
-  }
-
-
-def _measure_matvec(device, s: MeasureSettings, step, label: str):
-  import jax
-  import jax.numpy as jnp
-
-  rates: dict[str, float] = {}
-  impls: dict[str, str] = {}
-  fns = _matvec_fns()
-  d = s.matvec_dim
-  for dtype in (jnp.float32, jnp.bfloat16):
-    name = jnp.dtype(dtype).name
-    step(f"{label} matvec {name}")
-    per = d * d * jnp.dtype(dtype).itemsize
-    count = max(1, s.matvec_total_bytes // per)
-    key = jax.random.key(0)
-    ws = [
-      jax.device_put(jax.random.normal(jax.random.fold_in(key, i), (d, d), dtype), device)
-      for i in range(count)
-    ]
-    x = jax.device_put(jnp.ones((d,), dtype), device)
-    best_rate, best_impl = 0.0, ""
-    for impl, fn in fns.items():
-      fn(ws[0], x).block_until_ready()  # compile outside the timing
-
-      def run(fn=fn, ws=ws, x=x):
-        for w in ws:
-          fn(w, x).block_until_ready()
-
-      rate = count * per / best_time(run, s.repeats)
-      if rate > best_rate:
-        best_rate, best_impl = rate, impl
-    rates[name], impls[name] = best_rate, best_impl
-    del ws, run  # run holds the matrices too; free them before the next dtype
-  return rates, impls
-
-
-def _measure_matmul(device, s: MeasureSettings, step, label: str) -> dict[str, float]:
-  import jax
-  import jax.numpy as jnp
-
-  n = s.matmul_dim
-  out = {}
-  fn = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
-  for dtype in (jnp.float32, jnp.bfloat16):
-    name = jnp.dtype(dtype).name
-    step(f"{label} matmul {name}")
-    a = jax.device_put(jax.random.normal(jax.random.key(1), (n, n), dtype), device)
-    fn(a, a).block_until_ready()
-    out[name] = 2 * n**3 / best_time(lambda a=a: fn(a, a).block_until_ready(), s.repeats)
-  return out
-
-
-def _measure_transfer(device, s: MeasureSettings, step) -> dict[str, float]:
-  import jax
-
-  from hetflow.memory.tiers import device_sharding, memory_kinds
-
-  out = {}
-  kinds = memory_kinds(device)
-  n = s.transfer_bytes // 4
-  dst = device_sharding(device)
-  for kind in ("pinned_host", "unpinned_host"):
-    if kind not in kinds:
-      continue
-    step(f"host->device from {kind}")
-    src = jax.device_put(
-      np.ones(n, np.float32), jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
-    )
-    src.block_until_ready()
-
-    def move(src=src):
-      y = jax.device_put(src, dst)
-      y.block_until_ready()
-      y.delete()
-
-    move()  # warm-up: first transfers pay one-time setup
-    out[kind] = n * 4 / best_time(move, s.repeats)
-  return out
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
-def measure(
-  workdir: str | os.PathLike,
-  quick: bool = False,
-  progress: bool = True,
-  settings: MeasureSettings | None = None,
-  name: str | None = None,
-) -> HardwareProfile:
-  """Measures this machine.
-
-  Disk figures are cold: the page cache is dropped (``drop_caches`` as root,
-  else ``fadvise``) and reads go through ``ReaderPool`` with O_DIRECT.
-  Compute figures use XLA on the CPU device, and on the jax default device
-  when that is an accelerator (else the device figures equal the CPU ones).
-
-  Args:
-    workdir: directory on the disk to measure; a temporary file is written
-      there and removed.
-    quick: use :meth:`MeasureSettings.quick` (seconds; for tests).
-    progress: show a tqdm bar of the steps.
-    settings: explicit sizes; overrides ``quick``.
-    name: profile name; default the host name.
-
-  Returns:
-    The measured HardwareProfile.
-  """
-  import jax
-  from tqdm.auto import tqdm
-
-  s = settings or (MeasureSettings.quick() if quick else MeasureSettings())
-  workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  cpu = jax.devices("cpu")[0]
-  default = jax.devices()[0]
-  on_accel = default.platform != "cpu"
-  steps = len(s.disk_block_sizes) * len(s.disk_queue_depths) * s.repeats + 1 + 4 + 2 + (4 if on_accel else 0)
-  bar = tqdm(total=steps, desc="profiling", disable=not progress)
-
-  def step(what: str) -> None:
-    bar.set_postfix_str(what)
-    bar.update(1)
-
-  try:
-    disk, direct, method = _measure_disk(workdir, s, step)
-    memory_bw = _measure_memcpy(s, step)
-    cpu_mv, impls = _measure_matvec(cpu, s, step, "cpu")
-    cpu_fl = _measure_matmul(cpu, s, step, "cpu")
-    if on_accel:
-      dev_mv, _ = _measure_matvec(default, s, step, default.platform)
-      dev_fl = _measure_matmul(default, s, step, default.platform)
-    else:
-      dev_mv, dev_fl = dict(cpu_mv), dict(cpu_fl)
-    h2d = _measure_transfer(default, s, step)
-  finally:
-    bar.close()
-
-  device_memory = None
-  if on_accel:
-    stats = default.memory_stats() or {}
-    device_memory = stats.get("bytes_limit")
-  with open("/proc/meminfo") as f:
-    host_memory = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-  notes = (
-    f"measured {datetime.date.today().isoformat()} with jax {jax.__version__} on "
-    f"{default.platform} ({default.device_kind}); CPU {_cpu_model()}; "
-    f"disk: {'O_DIRECT' if direct else 'buffered (O_DIRECT refused)'}, cache dropped with "
-    f"{method}, file {format_bytes(round(s.disk_file_bytes))} in {workdir}; "
-    f"matvec {s.matvec_dim}^2 cycling {format_bytes(s.matvec_total_bytes)} of matrices; "
-    f"matmul {s.matmul_dim}^3; settings {'quick' if s == MeasureSettings.quick() else 'full' if s == MeasureSettings() else 'custom'}"
-    + ("" if on_accel else "; host->device on CPU is a memcpy into fresh pages")
-  )
-  return HardwareProfile(
-    name=name or socket.gethostname(),
-    cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-    disk_read_bw=disk,
-    host_to_device_bw=h2d,
-    memory_bw=memory_bw,
-    cpu_matvec_bw=cpu_mv,
-    cpu_flops=cpu_fl,
-    device_matvec_bw=dev_mv,
-    device_flops=dev_fl,
-    matvec_impl=impls,
-    device_memory=device_memory,
-    host_memory=host_memory,
-    disk_direct=direct,
-    notes=notes,
   )

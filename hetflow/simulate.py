@@ -10,15 +10,18 @@ queue do), and an event starts when its resource is free and its dependencies
 are done. Overlap between reading, transferring and computing falls out of
 that schedule; it is not assumed.
 
-Cost models are registered by strategy name, so a new strategy brings its own:
+A strategy brings its own cost model, as its `cost_model` (hetflow.strategy):
 
-  @simulate.register_cost_model("neuron_cluster")
-  def neuron_cluster_events(ctx: simulate.PassContext) -> None:
-    for i in range(ctx.model.config.num_layers):
-      read = ctx.add("disk", seconds, label=f"layer {i} neurons", layer=i)
-      ...
+  class MyStrategy(hetflow.Strategy):
+    @staticmethod
+    def cost_model(ctx: simulate.PassContext) -> None:
+      for i in range(ctx.model.config.num_layers):
+        read = ctx.add("disk", seconds, label=f"layer {i} weights", layer=i)
+        ...
 
-On a machine whose "device" is the CPU itself (`costmodel.shares_cpu`), the
+and reads what it needs from the typed `ctx.placement.settings` its `plan` wrote.
+
+On a machine whose "device" is the CPU itself (`hardware.device_is_cpu`), the
 "device" and "link" resources are the "cpu" resource: compute of both kinds
 contends for the same cores, and a host->device copy is a memcpy by those
 cores over the memory bus the matvecs already fill (measured here: layer-wise
@@ -36,12 +39,12 @@ Everything here works on shapes (`Model.shapes` is `jax.eval_shape`), so the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
-from hetflow import calibration, costmodel
-from hetflow.strategy import Placement
+from hetflow import costmodel, hardware
+from hetflow.strategy import Placement, get_strategy
 
 Resource = Literal["disk", "link", "link_d2h", "cpu", "device"]
 RESOURCES: tuple[str, ...] = ("disk", "link", "link_d2h", "cpu", "device")
@@ -173,33 +176,15 @@ class PassContext:
   def copy_time(self, nbytes: float) -> float:
     """Seconds to move `nbytes` of whole layers host -> device: this model's measured
     layer copy where the profile has one, else the profile's link rate."""
-    measured = calibration.measured(self.profile, self.model)
+    measured = hardware.measured_costs(self.profile, self.model)
     if measured:
       layer = sum(self.model.group_nbytes(f"layers/0/{h}") for h in ("attn", "mlp"))
       return measured["layer_copy_s"] * nbytes / layer
     return nbytes / self.profile.link_bw(True)
 
 
-CostModel = Callable[[PassContext], None]
-_COST_MODELS: dict[str, CostModel] = {}
-
-
-def register_cost_model(strategy: str) -> Callable[[CostModel], CostModel]:
-  """Decorator: registers the cost model of `strategy`; duplicates are refused."""
-
-  def wrap(fn: CostModel) -> CostModel:
-    if strategy in _COST_MODELS and _COST_MODELS[strategy] is not fn:
-      raise ValueError(f"a cost model for {strategy!r} is already registered"
-                       f" ({_COST_MODELS[strategy].__module__}).")
-    _COST_MODELS[strategy] = fn
-    return fn
-
-  return wrap
-
-
-def cost_models() -> list[str]:
-  """Names of the strategies the simulator can predict."""
-  return sorted(_COST_MODELS)
+class NoCostModel(ValueError):
+  """The strategy of a plan has no cost model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,14 +282,14 @@ def simulate_pass(model, placement: Placement, profile, phase: str, batch: int,
                   tokens: int, context: int, passes: int = 1,
                   settings: SimSettings | None = None) -> Schedule:
   """Builds and schedules `passes` back-to-back forward passes of one phase."""
-  _load_builtin_cost_models()
-  if placement.strategy not in _COST_MODELS:
-    raise ValueError(f"no cost model for strategy {placement.strategy!r}; registered:"
-                     f" {cost_models()}.")
+  cost_model = get_strategy(placement.strategy).cost_model
+  if cost_model is None:
+    raise NoCostModel(f"strategy {placement.strategy!r} has no cost model, so its plans cannot"
+                      " be predicted (give its class a `cost_model`; see hetflow/simulate.py).")
   ctx = PassContext(model, placement, profile, settings or SimSettings(), phase, batch,
                     tokens, context, passes)
-  _COST_MODELS[placement.strategy](ctx)
-  return run_events(ctx.events, shared_cpu=costmodel.shares_cpu(profile))
+  cost_model(ctx)
+  return run_events(ctx.events, shared_cpu=hardware.device_is_cpu(profile))
 
 
 def predict(model, placement: Placement, profile, batch: int = 1, prompt_len: int = 512,
@@ -334,196 +319,10 @@ def predict(model, placement: Placement, profile, batch: int = 1, prompt_len: in
                     max(busy, key=busy.get), busy, dict(pre.busy))
 
 
-# -- built-in cost models -------------------------------------------------------
-
-
-def _layer_groups(model) -> list[str]:
+def layer_groups(model) -> list[str]:
+  """The model's "layers/<i>/<half>" groups, in execution order."""
   return [g for g in model.group_names() if g.startswith("layers/")]
 
 
-def _layer_of(group: str) -> int:
+def layer_of(group: str) -> int:
   return int(group.split("/")[1])
-
-
-@register_cost_model("resident")
-def resident_events(ctx: PassContext) -> None:
-  """Everything on the device: compute only, one half after the other."""
-  prev = None
-  for p in range(ctx.passes):
-    ctx.pass_index = p
-    prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
-                   overhead=False)
-    for g in _layer_groups(ctx.model):
-      prev = ctx.add("device", ctx.half_time(g), (prev,), g, _layer_of(g))
-    prev = ctx.add("device", ctx.head_time(), (prev,), "head")
-
-
-def _setting(placement: Placement, key: str, default):
-  """A strategy setting carried in the placement (settings, predicted, or any group's details)."""
-  if key in placement.settings:
-    return placement.settings[key]
-  if key in placement.predicted:
-    return placement.predicted[key]
-  for g in placement.groups.values():
-    if key in g.details:
-      return g.details[key]
-  return default
-
-
-@register_cost_model("layerwise")
-def layerwise_events(ctx: PassContext) -> None:
-  """Layer-wise streaming (strategies/layerwise.py): each streamed layer (both
-  halves, one unit) is loaded -- disk read, then host->device copy -- into a
-  ring of `prefetch_depth + 1` slots, so `prefetch_depth` layers load while one
-  computes; streaming wraps into the next pass.
-
-  Settings read from the placement (`settings`, `predicted`, or a group's `details`), with
-  layerwise's defaults:
-    prefetch_depth (1): layers in flight while one computes.
-    read_block_bytes (4 MiB): size of one disk request.
-    read_queue_depth (4): disk requests in flight.
-    link_copy: whether loading to the device copies. Default: from host memory
-      always; from disk only where the device has its own memory (on a CPU-only
-      machine `device_put` aliases the page-aligned read buffer).
-  """
-  pl, prof = ctx.placement, ctx.profile
-  depth = int(_setting(pl, "prefetch_depth", 1))
-  block = int(_setting(pl, "read_block_bytes", 4 << 20))
-  qd = int(_setting(pl, "read_queue_depth", 4))
-  shared = costmodel.shares_cpu(prof)
-  n = ctx.model.config.num_layers
-  done: list[int] = []  # last compute event of every streamed layer, across passes
-  prev = None
-  for p in range(ctx.passes):
-    ctx.pass_index = p
-    prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
-                   overhead=False)
-    for i in range(n):
-      halves = [f"layers/{i}/attn", f"layers/{i}/mlp"]
-      gp = pl.groups[halves[0]]
-      nbytes = sum(pl.groups[g].nbytes for g in halves)
-      loaded = None
-      streamed = gp.tier in ("disk", "host")
-      if streamed:
-        # A ring slot frees when the layer `depth + 1` streamed steps back is done.
-        free = done[-(depth + 1)] if len(done) > depth else None
-        copy = True
-        if gp.tier == "disk":
-          loaded = ctx.add("disk", nbytes / prof.disk_bw(block, qd), (free,),
-                           f"read layer {i}", i, nbytes)
-          copy = not shared
-        copy = bool(_setting(pl, "link_copy", copy))
-        if copy:
-          loaded = ctx.add("link", ctx.copy_time(nbytes), (loaded, free),
-                           f"h2d layer {i}", i, nbytes)
-      for g in halves:
-        prev = ctx.add("device", ctx.half_time(g), (prev, loaded), g, i)
-      if streamed:
-        done.append(prev)
-    prev = ctx.add("device", ctx.head_time(), (prev,), "head")
-
-
-@register_cost_model("tensor_split")
-def tensor_split_events(ctx: PassContext) -> None:
-  """HeteGen's split: per matrix, alpha of it goes host->device and is multiplied
-  there while the CPU multiplies the rest; activations cross both ways.
-
-  Mirrors strategies/tensor_split.py: the weight transfer of split kernel u+1
-  is issued right after kernel u's device multiply, once kernel u-1's device
-  multiply has finished (two kernels of staging); it wraps into the next pass.
-  Every kernel also costs a fixed `split_overhead_s` on the device: the
-  strategy runs each half as stages cut at its kernels, with extra dispatches
-  and activation copies, resident kernels included (measured here: the gap to
-  the calibrated halves stayed ~35 ms per llama-1b token whether 10% or 90%
-  of the kernels were resident). This model's measured figure where the
-  profile has a calibration, else the strategy option's.
-  Reads `details["matrices"]` of each group: {name: {"resident": bool,
-  "alpha": {"prefill": a, "decode": a}}}.
-  """
-  pl, prof, c = ctx.placement, ctx.profile, ctx.model.config
-  itemsize = ctx.dtype.itemsize
-  # link_copy False: host and device are one CPU device; copies are no-ops.
-  # (Only meaningful when the profile is of such a machine.)
-  no_copy = costmodel.shares_cpu(prof) and not _setting(pl, "link_copy", True)
-  link = float("inf") if no_copy else prof.link_bw(True)
-  groups = _layer_groups(ctx.model)
-  mats = {g: costmodel.group_matrices(ctx.model, g) for g in groups}
-  info = {g: pl.groups[g].details.get("matrices", {}) for g in groups}
-  measured = calibration.measured(prof, ctx.model)
-  split_cost = (measured["split_kernel_s"] if measured and "split_kernel_s" in measured
-                else float(_setting(pl, "split_overhead_s", 0.0)))
-  units = [(g, m) for g in groups for m in mats[g]
-           if not info[g].get(m.name, {}).get("resident", False)]
-  issued: dict[int, int | None] = {}  # unit (across passes) -> its transfer event
-  dev_events: list[int] = []  # device multiply of every split kernel, in order
-
-  def alpha_of(g, m):
-    return info[g].get(m.name, {}).get("alpha", {}).get(ctx.phase, 0.0)
-
-  def issue(k: int) -> None:
-    if k in issued or k >= len(units) * ctx.passes:
-      return
-    g, m = units[k % len(units)]
-    nbytes = alpha_of(g, m) * m.nbytes
-    after = dev_events[-2] if len(dev_events) >= 2 else None
-    issued[k] = (ctx.add("link", nbytes / link, (after,), f"h2d {g}/{m.name}",
-                         _layer_of(g), int(nbytes)) if nbytes else None)
-
-  prev = None
-  k = 0  # split kernels so far, across passes
-  for p in range(ctx.passes):
-    ctx.pass_index = p
-    prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
-                   overhead=False)
-    for g in groups:
-      layer, half = _layer_of(g), g.split("/")[-1]
-      stage_in = prev
-      for stage in sorted({m.stage for m in mats[g]}):
-        if stage == 1 and half == "attn":
-          stage_in = ctx.add("device", costmodel.attention_core_time(
-              ctx.model, prof, "device", ctx.batch, ctx.tokens, ctx.context)
-                             * ctx.scale(half, "device"), (stage_in,), f"{g} core", layer)
-        in_stage = [m for m in mats[g] if m.stage == stage]
-        split = [m for m in in_stage if not info[g].get(m.name, {}).get("resident", False)]
-        joins, cpu = [], {}
-        if split:  # one device->host copy of the input serves the whole stage
-          width = c.hidden_size if split[0].name == "experts" else split[0].in_features
-          x_bytes = ctx.rows * width * itemsize
-          sent = ctx.add("link_d2h", x_bytes / link, (stage_in,), f"d2h {g} x", layer,
-                         x_bytes)
-          for m in split:  # CPU parts are issued first
-            a = alpha_of(g, m)
-            cpu[m.name] = ctx.add("cpu", ctx.compute_time("cpu", (1 - a) * m.nbytes,
-                                                          (1 - a) * m.num_params, half),
-                                  (sent,), f"cpu {g}/{m.name}", layer)
-        for m in in_stage:
-          if m not in split:
-            joins.append(ctx.add("device", ctx.compute_time("device", m.nbytes, m.num_params,
-                                                            half) + split_cost,
-                                 (stage_in,), f"{g}/{m.name}", layer))
-            continue
-          a = alpha_of(g, m)
-          issue(k)
-          dev = ctx.add("device", ctx.compute_time("device", a * m.nbytes, a * m.num_params,
-                                                   half),
-                        (stage_in, issued[k]), f"dev {g}/{m.name}", layer)
-          dev_events.append(dev)
-          k += 1
-          issue(k)
-          out_cols = c.hidden_size if m.name == "experts" else m.out_features
-          y_bytes = int(ctx.rows * (1 - a) * out_cols * itemsize)
-          back = ctx.add("link", y_bytes / link, (cpu[m.name],), f"h2d {g}/{m.name} y",
-                         layer, y_bytes)
-          joins.append(ctx.add("device", split_cost, (dev, back), f"join {g}/{m.name}", layer))
-        stage_in = ctx.add("device", 0.0, tuple(joins), f"{g} stage {stage}", layer)
-      prev = stage_in
-    prev = ctx.add("device", ctx.head_time(), (prev,), "head")
-
-
-def _load_builtin_cost_models() -> None:
-  """Strategies may register cost models in their own modules; import them."""
-  try:
-    import strategies  # noqa: F401  (registers strategies and their cost models)
-  except ImportError:  # running without the plugin package on the path
-    pass
-  from hetflow.sparsity import cost  # noqa: F401  (neuron_cluster's cost model)

@@ -7,6 +7,7 @@ whether reads overlap compute.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import threading
@@ -26,10 +27,18 @@ class Event:
 
 
 class Timeline:
-  """Thread-safe list of events (reader threads append too)."""
+  """Thread-safe list of events (reader threads append too).
 
-  def __init__(self):
-    self.events: list[Event] = []
+  Attributes:
+    events: the events, oldest first (at most `max_events`: older ones are dropped).
+    max_events: the bound, or None (keep all).
+    origin: time zero of the Chrome trace.
+  """
+
+  def __init__(self, max_events: int | None = None):
+    """A timeline; `max_events` bounds it (a ring), so a long untraced run stays flat."""
+    self.max_events = max_events
+    self.events: collections.deque[Event] = collections.deque(maxlen=max_events)
     self._lock = threading.Lock()
     self.origin = time.perf_counter()
 

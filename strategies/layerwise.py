@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hetflow import hardware, simulate
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up
@@ -106,6 +107,25 @@ class LayerwiseOptions:
       raise ValueError(f"reader_threads={self.reader_threads!r}; expected >= 1.")
     if self.read_chunk <= 0 or self.read_chunk % 4096:
       raise ValueError(f"read_chunk={self.read_chunk!r}; expected a positive multiple of 4096.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseSettings:
+  """What layerwise's cost model reads from a plan (`Placement.settings`).
+
+  Attributes:
+    prefetch_depth: layers in flight while one computes.
+    read_block_bytes: size of one disk request.
+    read_queue_depth: disk requests in flight.
+    link_copy: whether loading a layer to the device copies it: from host memory
+      always; from disk only where the device has its own memory (on a CPU-only
+      machine `device_put` aliases the page-aligned read buffer).
+  """
+
+  prefetch_depth: int
+  read_block_bytes: int
+  read_queue_depth: int
+  link_copy: bool
 
 
 # -- the disk store -------------------------------------------------------------
@@ -256,13 +276,15 @@ class Layerwise(Strategy):
     super().__init__(options)
     self._loader: concurrent.futures.ThreadPoolExecutor | None = None
     self._pool: ReaderPool | None = None
-    self._allocations: list = []
     self._closed = False
 
   # -- planning (pure) ---------------------------------------------------------
 
-  def _layout(self, model: Model) -> _Layout:
+  def _layout(self, model: Model, profile=None) -> _Layout:
+    """Sizes of a plan. `profile` says whether the device is the CPU, where
+    `device_put` aliases the ring's page-aligned read buffers (no staging copy)."""
     cfg = model.config
+    aliases = hardware.device_is_cpu(profile)
     layer = [sum(model.group_nbytes(f"layers/{i}/{h}") for h in HALVES)
              for i in range(cfg.num_layers)]
     if self.options.offload_tier == "disk":
@@ -271,11 +293,10 @@ class Layerwise(Strategy):
     else:
       slot = max(layer)
     tokens = self.options.kv_reserve_tokens
-    tokens = cfg.max_position_embeddings if tokens is None else tokens
-    kv_layer = 2 * tokens * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
     return _Layout(globals_=model.group_nbytes("embed") + model.group_nbytes("head"),
-                   layer=layer, slot=slot, kv_layer=kv_layer, kv_tokens=tokens,
-                   aliases=jax.default_backend() == "cpu")
+                   layer=layer, slot=slot, kv_layer=model.kv_cache_nbytes(tokens, layers=1),
+                   kv_tokens=cfg.max_position_embeddings if tokens is None else tokens,
+                   aliases=aliases)
 
   def _needs(self, lay: _Layout, resident: list[int], num_layers: int) -> dict[str, int]:
     """Bytes per tier for a resident set (the working bytes included)."""
@@ -299,14 +320,14 @@ class Layerwise(Strategy):
         need["host"] += slots * lay.slot
     return need
 
-  def minimum_budget(self, model: Model) -> dict[str, int]:
+  def minimum_budget(self, model: Model, profile=None) -> dict[str, int]:
     """Smallest bytes per tier these options can run in (pure).
 
     For "auto", the resident count that needs the least device memory (usually
     0; all layers when a ring slot would cost more than the layers it streams).
     """
     n = model.config.num_layers
-    lay = self._layout(model)
+    lay = self._layout(model, profile)
     if self.options.resident_layers != "auto":
       return self._needs(lay, spread(n, min(self.options.resident_layers, n)), n)
     return min((self._needs(lay, spread(n, r), n) for r in range(n + 1)),
@@ -315,7 +336,7 @@ class Layerwise(Strategy):
   def plan(self, model: Model, budget, profile=None) -> Placement:
     o = self.options
     n = model.config.num_layers
-    lay = self._layout(model)
+    lay = self._layout(model, profile)
     if o.resident_layers == "auto":
       count = 0
       for r in range(n, -1, -1):
@@ -329,7 +350,7 @@ class Layerwise(Strategy):
     resident = spread(n, count)
     need = self._needs(lay, resident, n)
     # The smallest budget that works: "auto" can always fall back to streaming everything.
-    minimum = self.minimum_budget(model)
+    minimum = self.minimum_budget(model, profile)
     for tier in ("device", "host", "disk"):
       limit = budget.limit(tier)
       if limit is not None and need[tier] > limit:
@@ -367,20 +388,50 @@ class Layerwise(Strategy):
         f" host {format_bytes(minimum['host'])}",
         f"streamed per token: {format_bytes(streamed_bytes)}",
     ]
-    # What the simulator needs to predict this plan (hetflow.simulate.layerwise_events).
-    settings = {"prefetch_depth": o.prefetch_depth, "read_block_bytes": o.read_chunk,
-                "read_queue_depth": o.reader_threads,
-                "link_copy": o.offload_tier == "host" or not lay.aliases}
-    placement = Placement(self.name, groups, working_bytes=working, notes=tuple(notes),
-                          settings=settings)
-    if profile is not None:
-      from hetflow import simulate  # the simulator imports strategy code: load it late
+    settings = LayerwiseSettings(prefetch_depth=o.prefetch_depth, read_block_bytes=o.read_chunk,
+                                 read_queue_depth=o.reader_threads,
+                                 link_copy=o.offload_tier == "host" or not lay.aliases)
+    return Placement(self.name, groups, working_bytes=working, notes=tuple(notes),
+                     settings=settings)
 
-      pred = simulate.predict(model, placement, profile)
-      placement.predicted.update(prefill_s=round(pred.prefill_s, 6),
-                                 decode_s_per_token=round(pred.decode_s_per_token, 6),
-                                 decode_bound_by=pred.bottleneck)
-    return placement
+  # -- cost model --------------------------------------------------------------------
+
+  @staticmethod
+  def cost_model(ctx: simulate.PassContext) -> None:
+    """Each streamed layer (both halves, one unit) is loaded -- disk read, then
+    host->device copy where the plan's LayerwiseSettings say loading copies --
+    into a ring of `prefetch_depth + 1` slots, so `prefetch_depth` layers load
+    while one computes; streaming wraps into the next pass."""
+    pl, prof = ctx.placement, ctx.profile
+    s: LayerwiseSettings = pl.settings
+    depth, block, qd = s.prefetch_depth, s.read_block_bytes, s.read_queue_depth
+    n = ctx.model.config.num_layers
+    done: list[int] = []  # last compute event of every streamed layer, across passes
+    prev = None
+    for p in range(ctx.passes):
+      ctx.pass_index = p
+      prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
+                     overhead=False)
+      for i in range(n):
+        halves = [f"layers/{i}/attn", f"layers/{i}/mlp"]
+        gp = pl.groups[halves[0]]
+        nbytes = sum(pl.groups[g].nbytes for g in halves)
+        loaded = None
+        streamed = gp.tier in ("disk", "host")
+        if streamed:
+          # A ring slot frees when the layer `depth + 1` streamed steps back is done.
+          free = done[-(depth + 1)] if len(done) > depth else None
+          if gp.tier == "disk":
+            loaded = ctx.add("disk", nbytes / prof.disk_bw(block, qd), (free,),
+                             f"read layer {i}", i, nbytes)
+          if s.link_copy:
+            loaded = ctx.add("link", ctx.copy_time(nbytes), (loaded, free),
+                             f"h2d layer {i}", i, nbytes)
+        for g in halves:
+          prev = ctx.add("device", ctx.half_time(g), (prev, loaded), g, i)
+        if streamed:
+          done.append(prev)
+      prev = ctx.add("device", ctx.head_time(), (prev,), "head")
 
   # -- materialising -------------------------------------------------------------
 
@@ -406,7 +457,7 @@ class Layerwise(Strategy):
       return model.group_tensors(group)
 
     def place(tier, nbytes, group, tensors, sharding):
-      self._allocations.append(ledger.allocate(tier, nbytes, group))
+      ledger.allocate(tier, nbytes, group)
       return jax.device_put(tensors, sharding)
 
     self._globals = {g: place("device", model.group_nbytes(g), g, load(g), self._device)
@@ -428,8 +479,8 @@ class Layerwise(Strategy):
     for _ in range(self._nslots):
       if o.offload_tier == "disk":
         if not lay.aliases:
-          self._allocations.append(ledger.allocate("host", lay.slot, "layerwise/staging"))
-        self._allocations.append(ledger.allocate("device", lay.slot, "layerwise/ring"))
+          ledger.allocate("host", lay.slot, "layerwise/staging")
+        ledger.allocate("device", lay.slot, "layerwise/ring")
         buf = aligned_empty(lay.slot)
         # Fault the pages in now: O_DIRECT into never-touched memory ran at
         # ~0.4 GB/s here (vs ~1.4 into touched pages; first touch costs ~0.8
@@ -437,7 +488,7 @@ class Layerwise(Strategy):
         buf.fill(0)
         self._slots.append(buf)
       else:
-        self._allocations.append(ledger.allocate("device", lay.slot, "layerwise/ring"))
+        ledger.allocate("device", lay.slot, "layerwise/ring")
         self._slots.append(None)
     if self._streamed:
       self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetflow-layerwise")
@@ -449,7 +500,6 @@ class Layerwise(Strategy):
     self._current: tuple[int, int, dict] | None = None  # (step, layer, params)
     self._last_output = None
     self._phase = "prefill"
-    self._counters: dict[str, dict[str, float]] = {}
     self._lock = threading.Lock()
     self._kv_host = tiers.host_sharding() if o.kv_cache_tier == "host" else None
     self._refill(0)
@@ -490,7 +540,6 @@ class Layerwise(Strategy):
       for r in reads:
         r.result()  # a ReadError surfaces here, and in fetch() for this layer
       t1 = time.perf_counter()
-      self._count("disk_bytes_read", offset)
       if self.timeline is not None:
         self.timeline.add("read", f"read layer {layer}", t0, t1, layer=layer, nbytes=offset)
       host = {h: unflatten(self._store.views(g, part)) for h, (g, part) in views.items()}
@@ -505,16 +554,14 @@ class Layerwise(Strategy):
     params = jax.device_put(self._host[layer], self._device)
     jax.block_until_ready(params)
     nbytes = self._layout_.layer[layer]
-    self._count("host_to_device_bytes", nbytes)
     if self.timeline is not None:
       self.timeline.add("transfer", f"to device layer {layer}", t0, time.perf_counter(),
                         layer=layer, nbytes=nbytes)
     return params
 
-  def _count(self, key: str, value: float, phase: str | None = None) -> None:
+  def _count(self, key: str, value: float, phase: str) -> None:
     with self._lock:
-      c = self._counters.setdefault(phase or "loader", {})
-      c[key] = c.get(key, 0) + value
+      self.counters.phase(phase).add(key, value)
 
   def _restart(self, layer: int) -> None:
     """Drops whatever is in flight and starts streaming at `layer` (after an error)."""
@@ -536,17 +583,19 @@ class Layerwise(Strategy):
       params = future.result()
     except BaseException as e:
       self._current = None
+      if not isinstance(e, Exception):  # Ctrl-C while waiting: an interrupt, not a read error
+        raise
       what = (f"reading layer {layer} from {self._store.path}" if self._store is not None
               else f"moving layer {layer} to the device")
       if isinstance(e, OSError):
         raise ReadError(e.errno or errno.EIO, f"layerwise: {what} failed: {e}") from e
       raise RuntimeError(f"layerwise: {what} failed: {e!r}") from e
     t1 = time.perf_counter()
-    self._count("fetch_wait_s", t1 - t0, self._phase)
+    self._count("wait_s", t1 - t0, self._phase)
     if self.timeline is not None:
       self.timeline.add("wait", f"wait for layer {layer}", t0, t1, layer=layer)
     self._count("streamed_layers", 1, self._phase)
-    key = "disk_bytes" if self._store is not None else "host_to_device_bytes"
+    key = "disk_bytes" if self._store is not None else "h2d_bytes"
     self._count(key, self._layout_.layer[layer], self._phase)
     self._current = (step, layer, params)
     return params
@@ -558,8 +607,6 @@ class Layerwise(Strategy):
 
   def begin(self, phase, num_tokens) -> None:
     self._phase = phase
-    self._count("passes", 1, phase)
-    self._count("tokens", num_tokens, phase)
 
   def fetch(self, layer, half):
     if layer in self._resident_set:
@@ -606,12 +653,12 @@ class Layerwise(Strategy):
 
   def stats(self):
     with self._lock:
-      out = {phase: dict(c) for phase, c in self._counters.items()}
+      out = self.counters.copy()
     if self._pool is not None:
-      out["reader"] = self._pool.stats
-    out["resident_layers"] = sorted(self._resident_set)
-    out["streamed_layer_bytes"] = sum(self._layout_.layer[i] for i in self._streamed)
-    out["offload_tier"] = self.options.offload_tier
+      out.reads = self._pool.record()
+    out.details.update(resident_layers=sorted(self._resident_set),
+                       streamed_layer_bytes=sum(self._layout_.layer[i] for i in self._streamed),
+                       offload_tier=self.options.offload_tier)
     return out
 
   def close(self) -> None:
@@ -624,7 +671,3 @@ class Layerwise(Strategy):
       self._loader.shutdown(wait=True)
     if self._pool is not None:
       self._pool.close()
-    if self.ledger is not None:
-      for a in self._allocations:
-        self.ledger.release(a)
-    self._allocations = []

@@ -8,14 +8,28 @@ import dataclasses
 import jax
 from tqdm.auto import tqdm
 
+from hetflow import simulate
 from hetflow.memory import tiers
-from hetflow.memory.budget import BudgetExceeded
+from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 
 @dataclasses.dataclass(frozen=True)
 class ResidentOptions:
-  """`resident` has no options."""
+  """Options of `resident`.
+
+  Attributes:
+    kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device
+      for the engine's KV cache, so that a run at the stated minimum budget
+      has room for its cache; None: the model's max_position_embeddings.
+  """
+
+  kv_reserve_tokens: int | None = None
+
+  def __post_init__(self):
+    t = self.kv_reserve_tokens
+    if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+      raise ValueError(f"kv_reserve_tokens={t!r}; expected an int >= 0 or None.")
 
 
 @register_strategy("resident")
@@ -27,10 +41,18 @@ class Resident(Strategy):
   def plan(self, model, budget, profile=None) -> Placement:
     groups = {g: GroupPlacement("device", model.group_nbytes(g), "resident")
               for g in model.group_names()}
-    placement = Placement(self.name, groups)
+    tokens = self.options.kv_reserve_tokens
+    tokens = model.config.max_position_embeddings if tokens is None else tokens
+    # The engine allocates the KV cache on the device through the same ledger:
+    # a minimum without it would fail at the first generate.
+    kv = model.kv_cache_nbytes(tokens)
+    placement = Placement(self.name, groups, working_bytes={"device": kv},
+                          notes=(f"KV cache: {format_bytes(kv)} reserved for {tokens} tokens"
+                                 " at batch 1",))
     need = placement.bytes_per_tier()["device"]
     if budget.device is not None and need > budget.device:
-      raise BudgetExceeded("device", need, 0, budget.device, group="all weights",
+      raise BudgetExceeded("device", need, 0, budget.device,
+                           group=f"all weights and the KV cache for {tokens} tokens",
                            minimum=need)
     return placement
 
@@ -44,6 +66,18 @@ class Resident(Strategy):
         ledger.allocate("device", info.nbytes, group)
         self._params[group] = jax.device_put(model.group_tensors(group), sharding)
         bar.update(info.nbytes)
+
+  @staticmethod
+  def cost_model(ctx: simulate.PassContext) -> None:
+    """Everything on the device: compute only, one half after the other."""
+    prev = None
+    for p in range(ctx.passes):
+      ctx.pass_index = p
+      prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
+                     overhead=False)
+      for g in simulate.layer_groups(ctx.model):
+        prev = ctx.add("device", ctx.half_time(g), (prev,), g, simulate.layer_of(g))
+      prev = ctx.add("device", ctx.head_time(), (prev,), "head")
 
   def globals(self):
     return {"embed": self._params["embed"], "head": self._params.get("head", {})}

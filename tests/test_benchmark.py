@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from hetflow import benchmark
 from hetflow import config as config_lib
+from hetflow.bench import config as bench_config
+from hetflow.bench import runner
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "bench",
                                         "*.py")))
@@ -40,7 +41,7 @@ def _run_tiny(tmp_path_factory):
     order += ",accelerate_disk"  # the peer path with a device_map; a few seconds
   config.order = order
   workdir = str(tmp_path_factory.mktemp("bench"))
-  return benchmark.benchmark(config, workdir), workdir, order.split(",")
+  return runner.benchmark(config, workdir), workdir, order.split(",")
 
 
 def test_tiny_benchmark_writes_every_figure(tiny_run):
@@ -74,7 +75,7 @@ def test_bench_configs_build(path):
   with open(path) as f:
     assert "python -m experiments.benchmark --config=configs/bench/" in f.read()
   for c in (config, config_lib.apply_smoke(config)):
-    systems = benchmark.systems_from_config(c)
+    systems = bench_config.systems_from_config(c)
     assert systems
     config_lib.build_budget(c.budget)
     model = config_lib.build_model(c.model)
@@ -113,7 +114,7 @@ def test_memory_limit_is_held_for_the_whole_run(tmp_path, monkeypatch):
   config.order = "layerwise_disk"
   config.memory_limit = "3GiB"
   config.timeline = False
-  results = benchmark.benchmark(config, str(tmp_path / "bench"))
+  results = runner.benchmark(config, str(tmp_path / "bench"))
   assert events == ["enter", "exit"]
   assert results["memory_limit"]["locked"] == 32 << 20
   assert results["systems"][0]["ok"]

@@ -7,7 +7,8 @@ import json
 import pytest
 
 import hetflow
-from hetflow import calibration, hardware, planner, simulate
+from hetflow import hardware, planner, simulate
+from hetflow.bench import calibration, machine
 from hetflow.strategy import get_strategy
 
 # A CPU-only machine: the device is the CPU (device_memory None).
@@ -19,23 +20,23 @@ def _with(profile, model, **seconds):
   entry = dict(attn_s=1e-3, mlp_s=2e-3, head_s=5e-3, layer_copy_s=10e-3, split_kernel_s=1e-4,
                context=64.0)
   entry.update(seconds)
-  return dataclasses.replace(profile, models={calibration.model_key(model): entry})
+  return dataclasses.replace(profile, models={hardware.model_key(model): entry})
 
 
 def test_calibrate_measures_every_figure_and_survives_json(tmp_path):
   model = hetflow.synthetic_model("llama-tiny")
   calibrated = calibration.calibrate(model, CPU_ONLY, total_bytes=1 << 20, repeats=1,
                                      progress=False)
-  m = calibration.measured(calibrated, model)
+  m = hardware.measured_costs(calibrated, model)
   for key in ("attn_s", "mlp_s", "head_s", "layer_copy_s"):
     assert 0 < m[key] < 1.0, key
   assert m["split_kernel_s"] >= 0 and m["context"] == 64
-  assert calibration.measured(CPU_ONLY, model) is None  # the input is not modified
+  assert hardware.measured_costs(CPU_ONLY, model) is None  # the input is not modified
   path = tmp_path / "profile.json"
   calibrated.to_json(path)
   assert hardware.HardwareProfile.from_json(path) == calibrated
   # A model of other shapes is not covered by it.
-  assert calibration.measured(calibrated, hetflow.synthetic_model("opt-tiny")) is None
+  assert hardware.measured_costs(calibrated, hetflow.synthetic_model("opt-tiny")) is None
 
 
 def test_resident_decode_is_the_calibrated_halves():
@@ -67,8 +68,8 @@ def test_tensor_split_charges_the_calibrated_overhead_per_kernel(keep_resident):
   model = hetflow.synthetic_model("llama-tiny")
   plan = get_strategy("tensor_split")(dict(alpha=0.5, keep_resident=keep_resident)).plan(
       model, hetflow.Budget(), CPU_ONLY)
-  kernels = sum(len(m["matrices"]) for m in
-                (g.details for n, g in plan.groups.items() if n.startswith("layers/")))
+  kernels = sum(len(g.details.matrices) for n, g in plan.groups.items()
+                if n.startswith("layers/"))
   cheap = simulate.predict(model, plan, _with(CPU_ONLY, model, split_kernel_s=0.0), 1, 8, 8,
                            NO_OVERHEAD)
   costly = simulate.predict(model, plan, _with(CPU_ONLY, model, split_kernel_s=1e-3), 1, 8, 8,
@@ -81,18 +82,18 @@ def test_planner_calibrates_this_machine_once(tmp_path, monkeypatch):
   monkeypatch.setenv("HETFLOW_CACHE", str(tmp_path))
   CPU_ONLY.to_json(tmp_path / "hardware_profile.json")  # "this machine", already profiled
   model = hetflow.synthetic_model("llama-tiny")
-  first = planner.load_profile(None, model)
-  assert calibration.measured(first, model) is not None
+  first = machine.machine_profile(None, model)
+  assert hardware.measured_costs(first, model) is not None
   on_disk = json.loads((tmp_path / "hardware_profile.json").read_text())
-  assert calibration.model_key(model) in on_disk["models"]
+  assert hardware.model_key(model) in on_disk["models"]
 
   def refuse(*args, **kwargs):
     raise AssertionError("calibrated twice")
 
   monkeypatch.setattr(calibration, "calibrate", refuse)
-  assert planner.load_profile(None, model) == first
+  assert machine.machine_profile(None, model) == first
   # A named profile is another machine: never calibrated here.
-  assert calibration.measured(planner.load_profile("a10-pcie", model), model) is None
+  assert hardware.measured_costs(machine.machine_profile("a10-pcie", model), model) is None
 
 
 def test_plans_the_simulator_cannot_predict_are_not_applicable():

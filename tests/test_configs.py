@@ -1,4 +1,4 @@
-"""Every config under configs/ loads and smoke-runs (STYLE.md: every shipped config is tested)."""
+"""Every config under configs/ loads and smoke-runs (every shipped config is tested)."""
 
 import glob
 import importlib.util
@@ -31,15 +31,15 @@ def test_config_opens_with_its_command(path):
 
 def _launchers():
   """Launcher module name -> the library function it calls (config, workdir)."""
-  from hetflow import benchmark, planner, reproduce
+  from hetflow.bench import plan_run, reproduce, runner
+  from hetflow.bench.train_predictor import train_from_config
   from hetflow.generation import generate
-  from hetflow.sparsity.train import train_from_config
 
   quiet = io.StringIO()
   return {
       "generate": lambda config, workdir: generate(config, out=quiet),
-      "plan": lambda config, workdir: planner.run(config, workdir, out=quiet),
-      "benchmark": benchmark.benchmark,
+      "plan": lambda config, workdir: plan_run.run(config, workdir, out=quiet),
+      "benchmark": runner.benchmark,
       "reproduce": reproduce.run,
       "train_predictor": train_from_config,
   }
@@ -56,6 +56,19 @@ def test_config_smoke_runs(path, tmp_path, monkeypatch):
   assert launcher in launchers, f"{path}: no smoke runner for experiments.{launcher}"
   result = launchers[launcher](apply_smoke(load(path)), str(tmp_path / "work"))
   assert result is not None
+  assert not _failed_runs(launcher, result), _failed_runs(launcher, result)
+
+
+def _failed_runs(launcher, result):
+  """The runs a launcher recorded as failed instead of raising: a benchmark's systems
+  and timeline (`ok: False`), a plan's measured top plans (no measured figure)."""
+  if launcher == "benchmark":
+    runs = result["systems"] + ([dict(result["timeline"], name="timeline")]
+                                if "timeline" in result else [])
+    return [f"{r['name']}: {r.get('error')}" for r in runs if not r["ok"]]
+  if launcher == "plan":
+    return [c["plan"] for c in result["compared"] if c["measured_decode_tok_s"] is None]
+  return []
 
 
 def test_default_config_generates():
@@ -65,3 +78,19 @@ def test_default_config_generates():
   result = generate(apply_smoke(load("configs/default.py")), out=out)
   assert result.tokens.shape == (1, 4)
   assert "tok/s" in out.getvalue()
+
+
+def test_a_crashed_benchmark_system_fails_the_smoke_check(tmp_path, monkeypatch):
+  """A system whose process dies is recorded with ok False, and the smoke check reports it."""
+  from hetflow.bench import runner
+
+  monkeypatch.setenv("HETFLOW_CACHE", str(tmp_path / "cache"))
+  config = apply_smoke(load("configs/bench/tiny.py"))
+  config.systems.broken = dict(kind="hetflow", strategy="no_such_strategy")
+  config.order = "resident,broken"
+  config.timeline = False
+  result = runner.benchmark(config, str(tmp_path / "work"))
+  assert [r["ok"] for r in result["systems"]] == [True, False]
+  failed = _failed_runs("benchmark", result)
+  assert len(failed) == 1 and failed[0].startswith("broken: exit 1")
+

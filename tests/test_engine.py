@@ -119,7 +119,10 @@ def test_kv_cache_over_budget_fails_cleanly():
   leaves the ledger as it was (nothing half-allocated)."""
   model = hetflow.synthetic_model("llama-tiny")
   room = 10 * 2 * model.config.num_kv_heads * model.config.head_dim * 4  # ~10 tokens, 1 layer
-  engine = hetflow.Engine(model, budget=hetflow.Budget(device=model.nbytes + room))
+  # No plan-time KV reserve (resident reserves max_position_embeddings by default),
+  # so that the engine's own allocation of the cache is what is refused.
+  engine = hetflow.Engine(model, budget=hetflow.Budget(device=model.nbytes + room),
+                          options=dict(kv_reserve_tokens=0))
   before = engine.ledger.used("device")
   with pytest.raises(hetflow.BudgetExceeded, match="kv_cache"):
     engine.generate([[1, 2, 3]], max_new_tokens=40)

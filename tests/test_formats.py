@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 import hetflow
-from hetflow import formats, quality
+from hetflow.bench import quality
 from hetflow.config import build_model, model_section
 from hetflow.engine import Engine
-from hetflow.formats import FormatError, WeightFormat
+from hetflow.models import formats
+from hetflow.models.formats import FormatError, WeightFormat
 from strategies.layerwise import LayerwiseOptions, default_store_dir, open_store
 
 FORMATS = ("bfloat16", "int8", "int8-g32", "int4", "int4-g64", "int4-asym")

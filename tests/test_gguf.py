@@ -15,7 +15,7 @@ import hetflow
 from hetflow.checkpoints import CheckpointError
 from hetflow.checkpoints.gguf import save_gguf
 from hetflow.engine import Engine
-from hetflow.formats import WeightFormat
+from hetflow.models.formats import WeightFormat
 from strategies.layerwise import LayerwiseOptions
 
 gguf = pytest.importorskip("gguf")
@@ -105,7 +105,7 @@ def test_other_format_requantizes_from_the_values(tmp_path, synthetic):
   path = save_gguf(synthetic, str(tmp_path / "m-q8.gguf"), "Q8_0")
   dense = hetflow.load_model(path, weights="float32")
   stored = hetflow.synthetic_model("llama-tiny", weights="int8-g32").param("layers/0/attn/k")
-  from hetflow import formats
+  from hetflow.models import formats
   np.testing.assert_array_equal(dense.param("layers/0/attn/k"), np.asarray(
       formats.dequantize(stored)))
   int4 = hetflow.load_model(path, weights="int4")

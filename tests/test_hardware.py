@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from hetflow import hardware
-from hetflow.hardware import PROFILES, HardwareProfile, MeasureSettings, get_profile
+from hetflow.bench import probes
+from hetflow.bench.probes import MeasureSettings
+from hetflow.hardware import PROFILES, HardwareProfile, get_profile
 
 KiB, MiB = 2**10, 2**20
 
@@ -115,7 +116,7 @@ _TINY = MeasureSettings(
 
 
 def test_measure_tiny(tmp_path):
-  p = hardware.measure(tmp_path, progress=False, settings=_TINY, name="tiny")
+  p = probes.measure(tmp_path, progress=False, settings=_TINY, name="tiny")
   assert p.name == "tiny" and p.cores >= 1
   assert set(p.disk_read_bw) == {1, 2}
   assert set(p.disk_read_bw[1]) == {4 * KiB, 64 * KiB, 1 * MiB}
@@ -133,5 +134,5 @@ def test_measure_tiny(tmp_path):
 
 @pytest.mark.slow
 def test_measure_quick(tmp_path):
-  p = hardware.measure(tmp_path, quick=True, progress=False)
+  p = probes.measure(tmp_path, quick=True, progress=False)
   assert p.disk_bw(1 * MiB) > p.disk_bw(4 * KiB)

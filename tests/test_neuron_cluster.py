@@ -8,7 +8,6 @@ import pytest
 import hetflow
 from hetflow.engine import Engine
 from hetflow.memory import Budget, BudgetExceeded
-from hetflow.sparsity import predictor, stats
 
 NEW_TOKENS = 16
 
@@ -36,7 +35,7 @@ def test_oracle_matches_resident_exactly(reference, options):
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens)
     np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
-    s = out.stats["strategy"]
+    s = out.stats["strategy"].details
     assert s["decode_tokens"] == NEW_TOKENS - 1
     if options["cache_bytes"] is None:
       assert s["disk_bytes_per_token"] == 0 or s["cache"]["misses"] < s["cache"]["hot_hits"]
@@ -51,7 +50,7 @@ def test_audit_counts_with_the_oracle(reference):
                                                     audit=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
   np.testing.assert_array_equal(out.tokens, tokens)
-  s = out.stats["strategy"]
+  s = out.stats["strategy"].details
   assert s["ideal_exact"] and s["recall"] == 1.0 and s["precision"] == 1.0
   assert s["missed_neurons_per_token"] == 0 and s["false_positive_bytes_per_token"] == 0
   assert s["ideal_bytes_per_token"] == s["useful_bytes_per_token"] > 0
@@ -66,7 +65,7 @@ def test_ledger_peak_stays_within_budget(reference):
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens)
     assert engine.ledger.peak("device") <= budget.device
-    assert out.stats["strategy"]["cache_slots"] > 0
+    assert out.stats["strategy"].details["cache_slots"] > 0
   with pytest.raises(BudgetExceeded) as err:
     Engine(model, "neuron_cluster", budget=Budget(device=model.nbytes // 10))
   assert err.value.minimum > model.nbytes // 10
@@ -78,7 +77,7 @@ def test_decode_compiles_a_few_shapes_then_stops(reference):
     first = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     second = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     assert second.stats["recompilations"] == 0
-    s = second.stats["strategy"]
+    s = second.stats["strategy"].details
     f = model.config.intermediate_size
     assert s["compiled_shapes"] <= 2 * (int(np.log2(f)) + 2)
     assert sum(s["new_shapes_per_token"][NEW_TOKENS - 1:]) == 0  # none in the second run
@@ -86,25 +85,33 @@ def test_decode_compiles_a_few_shapes_then_stops(reference):
 
 
 def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
+  """The predictor configs/sparse/tiny.py trains, judged on decode steps that set nothing:
+  its report's test quarter (generations used neither to train nor to set thresholds), and
+  this test's own prompts, which the training never saw."""
+  import importlib.util
+
+  from hetflow.bench.train_predictor import train_from_config
+
   model, ids, tokens, _ = reference
-  calib = stats.calibration_ids(model.config, 1024, seed=3)
-  s, samples = stats.record_activations(model, calib, samples=True)
-  options = predictor.TrainOptions(ranks=(32,), steps=300, target_recall=0.99)
-  p = predictor.train_predictors(samples, options, progress=None)
-  path = os.path.join(tmp_path, "pred")
-  p.save(path)
-  s.save(os.path.join(tmp_path, "stats.npz"))
-  recall = [r.recall for r in p.reports]
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "sparse", "tiny.py")
+  spec = importlib.util.spec_from_file_location("sparse_tiny", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("opt" if model.config.name.startswith("opt") else None)
+  assert config.model.name == model.config.name and config.model.seed == 0
+  assert config.model.kwargs.to_dict() == dict(sparsity=0.9, hotness="zipf:1.1")
+  trained = train_from_config(config, str(tmp_path))
+  recall = [r["recall"] for r in trained["test_reports"]]
   with Engine(model, "neuron_cluster", options=dict(
-      predictor="trained", predictor_path=path,
-      stats_path=os.path.join(tmp_path, "stats.npz"), cache_bytes="32KiB",
-      audit=True)) as engine:
+      predictor="trained", predictor_path=trained["predictor_path"],
+      stats_path=trained["stats_path"], cache_bytes="32KiB", audit=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
   agreement = float((out.tokens == tokens).mean())
-  s = out.stats["strategy"]
-  print(f"{model.config.name}: per-layer recall {np.round(recall, 3)} (held out),"
-        f" on decode {np.round(s['layer_recall'], 3)}, precision"
+  s = out.stats["strategy"].details
+  print(f"{model.config.name}: per-layer recall {np.round(recall, 3)} (test quarter),"
+        f" on this test's decode steps {np.round(s['layer_recall'], 3)}, precision"
         f" {np.round(s['layer_precision'], 3)}; token agreement with dense {agreement:.2f}")
   assert min(recall) > 0.95
+  assert min(s["layer_recall"]) > 0.95
   assert s["useful_bytes_per_token"] <= s["ideal_bytes_per_token"]
-  assert 0.0 <= agreement <= 1.0 and out.stats["strategy"]["predicted_density"] < 0.6
+  assert 0.0 <= agreement <= 1.0 and out.stats["strategy"].details["predicted_density"] < 0.6

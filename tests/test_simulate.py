@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import hetflow
-from hetflow import costmodel, hardware, simulate
+from hetflow import costmodel, hardware, planner, simulate
 from hetflow.strategy import get_strategy
 
 A10 = hardware.PROFILES["a10-pcie"]
@@ -26,23 +26,31 @@ def test_resources_serve_in_order_and_respect_dependencies():
   assert shared.start == [0.0, 0.0, 2.0, 3.0] and shared.makespan == 4.0
 
 
-def test_registry():
-  assert {"resident", "layerwise", "tensor_split"} <= set(simulate.cost_models())
-  with pytest.raises(ValueError, match="already registered"):
-    simulate.register_cost_model("resident")(lambda ctx: None)
+def test_every_builtin_strategy_brings_its_cost_model():
+  for name in ("resident", "layerwise", "tensor_split", "neuron_cluster"):
+    assert get_strategy(name).cost_model is not None, name
+
+  @hetflow.register_strategy("test-no-cost-model")
+  class NoCostModel(get_strategy("resident")):
+    cost_model = None
+
   model = hetflow.synthetic_model("llama-tiny")
   plan = get_strategy("resident")().plan(model, hetflow.Budget())
   with pytest.raises(ValueError, match="no cost model"):
+    simulate.predict(model, dataclasses.replace(plan, strategy="test-no-cost-model"), A10)
+  with pytest.raises(ValueError, match="unknown strategy 'nope'"):
     simulate.predict(model, dataclasses.replace(plan, strategy="nope"), A10)
 
 
 def test_a_new_cost_model_plugs_in():
-  @simulate.register_cost_model("test-constant")
-  def constant(ctx):
-    prev = None
-    for p in range(ctx.passes):
-      ctx.pass_index = p
-      prev = ctx.add("device", 0.5, (prev,), overhead=False)
+  @hetflow.register_strategy("test-constant")
+  class Constant(get_strategy("resident")):
+    @staticmethod
+    def cost_model(ctx):
+      prev = None
+      for p in range(ctx.passes):
+        ctx.pass_index = p
+        prev = ctx.add("device", 0.5, (prev,), overhead=False)
 
   model = hetflow.synthetic_model("llama-tiny")
   plan = get_strategy("resident")().plan(model, hetflow.Budget())
@@ -78,8 +86,8 @@ def test_layerwise_from_disk_is_disk_bound_with_prefetch():
   plan = strategy.plan(model, hetflow.Budget(device="2GB"), A10)
   pred = simulate.predict(model, plan, A10)
   streamed = sum(g.nbytes for g in plan.groups.values() if g.tier == "disk")
-  disk = streamed / A10.disk_bw(plan.settings["read_block_bytes"],
-                                plan.settings["read_queue_depth"])
+  disk = streamed / A10.disk_bw(plan.settings.read_block_bytes,
+                                plan.settings.read_queue_depth)
   assert pred.bottleneck == "disk"
   assert pred.decode_s_per_token == pytest.approx(disk, rel=0.05)
 
@@ -91,7 +99,7 @@ def test_tensor_split_balances_cpu_and_link():
   plan = get_strategy("tensor_split")(dict(kv_reserve_tokens=0)).plan(
       model, hetflow.Budget(device="0.8GB"), A10)
   pred = simulate.predict(model, plan, A10)
-  a = plan.predicted["alpha"]["decode"]
+  a = plan.settings.alpha["decode"]
   split = sum(g.nbytes for g in plan.groups.values() if g.tier == "host")
   cpu = (1 - a) * split / A10.cpu_matvec_bw["float16"]
   assert pred.decode_busy["link"] == pytest.approx(pred.decode_busy["cpu"], rel=0.15)
@@ -100,8 +108,10 @@ def test_tensor_split_balances_cpu_and_link():
   assert cpu * 0.95 < pred.decode_s_per_token < 1.4 * cpu
   # The paper reports ~4.2 tok/s here; the plan's own prediction is the simulator's.
   assert 3.0 < pred.throughput < 6.0
-  assert plan.predicted["decode_s_per_token"] == pytest.approx(pred.decode_s_per_token,
-                                                               rel=1e-3)
+  # The planner attaches the simulator's prediction to the plans it ranks.
+  ranked = planner.plan(model, hetflow.Budget(device="2GB"), A10, strategies=["tensor_split"])
+  assert ranked[0].prediction.decode_s_per_token == pytest.approx(
+      simulate.predict(model, ranked[0].placement, A10).decode_s_per_token, rel=1e-3)
 
 
 def test_tensor_split_beats_streaming_the_link():
@@ -122,7 +132,7 @@ def test_hetegen_fig8_config_predicts_near_the_paper():
   import importlib.util
   import os
 
-  from hetflow import reproduce
+  from hetflow.bench import reproduce
   from hetflow.config import apply_smoke
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import hetflow
-from hetflow import costmodel, hardware
+from hetflow import costmodel, hardware, simulate
 from hetflow.memory import BudgetExceeded
 from hetflow.strategy import get_strategy
 
 MODELS = ("llama-tiny", "opt-tiny", "mixtral-tiny")
 IDS = np.array([[1, 5, 9, 33, 7, 2, 100], [4, 8, 15, 16, 23, 42, 3]], np.int32)
 NEW = 5
-SPLIT_ALL = dict(keep_resident=False, predict=False)
+SPLIT_ALL = dict(keep_resident=False)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,10 @@ def test_matches_resident(references, name, alpha):
   np.testing.assert_array_equal(out.tokens, tokens)
   np.testing.assert_allclose(engine.forward(IDS), logits, atol=1e-5, rtol=0)
   assert engine.ledger.peak("device") <= budget.device
-  stats = out.stats["strategy"]["decode"]
+  stats = out.stats["strategy"].decode
   assert stats["split_matmuls"] > 0
   # Weights cross the link only for alpha > 0, CPU results only for alpha < 1.
-  assert (stats.get("weight_bytes_h2d", 0) > 0) == (alpha > 0)
+  assert (stats.get("h2d_bytes", 0) > 0) == (alpha > 0)
   assert (stats.get("activation_bytes_h2d", 0) > 0) == (alpha < 1)
 
 
@@ -63,12 +63,12 @@ def _run_on_four_cpu_devices(alphas):
         logits = ref.forward(ids)
         for alpha in {list(alphas)}:
           e = hetflow.Engine(model, "tensor_split", budget=hetflow.Budget(device="4MiB"),
-                             options=dict(alpha=alpha, keep_resident=False, predict=False))
+                             options=dict(alpha=alpha, keep_resident=False))
           o = e.generate(ids, max_new_tokens={NEW}, stop_tokens=())
           out[f"{{name}} {{alpha}}"] = [
               bool((o.tokens == tokens).all()),
               float(np.abs(e.forward(ids) - logits).max()),
-              o.stats["strategy"]["link_is_real"]]
+              o.stats["strategy"].details["link_is_real"]]
       print(json.dumps(out))
       """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -97,7 +97,7 @@ def test_several_cpu_devices_all_alphas():
 
 def test_plan_respects_budget_and_states_minimum():
   model = hetflow.synthetic_model("llama-tiny")
-  strategy = get_strategy("tensor_split")(dict(predict=False, reserve_bytes=200_000))
+  strategy = get_strategy("tensor_split")(dict(reserve_bytes=200_000))
   with pytest.raises(BudgetExceeded) as err:
     strategy.plan(model, hetflow.Budget(device="64KiB"), hardware.PROFILES["a10-pcie"])
   minimum = err.value.minimum
@@ -106,7 +106,7 @@ def test_plan_respects_budget_and_states_minimum():
     budget = hetflow.Budget(device=device)
     engine = hetflow.Engine(model, "tensor_split", budget=budget,
                             profile=hardware.PROFILES["a10-pcie"],
-                            options=dict(predict=False, reserve_bytes=200_000))
+                            options=dict(reserve_bytes=200_000))
     engine.generate(IDS[:1], max_new_tokens=3, stop_tokens=())
     assert engine.ledger.peak("device") <= device
     assert engine.placement.bytes_per_tier()["device"] <= device
@@ -117,7 +117,7 @@ def test_plan_respects_budget_and_states_minimum():
 def test_scheduler_keeps_small_matrices_first():
   """Per device byte, small kernels save the most (their split overhead is fixed)."""
   model = hetflow.synthetic_model("llama-tiny")
-  strategy = get_strategy("tensor_split")(dict(predict=False, alpha=0.3))
+  strategy = get_strategy("tensor_split")(dict(alpha=0.3))
   profile = hardware.PROFILES["a10-pcie"]
   with pytest.raises(BudgetExceeded) as err:
     strategy.plan(model, hetflow.Budget(device=1), profile)
@@ -125,7 +125,7 @@ def test_scheduler_keeps_small_matrices_first():
   plan = strategy.plan(model, hetflow.Budget(device=err.value.minimum + 3 * kv_kernel),
                        profile)
   resident = {(g, n) for g, gp in plan.groups.items()
-              for n, m in gp.details.get("matrices", {}).items() if m["resident"]}
+              for n, m in (gp.details.matrices if gp.details else {}).items() if m.resident}
   assert resident and all(n in ("k", "v") for _, n in resident)
   assert "alpha" in str(plan)
 
@@ -150,4 +150,5 @@ def test_plan_of_a_big_model_is_shapes_only():
   plan = get_strategy("tensor_split")().plan(model, hetflow.Budget(device="6GB"),
                                               hardware.PROFILES["a10-pcie"])
   assert plan.bytes_per_tier()["device"] <= 6e9
-  assert 0 < plan.predicted["decode_s_per_token"] < 10
+  pred = simulate.predict(model, plan, hardware.PROFILES["a10-pcie"])
+  assert 0 < pred.decode_s_per_token < 10

@@ -12,7 +12,7 @@ as many resident blocks as 1.8 GiB of device budget allows >= 1.5x the best
 of them, since its O_DIRECT reads do not depend on the page cache at all.
 """
 
-from hetflow.benchmark import bench_config
+from hetflow.bench.config import bench_config
 
 
 def get_config(arg=None):

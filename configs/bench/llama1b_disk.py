@@ -3,7 +3,7 @@
 Run:
   python -m experiments.benchmark --config=configs/bench/llama1b_disk.py \
       --workdir=/tmp/bench-llama1b-disk
-Hardware: the 2-core, 24 GiB CPU machines here (MEASURING.md: ~2 GB/s O_DIRECT
+Hardware: the 2-core, 24 GiB CPU machines here (WORKSPACE_NOTES.md: ~2 GB/s O_DIRECT
 reads, ~24 GB/s matvec); ~5 GB free disk for the store (converted on first
 use, ~30 s); ~1.5 GiB RAM per system; root to drop the page cache.
 Expect: 4.1 GB streamed per token (22 blocks x 176 MB, float32), so decode near
@@ -11,7 +11,7 @@ disk bandwidth / 4.1 GB ~ 0.5 tok/s; prefetch_depth >= 1 at >= 0.85 of the
 limit (the issue's target), depth 0 visibly lower (reads and compute serialised).
 """
 
-from hetflow.benchmark import bench_config
+from hetflow.bench.config import bench_config
 
 
 def get_config(arg=None):

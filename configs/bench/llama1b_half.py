@@ -12,7 +12,7 @@ The resident blocks are spread over the depth (every other block), so the
 disk keeps reading while they compute.
 """
 
-from hetflow.benchmark import bench_config
+from hetflow.bench.config import bench_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ token (all but the embedding table) / ~16-24 GB/s ~ 4-6 tok/s; the issue's
 target is hetflow >= 0.9x transformers (WORKSPACE_NOTES.md, "Resident").
 """
 
-from hetflow.benchmark import bench_config
+from hetflow.bench.config import bench_config
 
 
 def get_config(arg=None):

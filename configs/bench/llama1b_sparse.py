@@ -7,7 +7,7 @@ after training the predictor and statistics once (reused while its config is
 unchanged; the benchmark never retrains):
   python -m experiments.train_predictor --config=configs/sparse/llama1b.py \
       --workdir=/tmp/hetflow-llama1b-sparse
-Hardware: the 2-core, 24 GiB CPU machines here (MEASURING.md: ~2 GB/s O_DIRECT
+Hardware: the 2-core, 24 GiB CPU machines here (WORKSPACE_NOTES.md: ~2 GB/s O_DIRECT
 at 1 MiB, ~0.66 GB/s at 64 KiB one at a time); ~3 GB of disk for the bundle
 store (+4.4 GB for layer-wise's); < 3 GiB RAM per system; root to drop caches.
 Budget: device = 1.64 GiB = 40% of 4.4 GB (float32). The fixed region
@@ -23,7 +23,7 @@ and pipeline one at a time.
 memory_limit stays empty: the machine is shared.
 """
 
-from hetflow.benchmark import bench_config
+from hetflow.bench.config import bench_config
 
 WORKDIR = "/tmp/hetflow-llama1b-sparse"
 
@@ -37,7 +37,7 @@ def get_config(arg=None):
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise", options=dict(
       offload_tier="disk", resident_layers="auto", prefetch_depth=2, kv_reserve_tokens=256))
   common = dict(predictor="trained", predictor_path=f"{WORKDIR}/predictor",
-                stats_path=f"{WORKDIR}/stats.npz", kv_reserve_bytes="16MiB",
+                stats_path=f"{WORKDIR}/stats.npz", kv_reserve_tokens=372,
                 staging_bytes="64MiB")
   # PowerInfer-2's ablation: each row adds one mechanism to the one before.
   rows = {

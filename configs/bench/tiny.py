@@ -9,7 +9,7 @@ Expect: every row ok with identical tokens; the figures themselves mean little
 (llama-tiny is 1.5 MB: per-call overheads dominate, fraction_of_limit is tiny).
 """
 
-from hetflow.benchmark import bench_config
+from hetflow.bench.config import bench_config
 
 
 def get_config(arg=None):

@@ -17,9 +17,9 @@ staging buffers and (for layerwise) its ring, not the KV cache: the paper does
 not say how it counted it.
 """
 
-from hetflow.reproduce import reproduce_config
+from hetflow.bench.reproduce import reproduce_config
 
-# PAPERS.md, HeteGen section: GPU GB -> tok/s, read off the figure.
+# HeteGen (MLSys 2024), Figure 8: GPU GB -> tok/s, read off the figure.
 HETEGEN = {
     "opt-6.7b": [(0.8, 4.2), (1.8, 4.7), (3.9, 5.6), (4.9, 5.9), (8.0, 9.3), (10.0, 10.7),
                  (11.6, 13.7), (13.0, 18.5)],

@@ -5,13 +5,13 @@ Run:
       --workdir=/tmp/powerinfer2-ablation
 Hardware: any machine; nothing runs here. Every hetflow figure is PREDICTED by
 hetflow.simulate with the neuron_cluster cost model on the "oneplus12-ufs4"
-profile (UFS 4.0 figures from PAPERS.md, CPU/DRAM assumed), batch 1, prompt 64,
+profile (UFS 4.0 figures from the PowerInfer-2 paper, CPU/DRAM assumed), batch 1, prompt 64,
 64 new tokens. Paper tok/s: 0.40 -> 1.09 -> 4.18 -> 9.60 (11.07 with the NPU,
 not modelled).
 Assumed: fp16 weights; the paper does not give the ablation's memory budget:
 we use the one that leaves 50% of the FFN in flash (8.85 GB in fp16, 2.21 GB in
 int4); Bamboo-7B at
-87.5% sparsity (PAPERS.md ~85-90%), Zipf(1.1) hotness; trained predictor at
+87.5% sparsity (the paper: ~85-90%), Zipf(1.1) hotness; trained predictor at
 precision 0.8. The rows map to neuron_cluster options: baseline = split layout
 (one 4 KiB-padded read per matrix per neuron), no cache, no pipeline;
 +bundling = one record per neuron, coalesced; +cache = the segmented cache
@@ -24,8 +24,8 @@ vs 4.18 and 9.60): the predicted hit rate (~0.57 under Zipf(1.1)) is the lever;
 fp16 rows 0.3-1.3 tok/s.
 """
 
-from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
-from hetflow.sparsity.cost import memory_for_ffn_in_flash
+from hetflow.bench.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
+from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 MODEL = "bamboo-7b"
 PAPER_TOK_S = {"baseline": 0.40, "+bundling": 1.09, "+cache": 4.18, "+pipeline": 9.60}

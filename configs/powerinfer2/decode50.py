@@ -5,7 +5,7 @@ Run:
       --workdir=/tmp/powerinfer2-decode50
   python -m experiments.reproduce --config=configs/powerinfer2/decode50.py:noreal  # predictions only
 Hardware: the phone figures are PREDICTED by hetflow.simulate on the
-"oneplus12-ufs4" profile (UFS 4.0 from PAPERS.md; CPU/DRAM assumed, see
+"oneplus12-ufs4" profile (UFS 4.0 from the PowerInfer-2 paper; CPU/DRAM assumed, see
 hetflow/hardware.py), batch 1, prompt 64, 64 new tokens. The scaled-down run
 is MEASURED on this machine: opt-125m-sparse (sparsity 0.9, zipf:1.1, float32)
 through Engine(strategy="neuron_cluster") at a budget that leaves about half of
@@ -28,12 +28,12 @@ within ~10% of the measured ones, requests within ~20%, decode tok/s within
 
 import ml_collections
 
+from hetflow.bench.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 from hetflow.config import model_section
-from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
-from hetflow.sparsity.cost import memory_for_ffn_in_flash
+from strategies.neuron_cluster.cost import memory_for_ffn_in_flash
 
 MODELS = ("turbosparse-mistral-7b", "bamboo-7b")
-SPEEDUP = 24.6  # PAPERS.md: average over llama.cpp, 50% of FFN in flash
+SPEEDUP = 24.6  # PowerInfer-2 paper: average over llama.cpp, 50% of FFN in flash
 
 
 def get_config(arg=None):
@@ -65,14 +65,14 @@ def get_config(arg=None):
   c.measure = ml_collections.ConfigDict(dict(
       model=model_section("opt-125m-sparse"),
       budget=dict(device="420MB"),
-      options=dict(kv_reserve_bytes="8MiB", staging_bytes="16MiB", calibration_tokens=512),
+      options=dict(kv_reserve_tokens=114, staging_bytes="16MiB", calibration_tokens=512),
       prompt_tokens=16, new_tokens=24, profile=""))
   c.measure.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
   if arg == "noreal":
     c.measure = None
   c.smoke = {"models": ["bamboo-7b"], "measure": {
       "model": {"name": "llama-tiny-sparse"}, "budget": {"device": "4MB"},
-      "options": {"kv_reserve_bytes": "64KiB", "staging_bytes": "256KiB",
+      "options": {"kv_reserve_tokens": 85, "staging_bytes": "256KiB",
                   "calibration_tokens": 128},
       "prompt_tokens": 4, "new_tokens": 6, "profile": "oneplus12-ufs4"}}
   return c

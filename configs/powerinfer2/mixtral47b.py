@@ -4,18 +4,18 @@ Run:
   python -m experiments.reproduce --config=configs/powerinfer2/mixtral47b.py \
       --workdir=/tmp/powerinfer2-mixtral
 Hardware: any machine; nothing runs here. Every hetflow figure is PREDICTED by
-hetflow.simulate with the neuron_cluster cost model (hetflow/sparsity/cost.py)
+hetflow.simulate with the neuron_cluster cost model (strategies/neuron_cluster/cost.py)
 on the "oneplus12-ufs4" profile (OnePlus 12: UFS 4.0 ~450 MB/s at 4 KB to
-~4 GB/s at 512 KB reads from PAPERS.md; CPU and DRAM rates assumed, see
+~4 GB/s at 512 KB reads, from the PowerInfer-2 paper; CPU and DRAM rates assumed, see
 hetflow/hardware.py; NPU not modelled), batch 1, prompt 64, 64 new tokens.
 The strategy itself refuses MoE models: the plan is sized from shapes by
-hetflow.sparsity.cost.shape_placement (every expert's neurons are cache
+strategies.neuron_cluster.cost.shape_placement (every expert's neurons are cache
 entries; a token reaches 2 of 8 experts, routed uniformly), so these are
 predictions from shapes only.
 Assumed: fp16 weights (hetflow has no int4 dtype; PowerInfer-2 reads 8 KB
 int4 neurons where we read 24 KB fp16 ones, so expect predictions well below
 the paper's, most at 7 GB where reads dominate); 85% sparsity per expert
-(PAPERS.md), Zipf(1.1) neuron hotness (not published); trained predictor at
+(the paper), Zipf(1.1) neuron hotness (not published); trained predictor at
 precision 0.8 (rank D/16 sizing).
 Two series: fp16 (what hetflow can hold) and int4 (the paper's precision,
 weights sized and read at 4 bits by the cost model only).
@@ -26,7 +26,7 @@ figure needs a hit rate above ~97% with near-exact prediction (WORKSPACE_NOTES.m
 "PowerInfer-2 reproduction (predicted)").
 """
 
-from hetflow.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
+from hetflow.bench.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
 
 PAPER = {"turbosparse-mixtral-47b": [(7.0, 2.13), (19.0, 11.68)]}
 

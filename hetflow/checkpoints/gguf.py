@@ -15,7 +15,7 @@ onto hetflow's weight formats without re-quantizing where they match:
 Asking for another format (`weights="int8"` on a Q4_0 file) dequantizes each
 tensor with the gguf package and quantizes it again, one tensor at a time.
 Embeddings and norms are always widened to the compute dtype (see
-hetflow/formats.py). llama.cpp's converter permutes the rows of q and k for
+hetflow/models/formats.py). llama.cpp's converter permutes the rows of q and k for
 its RoPE layout; they are permuted back here (rows only, so quantized blocks
 stay intact). `save_gguf` writes a model as such a file (with the same
 permutation), for tests and for running llama.cpp on the same weights.
@@ -32,8 +32,8 @@ import ml_dtypes
 import numpy as np
 
 from hetflow.checkpoints.hf import CheckpointError
-from hetflow.formats import WeightFormat, group_major
 from hetflow.models.config import ModelConfig
+from hetflow.models.formats import WeightFormat, group_major
 from hetflow.models.model import Model, parameter_shapes
 
 # hetflow leaf under layers/<i>/<half> -> GGUF tensor name (llama.cpp's llama names).

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -26,12 +27,24 @@ class CheckpointError(ValueError):
   """A checkpoint directory that cannot be loaded, and why."""
 
 
+# safetensors dtypes hetflow converts to the compute dtype. Integer, bool and
+# float8 tensors are quantized or index data: casting them to float would load
+# without error and generate garbage, so they are refused by name.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
 def _read_json(path: str) -> dict[str, Any]:
   try:
     with open(path) as f:
-      return json.load(f)
+      value = json.load(f)
   except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    raise CheckpointError(f"{path} is not valid JSON: {e}; copy the file again.") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"cannot read {path}: {e}") from None
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not an object"
+                          " ({...}); it is not an HF config: copy the checkpoint's own file.")
+  return value
 
 
 def _shard_files(directory: str) -> list[str]:
@@ -88,6 +101,10 @@ class SafetensorsSource:
   def hf_shape(self, hf_name: str) -> tuple[int, ...]:
     return tuple(self._handles[self.location[hf_name]].get_slice(hf_name).get_shape())
 
+  def hf_dtype(self, hf_name: str) -> str:
+    """The stored safetensors dtype, e.g. "BF16", "I8", "BOOL"."""
+    return self._handles[self.location[hf_name]].get_slice(hf_name).get_dtype()
+
   def get(self, name: str, dtype) -> np.ndarray:
     hf, transpose = self._table[name]
     parts = []
@@ -108,7 +125,7 @@ def load_model(directory: str, dtype: Any = jnp.float32, weights: str | None = N
     dtype: compute dtype; stored bf16/fp16/fp32 tensors convert to it when
       they are placed.
     weights: weight format of the linear kernels ("float32", "bfloat16",
-      "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/formats.py).
+      "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/models/formats.py).
       Each kernel is quantized once, tensor by tensor, as a strategy places
       it. None: float32 (for a GGUF file: the format its kernels are in).
 
@@ -122,6 +139,10 @@ def load_model(directory: str, dtype: Any = jnp.float32, weights: str | None = N
   if directory.endswith(".gguf") and os.path.isfile(directory):
     from hetflow.checkpoints import gguf  # the gguf package is needed only for GGUF files
     return gguf.load_gguf(directory, dtype=dtype, weights=weights)
+  if os.path.isfile(directory):
+    raise CheckpointError(
+        f"checkpoint {directory!r} is a file; pass the directory that holds config.json and"
+        f" the *.safetensors files (here perhaps {os.path.dirname(directory) or '.'!r}).")
   if not os.path.isdir(directory):
     raise CheckpointError(f"checkpoint directory {directory!r} does not exist.")
   config_path = os.path.join(directory, "config.json")
@@ -129,27 +150,34 @@ def load_model(directory: str, dtype: Any = jnp.float32, weights: str | None = N
     raise CheckpointError(
         f"{config_path} is missing; a checkpoint directory needs the HF config.json"
         " next to its *.safetensors files.")
+  hf_config = _read_json(config_path)
   try:
-    config = hf_names.config_from_hf(_read_json(config_path),
+    config = hf_names.config_from_hf(hf_config,
                                      name=os.path.basename(os.path.normpath(directory)))
   except (KeyError, ValueError) as e:
     message = f"missing field {e}" if isinstance(e, KeyError) else str(e)
     raise CheckpointError(f"{config_path}: {message}") from None
   table = hf_names.hf_names(config)
   source = SafetensorsSource(_shard_files(directory), table)
-  _check_tensors(config, source, table, dtype)
+  _check_tensors(config, source, table, dtype, hf_config.get("quantization_config"))
   return Model(config=config, source=source, dtype=dtype,
                tokenizer=_load_tokenizer(directory), description=directory,
                weights=weights or "float32")
 
 
-def _check_tensors(config, source: SafetensorsSource, table, dtype):
-  problems = []
+def _check_tensors(config, source: SafetensorsSource, table, dtype, quantization=None):
+  problems, not_float = [], 0
   for name, spec in parameter_shapes(config, jnp.dtype(dtype)).items():
     hf, transpose = table[name]
     for key in hf:
       if key not in source.location:
         problems.append(f"tensor {key} (for {name}) is missing")
+        continue
+      stored = source.hf_dtype(key)
+      if stored not in FLOAT_DTYPES:
+        not_float += 1
+        problems.append(f"tensor {key} in {os.path.basename(source.location[key])} has dtype"
+                        f" {stored}, not a float type")
         continue
       shape = source.hf_shape(key)
       want = spec.shape[1:] if len(hf) > 1 else spec.shape
@@ -160,8 +188,43 @@ def _check_tensors(config, source: SafetensorsSource, table, dtype):
   if problems:
     shown = "\n  ".join(problems[:10])
     more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+    hint = ""
+    if not_float:
+      method = (f" (config.json's quantization_config says"
+                f" {quantization.get('quant_method', 'quantized')!r})"
+                if isinstance(quantization, dict) else "")
+      hint = (f"\nhetflow reads float checkpoints ({', '.join(FLOAT_DTYPES)}); {not_float}"
+              f" tensor(s) are quantized or not weights{method}. Dequantize first (load it"
+              " with transformers and save_pretrained in float16 or bfloat16).")
     raise CheckpointError(
-        f"checkpoint does not match its config ({len(problems)} problem(s)):\n  {shown}{more}")
+        f"checkpoint does not match its config ({len(problems)} problem(s)):\n  {shown}{more}"
+        f"{hint}")
+
+
+class UnreadableTokenizer:
+  """Stands in for a tokenizer.json that exists but cannot be read.
+
+  Loading goes on (token-id prompts need no tokenizer); text prompts, and
+  decoding to text, raise a CheckpointError naming the file.
+
+  Attributes:
+    path: the tokenizer.json.
+    reason: why it could not be read.
+    readable: always False (the engine then returns no text).
+  """
+
+  readable = False
+
+  def __init__(self, path: str, reason: str):
+    self.path = path
+    self.reason = reason
+
+  def _refuse(self, *args, **kwargs):
+    raise CheckpointError(
+        f"{self.path} could not be read ({self.reason}); copy a working tokenizer.json there,"
+        " or pass token ids instead of text.")
+
+  encode = decode = _refuse
 
 
 def _load_tokenizer(directory: str):
@@ -169,4 +232,10 @@ def _load_tokenizer(directory: str):
   if not os.path.exists(path):
     return None
   from tokenizers import Tokenizer
-  return Tokenizer.from_file(path)
+  try:
+    return Tokenizer.from_file(path)
+  except Exception as e:  # the tokenizers library raises a bare Exception
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    warnings.warn(f"{path} could not be read ({reason}); the model loads without a tokenizer:"
+                  " token-id prompts work, text prompts raise.", stacklevel=3)
+    return UnreadableTokenizer(path, reason)

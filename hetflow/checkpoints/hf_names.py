@@ -99,8 +99,47 @@ def hf_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
 _ARCH_BY_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "mixtral", "opt": "opt"}
 
 
+# config.json fields hetflow reads, by the kind of value each must hold.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "ffn_dim", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings", "num_local_experts", "num_experts_per_tok",
+                  "word_embed_proj_dim", "sliding_window")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "do_layer_norm_before",
+          "_remove_final_layer_norm", "layer_norm_elementwise_affine")
+_STRINGS = ("model_type", "hidden_act", "activation_function")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+_DICTS = ("rope_scaling", "rope_parameters")
+
+
+def _check_field_types(hf: dict[str, Any]) -> None:
+  """A field of the wrong type is named here, not met later as a numpy error."""
+
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  for field, kind, ok in (
+      [(f, "a positive integer", lambda v: is_int(v) and v > 0) for f in _POSITIVE_INTS]
+      + [(f, "a positive number", lambda v: (is_int(v) or isinstance(v, float)) and v > 0)
+         for f in _POSITIVE_NUMBERS]
+      + [(f, "true or false", lambda v: isinstance(v, bool)) for f in _BOOLS]
+      + [(f, "a string", lambda v: isinstance(v, str)) for f in _STRINGS]
+      # Some converted Llama configs say pad_token_id=-1: ids are not bounded here.
+      + [(f, "an integer id (or a list of them)",
+          lambda v: is_int(v) or (isinstance(v, list) and v and all(is_int(x) for x in v)))
+         for f in _TOKEN_IDS]
+      + [(f, "an object", lambda v: isinstance(v, dict)) for f in _DICTS]):
+    value = hf.get(field)
+    if value is not None and not ok(value):
+      raise ValueError(f"config.json: {field}={value!r} ({type(value).__name__}); expected"
+                       f" {kind}. Copy the checkpoint's own config.json, or fix the field.")
+
+
 def config_from_hf(hf: dict[str, Any], name: str = "model") -> ModelConfig:
   """Builds a ModelConfig from an HF config.json dict; clear error otherwise."""
+  if not isinstance(hf, dict):
+    raise ValueError(f"config.json holds a JSON {type(hf).__name__}, not an object.")
+  _check_field_types(hf)
   model_type = hf.get("model_type")
   if model_type not in _ARCH_BY_MODEL_TYPE:
     raise ValueError(

@@ -9,7 +9,7 @@ ReLU input is negative, nothing is masked after the fact. This is what lets the
 neuron-cluster strategy be benchmarked honestly without downloaded weights.
 The figures it gives are those of *this* sparsity: real models' speed-ups
 depend on their real sparsity (ReluLLaMA-7B 67%, ProSparse-7B 89%, Bamboo-7B
-~85-90%, TurboSparse-Mistral 90%, OPT 96-98%; see shared/PAPERS.md).
+~85-90%, TurboSparse-Mistral 90%, OPT 96-98%; see docs/papers.md).
 
 Construction (per layer, from the seed):
   * target frequencies p_i: `zipf:s` gives p = min(max_frequency, C / rank^s)
@@ -59,6 +59,7 @@ from scipy import special
 from hetflow.checkpoints.synthetic import SHAPES, SyntheticSource
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
+from hetflow.models.walk import normalize, walk
 
 _VERSION = 2  # 2: per-layer shift to the exact target density
 RESIDUAL_CONSTANT = 1.0  # value of the residual stream's constant coordinate (Llama)
@@ -230,8 +231,6 @@ class SparseSource:
       return self._calibration
 
   def _calibrate(self) -> dict[str, np.ndarray]:
-    from hetflow.sparsity.walk import normalize, walk  # sparsity imports checkpoints
-
     c = self.config
     t = min(128, c.max_position_embeddings)
     b = max(1, -(-self.spec.calibration_tokens // t))

@@ -14,7 +14,6 @@ tests rely on.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -67,9 +66,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                          max_position_embeddings=32768, rope_theta=1e6, num_experts=8,
                          experts_per_token=2),
-    # PowerInfer-2's models (shared/PAPERS.md): Mistral-7B / Mixtral-8x7B shapes whose FFNs
+    # PowerInfer-2's models (docs/papers.md): Mistral-7B / Mixtral-8x7B shapes whose FFNs
     # use dReLU (ReLU on gate and up). Published activation sparsities live with the
-    # neuron_cluster cost model (hetflow/sparsity/cost.py, PUBLISHED_LAWS).
+    # neuron_cluster cost model (hetflow/sparsity/cache_model.py, PUBLISHED_LAWS).
     "turbosparse-mistral-7b": dict(_MISTRAL_7B, hidden_act="drelu"),
     "bamboo-7b": dict(_MISTRAL_7B, hidden_act="drelu"),
     "turbosparse-mixtral-47b": dict(_MISTRAL_7B, arch="mixtral", hidden_act="drelu",
@@ -117,26 +116,15 @@ class SyntheticSource:
     return array.astype(dtype, copy=False)
 
 
-def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32,
-                    weights: str = "float32", **kwargs) -> Model:
-  """A deterministic random model of a named shape (see SHAPES).
+def dense_model(name: str, seed: int = 0, dtype: Any = jnp.float32) -> Model:
+  """A deterministic random model of a named dense shape (see SHAPES).
 
-  `weights` is the format of its linear kernels (hetflow/formats.py); each
-  kernel is generated in float32 and quantized when a strategy places it.
-
-  Names ending in "-sparse" ("llama-1b-sparse", "opt-tiny-sparse", ...) are
-  models with true activation sparsity; they take `sparsity=`, `hotness=` and
-  the other keyword arguments of hetflow.checkpoints.sparse.sparse_model.
+  `hetflow.synthetic_model` (hetflow/checkpoints/named.py) also knows the
+  sparse ones.
   """
-  if name.endswith("-sparse"):
-    from hetflow.checkpoints.sparse import sparse_model
-    model = sparse_model(name, seed=seed, dtype=dtype, **kwargs)
-    return dataclasses.replace(model, weights=weights)
-  if kwargs:
-    raise TypeError(f"unexpected arguments {sorted(kwargs)} for {name!r} (not a -sparse model).")
   config = synthetic_config(name)
   return Model(config=config, source=SyntheticSource(config, seed), dtype=dtype,
-               description=f"synthetic {name} (seed {seed})", weights=weights)
+               description=f"synthetic {name} (seed {seed})")
 
 
 def save_hf(model: Model, directory: str, dtype: Any = None,

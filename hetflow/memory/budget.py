@@ -14,6 +14,7 @@ Units: ``KiB/MiB/GiB/TiB`` are powers of 1024, ``kB/MB/GB/TB`` powers of 1000,
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import itertools
 import math
 import re
@@ -39,6 +40,9 @@ _UNITS: dict[str, int] = {
 }
 _ACCEPTED = "B, kB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (powers of 1024)"
 _BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# The largest count accepted: 8 EiB, far above any machine, and still an int64
+# (numpy, the ledger's arithmetic and XLA all take it).
+MAX_BYTES = 2**63 - 1
 
 
 def parse_bytes(x: int | float | str) -> int:
@@ -52,7 +56,8 @@ def parse_bytes(x: int | float | str) -> int:
     The number of bytes, rounded to the nearest integer.
 
   Raises:
-    ValueError: if ``x`` is negative, not a number, or has an unknown unit.
+    ValueError: if ``x`` is negative, too large (above ``MAX_BYTES``), not a
+      number, or has an unknown unit.
   """
   # bool is an int subclass; Budget(host=True) is a bug, not one byte.
   if isinstance(x, bool):
@@ -72,11 +77,19 @@ def parse_bytes(x: int | float | str) -> int:
         f"optional unit, e.g. '512MiB', '2GB', '1.5 GiB', '4096'. "
         f"Accepted units: {_ACCEPTED}."
       )
-    value = round(float(m.group(1)) * _UNITS[unit])
+    # Decimal, not float: "1e400GiB" must be refused as too large, not
+    # overflow to inf (and a float would round large exact counts).
+    amount = decimal.Decimal(m.group(1))
+    # Past 10**30 the product is over MAX_BYTES whatever the unit; refusing it
+    # here keeps "1e9999999" from building a million-digit int.
+    value = MAX_BYTES + 1 if amount.adjusted() > 30 else round(amount * _UNITS[unit])
   else:
     raise ValueError(f"not a byte count: {x!r} (type {type(x).__name__})")
   if value < 0:
     raise ValueError(f"byte count must be >= 0, got {x!r}")
+  if value > MAX_BYTES:
+    raise ValueError(f"byte count {x!r} is too large (the most is {MAX_BYTES} bytes, 8 EiB);"
+                     " pass a size such as '512MiB' or '16GiB'.")
   return int(value)
 
 
@@ -163,7 +176,8 @@ class Budget:
     if isinstance(x, Mapping):
       unknown = sorted(set(x) - set(TIERS))
       if unknown:
-        raise ValueError(f"unknown budget tier(s) {unknown}; expected some of {list(TIERS)}")
+        raise ValueError(f"unknown budget tier(s) {unknown}; the tiers are {list(TIERS)}"
+                         " (e.g. device='1GiB' for accelerator memory).")
       return cls(**dict(x))
     raise TypeError(
       f"cannot build a Budget from {type(x).__name__}; pass None, a Budget, a dict or a ConfigDict"

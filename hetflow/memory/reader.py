@@ -1,7 +1,7 @@
 """Asynchronous O_DIRECT reads into aligned buffers, and cold-cache helpers.
 
 Why O_DIRECT: a "disk" tier served from the page cache is RAM, and would make
-every disk benchmark lie (``MEASURING.md``: cold means cold). O_DIRECT needs
+every disk benchmark lie (``docs/measuring.md``: cold means cold). O_DIRECT needs
 the buffer address, the file offset and the length to be multiples of the
 logical block size; hetflow uses 4096 everywhere, and its store pads files to
 4096 so the last partial block can be read rounded up.
@@ -16,6 +16,7 @@ depth is ``num_workers``. ``os.preadv`` releases the GIL, so threads suffice.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import errno
 import os
 import subprocess
@@ -53,6 +54,34 @@ class _Job:
     self.start = time.perf_counter()
 
 
+@dataclasses.dataclass(frozen=True)
+class ReadRecord:
+  """What a reader really did, for reports that label reads from facts.
+
+  Attributes:
+    bytes: bytes delivered into buffers.
+    requests: read system calls.
+    seconds: time inside them, summed over workers.
+    direct_requests: requests served with O_DIRECT (bypassing the page cache).
+    buffered_requests: requests through the page cache.
+    fallbacks: "path: reason" for every file that fell back to buffered reads.
+  """
+
+  bytes: int = 0
+  requests: int = 0
+  seconds: float = 0.0
+  direct_requests: int = 0
+  buffered_requests: int = 0
+  fallbacks: tuple[str, ...] = ()
+
+  @property
+  def direct(self) -> bool | None:
+    """True if every request bypassed the page cache; None if nothing was read."""
+    if not self.requests:
+      return None
+    return self.buffered_requests == 0
+
+
 class ReaderPool:
   """A pool of threads that read files into caller-provided aligned buffers.
 
@@ -83,6 +112,7 @@ class ReaderPool:
     self._fds: dict[str, tuple[int, bool, tuple[int, int]]] = {}
     self._stale_fds: list[int] = []  # direct fds replaced after a fallback
     self._warned = False
+    self._fallbacks: list[str] = []
     self._closed = False
     self.reset_stats()
 
@@ -97,6 +127,8 @@ class ReaderPool:
         "reads": 0,  # read_into calls completed
         "read_seconds": 0.0,  # summed over workers: time inside preadv
         "wall_seconds": 0.0,  # summed over read_into calls: submit -> done
+        "direct_requests": 0,
+        "buffered_requests": 0,
       }
 
   @property
@@ -106,6 +138,15 @@ class ReaderPool:
       out = dict(self._stats)
     out["direct"] = self.direct
     return out
+
+  def record(self) -> ReadRecord:
+    """The counters since the last reset as a ReadRecord."""
+    with self._lock:
+      s = dict(self._stats)
+      fallbacks = tuple(self._fallbacks)
+    return ReadRecord(bytes=s["bytes"], requests=s["requests"], seconds=s["read_seconds"],
+                      direct_requests=s["direct_requests"],
+                      buffered_requests=s["buffered_requests"], fallbacks=fallbacks)
 
   # -- files ----------------------------------------------------------------
 
@@ -136,6 +177,7 @@ class ReaderPool:
   def _fall_back(self, path: str, err: OSError) -> None:
     # Called with self._lock held.
     self.direct = False
+    self._fallbacks.append(f"{path}: {err}")
     if not self._warned:
       self._warned = True
       warnings.warn(
@@ -333,6 +375,7 @@ class ReaderPool:
     dt = time.perf_counter() - t0
     with self._lock:
       self._stats["requests"] += requests
+      self._stats["direct_requests" if is_direct else "buffered_requests"] += requests
       self._stats["read_seconds"] += dt
     return got
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from hetflow import formats
+from hetflow.models import formats
 from hetflow.models.config import ModelConfig
 
 # Finite instead of -inf so that a fully masked row (a padding query) gives a
@@ -67,7 +67,7 @@ def linear(x, kernel, bias=None):
 
   A float32 kernel is an array [in, out] (rows are input features); a
   bfloat16/int8/int4 kernel is its dict of stored leaves, computed with the
-  fastest formulation measured for its format (hetflow/formats.py).
+  fastest formulation measured for its format (hetflow/models/formats.py).
   """
   y = formats.matmul(x, kernel)
   return y if bias is None else y + bias

@@ -6,7 +6,7 @@ or generated for synthetic models), and a strategy decides when and where each
 one is placed. Names are the stable flat paths of hetflow.models.modules,
 e.g. "embed/tokens", "layers/3/mlp/up", "head/lm_head".
 
-A model's weight format (`Model.weights`, see hetflow/formats.py) decides how
+A model's weight format (`Model.weights`, see hetflow/models/formats.py) decides how
 its linear kernels are stored: a quantized kernel is a small dict of arrays at
 the kernel's path ("layers/3/mlp/up" -> {"q", "scale"}), made once per tensor
 as a strategy places it, so the whole model is never widened in memory.
@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow import formats
-from hetflow.models import modules
+from hetflow.models import formats, modules
 from hetflow.models.config import ModelConfig
 
 Tree = dict[str, Any]
@@ -36,7 +35,7 @@ class WeightSource(Protocol):
 
   A source that holds kernels already in some format (a GGUF file) may also
   define `get_stored(name, fmt) -> dict | None`: the kernel's stored leaves in
-  `fmt` (a hetflow.formats.WeightFormat) when it has them without
+  `fmt` (a hetflow.models.formats.WeightFormat) when it has them without
   re-quantizing, else None.
   """
 
@@ -125,7 +124,7 @@ class Model:
     tokenizer: a `tokenizers.Tokenizer` when the checkpoint has one, else None.
     description: where the weights came from, for logs and tables.
     weights: the weight format of the linear kernels ("float32", "bfloat16",
-      "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/formats.py).
+      "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/models/formats.py).
       Embeddings, norms, biases and the MoE router stay in `dtype`.
   """
 
@@ -202,6 +201,21 @@ class Model:
   def nbytes(self) -> int:
     return sum(s.size * s.dtype.itemsize for s in self.shapes.values())
 
+  def kv_cache_nbytes(self, tokens: int | None = None, batch: int = 1,
+                      layers: int | None = None) -> int:
+    """Bytes of the KV cache (keys and values) the engine allocates.
+
+    Args:
+      tokens: positions per row; None: the model's max positions (the reserve
+        every strategy plans by default).
+      batch: rows.
+      layers: layers counted; None: all of them.
+    """
+    c = self.config
+    tokens = c.max_position_embeddings if tokens is None else tokens
+    layers = c.num_layers if layers is None else layers
+    return 2 * layers * batch * tokens * c.num_kv_heads * c.head_dim * jnp.dtype(self.dtype).itemsize
+
   def params(self) -> Tree:
     """Every parameter as stored, as a nested tree (materialises all)."""
     return unflatten({n: self.param(n) for n in self.logical_shapes})
@@ -225,7 +239,7 @@ def flatten_group(tensors: Mapping[str, Any]) -> dict[str, Any]:
 class ModelFunctions:
   """The jitted pieces the engine composes; each compiled once per shape.
 
-  One jitted function per block kind (DESIGN.md seam 2): `attention` and `ffn`
+  One jitted function per block kind (docs/architecture.md, the engine seam): `attention` and `ffn`
   take one layer's parameters as arguments, so the same executable serves
   every layer wherever its weights live.
   """
@@ -235,7 +249,7 @@ class ModelFunctions:
     self.dtype = dtype
     # The pure half-functions of the modules, not Module.apply: a quantized
     # kernel's leaves are a dict where the module declares one array, and the
-    # functions dispatch on it (hetflow/formats.py).
+    # functions dispatch on it (hetflow/models/formats.py).
     self.embed = jax.jit(lambda p, ids, pos: modules.embed(config, p, ids, pos))
     # The cache is donated: XLA updates it in place instead of copying it.
     self.attention = jax.jit(

@@ -1,7 +1,7 @@
 """Flax modules of the three families, cut at the seams a strategy needs.
 
 A decoder block is two halves with separate parameter trees, so a strategy can
-fetch, place or recompute each on its own (DESIGN.md, seam 1):
+fetch, place or recompute each on its own (docs/architecture.md, the model seam):
 
   layers/<i>/attn   AttentionHalf: norm, q/k/v/o projections, KV cache write
   layers/<i>/mlp    DenseFFNHalf (Llama gated FFN, OPT fc1/fc2) or MoEFFNHalf
@@ -21,8 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hetflow import formats
-from hetflow.models import layers
+from hetflow.models import formats, layers
 from hetflow.models.config import ModelConfig
 
 _init = nn.initializers.normal(stddev=0.02)

@@ -262,6 +262,14 @@ class BatchReader:
       total += n
     return total
 
+  def record(self):
+    """The reads so far as a ReadRecord (every request direct or every one buffered)."""
+    from hetflow.memory.reader import ReadRecord  # until this reader merges into ReaderPool
+
+    return ReadRecord(bytes=self.bytes, requests=self.requests,
+                      direct_requests=self.requests if self.direct else 0,
+                      buffered_requests=0 if self.direct else self.requests)
+
   def read(self, path: str, buffer: np.ndarray, reqs: Sequence[tuple[int, int, int]],
            parallel: bool = True) -> list[concurrent.futures.Future]:
     """Starts the reads; returns futures (one per worker batch).

@@ -19,7 +19,7 @@ import numpy as np
 from hetflow.models import layers
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
-from hetflow.sparsity.walk import normalize, walk
+from hetflow.models.walk import normalize, walk
 
 EXACT_ZERO_ACTIVATIONS = ("relu", "drelu")
 

@@ -19,16 +19,19 @@ from typing import Any
 import ml_collections
 
 from hetflow import hardware, simulate
+from hetflow.bench.machine import machine_profile
 from hetflow.checkpoints import synthetic_model
 from hetflow.config import DTYPES, to_dict
 from hetflow.memory.budget import Budget, BudgetExceeded
-from hetflow.strategy import get_strategy
+from hetflow.strategy import NotApplicable, get_strategy
+from strategies.neuron_cluster import NeuronClusterOptions, shape_placement
+from strategies.neuron_cluster.cost import decode_counts
 
 # neuron_cluster options for predicting a paper's hardware from shapes alone: a
 # trained predictor that plan() sizes at rank D/16 (nothing exists at this path
 # and nothing is loaded: these plans are never materialised).
 SHAPE_ONLY_NEURON_CLUSTER = dict(predictor="trained", predictor_path="/nonexistent/predictor",
-                                 kv_reserve_bytes="256MiB")
+                                 kv_reserve_tokens=512)
 
 
 def reproduce_config(title: str, profile: str, models: list[str], series: list[dict],
@@ -67,14 +70,16 @@ def _plan(series: dict, model, budget, profile):
   """The series' plan at `budget`, trying its fallback options if it does not fit.
 
   A series with `shape_plan=True` (neuron_cluster only) is planned from shapes
-  by hetflow.sparsity.cost where the strategy refuses the model (MoE); with
-  `shape_plan="always"` it always is (options may then set weight_bits).
+  by strategies.neuron_cluster.cost.shape_placement where the strategy refuses the
+  model (MoE); with `shape_plan="always"` it always is (options may then set
+  weight_bits).
   """
   options = dict(series.get("options") or {})
+  bits = options.pop("weight_bits", None)
   if series.get("shape_plan") == "always":  # e.g. int4 weights, which hetflow cannot hold
-    from hetflow.sparsity import cost
     try:
-      return cost.shape_placement(model, budget, options), "planned from shapes"
+      return (shape_placement(model, budget, NeuronClusterOptions(**options), bits),
+              "planned from shapes")
     except BudgetExceeded as e:
       return None, f"needs {e.minimum / 1e9:.2f} GB"
   try:
@@ -91,12 +96,11 @@ def _plan(series: dict, model, budget, profile):
       return plan, f"with {fallback}"
     except BudgetExceeded as e:
       return None, f"needs {e.minimum / 1e9:.2f} GB" if e.minimum else "does not fit"
-  except ValueError as e:
+  except NotApplicable as e:
     if not series.get("shape_plan"):
       raise
-    from hetflow.sparsity import cost
     try:
-      return (cost.shape_placement(model, budget, options),
+      return (shape_placement(model, budget, NeuronClusterOptions(**options), bits),
               f"planned from shapes (strategy refuses: {e})")
     except BudgetExceeded as e2:
       return None, f"needs {e2.minimum / 1e9:.2f} GB"
@@ -155,7 +159,7 @@ def format_table(config, rows) -> str:
   lines = [config.title,
            f"hetflow figures are PREDICTED by hetflow.simulate on profile {config.profile!r}"
            f" (batch {config.batch}, prompt {config.prompt_len}, {config.new_tokens} new"
-           f" tokens, metric {config.metric}); paper figures as in PAPERS.md.",
+           f" tokens, metric {config.metric}); paper figures as the config quotes them.",
            f"{'model':<10} {'series':<26} {config.get('memory_label', 'GPU GB'):>7} {'paper':>7}"
            f" {'predicted':>10} {'pred/paper':>10}  bound by / note"]
   if config.get("assumptions"):
@@ -241,20 +245,18 @@ def measure_scaled(section, out=None) -> dict[str, Any]:
   import numpy as np
 
   from hetflow import config as config_lib
-  from hetflow import planner
   from hetflow.engine import Engine
-  from hetflow.sparsity import cost
 
   out = out or sys.stdout
   model = config_lib.build_model(section.model)
   budget = config_lib.build_budget(section.get("budget"))
-  profile = planner.load_profile(section.get("profile") or None, model)
+  profile = machine_profile(section.get("profile") or None, model)
   ids = np.random.default_rng(0).integers(3, model.config.vocab_size,
                                           (1, section.prompt_tokens))
   with Engine(model, "neuron_cluster", budget, options=to_dict(section.options)) as engine:
     nc = engine.strategy
     first = engine.generate(ids, max_new_tokens=section.new_tokens, stop_tokens=())
-    st = first.stats["strategy"]
+    st = first.stats["strategy"].details
     steps = st["decode_tokens"]
     cache = st["cache"]
     active = max(cache["hot_hits"] + cache["cold_hits"] + cache["misses"], 1)
@@ -263,15 +265,13 @@ def measure_scaled(section, out=None) -> dict[str, Any]:
                     hit_rate=(cache["hot_hits"] + cache["cold_hits"]) / active,
                     predicted_neurons=active / steps)
     freq = nc.frequency  # recorded statistics, hottest first: the law the run follows
-    counts = cost.decode_counts(model, engine.placement, tokens=steps, freq=freq)
+    counts = decode_counts(model, engine.placement, tokens=steps, freq=freq)
     predicted = dict(disk_bytes=counts.disk_bytes, requests=counts.requests,
                      hit_rate=counts.cache.hit_rate, predicted_neurons=counts.predicted)
     second = engine.generate(ids, max_new_tokens=section.new_tokens, stop_tokens=())
     # The second run starts where the first left the cold region: 2 x steps in all.
-    mlp = {g: dataclasses.replace(gp, details=dict(gp.details, frequencies=freq,
-                                                   cold_start_tokens=2 * steps))
-           for g, gp in engine.placement.groups.items() if g.endswith("/mlp")}
-    placement = dataclasses.replace(engine.placement, groups={**engine.placement.groups, **mlp})
+    placement = dataclasses.replace(engine.placement, settings=dataclasses.replace(
+        engine.placement.settings, frequencies=freq, cold_start_tokens=2 * steps))
     pred = simulate.predict(model, placement, profile, 1, section.prompt_tokens,
                             section.new_tokens)
   load = os.getloadavg()[0]

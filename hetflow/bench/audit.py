@@ -1,7 +1,7 @@
 """Count-based audit of neuron_cluster against dense: agreement, recall, bytes.
 
 Timings on a shared machine are noise; these counts are not. For each of a
-fixed set of prompts (the benchmark's prompt first, `benchmark.prompt_ids`
+fixed set of prompts (the benchmark's prompt first, `process.prompt_ids`
 seeds 0..n-1) the dense reference (`resident`) and neuron_cluster generate
 greedily one prompt at a time (batch 1, as the benchmark decodes); the audit
 reports token agreement (share of equal positions, and the first position
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hetflow.benchmark import prompt_ids
+from hetflow.bench.process import prompt_ids
 from hetflow.engine import Engine
 
 
@@ -41,7 +41,7 @@ def audit(model, options: dict[str, Any], reference: np.ndarray, prompt_tokens: 
       out = e.generate(prompt_ids(model.config.vocab_size, prompt_tokens, seed=s),
                        max_new_tokens=new_tokens, stop_tokens=())
       tokens.append(out.tokens[0])
-    stats = out.stats["strategy"]  # counters are cumulative over the prompts
+    stats = out.stats["strategy"].details  # counters are cumulative over the prompts
   gc.collect()
   tokens = np.stack(tokens)
   same = tokens == reference

@@ -21,7 +21,7 @@ A quantized kernel is a small dict of arrays at the kernel's usual path
 (`layers/3/mlp/up` -> {"q", "scale"}), so strategies that move a group's tree
 of arrays need no format-specific code; which formulation computes it follows
 from the leaves' shapes and dtypes alone. The layouts are the ones XLA CPU
-computes fastest (`hetflow.kernels`, figures in `docs/formats.md`): bfloat16
+computes fastest (`hetflow.models.kernels`, figures in `docs/formats.md`): bfloat16
 and per-channel int8 are stored [out, in] and computed as one multiply and a
 reduction over the contiguous `in` axis, the scale applied after it; grouped
 formats are stored group-major ([in / g, out, g]) and computed as a scan over
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from hetflow import kernels
+from hetflow.models import kernels
 
 KINDS = ("float32", "bfloat16", "int8", "int4")
 QUANTIZED_LEAVES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -307,7 +307,7 @@ def matmul(x, kernel):
 
   Up to MATVEC_MAX_ROWS rows (decode) go one row at a time through the fastest
   measured matrix-vector formulation of the kernel's format (each on a 1-D
-  row: see hetflow/kernels.py for why); more rows (prefill) dequantize the
+  row: see hetflow/models/kernels.py for why); more rows (prefill) dequantize the
   kernel once and use XLA's dot.
   """
   fmt = format_of(kernel)

@@ -8,8 +8,10 @@ and `predictor_path` options take.
 Training pairs come from two sources: prefill activations of random
 calibration prompts, and decode steps of greedy generations (the runtime
 predicts on decode inputs, which differ: short contexts, repeated tokens).
-Thresholds and the reported recall/precision come from held-out generations
-only, so they describe what decode will see. A finished run is reused when
+The generations are split by prompt: half train, a quarter sets the
+thresholds, and the last quarter, used for nothing else, gives the reported
+recall and precision (`test_reports`): a threshold set to reach a recall
+reaches it on its own samples by construction. A finished run is reused when
 its config matches (`fingerprint.json`): benchmarks never retrain.
 """
 
@@ -26,12 +28,13 @@ from hetflow import config as config_lib
 from hetflow.sparsity.predictor import (
   LowRankPredictor,
   TrainOptions,
+  evaluate,
   exact_gate_params,
   train_predictors,
 )
 from hetflow.sparsity.stats import Samples, calibration_ids, record_activations
 
-_VERSION = 2  # 2: decode-step samples, exact layers, svd
+_VERSION = 3  # 2: decode-step samples, exact layers, svd; 3: thresholds and test split
 
 
 def _fingerprint(config: Any) -> dict[str, Any]:
@@ -74,21 +77,28 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
   """Records statistics and samples, trains predictors, saves both (or reuses them).
 
   Returns:
-    {"stats_path", "predictor_path", "reports": per-layer dicts (held-out
-    decode inputs)}.
+    {"stats_path", "predictor_path", "reports": per-layer dicts on the
+    samples the thresholds were set on, "test_reports": per-layer dicts on
+    decode steps used neither to train nor to set thresholds (None without
+    `config.decode`)}.
+
+  Raises:
+    ValueError: if `config.decode` asks for fewer than 4 prompts.
   """
   os.makedirs(workdir, exist_ok=True)
   stats_path = os.path.join(workdir, "stats.npz")
   path = os.path.join(workdir, "predictor")
   fp_path = os.path.join(workdir, "fingerprint.json")
+  test_path = os.path.join(workdir, "test_reports.json")
   fingerprint = _fingerprint(config)
-  if os.path.exists(fp_path) and os.path.exists(stats_path):
+  if all(os.path.exists(p) for p in (fp_path, stats_path, test_path)):
     with open(fp_path) as f:
       if json.load(f) == fingerprint:
         predictor = LowRankPredictor.load(path)
         print(f"reusing the predictor in {path} (same config; delete {fp_path} to retrain)")
         return {"stats_path": stats_path, "predictor_path": path,
-                "reports": [r.__dict__ for r in predictor.reports]}
+                "reports": [r.__dict__ for r in predictor.reports],
+                "test_reports": _load_json(test_path)}
 
   t0 = time.perf_counter()
   model = config_lib.build_model(config.model)
@@ -100,18 +110,22 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
   print(f"  measured density per layer: {[round(float(d), 3) for d in stats.density]}"
         f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-  validation = None
+  validation = test = None
   decode = config.get("decode")
   if decode:
-    print(f"generating {decode['prompts']} x {decode['new_tokens']} tokens for decode-step"
-          " samples ...", flush=True)
-    dec, owner = decode_samples(model, decode["prompts"], decode["prompt_tokens"],
-                                decode["new_tokens"], config.seed, threshold)
-    # Held out by prompt: a generation's repeated tokens would leak across a random split.
-    va = owner >= decode["prompts"] // 2
-    validation = Samples([x[va] for x in dec.inputs], [a[va] for a in dec.active])
-    samples = Samples([np.concatenate([x, d[~va]]) for x, d in zip(samples.inputs, dec.inputs)],
-                      [np.concatenate([a, d[~va]]) for a, d in zip(samples.active, dec.active)])
+    n = decode["prompts"]
+    if n < 4:
+      raise ValueError(f"decode.prompts={n}: at least 4 are needed (half to train, a quarter"
+                       " to set thresholds, a quarter to test them); raise it in the config.")
+    print(f"generating {n} x {decode['new_tokens']} tokens for decode-step samples ...",
+          flush=True)
+    dec, owner = decode_samples(model, n, decode["prompt_tokens"], decode["new_tokens"],
+                                config.seed, threshold)
+    # Split by prompt: a generation's repeated tokens would leak across a random split.
+    part = np.where(owner < n // 2, 0, np.where(owner < n - n // 4, 1, 2))
+    train, validation, test = (_rows(dec, part == k) for k in range(3))
+    samples = Samples([np.concatenate([x, d]) for x, d in zip(samples.inputs, train.inputs)],
+                      [np.concatenate([a, d]) for a, d in zip(samples.active, train.active)])
     print(f"  decode density per layer: {[round(float(a.mean()), 3) for a in dec.active]}"
           f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -125,14 +139,32 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
   predictor = train_predictors(samples, options, progress=lambda s: print(s, flush=True),
                                validation=validation, exact=exact)
   predictor.save(path)
-  where = "held-out decode steps" if validation is not None else "held-out calibration tokens"
+  test_reports = None
+  if test is not None:
+    test_reports = [evaluate(p, thr, x, y, r.rank).__dict__ for p, thr, x, y, r in
+                    zip(predictor.params, predictor.thresholds, test.inputs, test.active,
+                        predictor.reports)]
+  shown = test_reports or [r.__dict__ for r in predictor.reports]
+  where = ("decode steps used neither to train nor to set thresholds" if test is not None
+           else "held-out calibration tokens (also used to set the thresholds)")
   print(f"on {where}:\nlayer  rank  recall  precision  predicted  true")
-  for i, r in enumerate(predictor.reports):
-    print(f"{i:5d} {r.rank:5d} {r.recall:7.3f} {r.precision:10.3f} {r.predicted_density:10.3f}"
-          f" {r.true_density:5.3f}")
+  for i, r in enumerate(shown):
+    print(f"{i:5d} {r['rank']:5d} {r['recall']:7.3f} {r['precision']:10.3f}"
+          f" {r['predicted_density']:10.3f} {r['true_density']:5.3f}")
   print(f"predictor: {predictor.nbytes() / 2**20:.1f} MiB in {path};"
         f" total {time.perf_counter() - t0:.0f} s")
-  with open(fp_path, "w") as f:
+  with open(test_path, "w") as f:
+    json.dump(test_reports, f, indent=1)
+  with open(fp_path, "w") as f:  # last: a run is reused only once everything is written
     json.dump(fingerprint, f, indent=1)
   return {"stats_path": stats_path, "predictor_path": path,
-          "reports": [r.__dict__ for r in predictor.reports]}
+          "reports": [r.__dict__ for r in predictor.reports], "test_reports": test_reports}
+
+
+def _rows(samples: Samples, keep: np.ndarray) -> Samples:
+  return Samples([x[keep] for x in samples.inputs], [a[keep] for a in samples.active])
+
+
+def _load_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from hetflow.bench.process import drop_cold, peak_rss, proc_read_bytes, touched_bytes
 from hetflow.memory.budget import format_bytes
 
 
@@ -75,14 +76,6 @@ def device_map(hf_dir: str, num_layers: int, disk_layers: list[int]) -> dict[str
   return out
 
 
-def _read_bytes() -> int:
-  try:
-    with open("/proc/self/io") as f:
-      return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
-  except (OSError, StopIteration):
-    return -1
-
-
 def _greedy(torch_model, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
   import torch
 
@@ -94,7 +87,7 @@ def _greedy(torch_model, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
     ttft = time.perf_counter() - t0
     tokens = [int(token[0])]
     past = out.past_key_values
-    io0 = _read_bytes()
+    io0 = proc_read_bytes()
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
       out = torch_model(input_ids=token[:, None], past_key_values=past, use_cache=True)
@@ -102,7 +95,7 @@ def _greedy(torch_model, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
       token = out.logits[:, -1].argmax(-1)
       tokens.append(int(token[0]))
     decode_s = time.perf_counter() - t1
-    io1 = _read_bytes()
+    io1 = proc_read_bytes()
   steps = new_tokens - 1
   return {"tokens": [tokens], "ttft_s": ttft, "decode_s": decode_s,
           "decode_tok_s": steps / decode_s if steps else float("nan"),
@@ -116,7 +109,6 @@ def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[st
   import torch
   from transformers import AutoModelForCausalLM
 
-  from hetflow.benchmark import drop_cold, peak_rss, touched_bytes
   from strategies.layerwise import spread
 
   hf_dir = spec["hf_dir"]
@@ -143,9 +135,9 @@ def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[st
   for repeat in range(max(1, spec.get("repeats", 1))):
     if repeat:
       drop_cold(spec)
-    io0 = _read_bytes()
+    io0 = proc_read_bytes()
     runs.append(_greedy(torch_model, prompt, spec["new_tokens"]))
-    runs[-1]["proc_read_bytes"] = _read_bytes() - io0
+    runs[-1]["proc_read_bytes"] = proc_read_bytes() - io0
   r = max(runs, key=lambda x: x["decode_tok_s"])  # noise only ever slows a run down
   r["decode_tok_s_all"] = [x["decode_tok_s"] for x in runs]
   r["ttft_s_all"] = [x["ttft_s"] for x in runs]

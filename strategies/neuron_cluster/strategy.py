@@ -29,7 +29,9 @@ accurate model.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -39,8 +41,9 @@ import jax
 import numpy as np
 
 from hetflow.memory import tiers
-from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
+from hetflow.memory.budget import parse_bytes
 from hetflow.memory.buffers import aligned_empty, view_as
+from hetflow.memory.reader import ReadError
 from hetflow.models import modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
@@ -51,7 +54,8 @@ from hetflow.sparsity.stats import (
   check_sparse,
   record_activations,
 )
-from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
+from hetflow.strategy import NotApplicable, Placement, Strategy, StrategyStats, register_strategy
+from strategies.neuron_cluster import cost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +98,8 @@ class NeuronClusterOptions:
     io_depth: reader threads (requests in flight).
     pieces: pieces the missing part is split into when pipelining.
     staging_bytes: the buffer missing records and prefill chunks are read into.
-    kv_reserve_bytes: device bytes left for the engine's KV cache when sizing
-      the neuron cache; None: one row of min(max positions, 1024) slots.
+    kv_reserve_tokens: KV positions (batch 1) left for the engine's KV cache
+      when sizing the neuron cache; None: the model's max positions.
     min_bucket: smallest padded active-set size.
     audit: also compute the true active set each decode step (the oracle,
       held outside the ledger: gate/up of every layer) to report per-layer
@@ -124,9 +128,51 @@ class NeuronClusterOptions:
   io_depth: int = 8
   pieces: int = 4
   staging_bytes: int | str = "64MiB"
-  kv_reserve_bytes: int | str | None = None
+  kv_reserve_tokens: int | None = None
   min_bucket: int = 16
   audit: bool = False
+
+  def __post_init__(self):
+    # Bad values are named here, not met as numpy errors while materialising.
+    for name in ("cache_bytes", "staging_bytes"):
+      value = getattr(self, name)
+      if value is not None:
+        try:
+          parse_bytes(value)
+        except ValueError as e:
+          raise ValueError(f"{name}: {e}") from None
+    for name, choices in (("predictor", ("oracle", "trained")), ("layout", ("bundled", "split")),
+                          ("hot_policy", ("static", "lru")), ("admission", ("frequency", "all"))):
+      if getattr(self, name) not in choices:
+        raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {choices}.")
+    for name in ("calibration_tokens", "cluster_size", "io_depth", "pieces", "min_bucket"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}; expected an int >= 1.")
+    t = self.kv_reserve_tokens
+    if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
+      raise ValueError(f"kv_reserve_tokens={t!r}; expected an int >= 0 or None.")
+    if not 0 <= self.hot_fraction <= 1:
+      raise ValueError(f"hot_fraction={self.hot_fraction!r}; expected a fraction in [0, 1].")
+
+
+def read_predictor_quality(options: NeuronClusterOptions) -> cost.PredictorQuality | None:
+  """A trained predictor's size and per-layer quality from its predictor.json, or
+  None (the oracle, or a predictor not trained yet)."""
+  if options.predictor != "trained":
+    return None
+  if not options.predictor_path:
+    raise ValueError("predictor='trained' needs predictor_path (experiments.train_predictor).")
+  meta = os.path.join(options.predictor_path, "predictor.json")
+  if not os.path.exists(meta):
+    return None
+  with open(meta) as f:
+    trained = json.load(f)
+  reports = trained.get("reports") or []
+  return cost.PredictorQuality(
+      nbytes=int(trained["nbytes"]),
+      true_density=tuple(r["true_density"] for r in reports) or None,
+      precision=tuple(r["precision"] for r in reports) or None)
 
 
 def _bucket(n: int, smallest: int) -> int:
@@ -157,103 +203,44 @@ class NeuronCluster(Strategy):
     path = os.path.join(root, "predictors", model.config.name)
     return [NeuronClusterOptions(), NeuronClusterOptions(predictor="trained", predictor_path=path)]
 
-  def _sizes(self, model) -> dict[str, int]:
-    c, o = model.config, self.options
-    mats = bundles_mod.neuron_matrices(c)
-    item = np.dtype(model.dtype).itemsize
-    row = c.hidden_size * item
-    stride = row if o.layout == "bundled" else -(-row // 4096) * 4096
-    record = -(-len(mats) * stride // 4096) * 4096
-    neuron_leaves = sum(model.shapes[f"layers/0/mlp/{m}"].size for m in mats) * item
-    fixed = sum(model.group_nbytes(g) for g in model.group_names() if not g.endswith("/mlp"))
-    fixed += c.num_layers * (model.group_nbytes("layers/0/mlp") - neuron_leaves)
-    quality = None
-    if o.predictor == "oracle":
-      predictor = c.num_layers * (len(mats) - 1) * c.hidden_size * c.intermediate_size * item
-    else:
-      if not o.predictor_path:
-        raise ValueError("predictor='trained' needs predictor_path (experiments.train_predictor).")
-      import json
-      meta = os.path.join(o.predictor_path, "predictor.json")
-      if os.path.exists(meta):
-        with open(meta) as f:
-          trained = json.load(f)
-        predictor = int(trained["nbytes"])
-        # What training measured per layer; the cost model predicts reads from it.
-        reports = trained.get("reports") or []
-        if len(reports) == c.num_layers:
-          quality = {"true_density": [r["true_density"] for r in reports],
-                     "precision": [r["precision"] for r in reports]}
-      else:  # not trained yet (e.g. planning a config): rank D/16 as an estimate
-        r = c.hidden_size // 16
-        predictor = c.num_layers * (c.hidden_size * (r + 2) + r * (c.intermediate_size + 1)
-                                    + c.intermediate_size) * 4
-    staging = min(parse_bytes(o.staging_bytes) // record, c.intermediate_size)
-    staging = max(staging, 2) * record
-    kv = (parse_bytes(o.kv_reserve_bytes) if o.kv_reserve_bytes is not None else
-          2 * c.num_layers * c.num_kv_heads * c.head_dim * item
-          * min(c.max_position_embeddings, 1024))
-    return dict(record=record, stride=stride, fixed=fixed, predictor=predictor,
-                staging=staging, kv=kv, full_cache=c.num_layers * c.intermediate_size * record,
-                predictor_quality=quality)
+  def __init__(self, options: Any = None):
+    super().__init__(options)
+    # A trained predictor's size and measured quality, read once here so that
+    # plan() stays pure; None until one is trained (plan() then sizes it).
+    self._trained = read_predictor_quality(self.options)
 
   def plan(self, model, budget, profile=None) -> Placement:
     c, o = model.config, self.options
-    if not model.format.plain:  # its kernels would need format-aware code (issue 11)
-      raise ValueError("neuron_cluster runs float32 weights only; this model has"
-                       f" weights={model.weights!r}. Use resident or layerwise, or load"
-                       " it with weights='float32'.")
-    check_sparse(c, o.threshold)
+    if not model.format.plain:  # its bundles would need format-aware code (issue 11)
+      raise NotApplicable("neuron_cluster runs float32 weights only; this model has"
+                          f" weights={model.weights!r}. Use resident or layerwise, or load"
+                          " it with weights='float32'.")
+    try:
+      check_sparse(c, o.threshold)
+    except ValueError as e:
+      raise NotApplicable(str(e)) from None
+    if c.num_experts:
+      raise NotApplicable("neuron_cluster runs dense-FFN models only; MoE models are planned"
+                          " from shapes (strategies.neuron_cluster.cost.shape_placement).")
     if not c.do_layer_norm_before:
-      raise ValueError("neuron_cluster supports pre-LN models only (not OPT-350m).")
-    s = self._sizes(model)
-    need = s["fixed"] + s["predictor"] + s["staging"] + s["kv"]
-    limit = budget.device
-    left = None if limit is None else limit - need
-    if left is not None and left < 0:
-      raise BudgetExceeded("device", need, 0, limit, group="fixed region + predictor + staging",
-                           minimum=need)
-    if o.cache_bytes is None:
-      cache = s["full_cache"] if left is None else min(left, s["full_cache"])
-    else:
-      cache = min(parse_bytes(o.cache_bytes), s["full_cache"])
-      if left is not None and cache > left:
-        raise BudgetExceeded("device", cache, need, limit, group="neuron cache",
-                             minimum=need + cache)
-    slots = cache // s["record"]
-    groups = {}
-    # Sizes and settings the simulator's cost model reads (hetflow/sparsity/cost.py).
-    details = dict(dataclasses.asdict(o), record_nbytes=s["record"], row_stride=s["stride"],
-                   cache_slots=slots, predictor_nbytes=s["predictor"],
-                   staging_nbytes=s["staging"], predictor_quality=s["predictor_quality"])
-    for g in model.group_names():
-      if g.endswith("/mlp"):
-        groups[g] = GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache",
-                                   details)
-      else:
-        groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
-    notes = (f"cache {format_bytes(slots * s['record'])} = {slots} neurons"
-             f" ({slots / (c.num_layers * c.intermediate_size):.1%} of all),"
-             f" predictor {o.predictor} {format_bytes(s['predictor'])},"
-             f" staging {format_bytes(s['staging'])}, layout {o.layout},"
-             f" pipeline {o.pipeline}",)
-    if o.predictor == "trained" and not os.path.exists(
-        os.path.join(o.predictor_path, "predictor.json")):
-      notes += (f"needs: a trained predictor at {o.predictor_path} (sized here as rank"
-                " D/16; python -m experiments.train_predictor)",)
-    return Placement(self.name, groups, working_bytes={
-        "device": s["predictor"] + s["staging"] + slots * s["record"]},
-        predicted={}, notes=notes)
+      raise NotApplicable("neuron_cluster supports pre-LN models only (not OPT-350m).")
+    notes = ()
+    if o.predictor == "trained" and self._trained is None:
+      notes = (f"needs: a trained predictor at {o.predictor_path} (sized here as rank"
+               " D/16; python -m experiments.train_predictor)",)
+    sizes = cost.plan_sizes(model, o, trained=self._trained)
+    return cost.make_placement(model, budget, o, sizes, trained=self._trained, notes=notes)
+
+  cost_model = staticmethod(cost.events)
 
   # -- materialising ----------------------------------------------------------
 
   def materialize(self, placement, model, ledger) -> None:
     c, o = model.config, self.options
     self.model, self.config = model, c
-    s = self._sizes(model)
+    sizes: cost.Sizes = placement.settings.sizes
     self.mats = bundles_mod.neuron_matrices(c)
     sharding = tiers.device_sharding()
-    self._allocs = []
     self._threshold = check_sparse(c, o.threshold)
 
     # Statistics and order.
@@ -281,7 +268,7 @@ class NeuronCluster(Strategy):
     # Fixed region.
     def put(group_leaves, name):
       nbytes = sum(a.nbytes for a in group_leaves.values())
-      self._allocs.append(ledger.allocate("device", nbytes, name))
+      ledger.allocate("device", nbytes, name)
       return jax.device_put(group_leaves, sharding)
 
     self._fixed = {}
@@ -314,7 +301,7 @@ class NeuronCluster(Strategy):
     else:
       self.predictor = LowRankPredictor.load(o.predictor_path)
       self.predictor.place(sharding, order)
-    self._allocs.append(ledger.allocate("device", self.predictor.nbytes(), "predictor"))
+    ledger.allocate("device", self.predictor.nbytes(), "predictor")
     # Not in the ledger: an auditing instrument, not part of the system measured.
     self._truth = None
     if o.audit:
@@ -324,14 +311,13 @@ class NeuronCluster(Strategy):
     # Staging and cache pool: aligned buffers that jax aliases (no copies).
     rec = self.store.record_nbytes
     self.record_elems = rec // np.dtype(model.dtype).itemsize
-    self._allocs.append(ledger.allocate("device", s["staging"], "staging"))
-    self.staging_cap = s["staging"] // rec
-    self.staging = aligned_empty(s["staging"])
+    ledger.allocate("device", sizes.staging, "staging")
+    self.staging_cap = sizes.staging // rec
+    self.staging = aligned_empty(sizes.staging)
     self.staging_jax = jax.device_put(
         view_as(self.staging, 0, (self.staging_cap, self.record_elems), model.dtype), sharding)
-    slots = placement.working_bytes["device"] - s["predictor"] - s["staging"]
-    self.num_slots = slots // rec
-    self._allocs.append(ledger.allocate("device", self.num_slots * rec, "cache"))
+    self.num_slots = placement.settings.cache_slots
+    ledger.allocate("device", self.num_slots * rec, "cache")
     self.pool = aligned_empty(max(self.num_slots, 1) * rec)
     self.pool_jax = jax.device_put(
         view_as(self.pool, 0, (max(self.num_slots, 1), self.record_elems), model.dtype),
@@ -352,9 +338,7 @@ class NeuronCluster(Strategy):
     self._build_functions()
     self._phase = "prefill"
     self._shapes: set[tuple] = set()
-    self._counters = dict(decode_tokens=0, decode_bytes=0, decode_requests=0, prefill_bytes=0,
-                          predicted=0, read_neurons=0, swap_bytes=0,
-                          new_shapes_per_token=[])
+    self._new_shapes_per_token: list[int] = []
     self._fired: list[Any] = []
     self._staging_users: list[list[Any]] = [[], []]  # computations reading each half
 
@@ -385,8 +369,7 @@ class NeuronCluster(Strategy):
 
   def end(self):
     if self._phase == "decode":
-      self._counters["decode_tokens"] += 1
-      self._counters["new_shapes_per_token"].append(self._step_shapes)
+      self._new_shapes_per_token.append(self._step_shapes)
 
   def _compute(self, kind, buf, idx, pos, h, small):
     n = len(idx)
@@ -400,10 +383,15 @@ class NeuronCluster(Strategy):
 
   def run_ffn(self, layer, params, x, ffn):
     h = self._norm(params, x)
-    if self._phase == "decode":
-      parts = self._decode(layer, params, x, h)
-    else:
-      parts = self._prefill(layer, params, h)
+    try:
+      if self._phase == "decode":
+        parts = self._decode(layer, params, x, h)
+      else:
+        parts = self._prefill(layer, params, h)
+    except OSError as e:  # the reads of this layer's neurons (and any hot-cache swap)
+      raise ReadError(e.errno or errno.EIO,
+                      f"neuron_cluster: reading layer {layer}'s neurons from"
+                      f" {self.store.file(layer)} (store {self.store.path}) failed: {e}") from e
     acc = parts[0]
     for p in parts[1:]:
       acc = self._add(acc, p)
@@ -427,7 +415,8 @@ class NeuronCluster(Strategy):
       self._staging_users[k % 2] = []
       reqs = self.store.requests(np.arange(s, s + n), True, max_run=1 << 20)
       reqs = [(off, nb, dst + base * rec) for off, nb, dst in reqs]
-      self._counters["prefill_bytes"] += sum(r[1] for r in reqs)
+      self.counters.prefill.add("disk_bytes", sum(r[1] for r in reqs))
+      self.counters.prefill.add("disk_requests", len(reqs))
       return self.reader.read(path, self.staging, reqs, parallel=True)
 
     outs, pending = [], submit(0)
@@ -450,7 +439,7 @@ class NeuronCluster(Strategy):
     active = np.nonzero(np.asarray(mask).reshape(-1, c.intermediate_size).any(0))[0]
     if o.hot_policy == "lru" and self.num_slots:
       self._swap_hot(layer)
-    self._counters["predicted"] += len(active)
+    self.counters.decode.add("predicted", len(active))
     if self._truth is not None:
       true = np.asarray(self._truth.predict(layer, x, h)).reshape(-1, c.intermediate_size).any(0)
       predicted = np.zeros_like(true)
@@ -482,8 +471,8 @@ class NeuronCluster(Strategy):
       for p in pieces:
         reqs = self.store.requests(rnd[p], o.coalesce)
         reqs = [(off, nb, dst + int(p[0]) * rec) for off, nb, dst in reqs]
-        self._counters["decode_bytes"] += sum(q[1] for q in reqs)
-        self._counters["decode_requests"] += len(reqs)
+        self.counters.decode.add("disk_bytes", sum(q[1] for q in reqs))
+        self.counters.decode.add("disk_requests", len(reqs))
         pending.append(self.reader.read(path, self.staging, reqs, parallel=o.pipeline))
       for p, futs in zip(pieces, pending):
         for fut in futs:
@@ -492,7 +481,7 @@ class NeuronCluster(Strategy):
         outs.append(out)
         self._staging_users[0].append(out)
         self._fired.append(fired)  # neurons read that really fired: the useful bytes
-      self._counters["read_neurons"] += len(rnd)
+      self.counters.decode.add("read_neurons", len(rnd))
       if self.num_slots:
         self.cache.protect(len(hit_slots))
         slots = self.cache.admit(layer, rnd)
@@ -520,14 +509,14 @@ class NeuronCluster(Strategy):
     reqs = [(off, n, dst + first * rec) for off, n, dst in self.store.requests(positions, True)]
     for f in self.reader.read(self.store.file(layer), self.pool, reqs):
       f.result()
-    self._counters["decode_bytes"] += sum(r[1] for r in reqs)
-    self._counters["decode_requests"] += len(reqs)
-    self._counters["swap_bytes"] += sum(r[1] for r in reqs)
+    self.counters.decode.add("disk_bytes", sum(r[1] for r in reqs))
+    self.counters.decode.add("disk_requests", len(reqs))
+    self.counters.decode.add("swap_bytes", sum(r[1] for r in reqs))
     self.cache.counters.cluster_swaps += 1
 
   # -- reporting ----------------------------------------------------------------
 
-  def stats(self) -> dict[str, Any]:
+  def stats(self) -> StrategyStats:
     """Counters since load.
 
     Byte figures per decode token: `disk_bytes_per_token` read;
@@ -541,47 +530,47 @@ class NeuronCluster(Strategy):
     `ideal_bytes_per_token` falls back to the useful bytes (`ideal_exact`
     says which).
     """
-    k = dict(self._counters)
-    n = max(k["decode_tokens"], 1)
+    d = self.counters.decode
+    n = max(d.passes, 1)
     fired = int(sum(int(f) for f in self._fired))
     neuron = self.store.neuron_nbytes
-    per_token = k["decode_bytes"] / n
+    per_token = d.disk_bytes / n
     useful = fired * neuron / n
     f_total = self.config.num_layers * self.config.intermediate_size
     tp, fp, fn, uncached = self._audit.T
     audited = self._truth is not None
     ideal = uncached.sum() * neuron / n if audited else useful
-    out = {
-        "decode_tokens": k["decode_tokens"],
+    details = {
+        "decode_tokens": d.passes,
         "disk_bytes_per_token": per_token,
         "ideal_bytes_per_token": ideal,
         "ideal_exact": audited,
         "useful_bytes_per_token": useful,
-        "false_positive_bytes_per_token": (k["read_neurons"] - fired) * neuron / n,
+        "false_positive_bytes_per_token": (d.get("read_neurons") - fired) * neuron / n,
         "read_amplification": per_token / ideal if ideal else float("nan"),
-        "requests_per_token": k["decode_requests"] / n,
-        "cluster_swap_bytes_per_token": k["swap_bytes"] / n,
-        "predicted_density": k["predicted"] / n / f_total,
-        "read_neurons_per_token": k["read_neurons"] / n,
-        "prefill_disk_bytes": k["prefill_bytes"],
+        "requests_per_token": d.disk_requests / n,
+        "cluster_swap_bytes_per_token": d.get("swap_bytes") / n,
+        "predicted_density": d.get("predicted") / n / f_total,
+        "read_neurons_per_token": d.get("read_neurons") / n,
+        "prefill_disk_bytes": self.counters.prefill.disk_bytes,
         "cache_slots": self.num_slots,
         "cache_fraction": self.num_slots / f_total,
         "cache": dataclasses.asdict(self.cache.counters),
         "compiled_shapes": len(self._shapes),
-        "new_shapes_per_token": list(k["new_shapes_per_token"]),
-        "direct_io": self.reader.direct,
-        # Cumulative, for the benchmark harness (it takes differences).
-        "decode": {"disk_bytes": k["decode_bytes"], "useful_bytes": fired * neuron,
-                   "requests": k["decode_requests"]},
+        "new_shapes_per_token": list(self._new_shapes_per_token),
     }
     if audited:
-      out.update(
+      details.update(
           missed_neurons_per_token=fn.sum() / n,
           true_density=(tp + fn).sum() / n / f_total,
           recall=float(tp.sum() / max((tp + fn).sum(), 1)),
           precision=float(tp.sum() / max((tp + fp).sum(), 1)),
           layer_recall=[float(a / max(a + b, 1)) for a, b in zip(tp, fn)],
           layer_precision=[float(a / max(a + b, 1)) for a, b in zip(tp, fp)])
+    out = self.counters.copy()
+    out.decode.other["useful_bytes"] = fired * neuron
+    out.details.update(details)
+    out.reads = self.reader.record()
     return out
 
   def close(self):

@@ -1,4 +1,4 @@
-"""Measured decode costs of one model's shapes on this machine, for the simulator.
+"""Measuring a model's own decode costs on this machine, for the simulator.
 
 A `HardwareProfile` holds rates of generic kernels (a 4096^2 matvec, a 256 MiB
 copy). A model's own kernels run at other rates: XLA CPU streams a
@@ -41,26 +41,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.hardware import HardwareProfile, best_time
+from hetflow import costmodel
+from hetflow.bench.probes import best_time
+from hetflow.engine import Engine
+from hetflow.hardware import HardwareProfile, measured_costs, model_key
 from hetflow.memory import tiers
 from hetflow.memory.budget import format_bytes
 
 GiB = 2**30
-
-
-def model_key(model) -> str:
-  """What decode costs depend on: per-layer shapes, vocabulary and dtype (not weights)."""
-  c = model.config
-  key = (f"{c.arch} d{c.hidden_size} f{c.intermediate_size} h{c.num_heads}/{c.num_kv_heads}"
-         f"x{c.head_dim} v{c.vocab_size} {c.hidden_act} {jnp.dtype(model.dtype).name}")
-  if c.num_experts:
-    key += f" e{c.experts_per_token}/{c.num_experts}"
-  return key
-
-
-def measured(profile, model) -> dict[str, float] | None:
-  """The calibration of `model`'s shapes in `profile`, or None."""
-  return profile.models.get(model_key(model))
 
 
 def _layer_nbytes(model) -> int:
@@ -112,8 +100,6 @@ def _few_layers(model, layers: int = 8):
 
 
 def _decode_step_s(model, strategy: str, options=None, repeats: int = 3) -> float:
-  from hetflow.engine import Engine
-
   ids = np.arange(3, 11, dtype=np.int32)[None]
   with Engine(model, strategy, options=options) as engine:
     engine.generate(ids, max_new_tokens=16, stop_tokens=())  # compile
@@ -130,8 +116,6 @@ def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
   where the device is the CPU: with an accelerator the difference would
   include the link transfers, which the simulator models itself.
   """
-  from hetflow import costmodel  # costmodel imports this module
-
   few = _few_layers(model)
   kernels = sum(len(costmodel.group_matrices(few, g)) for g in few.group_names()
                 if g.startswith("layers/"))
@@ -260,7 +244,6 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
   if jax.default_backend() == "cpu":
     # At the split this machine's profile gives (one tiny and one wide
     # multiply per kernel cost more than two halves).
-    from hetflow import costmodel  # costmodel imports this module
     alpha = costmodel.phase_alpha(profile, 1, model.dtype)
     results["split_kernel_s"] = split_kernel_overhead(model, alpha, max(repeats, 5))
   if progress:
@@ -274,7 +257,7 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
 
 def summary(profile, model) -> str:
   """One line: the calibration used for `model`, or that there is none."""
-  m = measured(profile, model)
+  m = measured_costs(profile, model)
   if not m:
     return f"{model_key(model)}: not calibrated (roofline from the profile's generic rates)"
   return (f"{model_key(model)}: calibrated decode attn {m['attn_s'] * 1e3:.2f} ms, ffn"
