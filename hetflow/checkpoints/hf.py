@@ -115,19 +115,18 @@ class SafetensorsSource:
     return np.ascontiguousarray(array, dtype=dtype)
 
 
-def load_model(directory: str, dtype: Any = jnp.float32, weights: str | None = None) -> Model:
-  """Loads a local HF checkpoint directory, or a GGUF file, lazily.
+def load_hf(directory: str, dtype: Any = jnp.float32, weights: str | None = None) -> Model:
+  """Loads a local HF checkpoint directory lazily (`hetflow.load_model` also reads GGUF).
 
   Args:
     directory: holds config.json, *.safetensors (and the index json when
-      sharded), optionally tokenizer.json; or a llama-family *.gguf file
-      (hetflow.checkpoints.gguf).
+      sharded), optionally tokenizer.json.
     dtype: compute dtype; stored bf16/fp16/fp32 tensors convert to it when
       they are placed.
     weights: weight format of the linear kernels ("float32", "bfloat16",
       "int8", "int8-g32", "int4", "int4-asym", ...; hetflow/models/formats.py).
       Each kernel is quantized once, tensor by tensor, as a strategy places
-      it. None: float32 (for a GGUF file: the format its kernels are in).
+      it. None: float32.
 
   Returns:
     A Model whose tensors are read from the memory-mapped shards on demand.
@@ -136,9 +135,6 @@ def load_model(directory: str, dtype: Any = jnp.float32, weights: str | None = N
     CheckpointError: naming the missing or bad file, field or tensor.
   """
   directory = os.fspath(directory)
-  if directory.endswith(".gguf") and os.path.isfile(directory):
-    from hetflow.checkpoints import gguf  # the gguf package is needed only for GGUF files
-    return gguf.load_gguf(directory, dtype=dtype, weights=weights)
   if os.path.isfile(directory):
     raise CheckpointError(
         f"checkpoint {directory!r} is a file; pass the directory that holds config.json and"
