@@ -138,7 +138,7 @@ def test_layerwise_gives_residents_tokens(spec):
     engine, out = _check(model, tokens, logits,
                          LayerwiseOptions(offload_tier=tier, resident_layers=1))
     if tier == "disk":
-      counted = out.stats["strategy"]["decode"]["disk_bytes"]
+      counted = out.stats["strategy"].decode.disk_bytes
       streamed = sum(model.group_nbytes(f"layers/{i}/{h}") for i in (0, 2)
                      for h in ("attn", "mlp"))
       assert counted == streamed * (NEW - 1)  # the format's bytes, not float32's
