@@ -221,3 +221,9 @@ def test_strategies_without_formats_refuse_them(strategy):
   model = hetflow.synthetic_model("llama-tiny-relu", weights="int8")
   with pytest.raises(ValueError, match=f"{strategy} runs float32 weights only.*weights='int8'"):
     Engine(model, strategy)
+
+
+def test_a_format_the_shapes_do_not_allow_fails_at_once():
+  with pytest.raises(FormatError, match="llama-tiny: layers/0/attn/[qkv]: a kernel of 64 inputs"
+                                        " cannot be cut into groups of 128"):
+    hetflow.synthetic_model("llama-tiny", weights="int8-g128")

@@ -89,7 +89,11 @@ def stored_shapes(config: ModelConfig, dtype, weights: formats.WeightFormat
   out = {}
   for name, spec in parameter_shapes(config, dtype).items():
     if weights.applies(name):
-      out.update({f"{name}/{leaf}": s for leaf, s in weights.leaf_shapes(spec.shape).items()})
+      try:
+        leaves = weights.leaf_shapes(spec.shape)
+      except formats.FormatError as e:
+        raise formats.FormatError(f"{config.name}: {name}: {e}") from None
+      out.update({f"{name}/{leaf}": s for leaf, s in leaves.items()})
     else:
       out[name] = spec
   return out
@@ -137,6 +141,7 @@ class Model:
 
   def __post_init__(self):
     self.weights = formats.WeightFormat.parse(self.weights).name
+    _ = self.shapes  # a format the kernels' shapes do not allow fails here, naming the kernel
 
   @property
   def format(self) -> formats.WeightFormat:
