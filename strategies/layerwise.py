@@ -377,6 +377,7 @@ class Layerwise(Strategy):
     kv_total = lay.kv_layer * n
     streamed_bytes = sum(lay.layer[i] for i in streamed)
     notes = [
+        model.weights_note,
         f"resident layers: {resident if len(resident) < 12 else f'{len(resident)} of {n}'};"
         f" streamed: {len(streamed)} from {o.offload_tier}",
         f"ring: {slots} slot(s) of {format_bytes(lay.slot)}"

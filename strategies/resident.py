@@ -47,8 +47,9 @@ class Resident(Strategy):
     # a minimum without it would fail at the first generate.
     kv = model.kv_cache_nbytes(tokens)
     placement = Placement(self.name, groups, working_bytes={"device": kv},
-                          notes=(f"KV cache: {format_bytes(kv)} reserved for {tokens} tokens"
-                                 " at batch 1",))
+                          notes=(model.weights_note,
+                                 f"KV cache: {format_bytes(kv)} reserved for {tokens} tokens"
+                                 " at batch 1"))
     need = placement.bytes_per_tier()["device"]
     if budget.device is not None and need > budget.device:
       raise BudgetExceeded("device", need, 0, budget.device,

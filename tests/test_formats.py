@@ -134,6 +134,9 @@ def _check(model, tokens, logits, options):
 def test_layerwise_gives_residents_tokens(spec):
   model = hetflow.synthetic_model("llama-tiny", weights=spec)
   tokens, logits = _reference(model)
+  with Engine(model, "resident") as engine:
+    note = engine.placement.notes[0]
+  assert f"weights: {model.weights} (" in note and "embeddings, norms" in note
   for tier in ("host", "disk"):
     engine, out = _check(model, tokens, logits,
                          LayerwiseOptions(offload_tier=tier, resident_layers=1))

@@ -149,6 +149,16 @@ class Model:
     return formats.WeightFormat.parse(self.weights)
 
   @property
+  def weights_note(self) -> str:
+    """What the weight format covers, for a placement's notes."""
+    fmt = self.format
+    wide = jnp.dtype(self.dtype).name
+    if fmt.plain:
+      return f"weights: {wide} throughout"
+    return (f"weights: {fmt.name} ({fmt.bits_per_weight:g} bits/weight) for the blocks' linear"
+            f" kernels and an untied LM head; embeddings, norms, biases, routers in {wide}")
+
+  @property
   def shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
     """Stored leaves (a quantized kernel contributes one entry per leaf)."""
     return stored_shapes(self.config, jnp.dtype(self.dtype), self.format)
