@@ -25,19 +25,6 @@ NEW = 6
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  # Stores converted on first use go here, not into the user's cache.
-  path = str(tmp_path_factory.mktemp("hetflow-cache"))
-  old = os.environ.get("HETFLOW_CACHE")
-  os.environ["HETFLOW_CACHE"] = path
-  yield path
-  if old is None:
-    os.environ.pop("HETFLOW_CACHE", None)
-  else:
-    os.environ["HETFLOW_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def references(cache_dir):
   """Per model: the Model (shared, so jitted functions compile once), tokens, logits."""
   out = {}
