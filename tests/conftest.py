@@ -5,6 +5,17 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+# Stores, profiles and calibrations that tests write go to a cache of their own,
+# removed at exit, never into the user's (hetflow.memory.cache.cache_root).
+if not os.environ.get("HETFLOW_CACHE"):
+  import atexit
+  import shutil
+  import tempfile
+
+  _CACHE = tempfile.mkdtemp(prefix="hetflow-test-cache-")
+  os.environ["HETFLOW_CACHE"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, True)
+
 import pytest  # noqa: E402  (after the environment the imports of jax read)
 
 

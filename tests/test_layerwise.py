@@ -17,7 +17,8 @@ from hetflow import planner
 from hetflow.engine import Engine
 from hetflow.hardware import PROFILES
 from hetflow.memory import Budget, BudgetExceeded, ReadError, format_bytes
-from strategies.layerwise import Layerwise, LayerwiseOptions, default_store_dir, write_store
+from hetflow.memory.store import default_store_dir, write_store
+from strategies.layerwise import Layerwise, LayerwiseOptions
 
 MODELS = ("llama-tiny", "opt-tiny", "mixtral-tiny")
 PROMPT = [[5, 6, 7, 8, 9, 10]]

@@ -419,8 +419,11 @@ def test_reader_reads_exact_bytes(tmp_path, nbytes, chunk):
     buf2 = aligned_empty(nbytes + PAGE)
     pool.read_into(path, PAGE, buf2, nbytes=nbytes, chunk=chunk).result(timeout=30)
     np.testing.assert_array_equal(buf2[:nbytes], data[PAGE : PAGE + nbytes])
-    assert pool.stats["bytes"] == 2 * nbytes
-    assert pool.stats["reads"] == 2
+    record = pool.record()
+    assert record.bytes == 2 * nbytes
+    assert record.calls == 2
+    assert record.direct and record.direct_requests == record.requests > 0
+    assert record.fallbacks == ()
 
 
 def test_reader_concurrent_reads(tmp_path):
@@ -433,8 +436,8 @@ def test_reader_concurrent_reads(tmp_path):
     for fut, b, d in zip(futs, bufs, datas, strict=True):
       assert fut.result() == d.nbytes
       np.testing.assert_array_equal(b, d)
-    assert pool.stats["reads"] == 6
-    assert pool.stats["read_seconds"] > 0
+    assert pool.record().calls == 6
+    assert pool.record().seconds > 0
 
 
 def test_reader_short_read_raises_naming_file(tmp_path):
@@ -506,7 +509,10 @@ def test_reader_falls_back_when_o_direct_refused(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="O_DIRECT refused"):
       fut = pool.read_into(path, 0, aligned_empty(10_000), chunk=PAGE)
     fut.result(timeout=10)
-    assert pool.direct is False and pool.stats["direct"] is False
+    record = pool.record()
+    assert pool.direct is False and record.direct is False
+    assert record.buffered_requests == record.requests > 0 and record.direct_requests == 0
+    assert len(record.fallbacks) == 1 and record.fallbacks[0].startswith(f"{path}: ")
     # Buffered reads need no alignment, and warn only once.
     buf = np.zeros(5000, np.uint8)
     with warnings.catch_warnings():
