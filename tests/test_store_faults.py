@@ -38,10 +38,18 @@ NEW = 5
 SPARSE = dict(sparsity=0.9, hotness="zipf:1.1")
 
 
+@pytest.fixture(scope="module")
+def calibrations(tmp_path_factory):
+  """The synthetic sparse models' calibrations, computed once for the module."""
+  return tmp_path_factory.mktemp("sparse-calibrations")
+
+
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
+def cache(tmp_path, monkeypatch, calibrations):
   """Each test gets its own cache root (default stores are written there)."""
   path = tmp_path / "cache"
+  path.mkdir()
+  os.symlink(calibrations, path / "sparse")
   monkeypatch.setenv("HETFLOW_CACHE", str(path))
   return path
 
