@@ -59,7 +59,7 @@ class ReadRecord:
   Attributes:
     bytes: bytes delivered into buffers (not counting O_DIRECT round-up).
     requests: ``preadv`` calls issued.
-    seconds: time spent inside ``preadv``, summed over the workers.
+    seconds: time the workers spent reading, summed over the workers.
     direct_requests: requests served through an O_DIRECT descriptor.
     buffered_requests: requests served through the page cache.
     fallbacks: one ``"path: reason"`` per file that refused O_DIRECT and was
@@ -361,11 +361,12 @@ class ReaderPool:
     reqs = coalesce_requests(requests, coalesce) if coalesce else [
       (int(o), int(n), int(d)) for o, n, d in requests]
     fd, is_direct = self._open(path)
+    base, size = buffer.ctypes.data, buffer.nbytes
     for off, n, dst in reqs:
-      if n < 0 or dst < 0 or dst + n > buffer.nbytes:
+      if n < 0 or dst < 0 or dst + n > size:
         raise ValueError(
-          f"request ({off}, {n}, {dst}) of {path} does not fit a {buffer.nbytes}-byte buffer")
-      if is_direct and (off % PAGE or (buffer.ctypes.data + dst) % PAGE):
+          f"request ({off}, {n}, {dst}) of {path} does not fit a {size}-byte buffer")
+      if is_direct and (off % PAGE or (base + dst) % PAGE):
         raise ValueError(
           f"O_DIRECT needs {PAGE}-aligned file offsets and destinations; request ({off}, {n}, "
           f"{dst}) of {path} is not (allocate with hetflow.memory.aligned_empty)")
@@ -384,15 +385,43 @@ class ReaderPool:
     return job.future
 
   def _run_batch(self, job: _Job, buffer: np.ndarray, batch: Sequence[Request]) -> None:
+    # The fast path is one preadv per request with the counters kept locally
+    # and added once per batch: with hundreds of 24 KiB records per call, a
+    # lock and a stat per request cost ~20% of the throughput at depth 8.
+    # Anything unusual (a short read, an error, no room for the round-up)
+    # goes through _read_span, which retries, falls back or raises.
+    mv = memoryview(buffer)
+    size = buffer.nbytes
+    nbytes = requests = direct = 0
+    t0 = time.perf_counter()
     try:
+      fd, is_direct = self._open(job.path)  # once per batch
       for off, n, dst in batch:
         if job.error is not None:  # after a failure, skip the rest quickly
           break
-        self._read_span(job.path, buffer, dst, off, n)
+        want = round_up(n) if is_direct else n
+        got = -1
+        if dst + want <= size:
+          try:
+            got = os.preadv(fd, [mv[dst : dst + want]], off)
+            requests += 1
+            direct += is_direct
+          except OSError:
+            got = -1
+        if got >= n:
+          nbytes += n
+        else:
+          fd, is_direct = self._read_span(job.path, buffer, dst, off, n, (fd, is_direct))
     except BaseException as e:  # noqa: BLE001 - delivered through the future
       with job.lock:
         if job.error is None:
           job.error = e
+    with self._lock:
+      self._counts["bytes"] += nbytes
+      self._counts["requests"] += requests
+      self._counts["direct_requests"] += direct
+      self._counts["buffered_requests"] += requests - direct
+      self._counts["seconds"] += time.perf_counter() - t0
     with job.lock:
       job.remaining -= 1
       last = job.remaining == 0
@@ -421,8 +450,17 @@ class ReaderPool:
       self._counts["calls"] += 1
     job.future.set_result(job.nbytes)
 
-  def _read_span(self, path: str, buffer: np.ndarray, start: int, file_off: int, need: int) -> None:
-    fd, is_direct = self._open(path)
+  def _read_span(
+    self,
+    path: str,
+    buffer: np.ndarray,
+    start: int,
+    file_off: int,
+    need: int,
+    opened: tuple[int, bool] | None = None,
+  ) -> tuple[int, bool]:
+    """Reads one request; returns the (fd, is_direct) it ended up using."""
+    fd, is_direct = opened or self._open(path)
     mv = memoryview(buffer)
     try:
       got = self._read_exact(fd, is_direct, mv, buffer, start, file_off, need)
@@ -432,12 +470,12 @@ class ReaderPool:
           e.errno, f"reading {need} bytes of {path} at offset {file_off} failed: {e}"
         ) from e
       # Some filesystems accept O_DIRECT at open and refuse it at read.
-      fd = self._reopen_buffered(path, e)
+      fd, is_direct = self._reopen_buffered(path, e), False
       got = self._read_exact(fd, False, mv, buffer, start, file_off, need)
     if got >= need:
       with self._lock:
         self._counts["bytes"] += need
-      return
+      return fd, is_direct
     size = os.fstat(fd).st_size
     raise ReadError(
       errno.EIO,
