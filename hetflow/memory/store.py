@@ -264,7 +264,8 @@ class LayerStore:
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
       raise IncompleteStoreError(
         f"{path} holds format {manifest.get('format')!r} version "
-        f"{manifest.get('version')!r}; this hetflow reads {FORMAT!r} version {VERSION}"
+        f"{manifest.get('version')!r}; this hetflow reads {FORMAT!r} version {VERSION}. "
+        "Delete it (hetflow wrote it) and it is rebuilt on first use, or convert again"
       )
     store = cls(path, manifest)
     # A truncated file would otherwise surface as a short read mid-generation.
