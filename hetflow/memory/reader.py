@@ -171,13 +171,6 @@ class ReaderPool:
     with self._lock:
       return ReadRecord(fallbacks=tuple(self._fallbacks), **self._counts)
 
-  @property
-  def stats(self) -> dict[str, float]:
-    """The record as the dict the strategies' stats() still report (``direct``: the pool's)."""
-    r = self.record()
-    return {"bytes": r.bytes, "requests": r.requests, "reads": r.calls,
-            "read_seconds": r.seconds, "direct": self.direct}
-
   # -- files ----------------------------------------------------------------
 
   def _open(self, path: str) -> tuple[int, bool]:
