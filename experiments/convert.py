@@ -37,7 +37,8 @@ def main(argv):
     raise app.UsageError(f"{e}; pass --overwrite to replace it.") from None
   print(f"wrote {store.path}: {len(store.groups)} groups, {format_bytes(store.total_nbytes)}"
         f" ({model.description}, {_DTYPE.value})")
-  print(f"use it with: --config.strategy.options.store_dir={store.path}")
+  print("use it with: --config.strategy.name=layerwise"
+        f" --config.strategy.options.store_dir={store.path}")
 
 
 if __name__ == "__main__":
