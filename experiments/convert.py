@@ -16,7 +16,7 @@ from absl import app, flags
 
 from hetflow import config as config_lib
 from hetflow.memory.budget import format_bytes
-from strategies import layerwise
+from hetflow.memory.store import default_store_dir, write_store
 
 _MODEL = flags.DEFINE_string("model", "llama-tiny", "Synthetic model shape (hetflow SHAPES).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Local HF checkpoint dir (overrides --model).")
@@ -30,14 +30,15 @@ def main(argv):
   del argv
   section = config_lib.model_section(_MODEL.value, _CHECKPOINT.value, _SEED.value, _DTYPE.value)
   model = config_lib.build_model(section)
-  out = _OUT.value or layerwise.default_store_dir(model)
+  out = _OUT.value or default_store_dir(model)
   try:
-    store = layerwise.write_store(model, out, progress=True, overwrite=_OVERWRITE.value)
+    store = write_store(model, out, progress=True, overwrite=_OVERWRITE.value)
   except FileExistsError as e:
     raise app.UsageError(f"{e}; pass --overwrite to replace it.") from None
   print(f"wrote {store.path}: {len(store.groups)} groups, {format_bytes(store.total_nbytes)}"
         f" ({model.description}, {_DTYPE.value})")
-  print(f"use it with: --config.strategy.options.store_dir={store.path}")
+  print("use it with: --config.strategy.name=layerwise"
+        f" --config.strategy.options.store_dir={store.path}")
 
 
 if __name__ == "__main__":

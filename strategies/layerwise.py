@@ -30,15 +30,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
-import hashlib
-import json
-import os
 import threading
 import time
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hetflow import hardware, simulate
@@ -46,8 +42,8 @@ from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up
 from hetflow.memory.reader import ReaderPool, ReadError
-from hetflow.memory.store import LayerStore
-from hetflow.models.model import Model, flatten_group, unflatten
+from hetflow.memory.store import open_store, padded_group_nbytes, store_nbytes
+from hetflow.models.model import Model, unflatten
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 HALVES = ("attn", "mlp")
@@ -128,117 +124,6 @@ class LayerwiseSettings:
   link_copy: bool
 
 
-# -- the disk store -------------------------------------------------------------
-
-
-def store_fingerprint(model: Model) -> str:
-  """A hash of what the store's bytes depend on: config, dtype, weight source."""
-  source = {"description": model.description}
-  if model.description and os.path.isdir(model.description):
-    # A checkpoint directory: its files' sizes and times, so a changed
-    # checkpoint gets a new store instead of stale weights.
-    source["files"] = sorted(
-        (f, os.path.getsize(os.path.join(model.description, f)),
-         int(os.path.getmtime(os.path.join(model.description, f))))
-        for f in os.listdir(model.description) if f.endswith(".safetensors"))
-  elif model.description and os.path.isfile(model.description):  # a GGUF file
-    source["files"] = [(os.path.getsize(model.description),
-                        int(os.path.getmtime(model.description)))]
-  identity = {"config": dataclasses.asdict(model.config), "dtype": jnp.dtype(model.dtype).name,
-              "source": source}
-  if not model.format.plain:  # float32 stores written before formats existed stay valid
-    identity["weights"] = model.weights
-  blob = json.dumps(identity,
-                    sort_keys=True, default=str)
-  return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def default_store_dir(model: Model) -> str:
-  """$HETFLOW_CACHE (default ~/.cache/hetflow)/stores/<name>-<dtype>[-<weights>]-<hash>."""
-  root = os.environ.get("HETFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "hetflow")
-  weights = "" if model.format.plain else f"-{model.weights}"
-  name = (f"{model.config.name}-{jnp.dtype(model.dtype).name}{weights}"
-          f"-{store_fingerprint(model)[:12]}")
-  return os.path.join(root, "stores", name)
-
-
-def padded_group_nbytes(model: Model, group: str) -> int:
-  """Bytes of a group's store file: every tensor starts on a 4 KiB boundary."""
-  prefix = group + "/"
-  return sum(round_up(s.size * s.dtype.itemsize) for n, s in model.shapes.items()
-             if n.startswith(prefix))
-
-
-def write_store(model: Model, path: str, progress: bool = True,
-                overwrite: bool = False) -> LayerStore:
-  """Converts `model` into a disk store at `path`, one file per placement group.
-
-  Tensors are stored as the model's weight format holds them (quantized
-  kernels as their leaves, "up/q", "up/scale"; the rest in the compute dtype),
-  so reading a block needs no conversion per token and each kernel is
-  quantized once, here. Atomic (LayerStore.write): an interrupted conversion
-  leaves no store that looks complete. Peak memory is one group.
-
-  Args:
-    model: any Model (HF checkpoint or synthetic).
-    path: store directory to create.
-    progress: show a progress bar in bytes.
-    overwrite: replace an existing store at `path`.
-
-  Returns:
-    The opened store.
-  """
-  from tqdm.auto import tqdm
-
-  groups = [g for g in model.group_names() if model.group_nbytes(g)]
-  total = sum(padded_group_nbytes(model, g) for g in groups)
-  bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-             desc=f"converting {model.config.name} to {os.path.basename(path)}")
-
-  def generate():
-    for g in groups:
-      yield g, flatten_group(model.group_tensors(g))
-      bar.update(padded_group_nbytes(model, g))  # runs once the group is written
-
-  metadata = {"fingerprint": store_fingerprint(model), "model": model.config.name,
-              "dtype": jnp.dtype(model.dtype).name, "weights": model.weights,
-              "description": model.description}
-  try:
-    return LayerStore.write(path, generate(), progress=False, overwrite=overwrite,
-                            metadata=metadata)
-  finally:
-    bar.close()
-
-
-def open_store(model: Model, path: str | None = None, convert: bool = True,
-               progress: bool = True) -> LayerStore:
-  """Opens the store of `model` at `path` (default_store_dir when None), writing it if missing.
-
-  Raises:
-    ValueError: the store at `path` was written from another model or dtype.
-    FileNotFoundError: it is missing and `convert` is False.
-  """
-  path = path or default_store_dir(model)
-  if not os.path.exists(os.path.join(path, "manifest.json")):
-    if not convert:
-      raise FileNotFoundError(
-          f"no store at {path}; run `python -m experiments.convert --out={path}` first.")
-    return write_store(model, path, progress=progress, overwrite=os.path.isdir(path))
-  store = LayerStore.open(path)
-  found = store.metadata.get("fingerprint")
-  if found != store_fingerprint(model):
-    raise ValueError(
-        f"the store at {path} was written from {store.metadata.get('description')!r}"
-        f" ({store.metadata.get('dtype')}, weights {store.metadata.get('weights', 'float32')}),"
-        f" not from this model ({model.description!r}, {jnp.dtype(model.dtype).name},"
-        f" weights {model.weights}); pass another store_dir or delete it.")
-  missing = [g for g in model.group_names() if model.group_nbytes(g) and g not in store.groups]
-  if missing:
-    raise ValueError(f"the store at {path} lacks groups {missing[:3]}...")
-  return store
-
-
 # -- the strategy ---------------------------------------------------------------
 
 
@@ -257,6 +142,7 @@ class _Layout:
   kv_layer: int  # KV cache of one layer at the reserve
   kv_tokens: int  # the reserve, in positions at batch 1
   aliases: bool  # device_put of an aligned host buffer aliases it (CPU)
+  store: int = 0  # the disk store: every group (embed, head, resident layers too), padded
 
 
 @register_strategy("layerwise")
@@ -296,7 +182,8 @@ class Layerwise(Strategy):
     return _Layout(globals_=model.group_nbytes("embed") + model.group_nbytes("head"),
                    layer=layer, slot=slot, kv_layer=model.kv_cache_nbytes(tokens, layers=1),
                    kv_tokens=cfg.max_position_embeddings if tokens is None else tokens,
-                   aliases=aliases)
+                   aliases=aliases,
+                   store=store_nbytes(model) if self.options.offload_tier == "disk" else 0)
 
   def _needs(self, lay: _Layout, resident: list[int], num_layers: int) -> dict[str, int]:
     """Bytes per tier for a resident set (the working bytes included)."""
@@ -314,7 +201,7 @@ class Layerwise(Strategy):
       need["host"] += offloaded
       need["device"] += slots * lay.slot
     else:
-      need["disk"] += offloaded
+      need["disk"] += lay.store
       need["device"] += slots * lay.slot
       if not lay.aliases:  # staging buffers in host memory, then a copy to the device
         need["host"] += slots * lay.slot
@@ -373,7 +260,7 @@ class Layerwise(Strategy):
     groups["head"] = GroupPlacement("device", model.group_nbytes("head"), "always resident")
     # Working bytes: the ring (and staging buffers) and the KV reserve.
     placed = {t: sum(g.nbytes for g in groups.values() if g.tier == t) for t in need}
-    working = {t: need[t] - placed[t] for t in ("device", "host")}
+    working = {t: need[t] - placed[t] for t in ("device", "host", "disk")}
     kv_total = lay.kv_layer * n
     streamed_bytes = sum(lay.layer[i] for i in streamed)
     notes = [
@@ -449,6 +336,7 @@ class Layerwise(Strategy):
     self._store = None
     if o.offload_tier == "disk":
       self._store = open_store(model, o.store_dir, convert=o.convert)
+      ledger.allocate("disk", self._store.total_nbytes, "layerwise/store")
 
     def load(group):  # host numpy tensors of one group, from the store when there is one
       if not model.group_nbytes(group):
@@ -672,3 +560,5 @@ class Layerwise(Strategy):
       self._loader.shutdown(wait=True)
     if self._pool is not None:
       self._pool.close()
+    if getattr(self, "_store", None) is not None:
+      self._store.close()

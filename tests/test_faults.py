@@ -189,7 +189,7 @@ def _cli(*args, env_extra=None):
 
 def test_cli_sets_the_store_dir_that_convert_prints(tmp_path):
   """The flag `experiments.convert` tells users to pass, end to end."""
-  from strategies.layerwise import write_store
+  from hetflow.memory.store import write_store
 
   store = write_store(hetflow.synthetic_model("llama-tiny"), str(tmp_path / "store"),
                       progress=False)

@@ -18,9 +18,15 @@ import hetflow
 from hetflow.bench import quality
 from hetflow.config import build_model, model_section
 from hetflow.engine import Engine
+from hetflow.memory.store import (
+    StoreMismatchError,
+    default_store_dir,
+    model_fingerprint,
+    open_store,
+)
 from hetflow.models import formats
 from hetflow.models.formats import FormatError, WeightFormat
-from strategies.layerwise import LayerwiseOptions, default_store_dir, open_store
+from strategies.layerwise import LayerwiseOptions
 
 FORMATS = ("bfloat16", "int8", "int8-g32", "int4", "int4-g64", "int4-asym")
 PROMPT = [[5, 6, 7, 8, 9, 10]]
@@ -161,13 +167,15 @@ def test_store_records_its_format(tmp_path):
   int4 = hetflow.synthetic_model("llama-tiny", weights="int4")
   assert default_store_dir(int8) != default_store_dir(int4)
   path = str(tmp_path / "store")
-  store = open_store(int8, path, progress=False)
-  assert store.metadata["weights"] == "int8"
+  store = open_store(int8, path, progress=False, lock=False)
+  assert store.metadata["fingerprint_record"]["tensors"]["layers/0/mlp/up/scale"] == [
+      [192, 1], "float32"]
   assert "up/scale" in store.tensors("layers/0/mlp")
-  with pytest.raises(ValueError, match="weights int8.*weights int4"):
-    open_store(int4, path, progress=False)
-  f32 = hetflow.synthetic_model("llama-tiny")
-  assert "weights" not in default_store_dir(f32)  # float32 stores keep their old names
+  store.close()
+  with pytest.raises(StoreMismatchError, match="Pass another store_dir"):  # another format
+    open_store(int4, path, progress=False, lock=False)
+  assert "layers/0/mlp/up/min" in model_fingerprint(
+      hetflow.synthetic_model("llama-tiny", weights="int4-asym"))["tensors"]
 
 
 def test_config_model_weights():

@@ -103,19 +103,6 @@ def small_budget(model, strategy, options) -> int:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  """Layer stores, neuron stores and sparse calibrations go here, not into ~/.cache."""
-  path = str(tmp_path_factory.mktemp("hetflow-cache"))
-  old = os.environ.get("HETFLOW_CACHE")
-  os.environ["HETFLOW_CACHE"] = path
-  yield path
-  if old is None:
-    os.environ.pop("HETFLOW_CACHE", None)
-  else:
-    os.environ["HETFLOW_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
 def record():
   """Appends one JSON line per check to $HETFLOW_GPU_RECORD (when set)."""
   path = os.environ.get("HETFLOW_GPU_RECORD")

@@ -17,24 +17,12 @@ from hetflow import planner
 from hetflow.engine import Engine
 from hetflow.hardware import PROFILES
 from hetflow.memory import Budget, BudgetExceeded, ReadError, format_bytes
-from strategies.layerwise import Layerwise, LayerwiseOptions, default_store_dir, write_store
+from hetflow.memory.store import default_store_dir, write_store
+from strategies.layerwise import Layerwise, LayerwiseOptions
 
 MODELS = ("llama-tiny", "opt-tiny", "mixtral-tiny")
 PROMPT = [[5, 6, 7, 8, 9, 10]]
 NEW = 6
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  # Stores converted on first use go here, not into the user's cache.
-  path = str(tmp_path_factory.mktemp("hetflow-cache"))
-  old = os.environ.get("HETFLOW_CACHE")
-  os.environ["HETFLOW_CACHE"] = path
-  yield path
-  if old is None:
-    os.environ.pop("HETFLOW_CACHE", None)
-  else:
-    os.environ["HETFLOW_CACHE"] = old
 
 
 @pytest.fixture(scope="module")

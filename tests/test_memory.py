@@ -419,8 +419,11 @@ def test_reader_reads_exact_bytes(tmp_path, nbytes, chunk):
     buf2 = aligned_empty(nbytes + PAGE)
     pool.read_into(path, PAGE, buf2, nbytes=nbytes, chunk=chunk).result(timeout=30)
     np.testing.assert_array_equal(buf2[:nbytes], data[PAGE : PAGE + nbytes])
-    assert pool.stats["bytes"] == 2 * nbytes
-    assert pool.stats["reads"] == 2
+    record = pool.record()
+    assert record.bytes == 2 * nbytes
+    assert record.calls == 2
+    assert record.direct and record.direct_requests == record.requests > 0
+    assert record.fallbacks == ()
 
 
 def test_reader_concurrent_reads(tmp_path):
@@ -433,8 +436,8 @@ def test_reader_concurrent_reads(tmp_path):
     for fut, b, d in zip(futs, bufs, datas, strict=True):
       assert fut.result() == d.nbytes
       np.testing.assert_array_equal(b, d)
-    assert pool.stats["reads"] == 6
-    assert pool.stats["read_seconds"] > 0
+    assert pool.record().calls == 6
+    assert pool.record().seconds > 0
 
 
 def test_reader_short_read_raises_naming_file(tmp_path):
@@ -506,13 +509,91 @@ def test_reader_falls_back_when_o_direct_refused(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="O_DIRECT refused"):
       fut = pool.read_into(path, 0, aligned_empty(10_000), chunk=PAGE)
     fut.result(timeout=10)
-    assert pool.direct is False and pool.stats["direct"] is False
+    record = pool.record()
+    assert pool.direct is False and record.direct is False
+    assert record.buffered_requests == record.requests > 0 and record.direct_requests == 0
+    assert len(record.fallbacks) == 1 and record.fallbacks[0].startswith(f"{path}: ")
     # Buffered reads need no alignment, and warn only once.
     buf = np.zeros(5000, np.uint8)
     with warnings.catch_warnings():
       warnings.simplefilter("error")
       pool.read_into(tmp_path / "f.bin", 123, buf).result(timeout=10)
     np.testing.assert_array_equal(buf, data[123:5123])
+
+
+def test_coalesce_requests_merges_only_what_is_adjacent_in_file_and_buffer():
+  reqs = [(0, PAGE, 0), (PAGE, PAGE, PAGE), (2 * PAGE, PAGE, 2 * PAGE),  # one run
+          (5 * PAGE, PAGE, 3 * PAGE),  # a gap in the file
+          (6 * PAGE, PAGE, 5 * PAGE)]  # adjacent in the file, not in the buffer
+  assert memory.coalesce_requests(reqs, 1 << 30) == [
+    (0, 3 * PAGE, 0), (5 * PAGE, PAGE, 3 * PAGE), (6 * PAGE, PAGE, 5 * PAGE)]
+  # A run longer than max_bytes is cut.
+  assert memory.coalesce_requests(reqs[:3], 2 * PAGE) == [
+    (0, 2 * PAGE, 0), (2 * PAGE, PAGE, 2 * PAGE)]
+  assert memory.coalesce_requests([], PAGE) == []
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("coalesce", [0, 2 * PAGE])
+def test_reader_read_many_scatters_records(tmp_path, parallel, coalesce):
+  path = tmp_path / "records.bin"
+  data = _random_file(path, 64 * PAGE, seed=3)
+  # Records 3, 4, 5 and 9, the last one short (a row of 100 bytes), gathered into slots.
+  reqs = [(3 * PAGE, PAGE, 0), (4 * PAGE, PAGE, PAGE), (5 * PAGE, PAGE, 2 * PAGE),
+          (9 * PAGE, 100, 3 * PAGE)]
+  with ReaderPool(num_workers=3) as pool:
+    buf = aligned_empty(4 * PAGE)
+    fut = pool.read_many(path, buf, reqs, coalesce=coalesce, parallel=parallel)
+    assert fut.result(timeout=30) == 3 * PAGE + 100
+    np.testing.assert_array_equal(buf[: 3 * PAGE], data[3 * PAGE : 6 * PAGE])
+    np.testing.assert_array_equal(buf[3 * PAGE : 3 * PAGE + 100], data[9 * PAGE : 9 * PAGE + 100])
+    record = pool.record()
+    assert record.bytes == 3 * PAGE + 100 and record.calls == 1 and record.direct
+    assert record.requests == (3 if coalesce else 4)  # 3-5 merge two by two at most
+    # The exact-size buffer: the short last record reads its round-up through a bounce page.
+    tight = aligned_empty(3 * PAGE + 100)
+    pool.read_many(path, tight, reqs, parallel=parallel).result(timeout=30)
+    np.testing.assert_array_equal(tight[3 * PAGE :], data[9 * PAGE : 9 * PAGE + 100])
+
+
+def test_reader_read_many_errors_name_the_file(tmp_path):
+  path = tmp_path / "short.bin"
+  _random_file(path, 4 * PAGE)
+  with ReaderPool(num_workers=2) as pool:
+    buf = aligned_empty(4 * PAGE)
+    with pytest.raises(ReadError) as e:
+      pool.read_many(path, buf, [(0, PAGE, 0), (8 * PAGE, PAGE, PAGE)]).result(timeout=10)
+    assert str(path) in str(e.value) and "offset" in str(e.value)
+    with pytest.raises(ValueError, match="aligned"):
+      pool.read_many(path, buf, [(100, PAGE, 0)])
+    with pytest.raises(ValueError, match="does not fit"):
+      pool.read_many(path, buf, [(0, PAGE, 4 * PAGE)])
+    assert pool.read_many(path, buf, []).result(timeout=10) == 0
+
+
+def test_reader_read_many_falls_back_with_a_warning_per_file(tmp_path, monkeypatch):
+  files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+  datas = [_random_file(f, 2 * PAGE, seed=i) for i, f in enumerate(files)]
+  real_open = os.open
+
+  def refusing_open(p, flags, *a, **k):
+    if flags & getattr(os, "O_DIRECT", 0):
+      raise OSError(errno.EINVAL, "Invalid argument")
+    return real_open(p, flags, *a, **k)
+
+  monkeypatch.setattr(reader_mod.os, "open", refusing_open)
+  with ReaderPool(num_workers=2) as pool:
+    for f, d in zip(files, datas, strict=True):
+      buf = aligned_empty(2 * PAGE)
+      with pytest.warns(RuntimeWarning, match=str(f)):
+        pool.read_many(f, buf, [(0, PAGE, 0), (PAGE, PAGE, PAGE)]).result(timeout=10)
+      np.testing.assert_array_equal(buf, d)
+    record = pool.record()
+    assert record.direct is False and record.direct_requests == 0
+    assert [r.split(":")[0] for r in record.fallbacks] == [str(f) for f in files]
+    assert all("Invalid argument" in r for r in record.fallbacks)
+    pool.reset_stats()  # the files stay buffered: their fallbacks stay in the record
+    assert pool.record().fallbacks == record.fallbacks and pool.record().direct is None
 
 
 def test_drop_page_cache(tmp_path):

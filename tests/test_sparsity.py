@@ -7,7 +7,7 @@ import pytest
 
 import hetflow
 from hetflow.checkpoints import sparse
-from hetflow.memory import aligned_empty
+from hetflow.memory import ReaderPool, aligned_empty, bundle_store
 from hetflow.sparsity import bundles, predictor, stats
 from hetflow.sparsity.cache import SegmentedCache
 
@@ -123,10 +123,11 @@ def test_bundle_store_layouts(tmp_path):
   model = hetflow.synthetic_model("llama-tiny-sparse")
   f, d = model.config.intermediate_size, model.config.hidden_size
   order = np.stack([np.random.default_rng(i).permutation(f) for i in range(3)])
-  reader = bundles.BatchReader(4)
+  reader = ReaderPool(4)
   gate, up, down = (model.tensor(f"layers/1/mlp/{m}") for m in ("gate", "up", "down"))
   for layout in ("bundled", "split"):
-    store = bundles.write_store(os.path.join(tmp_path, layout), model, order, layout)
+    store = bundle_store.write_store(os.path.join(tmp_path, layout), model, order,
+                                     bundles.neuron_matrices(model.config), layout)
     assert store.record_nbytes % 4096 == 0 and store.neuron_nbytes == 3 * d * 4
     positions = np.array([0, 1, 2, 7, 9, 10])
     reqs = store.requests(positions)
@@ -135,8 +136,7 @@ def test_bundle_store_layouts(tmp_path):
     else:
       assert len(reqs) == 3 * len(positions)
     buf = aligned_empty(len(positions) * store.record_nbytes)
-    for fut in reader.read(store.file(1), buf, reqs):
-      fut.result()
+    reader.read_many(store.file(1), buf, reqs).result()
     rec = buf.view(np.float32).reshape(len(positions), -1)
     stride = store.row_stride // 4
     for j, p in enumerate(positions):
@@ -145,7 +145,7 @@ def test_bundle_store_layouts(tmp_path):
       np.testing.assert_array_equal(rec[j, stride:stride + d], up[:, n])
       np.testing.assert_array_equal(rec[j, 2 * stride:2 * stride + d], down[n])
   reader.close()
-  assert bundles.runs(np.array([3, 4, 5, 8]), max_run=2) == [(3, 2), (5, 1), (8, 1)]
+  assert bundle_store.runs(np.array([3, 4, 5, 8]), max_run=2) == [(3, 2), (5, 1), (8, 1)]
 
 
 def test_segmented_cache_regions():

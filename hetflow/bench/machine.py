@@ -15,14 +15,14 @@ from typing import Any
 from hetflow import planner
 from hetflow.bench import calibration, probes
 from hetflow.hardware import HardwareProfile, get_profile, measured_costs, model_key
+from hetflow.memory.cache import cache_root
 from hetflow.models.model import Model
 from hetflow.strategy import Strategy, get_strategy
 
 
 def default_profile_path() -> str:
-  """$HETFLOW_CACHE (default ~/.cache/hetflow)/hardware_profile.json."""
-  root = os.environ.get("HETFLOW_CACHE") or os.path.expanduser("~/.cache/hetflow")
-  return os.path.join(root, "hardware_profile.json")
+  """cache_root()/hardware_profile.json ($HETFLOW_CACHE, default ~/.cache/hetflow)."""
+  return os.path.join(cache_root(), "hardware_profile.json")
 
 
 def machine_profile(profile: Any = None, model: Model | None = None,

@@ -32,7 +32,7 @@ from hetflow.memory.budget import format_bytes
 def hf_dir_for(model, progress: bool = True) -> str:
   """The HF directory of `model` in the cache, written with save_hf on first use."""
   from hetflow.checkpoints import save_hf
-  from strategies.layerwise import default_store_dir
+  from hetflow.memory.store import default_store_dir
 
   if model.description and os.path.isfile(os.path.join(model.description, "config.json")):
     return model.description  # already an HF checkpoint

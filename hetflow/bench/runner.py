@@ -331,7 +331,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
     `ok: False` and the error.
   """
   from hetflow.memory import MemoryLimit
-  from strategies import layerwise
+  from hetflow.memory.store import open_store
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -342,7 +342,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
 
   # Preparation, before any limit: the disk store (its own disk bandwidth is the
   # limit's), and the HF directory the peers load.
-  store = layerwise.open_store(model, config.get("store_dir") or None)
+  store = open_store(model, config.get("store_dir") or None, lock=False)
   hf_dir = None
   if any(s.kind != "hetflow" for s in systems):
     hf_dir = peers.hf_dir_for(model)

@@ -40,7 +40,7 @@ Construction (per layer, from the seed):
 
 Calibration of a large shape generates every weight once (tens of seconds for
 llama-1b); its result (two floats per neuron) is cached under
-$HETFLOW_CACHE (default ~/.cache/hetflow)/sparse.
+cache_root()/sparse (hetflow.memory.cache).
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import numpy as np
 from scipy import special
 
 from hetflow.checkpoints.synthetic import SHAPES, SyntheticSource
+from hetflow.memory.cache import cache_root
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 from hetflow.models.walk import normalize, walk
@@ -211,8 +212,7 @@ class SparseSource:
     key = json.dumps([_VERSION, dataclasses.asdict(self.config), self.seed,
                       dataclasses.asdict(self.spec), self.rank], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = os.environ.get("HETFLOW_CACHE", os.path.expanduser("~/.cache/hetflow"))
-    return os.path.join(root, "sparse", f"{self.config.name}-{self.seed}-{digest}.npz")
+    return os.path.join(cache_root(), "sparse", f"{self.config.name}-{self.seed}-{digest}.npz")
 
   def calibration(self) -> dict[str, np.ndarray]:
     """Per-layer thresholds: {"gate", "up"} rows 0 (Llama) or {"up_bias"} (OPT), [L, F]."""

@@ -1,10 +1,13 @@
-"""Tiers, budgets, aligned buffers, the disk store and the async reader pool.
+"""Tiers, budgets, aligned buffers, the disk stores, the reader and the cache root.
 
 Everything a strategy needs to hold bytes in a tier and move them between
 tiers: ``Budget`` and ``MemoryLedger`` (what may be placed, and what is),
 ``device_sharding``/``host_sharding`` (where jax puts it), ``aligned_empty``
 (host buffers that O_DIRECT can fill and jax can alias), ``LayerStore`` (the
-disk tier) and ``ReaderPool`` (reads from it, several in flight).
+disk tier; ``store`` also builds a model's layer store and ``bundle_store``
+its neuron-bundle store), ``ReaderPool`` (the one reader: whole groups or many
+small records, several requests in flight, with a ``ReadRecord`` of what it
+did) and ``cache_root`` (where stores and profiles are cached).
 """
 
 from hetflow.memory.budget import (
@@ -24,9 +27,26 @@ from hetflow.memory.buffers import (
   round_up,
   view_as,
 )
+from hetflow.memory.cache import cache_root
 from hetflow.memory.limit import MemoryLimit, MemoryLimitError, mem_available
-from hetflow.memory.reader import ReaderPool, ReadError, StoreView, drop_page_cache
-from hetflow.memory.store import GroupInfo, IncompleteStoreError, LayerStore, TensorInfo
+from hetflow.memory.reader import (
+  ReaderPool,
+  ReadError,
+  ReadRecord,
+  StoreView,
+  coalesce_requests,
+  drop_page_cache,
+)
+from hetflow.memory.store import (
+  GroupInfo,
+  IncompleteStoreError,
+  InsufficientDiskSpaceError,
+  LayerStore,
+  NotAStoreError,
+  StoreInUseError,
+  StoreMismatchError,
+  TensorInfo,
+)
 from hetflow.memory.tiers import (
   device_sharding,
   host_memory_kind,
@@ -43,15 +63,22 @@ __all__ = [
   "BudgetExceeded",
   "GroupInfo",
   "IncompleteStoreError",
+  "InsufficientDiskSpaceError",
   "LayerStore",
   "MemoryLedger",
   "MemoryLimit",
   "MemoryLimitError",
+  "NotAStoreError",
   "ReadError",
+  "ReadRecord",
   "ReaderPool",
+  "StoreInUseError",
+  "StoreMismatchError",
   "StoreView",
   "TensorInfo",
   "aligned_empty",
+  "cache_root",
+  "coalesce_requests",
   "device_sharding",
   "drop_page_cache",
   "dtype_from_name",

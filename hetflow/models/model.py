@@ -169,11 +169,15 @@ class Model:
     return parameter_shapes(self.config, jnp.dtype(self.dtype))
 
   def tensor(self, name: str) -> np.ndarray:
-    """Materialises one parameter as the source holds it, in the compute dtype.
+    """Materialises one tensor: a parameter as the source holds it (compute dtype),
+    or one stored leaf of a quantized kernel ("layers/0/mlp/up/scale").
 
-    For a quantized model this is the float value before quantization (what
-    `param` stores); strategies place `param`/`group_tensors` instead.
+    For a quantized kernel's own name this is the float value before
+    quantization (what `param` stores); strategies place `param`/`group_tensors`.
     """
+    if name not in self.logical_shapes and name in self.shapes:
+      kernel, leaf = name.rsplit("/", 1)
+      return self.param(kernel)[leaf]
     return self.source.get(name, jnp.dtype(self.dtype))
 
   def param(self, name: str) -> Any:
@@ -201,7 +205,7 @@ class Model:
     """Materialises every parameter of one group as stored, keyed by leaf name.
 
     A quantized kernel is a dict of arrays ({"q", "scale"}); everything else
-    an array. `flatten_group` turns it into flat "up/q" names (disk stores).
+    an array (disk stores hold its leaves as flat "up/q" names).
     """
     prefix = group + "/"
     return {n[len(prefix):]: self.param(n) for n in self.logical_shapes
@@ -238,17 +242,6 @@ class Model:
   @functools.cached_property
   def functions(self) -> "ModelFunctions":
     return ModelFunctions(self.config, jnp.dtype(self.dtype))
-
-
-def flatten_group(tensors: Mapping[str, Any]) -> dict[str, Any]:
-  """{"up": {"q": a, "scale": s}, "norm": n} -> {"up/q": a, "up/scale": s, "norm": n}."""
-  flat = {}
-  for name, value in tensors.items():
-    if isinstance(value, Mapping):
-      flat.update({f"{name}/{k}": v for k, v in flatten_group(value).items()})
-    else:
-      flat[name] = value
-  return flat
 
 
 class ModelFunctions:

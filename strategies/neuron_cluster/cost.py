@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from hetflow import costmodel, hardware, simulate
+from hetflow.memory import bundle_store
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
 from hetflow.memory.buffers import round_up
 from hetflow.sparsity.bundles import neuron_matrices
@@ -177,7 +178,12 @@ def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None
       raise BudgetExceeded("device", cache, need, limit, group="neuron cache",
                            minimum=need + cache)
   slots = cache // s.record
-  groups = {g: (GroupPlacement("disk", model.group_nbytes(g), "neuron bundles + cache")
+  # The disk tier holds the whole neuron store: every layer's records and the order.
+  disk = bundle_store.store_nbytes(c.num_layers, s.neurons, s.record)
+  if budget.disk is not None and disk > budget.disk:
+    raise BudgetExceeded("disk", disk, 0, budget.disk, group="neuron-bundle store",
+                         minimum=disk)
+  groups = {g: (GroupPlacement("disk", s.neurons * s.record, "neuron bundles + cache")
                 if g.endswith("/mlp") else
                 GroupPlacement("device", model.group_nbytes(g), "fixed region"))
             for g in model.group_names()}
@@ -188,7 +194,8 @@ def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None
                    f" {o.layout}, pipeline {o.pipeline}",)
   settings = NeuronClusterSettings(o, s, slots, weight_bits, trained)
   return Placement("neuron_cluster", groups, working_bytes={
-      "device": s.predictor + s.staging + s.kv + slots * s.record}, notes=notes,
+      "device": s.predictor + s.staging + s.kv + slots * s.record,
+      "disk": disk - c.num_layers * s.neurons * s.record}, notes=notes,
       settings=settings)
 
 

@@ -33,17 +33,16 @@ import errno
 import functools
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Literal
 
 import jax
 import numpy as np
 
-from hetflow.memory import tiers
+from hetflow.memory import bundle_store, tiers
 from hetflow.memory.budget import parse_bytes
 from hetflow.memory.buffers import aligned_empty, view_as
-from hetflow.memory.reader import ReadError
+from hetflow.memory.cache import cache_root
+from hetflow.memory.reader import ReaderPool, ReadError
 from hetflow.models import modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
@@ -72,8 +71,10 @@ class NeuronClusterOptions:
     calibration_tokens: tokens for recording statistics when stats_path is None.
     threshold: activation threshold for models without exact zeros (SiLU);
       None refuses them.
-    store_dir: where the neuron-bundle store lives (reused when it matches);
-      None writes one into a temporary directory removed at close.
+    store_dir: where the neuron-bundle store lives: missing or empty (it is
+      written there), or holding this model's store for this order and layout
+      (anything else is refused, never deleted); None: the cache
+      (`hetflow.memory.bundle_store.default_store_dir`), reused across runs.
     layout: "bundled" (one record per neuron) or "split" (one read per matrix
       per neuron: the no-bundling ablation).
     coalesce: read runs of adjacent missing records with one request.
@@ -199,8 +200,7 @@ class NeuronCluster(Strategy):
     (at $HETFLOW_CACHE/predictors/<model name>; until one is trained there,
     plan() sizes it at rank D/16). plan() refuses dense (SiLU) and MoE models
     with a ValueError, which the planner reports as "not applicable"."""
-    root = os.environ.get("HETFLOW_CACHE") or os.path.expanduser("~/.cache/hetflow")
-    path = os.path.join(root, "predictors", model.config.name)
+    path = os.path.join(cache_root(), "predictors", model.config.name)
     return [NeuronClusterOptions(), NeuronClusterOptions(predictor="trained", predictor_path=path)]
 
   def __init__(self, options: Any = None):
@@ -253,17 +253,8 @@ class NeuronCluster(Strategy):
     self.frequency = np.take_along_axis(self.activation_stats.frequency, order, axis=1)
 
     # Store.
-    self._tmpdir = None
-    path = o.store_dir
-    if path is None:
-      self._tmpdir = tempfile.mkdtemp(prefix="hetflow-bundles-")
-      path = os.path.join(self._tmpdir, "store")
-    store = None
-    if os.path.exists(os.path.join(path, "manifest.json")):
-      store = bundles_mod.BundleStore.open(path)
-      if store.layout != o.layout or not np.array_equal(store.order, order):
-        store = None
-    self.store = store or bundles_mod.write_store(path, model, order, o.layout)
+    self.store = bundle_store.open_store(model, order, self.mats, o.layout, o.store_dir)
+    ledger.allocate("disk", self.store.total_nbytes, "neuron store")
 
     # Fixed region.
     def put(group_leaves, name):
@@ -325,14 +316,13 @@ class NeuronCluster(Strategy):
     hot = int(self.num_slots * o.hot_fraction)
     self.cache = SegmentedCache(c.num_layers, c.intermediate_size, self.num_slots, hot,
                                 o.cluster_size, o.admission, o.admit_decay, o.admit_min)
-    self.reader = bundles_mod.BatchReader(o.io_depth)
+    self.reader = ReaderPool(o.io_depth)
     for index, (layer, cluster) in enumerate(self.cache.choose_hot(self.frequency)):
       first, positions = self.cache.place_hot(index, layer, cluster)
       reqs = self.store.requests(positions, o.coalesce)
       reqs = [(off, n, dst + first * rec) for off, n, dst in reqs]
-      for f in self.reader.read(self.store.file(layer), self.pool, reqs):
-        f.result()
-    self.reader.bytes = self.reader.requests = 0
+      self.reader.read_many(self.store.file(layer), self.pool, reqs).result()
+    self.reader.reset_stats()
     self.cache.counters = type(self.cache.counters)()
 
     self._build_functions()
@@ -417,7 +407,7 @@ class NeuronCluster(Strategy):
       reqs = [(off, nb, dst + base * rec) for off, nb, dst in reqs]
       self.counters.prefill.add("disk_bytes", sum(r[1] for r in reqs))
       self.counters.prefill.add("disk_requests", len(reqs))
-      return self.reader.read(path, self.staging, reqs, parallel=True)
+      return [self.reader.read_many(path, self.staging, reqs)]
 
     outs, pending = [], submit(0)
     for k, (s, n) in enumerate(chunks):
@@ -473,7 +463,7 @@ class NeuronCluster(Strategy):
         reqs = [(off, nb, dst + int(p[0]) * rec) for off, nb, dst in reqs]
         self.counters.decode.add("disk_bytes", sum(q[1] for q in reqs))
         self.counters.decode.add("disk_requests", len(reqs))
-        pending.append(self.reader.read(path, self.staging, reqs, parallel=o.pipeline))
+        pending.append([self.reader.read_many(path, self.staging, reqs, parallel=o.pipeline)])
       for p, futs in zip(pieces, pending):
         for fut in futs:
           fut.result()
@@ -507,8 +497,7 @@ class NeuronCluster(Strategy):
     first, positions = self.cache.place_hot(index, layer, cluster)
     rec = self.store.record_nbytes
     reqs = [(off, n, dst + first * rec) for off, n, dst in self.store.requests(positions, True)]
-    for f in self.reader.read(self.store.file(layer), self.pool, reqs):
-      f.result()
+    self.reader.read_many(self.store.file(layer), self.pool, reqs).result()
     self.counters.decode.add("disk_bytes", sum(r[1] for r in reqs))
     self.counters.decode.add("disk_requests", len(reqs))
     self.counters.decode.add("swap_bytes", sum(r[1] for r in reqs))
@@ -577,6 +566,6 @@ class NeuronCluster(Strategy):
     reader = getattr(self, "reader", None)
     if reader is not None:
       reader.close()
-    if getattr(self, "_tmpdir", None):
-      shutil.rmtree(self._tmpdir, ignore_errors=True)
-      self._tmpdir = None
+    store = getattr(self, "store", None)
+    if store is not None:
+      store.close()

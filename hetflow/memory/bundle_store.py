@@ -1,0 +1,318 @@
+"""The neuron-bundle store: FFN weights on disk, one neuron per aligned record.
+
+Layout (`layout="bundled"`, PowerInfer-2's bundling): per layer one file of F
+records; record k holds neuron order[k]'s rows of the FFN matrices (Llama:
+gate column, up column, down row; OPT: up and down) back to back, padded to
+4 KiB, so one O_DIRECT read fetches one neuron and one read of n records
+fetches a run of n adjacent neurons. Neurons are sorted hottest first (by
+activation statistics), so hot clusters are sequential on disk and cold misses
+of neighbouring ranks coalesce.
+
+`layout="split"` is the ablation baseline without bundling: per layer the
+matrices lie one after another, each neuron's row padded to 4 KiB, so a neuron
+costs one read per matrix. In memory both layouts give the same record shape
+([matrices, row stride] per neuron), so the compute does not care.
+
+Per-neuron biases (OPT's fc1 bias) are not in the records: they are tiny and
+live in the fixed region with the norms.
+
+On disk a neuron store is a `LayerStore` (`hetflow/memory/store.py`): group
+`layers/<i>` holds one tensor `records` (the layer's file, records from byte
+0), group `order` the [L, F] int32 neuron order. So it shares the layer
+store's guarantees: atomic writes, stale partials removed, free space checked
+first, nothing but a hetflow store ever replaced, a store in use never
+replaced (engines open it locked), and a fingerprint in the manifest (the
+model's, plus layout, matrices and a digest of the order): an explicit
+`store_dir` holding another model's or order's store is refused with
+`StoreMismatchError`, and the default store directory is keyed by that
+fingerprint, so each model and order gets its own store in the cache, reused
+across runs.
+
+The compute over these records (`neuron_step`, `neuron_matrices`) is in
+`hetflow/sparsity/bundles.py`; the reads go through `ReaderPool.read_many`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from hetflow.memory.buffers import PAGE, dtype_from_name, round_up
+from hetflow.memory.cache import cache_root
+from hetflow.memory.reader import Request, coalesce_requests
+from hetflow.memory.store import (
+  MANIFEST,
+  LayerStore,
+  StoreMismatchError,
+  check_fingerprint,
+  fingerprint_digest,
+  is_hetflow_store,
+  model_fingerprint,
+)
+
+Layout = Literal["bundled", "split"]
+KIND = "neuron_bundles"
+
+
+def record_layout(hidden: int, itemsize: int, num_matrices: int,
+                  layout: Layout) -> tuple[int, int]:
+  """(row stride, record bytes) of a neuron record: rows back to back when
+  bundled, each row padded to 4 KiB when split; the record padded to 4 KiB."""
+  if layout not in ("bundled", "split"):
+    raise ValueError(f"layout={layout!r}; expected 'bundled' or 'split'.")
+  row = hidden * itemsize
+  stride = row if layout == "bundled" else round_up(row)
+  return stride, round_up(num_matrices * stride)
+
+
+def store_nbytes(num_layers: int, num_neurons: int, record_nbytes: int) -> int:
+  """Bytes a neuron store occupies on disk: the layers' records and the order."""
+  return num_layers * num_neurons * record_nbytes + round_up(num_layers * num_neurons * 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleStore:
+  """An opened neuron-bundle store.
+
+  Attributes:
+    path: the directory.
+    layout: "bundled" or "split".
+    num_layers, num_neurons, hidden: L, F, D.
+    matrices: record order, e.g. ("gate", "up", "down").
+    dtype: stored dtype.
+    row_stride: bytes between a record's matrix rows (D * itemsize when
+      bundled; padded to 4 KiB when split).
+    record_nbytes: bytes of one neuron record in memory and (bundled) on disk.
+    order: [L, F] neuron id at each record position (hottest first).
+    store: the LayerStore it is (its lock, files and sizes).
+  """
+
+  path: str
+  layout: Layout
+  num_layers: int
+  num_neurons: int
+  hidden: int
+  matrices: tuple[str, ...]
+  dtype: np.dtype
+  row_stride: int
+  record_nbytes: int
+  order: np.ndarray
+  store: LayerStore = dataclasses.field(repr=False, compare=False)
+
+  @property
+  def row_nbytes(self) -> int:
+    """Useful bytes of one matrix row (a neuron's slice of one matrix)."""
+    return self.hidden * self.dtype.itemsize
+
+  @property
+  def neuron_nbytes(self) -> int:
+    """Useful (unpadded) bytes of one neuron: the ideal cost of reading it."""
+    return len(self.matrices) * self.row_nbytes
+
+  @property
+  def total_nbytes(self) -> int:
+    """Bytes on disk (what the disk tier holds): every layer's records and the order."""
+    return self.store.total_nbytes
+
+  def file(self, layer: int) -> str:
+    """The file of layer ``layer``'s records (record k at byte k * record_nbytes)."""
+    return self.store.file(f"layers/{layer}")
+
+  def layer_nbytes(self) -> int:
+    """Bytes of one layer's records."""
+    return self.num_neurons * self.record_nbytes
+
+  def requests(self, positions: np.ndarray, coalesce: bool = True,
+               max_run: int = 256) -> list[Request]:
+    """Reads that fetch records at sorted `positions` into consecutive slots.
+
+    Args:
+      positions: record positions (sorted).
+      coalesce: merge runs of adjacent records into one request each
+        (`coalesce_requests`), at most `max_run` records long.
+      max_run: the longest merged run, in records.
+
+    Returns:
+      (file offset, bytes, destination byte offset) per read, destination
+      relative to a buffer whose slot j receives positions[j].
+    """
+    if self.layout == "split":
+      f, s = self.num_neurons, self.row_stride
+      return [((m * f + int(p)) * s, self.row_nbytes, j * self.record_nbytes + m * s)
+              for j, p in enumerate(positions) for m in range(len(self.matrices))]
+    r = self.record_nbytes
+    reqs = [(int(p) * r, r, j * r) for j, p in enumerate(positions)]
+    return coalesce_requests(reqs, max_run * r) if coalesce else reqs
+
+  def close(self) -> None:
+    """Releases the store's lock (if opened locked)."""
+    self.store.close()
+
+  @classmethod
+  def open(cls, path: str | os.PathLike, *, lock: bool = False) -> BundleStore:
+    """Opens a complete neuron store.
+
+    Args:
+      path: the store directory.
+      lock: hold its shared lock until `close()` (engines do).
+
+    Raises:
+      FileNotFoundError, IncompleteStoreError: as `LayerStore.open`.
+      StoreMismatchError: `path` is a hetflow store of another kind (a layer store).
+    """
+    store = LayerStore.open(path, lock=lock)
+    try:
+      m = store.metadata
+      if m.get("kind") != KIND:
+        raise StoreMismatchError(
+          f"{store.path} is a hetflow layer store, not a neuron-bundle store; pass another"
+          " store_dir")
+      order = np.array(store.load("order")["order"])
+      out = cls(store.path, m["layout"], int(m["num_layers"]), int(m["num_neurons"]),
+                int(m["hidden"]), tuple(m["matrices"]), dtype_from_name(m["dtype"]),
+                int(m["row_stride"]), int(m["record_nbytes"]), order, store)
+      if any(store.tensors(f"layers/{i}")["records"].offset for i in range(out.num_layers)):
+        raise StoreMismatchError(f"{store.path}: records must start at byte 0 of their files")
+    except BaseException:
+      store.close()
+      raise
+    return out
+
+
+def runs(positions: np.ndarray, max_run: int = 1 << 30) -> list[tuple[int, int]]:
+  """Maximal runs of consecutive integers in sorted positions: (start, count)."""
+  if len(positions) == 0:
+    return []
+  positions = np.asarray(positions)
+  breaks = np.nonzero(np.diff(positions) != 1)[0] + 1
+  out = []
+  for chunk in np.split(positions, breaks):
+    for s in range(0, len(chunk), max_run):
+      out.append((int(chunk[s]), int(min(max_run, len(chunk) - s))))
+  return out
+
+
+def neuron_fingerprint(model: Any, order: np.ndarray, matrices: Sequence[str],
+                       layout: Layout) -> dict[str, Any]:
+  """The fingerprint record of a neuron store: the model's, plus what the records hold."""
+  order = np.ascontiguousarray(order, np.int32)
+  return {"kind": KIND, "model": model_fingerprint(model), "layout": layout,
+          "matrices": list(matrices),
+          "order": hashlib.sha256(order.tobytes()).hexdigest()[:32]}
+
+
+def default_store_dir(model: Any, order: np.ndarray, matrices: Sequence[str],
+                      layout: Layout = "bundled") -> str:
+  """cache_root()/neuron_stores/<name>-<dtype>-<layout>-<fingerprint digest[:12]>."""
+  digest = fingerprint_digest(neuron_fingerprint(model, order, matrices, layout))
+  dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype)).name
+  return os.path.join(cache_root(), "neuron_stores",
+                      f"{model.config.name}-{dtype}-{layout}-{digest[:12]}")
+
+
+def write_store(path: str, model: Any, order: np.ndarray, matrices: Sequence[str],
+                layout: Layout = "bundled", progress: bool = False,
+                overwrite: bool = False) -> BundleStore:
+  """Writes a store of `model`'s FFNs, neurons in `order` [L, F] (hottest first).
+
+  Atomic, with the free space checked first (`LayerStore.write`); peak memory
+  one layer's records.
+
+  Args:
+    path: the store directory to create.
+    model: the hetflow Model (its `layers/<i>/mlp/<matrix>` tensors).
+    order: [L, F] neuron id at each record position.
+    matrices: the matrices a record holds, in record order
+      (`hetflow.sparsity.bundles.neuron_matrices(model.config)`).
+    layout: "bundled" or "split".
+    progress: show a progress bar.
+    overwrite: replace a hetflow store at `path` (never anything else, nor a
+      store an engine holds open).
+
+  Returns:
+    The opened (unlocked) store.
+  """
+  c = model.config
+  mats = tuple(matrices)
+  dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype))
+  row = c.hidden_size * dtype.itemsize
+  stride, record = record_layout(c.hidden_size, dtype.itemsize, len(mats), layout)
+  order = np.ascontiguousarray(order, np.int32)
+  if order.shape != (c.num_layers, c.intermediate_size):
+    raise ValueError(f"order has shape {order.shape}; the model needs "
+                     f"{(c.num_layers, c.intermediate_size)} (layers, neurons)")
+
+  def generate():
+    for layer in range(c.num_layers):
+      w = {m: model.tensor(f"layers/{layer}/mlp/{m}") for m in mats}
+      rows = {m: (w[m].T if m != "down" else w[m])[order[layer]] for m in mats}  # [F, D]
+      if layout == "bundled":
+        out = np.zeros((c.intermediate_size, record), np.uint8)
+        for i, m in enumerate(mats):
+          out[:, i * stride:i * stride + row] = np.ascontiguousarray(rows[m]).view(np.uint8)
+      else:
+        out = np.zeros((len(mats), c.intermediate_size, stride), np.uint8)
+        for i, m in enumerate(mats):
+          out[i, :, :row] = np.ascontiguousarray(rows[m]).view(np.uint8)
+      yield f"layers/{layer}", {"records": out.reshape(-1)}
+    yield "order", {"order": order}
+
+  fp = neuron_fingerprint(model, order, mats, layout)
+  metadata = dict(kind=KIND, layout=layout, num_layers=c.num_layers,
+                  num_neurons=c.intermediate_size, hidden=c.hidden_size, matrices=list(mats),
+                  dtype=dtype.name, row_stride=stride, record_nbytes=record,
+                  description=model.description, fingerprint=fingerprint_digest(fp),
+                  fingerprint_record=fp)
+  assert record % PAGE == 0
+  LayerStore.write(path, generate(), progress=progress, description="neuron bundles",
+                   overwrite=overwrite, metadata=metadata,
+                   nbytes=store_nbytes(c.num_layers, c.intermediate_size, record)).close()
+  return BundleStore.open(path)
+
+
+def open_store(model: Any, order: np.ndarray, matrices: Sequence[str],
+               layout: Layout = "bundled", path: str | None = None, *,
+               progress: bool = False, lock: bool = True) -> BundleStore:
+  """Opens the neuron store of `model` with `order` and `layout`, writing it if missing.
+
+  Args:
+    model: the hetflow Model.
+    order: [L, F] neuron order (hottest first).
+    matrices: the matrices a record holds, in record order.
+    layout: "bundled" or "split".
+    path: the store directory; None: `default_store_dir(...)` in the cache,
+      keyed by the fingerprint (reused across runs, one per model and order).
+      An explicit path must be missing, an empty directory, or hold exactly
+      this store.
+    progress: show a progress bar while writing.
+    lock: hold the store's shared lock until `close()`.
+
+  Raises:
+    StoreMismatchError: the store at `path` holds another model, dtype,
+      layout or order (never reused; delete it or pass another path).
+    NotAStoreError: `path` is a non-empty folder that is not a hetflow store
+      (nothing in it is deleted).
+    InsufficientDiskSpaceError: the store does not fit the free space.
+  """
+  path = os.path.abspath(path or default_store_dir(model, order, matrices, layout))
+  if not os.path.exists(os.path.join(path, MANIFEST)):
+    try:
+      write_store(path, model, order, matrices, layout, progress,
+                  overwrite=os.path.isdir(path)).close()
+    except FileExistsError:
+      if not is_hetflow_store(path):  # not another writer that won the race
+        raise
+  store = BundleStore.open(path, lock=lock)
+  try:
+    dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype)).name
+    check_fingerprint(store.store, neuron_fingerprint(model, order, matrices, layout),
+                      f"{model.description!r}, {dtype}, layout {layout}")
+  except BaseException:
+    store.close()
+    raise
+  return store
