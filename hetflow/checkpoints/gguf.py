@@ -270,7 +270,8 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
 
   Kernels (and an untied LM head) are stored as `file_type`; embeddings and
   norms as F32. q and k rows are permuted as llama.cpp's converter does.
-  The file has no tokenizer vocabulary.
+  The file has no tokenizer vocabulary (tokenizer model "none": llama.cpp
+  loads it and runs token ids).
 
   Args:
     model: a llama-family Model (its float tensors are written).
@@ -305,6 +306,7 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
+    writer.add_tokenizer_model("none")  # llama.cpp then loads it with placeholder tokens
     for key, value in (("bos", c.bos_token_id), ("eos", c.stop_tokens[0] if c.stop_tokens
                                                  else None), ("pad", c.pad_token_id)):
       if value is not None:
