@@ -31,7 +31,7 @@ import ml_collections
 
 from hetflow.checkpoints import load_model, synthetic_model
 from hetflow.memory.budget import Budget
-from hetflow.models.formats import WeightFormat
+from hetflow.models.formats import FormatError, WeightFormat
 from hetflow.models.model import Model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -60,7 +60,10 @@ def build_model(section: Any) -> Model:
   dtype = DTYPES[section.dtype]
   weights = section.get("weights") or None
   if weights is not None:
-    WeightFormat.parse(weights)  # a bad name fails here, naming model.weights
+    try:
+      WeightFormat.parse(weights)
+    except FormatError as e:
+      raise FormatError(f"model.weights: {e}") from None
   if section.get("checkpoint"):
     return load_model(section.checkpoint, dtype=dtype, weights=weights)
   kwargs = dict(section.get("kwargs") or {})

@@ -184,7 +184,7 @@ def test_config_model_weights():
   section.weights = "int4"
   assert build_model(section).weights == "int4"
   section.weights = "int5"
-  with pytest.raises(FormatError, match="int5"):
+  with pytest.raises(FormatError, match="model.weights: weights='int5' is not a weight format"):
     build_model(section)
 
 
