@@ -26,20 +26,10 @@ from hetflow.engine import Engine, NonFiniteLogitsError, SamplingOptions, sample
 from hetflow.memory import Budget, BudgetExceeded, ReadError
 from hetflow.memory.budget import parse_bytes
 from hetflow.strategy import available_strategies, get_strategy
+from hetflow.testing.files import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [[5, 6, 7, 8, 9, 10]]
-
-
-def snapshot(directory):
-  """Every file under `directory` with its size and content: to show nothing changed."""
-  out = {}
-  for root, _, files in os.walk(directory):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, directory)] = f.read()
-  return out
 
 
 @pytest.fixture(scope="module")

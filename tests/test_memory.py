@@ -494,9 +494,8 @@ def test_reader_rejects_misaligned_and_uses_direct(tmp_path):
     pool.read_into(path, 0, aligned_empty(PAGE))
 
 
-def test_reader_falls_back_when_o_direct_refused(tmp_path, monkeypatch):
-  path = tmp_path / "f.bin"
-  data = _random_file(path, 10_000)
+def _refuse_o_direct(monkeypatch):
+  """Opens with O_DIRECT fail with EINVAL, as on filesystems without it (tmpfs)."""
   real_open = os.open
 
   def refusing_open(p, flags, *a, **k):
@@ -505,6 +504,12 @@ def test_reader_falls_back_when_o_direct_refused(tmp_path, monkeypatch):
     return real_open(p, flags, *a, **k)
 
   monkeypatch.setattr(reader_mod.os, "open", refusing_open)
+
+
+def test_reader_falls_back_when_o_direct_refused(tmp_path, monkeypatch):
+  path = tmp_path / "f.bin"
+  data = _random_file(path, 10_000)
+  _refuse_o_direct(monkeypatch)
   with ReaderPool(num_workers=2) as pool:
     with pytest.warns(RuntimeWarning, match="O_DIRECT refused"):
       fut = pool.read_into(path, 0, aligned_empty(10_000), chunk=PAGE)
@@ -574,14 +579,7 @@ def test_reader_read_many_errors_name_the_file(tmp_path):
 def test_reader_read_many_falls_back_with_a_warning_per_file(tmp_path, monkeypatch):
   files = [tmp_path / "a.bin", tmp_path / "b.bin"]
   datas = [_random_file(f, 2 * PAGE, seed=i) for i, f in enumerate(files)]
-  real_open = os.open
-
-  def refusing_open(p, flags, *a, **k):
-    if flags & getattr(os, "O_DIRECT", 0):
-      raise OSError(errno.EINVAL, "Invalid argument")
-    return real_open(p, flags, *a, **k)
-
-  monkeypatch.setattr(reader_mod.os, "open", refusing_open)
+  _refuse_o_direct(monkeypatch)
   with ReaderPool(num_workers=2) as pool:
     for f, d in zip(files, datas, strict=True):
       buf = aligned_empty(2 * PAGE)

@@ -32,6 +32,7 @@ from hetflow.memory import (
 from hetflow.memory import store as store_mod
 from hetflow.memory.cache import cache_root
 from hetflow.sparsity import bundles, stats
+from hetflow.testing.files import snapshot
 
 PROMPT = [[5, 6, 7, 8, 9, 10]]
 NEW = 5
@@ -61,22 +62,11 @@ def _leftovers(directory) -> list[str]:
   return sorted(e for e in os.listdir(directory) if ".partial-" in e or ".old-" in e)
 
 
-def _snapshot(path) -> dict[str, bytes]:
-  """Every file under `path` with its bytes: equal snapshots, untouched directory."""
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      full = os.path.join(root, f)
-      with open(full, "rb") as fh:
-        out[os.path.relpath(full, path)] = fh.read()
-  return out
-
-
 def _user_folder(path):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "thesis.txt"), "w") as f:
     f.write("four years of work")
-  return _snapshot(path)
+  return snapshot(path)
 
 
 def _sparse(seed=0, dtype=jnp.float32, **kw):
@@ -112,7 +102,7 @@ def test_neuron_cluster_refuses_an_ordinary_folder(tmp_path, sparse_stats):
   with pytest.raises(NotAStoreError, match="not a hetflow store; refusing to delete it") as e:
     Engine(_sparse(), "neuron_cluster", options=_neuron_options(folder, sparse_stats))
   assert str(folder) in str(e.value)
-  assert _snapshot(folder) == before and _leftovers(tmp_path) == []
+  assert snapshot(folder) == before and _leftovers(tmp_path) == []
 
 
 def test_neuron_cluster_store_dir_dot_deletes_nothing(tmp_path, monkeypatch, sparse_stats):
@@ -122,7 +112,7 @@ def test_neuron_cluster_store_dir_dot_deletes_nothing(tmp_path, monkeypatch, spa
   with pytest.raises(NotAStoreError) as e:
     Engine(_sparse(), "neuron_cluster", options=_neuron_options(".", sparse_stats))
   assert str(work) in str(e.value)
-  assert _snapshot(work) == before and _leftovers(tmp_path) == []
+  assert snapshot(work) == before and _leftovers(tmp_path) == []
 
 
 def test_neuron_cluster_writes_into_an_empty_folder(tmp_path, sparse_stats):
@@ -150,7 +140,7 @@ def test_overwrite_refuses_folders_that_only_look_like_stores(tmp_path, kind):
       bundle_store.write_store(str(folder), model, order, bundles.neuron_matrices(model.config),
                                overwrite=True)
   assert str(folder) in str(e.value)
-  assert _snapshot(folder) == before and _leftovers(tmp_path) == []
+  assert snapshot(folder) == before and _leftovers(tmp_path) == []
 
 
 def test_a_file_is_never_replaced(tmp_path):
@@ -173,23 +163,23 @@ def test_bfloat16_run_on_a_float32_neuron_store_is_refused(tmp_path, sparse_stat
   f32 = _sparse()
   np.testing.assert_array_equal(
       _tokens(f32, "neuron_cluster", **_neuron_options(path, sparse_stats)), _tokens(f32))
-  before = _snapshot(path)
+  before = snapshot(path)
   with pytest.raises(StoreMismatchError) as e:
     Engine(_sparse(dtype=jnp.bfloat16), "neuron_cluster",
            options=_neuron_options(path, sparse_stats))
   msg = str(e.value)
   assert str(path) in msg and "dtype" in msg and "bfloat16" in msg and "float32" in msg
-  assert _snapshot(path) == before and _leftovers(tmp_path) == []
+  assert snapshot(path) == before and _leftovers(tmp_path) == []
 
 
 def test_another_seed_with_the_same_stats_file_is_refused(tmp_path, sparse_stats):
   path = tmp_path / "bundles"
   _tokens(_sparse(seed=0), "neuron_cluster", **_neuron_options(path, sparse_stats))
-  before = _snapshot(path)
+  before = snapshot(path)
   with pytest.raises(StoreMismatchError) as e:
     Engine(_sparse(seed=1), "neuron_cluster", options=_neuron_options(path, sparse_stats))
   assert str(path) in str(e.value) and "seed" in str(e.value)
-  assert _snapshot(path) == before and _leftovers(tmp_path) == []
+  assert snapshot(path) == before and _leftovers(tmp_path) == []
 
 
 def test_default_neuron_stores_are_keyed_by_model(sparse_stats):
@@ -205,7 +195,7 @@ def test_a_neuron_store_is_not_a_layer_store(tmp_path, sparse_stats):
   path = tmp_path / "bundles"
   model = _sparse()
   _tokens(model, "neuron_cluster", **_neuron_options(path, sparse_stats))
-  before = _snapshot(path)
+  before = snapshot(path)
   with pytest.raises(StoreMismatchError) as e:
     Engine(model, "layerwise", options=dict(store_dir=str(path)))
   assert str(path) in str(e.value)
@@ -214,7 +204,7 @@ def test_a_neuron_store_is_not_a_layer_store(tmp_path, sparse_stats):
   with pytest.raises(StoreMismatchError, match="not a neuron-bundle store") as e:
     Engine(model, "neuron_cluster", options=_neuron_options(layer, sparse_stats))
   assert str(layer) in str(e.value)
-  assert _snapshot(path) == before and _leftovers(tmp_path) == []
+  assert snapshot(path) == before and _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("change", [dict(noise=0.3), dict(rank=8)], ids=["noise", "rank"])
@@ -228,22 +218,22 @@ def test_layer_store_key_includes_the_sparse_settings(tmp_path, change):
   # An explicit store of one is refused for the other, naming what differs.
   path = tmp_path / "store"
   store_mod.write_store(base, str(path), progress=False)
-  before = _snapshot(path)
+  before = snapshot(path)
   with pytest.raises(StoreMismatchError) as e:
     Engine(changed, "layerwise", options=dict(store_dir=str(path)))
   assert str(path) in str(e.value) and next(iter(change)) in str(e.value)
-  assert _snapshot(path) == before and _leftovers(tmp_path) == []
+  assert snapshot(path) == before and _leftovers(tmp_path) == []
 
 
 def test_layer_store_of_another_dtype_is_refused(tmp_path):
   path = tmp_path / "store"
   store_mod.write_store(hetflow.synthetic_model("opt-tiny"), str(path), progress=False)
-  before = _snapshot(path)
+  before = snapshot(path)
   with pytest.raises(StoreMismatchError) as e:
     Engine(hetflow.synthetic_model("opt-tiny", dtype=jnp.bfloat16), "layerwise",
            options=dict(store_dir=str(path)))
   assert str(path) in str(e.value) and "bfloat16" in str(e.value)
-  assert _snapshot(path) == before
+  assert snapshot(path) == before
 
 
 def test_a_store_without_a_fingerprint_is_refused(tmp_path):
@@ -269,7 +259,7 @@ def test_overwrite_under_a_running_layerwise_engine_is_refused(tmp_path):
   with Engine(model, "layerwise", options=dict(store_dir=str(path))) as engine:
     np.testing.assert_array_equal(
         engine.generate(PROMPT, max_new_tokens=NEW, stop_tokens=()).tokens, want)
-    before = _snapshot(path)
+    before = snapshot(path)
     # What `experiments.convert --overwrite` calls, and the generic writer.
     with pytest.raises(StoreInUseError) as e:
       store_mod.write_store(other, str(path), progress=False, overwrite=True)
@@ -282,7 +272,7 @@ def test_overwrite_under_a_running_layerwise_engine_is_refused(tmp_path):
           second.generate(PROMPT, max_new_tokens=NEW, stop_tokens=()).tokens, want)
     np.testing.assert_array_equal(
         engine.generate(PROMPT, max_new_tokens=NEW, stop_tokens=()).tokens, want)
-    assert _snapshot(path) == before and _leftovers(tmp_path) == []
+    assert snapshot(path) == before and _leftovers(tmp_path) == []
   # Once the engines are closed the store may be replaced.
   store_mod.write_store(other, str(path), progress=False, overwrite=True)
   np.testing.assert_array_equal(
@@ -296,7 +286,7 @@ def test_overwrite_under_a_running_neuron_engine_is_refused(tmp_path, sparse_sta
   path = tmp_path / "bundles"
   options = _neuron_options(path, sparse_stats)
   with Engine(model, "neuron_cluster", options=options) as engine:
-    before = _snapshot(path)
+    before = snapshot(path)
     order = np.tile(np.arange(model.config.intermediate_size), (model.config.num_layers, 1))
     with pytest.raises(StoreInUseError) as e:
       bundle_store.write_store(str(path), _sparse(seed=1), order,
@@ -304,7 +294,7 @@ def test_overwrite_under_a_running_neuron_engine_is_refused(tmp_path, sparse_sta
     assert str(path) in str(e.value)
     np.testing.assert_array_equal(
         engine.generate(PROMPT, max_new_tokens=NEW, stop_tokens=()).tokens, want)
-    assert _snapshot(path) == before and _leftovers(tmp_path) == []
+    assert snapshot(path) == before and _leftovers(tmp_path) == []
 
 
 def test_another_process_cannot_replace_a_store_in_use(tmp_path):
@@ -324,13 +314,13 @@ def test_another_process_cannot_replace_a_store_in_use(tmp_path):
         print("REPLACED")
       """)
   with Engine(model, "layerwise", options=dict(store_dir=str(path))) as engine:
-    before = _snapshot(path)
+    before = snapshot(path)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert "REFUSED" in out.stdout and str(path) in out.stdout, out.stdout + out.stderr
     np.testing.assert_array_equal(
         engine.generate(PROMPT, max_new_tokens=NEW, stop_tokens=()).tokens, _tokens(model))
-  assert _snapshot(path) == before and _leftovers(tmp_path) == []
+  assert snapshot(path) == before and _leftovers(tmp_path) == []
 
 
 # -- leaks and leftovers -------------------------------------------------------------------------
