@@ -1,5 +1,6 @@
-"""Named synthetic models: the dense shapes (synthetic.py) and the sparse ones
-(sparse.py), behind one name, so neither module needs the other's."""
+"""Named synthetic models: the dense shapes (synthetic.py), the sparse ones
+(sparse.py) and the routed MoE ones (moe.py), behind one name, so none of those
+modules needs another's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from hetflow.checkpoints.moe import SUFFIX as ROUTED
+from hetflow.checkpoints.moe import moe_model
 from hetflow.checkpoints.sparse import sparse_model
 from hetflow.checkpoints.synthetic import dense_model
 from hetflow.models.model import Model
@@ -20,13 +23,20 @@ def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32,
   Names ending in "-sparse" ("llama-1b-sparse", "opt-tiny-sparse", ...) are
   models with true activation sparsity; they take `sparsity=`, `hotness=` and
   the other keyword arguments of hetflow.checkpoints.sparse.sparse_model.
+  Names ending in "-routed" ("mixtral-1b-routed", "mixtral-tiny-8e-routed") are
+  MoE models whose routing has a stated expert popularity and reuse; they take
+  `popularity=`, `reuse=` and the other keyword arguments of
+  hetflow.checkpoints.moe.moe_model.
   `weights` is the format of the linear kernels (hetflow/models/formats.py):
   each kernel is generated in float32 and quantized when a strategy places it.
   """
   if name.endswith("-sparse"):
     model = sparse_model(name, seed=seed, dtype=dtype, **kwargs)
+  elif name.endswith(ROUTED):
+    model = moe_model(name, seed=seed, dtype=dtype, **kwargs)
   elif kwargs:
-    raise TypeError(f"unexpected arguments {sorted(kwargs)} for {name!r} (not a -sparse model).")
+    raise TypeError(f"unexpected arguments {sorted(kwargs)} for {name!r} (not a -sparse or"
+                    " -routed model).")
   else:
     model = dense_model(name, seed, dtype)
   return model if weights == "float32" else dataclasses.replace(model, weights=weights)
