@@ -6,4 +6,4 @@ way a third-party strategy registers, so `hetflow.get_strategy` finds them
 without importing this package.
 """
 
-from strategies import layerwise, neuron_cluster, resident, tensor_split
+from strategies import layerwise, moe_offload, neuron_cluster, resident, tensor_split

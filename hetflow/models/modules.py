@@ -212,18 +212,10 @@ def moe_ffn(config: ModelConfig, w: dict[str, Any], h, linear=None):
   del linear
   weights, idx = route(config, w["router"], h)
   act = layers.activation(config.hidden_act)
-  b, t, k = idx.shape
   # Quantized experts are dequantized after the gather (only k experts' bytes).
   expert = lambda kernel: formats.dequantize(kernel, h.dtype)
-  if b * t * k < config.num_experts:
-    gate, up, down = (expert(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), w[n]))
-                      for n in ("gate", "up", "down"))
-    g = act(jnp.einsum("BTD,BTkDF->BTkF", h, gate))
-    u = jnp.einsum("BTD,BTkDF->BTkF", h, up)
-    if config.hidden_act == "drelu":
-      u = jax.nn.relu(u)
-    out = jnp.einsum("BTkF,BTkFD->BTkD", g * u, down)
-    return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(h.dtype))
+  if gathers_experts(config, idx.shape):
+    return routed_experts(config, h, weights, idx, w["gate"], w["up"], w["down"])
   combine = _dense_combine(config, weights, idx).astype(h.dtype)  # [B, T, X]
   g = act(jnp.einsum("BTD,XDF->BTXF", h, expert(w["gate"])))
   u = jnp.einsum("BTD,XDF->BTXF", h, expert(w["up"]))
@@ -231,6 +223,32 @@ def moe_ffn(config: ModelConfig, w: dict[str, Any], h, linear=None):
     u = jax.nn.relu(u)
   out = jnp.einsum("BTXF,XFD->BTXD", g * u, expert(w["down"]))
   return jnp.einsum("BTXD,BTX->BTD", out, combine)
+
+
+def gathers_experts(config: ModelConfig, idx_shape) -> bool:
+  """Whether moe_ffn gathers the selected experts (few tokens) rather than computing all."""
+  b, t, k = idx_shape
+  return b * t * k < config.num_experts
+
+
+def routed_experts(config: ModelConfig, h, weights, idx, gate, up, down):
+  """moe_ffn's few-tokens branch: the selected experts only, combined by `weights`.
+
+  `gate`/`up` [N, D, F] and `down` [N, F, D] are any stack of experts (arrays, or
+  a weight format's leaves, hetflow/models/formats.py) and `idx` [B, T, k] indexes
+  into it, so an expert-offloading strategy passes the slots its cache holds and
+  the same arithmetic runs as in moe_ffn (docs/architecture.md, the invariant).
+  Quantized experts are dequantized after the gather (only k experts' bytes).
+  """
+  act = layers.activation(config.hidden_act)
+  gate, up, down = (formats.dequantize(jax.tree.map(lambda a: jnp.take(a, idx, axis=0), m),
+                                       h.dtype) for m in (gate, up, down))
+  g = act(jnp.einsum("BTD,BTkDF->BTkF", h, gate))
+  u = jnp.einsum("BTD,BTkDF->BTkF", h, up)
+  if config.hidden_act == "drelu":
+    u = jax.nn.relu(u)
+  out = jnp.einsum("BTkF,BTkFD->BTkD", g * u, down)
+  return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(h.dtype))
 
 
 class Embed(nn.Module):
