@@ -367,7 +367,7 @@ class MoEOffload(Strategy):
     self.slots, self.record = s.slots, s.record_bytes
     self.aliases = not s.link_copy
     self.store = open_expert_store(model, o.store_dir, o.convert)
-    info = self.store.tensors(f"layers/0/experts/0")
+    info = self.store.tensors("layers/0/experts/0")
     itemsize = jnp.dtype(model.dtype).itemsize
     self._offsets = {t: info[t].offset // itemsize for t in EXPERT_TENSORS}
     self._elems = self.record // itemsize
@@ -506,10 +506,7 @@ class MoEOffload(Strategy):
     idx = np.asarray(self._compiled.route(params, x))  # [B, T, k]
     needed = [int(e) for e in np.unique(idx)]
     keep = set(needed)
-    cached_before = [e for e in needed if e in lay.expert and e not in lay.guessed]
     self._count("expert_lookups", idx.size)
-    self._count("expert_hits", int(sum(np.sum(idx == e) for e in cached_before)))
-    self._count("ideal_bytes", (len(needed) - len(cached_before)) * self.record)
     if self.options.lookahead and lay.guess:
       self._count("lookahead_guesses", len(lay.guess))
       self._count("lookahead_right", len(keep & lay.guess))
@@ -527,8 +524,13 @@ class MoEOffload(Strategy):
                                                                     dtype=jnp.int32),
                                   self._offsets_tuple())
       stage.fence = out
+      self._count("ideal_bytes", len(needed) * self.record)
       self._count("overflow_layers", 1)
       return out
+    # Hits: experts in the cache before this pass's look-ahead touched the layer.
+    cached_before = [e for e in needed if e in lay.expert and e not in lay.guessed]
+    self._count("expert_hits", int(sum(np.sum(idx == e) for e in cached_before)))
+    self._count("ideal_bytes", (len(needed) - len(cached_before)) * self.record)
     for e in needed:
       if e not in lay.expert:
         self._read(layer, lay, self._victim(lay, keep), e)

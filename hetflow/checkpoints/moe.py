@@ -273,7 +273,7 @@ class MoESource:
 
   def _calibrate(self) -> np.ndarray:
     c, s = self.config, self.spec
-    k, n = c.experts_per_token, c.num_experts
+    n = c.num_experts
     t = min(s.sequence_length, c.max_position_embeddings)
     b = max(2, -(-s.calibration_tokens // t))
     ids = _rng(self.seed, "calibration").integers(3, c.vocab_size, (b, t))
