@@ -4,8 +4,8 @@ For mixture-of-experts models (Mixtral). The fixed region -- embeddings, head,
 attention, norms, routers and the KV cache -- lives on the device tier. Every
 routed expert of every layer is one record in a disk store (`hetflow.memory.LayerStore`,
 group "layers/<i>/experts/<e>": gate, up, down back to back, page-aligned), so one
-O_DIRECT read (`ReaderPool`) fetches it. Each layer has a pool of `cache_experts`
-device slots, an expert cache with an LRU or LFU policy.
+O_DIRECT read (`ReaderPool`) fetches it. An expert cache of `cache_experts` device
+slots, shared by the layers, keeps experts between tokens (LRU or LFU).
 
 Per layer, when few tokens are routed (decode; the model's own rule,
 `modules.gathers_experts`):
@@ -60,15 +60,18 @@ class MoEOffloadOptions:
   """Options of `moe_offload`.
 
   Attributes:
-    cache_experts: device slots per layer (the expert cache), at least the
-      experts a token routes to (k) and at most the layer's experts (X); "auto":
-      as many as the device budget allows after the fixed region, the staging
-      area and the KV reserve.
+    cache_experts: device slots of the expert cache, shared by every layer (one
+      expert record each): at least the experts a token routes to (k), at most
+      every expert of the model; "auto": as many as the device budget allows
+      after the fixed region, the staging area and the KV reserve.
     cache_policy: which cached expert a miss evicts: "lru" (least recently
       used), "lfu" (least often used, ties by recency), or "none": no expert
       is kept from one forward pass to the next (the no-cache ablation).
     lookahead: guess each layer's experts from the hidden state entering its
-      attention and start their reads before the attention computes.
+      attention and start their reads before the attention computes. Off by
+      default: on the synthetic routed models the guess is right ~35% of the time
+      and the wrong guesses double the bytes read (notes of issue 14); Mixtral's
+      published ~80-90% should make it pay on real checkpoints.
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
     store_dir: the expert store; None: a cache directory derived from the model
@@ -82,7 +85,7 @@ class MoEOffloadOptions:
 
   cache_experts: int | Literal["auto"] = "auto"
   cache_policy: Literal["lru", "lfu", "none"] = "lru"
-  lookahead: bool = True
+  lookahead: bool = False
   kv_reserve_tokens: int | None = None
   store_dir: str | None = None
   convert: bool = True
@@ -107,7 +110,7 @@ class MoEOffloadSettings:
   """What moe_offload's cost model reads from a plan (`Placement.settings`).
 
   Attributes:
-    slots: expert cache slots per layer.
+    slots: expert cache slots (shared by the layers).
     record_bytes: bytes of one expert record as stored (padded).
     hit_rate: predicted fraction of decode expert lookups served by the cache.
     lookahead: whether reads start before the layer's attention.
@@ -151,25 +154,33 @@ def routing_law(model: Model) -> tuple[np.ndarray, float]:
   return np.full(n, k / n), 0.5
 
 
-def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, slots: int,
+def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, per_layer: float,
                       policy: str) -> float:
-  """Predicted fraction of a layer's routed experts found in a cache of `slots`.
+  """Predicted fraction of routed experts found in a cache of `per_layer` slots per layer.
 
-  The k slots of the previous token's experts hit `reuse` of the lookups (LRU and
-  LFU both keep them: they were just used). The other `slots - k` hold the next
-  most popular experts, which serve their share of the rest of the demand: the
-  demand on the `slots` hottest experts beyond what chance reuse already covers,
-  out of all demand beyond it. "none" keeps nothing.
+  The cache is shared by the layers, which a decode step visits in turn, so a
+  layer's share is `per_layer` = slots / layers. With at least k, the previous
+  token's experts are still cached when the layer comes round again and hit `reuse`
+  of the lookups; each further slot holds an expert used longer ago or more often,
+  and the hit rate grows linearly to 1 at every expert of the layer (X). Measured on
+  mixtral-tiny-8e-routed (notes of issue 14): LRU within 20% of this at 2-4 slots
+  per layer; it is an approximation, not a law. With fewer than k, LRU keeps
+  nothing a layer reuses (the other layers' reads evict it first, the access is
+  cyclic); LFU keeps the hottest experts, at most their share of the demand.
+  "none" keeps nothing.
   """
   if policy == "none":
     return 0.0
-  p = np.sort(np.asarray(frequencies, np.float64))[::-1] / k  # share of lookups
-  chance = float(np.sum(p * p * k))  # reuse by chance: sum(P(in top-k)^2) / k
-  covered = float(p[:slots].sum())
-  if covered >= 1.0 - 1e-9:
+  n = len(frequencies)
+  if per_layer >= n:
     return 1.0
-  rest = max(0.0, (covered - chance) / max(1e-9, 1.0 - chance)) if slots > k else 0.0
-  return float(min(1.0, reuse + (1.0 - reuse) * rest))
+  if per_layer >= k:
+    return float(reuse + (1.0 - reuse) * (per_layer - k) / (n - k))
+  if policy == "lru":
+    return 0.0
+  p = np.sort(np.asarray(frequencies, np.float64))[::-1] / k  # share of lookups
+  whole = int(per_layer)
+  return float(p[:whole].sum() + (per_layer - whole) * p[whole])
 
 
 def record_nbytes(model: Model) -> int:
@@ -212,19 +223,33 @@ def open_expert_store(model: Model, path: str | None, convert: bool) -> LayerSto
   return store
 
 
-@dataclasses.dataclass
-class _Layer:
-  """One layer's expert cache: which expert each slot holds, and its bookkeeping."""
+class _Pool:
+  """Expert slots: page-aligned host records, their device array, and what each holds.
 
-  host: np.ndarray  # [S, record bytes] page-aligned
-  pool: Any  # jax array [S, record elements] (aliases `host` on a CPU device)
-  expert: list  # slot -> expert id or None
-  last_use: list  # slot -> pass index of its last use
-  uses: np.ndarray  # expert -> uses so far (LFU)
-  inflight: dict  # slot -> future of its read
-  guessed: set  # experts the look-ahead read in this pass (not cached before)
-  guess: set = dataclasses.field(default_factory=set)  # the look-ahead's whole guess
-  fence: Any = None  # the last output computed from this pool
+  Attributes:
+    host: [slots, record bytes] page-aligned buffer reads land in.
+    pool: jax array [slots, record elements] (aliases `host` on a CPU device).
+    key: slot -> (layer, expert) it holds, or None.
+    last_use: slot -> step (layer pass) of its last use.
+    fence: slot -> the last output computed from it (refilled only once that is ready).
+    inflight: slot -> future of its read.
+  """
+
+  def __init__(self, slots: int, record: int, elems: int, dtype, device):
+    self.host = aligned_empty(slots * record)
+    self.host.fill(0)  # fault the pages in: O_DIRECT into untouched pages is slow (layerwise.py)
+    self.pool = jax.device_put(view_as(self.host, 0, (slots, elems), dtype), device)
+    self.key: list[tuple[int, int] | None] = [None] * slots
+    self.last_use = [-1] * slots
+    self.fence: list[Any] = [None] * slots
+    self.inflight: dict[int, Any] = {}
+    self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
+
+  def clear(self) -> None:
+    for slot in list(self.inflight):
+      self.inflight.pop(slot).result()
+    self.key = [None] * len(self.key)
+    self.where.clear()
 
 
 @register_strategy("moe_offload")
@@ -235,7 +260,8 @@ class MoEOffload(Strategy):
 
   @classmethod
   def candidates(cls, model, budget):
-    return [MoEOffloadOptions(), MoEOffloadOptions(cache_policy="lfu")]
+    """For the planner: the default (LRU), and with the look-ahead."""
+    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=True)]
 
   def __init__(self, options: Any = None):
     super().__init__(options)
@@ -257,7 +283,7 @@ class MoEOffload(Strategy):
 
   def _needs(self, model: Model, sizes: dict[str, int], slots: int) -> dict[str, int]:
     c = model.config
-    working = sizes["record"] * (c.num_experts + c.num_layers * slots)  # staging + caches
+    working = sizes["record"] * (c.num_experts + slots)  # staging + the expert cache
     need = {"device": sizes["fixed"] + sizes["kv"] + working, "host": 0,
             "disk": c.num_layers * c.num_experts * sizes["record"]}
     if not sizes["aliases"]:
@@ -271,39 +297,43 @@ class MoEOffload(Strategy):
                           " model: use layerwise, tensor_split or neuron_cluster).")
     k, n = c.experts_per_token, c.num_experts
     sizes = self._sizes(model, profile)
+    total = n * c.num_layers
     minimum = self._needs(model, sizes, k)
     if o.cache_experts == "auto":
-      slots = k if o.cache_policy == "none" else n
-      while slots > k and budget.device is not None and (
-          self._needs(model, sizes, slots)["device"] > budget.device):
-        slots -= 1
+      slots = total
+      if o.cache_policy == "none":
+        slots = k * c.num_layers
+      if budget.device is not None:
+        spare = budget.device - self._needs(model, sizes, 0)["device"]
+        slots = max(k, min(slots, spare // sizes["record"]))
     else:
-      if not k <= o.cache_experts <= n:
+      if not k <= o.cache_experts <= total:
         raise ValueError(f"cache_experts={o.cache_experts}; {c.name} routes {k} of {n} experts"
-                         f" per token, so it must lie in [{k}, {n}].")
+                         f" per token in each of {c.num_layers} layers, so it must lie in"
+                         f" [{k}, {total}].")
       slots = o.cache_experts
     need = self._needs(model, sizes, slots)
     for tier in ("device", "host", "disk"):
       limit = budget.limit(tier)
       if limit is not None and need[tier] > limit:
         raise BudgetExceeded(tier, need[tier], 0, limit,
-                             group=f"moe_offload plan ({slots} expert slots per layer)",
+                             group=f"moe_offload plan ({slots} expert slots)",
                              minimum=minimum[tier])
     freq, reuse = routing_law(model)
-    hit = expected_hit_rate(freq, reuse, k, slots, o.cache_policy)
+    hit = expected_hit_rate(freq, reuse, k, slots / c.num_layers, o.cache_policy)
     groups = {}
     for g in model.group_names():
       if g.endswith("/mlp"):
         groups[g] = GroupPlacement(
             "disk", n * sizes["record"] + sizes["mlp_fixed"] // c.num_layers,
-            f"{n} expert records on disk, {slots} cached (norm and router on the device)")
+            f"{n} expert records on disk (norm and router on the device)")
       else:
         groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
     placed_device = sum(g.nbytes for g in groups.values() if g.tier == "device")
     working = {"device": need["device"] - placed_device, "host": need["host"]}
     notes = (
-        f"expert record: {format_bytes(sizes['record'])}; cache: {slots} of {n} experts per"
-        f" layer ({o.cache_policy}); staging: {n} records",
+        f"expert record: {format_bytes(sizes['record'])}; cache: {slots} of {total} experts"
+        f" ({o.cache_policy}, shared by the layers); staging: {n} records",
         f"routing law: reuse {reuse:.2f}, predicted cache hit rate {hit:.2f}",
         f"predicted expert bytes per token: "
         f"{format_bytes(int(c.num_layers * k * (1 - hit) * sizes['record']))}",
@@ -321,8 +351,9 @@ class MoEOffload(Strategy):
   def cost_model(ctx: simulate.PassContext) -> None:
     """Per layer: attention on the device; the layer's expert reads (misses only in
     decode, all X records in prefill) on the disk, started with the attention when
-    the look-ahead guesses them (a `lookahead_accuracy` share of the misses) and
-    after the router otherwise; the FFN computes the routed experts once they land."""
+    the look-ahead guesses them (a `lookahead_accuracy` share of the misses, plus as
+    many wrong guesses as it gets wrong) and after the router otherwise; the FFN
+    computes the routed experts once they land."""
     c = ctx.model.config
     s: MoEOffloadSettings = ctx.placement.settings
     prof = ctx.profile
@@ -340,7 +371,10 @@ class MoEOffload(Strategy):
       for i in range(c.num_layers):
         misses = experts * (1.0 - s.hit_rate) if gathers else float(n)
         early = misses * (s.lookahead_accuracy if (s.lookahead or not gathers) else 0.0)
-        nbytes_early, nbytes_late = early * s.record_bytes, (misses - early) * s.record_bytes
+        # Wrong guesses of uncached experts are read too (bytes, not waiting).
+        wasted = misses * (1.0 - s.lookahead_accuracy) if (s.lookahead and gathers) else 0.0
+        nbytes_early = (early + wasted) * s.record_bytes
+        nbytes_late = (misses - early) * s.record_bytes
         read_early = ctx.add("disk", nbytes_early / rate, (prev,), f"guessed experts {i}", i,
                              int(nbytes_early)) if nbytes_early else None
         if read_early is not None and s.link_copy:
@@ -379,85 +413,94 @@ class MoEOffload(Strategy):
           name: model.tensor(f"{g}/{name}") for name in ("norm", "router")}
       ledger.allocate("device", sum(a.nbytes for a in tensors.values()), g)
       self._fixed[g] = jax.device_put(tensors, device)
-    records = self.record * (c.num_experts + c.num_layers * self.slots)
+    records = self.record * (c.num_experts + self.slots)
     ledger.allocate("device", records, "moe_offload/experts")
     if not self.aliases:
       ledger.allocate("host", records, "moe_offload/staging")
-    self._layers = [self._new_layer(self.slots) for _ in range(c.num_layers)]
-    self._staging = self._new_layer(c.num_experts)  # prefill: every expert of one layer
+    new = functools.partial(_Pool, record=self.record, elems=self._elems, dtype=model.dtype,
+                            device=device)
+    self._cache = new(self.slots)  # the expert cache, shared by every layer
+    self._staging = new(c.num_experts)  # many tokens: every expert of one layer
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
-    self._pass = 0
+    self._step = 0
+    self._uses: dict[tuple[int, int], int] = {}
+    self._previous: dict[int, set] = {}  # layer -> experts its last pass used
+    self._guess: dict[int, set] = {}
+    self._guessed: dict[int, set] = {}
     self._phase = "prefill"
-    self._gather = True
     self._compiled = _functions(c)
     self._set_slot = jax.jit(lambda pool, i, rec: pool.at[i].set(rec), donate_argnums=(0,))
-
-  def _new_layer(self, slots: int) -> _Layer:
-    host = aligned_empty(slots * self.record)
-    host.fill(0)  # fault the pages in: O_DIRECT into untouched pages is slow (layerwise.py)
-    view = view_as(host, 0, (slots, self._elems), self.model.dtype)
-    return _Layer(host=host, pool=jax.device_put(view, self._device), expert=[None] * slots,
-                  last_use=[-1] * slots, uses=np.zeros(self.config.num_experts, np.int64),
-                  inflight={}, guessed=set())
 
   # -- the cache -----------------------------------------------------------------------
 
   def _count(self, key: str, value: float) -> None:
     self.counters.phase(self._phase).add(key, value)
 
-  def _victim(self, lay: _Layer, keep: set) -> int:
-    """The slot a new expert goes to: a free one, else the policy's choice outside `keep`."""
-    free = [s for s, e in enumerate(lay.expert) if e is None]
+  def _victim(self, pool: _Pool, keep: set, spare: set = frozenset()) -> int | None:
+    """The slot a new expert goes to: a free one, else the policy's choice among the
+    experts in neither `keep` nor `spare` (None: there is none)."""
+    free = [s for s, key in enumerate(pool.key) if key is None]
     if free:
       return free[0]
-    options = [s for s, e in enumerate(lay.expert) if e not in keep]
+    options = [s for s, key in enumerate(pool.key) if key not in keep and key not in spare]
+    if not options:
+      return None
     if self.options.cache_policy == "lfu":
-      return min(options, key=lambda s: (lay.uses[lay.expert[s]], lay.last_use[s]))
-    return min(options, key=lambda s: lay.last_use[s])
+      return min(options, key=lambda s: (self._uses.get(pool.key[s], 0), pool.last_use[s]))
+    return min(options, key=lambda s: pool.last_use[s])
 
-  def _read(self, layer: int, lay: _Layer, slot: int, expert: int) -> None:
-    """Starts reading `expert` of `layer` into `slot` (after its pool is quiet)."""
-    if lay.fence is not None:
-      jax.block_until_ready(lay.fence)  # no computation may still read the pool
-      lay.fence = None
-    if slot in lay.inflight:
-      lay.inflight.pop(slot).result()  # a guessed read being replaced
-    lay.expert[slot] = expert
-    lay.last_use[slot] = self._pass
+  def _read(self, pool: _Pool, slot: int, layer: int, expert: int) -> None:
+    """Starts reading `expert` of `layer` into `slot` (after its last computation is done)."""
+    if pool.fence[slot] is not None:
+      jax.block_until_ready(pool.fence[slot])  # no computation may still read the slot
+      pool.fence[slot] = None
+    if slot in pool.inflight:
+      pool.inflight.pop(slot).result()  # a guessed read being replaced
+    if pool.key[slot] is not None:
+      pool.where.pop(pool.key[slot], None)
+    pool.key[slot] = (layer, expert)
+    pool.where[(layer, expert)] = slot
+    pool.last_use[slot] = self._step
     group = f"layers/{layer}/experts/{expert}"
-    dest = lay.host[slot * self.record:(slot + 1) * self.record]
-    lay.inflight[slot] = self._reader.read_into(self.store.file(group), 0, dest,
-                                                self.store.group_nbytes(group),
-                                                chunk=self.options.read_chunk)
-    self._count("disk_bytes", self.store.group_nbytes(group))
-    self._count("disk_requests", -(-self.store.group_nbytes(group) // self.options.read_chunk))
+    nbytes = self.store.group_nbytes(group)
+    dest = pool.host[slot * self.record:(slot + 1) * self.record]
+    pool.inflight[slot] = self._reader.read_into(self.store.file(group), 0, dest, nbytes,
+                                                 chunk=self.options.read_chunk)
+    self._count("disk_bytes", nbytes)
+    self._count("disk_requests", -(-nbytes // self.options.read_chunk))
     self._count("expert_reads", 1)
 
-  def _wait(self, lay: _Layer, slots) -> None:
+  def _wait(self, pool: _Pool, slots) -> None:
     """Waits for the reads of `slots`; copies them to the device where it has its own memory."""
     t0 = time.perf_counter()
     for slot in slots:
-      future = lay.inflight.pop(slot, None)
+      future = pool.inflight.pop(slot, None)
       if future is None:
         continue
       future.result()
       if not self.aliases:
-        rec = view_as(lay.host, slot * self.record, (self._elems,), self.model.dtype)
-        lay.pool = self._set_slot(lay.pool, slot, jax.device_put(rec, self._device))
+        rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
+        pool.pool = self._set_slot(pool.pool, slot, jax.device_put(rec, self._device))
         self._count("h2d_bytes", self.record)
     self._count("wait_s", time.perf_counter() - t0)
 
   def _prefetch(self, layer: int, experts) -> None:
-    """Starts reads of `experts` of `layer` that are neither cached nor in flight."""
-    lay = self._layers[layer]
-    keep = set(int(e) for e in experts)
-    lay.guess, lay.guessed = keep, set()
-    if len(keep) > len(lay.expert):
+    """Starts reads of the guessed `experts` of `layer` that are not cached.
+
+    A guess never displaces an expert this layer's previous pass used: a guess
+    is right less often than a token reuses its predecessor's experts.
+    """
+    keep = {(layer, int(e)) for e in experts}
+    self._guess[layer], self._guessed[layer] = keep, set()
+    if len(keep) > len(self._cache.key):
       return  # more guesses than slots (a large batch): no look-ahead for this layer
-    for e in sorted(keep):
-      if e not in lay.expert:
-        self._read(layer, lay, self._victim(lay, keep), e)
-        lay.guessed.add(e)
+    for key in sorted(keep):
+      if key not in self._cache.where:
+        slot = self._victim(self._cache, keep, self._previous.get(layer, set()))
+        if slot is None:
+          break
+        self._read(self._cache, slot, *key)
+        self._guessed[layer].add(key)
 
   # -- the hooks the engine calls ---------------------------------------------------------
 
@@ -469,84 +512,80 @@ class MoEOffload(Strategy):
 
   def begin(self, phase, num_tokens) -> None:
     self._phase = phase
-    self._pass += 1
-    self._rows = None
     if self.options.cache_policy == "none":
-      for lay in self._layers:
-        for slot in list(lay.inflight):
-          lay.inflight.pop(slot).result()
-        lay.expert = [None] * len(lay.expert)
+      self._cache.clear()
 
   def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask, attention):
     c = self.config
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
-    mlp = self._fixed[f"layers/{layer}/mlp"]
     if not gather:
       # Many tokens: every expert of the layer, read while the attention computes.
-      lay = self._staging
       for e in range(c.num_experts):
-        self._read(layer, lay, e, e)
+        self._read(self._staging, e, layer, e)
     elif self.options.lookahead:
-      guess = np.asarray(self._compiled.route(mlp, x))
+      guess = np.asarray(self._compiled.route(self._fixed[f"layers/{layer}/mlp"], x))
       self._prefetch(layer, guess.reshape(-1))
     return attention(params, x, cache, cache_index, positions, kv_mask)
 
   def run_ffn(self, layer, params, x, ffn):
     c = self.config
+    self._step += 1
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
     if not gather:
-      lay = self._staging
-      self._wait(lay, range(c.num_experts))
-      lay.expert = [None] * c.num_experts  # staging is refilled per layer
-      out = self._compiled.dense(params, x, lay.pool, self._offsets_tuple())
-      lay.fence = out
+      stage = self._staging
+      self._wait(stage, range(c.num_experts))
+      out = self._compiled.dense(params, x, stage.pool, self._offsets_tuple())
+      stage.fence = [out] * c.num_experts
+      stage.clear()  # refilled per layer
       self._count("streamed_layers", 1)
       return out
-    lay = self._layers[layer]
+    pool = self._cache
     idx = np.asarray(self._compiled.route(params, x))  # [B, T, k]
-    needed = [int(e) for e in np.unique(idx)]
+    needed = [(layer, int(e)) for e in np.unique(idx)]
     keep = set(needed)
     self._count("expert_lookups", idx.size)
-    if self.options.lookahead and lay.guess:
-      self._count("lookahead_guesses", len(lay.guess))
-      self._count("lookahead_right", len(keep & lay.guess))
-      self._count("lookahead_useful_reads", len(keep & lay.guessed))
-      self._count("lookahead_wasted_bytes", len(lay.guessed - keep) * self.record)
-    lay.guess = set()
-    if len(needed) > len(lay.expert):
+    guess, guessed = self._guess.pop(layer, set()), self._guessed.pop(layer, set())
+    if guess:
+      self._count("lookahead_guesses", len(guess))
+      self._count("lookahead_right", len(keep & guess))
+      self._count("lookahead_useful_reads", len(keep & guessed))
+      self._count("lookahead_wasted_bytes", len(guessed - keep) * self.record)
+    self._previous[layer] = keep
+    for key in needed:
+      self._uses[key] = self._uses.get(key, 0) + 1
+    if len(needed) > len(pool.key):
       # More distinct experts than slots (a large batch): through the staging area.
       stage = self._staging
-      for e in needed:
-        self._read(layer, stage, e, e)
-      self._wait(stage, needed)
-      stage.expert = [None] * c.num_experts
-      out = self._compiled.routed(params, x, stage.pool, jnp.arange(c.num_experts,
-                                                                    dtype=jnp.int32),
+      for _, e in needed:
+        self._read(stage, e, layer, e)
+      self._wait(stage, [e for _, e in needed])
+      out = self._compiled.routed(params, x, stage.pool,
+                                  jnp.arange(c.num_experts, dtype=jnp.int32),
                                   self._offsets_tuple())
-      stage.fence = out
+      stage.fence = [out] * c.num_experts
+      stage.clear()
       self._count("ideal_bytes", len(needed) * self.record)
       self._count("overflow_layers", 1)
       return out
     # Hits: experts in the cache before this pass's look-ahead touched the layer.
-    cached_before = [e for e in needed if e in lay.expert and e not in lay.guessed]
-    self._count("expert_hits", int(sum(np.sum(idx == e) for e in cached_before)))
+    cached_before = [key for key in needed if key in pool.where and key not in guessed]
+    self._count("expert_hits", int(sum(np.sum(idx == e) for _, e in cached_before)))
     self._count("ideal_bytes", (len(needed) - len(cached_before)) * self.record)
-    for e in needed:
-      if e not in lay.expert:
-        self._read(layer, lay, self._victim(lay, keep), e)
+    for key in needed:
+      if key not in pool.where:
+        self._read(pool, self._victim(pool, keep), *key)
     slot_of = np.zeros(c.num_experts, np.int32)
     slots = []
-    for e in needed:
-      s = lay.expert.index(e)
-      slot_of[e] = s
-      slots.append(s)
-      lay.last_use[s] = self._pass
-      lay.uses[e] += 1
-    self._wait(lay, slots)
-    lay.guessed = set()
-    out = self._compiled.routed(params, x, lay.pool, jnp.asarray(slot_of),
+    for key in needed:
+      slot = pool.where[key]
+      slot_of[key[1]] = slot
+      slots.append(slot)
+      pool.last_use[slot] = self._step
+    self._wait(pool, slots)
+    out = self._compiled.routed(params, x, pool.pool, jnp.asarray(slot_of),
                                 self._offsets_tuple())
-    lay.fence = out
+    for slot in slots:
+      pool.fence[slot] = out
     return out
 
   def _offsets_tuple(self):
@@ -570,7 +609,7 @@ class MoEOffload(Strategy):
       out.details["decode_expert_reads_per_token"] = d.get("expert_reads") / d.tokens
       out.details["decode_disk_bytes_per_token"] = d.disk_bytes / d.tokens
       out.details["decode_ideal_bytes_per_token"] = d.get("ideal_bytes") / d.tokens
-    out.details.update(cache_slots_per_layer=self.slots, cache_policy=self.options.cache_policy,
+    out.details.update(cache_slots=self.slots, cache_policy=self.options.cache_policy,
                        lookahead=self.options.lookahead, record_bytes=self.record,
                        experts=c.num_experts, layers=c.num_layers)
     return out
@@ -579,14 +618,12 @@ class MoEOffload(Strategy):
     if self._closed:
       return
     self._closed = True
-    for lay in getattr(self, "_layers", []) + ([self._staging] if hasattr(self, "_staging")
-                                               else []):
-      for future in lay.inflight.values():
+    for pool in (getattr(self, "_cache", None), getattr(self, "_staging", None)):
+      for future in (pool.inflight.values() if pool is not None else ()):
         try:
           future.result()
         except Exception:  # noqa: BLE001 - closing: the error was or will be reported
           pass
-      lay.inflight.clear()
     if self._reader is not None:
       self._reader.close()
 
