@@ -17,16 +17,22 @@ Per layer, when few tokens are routed (decode; the model's own rule,
     nor in flight are read now; the pass waits for its experts' reads only;
   compute: `modules.routed_experts` on the slots, the arithmetic of the model's
     own MoE FFN, so tokens equal `resident`'s.
-A wrong guess costs its bytes (and may evict a useful expert), never correctness:
-the routed experts are always the router's. When many tokens are routed
+The look-ahead is off by default (see MoEOffloadOptions.lookahead). A wrong guess
+costs its bytes (and may evict an older cached expert, never one the layer's previous
+pass used), never correctness: the routed experts are always the router's. When
+more distinct experts are routed than the cache holds, they go through the staging
+area (below) with the same arithmetic. When many tokens are routed
 (prefill), every expert of the layer is read into a staging area of X records
 (reads start with the layer's attention) and the model's own FFN runs on it.
 
 Buffers: slots and staging are page-aligned host buffers that jax aliases on a
 CPU device (no copy; a slot is refilled only after the last computation that
-read its pool is done, hetflow/memory/buffers.py); elsewhere a refilled slot is
-copied into a device array. Not done: the host tier for experts, and computing
-cold experts on the CPU where they lie (Fiddler); see docs of issue 14.
+read it is done, hetflow/memory/buffers.py); elsewhere a refilled slot is copied
+into a device array (untested here: no accelerator). Not done (issue 14): experts in
+the host tier, computing cold experts on the CPU where they lie (Fiddler,
+KTransformers), sparse experts (neuron_cluster inside each expert), and double
+buffering of the prefill staging area (a layer's reads wait for the previous
+layer's FFN).
 """
 
 from __future__ import annotations

@@ -1,0 +1,44 @@
+"""mixtral-1b-routed at 25% of its bytes in memory, cold disk: moe_offload vs layer-wise.
+
+Run:
+  HETFLOW_CACHE=/tmp/moe-bench/cache python -m experiments.benchmark \
+      --config=configs/bench/moe.py --workdir=/tmp/bench-moe
+Hardware: the 2-core, 24 GiB CPU machines here (~2 GB/s O_DIRECT reads); ~10 GB of
+free disk for the two stores (layer-wise's and the expert records, written on first
+use); ~3 GiB RAM per system. The model's routers are calibrated once (a few minutes,
+cached under $HETFLOW_CACHE/moe).
+Expect: the model is 4.86 GB (float32), 128 expert records of 34.6 MB and 0.43 GB of
+fixed region; 25% of it (1.13 GiB) leaves moe_offload 14 cache slots besides the
+staging area, under one expert per layer, so LRU keeps nothing a layer reuses and it
+reads the 32 routed experts of a token, ~1.1 GB; layer-wise streams every layer it
+cannot keep, ~4 GB. Decode should be near the ratio of bytes, ~3.5x. The issue's
+targets (>= 3x layer-wise; disk bytes per token within 1.2x of the routed experts not
+in cache) are read from the table's decode tok/s and the strategy's
+decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
+"""
+
+from hetflow.benchmark import bench_config
+
+MODEL_BYTES = 4_859_760_640  # mixtral-1b-routed in float32 (Model.nbytes)
+
+
+def get_config(arg=None):
+  del arg
+  c = bench_config("mixtral-1b-routed", budget=dict(device=str(MODEL_BYTES // 4), host="",
+                                                    disk=""),
+                   prompt_tokens=16, new_tokens=8, repeats=2)
+  c.model.kwargs = dict(calibration_tokens=4096)  # keeps the calibration under ~2 GB of RAM
+  c.order = "moe_lru,moe_lfu,moe_lookahead,layerwise"
+  common = dict(kv_reserve_tokens=64)
+  c.systems.moe_lru = dict(kind="hetflow", strategy="moe_offload", options=dict(common))
+  c.systems.moe_lfu = dict(kind="hetflow", strategy="moe_offload",
+                           options=dict(common, cache_policy="lfu"))
+  c.systems.moe_lookahead = dict(kind="hetflow", strategy="moe_offload",
+                                 options=dict(common, lookahead=True))
+  c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
+                             options=dict(common, offload_tier="disk", resident_layers="auto",
+                                          prefetch_depth=1))
+  c.smoke = {"model": {"name": "mixtral-tiny-8e-routed", "kwargs": {"calibration_tokens": 2048}},
+             "budget": {"device": ""}, "prompt_tokens": 4, "new_tokens": 3,
+             "order": "moe_lru,layerwise"}
+  return c
