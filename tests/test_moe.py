@@ -59,6 +59,14 @@ def test_unreachable_reuse_is_refused_with_the_reachable_range():
     model.tensor("layers/0/mlp/router")
 
 
+def test_unreachable_reuse_is_clamped_and_reported_when_not_strict():
+  model = hetflow.synthetic_model("mixtral-tiny-8e-routed", popularity="uniform", reuse=0.1,
+                                  calibration_tokens=2048, strict=False)
+  model.tensor("layers/0/mlp/router")
+  layers = model.source.calibration_report["layers"]
+  assert all(r["clamped"] and r["reuse"] > 0.1 for r in layers)
+
+
 def test_routed_names_and_bad_arguments():
   with pytest.raises(ValueError, match="unknown routed MoE model"):
     hetflow.synthetic_model("llama-tiny-routed")

@@ -121,6 +121,10 @@ class RoutingSpec:
     sequence_length: length of the calibration sequences.
     warmup: first positions of each sequence left out of the statistics (the
       context mean is still settling there).
+    strict: refuse a reuse some layer cannot reach (ValueError with the range);
+      False calibrates such a layer to the nearest reachable reuse and marks it
+      "clamped" in `MoESource.calibration_report` (measure the model with
+      `routing_statistics` and state what it gives).
   """
 
   popularity: str = "zipf:0.5"
@@ -130,6 +134,7 @@ class RoutingSpec:
   calibration_tokens: int = 16384
   sequence_length: int = 256
   warmup: int = 16
+  strict: bool = True
 
   def __post_init__(self):
     parse_hotness(self.popularity)
@@ -344,17 +349,21 @@ class MoESource:
     # Usually reuse falls as phi grows (more of the fast directions); bisect either way.
     lo, hi = 0.0, np.pi / 2
     at_lo, at_hi = fit_bias(lo)[2], fit_bias(hi)[2]
+    target_reuse = s.reuse
     if not min(at_lo, at_hi) <= s.reuse <= max(at_lo, at_hi):
-      raise ValueError(
-          f"{c.name} layer {layer}: reuse={s.reuse} is out of reach with popularity="
-          f"{s.popularity!r}; this model's routers give {min(at_lo, at_hi):.3f} to"
-          f" {max(at_lo, at_hi):.3f} (chance alone: {s.chance_reuse(c):.3f}).")
+      message = (f"{c.name} layer {layer}: reuse={s.reuse} is out of reach with popularity="
+                 f"{s.popularity!r}; this model's routers give {min(at_lo, at_hi):.3f} to"
+                 f" {max(at_lo, at_hi):.3f} (chance alone: {s.chance_reuse(c):.3f}).")
+      if s.strict:
+        raise ValueError(message)
+      target_reuse = min(max(s.reuse, min(at_lo, at_hi)), max(at_lo, at_hi))
     for _ in range(20):
       mid = (lo + hi) / 2
       reuse = fit_bias(mid)[2]
-      lo, hi = (mid, hi) if (reuse > s.reuse) == (at_lo > at_hi) else (lo, mid)
+      lo, hi = (mid, hi) if (reuse > target_reuse) == (at_lo > at_hi) else (lo, mid)
     row0, freq, reuse = fit_bias((lo + hi) / 2)
     report.append({"layer": layer, "phi": (lo + hi) / 2, "reuse": reuse,
+                   "clamped": target_reuse != s.reuse,
                    "max_freq_error": float(np.max(np.abs(freq / target - 1))),
                    "slow_autocorrelation": float(rho[-m:].mean()),
                    "fast_autocorrelation": float(rho[:m].mean())})
