@@ -565,9 +565,7 @@ class MoEOffload(Strategy):
       for _, e in needed:
         self._read(stage, e, layer, e)
       self._wait(stage, [e for _, e in needed])
-      out = self._compiled.routed(params, x, stage.pool,
-                                  jnp.arange(c.num_experts, dtype=jnp.int32),
-                                  self._offsets_tuple())
+      out = self._routed(params, x, stage.pool, {e: e for _, e in needed})
       stage.fence = [out] * c.num_experts
       stage.clear()
       self._count("ideal_bytes", len(needed) * self.record)
@@ -580,19 +578,30 @@ class MoEOffload(Strategy):
     for key in needed:
       if key not in pool.where:
         self._read(pool, self._victim(pool, keep), *key)
-    slot_of = np.zeros(c.num_experts, np.int32)
-    slots = []
-    for key in needed:
-      slot = pool.where[key]
-      slot_of[key[1]] = slot
-      slots.append(slot)
+    slot_of = {key[1]: pool.where[key] for key in needed}
+    for slot in slot_of.values():
       pool.last_use[slot] = self._step
+    slots = list(slot_of.values())
     self._wait(pool, slots)
-    out = self._compiled.routed(params, x, pool.pool, jnp.asarray(slot_of),
-                                self._offsets_tuple())
+    out = self._routed(params, x, pool.pool, slot_of)
     for slot in slots:
       pool.fence[slot] = out
     return out
+
+  def _routed(self, params, x, pool, slot_of: dict[int, int]):
+    """Runs the routed experts; `slot_of` maps each routed expert to its slot in `pool`.
+
+    The gathered records are padded to a power of two (repeating the first), so
+    decode compiles a few shapes, not one per count of distinct experts.
+    """
+    experts = sorted(slot_of)
+    count = 1 << max(0, (len(experts) - 1).bit_length())
+    slots = np.full(count, slot_of[experts[0]], np.int32)
+    slots[:len(experts)] = [slot_of[e] for e in experts]
+    position = np.zeros(self.config.num_experts, np.int32)
+    position[experts] = np.arange(len(experts))
+    return self._compiled.routed(params, x, pool, jnp.asarray(slots), jnp.asarray(position),
+                                 self._offsets_tuple())
 
   def _offsets_tuple(self):
     return tuple(self._offsets[t] for t in EXPERT_TENSORS)
@@ -653,12 +662,15 @@ def _functions(config):
   def route(w, x):
     return modules.route(config, w["router"], norm(w, x))[1]
 
-  @functools.partial(jax.jit, static_argnums=(4,))
-  def routed(w, x, pool, slot_of, offsets):
+  @functools.partial(jax.jit, static_argnums=(5,))
+  def routed(w, x, pool, slots, position, offsets):
+    """The routed experts only: the records at `slots` [M] (the layer's experts, in
+    the order `position` [X] maps them to) are gathered first, so the kernels
+    sliced from them are M records, never the whole pool."""
     h = norm(w, x)
     weights, idx = modules.route(config, w["router"], h)
-    gate, up, down = split(pool, offsets, pool.shape[0])
-    return x + modules.routed_experts(config, h, weights, slot_of[idx], gate, up, down)
+    gate, up, down = split(jnp.take(pool, slots, axis=0), offsets, slots.shape[0])
+    return x + modules.routed_experts(config, h, weights, position[idx], gate, up, down)
 
   @functools.partial(jax.jit, static_argnums=(3,))
   def dense(w, x, pool, offsets):
