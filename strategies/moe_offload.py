@@ -51,12 +51,20 @@ from hetflow import hardware, simulate
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up, view_as
+from hetflow.memory.cache import cache_root
 from hetflow.memory.reader import ReaderPool
-from hetflow.memory.store import LayerStore
+from hetflow.memory.store import (
+  MANIFEST,
+  LayerStore,
+  StoreMismatchError,
+  check_fingerprint,
+  fingerprint_digest,
+  is_hetflow_store,
+  model_fingerprint,
+)
 from hetflow.models import layers, modules
 from hetflow.models.model import Model
 from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
-from strategies.layerwise import default_store_dir, store_fingerprint
 
 EXPERT_TENSORS = ("gate", "up", "down")
 
@@ -196,8 +204,28 @@ def record_nbytes(model: Model) -> int:
   return 3 * round_up(one)
 
 
-def write_expert_store(model: Model, path: str, progress: bool = True) -> LayerStore:
-  """Writes every expert of `model` as one record (group "layers/<i>/experts/<e>")."""
+KIND = "moe_experts"
+
+
+def expert_fingerprint(model: Model) -> dict[str, Any]:
+  """The fingerprint record of an expert store: the model's, plus what a record holds."""
+  return {"kind": KIND, "model": model_fingerprint(model), "tensors": list(EXPERT_TENSORS)}
+
+
+def default_expert_store_dir(model: Model) -> str:
+  """cache_root()/expert_stores/<name>-<dtype>-<fingerprint digest[:12]>."""
+  digest = fingerprint_digest(expert_fingerprint(model))
+  return os.path.join(cache_root(), "expert_stores",
+                      f"{model.config.name}-{jnp.dtype(model.dtype).name}-{digest[:12]}")
+
+
+def write_expert_store(model: Model, path: str, progress: bool = True,
+                       overwrite: bool = False) -> None:
+  """Writes every expert of `model` as one record (group "layers/<i>/experts/<e>").
+
+  A `LayerStore` (atomic, free space checked first, never replacing anything but a
+  hetflow store), with the fingerprint in its manifest; peak memory one layer.
+  """
   c = model.config
 
   def groups():
@@ -207,25 +235,41 @@ def write_expert_store(model: Model, path: str, progress: bool = True) -> LayerS
         yield f"layers/{i}/experts/{e}", {n: np.ascontiguousarray(stacks[n][e])
                                           for n in EXPERT_TENSORS}
 
-  metadata = {"fingerprint": store_fingerprint(model), "model": c.name, "layout": "experts",
+  fp = expert_fingerprint(model)
+  metadata = {"kind": KIND, "fingerprint": fingerprint_digest(fp), "fingerprint_record": fp,
               "dtype": jnp.dtype(model.dtype).name, "description": model.description}
-  return LayerStore.write(path, groups(), progress=progress, metadata=metadata,
-                          description=f"writing {c.name}'s experts",
-                          overwrite=os.path.isdir(path))
+  LayerStore.write(path, groups(), progress=progress, metadata=metadata, overwrite=overwrite,
+                   description=f"writing {c.name}'s experts",
+                   nbytes=c.num_layers * c.num_experts * record_nbytes(model)).close()
 
 
 def open_expert_store(model: Model, path: str | None, convert: bool) -> LayerStore:
-  """The expert store of `model` at `path` (default beside layerwise's), written if missing."""
-  path = path or default_store_dir(model) + "-experts"
-  if not os.path.exists(os.path.join(path, "manifest.json")):
+  """The expert store of `model` (default: `default_expert_store_dir`), written if missing,
+  opened with its shared lock held (release it with `close()`).
+
+  Raises:
+    StoreMismatchError: the store at `path` holds another model, dtype or kind.
+    FileNotFoundError: it is missing and `convert` is False.
+  """
+  path = os.path.abspath(path or default_expert_store_dir(model))
+  if not os.path.exists(os.path.join(path, MANIFEST)):
     if not convert:
       raise FileNotFoundError(f"no expert store at {path}; pass convert=True to write it.")
-    return write_expert_store(model, path)
-  store = LayerStore.open(path)
-  if (store.metadata.get("fingerprint") != store_fingerprint(model)
-      or store.metadata.get("layout") != "experts"):
-    raise ValueError(f"the store at {path} was not written from this model's experts"
-                     f" ({model.description!r}); pass another store_dir or delete it.")
+    try:
+      write_expert_store(model, path, overwrite=os.path.isdir(path))
+    except FileExistsError:
+      if not is_hetflow_store(path):  # not another writer that won the race
+        raise
+  store = LayerStore.open(path, lock=True)
+  try:
+    if store.metadata.get("kind") != KIND:
+      raise StoreMismatchError(f"{store.path} is a hetflow store of another kind, not an"
+                               " expert store; pass another store_dir")
+    check_fingerprint(store, expert_fingerprint(model),
+                      f"{model.description!r}, {jnp.dtype(model.dtype).name}")
+  except BaseException:
+    store.close()
+    raise
   return store
 
 
@@ -641,6 +685,8 @@ class MoEOffload(Strategy):
           pass
     if self._reader is not None:
       self._reader.close()
+    if getattr(self, "store", None) is not None:
+      self.store.close()  # its shared lock
 
 
 @functools.lru_cache(maxsize=16)

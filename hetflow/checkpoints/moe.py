@@ -61,7 +61,7 @@ far more than any figure here: measure routing on sampled or teacher-forced
 tokens, as `routing_statistics` does.
 
 The calibration result (the routers, [L, D, X]) is cached under
-$HETFLOW_CACHE (default ~/.cache/hetflow)/moe.
+cache_root()/moe (hetflow.memory.cache).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ import numpy as np
 
 from hetflow.checkpoints.sparse import parse_hotness, zipf_frequencies
 from hetflow.checkpoints.synthetic import SHAPES, SyntheticSource
+from hetflow.memory.cache import cache_root
 from hetflow.models import modules
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
@@ -258,8 +259,7 @@ class MoESource:
     key = json.dumps([_VERSION, dataclasses.asdict(self.config), self.seed,
                       dataclasses.asdict(self.spec)], sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    root = os.environ.get("HETFLOW_CACHE", os.path.expanduser("~/.cache/hetflow"))
-    return os.path.join(root, "moe", f"{self.config.name}-{self.seed}-{digest}.npz")
+    return os.path.join(cache_root(), "moe", f"{self.config.name}-{self.seed}-{digest}.npz")
 
   def routers(self) -> np.ndarray:
     """The calibrated routers [L, D, X] (float32), calibrated once and cached."""
