@@ -226,7 +226,14 @@ class MoESource:
     self.base = SyntheticSource(config, seed)
     self._routers: np.ndarray | None = None
     self._lock = threading.Lock()
-    self.calibration_report: dict[str, Any] | None = None
+    self._report: dict[str, Any] | None = None
+
+  @property
+  def calibration_report(self) -> dict[str, Any] | None:
+    """Per layer what the calibration reached (phi, reuse, clamped, frequency error,
+    autocorrelations), when this process calibrated; None when the routers came from
+    the cache. Not a public attribute, so store fingerprints do not depend on it."""
+    return self._report
 
   def target_frequencies(self, layer: int) -> np.ndarray:
     """Target P(expert e in top-k) of `layer`, indexed by expert [X]."""
@@ -293,7 +300,7 @@ class MoESource:
       return w
 
     walk(c, self._group, ids, on_ffn)
-    self.calibration_report = {"layers": report}
+    self._report = {"layers": report}
     return routers
 
   def _fit(self, layer: int, h: np.ndarray, report: list) -> np.ndarray:
