@@ -31,7 +31,7 @@ cache of k = 2 experts per layer hits ~0.4-0.6 of Mixtral's expert lookups, and
 guessing layer i+1's experts from layer i's hidden state recalls ~0.8-0.9. We know
 of no published per-expert frequency table for Mixtral; other MoE families
 (DeepSeek, Qwen-MoE, Switch) are reported more skewed. Hence the defaults
-popularity="zipf:0.5" (hot share ~0.41) and reuse=0.45.
+popularity="zipf:0.5" (hot share 0.39) and reuse=0.45.
 
 Construction (per layer, from the seed, calibrated layer by layer on random
 token sequences run through the model itself, `hetflow.models.walk`):
