@@ -346,6 +346,10 @@ class MoEOffload(Strategy):
     if not c.num_experts:
       raise NotApplicable(f"moe_offload places routed experts; {c.name} has none (a dense"
                           " model: use layerwise, tensor_split or neuron_cluster).")
+    if not model.format.plain:  # its expert records would need format-aware code (issue 11)
+      raise NotApplicable("moe_offload runs float32 weights only; this model has"
+                          f" weights={model.weights!r}. Use resident or layerwise, or load"
+                          " it with weights='float32'.")
     k, n = c.experts_per_token, c.num_experts
     sizes = self._sizes(model, profile)
     total = n * c.num_layers

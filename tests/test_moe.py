@@ -165,6 +165,9 @@ def test_planner_lists_it_for_mixtral_and_refuses_dense_models(routed):
     moe_offload.MoEOffload().plan(dense, Budget())
   ranked = planner.plan(dense, Budget(), profile, strategies=["moe_offload"])
   assert ranked[0].reason.startswith("not applicable")
+  quantized = hetflow.synthetic_model("mixtral-tiny", weights="bfloat16")
+  with pytest.raises(NotApplicable, match="float32 weights only"):
+    moe_offload.MoEOffload().plan(quantized, Budget())
 
 
 @pytest.mark.parametrize("per_layer", [2, 3, 4])
