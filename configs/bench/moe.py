@@ -1,8 +1,7 @@
 """mixtral-1b-routed at 25% of its bytes in memory, cold disk: moe_offload vs layer-wise.
 
 Run:
-  HETFLOW_CACHE=/tmp/moe-bench/cache python -m experiments.benchmark \
-      --config=configs/bench/moe.py --workdir=/tmp/bench-moe
+  python -m experiments.benchmark --config=configs/bench/moe.py --workdir=/tmp/bench-moe
 Hardware: the 2-core, 24 GiB CPU machines here (~2 GB/s O_DIRECT reads); ~10 GB of
 free disk for the two stores (layer-wise's and the expert records, written on first
 use); ~3 GiB RAM per system. The model's routers are calibrated once (~10-15 minutes
@@ -11,7 +10,9 @@ Expect: the model is 4.86 GB (float32), 128 expert records of 34.6 MB and 0.43 G
 fixed region; 25% of it (1.13 GiB) leaves moe_offload 14 cache slots besides the
 staging area, under one expert per layer, so LRU keeps nothing a layer reuses and it
 reads the 32 routed experts of a token, ~1.1 GB; layer-wise streams every layer it
-cannot keep, ~4 GB. Decode should be near the ratio of bytes, ~3.5x. The issue's
+cannot keep, ~4 GB. Decode would be near the ratio of bytes, ~3.5x, if reads overlapped
+compute; measured 2026-11-30 (WORKSPACE_NOTES.md): 0.63 vs 0.45 tok/s, 1.40x, because
+moe_offload still routes, reads and computes one after the other per layer. The issue's
 targets (>= 3x layer-wise; disk bytes per token within 1.2x of the routed experts not
 in cache) are read from the table's decode tok/s and the strategy's
 decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
