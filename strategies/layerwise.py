@@ -41,7 +41,7 @@ from hetflow import hardware, simulate
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up
-from hetflow.memory.reader import ReaderPool, ReadError
+from hetflow.memory.reader import ReaderPool, ReadError, check_read_options
 from hetflow.memory.store import open_store, padded_group_nbytes, store_nbytes
 from hetflow.models.model import Model, unflatten
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
@@ -99,10 +99,7 @@ class LayerwiseOptions:
       raise ValueError(f"prefetch_depth={self.prefetch_depth!r}; expected an int >= 0.")
     if self.kv_reserve_tokens is not None and self.kv_reserve_tokens < 0:
       raise ValueError(f"kv_reserve_tokens={self.kv_reserve_tokens!r}; expected >= 0 or None.")
-    if self.reader_threads < 1:
-      raise ValueError(f"reader_threads={self.reader_threads!r}; expected >= 1.")
-    if self.read_chunk <= 0 or self.read_chunk % 4096:
-      raise ValueError(f"read_chunk={self.read_chunk!r}; expected a positive multiple of 4096.")
+    check_read_options(self.reader_threads, self.read_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

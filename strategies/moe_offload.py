@@ -52,7 +52,7 @@ from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
 from hetflow.memory.buffers import aligned_empty, round_up, view_as
 from hetflow.memory.cache import cache_root
-from hetflow.memory.reader import ReaderPool
+from hetflow.memory.reader import ReaderPool, check_read_options
 from hetflow.memory.store import (
   MANIFEST,
   LayerStore,
@@ -114,10 +114,7 @@ class MoEOffloadOptions:
       raise ValueError(f"cache_experts={c!r}; expected an int >= 1 or 'auto'.")
     if self.cache_policy not in ("lru", "lfu", "none"):
       raise ValueError(f"cache_policy={self.cache_policy!r}; expected 'lru', 'lfu' or 'none'.")
-    if self.reader_threads < 1:
-      raise ValueError(f"reader_threads={self.reader_threads!r}; expected >= 1.")
-    if self.read_chunk <= 0 or self.read_chunk % 4096:
-      raise ValueError(f"read_chunk={self.read_chunk!r}; expected a positive multiple of 4096.")
+    check_read_options(self.reader_threads, self.read_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

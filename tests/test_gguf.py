@@ -5,7 +5,6 @@ model read from one must match the same weights loaded otherwise, token for
 token (and quantized kernels bit for bit: no re-quantizing where types match).
 """
 
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,16 +23,8 @@ PROMPT = [[5, 6, 7, 8, 9, 10]]
 NEW = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("hetflow-cache"))
-  old = os.environ.get("HETFLOW_CACHE")
-  os.environ["HETFLOW_CACHE"] = path
-  yield path
-  if old is None:
-    os.environ.pop("HETFLOW_CACHE", None)
-  else:
-    os.environ["HETFLOW_CACHE"] = old
+# Stores written here go to a cache of this module's (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cache_dir")
 
 
 @pytest.fixture(scope="module")

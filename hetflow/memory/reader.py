@@ -52,6 +52,14 @@ class ReadError(OSError):
 Request = tuple[int, int, int]  # (file offset, bytes, destination offset in the buffer)
 
 
+def check_read_options(reader_threads: int, read_chunk: int) -> None:
+  """Refuses reader settings a strategy's Options cannot use, naming the option."""
+  if not isinstance(reader_threads, int) or reader_threads < 1:
+    raise ValueError(f"reader_threads={reader_threads!r}; expected an int >= 1.")
+  if not isinstance(read_chunk, int) or read_chunk <= 0 or read_chunk % 4096:
+    raise ValueError(f"read_chunk={read_chunk!r}; expected a positive multiple of 4096.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadRecord:
   """What a ReaderPool really did since its last reset.
