@@ -136,30 +136,24 @@ class PhaseCounters:
 
   def add(self, key: str, value: float) -> None:
     """Adds `value` to the counter `key`: a field above, or one of `other`."""
-    if key != "other" and key in _COUNTER_FIELDS:
+    if key in _COUNTER_FIELDS:
       setattr(self, key, getattr(self, key) + value)
     else:
       self.other[key] = self.other.get(key, 0) + value
 
   def get(self, key: str, default: float = 0) -> float:
-    if key != "other" and key in _COUNTER_FIELDS:
+    if key in _COUNTER_FIELDS:
       return getattr(self, key)
     return self.other.get(key, default)
 
   def __getitem__(self, key: str) -> float:
-    if key != "other" and key in _COUNTER_FIELDS:
+    if key in _COUNTER_FIELDS:
       return getattr(self, key)
     return self.other[key]
 
-  def minus(self, earlier: PhaseCounters) -> PhaseCounters:
-    """The counts since `earlier` (a copy taken before a run)."""
-    out = PhaseCounters(**{f: getattr(self, f) - getattr(earlier, f)
-                           for f in _COUNTER_FIELDS if f != "other"})
-    out.other = {k: v - earlier.other.get(k, 0) for k, v in self.other.items()}
-    return out
 
-
-_COUNTER_FIELDS = frozenset(f.name for f in dataclasses.fields(PhaseCounters))
+# The named counters (not `other`, which holds the rest).
+_COUNTER_FIELDS = frozenset(f.name for f in dataclasses.fields(PhaseCounters)) - {"other"}
 
 
 @dataclasses.dataclass

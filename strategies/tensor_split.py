@@ -150,7 +150,6 @@ class TensorSplitSettings:
 
 def default_profile():
   """The profile used when none is given: HeteGen's testbed (documented in plan notes)."""
-  from hetflow import hardware
   return hardware.PROFILES["a10-pcie"]
 
 
