@@ -21,8 +21,9 @@ import numpy as np
 
 from hetflow.memory import tiers
 from hetflow.memory.budget import Budget, MemoryLedger
+from hetflow.models import sharding
 from hetflow.models.model import Model
-from hetflow.strategy import Strategy, make_strategy
+from hetflow.strategy import NotApplicable, Strategy, make_strategy
 from hetflow.trace import Timeline
 
 # Events an untraced engine's timeline keeps: a llama-1b decode step streams 22
@@ -220,11 +221,17 @@ class Engine:
     engine = hetflow.Engine(model, strategy="layerwise",
                             budget=hetflow.Budget(device="512MiB"))
     out = engine.generate([[1, 2, 3]], max_new_tokens=16)
+
+  On a mesh (`mesh=2`: two devices, or two processes under jax.distributed,
+  docs/distributed.md) the weights are split over the mesh's "model" axis
+  (hetflow.models.sharding) and every process runs this same code. The budget
+  is then per device: each shard's bytes in each tier, planned on one shard's
+  Model (`shards.shard`); the ledger counts one shard's bytes.
   """
 
   def __init__(self, model: Model, strategy: str | Strategy = "resident",
                budget: Any = None, options: Any = None, profile: Any = None,
-               trace: bool = False):
+               trace: bool = False, mesh: Any = None):
     """Plans and materialises `model` under `strategy` within `budget`.
 
     Args:
@@ -237,25 +244,46 @@ class Engine:
       profile: a HardwareProfile for the strategy's planning, if it uses one.
       trace: record per-layer compute intervals (this blocks after every
         half-block, which removes overlap; for timelines, not for speed).
+      mesh: None (one device), an int N or {"model": N} (the first N of
+        jax.devices()), or a jax Mesh with one axis "model"
+        (hetflow.models.sharding.make_mesh). N > 1 needs a strategy that
+        shards (`Strategy.shards_over_mesh`: resident, layerwise).
+
+    Raises:
+      NotApplicable: the strategy does not run on a mesh.
+      hetflow.models.sharding.ShardingError: the model cannot be split N ways.
     """
     self.model = model
+    self.shards = sharding.MeshShards(model, sharding.as_mesh(mesh))
+    local = self.shards.shard  # plans, budgets and the ledger are per device: one shard
     self.budget = Budget.from_any(budget)
     self.ledger = MemoryLedger(self.budget)
-    self.strategy, profile = make_strategy(strategy, options, model, self.budget, profile)
+    self.strategy, profile = make_strategy(strategy, options, local, self.budget, profile)
+    if self.shards.mesh is not None and not self.strategy.shards_over_mesh:
+      raise NotApplicable(
+          f"strategy {self.strategy.name!r} does not run on a mesh yet (mesh of"
+          f" {self.shards.size} shards); use 'resident' or 'layerwise', or no mesh"
+          " (docs/distributed.md).")
+    self.strategy.mesh = self.shards
     # Untraced, the strategy's read/transfer/wait events stay a bounded ring (the
     # benchmark's disk-busy figure reads them); traced runs keep everything.
     self.timeline = Timeline(max_events=None if trace else UNTRACED_EVENTS)
     self.trace = trace
     self.strategy.timeline = self.timeline
     self.strategy.ledger = self.ledger
-    self.placement = self.strategy.plan(model, self.budget, profile)
+    self.placement = self.strategy.plan(local, self.budget, profile)
     try:
       self.strategy.materialize(self.placement, model, self.ledger)
     except BaseException:  # nothing placed may outlive a failed start
       self.close()
       raise
-    self.functions = model.functions
+    self.functions = (model.functions if self.shards.mesh is None
+                      else sharding.ShardedFunctions(self.shards))
     kv_tier = self.strategy.kv_cache_tier()
+    if self.shards.mesh is not None and kv_tier != "device":
+      self.close()
+      raise NotApplicable(f"kv_cache_tier={kv_tier!r} on a mesh: the KV cache stays on the"
+                          " devices there; use kv_cache_tier='device'.")
     self._kv_sharding = (tiers.host_sharding() if kv_tier == "host"
                          else tiers.device_sharding())
     self._kv_tier = kv_tier
@@ -293,7 +321,7 @@ class Engine:
 
   def _new_caches(self, batch: int, slots: int):
     cfg = self.model.config
-    nbytes = self.model.kv_cache_nbytes(slots, batch, layers=1)
+    nbytes = self.shards.shard.kv_cache_nbytes(slots, batch, layers=1)  # one device's
     allocations = []
     try:
       for _ in range(cfg.num_layers):
@@ -309,6 +337,8 @@ class Engine:
       zeros = np.zeros(shape, jnp.dtype(self.model.dtype))
       caches = [jax.device_put((zeros, zeros), self._kv_sharding)
                 for _ in range(cfg.num_layers)]
+    elif self.shards.mesh is not None:
+      caches = [self.functions.new_cache(batch, slots) for _ in range(cfg.num_layers)]
     else:
       caches = [self.functions.new_cache(batch, slots, self._kv_sharding)
                 for _ in range(cfg.num_layers)]
@@ -340,8 +370,9 @@ class Engine:
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     caches, allocations = self._new_caches(b, t)
     try:
-      logits = self._run("prefill", jnp.asarray(ids), jnp.asarray(positions), caches, 0,
-                         jnp.asarray(mask), last_only=False)
+      put = self.shards.replicate
+      logits = self._run("prefill", put(ids), put(positions), caches, 0, put(mask),
+                         last_only=False)
       return np.asarray(logits)
     finally:
       for a in allocations:
@@ -421,13 +452,14 @@ class Engine:
                           max_new_tokens)
     kv_mask = np.concatenate([mask, np.ones((b, max_new_tokens), bool)], axis=1)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
-    kv_mask_dev = jnp.asarray(kv_mask)
+    put = self.shards.replicate  # whole on every shard (jnp.asarray without a mesh)
+    kv_mask_dev = put(kv_mask)
     compiles_before = _compilations()
     caches, allocations = self._new_caches(b, slots)
     try:
       start = time.perf_counter()
-      logits = self._run("prefill", jnp.asarray(ids), jnp.asarray(positions), caches, 0,
-                         kv_mask_dev, last_only=True)
+      logits = self._run("prefill", put(ids), put(positions), caches, 0, kv_mask_dev,
+                         last_only=True)
       token = sample(np.asarray(logits[:, -1]), options, rng, "prefill")
       prefill_s = time.perf_counter() - start
       out = np.full((b, max_new_tokens), pad, np.int32)
@@ -441,8 +473,8 @@ class Engine:
         if done.all() or step == max_new_tokens - 1:
           break
         last_pos = last_pos + 1
-        logits = self._run("decode", jnp.asarray(token[:, None]),
-                           jnp.asarray(last_pos[:, None].astype(np.int32)), caches, t + step,
+        logits = self._run("decode", put(token[:, None]),
+                           put(last_pos[:, None].astype(np.int32)), caches, t + step,
                            kv_mask_dev, last_only=True)
         token = sample(np.asarray(logits[:, -1]), options, rng, f"decode step {step + 1}")
         steps += 1
@@ -459,6 +491,8 @@ class Engine:
         "recompilations": _compilations() - compiles_before,
         "ledger": self.ledger.summary(),
         "strategy": self.strategy.stats().copy(),
+        "mesh": {"shards": self.shards.size, "process": jax.process_index(),
+                 "local_shards": [s.rank for s in self.shards.local]},
     }
     text = None
     # An unreadable tokenizer.json (hetflow.checkpoints.hf) still lets id prompts run.

@@ -206,6 +206,10 @@ class Strategy(abc.ABC):
       `self.counters.phase(phase)` and fill `details`; `stats()` returns it.
     timeline: the engine's Timeline (events a strategy records when tracing).
     ledger: the engine's MemoryLedger (for allocations made while running).
+    mesh: the engine's hetflow.models.sharding.MeshShards (set before `plan`):
+      the shards this process holds; `plan` is given one shard's Model. Only
+      strategies with `shards_over_mesh` run on a mesh of more than one shard;
+      the engine refuses the others with NotApplicable.
   """
 
   name: ClassVar[str] = ""
@@ -214,6 +218,8 @@ class Strategy(abc.ABC):
   # issues the events of `ctx.passes` forward passes (see hetflow/simulate.py).
   # None: the planner lists the strategy as "cannot be predicted: no cost model".
   cost_model: ClassVar[Callable[..., None] | None] = None
+  # Whether materialize/fetch serve every local shard of `mesh` (global arrays).
+  shards_over_mesh: ClassVar[bool] = False
 
   def __init__(self, options: Any = None):
     if options is None:
@@ -224,6 +230,7 @@ class Strategy(abc.ABC):
     self.counters = StrategyStats()
     self.timeline: Timeline | None = None
     self.ledger: MemoryLedger | None = None
+    self.mesh: Any = None
 
   @classmethod
   def candidates(cls, model: Model, budget: Budget) -> list[Any]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 from tqdm.auto import tqdm
 
 from hetflow import simulate
-from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
+from hetflow.models.sharding import MeshShards
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 
@@ -34,9 +33,14 @@ class ResidentOptions:
 
 @register_strategy("resident")
 class Resident(Strategy):
-  """All parameter groups placed on the device tier once, at load."""
+  """All parameter groups placed on the device tier once, at load.
+
+  On a mesh each device holds its shard of every group (hetflow.models.sharding);
+  the plan and the ledger count one device's bytes.
+  """
 
   Options = ResidentOptions
+  shards_over_mesh = True
 
   def plan(self, model, budget, profile=None) -> Placement:
     groups = {g: GroupPlacement("device", model.group_nbytes(g), "resident")
@@ -58,14 +62,16 @@ class Resident(Strategy):
     return placement
 
   def materialize(self, placement, model, ledger) -> None:
-    sharding = tiers.device_sharding()
+    shards = self.mesh or MeshShards(model)
     self._params = {}
     total = sum(g.nbytes for g in placement.groups.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights",
               disable=total < (256 << 20)) as bar:
       for group, info in placement.groups.items():
         ledger.allocate("device", info.nbytes, group)
-        self._params[group] = jax.device_put(model.group_tensors(group), sharding)
+        # Each shard's tensors are read (sliced) on their own, so a process reads only
+        # the shards it holds.
+        self._params[group] = shards.put(group, lambda s: s.model.group_tensors(group))
         bar.update(info.nbytes)
 
   @staticmethod
