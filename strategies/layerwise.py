@@ -22,6 +22,11 @@ loop itself never blocks except in `fetch`, on the block it needs next.
 Which blocks stay resident: `resident_layers` of them, spread evenly over the
 depth, so that the disk keeps reading (the ring refills) while resident blocks
 compute instead of idling through one long resident stretch.
+
+On a mesh (docs/distributed.md) every shard this process holds has its own
+store (`<store_dir>/shard-<r>-of-<N>`, holding 1/N of each layer's bytes), its
+own ring buffers and its own device; a streamed layer is read for each local
+shard and assembled into one global array. The plan is one shard's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
+import os
 import threading
 import time
 from typing import Any, Literal
@@ -44,6 +50,7 @@ from hetflow.memory.buffers import aligned_empty, round_up
 from hetflow.memory.reader import ReaderPool, ReadError, check_read_options
 from hetflow.memory.store import open_store, padded_group_nbytes, store_nbytes
 from hetflow.models.model import Model, unflatten
+from hetflow.models.sharding import MeshShards
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 HALVES = ("attn", "mlp")
@@ -147,6 +154,7 @@ class Layerwise(Strategy):
   """Blocks resident up to a budget; the rest streamed from host or disk, prefetched."""
 
   Options = LayerwiseOptions
+  shards_over_mesh = True
 
   @classmethod
   def candidates(cls, model, budget):
@@ -324,61 +332,73 @@ class Layerwise(Strategy):
     o = self.options
     n = model.config.num_layers
     self._model = model
-    self._device = tiers.device_sharding()
-    self._layout_ = lay = self._layout(model)
+    # The shards this process holds (one, the whole model, without a mesh). The
+    # plan, the layout and the ledger are one shard's: all shards are the same size.
+    self._shards = shards = self.mesh or MeshShards(model)
+    local = shards.local
+    self._device = tiers.device_sharding(local[0].device)
+    self._layout_ = lay = self._layout(shards.shard)
     self._resident_set = {i for i in range(n)
                           if placement.groups[f"layers/{i}/attn"].tier == "device"}
     self._streamed = [i for i in range(n) if i not in self._resident_set]
     self._nslots = min(o.prefetch_depth + 1, len(self._streamed))
-    self._store = None
+    self._stores = []
     if o.offload_tier == "disk":
-      self._store = open_store(model, o.store_dir, convert=o.convert)
-      ledger.allocate("disk", self._store.total_nbytes, "layerwise/store")
+      for s in local:
+        path = o.store_dir
+        if path is not None and shards.size > 1:
+          path = os.path.join(path, f"shard-{s.rank}-of-{shards.size}")
+        self._stores.append(open_store(s.model, path, convert=o.convert))
+      ledger.allocate("disk", self._stores[0].total_nbytes, "layerwise/store")
 
-    def load(group):  # host numpy tensors of one group, from the store when there is one
-      if not model.group_nbytes(group):
-        return {}
-      if self._store is not None:
-        return unflatten(self._store.load(group))
-      return model.group_tensors(group)
+    def load(group):  # each local shard's host numpy tensors, from its store if there is one
+      def tensors(j):
+        if not shards.shard.group_nbytes(group):
+          return {}
+        if self._stores:
+          return unflatten(self._stores[j].load(group))
+        return local[j].model.group_tensors(group)
+      return [tensors(j) for j in range(len(local))]
 
-    def place(tier, nbytes, group, tensors, sharding):
-      ledger.allocate(tier, nbytes, group)
-      return jax.device_put(tensors, sharding)
+    def place(tier, group):
+      ledger.allocate(tier, shards.shard.group_nbytes(group), group)
+      parts = dict(zip((s.rank for s in local), load(group)))
+      return shards.put(group, lambda s: parts[s.rank], tier)
 
-    self._globals = {g: place("device", model.group_nbytes(g), g, load(g), self._device)
-                     for g in ("embed", "head")}
+    self._globals = {g: place("device", g) for g in ("embed", "head")}
     self._resident = {}
     for i in sorted(self._resident_set):
-      self._resident[i] = {h: place("device", model.group_nbytes(f"layers/{i}/{h}"),
-                                    f"layers/{i}/{h}", load(f"layers/{i}/{h}"), self._device)
-                           for h in HALVES}
-    self._host = {}
+      self._resident[i] = {h: place("device", f"layers/{i}/{h}") for h in HALVES}
+    self._host = {}  # layer -> per local shard: {half: host arrays}
     if o.offload_tier == "host":
-      host = tiers.host_sharding()
       for i in self._streamed:
-        self._host[i] = {h: place("host", model.group_nbytes(f"layers/{i}/{h}"),
-                                  f"layers/{i}/{h}", load(f"layers/{i}/{h}"), host)
-                         for h in HALVES}
-    # The ring: allocated once, reused for every token.
-    self._slots: list[np.ndarray | None] = []
+        halves = {}
+        for h in HALVES:
+          group = f"layers/{i}/{h}"
+          ledger.allocate("host", shards.shard.group_nbytes(group), group)
+          halves[h] = [jax.device_put(t, tiers.host_sharding(s.device))
+                       for t, s in zip(load(group), local)]
+        self._host[i] = [{h: halves[h][j] for h in HALVES} for j in range(len(local))]
+    # The ring: allocated once, reused for every token; one buffer per local shard.
+    self._slots: list[list[np.ndarray] | None] = []
     for _ in range(self._nslots):
       if o.offload_tier == "disk":
         if not lay.aliases:
           ledger.allocate("host", lay.slot, "layerwise/staging")
         ledger.allocate("device", lay.slot, "layerwise/ring")
-        buf = aligned_empty(lay.slot)
+        bufs = [aligned_empty(lay.slot) for _ in local]
         # Fault the pages in now: O_DIRECT into never-touched memory ran at
         # ~0.4 GB/s here (vs ~1.4 into touched pages; first touch costs ~0.8
         # GB/s on this VM), which would otherwise slow the first pass (TTFT).
-        buf.fill(0)
-        self._slots.append(buf)
+        for buf in bufs:
+          buf.fill(0)
+        self._slots.append(bufs)
       else:
         ledger.allocate("device", lay.slot, "layerwise/ring")
         self._slots.append(None)
     if self._streamed:
       self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetflow-layerwise")
-      if self._store is not None:
+      if self._stores:
         self._pool = ReaderPool(o.reader_threads, direct=o.direct_io)
     self._fences: list[Any] = [None] * self._nslots
     self._pending: collections.deque = collections.deque()  # (step, layer, future)
@@ -411,35 +431,49 @@ class Layerwise(Strategy):
     """Runs on the loader thread: waits for the slot to be free, then fills it."""
     if fence is not None:
       jax.block_until_ready(fence)  # the last computation that read this slot is done
-    if self._store is not None:
-      buf = self._slots[slot]
+    shards = self._shards
+    devices = [tiers.device_sharding(s.device) for s in shards.local]
+
+    def assemble(per_shard):  # [{half: tree}] per local shard -> {half: global tree}
+      return {h: shards.assemble(f"layers/{layer}/{h}", [p[h] for p in per_shard])
+              for h in HALVES}
+
+    if self._stores:
       t0 = time.perf_counter()
-      reads, offset, views = [], 0, {}
-      for h in HALVES:
-        group = f"layers/{layer}/{h}"
-        size = self._store.group_nbytes(group)
-        part = buf[offset:offset + size]
-        reads.append(self._pool.read_into(self._store.file(group), 0, part, size,
-                                          chunk=self.options.read_chunk))
-        views[h] = (group, part)
-        offset += round_up(size)
+      reads, views, nbytes = [], [], 0
+      for store, buf in zip(self._stores, self._slots[slot]):
+        offset, mine = 0, {}
+        for h in HALVES:
+          group = f"layers/{layer}/{h}"
+          size = store.group_nbytes(group)
+          part = buf[offset:offset + size]
+          reads.append(self._pool.read_into(store.file(group), 0, part, size,
+                                            chunk=self.options.read_chunk))
+          mine[h] = (group, part)
+          offset += round_up(size)
+        views.append(mine)
+        nbytes += offset
       for r in reads:
         r.result()  # a ReadError surfaces here, and in fetch() for this layer
       t1 = time.perf_counter()
       if self.timeline is not None:
-        self.timeline.add("read", f"read layer {layer}", t0, t1, layer=layer, nbytes=offset)
-      host = {h: unflatten(self._store.views(g, part)) for h, (g, part) in views.items()}
-      params = jax.device_put(host, self._device)  # aliases the ring buffer on CPU
+        self.timeline.add("read", f"read layer {layer}", t0, t1, layer=layer, nbytes=nbytes)
+      # device_put aliases the ring buffers on CPU.
+      params = assemble([
+          jax.device_put({h: unflatten(store.views(g, part)) for h, (g, part) in mine.items()},
+                         device)
+          for store, mine, device in zip(self._stores, views, devices)])
       if not self._layout_.aliases:
-        jax.block_until_ready(params)  # the staging buffer is free once the copy is done
+        jax.block_until_ready(params)  # the staging buffers are free once the copy is done
       if self.timeline is not None:
         self.timeline.add("transfer", f"to device layer {layer}", t1, time.perf_counter(),
-                          layer=layer, nbytes=offset)
+                          layer=layer, nbytes=nbytes)
       return params
     t0 = time.perf_counter()
-    params = jax.device_put(self._host[layer], self._device)
+    params = assemble([jax.device_put(host, device)
+                       for host, device in zip(self._host[layer], devices)])
     jax.block_until_ready(params)
-    nbytes = self._layout_.layer[layer]
+    nbytes = self._layout_.layer[layer] * len(shards.local)
     if self.timeline is not None:
       self.timeline.add("transfer", f"to device layer {layer}", t0, time.perf_counter(),
                         layer=layer, nbytes=nbytes)
@@ -471,7 +505,8 @@ class Layerwise(Strategy):
       self._current = None
       if not isinstance(e, Exception):  # Ctrl-C while waiting: an interrupt, not a read error
         raise
-      what = (f"reading layer {layer} from {self._store.path}" if self._store is not None
+      what = (f"reading layer {layer} from {', '.join(st.path for st in self._stores)}"
+              if self._stores
               else f"moving layer {layer} to the device")
       if isinstance(e, OSError):
         raise ReadError(e.errno or errno.EIO, f"layerwise: {what} failed: {e}") from e
@@ -481,8 +516,9 @@ class Layerwise(Strategy):
     if self.timeline is not None:
       self.timeline.add("wait", f"wait for layer {layer}", t0, t1, layer=layer)
     self._count("streamed_layers", 1, self._phase)
-    key = "disk_bytes" if self._store is not None else "h2d_bytes"
-    self._count(key, self._layout_.layer[layer], self._phase)
+    key = "disk_bytes" if self._stores else "h2d_bytes"
+    # What this process moved: one shard's layer bytes per local shard.
+    self._count(key, self._layout_.layer[layer] * len(self._shards.local), self._phase)
     self._current = (step, layer, params)
     return params
 
@@ -557,5 +593,5 @@ class Layerwise(Strategy):
       self._loader.shutdown(wait=True)
     if self._pool is not None:
       self._pool.close()
-    if getattr(self, "_store", None) is not None:
-      self._store.close()
+    for store in getattr(self, "_stores", ()):
+      store.close()
