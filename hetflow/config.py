@@ -12,7 +12,9 @@ Every launcher's config has a `model` section:
 and, where it runs a strategy, `strategy.name`, `strategy.options` (fields of
 that strategy's Options dataclass: hetflow.generation.options_section() holds
 every option of every strategy, unset, so `--config.strategy.options.X=...`
-works for any of them) and `budget` (device/host/disk sizes).
+works for any of them) and `budget` (device/host/disk sizes), and, where it
+generates, `mesh.model`: shards of the model over that many devices or processes
+(docs/distributed.md; the budget is then per device).
 Every config may define `smoke`: nested overrides (a dict shaped like the
 config) that make it a seconds-long run; the test suite applies them to
 smoke-run every config.
@@ -69,6 +71,30 @@ def build_model(section: Any) -> Model:
   kwargs = dict(section.get("kwargs") or {})
   return synthetic_model(section.name, seed=section.seed, dtype=dtype,
                          weights=weights or "float32", **kwargs)
+
+
+def mesh_section(model: int = 1) -> ml_collections.ConfigDict:
+  """A config's `mesh` section: `model` is the number of shards (1: one device)."""
+  return ml_collections.ConfigDict(dict(model=model))
+
+
+def build_mesh(section: Any) -> int | None:
+  """The Engine's `mesh` argument from a config's `mesh` section (None: one device).
+
+  Raises:
+    ConfigError: a field other than `model`, or a size that is not an int >= 1.
+  """
+  if section is None:
+    return None
+  values = dict(section)
+  extra = sorted(set(values) - {"model"})
+  if extra:
+    raise ConfigError(f"mesh.{extra[0]} is not a mesh field; the mesh section has one field,"
+                      " 'model' (shards of the model, e.g. --config.mesh.model=2).")
+  size = values.get("model", 1)
+  if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+    raise ConfigError(f"mesh.model={size!r}; expected an int >= 1 (shards of the model).")
+  return None if size == 1 else size
 
 
 def build_budget(section: Any) -> Budget:

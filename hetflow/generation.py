@@ -36,10 +36,12 @@ def generate(config, out=sys.stdout) -> GenerationOutput:
   # Everything a config names is checked before the model is loaded.
   options = build_options(config.strategy.name, config.strategy.get("options"))
   budget = config_lib.build_budget(config.get("budget"))
+  mesh = config_lib.build_mesh(config.get("mesh"))
   model = config_lib.build_model(config.model)
   print(f"model: {model.description} ({model.config.arch}, {model.config.num_layers} layers,"
         f" {format_bytes(model.nbytes)} in {config.model.dtype})", file=out)
-  engine = Engine(model, strategy=config.strategy.name, budget=budget, options=options)
+  engine = Engine(model, strategy=config.strategy.name, budget=budget, options=options,
+                  mesh=mesh)
   print(engine.placement, file=out)
   prompt = config.prompt
   if isinstance(prompt, str) and model.tokenizer is None:

@@ -108,9 +108,9 @@ def test_buffers_are_reused_and_reads_wrap_around(references):
   model, tokens, _ = references["llama-tiny"]
   with Engine(model, "layerwise", options=dict(prefetch_depth=1)) as engine:
     s = engine.strategy
-    slots = [b.ctypes.data for b in s._slots]
+    slots = [b.ctypes.data for bufs in s._slots for b in bufs]
     engine.generate(PROMPT, max_new_tokens=NEW, stop_tokens=())
-    assert [b.ctypes.data for b in s._slots] == slots
+    assert [b.ctypes.data for bufs in s._slots for b in bufs] == slots
     # At the end of a pass the next pass's first layers are already in flight.
     assert [layer for _, layer, _ in s._pending] == [0, 1]
     reader = s.stats().reads

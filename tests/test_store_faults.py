@@ -399,7 +399,7 @@ def test_layerwise_counts_its_whole_store_in_the_disk_tier(tmp_path):
   options = dict(store_dir=str(path), resident_layers=1)
   need = store_mod.store_nbytes(model)
   with Engine(model, "layerwise", budget=Budget(disk=need), options=options) as engine:
-    store = engine.strategy._store
+    store, = engine.strategy._stores
     assert store.total_nbytes == need  # embed, head and the resident layer included
     assert engine.placement.bytes_per_tier()["disk"] == need
     assert engine.ledger.used("disk") == need
