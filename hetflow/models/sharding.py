@@ -264,7 +264,7 @@ class MeshShards:
     self.model = model
     self.size = 1 if mesh is None else mesh.size
     if mesh is None:
-      self.local = (LocalShard(0, jax.devices()[0], model),)
+      self.local = (LocalShard(0, jax.local_devices()[0], model),)
     else:
       check_shardable(model, self.size)
       me = jax.process_index()

@@ -1,0 +1,192 @@
+"""A model split over a mesh (docs/distributed.md): the shards, the refusals, and the
+invariant: on 4 CPU devices in one process and on 2 processes, `resident` and
+`layerwise` give resident-on-one-device's greedy tokens (logits within float
+tolerance: the all-reduce sums in another order).
+
+The multi-device runs happen in fresh processes (tests/mesh_worker.py): the
+device count is fixed when jax starts, and the rest of the suite keeps one.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import hetflow
+from hetflow import config as config_lib
+from hetflow import distributed
+from hetflow.engine import Engine
+from hetflow.models import sharding
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [[1, 5, 9, 33, 7, 100], [4, 8, 15]]  # two lengths: left padding included
+NEW_TOKENS = 6
+
+
+# -- the shards, in this process ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,n", [("llama-tiny", 2), ("llama-tiny", 4), ("opt-tiny", 4),
+                                    ("mixtral-tiny", 2)])
+def test_shards_side_by_side_are_the_full_tensors(name, n):
+  model = hetflow.synthetic_model(name)
+  shards = [sharding.shard_model(model, r, n) for r in range(n)]
+  g, k = model.config.num_kv_heads, model.config.head_dim
+  for param in model.logical_shapes:
+    full = model.tensor(param)
+    parts = [s.tensor(param) for s in shards]
+    axis = sharding.split_axis(model.config, param)
+    leaf = param.rsplit("/", 1)[-1]
+    if axis is None:
+      for p in parts:
+        np.testing.assert_array_equal(p, full, err_msg=param)
+    elif leaf in ("k", "v", "k_bias", "v_bias") and g < n:
+      # Fewer kv heads than shards: shard r holds kv head r // (n / g), whole.
+      for r, p in enumerate(parts):
+        head = r // (n // g)
+        np.testing.assert_array_equal(
+            p, np.take(full, range(head * k, (head + 1) * k), axis=axis), err_msg=param)
+    else:
+      np.testing.assert_array_equal(np.concatenate(parts, axis=axis), full, err_msg=param)
+  # Every shard is a model of its own: its shapes are what it holds.
+  assert shards[0].config.num_heads == model.config.num_heads // n
+  assert shards[0].config.intermediate_size == model.config.intermediate_size // n
+
+
+def test_shards_that_cannot_be_made_are_refused_by_name():
+  with pytest.raises(sharding.ShardingError, match="num_heads=4 is not a multiple of 3"):
+    sharding.shard_model(hetflow.synthetic_model("opt-tiny"), 0, 3)
+  with pytest.raises(sharding.ShardingError, match="weights='int8'.*plain weights"):
+    sharding.shard_model(hetflow.synthetic_model("llama-tiny", weights="int8"), 0, 2)
+
+
+def test_mesh_arguments_are_checked():
+  assert sharding.as_mesh(None) is None and sharding.as_mesh(1) is None
+  assert sharding.as_mesh({"model": 1}) is None
+  with pytest.raises(sharding.ShardingError, match="xla_force_host_platform_device_count"):
+    sharding.as_mesh(2)  # this process has one device
+  with pytest.raises(sharding.ShardingError, match="mesh axes \\['data'\\]"):
+    sharding.as_mesh({"data": 2})
+  with pytest.raises(sharding.ShardingError, match="expected None, an int"):
+    sharding.as_mesh("2")
+  with pytest.raises(sharding.ShardingError):
+    Engine(hetflow.synthetic_model("llama-tiny"), "resident", mesh=2)
+
+
+def test_config_mesh_section():
+  assert config_lib.build_mesh(config_lib.mesh_section(1)) is None
+  assert config_lib.build_mesh(config_lib.mesh_section(2)) == 2
+  with pytest.raises(config_lib.ConfigError, match="mesh.model=0"):
+    config_lib.build_mesh({"model": 0})
+  with pytest.raises(config_lib.ConfigError, match="mesh.data is not a mesh field"):
+    config_lib.build_mesh({"model": 2, "data": 2})
+
+
+def test_process_group_from_flags_or_environment():
+  env = {distributed.ENV_COORDINATOR: "10.0.0.1:1234", distributed.ENV_NUM_PROCESSES: "2",
+         distributed.ENV_PROCESS_ID: "1"}
+  assert distributed.process_group(environ={}) is None
+  assert distributed.process_group(environ=env) == distributed.ProcessGroup(
+      "10.0.0.1:1234", 2, 1)
+  # Flags win over the environment.
+  assert distributed.process_group(process_id=0, environ=env).process_id == 0
+  with pytest.raises(distributed.DistributedError, match="'process_id'.*not given"):
+    distributed.process_group("h:1", 2, environ={})
+  with pytest.raises(distributed.DistributedError, match="process_id=2"):
+    distributed.process_group("h:1", 2, 2, environ={})
+  with pytest.raises(distributed.DistributedError, match="coordinator='nohost'"):
+    distributed.process_group("nohost", 2, 0, environ={})
+  bad = dict(env, **{distributed.ENV_NUM_PROCESSES: "two"})
+  with pytest.raises(distributed.DistributedError, match="HETFLOW_NUM_PROCESSES='two'"):
+    distributed.process_group(environ=bad)
+
+
+# -- several devices and several processes (fresh processes) ------------------------------
+
+
+def _reference(name):
+  """Resident on one device: the tokens and logits every mesh run must give."""
+  with Engine(hetflow.synthetic_model(name), "resident") as engine:
+    tokens = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=()).tokens
+    return tokens.tolist(), engine.forward(PROMPTS[:1])[0, -1]
+
+
+def _results(command, tmp_path, specs):
+  setup = json.dumps({"prompts": PROMPTS, "new_tokens": NEW_TOKENS,
+                      "store_root": str(tmp_path)})
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(command + [setup] + specs, capture_output=True, text=True, env=env,
+                        cwd=ROOT, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  out = []
+  for line in proc.stdout.splitlines():
+    if "RESULT " in line:
+      prefix, _, body = line.partition("RESULT ")
+      out.append((prefix.strip(), json.loads(body)))
+  return out
+
+
+def _check(results, refs):
+  for where, r in results:
+    if "refused" in r:
+      strategy = r["spec"].split(":")[1]
+      assert r["refused"] and f"{strategy!r} does not run on a mesh" in r["refused"], r
+      continue
+    tokens, logits = refs[r["spec"].split(":")[0]]
+    assert r["tokens"] == tokens, (where, r["spec"])
+    np.testing.assert_allclose(r["logits"], logits, atol=1e-5, rtol=0,
+                               err_msg=f"{where} {r['spec']}")
+
+
+def _shard_layer_bytes(name, n):
+  shard = sharding.shard_model(hetflow.synthetic_model(name), 0, n)
+  return sum(shard.group_nbytes(g) for g in shard.group_names() if g.startswith("layers/"))
+
+
+def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
+  specs = ["llama-tiny:2:resident", "llama-tiny:4:resident", "llama-tiny:4:layerwise",
+           "llama-tiny:2:layerwise:host", "refuse:tensor_split", "refuse:neuron_cluster",
+           "refuse:moe_offload"]
+  results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
+  assert [r["spec"] for _, r in results] == specs
+  _check(results, {"llama-tiny": _reference("llama-tiny")})
+  by_spec = {r["spec"]: r for _, r in results}
+  streamed = by_spec["llama-tiny:4:layerwise"]
+  assert streamed["local_shards"] == [0, 1, 2, 3]
+  # Four stores of one shard each, every one smaller than half the 2-shard layers.
+  assert len(streamed["store_bytes"]) == 4
+  per_token = streamed["decode_disk_bytes"] / streamed["decode_tokens"]
+  assert per_token == 4 * _shard_layer_bytes("llama-tiny", 4)
+
+
+def test_four_devices_opt_and_mixtral_give_resident_tokens(tmp_path):
+  specs = ["opt-tiny:4:resident", "opt-tiny:4:layerwise", "mixtral-tiny:2:resident",
+           "mixtral-tiny:2:layerwise"]
+  results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
+  assert [r["spec"] for _, r in results] == specs
+  _check(results, {"opt-tiny": _reference("opt-tiny"),
+                   "mixtral-tiny": _reference("mixtral-tiny")})
+
+
+def test_two_processes_give_resident_tokens_and_read_half_each(tmp_path):
+  specs = ["llama-tiny:2:resident", "llama-tiny:2:layerwise"]
+  command = [sys.executable, "-m", "hetflow.launch", "--processes=2", "--",
+             sys.executable, "tests/mesh_worker.py", "1"]
+  results = _results(command, tmp_path, specs)
+  assert sorted(where for where, _ in results) == ["[p0]", "[p0]", "[p1]", "[p1]"]
+  _check(results, {"llama-tiny": _reference("llama-tiny")})
+  full = hetflow.synthetic_model("llama-tiny")
+  full_layers = sum(full.group_nbytes(g) for g in full.group_names() if g.startswith("layers/"))
+  for where, r in results:
+    if r["spec"] != "llama-tiny:2:layerwise":
+      continue
+    assert r["local_shards"] == [int(where[2])]  # one shard per process, its own
+    per_token = r["decode_disk_bytes"] / r["decode_tokens"]
+    # Each process reads its shard: half the layers' bytes, plus its copy of the norms.
+    assert per_token == _shard_layer_bytes("llama-tiny", 2)
+    assert per_token < 0.51 * full_layers
+    assert len(r["store_bytes"]) == 1
