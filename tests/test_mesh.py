@@ -163,6 +163,7 @@ def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
   assert per_token == 4 * _shard_layer_bytes("llama-tiny", 4)
 
 
+@pytest.mark.slow  # ~20 s of CPU more; the llama runs cover the default suite
 def test_four_devices_opt_and_mixtral_give_resident_tokens(tmp_path):
   specs = ["opt-tiny:4:resident", "opt-tiny:4:layerwise", "mixtral-tiny:2:resident",
            "mixtral-tiny:2:layerwise"]
