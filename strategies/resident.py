@@ -71,7 +71,7 @@ class Resident(Strategy):
         ledger.allocate("device", info.nbytes, group)
         # Each shard's tensors are read (sliced) on their own, so a process reads only
         # the shards it holds.
-        self._params[group] = shards.put(group, lambda s: s.model.group_tensors(group))
+        self._params[group] = shards.put(group, lambda s, g=group: s.model.group_tensors(g))
         bar.update(info.nbytes)
 
   @staticmethod

@@ -22,11 +22,11 @@ from hetflow import distributed  # noqa: E402
 
 distributed.initialize()
 
-import numpy as np  # noqa: E402
 
 import hetflow  # noqa: E402
 from hetflow.engine import Engine  # noqa: E402
 from hetflow.strategy import NotApplicable  # noqa: E402
+
 
 def run(spec: str, setup: dict) -> dict:
   parts = spec.split(":")
