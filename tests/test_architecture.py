@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lowest first; a module may import from its own layer and the ones before it.
 # docs/architecture.md draws the same picture.
 LAYERS = [
-    ("memory, hardware profiles, traces", ["hetflow.memory", "hetflow.hardware", "hetflow.trace"]),
+    ("memory, hardware profiles, traces, processes",
+     ["hetflow.memory", "hetflow.hardware", "hetflow.trace", "hetflow.distributed"]),
     ("models", ["hetflow.models"]),
     ("checkpoints", ["hetflow.checkpoints", "hetflow.config"]),
     ("strategy protocol and registry", ["hetflow.strategy"]),
