@@ -373,11 +373,14 @@ class ShardedFunctions:
     self.head = jax.jit(spmd(lambda p, tokens, x: modules.head(config, p, x, tokens),
                              in_specs=whole, out_specs=whole))
     self._local_kv_heads = config.num_kv_heads
+    self._zeros: dict[tuple[int, ...], Callable] = {}
 
   def new_cache(self, batch: int, slots: int, sharding=None):
     """A zeroed KV cache for one layer, split over the shards' key/value heads."""
     del sharding  # always the mesh's
     shape = (batch, slots, self._local_kv_heads * self._mesh.size, self.config.head_dim)
-    make = jax.jit(lambda: jnp.zeros(shape, self.dtype),
-                   out_shardings=NamedSharding(self._mesh, cache_spec()))
+    if shape not in self._zeros:  # one jitted maker per shape: compiled once, not per call
+      self._zeros[shape] = jax.jit(lambda: jnp.zeros(shape, self.dtype),
+                                   out_shardings=NamedSharding(self._mesh, cache_spec()))
+    make = self._zeros[shape]
     return (make(), make())
