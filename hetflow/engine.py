@@ -264,6 +264,9 @@ class Engine:
           f"strategy {self.strategy.name!r} does not run on a mesh yet (mesh of"
           f" {self.shards.size} shards); use 'resident' or 'layerwise', or no mesh"
           " (docs/distributed.md).")
+    if self.shards.mesh is not None and self.strategy.kv_cache_tier() != "device":
+      raise NotApplicable(f"kv_cache_tier={self.strategy.kv_cache_tier()!r} on a mesh: the KV"
+                          " cache stays on the devices there; use kv_cache_tier='device'.")
     self.strategy.mesh = self.shards
     # Untraced, the strategy's read/transfer/wait events stay a bounded ring (the
     # benchmark's disk-busy figure reads them); traced runs keep everything.
@@ -280,10 +283,6 @@ class Engine:
     self.functions = (model.functions if self.shards.mesh is None
                       else sharding.ShardedFunctions(self.shards))
     kv_tier = self.strategy.kv_cache_tier()
-    if self.shards.mesh is not None and kv_tier != "device":
-      self.close()
-      raise NotApplicable(f"kv_cache_tier={kv_tier!r} on a mesh: the KV cache stays on the"
-                          " devices there; use kv_cache_tier='device'.")
     self._kv_sharding = (tiers.host_sharding() if kv_tier == "host"
                          else tiers.device_sharding())
     self._kv_tier = kv_tier
