@@ -6,8 +6,9 @@ DEVICES > 1 gives this process that many CPU devices (set before jax starts,
 which is why this runs in its own process); under `python -m hetflow.launch` it
 is 1 and the devices are the processes'. SETUP_JSON holds "prompts",
 "new_tokens" and "store_root" (the test's). A scenario is
-"model:shards:strategy[:offload_tier]", or "refuse:strategy" (a strategy that
-must refuse a mesh of 2). Prints "RESULT <json>" per scenario.
+"model:shards:strategy[:offload_tier]", or "refuse:strategy[:kv_host]" (a
+strategy, or one with its KV cache in host memory, that must refuse a mesh of 2).
+Prints "RESULT <json>" per scenario.
 """
 
 import json
@@ -31,8 +32,9 @@ from hetflow.strategy import NotApplicable  # noqa: E402
 def run(spec: str, setup: dict) -> dict:
   parts = spec.split(":")
   if parts[0] == "refuse":
+    options = dict(kv_cache_tier="host") if parts[2:] == ["kv_host"] else None
     try:
-      Engine(hetflow.synthetic_model("llama-tiny"), parts[1], mesh=2)
+      Engine(hetflow.synthetic_model("llama-tiny"), parts[1], mesh=2, options=options)
     except NotApplicable as e:
       return {"spec": spec, "refused": str(e)}
     return {"spec": spec, "refused": None}

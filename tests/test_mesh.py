@@ -133,8 +133,9 @@ def _results(command, tmp_path, specs):
 def _check(results, refs):
   for where, r in results:
     if "refused" in r:
-      strategy = r["spec"].split(":")[1]
-      assert r["refused"] and f"{strategy!r} does not run on a mesh" in r["refused"], r
+      _, strategy, *kv = r["spec"].split(":")
+      expected = "kv_cache_tier='host' on a mesh" if kv else f"{strategy!r} does not run on a mesh"
+      assert r["refused"] and expected in r["refused"], r
       continue
     tokens, logits = refs[r["spec"].split(":")[0]]
     assert r["tokens"] == tokens, (where, r["spec"])
@@ -150,7 +151,7 @@ def _shard_layer_bytes(name, n):
 def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
   specs = ["llama-tiny:2:resident", "llama-tiny:4:resident", "llama-tiny:4:layerwise",
            "llama-tiny:2:layerwise:host", "refuse:tensor_split", "refuse:neuron_cluster",
-           "refuse:moe_offload"]
+           "refuse:moe_offload", "refuse:layerwise:kv_host"]
   results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
   assert [r["spec"] for _, r in results] == specs
   _check(results, {"llama-tiny": _reference("llama-tiny")})
