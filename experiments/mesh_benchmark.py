@@ -23,6 +23,8 @@ _STORE = flags.DEFINE_string("store_dir", None, "layerwise store (shard-<r>-of-<
 _NEW = flags.DEFINE_integer("new_tokens", 8, "tokens of the measured run")
 _TRACE = flags.DEFINE_integer("trace_tokens", 3, "tokens of the traced run (0: none)")
 _BUDGET = flags.DEFINE_string("device_budget", None, "device budget per device, e.g. 1GiB")
+_RESIDENT = flags.DEFINE_integer("resident_layers", 0, "layers kept on the device (all: compute"
+                                 " and all-reduces only)")
 _OUT = flags.DEFINE_string("out", "/tmp/hetflow-meshbench", "folder of the JSON records")
 
 
@@ -37,7 +39,8 @@ def main(argv):
   record = mesh.run(mesh.MeshBenchmark(model=_MODEL.value, shards=_SHARDS.value,
                                        store_dir=_STORE.value, new_tokens=_NEW.value,
                                        trace_tokens=_TRACE.value,
-                                       device_budget=_BUDGET.value))
+                                       device_budget=_BUDGET.value,
+                                       resident_layers=_RESIDENT.value))
   path = mesh.write(record, _OUT.value)
   summary = {k: record.get(k) for k in ("process", "shards", "cpus", "decode_tokens_per_s",
                                         "proc_read_bytes_per_pass", "store_bytes_per_pass",

@@ -45,6 +45,8 @@ class MeshBenchmark:
     new_tokens: tokens of the measured generate.
     trace_tokens: tokens of the traced generate (0: none).
     device_budget: the budget per device ("" or None: unlimited).
+    resident_layers: layers kept on the device (the rest streamed); all of them
+      measures compute and all-reduces alone, the split's own cost.
     allreduce_repeats: all-reduces timed (mesh only).
   """
 
@@ -55,6 +57,7 @@ class MeshBenchmark:
   new_tokens: int = 8
   trace_tokens: int = 3
   device_budget: str | None = None
+  resident_layers: int = 0
   allreduce_repeats: int = 200
 
 
@@ -78,7 +81,7 @@ def allreduce_latency(mesh, width: int, repeats: int) -> dict[str, float]:
 def run(bench: MeshBenchmark) -> dict[str, Any]:
   """Measures this process's part (see the module docstring); returns its record."""
   model = synthetic_model(bench.model)
-  options = dict(offload_tier="disk", resident_layers=0, prefetch_depth=1,
+  options = dict(offload_tier="disk", resident_layers=bench.resident_layers, prefetch_depth=1,
                  store_dir=bench.store_dir)
   budget = Budget(device=bench.device_budget or None)
   t0 = time.perf_counter()
@@ -88,6 +91,7 @@ def run(bench: MeshBenchmark) -> dict[str, Any]:
   prompt = prompt_ids(model.config.vocab_size, bench.prompt_len)
   record: dict[str, Any] = {"process": jax.process_index(), "processes": jax.process_count(),
                             "shards": bench.shards, "cpus": sorted(os.sched_getaffinity(0)),
+                            "resident_layers": bench.resident_layers,
                             "start_s": start_s}
   with engine:
     engine.generate(prompt, max_new_tokens=2, stop_tokens=())  # warm-up: compiles
