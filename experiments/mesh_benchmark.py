@@ -46,6 +46,7 @@ def main(argv):
                                         "proc_read_bytes_per_pass", "store_bytes_per_pass",
                                         "allreduce", "peak_rss")}
   print(f"{path}: {summary}")
+  print(f"per layer (traced decode passes): {mesh.layer_summary(record)}")
 
 
 if __name__ == "__main__":

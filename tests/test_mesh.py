@@ -192,3 +192,23 @@ def test_two_processes_give_resident_tokens_and_read_half_each(tmp_path):
     assert per_token == _shard_layer_bytes("llama-tiny", 2)
     assert per_token < 0.51 * full_layers
     assert len(r["store_bytes"]) == 1
+
+
+def test_layer_summary_of_a_benchmark_timeline():
+  from hetflow.bench.mesh import layer_summary
+
+  def compute(layer, start, end):
+    return {"kind": "compute", "layer": layer, "start": start, "end": end, "nbytes": 0}
+
+  events = []
+  for p in range(4):  # prefill, the compiling decode pass, then two measured passes
+    base = 10.0 * p
+    events += [compute(0, base, base + 1.0), compute(1, base + 1.0, base + 3.0)]
+  events += [{"kind": "wait", "layer": 1, "start": 31.0, "end": 32.5, "nbytes": 0},
+             {"kind": "read", "layer": 1, "start": 30.0, "end": 32.0, "nbytes": 4 * 10**9}]
+  s = layer_summary({"timeline": events})
+  assert s["passes"] == 2 and s["pass_s"] == [3.0, 3.0]
+  assert s["layer_ms"] == pytest.approx(1500.0)  # (1 + 2 + 1 + 2) / 4 s
+  assert s["wait_ms"] == pytest.approx(1500.0 / 4)  # one wait of 1.5 s in four layers
+  assert s["compute_ms"] == pytest.approx(1500.0 - 375.0)
+  assert s["read_GBps"] == pytest.approx(2.0)

@@ -124,17 +124,41 @@ def run(bench: MeshBenchmark) -> dict[str, Any]:
   return record
 
 
-def layer_table(records: list[dict[str, Any]]) -> dict[str, Any]:
-  """Mean per-layer compute, read and wait (decode passes of the traced run) per record."""
-  out = {}
-  for r in records:
-    per: dict[str, list[float]] = {}
-    for e in r.get("timeline", ()):
-      if e.get("layer") is None:
-        continue
-      per.setdefault(e["kind"], []).append(e["end"] - e["start"])
-    out[f"shards={r['shards']} p{r['process']}"] = {k: float(np.mean(v)) for k, v in per.items()}
-  return out
+def layer_summary(record: dict[str, Any]) -> dict[str, Any]:
+  """Per-layer means over the traced decode passes of one record.
+
+  The first traced decode pass is left out (it compiles the new KV length). A
+  layer's time is the engine's interval (fetch to the FFN's output, blocking);
+  `wait_ms` is the part spent waiting in `fetch` for the layer's read, and
+  `compute_ms` the rest: both halves' compute, their all-reduces and, on a mesh,
+  waiting for the slowest process at each all-reduce.
+  """
+  events = record.get("timeline", ())
+  passes, current = [], []
+  for e in (e for e in events if e["kind"] == "compute"):
+    if current and e["layer"] <= current[-1]["layer"]:
+      passes.append(current)
+      current = []
+    current.append(e)
+  if current:
+    passes.append(current)
+  passes = passes[2:]  # the prefill and the compiling decode pass
+  waits = [e for e in events if e["kind"] == "wait"]
+  reads = [e for e in events if e["kind"] == "read"]
+  layer, wait = [], []
+  for e in (e for p in passes for e in p):
+    layer.append(e["end"] - e["start"])
+    wait.append(sum(max(0.0, min(e["end"], w["end"]) - max(e["start"], w["start"]))
+                    for w in waits))
+  if not layer:
+    return {"passes": 0}
+  read_s = sum(e["end"] - e["start"] for e in reads)
+  return {"passes": len(passes),
+          "pass_s": [p[-1]["end"] - p[0]["start"] for p in passes],
+          "layer_ms": 1e3 * float(np.mean(layer)), "wait_ms": 1e3 * float(np.mean(wait)),
+          "compute_ms": 1e3 * float(np.mean(np.subtract(layer, wait))),
+          "compute_median_ms": 1e3 * float(np.median(np.subtract(layer, wait))),
+          "read_GBps": sum(e["nbytes"] for e in reads) / read_s / 1e9 if read_s else None}
 
 
 def write(record: dict[str, Any], out_dir: str) -> str:
