@@ -74,7 +74,9 @@ class LayerwiseOptions:
       max_position_embeddings. The engine allocates the real cache through the
       ledger, so a longer generation than reserved fails cleanly, not silently.
     store_dir: the disk store (offload_tier="disk"). None: a cache directory
-      derived from the model (`default_store_dir`), converted on first use.
+      derived from the model (`default_store_dir`), converted on first use. On
+      a mesh of N shards, shard r's store is `<store_dir>/shard-<r>-of-<N>`
+      (None: the cache directory of the shard's own fingerprint).
     convert: write the store when it does not exist yet (with a progress bar);
       False makes a missing store an error.
     direct_io: read the store with O_DIRECT, bypassing the page cache (cold
