@@ -25,6 +25,7 @@ from hetflow import config as config_lib
 from hetflow import distributed
 from hetflow.checkpoints import CheckpointError
 from hetflow.generation import generate
+from hetflow.models.sharding import ShardingError
 
 _DEFAULT = "configs/default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, lock_config=True)
@@ -42,7 +43,8 @@ def main(argv):
     # Before anything starts a jax backend.
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     generate(_CONFIG.value)
-  except (config_lib.ConfigError, CheckpointError, distributed.DistributedError) as e:
+  except (config_lib.ConfigError, CheckpointError, distributed.DistributedError,
+          ShardingError) as e:
     sys.exit(f"error: {e}")
 
 
