@@ -26,6 +26,7 @@ from hetflow import distributed
 from hetflow.checkpoints import CheckpointError
 from hetflow.generation import generate
 from hetflow.models.sharding import ShardingError
+from hetflow.strategy import NotApplicable
 
 _DEFAULT = "configs/default.py"
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT, lock_config=True)
@@ -44,7 +45,7 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     generate(_CONFIG.value)
   except (config_lib.ConfigError, CheckpointError, distributed.DistributedError,
-          ShardingError) as e:
+          ShardingError, NotApplicable) as e:
     sys.exit(f"error: {e}")
 
 
