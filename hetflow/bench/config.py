@@ -48,6 +48,9 @@ def bench_config(model: str = "llama-tiny", **overrides) -> ml_collections.Confi
   return c
 
 
+KINDS = ("hetflow", "transformers", "accelerate", "llamacpp")
+
+
 @dataclasses.dataclass(frozen=True)
 class SystemSpec:
   """One row of the table.
@@ -55,12 +58,19 @@ class SystemSpec:
   Attributes:
     name: the row's label.
     kind: "hetflow" (a strategy), "transformers" (plain from_pretrained, torch
-      CPU) or "accelerate" (device_map with disk offload).
+      CPU), "accelerate" (device_map with disk offload) or "llamacpp"
+      (llama-cpp-python on the model written as GGUF; hetflow.bench.peers).
     strategy: registered strategy name (kind "hetflow").
-    options: the strategy's options (kind "hetflow").
+    options: the strategy's options (kind "hetflow"); keyword arguments of
+      `llama_cpp.Llama` (kind "llamacpp"; n_threads defaults to 2).
     resident_layers: kind "accelerate": blocks kept in RAM, spread like
       layerwise's; the others go to disk (offload_folder). None: all in RAM.
     budget: overrides the config's budget for this system (device/host/disk).
+    weights: kind "hetflow": the model's weight format for this row
+      ("int8", "int4", ...; hetflow/models/formats.py); "" = the config's
+      model.weights. Each format has its own layer store.
+    gguf_type: kind "llamacpp": the GGUF file type the model is written as
+      ("F32", "F16", "Q8_0", "Q4_0", ...).
   """
 
   name: str
@@ -69,11 +79,18 @@ class SystemSpec:
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
   resident_layers: int | None = None
   budget: dict[str, Any] | None = None
+  weights: str = ""
+  gguf_type: str = ""
 
   def __post_init__(self):
-    if self.kind not in ("hetflow", "transformers", "accelerate"):
-      raise ValueError(f"system {self.name!r}: kind={self.kind!r}; expected 'hetflow',"
-                       " 'transformers' or 'accelerate'.")
+    if self.kind not in KINDS:
+      raise ValueError(f"system {self.name!r}: kind={self.kind!r}; expected one of {KINDS}.")
+    if (self.kind == "llamacpp") != bool(self.gguf_type):
+      raise ValueError(f"system {self.name!r}: gguf_type={self.gguf_type!r}; a 'llamacpp' row"
+                       " names its GGUF type (e.g. 'Q8_0') and no other kind takes one.")
+    if self.weights and self.kind != "hetflow":
+      raise ValueError(f"system {self.name!r}: weights={self.weights!r} is for hetflow rows;"
+                       " a peer's bytes follow its kind (llamacpp: gguf_type).")
 
 
 def systems_from_config(config) -> list[SystemSpec]:

@@ -1,4 +1,4 @@
-"""HF transformers and Accelerate as peers in the benchmark table (the `[peers]` extra).
+"""HF transformers, Accelerate and llama.cpp as peers in the benchmark table (the `[peers]` extra).
 
 Both load the same weights as hetflow, written once as an HF directory by
 `hetflow.save_hf` (float32), run on torch CPU, and decode greedily with the
@@ -42,6 +42,40 @@ def hf_dir_for(model, progress: bool = True) -> str:
     # Small shards keep the writer's peak memory low.
     save_hf(model, path, dtype=np.float32, max_shard_bytes=512 << 20, progress=progress)
   return path
+
+
+def gguf_for(model, gguf_type: str) -> str:
+  """The GGUF file of `model` at `gguf_type` in the cache, written with save_gguf on first use.
+
+  Args:
+    model: the benchmark's model (its float values are written, whatever its format).
+    gguf_type: "F32", "F16", "BF16", "Q8_0", "Q4_0" or "Q4_1".
+
+  Returns:
+    The path of the file.
+  """
+  from hetflow.checkpoints.gguf import save_gguf
+  from hetflow.memory.store import default_store_dir
+
+  if model.description and model.description.endswith(".gguf"):
+    raise ValueError(f"{model.description} is a GGUF file; a llamacpp row writes its own from"
+                     " a synthetic model or an HF directory. Benchmark that file directly.")
+  folder = default_store_dir(model).replace(os.sep + "stores" + os.sep, os.sep + "gguf" + os.sep)
+  path = os.path.join(folder, f"{gguf_type}.gguf")
+  if not os.path.exists(path):
+    os.makedirs(folder, exist_ok=True)
+    save_gguf(model, path, gguf_type)
+  return path
+
+
+def gguf_touched_bytes(path: str) -> int:
+  """Weight bytes one decode token reads from a GGUF file, counted like `touched_bytes`:
+  every tensor but the embedding table, which counts only where it is the (tied) head."""
+  import gguf
+
+  sizes = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path, "r").tensors}
+  embed = sizes.pop("token_embd.weight")
+  return sum(sizes.values()) + (0 if "output.weight" in sizes else embed)
 
 
 def _layers_prefix(torch_model, num_layers: int) -> str:
@@ -103,8 +137,88 @@ def _greedy(torch_model, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
           "new_tokens": new_tokens, "decode_read_bytes": io1 - io0}
 
 
+def _measured_runs(run, spec: dict[str, Any]) -> dict[str, Any]:
+  """`run()` once to warm up (then cold again), then `repeats` times; the fastest decode,
+  with every run's figures (noise from other work only ever slows a run down)."""
+  if spec.get("warmup", True):
+    run()
+    drop_cold(spec)  # the measured run starts cold, like hetflow's
+  runs = []
+  for repeat in range(max(1, spec.get("repeats", 1))):
+    if repeat:
+      drop_cold(spec)
+    io0 = proc_read_bytes()
+    runs.append(run())
+    runs[-1]["proc_read_bytes"] = proc_read_bytes() - io0
+  r = max(runs, key=lambda x: x["decode_tok_s"])
+  r["decode_tok_s_all"] = [x["decode_tok_s"] for x in runs]
+  r["ttft_s_all"] = [x["ttft_s"] for x in runs]
+  return r
+
+
+def _run_llamacpp(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[str, Any]:
+  path = spec["gguf_path"]
+  t0 = time.perf_counter()
+  llm, kwargs = _load_llamacpp(system, spec)
+  load_s = time.perf_counter() - t0
+  r = _measured_runs(lambda: _llamacpp_greedy(llm, prompt, spec["new_tokens"]), spec)
+  steps = r["new_tokens"] - 1
+  r.update({
+      "load_s": load_s,
+      "placement": (f"llama.cpp {system.gguf_type} GGUF ({format_bytes(os.path.getsize(path))}),"
+                    f" mmap={kwargs.get('use_mmap', True)}, {kwargs['n_threads']} threads"),
+      "disk_bytes_per_token": r["decode_read_bytes"] / steps if steps else float("nan"),
+      "host_to_device_bytes_per_token": 0,
+      "peak_ledger": {},
+      "touched_bytes": gguf_touched_bytes(path),
+      "streamed": {"disk": 0, "host": 0},
+      "page_cache": "yes (mmap)",
+      "peak_rss": peak_rss(),
+  })
+  return r
+
+
+def _llamacpp_greedy(llm, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
+  import llama_cpp
+
+  n_vocab = llm.n_vocab()
+
+  def next_token() -> int:
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
+    return int(logits.argmax())
+
+  llm.reset()  # the next eval starts at position 0 and clears the KV cache
+  t0 = time.perf_counter()
+  llm.eval([int(t) for t in prompt[0]])
+  tokens = [next_token()]
+  ttft = time.perf_counter() - t0
+  io0 = proc_read_bytes()
+  t1 = time.perf_counter()
+  for _ in range(new_tokens - 1):
+    llm.eval([tokens[-1]])
+    tokens.append(next_token())
+  decode_s = time.perf_counter() - t1
+  io1 = proc_read_bytes()
+  steps = new_tokens - 1
+  return {"tokens": [tokens], "ttft_s": ttft, "decode_s": decode_s,
+          "decode_tok_s": steps / decode_s if steps else float("nan"),
+          "decode_s_per_token": decode_s / steps if steps else float("nan"),
+          "new_tokens": new_tokens, "decode_read_bytes": io1 - io0}
+
+
+def _load_llamacpp(system, spec: dict[str, Any]):
+  import llama_cpp
+
+  kwargs = dict(n_threads=2, verbose=False, n_ctx=max(256, spec["prompt_tokens"]
+                                                      + spec["new_tokens"] + 16))
+  kwargs.update(system.options or {})
+  return llama_cpp.Llama(model_path=spec["gguf_path"], **kwargs), kwargs
+
+
 def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[str, Any]:
   """Loads and runs one peer system; returns the same figures as a hetflow row."""
+  if system.kind == "llamacpp":
+    return _run_llamacpp(system, model, spec, prompt)
 
   import torch
   from transformers import AutoModelForCausalLM
@@ -128,19 +242,7 @@ def run_peer(system, model, spec: dict[str, Any], prompt: np.ndarray) -> dict[st
         offload_folder=offload)
   torch_model.eval()
   load_s = time.perf_counter() - t0
-  if spec.get("warmup", True):
-    _greedy(torch_model, prompt, spec["new_tokens"])
-    drop_cold(spec)  # the measured run starts cold, like hetflow's
-  runs = []
-  for repeat in range(max(1, spec.get("repeats", 1))):
-    if repeat:
-      drop_cold(spec)
-    io0 = proc_read_bytes()
-    runs.append(_greedy(torch_model, prompt, spec["new_tokens"]))
-    runs[-1]["proc_read_bytes"] = proc_read_bytes() - io0
-  r = max(runs, key=lambda x: x["decode_tok_s"])  # noise only ever slows a run down
-  r["decode_tok_s_all"] = [x["decode_tok_s"] for x in runs]
-  r["ttft_s_all"] = [x["ttft_s"] for x in runs]
+  r = _measured_runs(lambda: _greedy(torch_model, prompt, spec["new_tokens"]), spec)
   layer_bytes = [sum(model.group_nbytes(f"layers/{i}/{h}") for h in ("attn", "mlp"))
                  for i in range(n)]
   disk = sum(layer_bytes[i] for i in disk_layers)

@@ -50,7 +50,7 @@ def touched_bytes(model) -> int:
 
 
 def drop_cold(spec: dict[str, Any]) -> str:
-  """Evicts the model's files (store, HF copy) from the page cache before a measured run.
+  """Evicts the model's files (store, HF copy, GGUF file) from the page cache before a measured run.
 
   Per file (fsync + fadvise DONTNEED), not machine-wide drop_caches, unless
   the spec asks for "drop_caches": on a shared machine a global drop makes
@@ -66,5 +66,5 @@ def drop_cold(spec: dict[str, Any]) -> str:
   method = spec.get("drop_method", "fadvise")
   if method == "none":
     return "none"
-  files = [p for p in (spec.get("store_dir"), spec.get("hf_dir")) if p]
+  files = [p for p in (spec.get("store_dir"), spec.get("hf_dir"), spec.get("gguf_path")) if p]
   return drop_page_cache(files, method=method)

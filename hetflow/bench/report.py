@@ -77,21 +77,23 @@ def markdown(results: dict[str, Any]) -> str:
       " bandwidth) / measured decode time per token; disk busy = fraction of decode time with"
       " one of the strategy's reads in progress (1.0: the disk never waited for hetflow)",
       "",
-      "| system | TTFT s | decode tok/s | fraction of limit | disk busy | disk GB/token | h2d GB/token |"
+      "| system | TTFT s | decode tok/s | fraction of limit | weights GB/token | disk busy |"
+      " disk GB/token | h2d GB/token |"
       " read per token (proc) | peak device | peak host | peak RSS | disk GB/s achieved |"
       " disk GB/s probed after | reads via page cache (reader's record) | tokens = first |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in results["systems"]:
     if not r.get("ok"):
-      lines.append(f"| {r['name']} | failed: {r['error'][:120]} |" + " |" * 13)
+      lines.append(f"| {r['name']} | {'' if r.get('skipped') else 'failed: '}{r['error'][:120]} |"
+                   + " |" * 14)
       continue
     ledger = r.get("peak_ledger") or {}
     bw = r.get("disk_bw_achieved")
     busy = "-" if r.get("disk_busy") is None else f"{r['disk_busy']:.2f}"
     lines.append(
         f"| {r['name']} | {r['ttft_s']:.2f} | {r['decode_tok_s']:.3f} |"
-        f" {r['fraction_of_limit']:.2f} |"
+        f" {r['fraction_of_limit']:.2f} | {r['touched_bytes'] / GB:.3f} |"
         f" {busy} |"
         f" {r.get('disk_bytes_per_token', 0) / GB:.3f} |"
         f" {r.get('host_to_device_bytes_per_token', 0) / GB:.3f} |"
@@ -100,17 +102,26 @@ def markdown(results: dict[str, Any]) -> str:
         f" {format_bytes(ledger['host']) if 'host' in ledger else '-'} |"
         f" {format_bytes(r['peak_rss'])} | {f'{bw / GB:.2f}' if bw else '-'} |"
         f" {r['disk_probe_after'] / GB:.2f} |"
-        f" {r.get('page_cache', '?')} | {r.get('tokens_match_first', '?')} |")
+        f" {r.get('page_cache', '?')} | {_agreement(r)} |")
   t = results.get("timeline")
   if t:
     lines += ["", f"timeline.png: {'written' if t.get('ok') else 'failed: ' + t.get('error', '')}"]
   return "\n".join(lines) + "\n"
 
 
+def _agreement(r: dict[str, Any]) -> str:
+  """The "tokens = first" cell: yes, or how many tokens from the start agree."""
+  if r.get("tokens_match_first") is None:
+    return "?"
+  if r["tokens_match_first"]:
+    return "yes"
+  return f"first {r.get('tokens_agree_first', 0)} of {len(r['tokens'][0])}"
+
+
 def summary_line(r: dict[str, Any]) -> str:
   """One line per row for the console: its headline figures, or why it failed."""
   if not r.get("ok"):
-    return f"{r['name']}: FAILED {r['error']}"
+    return f"{r['name']}: {'' if r.get('skipped') else 'FAILED '}{r['error']}"
   return (f"{r['name']}: ttft {r['ttft_s']:.2f} s, decode {r['decode_tok_s']:.3f} tok/s,"
           f" {r['fraction_of_limit']:.2f} of the limit")
 

@@ -318,6 +318,55 @@ def limits(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def llama_cpp_available() -> bool:
+  """Whether llama-cpp-python (the `peers` extra) is importable, without importing it."""
+  import importlib.util
+
+  return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _leading_agreement(tokens: list[int], reference: list[int]) -> int:
+  """How many tokens from the start equal the reference's."""
+  n = 0
+  for a, b in zip(tokens, reference):
+    if a != b:
+      break
+    n += 1
+  return n
+
+
+def _system_spec(system: SystemSpec, base: dict[str, Any], config, model,
+                 store) -> dict[str, Any] | None:
+  """One row's spec, its files prepared (before any memory limit); None: a llamacpp row
+  without llama_cpp, which the table lists as skipped.
+
+  A row with its own `weights` gets the model section with that format and, for
+  layerwise, that format's store (a store of another format is refused).
+  A llamacpp row gets the model written as GGUF at its type.
+  """
+  from hetflow.memory.store import open_store
+
+  spec = dict(base, system=dataclasses.asdict(system))
+  if system.kind == "llamacpp":
+    if not llama_cpp_available():
+      return None
+    spec["gguf_path"] = peers.gguf_for(model, system.gguf_type)
+    return spec
+  if system.kind != "hetflow":
+    return spec
+  row_store = store
+  if system.weights and system.weights != config.model.get("weights"):
+    spec["model"] = dict(base["model"], weights=system.weights)
+    if system.strategy == "layerwise" and "store_dir" not in system.options:
+      variant = config_lib.build_model(ml_collections.ConfigDict(spec["model"]))
+      row_store = open_store(variant, None, lock=False)
+      row_store.close()
+      spec["store_dir"] = row_store.path
+  if system.strategy == "layerwise" and "store_dir" not in system.options:
+    spec["system"]["options"] = dict(system.options, store_dir=row_store.path)
+  return spec
+
+
 def benchmark(config, workdir: str) -> dict[str, Any]:
   """Runs every system of a bench config; writes results.json, results.md, timeline.png.
 
@@ -341,10 +390,10 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
         f" {[s.name for s in systems]}", flush=True)
 
   # Preparation, before any limit: the disk store (its own disk bandwidth is the
-  # limit's), and the HF directory the peers load.
+  # limit's), the HF directory and GGUF files the peers load, each row's own store.
   store = open_store(model, config.get("store_dir") or None, lock=False)
   hf_dir = None
-  if any(s.kind != "hetflow" for s in systems):
+  if any(s.kind in ("transformers", "accelerate") for s in systems):
     hf_dir = peers.hf_dir_for(model)
   probed = {"disk": probes.probe_store(store), "memory": probes.probe_memory(),
             "host_to_device": probes.probe_host_to_device()}
@@ -362,6 +411,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
           "store_dir": store.path}
   results = {"machine": machine_info(), "probes": probed, "config": config.to_dict(),
              "systems": []}
+  specs = [_system_spec(system, base, config, model, store) for system in systems]
   limit = None
   if config.get("memory_limit"):
     limit = MemoryLimit(config.memory_limit)
@@ -369,11 +419,13 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
     if limit is not None:
       limit.__enter__()
       results["memory_limit"] = {"limit": config.memory_limit, "locked": limit.locked_bytes}
-    for system in systems:
-      spec = dict(base, system=dataclasses.asdict(system))
-      if system.kind == "hetflow" and "store_dir" not in system.options and \
-          system.strategy == "layerwise":
-        spec["system"]["options"] = dict(system.options, store_dir=store.path)
+    for system, spec in zip(systems, specs):
+      if spec is None:
+        r = {"ok": False, "skipped": True, "name": system.name, "kind": system.kind,
+             "error": "skipped: llama_cpp is not importable (pip install -e '.[peers]')"}
+        results["systems"].append(r)
+        print(f"  {system.name}: {r['error']}", flush=True)
+        continue
       if config.get("profile_trace") and system.kind == "hetflow":
         spec["profile_dir"] = os.path.join(workdir, "profile", system.name)
       available_before = None
@@ -405,9 +457,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
       traced = next((s for s in hetflow_systems if s.strategy != "resident"),
                     hetflow_systems[0] if hetflow_systems else None)
       if traced is not None:
-        spec = dict(base, system=dataclasses.asdict(traced), trace=True)
-        if traced.strategy == "layerwise" and "store_dir" not in traced.options:
-          spec["system"]["options"] = dict(traced.options, store_dir=store.path)
+        spec = dict(specs[systems.index(traced)], trace=True)
         results["timeline"] = _child(spec, workdir, config.get("timeout_s", 1800))
   finally:
     if limit is not None:
@@ -425,6 +475,8 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
   for r in results["systems"]:
     if r.get("ok") and reference is not None:
       r["tokens_match_first"] = r["tokens"] == reference
+      # Lossy rows (other formats, llama.cpp's Q8 activations) agree for a while.
+      r["tokens_agree_first"] = _leading_agreement(r["tokens"][0], reference[0])
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=str)
   with open(os.path.join(workdir, "results.md"), "w") as f:

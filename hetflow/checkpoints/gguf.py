@@ -292,6 +292,21 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
   if c.arch != "llama" or c.attention_bias or c.mlp_bias or c.rope_scaling is not None:
     raise ValueError(f"save_gguf writes plain llama models; {c.name} is not one.")
   qtype = getattr(gguf.GGMLQuantizationType, file_type)
+  kernel = WeightFormat("int8")  # selects the kernel names
+  names = gguf_names(c)
+
+  def stored(name: str) -> np.ndarray:
+    """One tensor as the file holds it: [out, in] rows, q/k permuted, quantized."""
+    array = np.asarray(model.tensor(name), np.float32)
+    if array.ndim == 2 and name != "embed/tokens":
+      array = np.ascontiguousarray(array.T)
+    heads = _rope_rows(c, name)
+    if heads is not None:
+      array = _permute(array, heads, inverse=False)
+    if kernel.applies(name) and file_type != "F32":
+      return gguf.quants.quantize(array, qtype)
+    return array
+
   partial = f"{path}.partial-{os.getpid()}"
   writer = gguf.GGUFWriter(partial, "llama")
   try:
@@ -311,21 +326,23 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
                                                  else None), ("pad", c.pad_token_id)):
       if value is not None:
         getattr(writer, f"add_{key}_token_id")(int(value))
-    kernel = WeightFormat("int8")  # selects the kernel names
-    for name, g in gguf_names(c).items():
-      array = np.asarray(model.tensor(name), np.float32)
-      if array.ndim == 2 and name != "embed/tokens":
-        array = np.ascontiguousarray(array.T)  # [out, in] rows
-      heads = _rope_rows(c, name)
-      if heads is not None:
-        array = _permute(array, heads, inverse=False)
+    # Tensor infos first (shapes only), then one tensor at a time: the writer never holds
+    # more than one tensor, so a 7B model is written in the memory of its largest tensor.
+    for name, g in names.items():
+      shape = tuple(model.logical_shapes[name].shape)
+      if len(shape) == 2 and name != "embed/tokens":
+        shape = shape[::-1]
       if kernel.applies(name) and file_type != "F32":
-        writer.add_tensor(g, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        writer.add_tensor_info(g, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                               raw_dtype=qtype)
       else:
-        writer.add_tensor(g, array)
+        writer.add_tensor_info(g, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for name in names:
+      writer.write_tensor_data(stored(name))
     writer.close()
     os.rename(partial, path)
   except BaseException:
