@@ -59,8 +59,8 @@ import numpy as np
 from hetflow import costmodel, hardware, simulate
 from hetflow.memory import tiers
 from hetflow.memory.budget import BudgetExceeded, format_bytes
-from hetflow.models import layers, modules
-from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
+from hetflow.models import formats, layers, modules
+from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
 PHASES = ("prefill", "decode")
 
@@ -153,6 +153,49 @@ def default_profile():
   return hardware.PROFILES["a10-pcie"]
 
 
+def group_matrices(model, group: str) -> list[costmodel.Matrix]:
+  """`costmodel.group_matrices` by logical shapes, with each kernel's stored bytes.
+
+  A quantized model's kernels are dicts of stored leaves (hetflow/models/formats.py):
+  what a split divides is the logical [in, out] kernel (its output features, or
+  Mixtral's experts), and what it moves and holds are the stored bytes.
+  """
+  if model.format.plain:
+    return costmodel.group_matrices(model, group)
+  logical = costmodel.group_matrices(_LogicalShapes(model), group)
+  stored = lambda n: sum(s.size * s.dtype.itemsize for k, s in model.shapes.items()  # noqa: E731
+                         if k.startswith(f"{group}/{n}/"))
+  return [dataclasses.replace(m, nbytes=sum(stored(n) for n in (
+      costmodel.FFN_MATRICES if m.name == "experts" else (m.name,)))) for m in logical]
+
+
+def small_nbytes(model, group: str) -> int:
+  """Bytes of a half's leaves that are not splittable kernels (norms, biases, router)."""
+  prefix = group + "/"
+  return sum(s.size * s.dtype.itemsize for n, s in model.shapes.items()
+             if n.startswith(prefix)
+             and not costmodel.is_matrix_leaf(model, group, n[len(prefix):].split("/")[0]))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LogicalShapes:
+  """A model seen through its logical (float) shapes, for costmodel.group_matrices."""
+
+  model: Any
+
+  @property
+  def shapes(self):
+    return self.model.logical_shapes
+
+  @property
+  def config(self):
+    return self.model.config
+
+  @property
+  def dtype(self):
+    return self.model.dtype
+
+
 def _split_point(alpha: float, units: int) -> int:
   """Columns (or experts) on the device side for `alpha`."""
   return int(round(alpha * units))
@@ -176,17 +219,13 @@ class TensorSplit(Strategy):
 
   def plan(self, model, budget, profile=None) -> Placement:
     o = self.options
-    if not model.format.plain:  # its kernels would need format-aware code (issue 11)
-      raise NotApplicable("tensor_split runs float32 weights only; this model has"
-                          f" weights={model.weights!r}. Use resident or layerwise, or load"
-                          " it with weights='float32'.")
     notes = []
     if profile is None:
       profile = default_profile()
       notes.append(f"no HardwareProfile given: alphas from {profile.name!r}")
     alpha = self.alphas(model, profile)
     layer_groups = [g for g in model.group_names() if g.startswith("layers/")]
-    mats = {g: costmodel.group_matrices(model, g) for g in layer_groups}
+    mats = {g: group_matrices(model, g) for g in layer_groups}
 
     def device_units(m, a):
       return _split_point(a, m.out_features)
@@ -199,7 +238,7 @@ class TensorSplit(Strategy):
                       if (g, m.name) not in resident), default=0)
 
     fixed = (model.group_nbytes("embed") + model.group_nbytes("head")
-             + sum(costmodel.small_nbytes(model, g) for g in layer_groups))
+             + sum(small_nbytes(model, g) for g in layer_groups))
     c = model.config
     kv_tokens = c.max_position_embeddings if o.kv_reserve_tokens is None else o.kv_reserve_tokens
     reserve = o.reserve_bytes + model.kv_cache_nbytes(kv_tokens, o.batch)
@@ -248,7 +287,7 @@ class TensorSplit(Strategy):
     groups = {"embed": GroupPlacement("device", model.group_nbytes("embed"), "resident")}
     device_parts = 0
     for g in layer_groups:
-      info, host_bytes, dev_bytes = {}, 0, costmodel.small_nbytes(model, g)
+      info, host_bytes, dev_bytes = {}, 0, small_nbytes(model, g)
       split_names, res_names = [], []
       for m in mats[g]:
         keep = (g, m.name) in resident
@@ -317,7 +356,7 @@ class TensorSplit(Strategy):
     # "copies" are no-ops.
     link = float("inf") if hardware.device_is_cpu(prof) else prof.link_bw(True)
     groups = simulate.layer_groups(ctx.model)
-    mats = {g: costmodel.group_matrices(ctx.model, g) for g in groups}
+    mats = {g: group_matrices(ctx.model, g) for g in groups}
     info = {g: pl.groups[g].details.matrices for g in groups}
     measured = hardware.measured_costs(prof, ctx.model)
     split_cost = (measured["split_kernel_s"] if measured and "split_kernel_s" in measured
@@ -414,7 +453,7 @@ class TensorSplit(Strategy):
                     "tensor_split staging")
     # Split kernels in execution order: the unit of transfer and of staging.
     self._units = [(g, m.name) for g in self._halves
-                   for m in costmodel.group_matrices(model, g)
+                   for m in group_matrices(model, g)
                    if not placement.groups[g].details.matrices[m.name].resident]
     self._unit_of = {u: i for i, u in enumerate(self._units)}
     self._phase = "prefill"
@@ -585,7 +624,9 @@ def _join(parts, bias):
 
 
 def _moe_partial(config, h, combine, gate, up, down):
-  """Mixtral's expert mixture over a subset of experts (as modules.moe_ffn)."""
+  """Mixtral's expert mixture over a subset of experts (as modules.moe_ffn; quantized
+  experts are dequantized as it does)."""
+  gate, up, down = (formats.dequantize(k, h.dtype) for k in (gate, up, down))
   act = layers.activation(config.hidden_act)
   g = act(jnp.einsum("BTD,XDF->BTXF", h, gate))
   u = jnp.einsum("BTD,XDF->BTXF", h, up)
@@ -629,27 +670,31 @@ class _SplitHalf:
     info = gp.details.matrices
     dev, host = strategy._dev_sharding, strategy.host_device
     small = {k: v for k, v in tensors.items() if not costmodel.is_matrix_leaf(model, group, k)}
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in tensors.items()}
-    device_bytes = sum(v.nbytes for v in small.values())
+    # Stage discovery needs each kernel's logical [in, out]: a quantized one is a dict.
+    shapes = {k: model.logical_shapes[f"{group}/{k}"] for k in tensors}
+    device_bytes = formats.nbytes(small)
     host_bytes = 0
     kernels, experts = {}, None
     for name, m in info.items():
       leaves = ["gate", "up", "down"] if name == "experts" else [name]
       if m.resident:
         arrays = [jax.device_put(tensors[n], dev) for n in leaves]
-        device_bytes += sum(tensors[n].nbytes for n in leaves)
+        device_bytes += sum(formats.nbytes(tensors[n]) for n in leaves)
         kernel = _Kernel(name, arrays if name == "experts" else arrays[0], [], {})
       else:
         units = m.units
         cuts = sorted({0, units} | {_split_point(m.alpha[p], units) for p in PHASES})
-        axis = 0 if name == "experts" else -1  # experts, or output columns
         chunks = []
         for lo, hi in zip(cuts[:-1], cuts[1:]):
-          blocks = [np.ascontiguousarray(np.take(tensors[n], np.arange(lo, hi), axis=axis))
-                    for n in leaves]
+          # Each block keeps the model's format (every leaf of a quantized kernel).
+          if name == "experts":
+            blocks = [jax.tree.map(lambda a, lo=lo, hi=hi: np.ascontiguousarray(a[lo:hi]), tensors[n])
+                      for n in leaves]
+          else:
+            blocks = [formats.take_outputs(tensors[name], lo, hi)]
           blocks = [jax.device_put(b, host) for b in blocks]
           chunks.append(blocks if name == "experts" else blocks[0])
-        host_bytes += sum(tensors[n].nbytes for n in leaves)
+        host_bytes += sum(formats.nbytes(tensors[n]) for n in leaves)
         phase_cuts = {p: cuts.index(_split_point(m.alpha[p], units)) for p in PHASES}
         kernel = _Kernel(name, None, chunks, phase_cuts)
       if name == "experts":
@@ -717,7 +762,7 @@ class _SplitHalf:
       parts.append(_moe_jit(c, h, combine, *k.resident))
       counters.add("resident_matmuls", 1)
     else:
-      n_dev = sum(b[0].shape[0] for b in k.chunks[:k.cuts[phase]])
+      n_dev = sum(jax.tree.leaves(b[0])[0].shape[0] for b in k.chunks[:k.cuts[phase]])
       if k.cuts[phase] < len(k.chunks):
         host = strategy.host_device
         h_host = jax.device_put(h, host)
@@ -744,7 +789,7 @@ def _cat(blocks):
 
 @jax.jit
 def _concat_experts(blocks):
-  return jnp.concatenate(blocks, axis=0)
+  return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *blocks)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -1,9 +1,7 @@
 """The benchmark harness with weight formats per row and llama.cpp as a peer (llama-tiny)."""
 
-import importlib.util
 import os
 
-import numpy as np
 import pytest
 
 from hetflow.bench import runner

@@ -14,6 +14,7 @@ import pytest
 import hetflow
 from hetflow import costmodel, hardware, simulate
 from hetflow.memory import BudgetExceeded
+from hetflow.models import formats
 from hetflow.strategy import get_strategy
 
 MODELS = ("llama-tiny", "opt-tiny", "mixtral-tiny")
@@ -49,6 +50,35 @@ def test_matches_resident(references, name, alpha):
   # Weights cross the link only for alpha > 0, CPU results only for alpha < 1.
   assert (stats.get("h2d_bytes", 0) > 0) == (alpha > 0)
   assert (stats.get("activation_bytes_h2d", 0) > 0) == (alpha < 1)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+@pytest.mark.parametrize("name", MODELS)
+def test_formats_match_resident_of_the_same_format(name, weights):
+  """Each share stays in the model's format (the CPU share through the format's kernel):
+  resident's greedy tokens for the same weights, logits as close as the float32 split."""
+  model = hetflow.synthetic_model(name, weights=weights)
+  with hetflow.Engine(model, "resident") as ref:
+    tokens = ref.generate(IDS, max_new_tokens=NEW, stop_tokens=()).tokens
+    logits = ref.forward(IDS)
+  budget = hetflow.Budget(device="4MiB")
+  strategy = get_strategy("tensor_split")(dict(alpha=0.3, **SPLIT_ALL))
+  placement = strategy.plan(model, budget)
+  layers_bytes = sum(gp.nbytes for g, gp in placement.groups.items() if g.startswith("layers/"))
+  stored = sum(model.group_nbytes(g) for g in model.group_names() if g.startswith("layers/"))
+  assert layers_bytes <= stored  # host shares counted in stored bytes, not float32's
+  with hetflow.Engine(model, "tensor_split", budget=budget,
+                      options=dict(alpha=0.3, **SPLIT_ALL)) as engine:
+    out = engine.generate(IDS, max_new_tokens=NEW, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(IDS), logits, atol=1e-5, rtol=0)
+    split = next(h for h in engine.strategy._halves.values() if h.experts is None
+                 and any(k.resident is None for k in h.kernels.values()))
+    kernel = next(k for k in split.kernels.values() if k.resident is None)
+    # The host share of a kernel is still in the model's format, not widened.
+    assert formats.format_of(kernel.chunks[-1]).startswith(weights.split("-")[0][:4])
+    stats = out.stats["strategy"].decode
+  assert stats["split_matmuls"] > 0 and stats["h2d_bytes"] > 0
 
 
 def _run_on_four_cpu_devices(alphas):

@@ -323,6 +323,28 @@ def matmul(x, kernel):
   return y.reshape(*lead, -1).astype(x.dtype)
 
 
+def take_outputs(kernel: Any, lo: int, hi: int) -> Any:
+  """Output features [lo, hi) of a stored kernel, in the same format (a numpy copy).
+
+  The column block of a float32 kernel [in, out]; for a quantized one, the
+  same rows of every leaf (q [out, in] or [G, out, g], per-channel scales
+  [out, 1], group scales and minimums [G, out]), so the block is computed by
+  the same formulation as the whole kernel, output for output.
+  """
+  fmt = format_of(kernel)
+  if fmt == "float32":
+    return np.ascontiguousarray(np.asarray(kernel)[..., lo:hi])
+  grouped = fmt in ("int8-g", "int4", "int4-asym")
+  out = {}
+  for name, leaf in kernel.items():
+    leaf = np.asarray(leaf)
+    if grouped and name in ("scale", "min"):
+      out[name] = np.ascontiguousarray(leaf[..., lo:hi])  # [G, out]
+    else:
+      out[name] = np.ascontiguousarray(np.take(leaf, np.arange(lo, hi), axis=-2))
+  return out
+
+
 def nbytes(tree: Any) -> int:
   """Bytes of every array in a kernel or tree (host numpy or jax)."""
   return sum(int(a.nbytes) for a in jax.tree.leaves(tree))
