@@ -150,3 +150,52 @@ def test_llama_cpp_reads_the_same_model(tmp_path, synthetic, file_type, tol):
   theirs = np.array(llm.scores[:len(ids)])
   np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
   assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+  return hetflow.synthetic_model("mixtral-tiny")
+
+
+@pytest.mark.parametrize("file_type,spec", [("F32", "float32"), ("Q8_0", "int8-g32"),
+                                            ("Q4_0", "int4")])
+def test_mixtral_gguf_round_trips(tmp_path, mixtral, file_type, spec):
+  """Mixtral as llama.cpp names it (ffn_{gate,up,down}_exps, ffn_gate_inp): the same
+  weights, experts taken from the file as stored, the same tokens."""
+  path = save_gguf(mixtral, str(tmp_path / f"moe-{file_type}.gguf"), file_type)
+  names = {t.name: t for t in gguf.GGUFReader(path).tensors}
+  assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight",
+          "blk.0.ffn_down_exps.weight", "blk.0.ffn_gate_inp.weight"} <= names.keys()
+  assert names["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+  loaded = hetflow.load_model(path)
+  assert loaded.weights == spec and loaded.config == mixtral.config.replace(
+      name=loaded.config.name)
+  same = hetflow.synthetic_model("mixtral-tiny", weights=spec)
+  for name in ("layers/1/mlp/gate", "layers/1/mlp/down", "layers/1/mlp/router",
+               "layers/0/attn/k"):
+    got, want = loaded.param(name), same.param(name)
+    if isinstance(want, dict):
+      assert got.keys() == want.keys()
+      for leaf in want:
+        np.testing.assert_array_equal(got[leaf], want[leaf])
+    else:
+      np.testing.assert_array_equal(got, want)
+  tokens, logits = _run(same)
+  got_tokens, got_logits = _run(loaded)
+  np.testing.assert_array_equal(got_tokens, tokens)
+  np.testing.assert_allclose(got_logits, logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("file_type,tol", [("F32", 5e-3), ("Q4_0", 5e-2)])
+def test_llama_cpp_reads_the_same_mixtral(tmp_path, mixtral, file_type, tol):
+  """llama.cpp loads save_gguf's Mixtral file and computes the same next tokens."""
+  llama_cpp = pytest.importorskip("llama_cpp")
+  path = save_gguf(mixtral, str(tmp_path / f"moe-{file_type}.gguf"), file_type)
+  ids = [1, 5, 9, 33, 7, 2, 100, 4, 17, 300]
+  with Engine(hetflow.load_model(path), "resident") as engine:
+    ours = engine.forward([ids])[0]
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+  llm.eval(ids)
+  theirs = np.array(llm.scores[:len(ids)])
+  np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
+  assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()

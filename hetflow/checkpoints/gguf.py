@@ -48,6 +48,15 @@ _LAYER = {
     "mlp/up": "blk.{i}.ffn_up.weight",
     "mlp/down": "blk.{i}.ffn_down.weight",
 }
+# Mixtral (llama.cpp's "llama" architecture with experts): the experts of a layer are one
+# 3-D tensor per projection, and the router is ffn_gate_inp.
+_MOE_LAYER = {
+    "mlp/norm": "blk.{i}.ffn_norm.weight",
+    "mlp/router": "blk.{i}.ffn_gate_inp.weight",
+    "mlp/gate": "blk.{i}.ffn_gate_exps.weight",
+    "mlp/up": "blk.{i}.ffn_up_exps.weight",
+    "mlp/down": "blk.{i}.ffn_down_exps.weight",
+}
 _GLOBAL = {"embed/tokens": "token_embd.weight", "head/norm": "output_norm.weight",
            "head/lm_head": "output.weight"}
 _ARCHES = ("llama", "mistral")
@@ -67,13 +76,24 @@ def _matching_format(ggml_type) -> WeightFormat | None:
 
 
 def gguf_names(config: ModelConfig) -> dict[str, str]:
-  """hetflow parameter name -> GGUF tensor name, for a llama-family config."""
+  """hetflow parameter name -> GGUF tensor name, for a llama-family (or Mixtral) config."""
   names = dict(_GLOBAL)
   if config.tie_word_embeddings:
     del names["head/lm_head"]
+  layer = dict(_LAYER)
+  if config.arch == "mixtral":
+    layer = {k: v for k, v in layer.items() if not k.startswith("mlp/")} | _MOE_LAYER
   for i in range(config.num_layers):
-    names.update({f"layers/{i}/{leaf}": g.format(i=i) for leaf, g in _LAYER.items()})
+    names.update({f"layers/{i}/{leaf}": g.format(i=i) for leaf, g in layer.items()})
   return names
+
+
+def _file_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """A tensor's numpy shape in a GGUF file from hetflow's: kernels [..., in, out] are
+  stored as rows [..., out, in] (Mixtral's experts: one [out, in] matrix per expert)."""
+  if len(shape) >= 2 and name != "embed/tokens":
+    return tuple(shape[:-2]) + (shape[-1], shape[-2])
+  return tuple(shape)
 
 
 def _rope_rows(config: ModelConfig, name: str) -> int | None:
@@ -121,8 +141,9 @@ class GGUFSource:
     heads = _rope_rows(self.config, name)
     if heads is not None:
       rows = _permute(rows, heads, inverse=True)
-    if rows.ndim == 2 and name != "embed/tokens":
-      rows = rows.T  # GGUF holds [out, in] rows like HF; hetflow's float kernels are [in, out]
+    if rows.ndim >= 2 and name != "embed/tokens":
+      # GGUF holds [out, in] rows like HF; hetflow's float kernels are [in, out]
+      rows = np.swapaxes(rows, -1, -2)
     return np.ascontiguousarray(rows, dtype=dtype)
 
   def get_stored(self, name: str, fmt: WeightFormat) -> dict[str, np.ndarray] | None:
@@ -131,15 +152,14 @@ class GGUFSource:
     if _matching_format(t.tensor_type) != fmt or fmt.plain:
       return None
     data = np.asarray(t.data)
-    n_out = data.shape[0]
     types = _types()
     heads = _rope_rows(self.config, name)
     if heads is not None:  # rows are output channels; blocks stay whole
       data = _permute(data, heads, inverse=True)
     if t.tensor_type == types.BF16:
       return {"q": np.ascontiguousarray(data.view(ml_dtypes.bfloat16))}
-    blocks = data.reshape(n_out, -1, {types.Q8_0: 34, types.Q4_0: 18,
-                                      types.Q4_1: 20}[t.tensor_type])  # [out, G, block]
+    blocks = data.reshape(*data.shape[:-1], -1, {types.Q8_0: 34, types.Q4_0: 18, types.Q4_1: 20}[
+        t.tensor_type])  # [..., out, G, block]
     leaves = {"scale": np.ascontiguousarray(blocks[..., :2]).view(np.float16)[..., 0]}
     if t.tensor_type == types.Q8_0:
       leaves["q"] = blocks[..., 2:].view(np.int8)
@@ -183,14 +203,19 @@ def _config(reader, path: str) -> ModelConfig:
         f"{path}: the file scales RoPE with a rope_freqs tensor (Llama 3.1 style), which"
         " hetflow does not read from GGUF; load the HF checkpoint directory instead.")
   d, heads = need("embedding_length"), need("attention.head_count")
+  experts = _field(reader, f"{arch}.expert_count")
   scaling = None
   if _field(reader, f"{arch}.rope.scaling.type") == "linear":
     scaling = {"rope_type": "linear", "factor": _float(_field(reader, f"{arch}.rope.scaling.factor"))}
   eos = _field(reader, "tokenizer.ggml.eos_token_id")
   bos = _field(reader, "tokenizer.ggml.bos_token_id")
   pad = _field(reader, "tokenizer.ggml.padding_token_id")
+  moe: dict[str, Any] = {"arch": "llama"}
+  if experts:
+    moe = dict(arch="mixtral", num_experts=int(experts),
+               experts_per_token=int(_field(reader, f"{arch}.expert_used_count", 2)))
   return ModelConfig(
-      arch="llama", name=os.path.splitext(os.path.basename(path))[0],
+      name=os.path.splitext(os.path.basename(path))[0],
       vocab_size=int(tensors["token_embd.weight"].shape[1]), hidden_size=d,
       intermediate_size=need("feed_forward_length"), num_layers=need("block_count"),
       num_heads=heads,
@@ -202,7 +227,7 @@ def _config(reader, path: str) -> ModelConfig:
       rope_scaling=scaling, tie_word_embeddings="output.weight" not in tensors,
       bos_token_id=None if bos is None else int(bos),
       eos_token_id=None if eos is None else int(eos),
-      pad_token_id=None if pad is None else int(pad))
+      pad_token_id=None if pad is None else int(pad), **moe)
 
 
 def natural_format(source: GGUFSource, config: ModelConfig) -> WeightFormat:
@@ -250,8 +275,7 @@ def load_gguf(path: str, dtype: Any = jnp.float32, weights: str | None = None) -
   problems = []
   for name, spec in parameter_shapes(config, jnp.float32).items():
     t = source._tensors[source._names[name]]
-    want = tuple(reversed(spec.shape)) if len(spec.shape) == 2 and name != "embed/tokens" \
-        else tuple(spec.shape)
+    want = _file_shape(name, tuple(spec.shape))
     got = tuple(int(v) for v in reversed(t.shape))
     if got != want:
       problems.append(f"{t.name} has shape {list(got)}, expected {list(want)}")
@@ -289,8 +313,11 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
   if os.path.exists(path):
     raise FileExistsError(f"{path} exists; choose a new file.")
   c = model.config
-  if c.arch != "llama" or c.attention_bias or c.mlp_bias or c.rope_scaling is not None:
-    raise ValueError(f"save_gguf writes plain llama models; {c.name} is not one.")
+  if (c.arch not in ("llama", "mixtral") or c.attention_bias or c.mlp_bias
+      or c.rope_scaling is not None or c.sliding_window is not None
+      or c.hidden_act != "silu"):
+    raise ValueError(f"save_gguf writes plain llama and Mixtral models (SiLU, no biases, no"
+                     f" RoPE scaling or sliding window); {c.name} is not one.")
   qtype = getattr(gguf.GGMLQuantizationType, file_type)
   kernel = WeightFormat("int8")  # selects the kernel names
   names = gguf_names(c)
@@ -298,8 +325,8 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
   def stored(name: str) -> np.ndarray:
     """One tensor as the file holds it: [out, in] rows, q/k permuted, quantized."""
     array = np.asarray(model.tensor(name), np.float32)
-    if array.ndim == 2 and name != "embed/tokens":
-      array = np.ascontiguousarray(array.T)
+    if array.ndim >= 2 and name != "embed/tokens":
+      array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
     heads = _rope_rows(c, name)
     if heads is not None:
       array = _permute(array, heads, inverse=False)
@@ -321,6 +348,9 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.norm_eps)
     writer.add_vocab_size(c.vocab_size)
+    if c.arch == "mixtral":
+      writer.add_expert_count(c.num_experts)
+      writer.add_expert_used_count(c.experts_per_token)
     writer.add_tokenizer_model("none")  # llama.cpp then loads it with placeholder tokens
     for key, value in (("bos", c.bos_token_id), ("eos", c.stop_tokens[0] if c.stop_tokens
                                                  else None), ("pad", c.pad_token_id)):
@@ -329,9 +359,7 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
     # Tensor infos first (shapes only), then one tensor at a time: the writer never holds
     # more than one tensor, so a 7B model is written in the memory of its largest tensor.
     for name, g in names.items():
-      shape = tuple(model.logical_shapes[name].shape)
-      if len(shape) == 2 and name != "embed/tokens":
-        shape = shape[::-1]
+      shape = _file_shape(name, tuple(model.logical_shapes[name].shape))
       if kernel.applies(name) and file_type != "F32":
         byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
         writer.add_tensor_info(g, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
