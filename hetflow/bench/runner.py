@@ -395,13 +395,6 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
   hf_dir = None
   if any(s.kind in ("transformers", "accelerate") for s in systems):
     hf_dir = peers.hf_dir_for(model)
-  probed = {"disk": probes.probe_store(store), "memory": probes.probe_memory(),
-            "host_to_device": probes.probe_host_to_device()}
-  for k, p in probed.items():
-    print(f"probe {k}: {p['bytes_per_s'] / GB:.2f} GB/s", flush=True)
-  cursor = probed["disk"]["next"]
-  disk_probes = [probed["disk"]["bytes_per_s"]]
-  disk_direct = [probed["disk"]["direct"]]
 
   base = {"model": config_lib.to_dict(config.model), "budget": config_lib.to_dict(config.budget),
           "prompt_tokens": config.prompt_tokens, "new_tokens": config.new_tokens,
@@ -409,9 +402,16 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
           "drop_method": config.get("drop_method", "fadvise") if config.get("drop_caches", True)
                          else "none", "workdir": workdir,
           "store_dir": store.path}
+  specs = [_system_spec(system, base, config, model, store) for system in systems]
+  probed = {"disk": probes.probe_store(store), "memory": probes.probe_memory(),
+            "host_to_device": probes.probe_host_to_device()}
+  for k, p in probed.items():
+    print(f"probe {k}: {p['bytes_per_s'] / GB:.2f} GB/s", flush=True)
+  cursor = probed["disk"]["next"]
+  disk_probes = [probed["disk"]["bytes_per_s"]]
+  disk_direct = [probed["disk"]["direct"]]
   results = {"machine": machine_info(), "probes": probed, "config": config.to_dict(),
              "systems": []}
-  specs = [_system_spec(system, base, config, model, store) for system in systems]
   limit = None
   if config.get("memory_limit"):
     limit = MemoryLimit(config.memory_limit)
