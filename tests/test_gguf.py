@@ -199,3 +199,18 @@ def test_llama_cpp_reads_the_same_mixtral(tmp_path, mixtral, file_type, tol):
   theirs = np.array(llm.scores[:len(ids)])
   np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
   assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("file_type,spec", [("Q8_0", "int8-g32"), ("Q4_0", "int4"),
+                                            ("Q4_1", "int4-asym"), ("BF16", "bfloat16")])
+def test_save_gguf_writes_a_models_own_blocks(tmp_path, synthetic, file_type, spec):
+  """A model already in the file type's format is written as stored: the same bytes as
+  quantizing its float32 values, and a GGUF file written back from itself is unchanged."""
+  from_float = save_gguf(synthetic, str(tmp_path / "a.gguf"), file_type)
+  quantized = hetflow.synthetic_model("llama-tiny", weights=spec)
+  from_stored = save_gguf(quantized, str(tmp_path / "b.gguf"), file_type)
+  again = save_gguf(hetflow.load_model(from_stored), str(tmp_path / "c.gguf"), file_type)
+  tensors = [{t.name: (t.tensor_type, np.asarray(t.data).tobytes())
+              for t in gguf.GGUFReader(p).tensors} for p in (from_float, from_stored, again)]
+  assert tensors[0]["blk.0.attn_q.weight"][0] == getattr(gguf.GGMLQuantizationType, file_type)
+  assert tensors[0] == tensors[1] == tensors[2]

@@ -171,6 +171,21 @@ class GGUFSource:
     return group_major(leaves)
 
 
+def _blocks(leaves: dict[str, np.ndarray], ggml_type) -> np.ndarray:
+  """A kernel's stored leaves as the GGUF tensor of `ggml_type` (uint8 rows [..., out, bytes]):
+  `get_stored`'s inverse, so a kernel already in the file's format is written as it is."""
+  types = _types()
+  q = np.asarray(leaves["q"])
+  if ggml_type == types.BF16:
+    return np.ascontiguousarray(q).view(np.uint8)  # [..., out, in] -> [..., out, 2 * in]
+  parts = [np.swapaxes(np.asarray(leaves["scale"], np.float16), -1, -2)[..., None]]
+  if ggml_type == types.Q4_1:
+    parts.append(np.swapaxes(np.asarray(leaves["min"], np.float16), -1, -2)[..., None])
+  parts = [p.view(np.uint8) for p in parts] + [np.moveaxis(q, -3, -2).view(np.uint8)]
+  blocks = np.concatenate(parts, axis=-1)  # [..., out, G, block]
+  return np.ascontiguousarray(blocks.reshape(*blocks.shape[:-2], -1))
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
   field = reader.fields.get(key)
   return default if field is None else field.contents()
@@ -294,6 +309,9 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
 
   Kernels (and an untied LM head) are stored as `file_type`; embeddings and
   norms as F32. q and k rows are permuted as llama.cpp's converter does.
+  Where the model's format is the file type's (int4 and Q4_0, int8-g32 and
+  Q8_0, int4-asym and Q4_1, bfloat16 and BF16), its kernels are written as
+  stored, not re-quantized (the same bits: the rules are GGUF's).
   The file has no tokenizer vocabulary (tokenizer model "none": llama.cpp
   loads it and runs token ids).
 
@@ -322,12 +340,17 @@ def save_gguf(model: Model, path: str, file_type: str = "F32") -> str:
   kernel = WeightFormat("int8")  # selects the kernel names
   names = gguf_names(c)
 
+  as_stored = not model.format.plain and _matching_format(qtype) == model.format
+
   def stored(name: str) -> np.ndarray:
     """One tensor as the file holds it: [out, in] rows, q/k permuted, quantized."""
+    heads = _rope_rows(c, name)
+    if as_stored and kernel.applies(name):  # the model's own blocks, not re-quantized
+      blocks = _blocks(model.param(name), qtype)
+      return blocks if heads is None else _permute(blocks, heads, inverse=False)
     array = np.asarray(model.tensor(name), np.float32)
     if array.ndim >= 2 and name != "embed/tokens":
       array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
-    heads = _rope_rows(c, name)
     if heads is not None:
       array = _permute(array, heads, inverse=False)
     if kernel.applies(name) and file_type != "F32":
