@@ -18,7 +18,7 @@ from hetflow.bench.config import bench_config
 
 def get_config(arg=None):
   del arg
-  c = bench_config("llama-1b", new_tokens=16, timeline=False)
+  c = bench_config("llama-1b", new_tokens=8, repeats=1, timeline=False)
   c.order = ("resident_float32,resident_bfloat16,resident_int8,resident_int4,"
              "llamacpp_F32,llamacpp_F16,llamacpp_Q8_0,llamacpp_Q4_0")
   for weights in ("float32", "bfloat16", "int8", "int4"):
