@@ -15,7 +15,7 @@ Per layer, when few tokens are routed (decode; the model's own rule,
     attention is dispatched, so the reads run while it computes;
   route (in `run_ffn`): the router on the real FFN input; experts neither cached
     nor in flight are read now; the pass waits for its experts' reads only;
-  compute: `modules.routed_experts` on the slots, the arithmetic of the model's
+  compute: `modules.expert_mixture` on the slots' own arrays, the arithmetic of the model's
     own MoE FFN, so tokens equal `resident`'s.
 The look-ahead is off by default (see MoEOffloadOptions.lookahead). A wrong guess
 costs its bytes (and may evict an older cached expert, never one the layer's previous
@@ -272,26 +272,40 @@ def open_expert_store(model: Model, path: str | None, convert: bool) -> LayerSto
 
 
 class _Pool:
-  """Expert slots: page-aligned host records, their device array, and what each holds.
+  """Expert slots: page-aligned host records, their device arrays, and what each holds.
 
   Attributes:
     host: [slots, record bytes] page-aligned buffer reads land in.
-    pool: jax array [slots, record elements] (aliases `host` on a CPU device).
+    pool: jax array [slots, record elements] (aliases `host` on a CPU device): the
+      prefill FFN's stack of every expert of a layer (the staging area only, else None).
+    kernels: slot -> (gate [D, F], up [D, F], down [F, D]) jax arrays, what the
+      routed FFN multiplies by (alias `host` on a CPU device; elsewhere copied when
+      first used after the slot's read landed, None until then).
     key: slot -> (layer, expert) it holds, or None.
     last_use: slot -> step (layer pass) of its last use.
     fence: slot -> the last output computed from it (refilled only once that is ready).
     inflight: slot -> future of its read.
   """
 
-  def __init__(self, slots: int, record: int, elems: int, dtype, device):
+  def __init__(self, slots: int, record: int, elems: int, dtype, device, layout, aliases,
+               stacked: bool):
     self.host = aligned_empty(slots * record)
     self.host.fill(0)  # fault the pages in: O_DIRECT into untouched pages is slow (layerwise.py)
-    self.pool = jax.device_put(view_as(self.host, 0, (slots, elems), dtype), device)
+    self.pool = (jax.device_put(view_as(self.host, 0, (slots, elems), dtype), device)
+                 if stacked else None)
+    self.record, self.dtype, self.device, self.layout = record, dtype, device, layout
+    self.kernels: list[Any] = [self.views(s) if aliases else None for s in range(slots)]
     self.key: list[tuple[int, int] | None] = [None] * slots
     self.last_use = [-1] * slots
     self.fence: list[Any] = [None] * slots
     self.inflight: dict[int, Any] = {}
     self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
+
+  def views(self, slot: int):
+    """The slot's (gate, up, down) as jax arrays (no copy on a CPU device)."""
+    return tuple(jax.device_put(view_as(self.host, slot * self.record + offset, shape,
+                                        self.dtype), self.device)
+                 for offset, shape in self.layout)
 
   def clear(self) -> None:
     for slot in list(self.inflight):
@@ -469,10 +483,13 @@ class MoEOffload(Strategy):
     ledger.allocate("device", records, "moe_offload/experts")
     if not self.aliases:
       ledger.allocate("host", records, "moe_offload/staging")
+    d, f = c.hidden_size, c.intermediate_size
+    layout = [(info[t].offset, shape) for t, shape in zip(EXPERT_TENSORS, ((d, f), (d, f),
+                                                                           (f, d)))]
     new = functools.partial(_Pool, record=self.record, elems=self._elems, dtype=model.dtype,
-                            device=device)
-    self._cache = new(self.slots)  # the expert cache, shared by every layer
-    self._staging = new(c.num_experts)  # many tokens: every expert of one layer
+                            device=device, layout=layout, aliases=self.aliases)
+    self._cache = new(self.slots, stacked=False)  # the expert cache, shared by every layer
+    self._staging = new(c.num_experts, stacked=True)  # many tokens: every expert of one layer
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
     self._step = 0
     self._uses: dict[tuple[int, int], int] = {}
@@ -512,6 +529,8 @@ class MoEOffload(Strategy):
       pool.where.pop(pool.key[slot], None)
     pool.key[slot] = (layer, expert)
     pool.where[(layer, expert)] = slot
+    if not self.aliases:
+      pool.kernels[slot] = None  # a device copy of what the slot held before
     pool.last_use[slot] = self._step
     group = f"layers/{layer}/experts/{expert}"
     nbytes = self.store.group_nbytes(group)
@@ -530,7 +549,7 @@ class MoEOffload(Strategy):
       if future is None:
         continue
       future.result()
-      if not self.aliases:
+      if not self.aliases and pool.pool is not None:
         rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
         pool.pool = self._set_slot(pool.pool, slot, jax.device_put(rec, self._device))
         self._count("h2d_bytes", self.record)
@@ -611,7 +630,7 @@ class MoEOffload(Strategy):
       for _, e in needed:
         self._read(stage, e, layer, e)
       self._wait(stage, [e for _, e in needed])
-      out = self._routed(params, x, stage.pool, {e: e for _, e in needed})
+      out = self._routed(params, x, stage, idx, {e: e for _, e in needed})
       stage.fence = [out] * c.num_experts
       stage.clear()
       self._count("ideal_bytes", len(needed) * self.record)
@@ -629,17 +648,21 @@ class MoEOffload(Strategy):
       pool.last_use[slot] = self._step
     slots = list(slot_of.values())
     self._wait(pool, slots)
-    out = self._routed(params, x, pool.pool, slot_of)
+    out = self._routed(params, x, pool, idx, slot_of)
     for slot in slots:
       pool.fence[slot] = out
     return out
 
-  def _routed(self, params, x, pool, slot_of: dict[int, int]):
-    """Runs the routed experts; `slot_of` maps each routed expert to its slot in `pool`."""
-    table = np.zeros(self.config.num_experts, np.int32)
-    for e, slot in slot_of.items():
-      table[e] = slot
-    return self._compiled.routed(params, x, pool, jnp.asarray(table), self._offsets_tuple())
+  def _routed(self, params, x, pool: _Pool, idx: np.ndarray, slot_of: dict[int, int]):
+    """Runs the routed experts `idx` [B, T, k]; `slot_of` maps each to its slot in `pool`."""
+    kernels = []
+    for e in idx.reshape(-1):
+      slot = slot_of[int(e)]
+      if pool.kernels[slot] is None:  # a device with its own memory: copy the slot once
+        pool.kernels[slot] = pool.views(slot)
+        self._count("h2d_bytes", self.record)
+      kernels.append(pool.kernels[slot])
+    return self._compiled.routed(params, x, kernels)
 
   def _offsets_tuple(self):
     return tuple(self._offsets[t] for t in EXPERT_TENSORS)
@@ -702,16 +725,15 @@ def _functions(config):
   def route(w, x):
     return modules.route(config, w["router"], norm(w, x))[1]
 
-  @functools.partial(jax.jit, static_argnums=(4,))
-  def routed(w, x, pool, slot_of, offsets):
-    """The routed experts only, indexed in the pool by `slot_of` [X]. The kernels are
-    sliced from the whole pool, but XLA fuses the slices into the gather of the routed
-    records (measured: 60 ms per mixtral-1b layer here, against 99 ms when the records
-    are gathered first and sliced after; notes of issue 14)."""
+  @jax.jit
+  def routed(w, x, kernels):
+    """The routed experts only: `kernels` lists (gate, up, down) per token and choice
+    (the router's [B, T, k] order), the slots' own arrays, so nothing is gathered
+    (modules.expert_mixture: 4 ms per mixtral-1b layer here, against 60-99 ms when
+    the kernels were gathered from a stack of slots; notes of issue 14)."""
     h = norm(w, x)
-    weights, idx = modules.route(config, w["router"], h)
-    gate, up, down = split(pool, offsets, pool.shape[0])
-    return x + modules.routed_experts(config, h, weights, slot_of[idx], gate, up, down)
+    weights, _ = modules.route(config, w["router"], h)
+    return x + modules.expert_mixture(config, h, weights, kernels)
 
   @functools.partial(jax.jit, static_argnums=(3,))
   def dense(w, x, pool, offsets):
