@@ -555,19 +555,20 @@ class MoEOffload(Strategy):
         self._count("h2d_bytes", self.record)
     self._count("wait_s", time.perf_counter() - t0)
 
-  def _prefetch(self, layer: int, experts) -> None:
+  def _prefetch(self, layer: int, experts, protect: set = frozenset()) -> None:
     """Starts reads of the guessed `experts` of `layer` that are not cached.
 
-    A guess never displaces an expert this layer's previous pass used: a guess
-    is right less often than a token reuses its predecessor's experts.
+    A guess never displaces an expert this layer's previous pass used (a guess
+    is right less often than a token reuses its predecessor's experts), nor one
+    in `protect` (the experts of the layer computing now).
     """
     keep = {(layer, int(e)) for e in experts}
     self._guess[layer], self._guessed[layer] = keep, set()
-    if len(keep) > len(self._cache.key):
-      return  # more guesses than slots (a large batch): no look-ahead for this layer
+    if len(keep) + len(protect) > len(self._cache.key):
+      return  # more guesses than spare slots (a large batch): no look-ahead for this layer
     for key in sorted(keep):
       if key not in self._cache.where:
-        slot = self._victim(self._cache, keep, self._previous.get(layer, set()))
+        slot = self._victim(self._cache, keep, self._previous.get(layer, set()) | protect)
         if slot is None:
           break
         self._read(self._cache, slot, *key)
@@ -593,7 +594,8 @@ class MoEOffload(Strategy):
       # Many tokens: every expert of the layer, read while the attention computes.
       for e in range(c.num_experts):
         self._read(self._staging, e, layer, e)
-    elif self.options.lookahead:
+    elif self.options.lookahead and layer == 0:
+      # The other layers are guessed from the previous layer's FFN input (run_ffn).
       guess = np.asarray(self._compiled.route(self._fixed[f"layers/{layer}/mlp"], x))
       self._prefetch(layer, guess.reshape(-1))
     return attention(params, x, cache, cache_index, positions, kv_mask)
@@ -611,7 +613,12 @@ class MoEOffload(Strategy):
       self._count("streamed_layers", 1)
       return out
     pool = self._cache
-    idx = np.asarray(self._compiled.route(params, x))  # [B, T, k]
+    ahead = self.options.lookahead and layer + 1 < c.num_layers
+    if ahead:  # this layer's experts, and a guess of the next layer's from the same input
+      idx, guess_next = map(np.asarray, self._compiled.route_ahead(
+          params, self._fixed[f"layers/{layer + 1}/mlp"], x))
+    else:
+      idx = np.asarray(self._compiled.route(params, x))  # [B, T, k]
     needed = [(layer, int(e)) for e in np.unique(idx)]
     keep = set(needed)
     self._count("expert_lookups", idx.size)
@@ -643,6 +650,10 @@ class MoEOffload(Strategy):
     for key in needed:
       if key not in pool.where:
         self._read(pool, self._victim(pool, keep), *key)
+    if ahead:
+      # Queued behind this layer's reads (the reader serves requests in order), so
+      # they run while this layer and the next attention compute.
+      self._prefetch(layer + 1, guess_next.reshape(-1), protect=keep)
     slot_of = {key[1]: pool.where[key] for key in needed}
     for slot in slot_of.values():
       pool.last_use[slot] = self._step
@@ -726,6 +737,11 @@ def _functions(config):
     return modules.route(config, w["router"], norm(w, x))[1]
 
   @jax.jit
+  def route_ahead(w, w_next, x):
+    """This layer's experts, and the next layer's router's guess from the same input."""
+    return route(w, x), route(w_next, x)
+
+  @jax.jit
   def routed(w, x, kernels):
     """The routed experts only: `kernels` lists (gate, up, down) per token and choice
     (the router's [B, T, k] order), the slots' own arrays, so nothing is gathered
@@ -740,11 +756,12 @@ def _functions(config):
     gate, up, down = split(pool, offsets, pool.shape[0])
     return modules.ffn_half(config, dict(w, gate=gate, up=up, down=down), x)
 
-  return _Functions(route=route, routed=routed, dense=dense)
+  return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Functions:
   route: Any
+  route_ahead: Any
   routed: Any
   dense: Any
