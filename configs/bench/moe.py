@@ -33,13 +33,17 @@ def get_config(arg=None):
   # layer clamped and measures 0.58 (hot share 0.41 for 0.39) on fresh tokens.
   # 2048 calibration tokens: ~4 minutes here, 1.9 GB of RAM.
   c.model.kwargs = dict(reuse=0.6, calibration_tokens=2048, strict=False)
-  c.order = "moe_lru,moe_lfu,moe_lookahead,layerwise"
+  # The ablation, one mechanism added at a time: layer-wise (whole layers) -> expert
+  # records with no cache -> + the expert cache (LRU, LFU) -> + look-ahead reads.
+  c.order = "layerwise,moe_records,moe_lru,moe_lfu,moe_lfu_lookahead"
   common = dict(kv_reserve_tokens=64)
+  c.systems.moe_records = dict(kind="hetflow", strategy="moe_offload",
+                               options=dict(common, cache_policy="none"))
   c.systems.moe_lru = dict(kind="hetflow", strategy="moe_offload", options=dict(common))
   c.systems.moe_lfu = dict(kind="hetflow", strategy="moe_offload",
                            options=dict(common, cache_policy="lfu"))
-  c.systems.moe_lookahead = dict(kind="hetflow", strategy="moe_offload",
-                                 options=dict(common, lookahead=True))
+  c.systems.moe_lfu_lookahead = dict(kind="hetflow", strategy="moe_offload",
+                                     options=dict(common, cache_policy="lfu", lookahead=True))
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
                              options=dict(common, offload_tier="disk", resident_layers="auto",
                                           prefetch_depth=1))
