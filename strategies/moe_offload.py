@@ -276,8 +276,9 @@ class _Pool:
 
   Attributes:
     host: [slots, record bytes] page-aligned buffer reads land in.
-    pool: jax array [slots, record elements] (aliases `host` on a CPU device): the
-      prefill FFN's stack of every expert of a layer (the staging area only, else None).
+    pool: jax array [stacked, record elements] over the first `stacked` slots
+      (aliases `host` on a CPU device): the prefill FFN's stack of every expert of
+      a layer.
     kernels: slot -> (gate [D, F], up [D, F], down [F, D]) jax arrays, what the
       routed FFN multiplies by (alias `host` on a CPU device; elsewhere copied when
       first used after the slot's read landed, None until then).
@@ -288,11 +289,10 @@ class _Pool:
   """
 
   def __init__(self, slots: int, record: int, elems: int, dtype, device, layout, aliases,
-               stacked: bool):
+               stacked: int):
     self.host = aligned_empty(slots * record)
     self.host.fill(0)  # fault the pages in: O_DIRECT into untouched pages is slow (layerwise.py)
-    self.pool = (jax.device_put(view_as(self.host, 0, (slots, elems), dtype), device)
-                 if stacked else None)
+    self.pool = jax.device_put(view_as(self.host, 0, (stacked, elems), dtype), device)
     self.record, self.dtype, self.device, self.layout = record, dtype, device, layout
     self.kernels: list[Any] = [self.views(s) if aliases else None for s in range(slots)]
     self.key: list[tuple[int, int] | None] = [None] * slots
@@ -345,11 +345,12 @@ class MoEOffload(Strategy):
 
   def _needs(self, model: Model, sizes: dict[str, int], slots: int) -> dict[str, int]:
     c = model.config
-    working = sizes["record"] * (c.num_experts + slots)  # staging + the expert cache
+    working = sizes["record"] * max(c.num_experts, slots)  # the slots (staging inside)
     need = {"device": sizes["fixed"] + sizes["kv"] + working, "host": 0,
             "disk": c.num_layers * c.num_experts * sizes["record"]}
     if not sizes["aliases"]:
       need["host"] += working  # the page-aligned buffers reads land in
+      need["device"] += sizes["record"] * c.num_experts  # the prefill's stack of a layer
     return need
 
   def plan(self, model, budget, profile=None) -> Placement:
@@ -364,19 +365,17 @@ class MoEOffload(Strategy):
     k, n = c.experts_per_token, c.num_experts
     sizes = self._sizes(model, profile)
     total = n * c.num_layers
-    minimum = self._needs(model, sizes, k)
+    minimum = self._needs(model, sizes, n)
     if o.cache_experts == "auto":
-      slots = total
-      if o.cache_policy == "none":
-        slots = k * c.num_layers
+      slots = n if o.cache_policy == "none" else total
       if budget.device is not None:
-        spare = budget.device - self._needs(model, sizes, 0)["device"]
-        slots = max(k, min(slots, spare // sizes["record"]))
+        spare = budget.device - self._needs(model, sizes, 0)["device"] + n * sizes["record"]
+        slots = max(n, min(slots, spare // sizes["record"]))
     else:
-      if not k <= o.cache_experts <= total:
-        raise ValueError(f"cache_experts={o.cache_experts}; {c.name} routes {k} of {n} experts"
-                         f" per token in each of {c.num_layers} layers, so it must lie in"
-                         f" [{k}, {total}].")
+      if not n <= o.cache_experts <= total:
+        raise ValueError(f"cache_experts={o.cache_experts}; {c.name} has {n} experts in each"
+                         f" of {c.num_layers} layers and a prompt's pass holds every expert of"
+                         f" a layer in the slots, so it must lie in [{n}, {total}].")
       slots = o.cache_experts
     need = self._needs(model, sizes, slots)
     for tier in ("device", "host", "disk"):
@@ -479,17 +478,19 @@ class MoEOffload(Strategy):
           name: model.tensor(f"{g}/{name}") for name in ("norm", "router")}
       ledger.allocate("device", sum(a.nbytes for a in tensors.values()), g)
       self._fixed[g] = jax.device_put(tensors, device)
-    records = self.record * (c.num_experts + self.slots)
+    records = self.record * self.slots
     ledger.allocate("device", records, "moe_offload/experts")
     if not self.aliases:
+      ledger.allocate("device", self.record * c.num_experts, "moe_offload/prefill_stack")
       ledger.allocate("host", records, "moe_offload/staging")
     d, f = c.hidden_size, c.intermediate_size
     layout = [(info[t].offset, shape) for t, shape in zip(EXPERT_TENSORS, ((d, f), (d, f),
                                                                            (f, d)))]
     new = functools.partial(_Pool, record=self.record, elems=self._elems, dtype=model.dtype,
                             device=device, layout=layout, aliases=self.aliases)
-    self._cache = new(self.slots, stacked=False)  # the expert cache, shared by every layer
-    self._staging = new(c.num_experts, stacked=True)  # many tokens: every expert of one layer
+    # The expert cache, shared by every layer; a prompt's pass reads every expert of a
+    # layer into its first X slots (each read is a cache entry like any other).
+    self._cache = new(self.slots, stacked=c.num_experts)
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
     self._step = 0
     self._uses: dict[tuple[int, int], int] = {}
@@ -525,8 +526,11 @@ class MoEOffload(Strategy):
       pool.fence[slot] = None
     if slot in pool.inflight:
       pool.inflight.pop(slot).result()  # a guessed read being replaced
-    if pool.key[slot] is not None:
-      pool.where.pop(pool.key[slot], None)
+    if pool.key[slot] is not None and pool.where.get(pool.key[slot]) == slot:
+      del pool.where[pool.key[slot]]
+    other = pool.where.get((layer, expert))
+    if other is not None:  # a prompt's pass puts expert e in slot e; drop the other copy
+      pool.key[other] = None
     pool.key[slot] = (layer, expert)
     pool.where[(layer, expert)] = slot
     if not self.aliases:
@@ -541,15 +545,17 @@ class MoEOffload(Strategy):
     self._count("disk_requests", -(-nbytes // self.options.read_chunk))
     self._count("expert_reads", 1)
 
-  def _wait(self, pool: _Pool, slots) -> None:
-    """Waits for the reads of `slots`; copies them to the device where it has its own memory."""
+  def _wait(self, pool: _Pool, slots, stack: bool = False) -> None:
+    """Waits for the reads of `slots`; with `stack`, copies them into the prefill's stack
+    where the device has its own memory (decode copies each slot's kernels when first
+    used, `_routed`)."""
     t0 = time.perf_counter()
     for slot in slots:
       future = pool.inflight.pop(slot, None)
       if future is None:
         continue
       future.result()
-      if not self.aliases and pool.pool is not None:
+      if stack and not self.aliases:
         rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
         pool.pool = self._set_slot(pool.pool, slot, jax.device_put(rec, self._device))
         self._count("h2d_bytes", self.record)
@@ -593,7 +599,7 @@ class MoEOffload(Strategy):
     if not gather:
       # Many tokens: every expert of the layer, read while the attention computes.
       for e in range(c.num_experts):
-        self._read(self._staging, e, layer, e)
+        self._read(self._cache, e, layer, e)
     elif self.options.lookahead and layer == 0:
       # The other layers are guessed from the previous layer's FFN input (run_ffn).
       guess = np.asarray(self._compiled.route(self._fixed[f"layers/{layer}/mlp"], x))
@@ -605,11 +611,12 @@ class MoEOffload(Strategy):
     self._step += 1
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
     if not gather:
-      stage = self._staging
-      self._wait(stage, range(c.num_experts))
-      out = self._compiled.dense(params, x, stage.pool, self._offsets_tuple())
-      stage.fence = [out] * c.num_experts
-      stage.clear()  # refilled per layer
+      pool = self._cache
+      self._wait(pool, range(c.num_experts), stack=True)
+      out = self._compiled.dense(params, x, pool.pool, self._offsets_tuple())
+      for e in range(c.num_experts):
+        pool.fence[e] = out
+        pool.last_use[e] = self._step
       self._count("streamed_layers", 1)
       return out
     pool = self._cache
@@ -631,18 +638,6 @@ class MoEOffload(Strategy):
     self._previous[layer] = keep
     for key in needed:
       self._uses[key] = self._uses.get(key, 0) + 1
-    if len(needed) > len(pool.key):
-      # More distinct experts than slots (a large batch): through the staging area.
-      stage = self._staging
-      for _, e in needed:
-        self._read(stage, e, layer, e)
-      self._wait(stage, [e for _, e in needed])
-      out = self._routed(params, x, stage, idx, {e: e for _, e in needed})
-      stage.fence = [out] * c.num_experts
-      stage.clear()
-      self._count("ideal_bytes", len(needed) * self.record)
-      self._count("overflow_layers", 1)
-      return out
     # Hits: experts in the cache before this pass's look-ahead touched the layer.
     cached_before = [key for key in needed if key in pool.where and key not in guessed]
     self._count("expert_hits", int(sum(np.sum(idx == e) for _, e in cached_before)))
@@ -705,7 +700,7 @@ class MoEOffload(Strategy):
     if self._closed:
       return
     self._closed = True
-    for pool in (getattr(self, "_cache", None), getattr(self, "_staging", None)):
+    for pool in (getattr(self, "_cache", None),):
       for future in (pool.inflight.values() if pool is not None else ()):
         try:
           future.result()
