@@ -9,29 +9,30 @@ slots, shared by the layers, keeps experts between tokens (LRU or LFU).
 
 Per layer, when few tokens are routed (decode; the model's own rule,
 `modules.gathers_experts`):
-  look-ahead (in `run_attention`): layer i's FFN norm and router applied to the
-    hidden state entering layer i's attention (layer i-1's output) guess its
-    experts; reads of the guessed experts not in the cache start, then the
-    attention is dispatched, so the reads run while it computes;
-  route (in `run_ffn`): the router on the real FFN input; experts neither cached
-    nor in flight are read now; the pass waits for its experts' reads only;
-  compute: `modules.expert_mixture` on the slots' own arrays, the arithmetic of the model's
-    own MoE FFN, so tokens equal `resident`'s.
+  route (in `run_ffn`): the router on the FFN input; experts neither cached nor in
+    flight are read now; the pass waits for its experts' reads only;
+  look-ahead (optional, same jitted call as the route): layer i+1's norm and router
+    applied to layer i's FFN input guess layer i+1's experts; their reads queue
+    behind layer i's misses, so they run while layer i's FFN and layer i+1's
+    attention compute (layer 0 is guessed from its attention's input);
+  compute: `modules.expert_mixture` on the slots' own arrays (one matrix-vector
+    product per kernel, nothing gathered), the arithmetic of the model's own MoE
+    FFN, so tokens equal `resident`'s.
 The look-ahead is off by default (see MoEOffloadOptions.lookahead). A wrong guess
-costs its bytes (and may evict an older cached expert, never one the layer's previous
-pass used), never correctness: the routed experts are always the router's. When
-more distinct experts are routed than the cache holds, they go through the staging
-area (below) with the same arithmetic. When many tokens are routed
-(prefill), every expert of the layer is read into a staging area of X records
-(reads start with the layer's attention) and the model's own FFN runs on it.
+costs its bytes (and may evict an older cached expert, never one the layer's
+previous pass used nor one the layer computing now uses), never correctness: the
+routed experts are always the router's. When many tokens are routed (a prompt),
+every expert of the layer is read into the first X slots (reads start with the
+layer's attention; each is a cache entry afterwards) and the model's own FFN runs
+on them, so the prompt's staging area costs no memory beyond the cache.
 
-Buffers: slots and staging are page-aligned host buffers that jax aliases on a
-CPU device (no copy; a slot is refilled only after the last computation that
-read it is done, hetflow/memory/buffers.py); elsewhere a refilled slot is copied
-into a device array (untested here: no accelerator). Not done (issue 14): experts in
-the host tier, computing cold experts on the CPU where they lie (Fiddler,
-KTransformers), sparse experts (neuron_cluster inside each expert), and double
-buffering of the prefill staging area (a layer's reads wait for the previous
+Buffers: the slots are one page-aligned host buffer that jax aliases on a CPU
+device (no copy; a slot is refilled only after the last computation that read it
+is done, hetflow/memory/buffers.py); elsewhere a slot's kernels are copied to the
+device when first used after a read (untested here: no accelerator). Not done
+(issue 14): experts in the host tier, computing cold experts on the CPU where they
+lie (Fiddler, KTransformers), sparse experts (neuron_cluster inside each expert),
+and double buffering of a prompt's reads (a layer's reads wait for the previous
 layer's FFN).
 """
 
@@ -75,22 +76,20 @@ class MoEOffloadOptions:
 
   Attributes:
     cache_experts: device slots of the expert cache, shared by every layer (one
-      expert record each): at least the experts a token routes to (k), at most
-      every expert of the model; "auto": as many as the device budget allows
-      after the fixed region, the staging area and the KV reserve.
+      expert record each; a prompt's pass reads a layer's X experts into the
+      first X): at least X, at most every expert of the model; "auto": as many as
+      the device budget allows after the fixed region and the KV reserve.
     cache_policy: which cached expert a miss evicts: "lru" (least recently
       used), "lfu" (least often used, ties by recency), or "none": no expert
       is kept from one forward pass to the next (the no-cache ablation).
-    lookahead: guess each layer's experts from the hidden state entering its
-      attention and start their reads before the attention computes. Off by
-      default: the guess was right 35% of the time on mixtral-tiny-8e-routed and
-      72% on mixtral-1b-routed (Mixtral: ~80-90% published), and on both the wrong
-      guesses cost bytes (+28% on the 1b) without making decode faster, since the
-      reads overlap only the attention (notes of issue 14).
+    lookahead: guess layer i+1's experts from layer i's FFN input and start their
+      reads behind layer i's (see the module docstring). Off by default: measured
+      accuracy and gain in the notes of issue 14 (Mixtral: ~80-90% accuracy
+      published); a wrong guess costs its bytes.
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
-    store_dir: the expert store; None: a cache directory derived from the model
-      ($HETFLOW_CACHE/stores/<name>-<dtype>-<hash>-experts), written on first use.
+    store_dir: the expert store; None: `default_expert_store_dir` (under
+      $HETFLOW_CACHE/expert_stores), written on first use.
     convert: write the store when it does not exist yet; False makes a missing
       store an error.
     direct_io: read with O_DIRECT (cold reads come from the disk).
@@ -125,7 +124,7 @@ class MoEOffloadSettings:
     slots: expert cache slots (shared by the layers).
     record_bytes: bytes of one expert record as stored (padded).
     hit_rate: predicted fraction of decode expert lookups served by the cache.
-    lookahead: whether reads start before the layer's attention.
+    lookahead: whether a layer's guessed reads start behind the previous layer's.
     lookahead_accuracy: assumed fraction of a layer's experts the look-ahead
       guesses right (see `expected_hit_rate`).
     read_block_bytes: size of one disk request.
@@ -414,11 +413,12 @@ class MoEOffload(Strategy):
 
   @staticmethod
   def cost_model(ctx: simulate.PassContext) -> None:
-    """Per layer: attention on the device; the layer's expert reads (misses only in
-    decode, all X records in prefill) on the disk, started with the attention when
-    the look-ahead guesses them (a `lookahead_accuracy` share of the misses, plus as
-    many wrong guesses as it gets wrong) and after the router otherwise; the FFN
-    computes the routed experts once they land."""
+    """Per layer: attention on the device; the layer's expert reads on the disk (all X
+    records in a prompt's pass, started with the attention; the misses in decode,
+    after the router); the FFN computes once they land. With the look-ahead, a
+    `lookahead_accuracy` share of layer i+1's misses (and as many wrong guesses as
+    it gets wrong: bytes, not waiting) is read right after layer i's misses, so
+    those reads overlap layer i's FFN and layer i+1's attention."""
     c = ctx.model.config
     s: MoEOffloadSettings = ctx.placement.settings
     prof = ctx.profile
@@ -428,33 +428,39 @@ class MoEOffload(Strategy):
     experts = k if gathers else n
     expert_params = 3 * c.hidden_size * c.intermediate_size
     rate = prof.disk_bw(s.read_block_bytes, s.read_queue_depth)
+    misses = experts * (1.0 - s.hit_rate) if gathers else float(n)
+    ahead = s.lookahead and gathers
+    right = misses * s.lookahead_accuracy if ahead else 0.0
+    guessed = misses * s.record_bytes if ahead else 0  # right and wrong guesses
+
+    def read(nbytes, deps, label, layer):
+      if not nbytes:
+        return None
+      event = ctx.add("disk", nbytes / rate, deps, label, layer, int(nbytes))
+      if s.link_copy:
+        event = ctx.add("link", ctx.copy_time(nbytes), (event,), f"h2d {label}", layer,
+                        int(nbytes))
+      return event
+
     prev = None
     for p in range(ctx.passes):
       ctx.pass_index = p
       prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
                      overhead=False)
+      early = read(guessed, (prev,), "guessed experts 0", 0)  # layer 0: at its attention
       for i in range(c.num_layers):
-        misses = experts * (1.0 - s.hit_rate) if gathers else float(n)
-        early = misses * (s.lookahead_accuracy if (s.lookahead or not gathers) else 0.0)
-        # Wrong guesses of uncached experts are read too (bytes, not waiting).
-        wasted = misses * (1.0 - s.lookahead_accuracy) if (s.lookahead and gathers) else 0.0
-        nbytes_early = (early + wasted) * s.record_bytes
-        nbytes_late = (misses - early) * s.record_bytes
-        read_early = ctx.add("disk", nbytes_early / rate, (prev,), f"guessed experts {i}", i,
-                             int(nbytes_early)) if nbytes_early else None
-        if read_early is not None and s.link_copy:
-          read_early = ctx.add("link", ctx.copy_time(nbytes_early), (read_early,),
-                               f"h2d guessed {i}", i, int(nbytes_early))
+        if not gathers:
+          early = read(misses * s.record_bytes, (prev,), f"experts {i}", i)
         prev = ctx.add("device", ctx.half_time(f"layers/{i}/attn"), (prev,),
                        f"layers/{i}/attn", i)
-        read_late = ctx.add("disk", nbytes_late / rate, (prev,), f"missed experts {i}", i,
-                            int(nbytes_late)) if nbytes_late else None
-        if read_late is not None and s.link_copy:
-          read_late = ctx.add("link", ctx.copy_time(nbytes_late), (read_late,),
-                              f"h2d missed {i}", i, int(nbytes_late))
+        late = read((misses - right) * s.record_bytes if gathers else 0, (prev,),
+                    f"missed experts {i}", i)
+        guess_next = (read(guessed, (prev,), f"guessed experts {i + 1}", i + 1)
+                      if i + 1 < c.num_layers else None)
         ffn = ctx.compute_time("device", experts * expert_params * dtype.itemsize,
                                experts * expert_params, half="mlp")
-        prev = ctx.add("device", ffn, (prev, read_early, read_late), f"layers/{i}/mlp", i)
+        prev = ctx.add("device", ffn, (prev, early, late), f"layers/{i}/mlp", i)
+        early = guess_next
       prev = ctx.add("device", ctx.head_time(), (prev,), "head")
 
   # -- materialising -----------------------------------------------------------------
