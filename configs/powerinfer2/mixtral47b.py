@@ -24,6 +24,12 @@ at 19 GB; int4 ~0.55 and ~1.1 tok/s, i.e. 0.26x and 0.09x the paper's 2.13 and
 11.68: disk-bound on 8 KiB misses. The gap is the activation law: the paper's
 figure needs a hit rate above ~97% with near-exact prediction (WORKSPACE_NOTES.md,
 "PowerInfer-2 reproduction (predicted)").
+Third series: moe_offload's cost model (whole experts, fp16, LRU, Mixtral's published
+routing: uniform popularity, reuse 0.5). Expect (2026-11-30): 0.10 tok/s at both 7 and
+19 GB (0.05x and 0.01x the paper): 352 MB expert records, fewer than 2 slots per layer
+even at 19 GB, so every token reads its 64 routed experts (22.5 GB) from the disk.
+Expert granularity alone is two orders of magnitude short; the paper's figure needs
+the sparsity inside the experts (neuron_cluster's series).
 """
 
 from hetflow.bench.reproduce import SHAPE_ONLY_NEURON_CLUSTER, reproduce_config
@@ -40,6 +46,10 @@ def get_config(arg=None):
       # The paper's precision: int4 weights (8 KB neurons), sized and read at 4 bits.
       dict(label="neuron_cluster int4", strategy="neuron_cluster", shape_plan="always",
            options=dict(options, weight_bits=4), paper=PAPER),
+      # Whole experts as the unit (no sparsity inside them): what expert offloading
+      # alone gives; the routing law is Mixtral's published one (moe_offload.routing_law).
+      dict(label="moe_offload fp16", strategy="moe_offload",
+           options=dict(kv_reserve_tokens=128), paper=PAPER),
   ]
   return reproduce_config(
       "PowerInfer-2: TurboSparse-Mixtral-47B decode tok/s vs memory, OnePlus 12",
