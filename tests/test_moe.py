@@ -95,10 +95,10 @@ def reference(request, routed):
     dict(lookahead=True),
     dict(cache_policy="lfu", cache_experts=9),
     dict(cache_policy="none", lookahead=False),
-    dict(cache_experts=8, lookahead=False),
+    dict(cache_experts=8, cache_policy="lru", lookahead=False),
     dict(cache_experts=8, lookahead=True),
     dict(cache_experts=8, cache_policy="lfu"),
-], ids=["auto-lru-lookahead", "lfu-9", "no-cache", "lru-8", "lru-8-lookahead", "lfu-8"])
+], ids=["auto-lookahead", "lfu-9", "no-cache", "lru-8", "next-use-8-lookahead", "lfu-8"])
 def test_tokens_equal_resident(reference, options, store_root):
   model, ids, tokens, logits = reference
   options = dict(options, store_dir=str(store_root / model.config.name))
@@ -166,13 +166,14 @@ def test_planner_lists_it_for_mixtral_and_refuses_dense_models(routed):
     moe_offload.MoEOffload().plan(quantized, Budget())
 
 
+@pytest.mark.parametrize("policy", ["lru", "next_use"])
 @pytest.mark.parametrize("slots", [8, 9, 12])  # 2.7, 3 and 4 per layer
-def test_predicted_expert_reads_per_token_within_20_percent(routed, slots, store_root):
+def test_predicted_expert_reads_per_token_within_20_percent(routed, slots, policy, store_root):
   """The cost model's hit rate, from the routing law, against a sampled decode (greedy
   decoding of a random model loops, which no routing law predicts)."""
   c = routed.config
   ids = np.random.default_rng(1).integers(3, c.vocab_size, (1, 16))
-  options = dict(cache_experts=slots, lookahead=False,
+  options = dict(cache_experts=slots, cache_policy=policy, lookahead=False,
                  store_dir=str(store_root / "pred"))
   with Engine(routed, "moe_offload", options=options) as engine:
     out = engine.generate(ids, max_new_tokens=200, stop_tokens=(), temperature=1.0, seed=3)
