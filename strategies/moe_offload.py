@@ -90,10 +90,11 @@ class MoEOffloadOptions:
       "none": no expert is kept from one forward pass to the next (the no-cache
       ablation). next_use keeps the experts of the layers coming next where LRU,
       below k slots per layer, keeps nothing a layer reuses (the access is cyclic).
-    lookahead: guess layer i+1's experts from layer i's FFN input and start their
-      reads behind layer i's (see the module docstring). Off by default: measured
-      accuracy and gain in the notes of issue 14 (Mixtral: ~80-90% accuracy
-      published); a wrong guess costs its bytes.
+    lookahead: the router's first `lookahead` choices for layer i+1, guessed from
+      layer i's FFN input, whose reads start behind layer i's (see the module
+      docstring): 0 (off, the default), 1 (the first choice only) up to k. A wrong
+      guess costs its bytes; on mixtral-1b-routed all k guesses were right 66% of
+      the time and their wrong ones made decode slower (notes of issue 14).
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
     store_dir: the expert store; None: `default_expert_store_dir` (under
@@ -107,7 +108,7 @@ class MoEOffloadOptions:
 
   cache_experts: int | Literal["auto"] = "auto"
   cache_policy: Literal["next_use", "lru", "lfu", "none"] = "next_use"
-  lookahead: bool = False
+  lookahead: int = 0
   kv_reserve_tokens: int | None = None
   store_dir: str | None = None
   convert: bool = True
@@ -121,6 +122,10 @@ class MoEOffloadOptions:
       raise ValueError(f"cache_experts={c!r}; expected an int >= 1 or 'auto'.")
     if self.cache_policy not in POLICIES:
       raise ValueError(f"cache_policy={self.cache_policy!r}; expected one of {POLICIES}.")
+    if isinstance(self.lookahead, bool) or not isinstance(self.lookahead, int) or (
+        self.lookahead < 0):
+      raise ValueError(f"lookahead={self.lookahead!r}; expected the number of guessed experts"
+                       " per token to read ahead, an int >= 0 (0: off).")
     check_read_options(self.reader_threads, self.read_chunk)
 
 
@@ -132,7 +137,8 @@ class MoEOffloadSettings:
     slots: expert cache slots (shared by the layers).
     record_bytes: bytes of one expert record as stored (padded).
     hit_rate: predicted fraction of decode expert lookups served by the cache.
-    lookahead: whether a layer's guessed reads start behind the previous layer's.
+    lookahead: guessed experts per token whose reads start behind the previous
+      layer's (0: none).
     lookahead_accuracy: assumed fraction of a layer's experts the look-ahead
       guesses right (see `expected_hit_rate`).
     read_block_bytes: size of one disk request.
@@ -144,7 +150,7 @@ class MoEOffloadSettings:
   slots: int
   record_bytes: int
   hit_rate: float
-  lookahead: bool
+  lookahead: int
   lookahead_accuracy: float
   read_block_bytes: int
   read_queue_depth: int
@@ -335,7 +341,7 @@ class MoEOffload(Strategy):
   @classmethod
   def candidates(cls, model, budget):
     """For the planner: the default (LRU), and with the look-ahead."""
-    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=True)]
+    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=1)]
 
   def __init__(self, options: Any = None):
     super().__init__(options)
@@ -417,7 +423,8 @@ class MoEOffload(Strategy):
         f"minimum budget: device {format_bytes(minimum['device'])}",
     )
     settings = MoEOffloadSettings(
-        slots=slots, record_bytes=sizes["record"], hit_rate=hit, lookahead=o.lookahead,
+        slots=slots, record_bytes=sizes["record"], hit_rate=hit,
+        lookahead=min(o.lookahead, k),
         lookahead_accuracy=LOOKAHEAD_ACCURACY, read_block_bytes=o.read_chunk,
         read_queue_depth=o.reader_threads, link_copy=not sizes["aliases"])
     return Placement(self.name, groups, working_bytes=working, notes=notes, settings=settings)
@@ -442,9 +449,10 @@ class MoEOffload(Strategy):
     expert_params = 3 * c.hidden_size * c.intermediate_size
     rate = prof.disk_bw(s.read_block_bytes, s.read_queue_depth)
     misses = experts * (1.0 - s.hit_rate) if gathers else float(n)
-    ahead = s.lookahead and gathers
-    right = misses * s.lookahead_accuracy if ahead else 0.0
-    guessed = misses * s.record_bytes if ahead else 0  # right and wrong guesses
+    ahead = s.lookahead > 0 and gathers
+    share = s.lookahead / k  # of the misses, guessed (right or wrong)
+    right = misses * share * s.lookahead_accuracy if ahead else 0.0
+    guessed = misses * share * s.record_bytes if ahead else 0
 
     def read(nbytes, deps, label, layer):
       if not nbytes:
@@ -628,7 +636,7 @@ class MoEOffload(Strategy):
     elif self.options.lookahead and layer == 0:
       # The other layers are guessed from the previous layer's FFN input (run_ffn).
       guess = np.asarray(self._compiled.route(self._fixed[f"layers/{layer}/mlp"], x))
-      self._prefetch(layer, guess.reshape(-1))
+      self._prefetch(layer, guess[..., :self.options.lookahead].reshape(-1))
     return attention(params, x, cache, cache_index, positions, kv_mask)
 
   def run_ffn(self, layer, params, x, ffn):
@@ -673,7 +681,8 @@ class MoEOffload(Strategy):
     if ahead:
       # Queued behind this layer's reads (the reader serves requests in order), so
       # they run while this layer and the next attention compute.
-      self._prefetch(layer + 1, guess_next.reshape(-1), protect=keep)
+      self._prefetch(layer + 1, guess_next[..., :self.options.lookahead].reshape(-1),
+                     protect=keep)
     slot_of = {key[1]: pool.where[key] for key in needed}
     for slot in slot_of.values():
       pool.last_use[slot] = self._step

@@ -92,13 +92,13 @@ def reference(request, routed):
 
 
 @pytest.mark.parametrize("options", [
-    dict(lookahead=True),
+    dict(lookahead=2),
     dict(cache_policy="lfu", cache_experts=9),
-    dict(cache_policy="none", lookahead=False),
-    dict(cache_experts=8, cache_policy="lru", lookahead=False),
-    dict(cache_experts=8, lookahead=True),
+    dict(cache_policy="none", lookahead=0),
+    dict(cache_experts=8, cache_policy="lru", lookahead=0),
+    dict(cache_experts=8, lookahead=1),
     dict(cache_experts=8, cache_policy="lfu"),
-], ids=["auto-lookahead", "lfu-9", "no-cache", "lru-8", "next-use-8-lookahead", "lfu-8"])
+], ids=["auto-lookahead-2", "lfu-9", "no-cache", "lru-8", "next-use-8-lookahead-1", "lfu-8"])
 def test_tokens_equal_resident(reference, options, store_root):
   model, ids, tokens, logits = reference
   options = dict(options, store_dir=str(store_root / model.config.name))
@@ -173,7 +173,7 @@ def test_predicted_expert_reads_per_token_within_20_percent(routed, slots, polic
   decoding of a random model loops, which no routing law predicts)."""
   c = routed.config
   ids = np.random.default_rng(1).integers(3, c.vocab_size, (1, 16))
-  options = dict(cache_experts=slots, cache_policy=policy, lookahead=False,
+  options = dict(cache_experts=slots, cache_policy=policy, lookahead=0,
                  store_dir=str(store_root / "pred"))
   with Engine(routed, "moe_offload", options=options) as engine:
     out = engine.generate(ids, max_new_tokens=200, stop_tokens=(), temperature=1.0, seed=3)
@@ -188,6 +188,9 @@ def test_options_are_validated():
     moe_offload.MoEOffloadOptions(cache_policy="fifo")
   with pytest.raises(ValueError, match="cache_experts"):
     moe_offload.MoEOffloadOptions(cache_experts=0)
+  for wrong in (True, -1, 1.5):
+    with pytest.raises(ValueError, match="lookahead"):
+      moe_offload.MoEOffloadOptions(lookahead=wrong)
   model = hetflow.synthetic_model("mixtral-tiny")
   for wrong in (3, 13):
     with pytest.raises(ValueError, match=r"must lie in \[4, 12\]"):

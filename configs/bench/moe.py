@@ -34,16 +34,18 @@ def get_config(arg=None):
   # 2048 calibration tokens: ~4 minutes here, 1.9 GB of RAM.
   c.model.kwargs = dict(reuse=0.6, calibration_tokens=2048, strict=False)
   # The ablation, one mechanism added at a time: layer-wise (whole layers) -> expert
-  # records with no cache -> + the expert cache (LRU, LFU) -> + look-ahead reads.
-  c.order = "layerwise,moe_records,moe_lru,moe_lfu,moe_lfu_lookahead"
+  # records with no cache -> + the expert cache (LFU, next_use) -> + look-ahead reads of
+  # the router's first choice.
+  c.order = "layerwise,moe_records,moe_lfu,moe_next_use,moe_next_use_lookahead1"
   common = dict(kv_reserve_tokens=64)
   c.systems.moe_records = dict(kind="hetflow", strategy="moe_offload",
                                options=dict(common, cache_policy="none"))
-  c.systems.moe_lru = dict(kind="hetflow", strategy="moe_offload", options=dict(common))
-  c.systems.moe_lfu = dict(kind="hetflow", strategy="moe_offload",
-                           options=dict(common, cache_policy="lfu"))
-  c.systems.moe_lfu_lookahead = dict(kind="hetflow", strategy="moe_offload",
-                                     options=dict(common, cache_policy="lfu", lookahead=True))
+  for policy in ("lru", "lfu", "next_use"):
+    c.systems[f"moe_{policy}"] = dict(kind="hetflow", strategy="moe_offload",
+                                      options=dict(common, cache_policy=policy))
+  for guesses in (1, 2):
+    c.systems[f"moe_next_use_lookahead{guesses}"] = dict(
+        kind="hetflow", strategy="moe_offload", options=dict(common, lookahead=guesses))
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
                              options=dict(common, offload_tier="disk", resident_layers="auto",
                                           prefetch_depth=1))
