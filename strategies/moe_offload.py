@@ -23,18 +23,18 @@ The look-ahead is off by default (see MoEOffloadOptions.lookahead). A wrong gues
 costs its bytes (and may evict an older cached expert, never one the layer's
 previous pass used nor one the layer computing now uses), never correctness: the
 routed experts are always the router's. When many tokens are routed (a prompt),
-every expert of the layer is read into the first X slots (reads start with the
-layer's attention; each is a cache entry afterwards) and the model's own FFN runs
-on them, so the prompt's staging area costs no memory beyond the cache.
+every expert of the layer is read into X slots (each is a cache entry afterwards)
+and the model's own FFN runs on them, so the prompt's staging area costs no memory
+beyond the cache. With at least 2X slots, layers alternate between the first and
+the second X, and layer i+1's reads start as soon as layer i's FFN is dispatched
+(double buffering); with fewer, they start with layer i+1's attention.
 
 Buffers: the slots are one page-aligned host buffer that jax aliases on a CPU
 device (no copy; a slot is refilled only after the last computation that read it
 is done, hetflow/memory/buffers.py); elsewhere a slot's kernels are copied to the
 device when first used after a read (untested here: no accelerator). Not done
 (issue 14): experts in the host tier, computing cold experts on the CPU where they
-lie (Fiddler, KTransformers), sparse experts (neuron_cluster inside each expert),
-and double buffering of a prompt's reads (a layer's reads wait for the previous
-layer's FFN).
+lie (Fiddler, KTransformers), sparse experts (neuron_cluster inside each expert).
 """
 
 from __future__ import annotations
@@ -294,9 +294,10 @@ class _Pool:
 
   Attributes:
     host: [slots, record bytes] page-aligned buffer reads land in.
-    pool: jax array [stacked, record elements] over the first `stacked` slots
-      (aliases `host` on a CPU device): the prefill FFN's stack of every expert of
-      a layer.
+    stacks: jax arrays [X, record elements] over slots [hX, (h+1)X) for each half
+      h (two where the slots hold 2X records, else one; alias `host` on a CPU
+      device): a prompt's pass puts layer i's experts in half i % halves, so
+      layer i+1's reads run while layer i's FFN computes.
     kernels: slot -> (gate [D, F], up [D, F], down [F, D]) jax arrays, what the
       routed FFN multiplies by (alias `host` on a CPU device; elsewhere copied when
       first used after the slot's read landed, None until then).
@@ -307,10 +308,12 @@ class _Pool:
   """
 
   def __init__(self, slots: int, record: int, elems: int, dtype, device, layout, aliases,
-               stacked: int):
+               experts: int):
     self.host = aligned_empty(slots * record)
     self.host.fill(0)  # fault the pages in: O_DIRECT into untouched pages is slow (layerwise.py)
-    self.pool = jax.device_put(view_as(self.host, 0, (stacked, elems), dtype), device)
+    self.stacks = [jax.device_put(view_as(self.host, h * experts * record, (experts, elems),
+                                          dtype), device)
+                   for h in range(2 if slots >= 2 * experts else 1)]
     self.record, self.dtype, self.device, self.layout = record, dtype, device, layout
     self.kernels: list[Any] = [self.views(s) if aliases else None for s in range(slots)]
     self.key: list[tuple[int, int] | None] = [None] * slots
@@ -368,7 +371,8 @@ class MoEOffload(Strategy):
             "disk": c.num_layers * c.num_experts * sizes["record"]}
     if not sizes["aliases"]:
       need["host"] += working  # the page-aligned buffers reads land in
-      need["device"] += sizes["record"] * c.num_experts  # the prefill's stack of a layer
+      halves = 2 if slots >= 2 * c.num_experts else 1
+      need["device"] += sizes["record"] * c.num_experts * halves  # a prompt's stacks
     return need
 
   def plan(self, model, budget, profile=None) -> Placement:
@@ -453,6 +457,7 @@ class MoEOffload(Strategy):
     share = s.lookahead / k  # of the misses, guessed (right or wrong)
     right = misses * share * s.lookahead_accuracy if ahead else 0.0
     guessed = misses * share * s.record_bytes if ahead else 0
+    double = s.slots >= 2 * n  # a prompt's reads double-buffered
 
     def read(nbytes, deps, label, layer):
       if not nbytes:
@@ -470,14 +475,18 @@ class MoEOffload(Strategy):
                      overhead=False)
       early = read(guessed, (prev,), "guessed experts 0", 0)  # layer 0: at its attention
       for i in range(c.num_layers):
-        if not gathers:
+        if not gathers and (i == 0 or not double):
           early = read(misses * s.record_bytes, (prev,), f"experts {i}", i)
         prev = ctx.add("device", ctx.half_time(f"layers/{i}/attn"), (prev,),
                        f"layers/{i}/attn", i)
         late = read((misses - right) * s.record_bytes if gathers else 0, (prev,),
                     f"missed experts {i}", i)
-        guess_next = (read(guessed, (prev,), f"guessed experts {i + 1}", i + 1)
-                      if i + 1 < c.num_layers else None)
+        # Layer i+1's guessed reads (decode), or its prompt reads into the other half
+        # (whose last reader, layer i-1's FFN, came before this attention).
+        guess_next = None
+        if i + 1 < c.num_layers and (gathers or double):
+          nbytes = guessed if gathers else misses * s.record_bytes
+          guess_next = read(nbytes, (prev,), f"experts {i + 1} ahead", i + 1)
         ffn = ctx.compute_time("device", experts * expert_params * dtype.itemsize,
                                experts * expert_params, half="mlp")
         prev = ctx.add("device", ffn, (prev, early, late), f"layers/{i}/mlp", i)
@@ -508,7 +517,8 @@ class MoEOffload(Strategy):
     records = self.record * self.slots
     ledger.allocate("device", records, "moe_offload/experts")
     if not self.aliases:
-      ledger.allocate("device", self.record * c.num_experts, "moe_offload/prefill_stack")
+      halves = 2 if self.slots >= 2 * c.num_experts else 1
+      ledger.allocate("device", self.record * c.num_experts * halves, "moe_offload/stacks")
       ledger.allocate("host", records, "moe_offload/staging")
     d, f = c.hidden_size, c.intermediate_size
     layout = [(info[t].offset, shape) for t, shape in zip(EXPERT_TENSORS, ((d, f), (d, f),
@@ -517,7 +527,7 @@ class MoEOffload(Strategy):
                             device=device, layout=layout, aliases=self.aliases)
     # The expert cache, shared by every layer; a prompt's pass reads every expert of a
     # layer into its first X slots (each read is a cache entry like any other).
-    self._cache = new(self.slots, stacked=c.num_experts)
+    self._cache = new(self.slots, experts=c.num_experts)
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
     self._step = 0
     self._uses: dict[tuple[int, int], int] = {}
@@ -525,6 +535,7 @@ class MoEOffload(Strategy):
     self._guess: dict[int, set] = {}
     self._guessed: dict[int, set] = {}
     self._phase = "prefill"
+    self._prompt_reads: set[int] = set()
     self._compiled = _functions(c)
     self._set_slot = jax.jit(lambda pool, i, rec: pool.at[i].set(rec), donate_argnums=(0,))
 
@@ -577,6 +588,16 @@ class MoEOffload(Strategy):
     self._count("disk_requests", -(-nbytes // self.options.read_chunk))
     self._count("expert_reads", 1)
 
+  def _prompt_read(self, layer: int) -> None:
+    """Starts reading every expert of `layer` into its half of the slots (once a pass)."""
+    if layer in self._prompt_reads:
+      return
+    self._prompt_reads.add(layer)
+    n = self.config.num_experts
+    h = layer % len(self._cache.stacks)
+    for e in range(n):
+      self._read(self._cache, h * n + e, layer, e)
+
   def _wait(self, pool: _Pool, slots, stack: bool = False) -> None:
     """Waits for the reads of `slots`; with `stack`, copies them into the prefill's stack
     where the device has its own memory (decode copies each slot's kernels when first
@@ -589,7 +610,8 @@ class MoEOffload(Strategy):
       future.result()
       if stack and not self.aliases:
         rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
-        pool.pool = self._set_slot(pool.pool, slot, jax.device_put(rec, self._device))
+        h, j = divmod(slot, self.config.num_experts)
+        pool.stacks[h] = self._set_slot(pool.stacks[h], j, jax.device_put(rec, self._device))
         self._count("h2d_bytes", self.record)
     self._count("wait_s", time.perf_counter() - t0)
 
@@ -623,6 +645,7 @@ class MoEOffload(Strategy):
 
   def begin(self, phase, num_tokens) -> None:
     self._phase = phase
+    self._prompt_reads = set()  # layers of this pass whose prompt reads have started
     if self.options.cache_policy == "none":
       self._cache.clear()
 
@@ -630,9 +653,9 @@ class MoEOffload(Strategy):
     c = self.config
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
     if not gather:
-      # Many tokens: every expert of the layer, read while the attention computes.
-      for e in range(c.num_experts):
-        self._read(self._cache, e, layer, e)
+      # Many tokens: every expert of the layer, read while the attention computes
+      # (unless the previous layer's FFN started them already).
+      self._prompt_read(layer)
     elif self.options.lookahead and layer == 0:
       # The other layers are guessed from the previous layer's FFN input (run_ffn).
       guess = np.asarray(self._compiled.route(self._fixed[f"layers/{layer}/mlp"], x))
@@ -644,13 +667,16 @@ class MoEOffload(Strategy):
     self._step += 1
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
     if not gather:
-      pool = self._cache
-      self._wait(pool, range(c.num_experts), stack=True)
-      out = self._compiled.dense(params, x, pool.pool, self._offsets_tuple())
-      for e in range(c.num_experts):
-        pool.fence[e] = out
-        pool.last_use[e] = self._step
+      pool, n = self._cache, c.num_experts
+      h = layer % len(pool.stacks)
+      self._wait(pool, range(h * n, (h + 1) * n), stack=True)
+      out = self._compiled.dense(params, x, pool.stacks[h], self._offsets_tuple())
+      for slot in range(h * n, (h + 1) * n):
+        pool.fence[slot] = out
+        pool.last_use[slot] = self._step
       self._count("streamed_layers", 1)
+      if len(pool.stacks) == 2 and layer + 1 < c.num_layers:
+        self._prompt_read(layer + 1)  # into the other half, while this FFN computes
       return out
     pool = self._cache
     ahead = self.options.lookahead and layer + 1 < c.num_layers
