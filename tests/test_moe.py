@@ -96,7 +96,7 @@ def reference(request, routed):
     dict(cache_policy="lfu", cache_experts=9),
     dict(cache_policy="none", lookahead=0),
     dict(cache_experts=8, cache_policy="lru", lookahead=0),
-    dict(cache_experts=8, lookahead=1),
+    dict(cache_experts=8, cache_policy="next_use", lookahead=1),
     dict(cache_experts=8, cache_policy="lfu"),
 ], ids=["auto-lookahead-2", "lfu-9", "no-cache", "lru-8", "next-use-8-lookahead-1", "lfu-8"])
 def test_tokens_equal_resident(reference, options, store_root):

@@ -7,15 +7,16 @@ free disk for the two stores (layer-wise's and the expert records, written on fi
 use); ~3 GiB RAM per system. The model's routers are calibrated once (~10-15 minutes
 on a busy machine, cached under $HETFLOW_CACHE/moe).
 Expect: the model is 4.86 GB (float32), 128 expert records of 34.6 MB and 0.43 GB of
-fixed region; 25% of it (1.13 GiB) leaves moe_offload 14 cache slots besides the
-staging area, under one expert per layer, so LRU keeps nothing a layer reuses and it
-reads the 32 routed experts of a token, ~1.1 GB; layer-wise streams every layer it
-cannot keep, ~4 GB. Decode would be near the ratio of bytes, ~3.5x, if reads overlapped
-compute; measured 2026-11-30 (WORKSPACE_NOTES.md): 0.63 vs 0.45 tok/s, 1.40x, because
-moe_offload still routes, reads and computes one after the other per layer. The issue's
-targets (>= 3x layer-wise; disk bytes per token within 1.2x of the routed experts not
-in cache) are read from the table's decode tok/s and the strategy's
-decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
+fixed region; 25% of it (1.13 GiB) leaves moe_offload 22 expert slots (a prompt's
+staging area is the first 2 x 8 of them), under two per layer, so LRU keeps nothing a
+layer reuses; LFU keeps the hottest experts. Layer-wise streams every layer it cannot
+keep, ~4.3 GB per token. Measured 2026-11-30 (WORKSPACE_NOTES.md), a busy machine:
+layer-wise 0.38 tok/s; expert records without a cache 0.94 (2.5x); + LFU cache 2.02
+(5.4x, hit rate 0.37, 0.70 GB per token = the routed experts not in the cache);
+next_use 1.14; + look-ahead of the first choice no faster (right 66% of the time, 17%
+more bytes). The issue's targets (>= 3x layer-wise; disk bytes per token within 1.2x of
+the routed experts not in cache) are read from the table's decode tok/s and the
+strategy's decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
 """
 
 from hetflow.bench.config import bench_config
@@ -34,9 +35,9 @@ def get_config(arg=None):
   # 2048 calibration tokens: ~4 minutes here, 1.9 GB of RAM.
   c.model.kwargs = dict(reuse=0.6, calibration_tokens=2048, strict=False)
   # The ablation, one mechanism added at a time: layer-wise (whole layers) -> expert
-  # records with no cache -> + the expert cache (LFU, next_use) -> + look-ahead reads of
-  # the router's first choice.
-  c.order = "layerwise,moe_records,moe_lfu,moe_next_use,moe_next_use_lookahead1"
+  # records with no cache -> + the expert cache (LFU, the default; next_use beside it) ->
+  # + look-ahead reads of the router's first choice.
+  c.order = "layerwise,moe_records,moe_lfu,moe_next_use,moe_lookahead1"
   common = dict(kv_reserve_tokens=64)
   c.systems.moe_records = dict(kind="hetflow", strategy="moe_offload",
                                options=dict(common, cache_policy="none"))
@@ -44,7 +45,7 @@ def get_config(arg=None):
     c.systems[f"moe_{policy}"] = dict(kind="hetflow", strategy="moe_offload",
                                       options=dict(common, cache_policy=policy))
   for guesses in (1, 2):
-    c.systems[f"moe_next_use_lookahead{guesses}"] = dict(
+    c.systems[f"moe_lookahead{guesses}"] = dict(
         kind="hetflow", strategy="moe_offload", options=dict(common, lookahead=guesses))
   # llama.cpp, issue 14's peer (mmap, the same float32 bits as a GGUF, the same memory
   # limit), needs the `llamacpp` kind and Mixtral's save_gguf of the formats branch (not
