@@ -347,7 +347,7 @@ class MoEOffload(Strategy):
 
   @classmethod
   def candidates(cls, model, budget):
-    """For the planner: the default (LRU), and with the look-ahead."""
+    """For the planner: the default (LFU), and with the look-ahead of the first choice."""
     return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=1)]
 
   def __init__(self, options: Any = None):
@@ -397,6 +397,8 @@ class MoEOffload(Strategy):
       if budget.device is not None:
         spare = budget.device - self._needs(model, sizes, 0)["device"] + n * sizes["record"]
         slots = max(n, min(slots, spare // sizes["record"]))
+        while slots > n and self._needs(model, sizes, slots)["device"] > budget.device:
+          slots -= 1  # a device with its own memory: a second prompt stack did not fit
     else:
       if not n <= o.cache_experts <= total:
         raise ValueError(f"cache_experts={o.cache_experts}; {c.name} has {n} experts in each"
@@ -530,7 +532,7 @@ class MoEOffload(Strategy):
     new = functools.partial(_Pool, record=self.record, elems=self._elems, dtype=model.dtype,
                             device=device, layout=layout, aliases=self.aliases)
     # The expert cache, shared by every layer; a prompt's pass reads every expert of a
-    # layer into its first X slots (each read is a cache entry like any other).
+    # layer into X of its slots (each read is a cache entry like any other).
     self._cache = new(self.slots, experts=c.num_experts)
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
     self._step = 0
