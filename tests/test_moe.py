@@ -124,6 +124,22 @@ def test_tokens_equal_resident(reference, options, store_root):
     assert 0 < d.get("lookahead_right") <= d.get("lookahead_guesses")
 
 
+@pytest.mark.parametrize("stacks", [1, 2])  # X slots: one prompt stack; 2X: double-buffered
+def test_tokens_equal_resident_when_the_device_has_its_own_memory(reference, stacks,
+                                                                 store_root):
+  """A profile with accelerator memory makes the strategy copy slots to the device
+  instead of aliasing them (the GPU path), here on the CPU."""
+  model, ids, tokens, _ = reference
+  c = model.config
+  options = dict(cache_experts=stacks * c.num_experts, lookahead=1, store_dir=str(store_root / c.name))
+  with Engine(model, "moe_offload", options=options, profile=get_profile("a10-pcie")) as engine:
+    assert engine.placement.settings.link_copy
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    s = out.stats["strategy"]
+    assert s.prefill.h2d_bytes > 0 and s.decode.h2d_bytes > 0
+
+
 def test_ledger_peak_within_budget_and_minimum_when_too_small(routed, store_root):
   ids = np.random.default_rng(1).integers(3, routed.config.vocab_size, (2, 10))
   expected = Engine(routed, "resident").generate(ids, max_new_tokens=NEW_TOKENS,
