@@ -11,10 +11,10 @@ fixed region; 25% of it (1.13 GiB) leaves moe_offload 22 expert slots (a prompt'
 staging area is the first 2 x 8 of them), under two per layer, so LRU keeps nothing a
 layer reuses; LFU keeps the hottest experts. Layer-wise streams every layer it cannot
 keep, ~4.3 GB per token. Measured 2026-11-30 (WORKSPACE_NOTES.md), a busy machine:
-layer-wise 0.38 tok/s; expert records without a cache 0.94 (2.5x); + LFU cache 2.02
-(5.4x, hit rate 0.37, 0.70 GB per token = the routed experts not in the cache);
-next_use 1.14; + look-ahead of the first choice no faster (right 66% of the time, 17%
-more bytes). The issue's targets (>= 3x layer-wise; disk bytes per token within 1.2x of
+layer-wise 0.40 tok/s; expert records without a cache 0.94 (2.3x); + LFU cache 2.11
+(5.2x, hit rate 0.35, 0.72 GB per token = the routed experts not in the cache);
+next_use 1.39; + look-ahead of the first choice 2.01 (right 66% of the time, 1.26x the
+bytes). The issue's targets (>= 3x layer-wise; disk bytes per token within 1.2x of
 the routed experts not in cache) are read from the table's decode tok/s and the
 strategy's decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
 """
