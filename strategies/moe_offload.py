@@ -39,9 +39,11 @@ lie (Fiddler, KTransformers), sparse experts (neuron_cluster inside each expert)
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
+import threading
 import time
 from typing import Any, Literal
 
@@ -163,6 +165,7 @@ class MoEOffloadSettings:
 # next-layer experts from the current hidden state; our synthetic models are measured
 # in the notes. Used by the cost model only.
 LOOKAHEAD_ACCURACY = 0.8
+GUESS_PIECE = 8 << 20  # bytes of a guessed read in flight at a time (see _Chain)
 
 
 def routing_law(model: Model) -> tuple[np.ndarray, float]:
@@ -293,6 +296,46 @@ def open_expert_store(model: Model, path: str | None, convert: bool) -> LayerSto
   return store
 
 
+class _Chain:
+  """A guessed expert's read in pieces, each started when the previous one lands, so a
+  wrong guess stops after the piece in flight (a submitted read cannot be recalled).
+
+  Attributes:
+    future: done when the last piece landed or, once cancelled, the one in flight did;
+      its result is `submitted`.
+    submitted: bytes handed to the reader so far.
+  """
+
+  def __init__(self, reader: ReaderPool, path: str, dest: np.ndarray, nbytes: int,
+               piece: int, chunk: int):
+    self.future: concurrent.futures.Future = concurrent.futures.Future()
+    self.submitted, self._cancelled, self._lock = 0, False, threading.Lock()
+    self._args = (reader, path, dest, nbytes, piece, chunk)
+    self._next(None)
+
+  def _next(self, done) -> None:
+    reader, path, dest, nbytes, piece, chunk = self._args
+    try:
+      if done is not None:
+        done.result()  # a failed piece fails the read
+      with self._lock:
+        if self._cancelled or self.submitted >= nbytes:
+          self.future.set_result(self.submitted)
+          return
+        start = self.submitted
+        n = min(piece, nbytes - start)
+        self.submitted += n
+      reader.read_into(path, start, dest[start:start + n], n, chunk=chunk).add_done_callback(
+          self._next)
+    except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+      if not self.future.done():
+        self.future.set_exception(e)
+
+  def cancel(self) -> None:
+    with self._lock:
+      self._cancelled = True
+
+
 class _Pool:
   """Expert slots: page-aligned host records, their device arrays, and what each holds.
 
@@ -309,6 +352,7 @@ class _Pool:
     last_use: slot -> step (layer pass) of its last use.
     fence: slot -> the last output computed from it (refilled only once that is ready).
     inflight: slot -> future of its read.
+    chains: slot -> the `_Chain` of a guessed read still to be counted.
   """
 
   def __init__(self, slots: int, record: int, elems: int, dtype, device, layout, aliases,
@@ -324,6 +368,7 @@ class _Pool:
     self.last_use = [-1] * slots
     self.fence: list[Any] = [None] * slots
     self.inflight: dict[int, Any] = {}
+    self.chains: dict[int, _Chain] = {}
     self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
 
   def views(self, slot: int):
@@ -542,6 +587,7 @@ class MoEOffload(Strategy):
     self._guessed: dict[int, set] = {}
     self._phase = "prefill"
     self._prompt_reads: set[int] = set()
+    self._dropped: list[_Chain] = []  # guessed reads cut short, counted at the pass's end
     self._compiled = _functions(c)
     self._set_slot = jax.jit(lambda pool, i, rec: pool.at[i].set(rec), donate_argnums=(0,))
 
@@ -568,13 +614,17 @@ class MoEOffload(Strategy):
       return max(options, key=lambda s: ((pool.key[s][0] - layer - 1) % n, -pool.last_use[s]))
     return min(options, key=lambda s: pool.last_use[s])
 
-  def _read(self, pool: _Pool, slot: int, layer: int, expert: int) -> None:
-    """Starts reading `expert` of `layer` into `slot` (after its last computation is done)."""
+  def _read(self, pool: _Pool, slot: int, layer: int, expert: int,
+            guess: bool = False) -> None:
+    """Starts reading `expert` of `layer` into `slot` (after its last computation is
+    done); a `guess` is read as a `_Chain` and counted when it lands or is dropped."""
     if pool.fence[slot] is not None:
       jax.block_until_ready(pool.fence[slot])  # no computation may still read the slot
       pool.fence[slot] = None
     if slot in pool.inflight:
       pool.inflight.pop(slot).result()  # a guessed read being replaced
+    if slot in pool.chains:
+      self._dropped.append(pool.chains.pop(slot))
     if pool.key[slot] is not None and pool.where.get(pool.key[slot]) == slot:
       del pool.where[pool.key[slot]]
     other = pool.where.get((layer, expert))
@@ -588,8 +638,17 @@ class MoEOffload(Strategy):
     group = f"layers/{layer}/experts/{expert}"
     nbytes = self.store.group_nbytes(group)
     dest = pool.host[slot * self.record:(slot + 1) * self.record]
+    chunk = self.options.read_chunk
+    if guess:
+      chain = _Chain(self._reader, self.store.file(group), dest, nbytes, GUESS_PIECE, chunk)
+      pool.chains[slot] = chain
+      pool.inflight[slot] = chain.future
+      return
     pool.inflight[slot] = self._reader.read_into(self.store.file(group), 0, dest, nbytes,
-                                                 chunk=self.options.read_chunk)
+                                                 chunk=chunk)
+    self._count_read(nbytes)
+
+  def _count_read(self, nbytes: int) -> None:
     self._count("disk_bytes", nbytes)
     self._count("disk_requests", -(-nbytes // self.options.read_chunk))
     self._count("expert_reads", 1)
@@ -614,6 +673,8 @@ class MoEOffload(Strategy):
       if future is None:
         continue
       future.result()
+      if slot in pool.chains:  # a right guess: the whole record landed
+        self._count_read(pool.chains.pop(slot).submitted)
       if stack and not self.aliases:
         rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
         h, j = divmod(slot, self.config.num_experts)
@@ -638,7 +699,7 @@ class MoEOffload(Strategy):
                             self._previous.get(layer, set()) | protect)
         if slot is None:
           break
-        self._read(self._cache, slot, *key)
+        self._read(self._cache, slot, *key, guess=True)
         self._guessed[layer].add(key)
 
   # -- the hooks the engine calls ---------------------------------------------------------
@@ -654,6 +715,22 @@ class MoEOffload(Strategy):
     self._prompt_reads = set()  # layers of this pass whose prompt reads have started
     if self.options.cache_policy == "none":
       self._cache.clear()
+
+  def end(self) -> None:
+    """Counts the dropped guesses' bytes once their last piece has landed."""
+    pool = getattr(self, "_cache", None)
+    for slot in list(pool.chains if pool is not None else ()):  # none expected: guesses
+      chain = pool.chains.pop(slot)  # are settled by the layer's own run_ffn
+      chain.cancel()
+      self._dropped.append(chain)
+      if pool.key[slot] is not None:
+        pool.where.pop(pool.key[slot], None)
+        pool.key[slot] = None
+    for chain in self._dropped:
+      chain.future.result()
+      self._count_read(chain.submitted)
+      self._count("lookahead_wasted_bytes", chain.submitted)
+    self._dropped = []
 
   def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask, attention):
     c = self.config
@@ -699,7 +776,21 @@ class MoEOffload(Strategy):
       self._count("lookahead_guesses", len(guess))
       self._count("lookahead_right", len(keep & guess))
       self._count("lookahead_useful_reads", len(keep & guessed))
-      self._count("lookahead_wasted_bytes", len(guessed - keep) * self.record)
+      for key in guessed - keep:
+        slot = pool.where.get(key)
+        if slot is None or slot not in pool.chains:
+          continue
+        chain = pool.chains.pop(slot)
+        if chain.future.done() and chain.submitted == self.store.group_nbytes(
+            f"layers/{key[0]}/experts/{key[1]}"):
+          pool.inflight.pop(slot).result()  # landed whole: a cache entry like any other
+          self._count_read(chain.submitted)
+          self._count("lookahead_wasted_bytes", chain.submitted)
+          continue
+        chain.cancel()  # stop reading; the slot holds nothing usable
+        self._dropped.append(chain)
+        del pool.where[key]
+        pool.key[slot] = None
     self._previous[layer] = keep
     for key in needed:
       self._uses[key] = self._uses.get(key, 0) + 1
