@@ -19,10 +19,11 @@ Per layer, when few tokens are routed (decode; the model's own rule,
   compute: `modules.expert_mixture` on the slots' own arrays (one matrix-vector
     product per kernel, nothing gathered), the arithmetic of the model's own MoE
     FFN, so tokens equal `resident`'s.
-The look-ahead is off by default (see MoEOffloadOptions.lookahead). A wrong guess
-costs its bytes (and may evict an older cached expert, never one the layer's
-previous pass used nor one the layer computing now uses), never correctness: the
-routed experts are always the router's. When many tokens are routed (a prompt),
+The look-ahead is off by default (see MoEOffloadOptions.lookahead). A guess is
+read in pieces (`_Chain`), and a wrong one stops after the piece in flight once the
+router has spoken: it costs those bytes (and may evict an older cached expert,
+never one the layer's previous pass used nor one the layer computing now uses),
+never correctness: the routed experts are always the router's. When many tokens are routed (a prompt),
 every expert of the layer is read into X slots (each is a cache entry afterwards)
 and the model's own FFN runs on them, so the prompt's staging area costs no memory
 beyond the cache. With at least 2X slots, layers alternate between the first and
@@ -97,8 +98,8 @@ class MoEOffloadOptions:
     lookahead: the router's first `lookahead` choices for layer i+1, guessed from
       layer i's FFN input, whose reads start behind layer i's (see the module
       docstring): 0 (off, the default), 1 (the first choice only) up to k. A wrong
-      guess costs its bytes; on mixtral-1b-routed all k guesses were right 66% of
-      the time and their wrong ones made decode slower (notes of issue 14).
+      guess costs the bytes read before the router spoke; on mixtral-1b-routed the
+      guesses were right 66% of the time (notes of issue 14).
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
     store_dir: the expert store; None: `default_expert_store_dir` (under
@@ -491,9 +492,10 @@ class MoEOffload(Strategy):
     """Per layer: attention on the device; the layer's expert reads on the disk (all X
     records in a prompt's pass, started with the attention; the misses in decode,
     after the router); the FFN computes once they land. With the look-ahead, a
-    `lookahead_accuracy` share of layer i+1's misses (and as many wrong guesses as
-    it gets wrong: bytes, not waiting) is read right after layer i's misses, so
-    those reads overlap layer i's FFN and layer i+1's attention."""
+    `lookahead_accuracy` share of layer i+1's misses is read right after layer i's
+    misses, so those reads overlap layer i's FFN and layer i+1's attention; each
+    wrong guess reads one piece (GUESS_PIECE) before it is stopped: bytes, not
+    waiting."""
     c = ctx.model.config
     s: MoEOffloadSettings = ctx.placement.settings
     prof = ctx.profile
@@ -507,7 +509,8 @@ class MoEOffload(Strategy):
     ahead = s.lookahead > 0 and gathers
     share = s.lookahead / k  # of the misses, guessed (right or wrong)
     right = misses * share * s.lookahead_accuracy if ahead else 0.0
-    guessed = misses * share * s.record_bytes if ahead else 0
+    guessed = (misses * share * (s.lookahead_accuracy * s.record_bytes + (
+        1.0 - s.lookahead_accuracy) * min(s.record_bytes, GUESS_PIECE)) if ahead else 0)
     double = s.slots >= 2 * n  # a prompt's reads double-buffered
 
     def read(nbytes, deps, label, layer):
