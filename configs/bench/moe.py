@@ -47,12 +47,12 @@ def get_config(arg=None):
   for guesses in (1, 2):
     c.systems[f"moe_lookahead{guesses}"] = dict(
         kind="hetflow", strategy="moe_offload", options=dict(common, lookahead=guesses))
-  # llama.cpp, issue 14's peer (mmap, the same float32 bits as a GGUF, the same memory
-  # limit), needs the `llamacpp` kind and Mixtral's save_gguf of the formats branch (not
-  # on main on 2026-11-30): then append ",llamacpp" to the order with
-  #   c.systems.llamacpp = dict(kind="llamacpp", gguf_type="F32")
-  #   c.memory_limit = "2.5GiB"  # 25% of the model + the runtimes' ~1.3 GiB peak RSS
-  # and run it on a quiet machine (the limit locks the rest of RAM for the whole run).
+  # llama.cpp, issue 14's peer: the same float32 bits as a GGUF, mmap. Not in the default
+  # order: a fair row needs the same memory limit for every row (memory_limit locks the
+  # rest of RAM for the whole run, so only on a quiet machine), e.g.
+  #   --config.order=layerwise,moe_lfu,llamacpp_F32 --config.memory_limit=2.5GiB
+  # (25% of the model plus the runtimes' ~1.3-1.8 GiB peak RSS; not run yet).
+  c.systems.llamacpp_F32 = dict(kind="llamacpp", gguf_type="F32")
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
                              options=dict(common, offload_tier="disk", resident_layers="auto",
                                           prefetch_depth=1))
