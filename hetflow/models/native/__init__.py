@@ -203,7 +203,12 @@ def matvec(fmt: str, x, q, *params):
 
   Returns:
     y [out] float32.
+
+  Raises:
+    NativeBuildError: the library could not be built (`enabled()` says so without raising).
   """
+  if _registered is None and not _load(compiler()):
+    raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
   n_out = q.shape[1] if q.ndim == 3 else q.shape[0]
   call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
                           vmap_method="sequential")
