@@ -171,14 +171,20 @@ def test_build_errors_name_the_compiler(tmp_path):
 
 
 def test_build_is_cached_by_key(tmp_path):
-  cxx = native.compiler()
-  if cxx is None:
-    pytest.skip("no C++ compiler")
-  path = native.build(cxx, str(tmp_path))
-  mtime = os.stat(path).st_mtime_ns
-  assert native.build(cxx, str(tmp_path)) == path and os.stat(path).st_mtime_ns == mtime
-  assert native.build_key(cxx) in path
-  assert native.build_key(cxx, native.FLAGS + ("-DX",)) != native.build_key(cxx)
+  """A second build of the same key compiles nothing; another key (flags, compiler) does."""
+  calls = tmp_path / "calls"
+  fake = tmp_path / "cxx"  # a "compiler" that writes its -o file and counts its runs
+  fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\n"
+                  f"echo run >> {calls}\n"
+                  "while [ $# -gt 1 ]; do [ \"$1\" = -o ] && echo lib > \"$2\"; shift; done\n")
+  fake.chmod(0o755)
+  path = native.build(str(fake), str(tmp_path / "lib"))
+  assert open(path).read() == "lib\n" and native.build_key(str(fake)) in path
+  assert native.build(str(fake), str(tmp_path / "lib")) == path
+  assert calls.read_text().count("run") == 1
+  other = native.build(str(fake), str(tmp_path / "lib"), native.FLAGS + ("-DX",))
+  assert other != path and calls.read_text().count("run") == 2
+  assert sorted(os.listdir(os.path.dirname(path))) == ["build.lock", native.LIBRARY]
 
 
 def test_the_portable_kernels(tmp_path):
