@@ -8,6 +8,12 @@ fewer bytes per weight are never slower. This module holds each formulation
 that was measured, so the choice in `hetflow.models.formats` is reproducible
 with `python -m experiments.kernels` (the probe: hetflow/bench/kernels.py).
 
+On CPU, the one-row products that `hetflow.models.formats` asks for (`bfloat16_ew_t`,
+`int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`, `int4_min_scan_gm`) run
+hetflow's native C++ kernels through XLA's FFI (`hetflow.models.native`) when they are
+built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
+a compiler, or with HETFLOW_NATIVE=0. The choice is made when a function is traced.
+
 Conventions (shared with `hetflow.models.formats`): x is [..., in] (the matrix-vector
 formulations take one row, x [in]: XLA CPU hands a 2-D multiply-reduce to a
 YNNPACK fusion that is fast, and a 3-D one to the same fusion, 20-100x

@@ -73,6 +73,10 @@ inline float half_to_float(uint16_t h) {
 
 // -- the split between threads -------------------------------------------------------------
 
+// Threads that computed at least one chunk in the last parallel call (a diagnostic).
+std::atomic<int> g_last_workers{0};
+std::atomic<int> g_pool_threads{0};
+
 template <typename Body>
 struct Work {
   std::atomic<int64_t> next{0};
@@ -80,8 +84,14 @@ struct Work {
   int64_t chunks;
   Body body;
   Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
+  std::atomic<int> workers{0};
   void run() {
+    bool counted = false;
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      if (!counted) {
+        workers.fetch_add(1, std::memory_order_relaxed);
+        counted = true;
+      }
       body(c);
       done.fetch_add(1, std::memory_order_release);
     }
@@ -93,10 +103,12 @@ struct Work {
 // finds no chunk left and touches nothing else).
 template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  g_pool_threads.store(static_cast<int>(pool.num_threads()), std::memory_order_relaxed);
   int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
   threads = std::max<int64_t>(1, std::min(threads, chunks));
   if (threads == 1) {
     for (int64_t c = 0; c < chunks; ++c) body(c);
+    g_last_workers.store(1, std::memory_order_relaxed);
     return;
   }
   auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
@@ -109,6 +121,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
     std::this_thread::yield();
 #endif
   }
+  g_last_workers.store(work->workers.load(std::memory_order_relaxed), std::memory_order_relaxed);
 }
 
 // Tiles of `tile` rows, grouped into chunks of about 1/8 of a thread's share.
@@ -447,6 +460,12 @@ int hetflow_native_simd() {
   return 0;
 #endif
 }
+
+// Threads that computed rows in the last call (1: the caller alone).
+int hetflow_native_last_workers() { return g_last_workers.load(); }
+
+// Threads XLA's pool offers a call, from the last call (0 before any).
+int hetflow_native_pool_threads() { return g_pool_threads.load(); }
 
 }  // extern "C"
 
