@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,7 @@ def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
 
 
 _registered: ctypes.CDLL | None = None
+_lock = threading.Lock()  # strategies trace from more than one thread
 
 
 def _register(path: str) -> ctypes.CDLL:
@@ -146,8 +148,13 @@ def _register(path: str) -> ctypes.CDLL:
   return _registered
 
 
-@functools.cache
 def _load(cxx: str | None) -> bool:
+  with _lock:
+    return _load_once(cxx)
+
+
+@functools.cache
+def _load_once(cxx: str | None) -> bool:
   """One attempt per compiler in a process (into the cache root of that moment); one
   warning if it fails."""
   try:
