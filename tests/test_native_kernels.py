@@ -126,9 +126,13 @@ def _tokens(spec, prompt=((5, 6, 7, 8, 9, 10),), new=8):
 @pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
 def test_resident_greedy_tokens_native_equal_fallback(spec, monkeypatch):
   _needs_native()
+  before = native.calls()
   tokens, logits = _tokens(spec)  # decode (one row) runs the native kernels
+  assert native.calls() > before
   monkeypatch.setenv("HETFLOW_NATIVE", "0")
+  before = native.calls()
   tokens_xla, logits_xla = _tokens(spec)
+  assert native.calls() == before  # the fallback ran no native kernel
   np.testing.assert_array_equal(tokens, tokens_xla)
   # One position: every kernel through the one-row path, native against XLA.
   np.testing.assert_allclose(logits, logits_xla, atol=1e-5, rtol=0)

@@ -176,6 +176,14 @@ def enabled() -> bool:
   return _load(compiler())
 
 
+def calls() -> int:
+  """How many native kernel calls this process has made (0 when none is loaded)."""
+  if _registered is None:
+    return 0
+  _registered.hetflow_native_calls.restype = ctypes.c_int64
+  return int(_registered.hetflow_native_calls())
+
+
 def simd() -> bool:
   """Whether the loaded library has the AVX-512 kernels (False: the portable C++ loops)."""
   return bool(_registered is not None and _registered.hetflow_native_simd())

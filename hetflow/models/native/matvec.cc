@@ -76,6 +76,7 @@ inline float half_to_float(uint16_t h) {
 // Threads that computed at least one chunk in the last parallel call (a diagnostic).
 std::atomic<int> g_last_workers{0};
 std::atomic<int> g_pool_threads{0};
+std::atomic<int64_t> g_calls{0};
 
 template <typename Body>
 struct Work {
@@ -104,6 +105,7 @@ struct Work {
 template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
   g_pool_threads.store(static_cast<int>(pool.num_threads()), std::memory_order_relaxed);
+  g_calls.fetch_add(1, std::memory_order_relaxed);
   int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
   threads = std::max<int64_t>(1, std::min(threads, chunks));
   if (threads == 1) {
@@ -463,6 +465,9 @@ int hetflow_native_simd() {
 
 // Threads that computed rows in the last call (1: the caller alone).
 int hetflow_native_last_workers() { return g_last_workers.load(); }
+
+// Calls of any kernel so far in this process (tests and benchmarks check which path ran).
+int64_t hetflow_native_calls() { return g_calls.load(); }
 
 // Threads XLA's pool offers a call, from the last call (0 before any).
 int hetflow_native_pool_threads() { return g_pool_threads.load(); }
