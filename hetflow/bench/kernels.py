@@ -16,11 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hetflow.models import native
 from hetflow.models.kernels import (
     bfloat16_dot,
     bfloat16_dot_up,
     bfloat16_ew,
-    bfloat16_ew_t,
+    bfloat16_ew_t_xla,
     dequant_int4,
     float32_dot,
     float32_dot_t,
@@ -29,17 +30,43 @@ from hetflow.models.kernels import (
     int4_dequant_ew_t,
     int4_ew_t,
     int4_min_ew_t,
-    int4_min_scan_gm,
-    int4_scan_gm,
+    int4_min_scan_gm_xla,
+    int4_scan_gm_xla,
     int4_signed_ew_t,
     int8_channel_dot_int,
     int8_channel_dot_t,
-    int8_channel_ew_t,
+    int8_channel_ew_t_xla,
     int8_group_3d_gm,
     int8_group_dequant_ew_t,
     int8_group_ew_t,
-    int8_group_scan_gm,
+    int8_group_scan_gm_xla,
 )
+
+
+# The native kernels (hetflow/models/native), one per stored layout.
+def native_bfloat16(x, wt):
+  """Native bfloat16 Wt [out, in] times one row."""
+  return native.matvec("bfloat16", x, wt)
+
+
+def native_int8(x, q, scale):
+  """Native per-channel int8 times one row."""
+  return native.matvec("int8", x, q, scale)
+
+
+def native_int8_group(x, q, scale):
+  """Native group-major int8 times one row."""
+  return native.matvec("int8-g", x, q, scale)
+
+
+def native_int4(x, packed, scale):
+  """Native group-major symmetric int4 times one row."""
+  return native.matvec("int4", x, packed, scale)
+
+
+def native_int4_min(x, packed, scale, minimum):
+  """Native group-major asymmetric int4 times one row."""
+  return native.matvec("int4-asym", x, packed, scale, minimum)
 
 
 def _qwix_einsum(x, qarray):
@@ -132,7 +159,11 @@ def _quantize_int4(w_t: np.ndarray, group: int, asymmetric: bool):
   return packed, scale, minimum
 
 
-def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True) -> list[Case]:
+NATIVE = "native C++ (FFI)"
+
+
+def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
+          use_native: bool = False) -> list[Case]:
   """Every measured formulation for a [n_in x n_out] kernel.
 
   Args:
@@ -140,6 +171,7 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True)
     formats: labels to keep (None: all).
     seed: seed of the random weights.
     qwix: include qwix's QArray formulations (needs `pip install qwix`).
+    use_native: include the native kernels (one row only; they must be built).
 
   Returns:
     The cases, in a stable order.
@@ -156,14 +188,16 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True)
       Case("float32", "mul+sum [out,in]", float32_ew_t, (put(wt),)),
       Case("bfloat16", "dot [in,out] bf16", bfloat16_dot, (bf,)),
       Case("bfloat16", "dot [in,out] upcast", bfloat16_dot_up, (bf,)),
-      Case("bfloat16", "mul+sum [out,in]", bfloat16_ew_t, (bft,)),
+      Case("bfloat16", "mul+sum [out,in]", bfloat16_ew_t_xla, (bft,)),
       Case("bfloat16", "mul+sum [in,out]", bfloat16_ew, (bf,)),
   ]
   q, s = _quantize_int8(wt, 0)  # s [out, 1]
   ch = (put(q), put(s))
-  out += [Case("int8", "mul+sum, scale after", int8_channel_ew_t, ch),
+  out += [Case("int8", "mul+sum, scale after", int8_channel_ew_t_xla, ch),
           Case("int8", "dot upcast, scale after", int8_channel_dot_t, ch),
           Case("int8", "int8 x int8 dot", int8_channel_dot_int, ch)]
+  if use_native:
+    out += [Case("bfloat16", NATIVE, native_bfloat16, (bft,)), Case("int8", NATIVE, native_int8, ch)]
   for g in (32, 64, 128):
     q, s = _quantize_int8(wt, g)
     gr = (put(q), put(s))
@@ -171,7 +205,9 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True)
     out += [Case(f"int8-g{g}", "row-major: mul+sum per group, scale after", int8_group_ew_t, gr),
             Case(f"int8-g{g}", "row-major: dequantize, mul+sum", int8_group_dequant_ew_t, gr),
             Case(f"int8-g{g}", "group-major: one 3-D mul+sum", int8_group_3d_gm, gm),
-            Case(f"int8-g{g}", "group-major: scan over groups", int8_group_scan_gm, gm)]
+            Case(f"int8-g{g}", "group-major: scan over groups", int8_group_scan_gm_xla, gm)]
+    if use_native:
+      out.append(Case(f"int8-g{g}", NATIVE, native_int8_group, gm))
   for g in (32, 64):
     p, s, _ = _quantize_int4(wt, g, False)
     sym = (put(p), put(s))
@@ -180,12 +216,17 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True)
     out += [Case(label, "row-major: mul+sum, 8 and scale after", int4_ew_t, sym),
             Case(label, "row-major: signed nibbles, scale after", int4_signed_ew_t, sym),
             Case(label, "row-major: dequantize, mul+sum", int4_dequant_ew_t, sym),
-            Case(label, "group-major: scan over groups", int4_scan_gm, gm)]
+            Case(label, "group-major: scan over groups", int4_scan_gm_xla, gm)]
+    if use_native:
+      out.append(Case(label, NATIVE, native_int4, gm))
     p, s, m = _quantize_int4(wt, g, True)
     out += [Case(label + "-asym", "row-major: mul+sum, scale+min after", int4_min_ew_t,
                  (put(p), put(s), put(m))),
-            Case(label + "-asym", "group-major: scan over groups", int4_min_scan_gm,
+            Case(label + "-asym", "group-major: scan over groups", int4_min_scan_gm_xla,
                  tuple(put(a) for a in group_major(p, s, m)))]
+    if use_native:
+      out.append(Case(label + "-asym", NATIVE, native_int4_min,
+                      tuple(put(a) for a in group_major(p, s, m))))
   if qwix:
     import qwix as qw
     for label, qtype, tiles in (("int8", jnp.int8, {}), ("int8-g32", jnp.int8, {1: 32}),
@@ -209,7 +250,7 @@ def _reference(case: Case, x):
     return x @ np.asarray(w[0]).T
   if fn in (bfloat16_dot, bfloat16_dot_up, bfloat16_ew):
     return x @ np.asarray(w[0], np.float32)
-  if fn is bfloat16_ew_t:
+  if fn in (bfloat16_ew_t_xla, native_bfloat16):
     return x @ np.asarray(w[0], np.float32).T
   if fn in (_qwix_einsum, _qwix_dequant_ew):
     import qwix
@@ -229,7 +270,8 @@ def bytes_of(tree) -> int:
 
 
 def measure(n_in: int, n_out: int, formats=None, repeats: int = 20, batch: int = 1,
-            qwix: bool = True, progress: Callable[[Timing], None] | None = None) -> list[Timing]:
+            qwix: bool = True, progress: Callable[[Timing], None] | None = None,
+            use_native: bool | None = None, spill_bytes: int = 0) -> list[Timing]:
   """Times every formulation on one kernel shape (best of `repeats` calls).
 
   Args:
@@ -239,24 +281,34 @@ def measure(n_in: int, n_out: int, formats=None, repeats: int = 20, batch: int =
     batch: rows of x (1: decode's matrix-vector product, x passed as [in]).
     qwix: include qwix's formulations.
     progress: called with each Timing as it is measured.
+    use_native: time the native kernels too (None: when they are built and batch is 1).
+    spill_bytes: cycle through enough copies of each case's weights to fill this many
+      bytes, so that they are read from memory, not from a cache that holds one copy
+      (0: one copy; a [4096 x 11008] float32 matrix fits a 260 MB L3).
 
   Returns:
     One Timing per case.
   """
+  if use_native is None:
+    use_native = batch == 1 and native.enabled()
   x = np.random.default_rng(1).standard_normal((batch, n_in), dtype=np.float32)
   xd = jax.device_put(x[0] if batch == 1 else x)
   results = []
-  for case in cases(n_in, n_out, formats, qwix=qwix):
+  for case in cases(n_in, n_out, formats, qwix=qwix, use_native=use_native):
     fn = jax.jit(case.fn)
     y = np.asarray(fn(xd, *case.weights)).reshape(batch, n_out)
     ref = _reference(case, x)
     err = float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      fn(xd, *case.weights).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
     nbytes = bytes_of(case.weights)
+    copies = [case.weights] + [jax.tree.map(lambda a: a.copy(), case.weights)
+                               for _ in range(-(-spill_bytes // nbytes) - 1)]
+    best = float("inf")
+    for i in range(repeats):
+      weights = copies[i % len(copies)]
+      t0 = time.perf_counter()
+      fn(xd, *weights).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    del copies
     timing = Timing(case.format, case.name, (n_in, n_out), best, nbytes, nbytes / best / 1e9,
                     n_in * n_out / best / 1e9, err)
     if progress is not None:

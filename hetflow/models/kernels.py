@@ -8,6 +8,12 @@ fewer bytes per weight are never slower. This module holds each formulation
 that was measured, so the choice in `hetflow.models.formats` is reproducible
 with `python -m experiments.kernels` (the probe: hetflow/bench/kernels.py).
 
+On CPU, the one-row products that `hetflow.models.formats` asks for (`bfloat16_ew_t`,
+`int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`, `int4_min_scan_gm`) run
+hetflow's native C++ kernels through XLA's FFI (`hetflow.models.native`) when they are
+built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
+a compiler, or with HETFLOW_NATIVE=0. The choice is made when a function is traced.
+
 Conventions (shared with `hetflow.models.formats`): x is [..., in] (the matrix-vector
 formulations take one row, x [in]: XLA CPU hands a 2-D multiply-reduce to a
 YNNPACK fusion that is fast, and a 3-D one to the same fusion, 20-100x
@@ -21,8 +27,12 @@ low nibble and value j + g/2 in its high nibble.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from hetflow.models import native
 
 # -- the formulations ----------------------------------------------------------------------
 
@@ -62,7 +72,7 @@ def bfloat16_dot_up(x, w):
   return jnp.einsum("...i,io->...o", _f32(x), _f32(w))
 
 
-def bfloat16_ew_t(x, wt):
+def bfloat16_ew_t_xla(x, wt):
   """sum over `in` of float32(Wt) * x, Wt [out, in]."""
   return jnp.sum(_f32(wt) * _f32(x)[..., None, :], axis=-1)
 
@@ -72,7 +82,7 @@ def bfloat16_ew(x, w):
   return jnp.sum(_f32(w) * _f32(x)[..., :, None], axis=-2)
 
 
-def int8_channel_ew_t(x, q, scale):
+def int8_channel_ew_t_xla(x, q, scale):
   """(sum over `in` of float32(q) * x) * scale; q [out, in], scale [out, 1]."""
   return jnp.sum(_f32(q) * _f32(x)[..., None, :], axis=-1) * scale[:, 0]
 
@@ -107,7 +117,7 @@ def int8_group_dequant_ew_t(x, q, scale):
   return jnp.sum(w * _f32(x)[..., None, :], axis=-1)
 
 
-def int8_group_scan_gm(x, q, scale):
+def int8_group_scan_gm_xla(x, q, scale):
   """Group-major int8 [G, out, g]: a scan over groups, each a 2-D multiply-reduce, scale after."""
   groups, n_out, g = q.shape
   xg = _f32(x).reshape(groups, g)
@@ -126,7 +136,7 @@ def int8_group_3d_gm(x, q, scale):
   return jnp.sum(part * _f32(scale), axis=0)
 
 
-def int4_scan_gm(x, packed, scale):
+def int4_scan_gm_xla(x, packed, scale):
   """Group-major symmetric int4 [G, out, g/2]: per group two sums (low, high nibbles),
   minus 8 * sum(x), times the scale."""
   groups, n_out, half = packed.shape
@@ -141,7 +151,7 @@ def int4_scan_gm(x, packed, scale):
   return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, xg, scale))[0]
 
 
-def int4_min_scan_gm(x, packed, scale, minimum):
+def int4_min_scan_gm_xla(x, packed, scale, minimum):
   """Group-major asymmetric int4: per group (nibble sums) * scale + sum(x) * min."""
   groups, n_out, half = packed.shape
   xg = _f32(x).reshape(groups, 2 * half)
@@ -154,6 +164,45 @@ def int4_min_scan_gm(x, packed, scale, minimum):
 
   return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32),
                       (packed, xg, scale, minimum))[0]
+
+
+# -- what hetflow.models.formats computes one row with ---------------------------------------
+# On CPU, the native kernel of the format (hetflow/models/native: C++ through XLA's FFI,
+# float32 accumulation, both cores) where it was built; elsewhere (another backend, no
+# compiler, HETFLOW_NATIVE=0) the fastest XLA formulation above. Both give the same
+# values up to the order of float32 additions (tests/test_native_kernels.py).
+
+
+def _native_or_xla(fmt: str, xla, x, *leaves):
+  if not native.accepts(fmt, x, *leaves) or not native.enabled():
+    return xla(x, *leaves)
+  return jax.lax.platform_dependent(x, *leaves, cpu=functools.partial(native.matvec, fmt),
+                                    default=xla)
+
+
+def bfloat16_ew_t(x, wt):
+  """bfloat16 Wt [out, in] times one row x [in]: native, else `bfloat16_ew_t_xla`."""
+  return _native_or_xla("bfloat16", bfloat16_ew_t_xla, x, wt)
+
+
+def int8_channel_ew_t(x, q, scale):
+  """Per-channel int8 times one row: native, else `int8_channel_ew_t_xla`."""
+  return _native_or_xla("int8", int8_channel_ew_t_xla, x, q, scale)
+
+
+def int8_group_scan_gm(x, q, scale):
+  """Group-major int8 times one row: native, else `int8_group_scan_gm_xla`."""
+  return _native_or_xla("int8-g", int8_group_scan_gm_xla, x, q, scale)
+
+
+def int4_scan_gm(x, packed, scale):
+  """Group-major symmetric int4 times one row: native, else `int4_scan_gm_xla`."""
+  return _native_or_xla("int4", int4_scan_gm_xla, x, packed, scale)
+
+
+def int4_min_scan_gm(x, packed, scale, minimum):
+  """Group-major asymmetric int4 times one row: native, else `int4_min_scan_gm_xla`."""
+  return _native_or_xla("int4-asym", int4_min_scan_gm_xla, x, packed, scale, minimum)
 
 
 def group_major(q, scale, minimum=None):

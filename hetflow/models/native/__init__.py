@@ -1,0 +1,230 @@
+"""hetflow's native CPU matrix-vector kernels (matvec.cc beside this file), through XLA's FFI.
+
+XLA CPU reads grouped int8 and int4 kernels at 0.3-0.7x float32's weights per second in
+every pure-XLA formulation measured (docs/formats.md); these C++ kernels read every
+stored format (bfloat16, int8 per channel, int8-gN, int4, int4-asym) at or above it, on
+both cores, with float32 accumulation (no activation quantization: they differ from
+the XLA formulations only in the order of float32 additions).
+
+The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
+`g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
+keyed by the source, the compiler, the flags, jax's version and the CPU's feature flags,
+under a file lock so concurrent processes build it once. Without a compiler, or when
+the build or the load fails, `available()` says False once with one logged warning,
+and `hetflow.models.kernels` uses its pure-XLA formulations (the same results up to
+float32 rounding). `HETFLOW_NATIVE=0` forces that fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jax.numpy as jnp
+
+from hetflow.memory.cache import cache_root
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+LIBRARY = "libhetflow_matvec.so"
+
+# Target name per format (as hetflow.models.formats.format_of names them).
+TARGETS = {
+    "bfloat16": "hetflow_matvec_bf16",
+    "int8": "hetflow_matvec_int8",
+    "int8-g": "hetflow_matvec_int8g",
+    "int4": "hetflow_matvec_int4",
+    "int4-asym": "hetflow_matvec_int4_asym",
+}
+
+_log = logging.getLogger(__name__)
+
+
+class NativeBuildError(RuntimeError):
+  """The native kernels could not be compiled or loaded."""
+
+
+def compiler() -> str | None:
+  """The C++ compiler to build with: $HETFLOW_CXX, else g++ or c++ on the PATH (None: none)."""
+  return os.environ.get("HETFLOW_CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _cpu_flags() -> str:
+  """The CPU's feature flags (-march=native code runs only where they are the same)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
+
+
+def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
+  """What a built library depends on, hashed: source, compiler (its --version), flags,
+  jax's version and the CPU's features."""
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise NativeBuildError(f"the C++ compiler {cxx!r} does not run ({e}); install g++ or set"
+                           " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
+                           " this).") from None
+  h = hashlib.sha256()
+  for part in (open(SOURCE, "rb").read().decode(), cxx, version, " ".join(flags),
+               jax.__version__, _cpu_flags()):
+    h.update(part.encode())
+    h.update(b"\0")
+  return h.hexdigest()[:16]
+
+
+def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
+  """Compiles matvec.cc into `directory`/<key>/ unless it is there already.
+
+  Args:
+    cxx: the C++ compiler.
+    directory: where built libraries live (each in a folder named by its key).
+    flags: compiler flags.
+
+  Returns:
+    The path of the shared library.
+
+  Raises:
+    NativeBuildError: the compiler is missing or failed (its output in the message).
+  """
+  folder = os.path.join(directory, build_key(cxx, flags))
+  path = os.path.join(folder, LIBRARY)
+  if os.path.exists(path):
+    return path
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, "build.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
+    if os.path.exists(path):
+      return path
+    # Written beside its final name and renamed: a reader never sees half a library.
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+      try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+      except (OSError, subprocess.SubprocessError) as e:
+        raise NativeBuildError(f"{' '.join(cmd)} did not run: {e}") from None
+      if done.returncode != 0:
+        raise NativeBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                               f"{done.stderr[-2000:]}")
+      os.replace(tmp, path)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return path
+
+
+_registered: ctypes.CDLL | None = None
+_lock = threading.Lock()  # strategies trace from more than one thread
+
+
+def _register(path: str) -> ctypes.CDLL:
+  """Loads the library and registers its handlers with XLA (once per process: every
+  build of the same source has the same handlers)."""
+  global _registered
+  if _registered is None:
+    lib = ctypes.cdll.LoadLibrary(path)
+    for target in TARGETS.values():
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
+                                  platform="cpu")
+    _registered = lib
+  return _registered
+
+
+def _load(cxx: str | None) -> bool:
+  with _lock:
+    return _load_once(cxx)
+
+
+@functools.cache
+def _load_once(cxx: str | None) -> bool:
+  """One attempt per compiler in a process (into the cache root of that moment); one
+  warning if it fails."""
+  try:
+    if cxx is None:
+      raise NativeBuildError("no C++ compiler found (g++, c++ or $HETFLOW_CXX)")
+    _register(build(cxx, os.path.join(cache_root(), "native")))
+    return True
+  except (NativeBuildError, OSError, AttributeError) as e:
+    _log.warning("hetflow's native CPU kernels are not available, so quantized decode uses"
+                 " the slower pure-XLA kernels: %s", e)
+    return False
+
+
+def enabled() -> bool:
+  """Whether hetflow computes matrix-vector products with the native kernels: not when
+  HETFLOW_NATIVE=0, nor when they could not be built (one warning says why)."""
+  if os.environ.get("HETFLOW_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+    return False
+  return _load(compiler())
+
+
+def calls() -> int:
+  """How many native kernel calls this process has made (0 when none is loaded)."""
+  if _registered is None:
+    return 0
+  _registered.hetflow_native_calls.restype = ctypes.c_int64
+  return int(_registered.hetflow_native_calls())
+
+
+def simd() -> bool:
+  """Whether the loaded library has the AVX-512 kernels (False: the portable C++ loops)."""
+  return bool(_registered is not None and _registered.hetflow_native_simd())
+
+
+# What each format's handler takes: (q's rank, q's dtype, the params' dtypes).
+_SIGNATURES = {
+    "bfloat16": (2, jnp.bfloat16, ()),
+    "int8": (2, jnp.int8, (jnp.float32,)),
+    "int8-g": (3, jnp.int8, (jnp.float16,)),
+    "int4": (3, jnp.uint8, (jnp.float16,)),
+    "int4-asym": (3, jnp.uint8, (jnp.float16, jnp.float16)),
+}
+
+
+def accepts(fmt: str, x, q, *params) -> bool:
+  """Whether `matvec` takes these arrays: one row x, and leaves of the stored layout
+  (no leading axes, e.g. a stack of experts' kernels)."""
+  rank, q_dtype, dtypes = _SIGNATURES[fmt]
+  return (x.ndim == 1 and q.ndim == rank and q.dtype == q_dtype
+          and tuple(p.dtype for p in params) == dtypes)
+
+
+def matvec(fmt: str, x, q, *params):
+  """One row x [in] @ a stored kernel -> [out] float32, by the native kernel of `fmt`.
+
+  Args:
+    fmt: the kernel's format, as `hetflow.models.formats.format_of` names it.
+    x: the row [in] (any float dtype; widened to float32).
+    q: the kernel's values (its "q" leaf).
+    *params: its "scale" (and "min") leaves, as stored.
+
+  Returns:
+    y [out] float32.
+
+  Raises:
+    NativeBuildError: the library could not be built (`enabled()` says so without raising).
+  """
+  if _registered is None and not _load(compiler()):
+    raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
+  n_out = q.shape[1] if q.ndim == 3 else q.shape[0]
+  call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
+                          vmap_method="sequential")
+  return call(x.astype(jnp.float32), q, *params)

@@ -1,0 +1,515 @@
+// hetflow's native CPU matrix-vector kernels for its stored weight formats, as XLA FFI
+// handlers (hetflow/models/native/__init__.py builds, loads and registers them).
+//
+// One row x [in] (float32) times a stored kernel -> y [out] (float32). The layouts are
+// hetflow/models/formats.py's:
+//   bfloat16   q bf16 [out, in]
+//   int8       q s8 [out, in], scale f32 [out, 1]              (per output channel)
+//   int8-gN    q s8 [G, out, g], scale f16 [G, out]            (group-major, G = in / g)
+//   int4       q u8 [G, out, g/2], scale f16 [G, out]          value = (nibble - 8) * scale
+//   int4-asym  as int4, plus min f16 [G, out]                  value = nibble * scale + min
+// int4 packs two values per byte: in each group, byte j holds value j in its low nibble and
+// value j + g/2 in its high nibble (GGUF's block order).
+//
+// Every product is accumulated in float32 (the weights are widened exactly, the
+// activations are not quantized): the result differs from the pure-XLA formulations only
+// in the order of the float32 additions. Rows are split between the calling thread and
+// XLA's intra-op thread pool; chunks of rows are claimed from an atomic counter, so the
+// caller never waits for a task that has not started (no deadlock when the pool is busy or
+// runs tasks inline).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX512F__) && !defined(HETFLOW_NO_SIMD)
+#define HETFLOW_AVX512 1
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// -- scalar helpers ------------------------------------------------------------------------
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t man = h & 0x3ff;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000u | man << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// -- the split between threads -------------------------------------------------------------
+
+// Threads that computed at least one chunk in the last parallel call (a diagnostic).
+std::atomic<int> g_last_workers{0};
+std::atomic<int> g_pool_threads{0};
+std::atomic<int64_t> g_calls{0};
+
+template <typename Body>
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks;
+  Body body;
+  Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
+  std::atomic<int> workers{0};
+  void run() {
+    bool counted = false;
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      if (!counted) {
+        workers.fetch_add(1, std::memory_order_relaxed);
+        counted = true;
+      }
+      body(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// Calls body(c) for c in [0, chunks), on the calling thread and up to threads - 1 tasks of
+// XLA's pool. Body must capture by value: a task may start after this returns (it then
+// finds no chunk left and touches nothing else).
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  g_pool_threads.store(static_cast<int>(pool.num_threads()), std::memory_order_relaxed);
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
+  threads = std::max<int64_t>(1, std::min(threads, chunks));
+  if (threads == 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    g_last_workers.store(1, std::memory_order_relaxed);
+    return;
+  }
+  auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < chunks) {
+#if defined(HETFLOW_AVX512)
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+  g_last_workers.store(work->workers.load(std::memory_order_relaxed), std::memory_order_relaxed);
+}
+
+// Tiles of `tile` rows, grouped into chunks of about 1/8 of a thread's share.
+template <typename F>
+void for_row_tiles(ffi::ThreadPool& pool, int64_t out, int64_t tile, F tile_fn) {
+  int64_t tiles = (out + tile - 1) / tile;
+  int64_t per_chunk = std::max<int64_t>(1, tiles / 16);
+  int64_t chunks = (tiles + per_chunk - 1) / per_chunk;
+  parallel_for(pool, chunks, [=](int64_t c) {
+    int64_t end = std::min(tiles, (c + 1) * per_chunk);
+    for (int64_t t = c * per_chunk; t < end; ++t) {
+      int64_t o0 = t * tile;
+      tile_fn(o0, std::min(tile, out - o0));
+    }
+  });
+}
+
+// -- row-major kernels: bfloat16, int8 per channel ------------------------------------------
+
+constexpr int kRowTile = 4;
+
+// y[r] = sum_k w[r, k] x[k] for `rows` rows of a [., n] matrix; T is uint16_t (bf16) or int8_t.
+template <typename T>
+void rows_dot(const T* w, int64_t n, const float* x, int64_t rows, float* y) {
+#if defined(HETFLOW_AVX512)
+  if (rows == kRowTile) {
+    __m512 acc[kRowTile][2];
+    for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= n; k += 32) {
+      __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      for (int r = 0; r < kRowTile; ++r) {
+        const T* p = w + r * n + k;
+        __m512 w0, w1;
+        if constexpr (sizeof(T) == 2) {
+          w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+          w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
+              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))),
+              16));
+        } else {
+          w0 = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+          w1 = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+        }
+        acc[r][0] = _mm512_fmadd_ps(w0, x0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(w1, x1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kRowTile; ++r) {
+      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
+      for (int64_t j = k; j < n; ++j) {
+        float v;
+        if constexpr (sizeof(T) == 2) v = bf16_to_float(w[r * n + j]);
+        else v = static_cast<float>(w[r * n + j]);
+        s += v * x[j];
+      }
+      y[r] = s;
+    }
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0.f;
+    const T* p = w + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      float v;
+      if constexpr (sizeof(T) == 2) v = bf16_to_float(p[j]);
+      else v = static_cast<float>(p[j]);
+      s += v * x[j];
+    }
+    y[r] = s;
+  }
+}
+
+// -- group-major kernels: int8-gN, int4 (symmetric, asymmetric) -----------------------------
+
+constexpr int kGroupTile = 16;
+constexpr int kPrefetchGroups = 4;
+
+struct Grouped {
+  const void* q;           // [G, out, bytes_per_group]
+  const uint16_t* scale;   // f16 [G, out]
+  const uint16_t* minimum; // f16 [G, out] or null
+  const float* x;          // [G * g]
+  int64_t groups, out, g;
+  float* y;                // [out]
+};
+
+#if defined(HETFLOW_AVX512)
+inline void load_params(const uint16_t* p, int rows, float* dst) {
+  if (rows == kGroupTile) {
+    _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  } else {
+    for (int r = 0; r < rows; ++r) dst[r] = _cvtsh_ss(p[r]);
+  }
+}
+
+inline void prefetch(const char* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+inline __m512 int8x16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Rows [o0, o0 + R) of an int8-gG kernel (R = kGroupTile, or any R <= kGroupTile for the last
+// tile); per group and row, a 16-lane partial sum times the row's scale joins the row's
+// accumulator, reduced across lanes once at the end.
+template <int G, int R>
+void int8g_tile(const Grouped& a, int64_t o0) {
+  constexpr int V = G / 16;
+  const int8_t* q = static_cast<const int8_t*>(a.q);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  alignas(64) float s[kGroupTile];
+  for (int64_t k = 0; k < a.groups; ++k) {
+    const int8_t* base = q + (k * a.out + o0) * G;
+    if (k + kPrefetchGroups < a.groups) {
+      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * G), R * G);
+    }
+    load_params(a.scale + k * a.out + o0, R, s);
+    __m512 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(a.x + k * G + 16 * v);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* p = base + r * G;
+      __m512 t = _mm512_mul_ps(int8x16(p), xv[0]);
+      for (int v = 1; v < V; ++v) t = _mm512_fmadd_ps(int8x16(p + 16 * v), xv[v], t);
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// int4: per 16 bytes, the low nibbles are 16 values and the high nibbles the 16 values g/2
+// further on. Symmetric: sum((n - 8) x) = sum(n x) - 8 sum(x), the second term folded into
+// the first multiply (fmsub with 8 * the group's x, lane by lane). Asymmetric: the minimum
+// times the group's x joins the accumulator after the scaled sum.
+template <int G, int R, bool kAsym>
+void int4_tile(const Grouped& a, int64_t o0) {
+  constexpr int H = G / 32;  // 16-byte pieces per row and group
+  const uint8_t* q = static_cast<const uint8_t*>(a.q);
+  const __m128i low = _mm_set1_epi8(0x0f);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  alignas(64) float s[kGroupTile];
+  alignas(64) float m[kGroupTile];
+  for (int64_t k = 0; k < a.groups; ++k) {
+    const uint8_t* base = q + (k * a.out + o0) * (G / 2);
+    if (k + kPrefetchGroups < a.groups) {
+      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * (G / 2)),
+               R * (G / 2));
+    }
+    load_params(a.scale + k * a.out + o0, R, s);
+    if constexpr (kAsym) load_params(a.minimum + k * a.out + o0, R, m);
+    const float* xg = a.x + k * G;
+    __m512 xlo[H], xhi[H];
+    __m512 xsum = _mm512_setzero_ps();
+    for (int h = 0; h < H; ++h) {
+      xlo[h] = _mm512_loadu_ps(xg + 16 * h);
+      xhi[h] = _mm512_loadu_ps(xg + G / 2 + 16 * h);
+      xsum = _mm512_add_ps(xsum, _mm512_add_ps(xlo[h], xhi[h]));
+    }
+    const __m512 x8 = _mm512_mul_ps(xsum, _mm512_set1_ps(8.f));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = base + r * (G / 2);
+      __m512 t;
+      for (int h = 0; h < H; ++h) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
+        __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
+        __m512 whi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+        if (h == 0) {
+          t = kAsym ? _mm512_mul_ps(wlo, xlo[0]) : _mm512_fmsub_ps(wlo, xlo[0], x8);
+        } else {
+          t = _mm512_fmadd_ps(wlo, xlo[h], t);
+        }
+        t = _mm512_fmadd_ps(whi, xhi[h], t);
+      }
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
+      if constexpr (kAsym) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(m[r]), xsum, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+// Calls Tile<R> for the tile's row count R (a full tile, or the last, shorter one).
+template <template <int> class Tile, int R = kGroupTile>
+void dispatch_rows(const Grouped& a, int64_t o0, int64_t rows) {
+  if constexpr (R >= 1) {
+    if (rows == R) {
+      Tile<R>::run(a, o0);
+    } else {
+      dispatch_rows<Tile, R - 1>(a, o0, rows);
+    }
+  }
+}
+
+template <int G> struct Int8G { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int8g_tile<G, R>(a, o0); } }; };
+template <int G, bool A> struct Int4 { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int4_tile<G, R, A>(a, o0); } }; };
+#endif  // HETFLOW_AVX512
+
+// The portable version of the grouped kernels (any group size; what a compiler without
+// AVX-512 builds, and what HETFLOW_NO_SIMD builds for the tests).
+void grouped_generic(const Grouped& a, int64_t o0, int64_t rows, bool int4, bool asym) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t o = o0 + r;
+    float acc = 0.f;
+    for (int64_t k = 0; k < a.groups; ++k) {
+      const float* xg = a.x + k * a.g;
+      float part = 0.f;
+      if (!int4) {
+        const int8_t* p = static_cast<const int8_t*>(a.q) + (k * a.out + o) * a.g;
+        for (int64_t j = 0; j < a.g; ++j) part += static_cast<float>(p[j]) * xg[j];
+      } else {
+        int64_t half = a.g / 2;
+        const uint8_t* p = static_cast<const uint8_t*>(a.q) + (k * a.out + o) * half;
+        float xs = 0.f;
+        for (int64_t j = 0; j < half; ++j) {
+          part += static_cast<float>(p[j] & 15) * xg[j] + static_cast<float>(p[j] >> 4) * xg[j + half];
+          xs += xg[j] + xg[j + half];
+        }
+        if (!asym) part -= 8.f * xs;
+        acc += part * half_to_float(a.scale[k * a.out + o]);
+        if (asym) acc += xs * half_to_float(a.minimum[k * a.out + o]);
+        continue;
+      }
+      acc += part * half_to_float(a.scale[k * a.out + o]);
+    }
+    a.y[o] = acc;
+  }
+}
+
+void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4, bool asym) {
+  for_row_tiles(pool, a.out, kGroupTile, [a, int4, asym](int64_t o0, int64_t rows) {
+#if defined(HETFLOW_AVX512)
+    if (!int4 && a.g == 32) return dispatch_rows<Int8G<32>::T>(a, o0, rows);
+    if (!int4 && a.g == 64) return dispatch_rows<Int8G<64>::T>(a, o0, rows);
+    if (!int4 && a.g == 128) return dispatch_rows<Int8G<128>::T>(a, o0, rows);
+    if (int4 && !asym && a.g == 32) return dispatch_rows<Int4<32, false>::T>(a, o0, rows);
+    if (int4 && !asym && a.g == 64) return dispatch_rows<Int4<64, false>::T>(a, o0, rows);
+    if (int4 && asym && a.g == 32) return dispatch_rows<Int4<32, true>::T>(a, o0, rows);
+    if (int4 && asym && a.g == 64) return dispatch_rows<Int4<64, true>::T>(a, o0, rows);
+#endif
+    grouped_generic(a, o0, rows, int4, asym);
+  });
+}
+
+// -- the FFI handlers ------------------------------------------------------------------------
+
+ffi::Error check(bool ok, const char* what) {
+  return ok ? ffi::Error::Success() : ffi::Error::InvalidArgument(what);
+}
+
+template <ffi::DataType D, typename T>
+ffi::Error RowMajor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> q,
+                    ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool scaled) {
+  auto qd = q.dimensions();
+  if (qd.size() != 2 || x.element_count() != static_cast<size_t>(qd[1]) ||
+      y->element_count() != static_cast<size_t>(qd[0]) ||
+      (scaled && scale.element_count() != static_cast<size_t>(qd[0]))) {
+    return check(false, "hetflow matvec: x [in], q [out, in], scale [out, 1], y [out] expected");
+  }
+  const int64_t out = qd[0], n = qd[1];
+  const T* w = reinterpret_cast<const T*>(q.typed_data());
+  const float* xp = x.typed_data();
+  const float* sp = scaled ? scale.typed_data() : nullptr;
+  float* yp = y->typed_data();
+  for_row_tiles(pool, out, kRowTile, [=](int64_t o0, int64_t rows) {
+    rows_dot<T>(w + o0 * n, n, xp, rows, yp + o0);
+    if (sp) for (int64_t r = 0; r < rows; ++r) yp[o0 + r] *= sp[o0 + r];
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> q,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  return RowMajor<ffi::BF16, uint16_t>(pool, x, q, ffi::Buffer<ffi::F32>(x), y, false);
+}
+
+ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                    ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return RowMajor<ffi::S8, int8_t>(pool, x, q, scale, y, true);
+}
+
+template <ffi::DataType D>
+ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> q,
+                       ffi::Buffer<ffi::F16> scale, const uint16_t* minimum,
+                       ffi::ResultBuffer<ffi::F32> y, bool int4, bool asym) {
+  auto qd = q.dimensions();
+  if (qd.size() != 3) return check(false, "hetflow matvec: grouped q [G, out, b] expected");
+  const int64_t groups = qd[0], out = qd[1], g = int4 ? 2 * qd[2] : qd[2];
+  auto sd = scale.dimensions();
+  if (sd.size() != 2 || sd[0] != groups || sd[1] != out ||
+      x.element_count() != static_cast<size_t>(groups * g) ||
+      y->element_count() != static_cast<size_t>(out)) {
+    return check(false, "hetflow matvec: x [G * g], scale [G, out], y [out] expected");
+  }
+  Grouped a{q.untyped_data(), reinterpret_cast<const uint16_t*>(scale.untyped_data()), minimum,
+            x.typed_data(), groups, out, g, y->typed_data()};
+  grouped(pool, a, int4, asym);
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8GImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
+                     ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return GroupedImpl<ffi::S8>(pool, x, q, scale, nullptr, y, false, false);
+}
+
+ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                    ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return GroupedImpl<ffi::U8>(pool, x, q, scale, nullptr, y, true, false);
+}
+
+ffi::Error Int4AsymImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
+                        ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> minimum,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  auto md = minimum.dimensions(), sd = scale.dimensions();
+  if (md.size() != sd.size() || minimum.element_count() != scale.element_count()) {
+    return check(false, "hetflow matvec: min must have scale's shape [G, out]");
+  }
+  return GroupedImpl<ffi::U8>(pool, x, q, scale,
+                              reinterpret_cast<const uint16_t*>(minimum.untyped_data()), y, true,
+                              true);
+}
+
+}  // namespace
+
+extern "C" {
+
+// Which code the library was built with: 1 AVX-512, 0 portable.
+int hetflow_native_simd() {
+#if defined(HETFLOW_AVX512)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Threads that computed rows in the last call (1: the caller alone).
+int hetflow_native_last_workers() { return g_last_workers.load(); }
+
+// Calls of any kernel so far in this process (tests and benchmarks check which path ran).
+int64_t hetflow_native_calls() { return g_calls.load(); }
+
+// Threads XLA's pool offers a call, from the last call (0 before any).
+int hetflow_native_pool_threads() { return g_pool_threads.load(); }
+
+}  // extern "C"
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_bf16, Bf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int8, Int8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int8g, Int8GImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4, Int4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4_asym, Int4AsymImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,218 @@
+"""The native CPU matrix-vector kernels (hetflow/models/native) against the pure-XLA ones.
+
+Both accumulate in float32 from exactly widened weights; they differ only in the order
+of the additions. So each is held to the classic bound of float32 summation against the
+exact (float64) product of the same dequantized kernel, |y - y_exact| <= n * eps * (|W| @ |x|)
+with n the terms summed (`in`), and native and XLA to the same bound between them (twice
+it). Measured differences are ~1e-7 of max |y| (in = 2048). Greedy tokens must be equal.
+Without a compiler these tests run the fallback only (the ones that need the library
+skip, saying why); the fallback and the build-failure path are tested everywhere.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hetflow
+from hetflow.engine import Engine
+from hetflow.models import formats, kernels, native
+from hetflow.models.formats import WeightFormat
+
+pytestmark = pytest.mark.usefixtures("cache_dir")
+
+SPECS = ("bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128", "int4", "int4-g64",
+         "int4-asym", "int4-g64-asym")
+XLA = {"bfloat16": kernels.bfloat16_ew_t_xla, "int8": kernels.int8_channel_ew_t_xla,
+       "int8-g": kernels.int8_group_scan_gm_xla, "int4": kernels.int4_scan_gm_xla,
+       "int4-asym": kernels.int4_min_scan_gm_xla}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPS = float(np.finfo(np.float32).eps)
+
+
+def _needs_native():
+  if not native.enabled():
+    pytest.skip("the native kernels are not built here (no compiler, or HETFLOW_NATIVE=0)")
+
+
+def _kernel(spec, n_in, n_out, seed=0):
+  rng = np.random.default_rng(seed)
+  w = rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)
+  kernel = jax.device_put(WeightFormat.parse(spec).quantize(w))
+  x = jnp.asarray(rng.standard_normal(n_in, dtype=np.float32))
+  return kernel, x
+
+
+def _leaves(kernel):
+  return [kernel["q"]] + [kernel[n] for n in ("scale", "min") if n in kernel]
+
+
+def _bound(kernel, x):
+  """n * eps * (|W| @ |x|) per output, and the exact product, from the dequantized kernel."""
+  dense = np.asarray(formats.dequantize(kernel), np.float64)
+  xd = np.asarray(x, np.float64)
+  return x.shape[0] * EPS * (np.abs(dense).T @ np.abs(xd)), xd @ dense
+
+
+@pytest.mark.parametrize("spec", SPECS)
+# Shapes: several full row tiles and the tail of a short one (37, 5 rows); in not a multiple
+# of the SIMD width for the row-major formats (200).
+@pytest.mark.parametrize("n_in,n_out", [(256, 96), (128, 37), (2048, 5)])
+def test_native_matches_xla_and_the_exact_product(spec, n_in, n_out):
+  _needs_native()
+  kernel, x = _kernel(spec, n_in, n_out)
+  fmt = formats.format_of(kernel)
+  y_native = np.asarray(jax.jit(lambda x, *a: native.matvec(fmt, x, *a))(x, *_leaves(kernel)))
+  y_xla = np.asarray(jax.jit(XLA[fmt])(x, *_leaves(kernel)))
+  bound, exact = _bound(kernel, x)
+  assert y_native.dtype == np.float32 and y_native.shape == (n_out,)
+  assert np.all(np.abs(y_native - exact) <= bound)
+  assert np.all(np.abs(y_xla - exact) <= bound)
+  assert np.all(np.abs(y_native - y_xla) <= 2 * bound)
+  assert np.max(np.abs(y_native - y_xla)) <= 1e-5 * np.max(np.abs(exact))
+
+
+@pytest.mark.parametrize("spec", ["bfloat16", "int8"])
+def test_row_major_tail_of_in(spec):
+  _needs_native()
+  kernel, x = _kernel(spec, 200, 9)  # 200 = 6 * 32 + 8: the scalar tail of each row
+  fmt = formats.format_of(kernel)
+  y = np.asarray(native.matvec(fmt, x, *_leaves(kernel)))
+  bound, exact = _bound(kernel, x)
+  assert np.all(np.abs(y - exact) <= bound)
+
+
+def _compiled(x, kernel) -> str:
+  """The compiled HLO of formats.matmul (a new function: jit caches traces by function, and
+  the choice of kernel is made when tracing)."""
+  return jax.jit(lambda x, k: formats.matmul(x, k)).lower(x, kernel).compile().as_text()
+
+
+@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+def test_decode_uses_the_native_kernel_and_prefill_xla(spec, monkeypatch):
+  _needs_native()
+  kernel, _ = _kernel(spec, 128, 64)
+  x1, x8 = jnp.ones((1, 128)), jnp.ones((8, 128))
+  assert "hetflow_matvec" in _compiled(x1, kernel)
+  assert "hetflow_matvec" not in _compiled(x8, kernel)
+  monkeypatch.setenv("HETFLOW_NATIVE", "0")
+  assert not native.enabled()
+  assert "hetflow_matvec" not in _compiled(x1, kernel)
+
+
+@pytest.mark.parametrize("spec", ["int8-g32", "int4-asym"])
+def test_forced_fallback_computes_the_same(spec, monkeypatch):
+  kernel, x = _kernel(spec, 256, 48)
+  with_native = np.asarray(jax.jit(lambda x, k: formats.matmul(x[None], k))(x, kernel))
+  monkeypatch.setenv("HETFLOW_NATIVE", "off")
+  fallback = np.asarray(jax.jit(lambda x, k: formats.matmul(x[None], k))(x, kernel))
+  bound, exact = _bound(kernel, x)
+  assert np.all(np.abs(fallback[0] - exact) <= bound)
+  assert np.all(np.abs(with_native[0] - fallback[0]) <= 2 * bound)
+
+
+def _tokens(spec, prompt=((5, 6, 7, 8, 9, 10),), new=8):
+  model = hetflow.synthetic_model("llama-tiny", weights=spec)  # its own jitted functions
+  with Engine(model, "resident") as engine:
+    out = engine.generate([list(prompt[0])], max_new_tokens=new, stop_tokens=())
+    return np.asarray(out.tokens), np.asarray(engine.forward([list(prompt[0][:1])]))
+
+
+@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+def test_resident_greedy_tokens_native_equal_fallback(spec, monkeypatch):
+  _needs_native()
+  before = native.calls()
+  tokens, logits = _tokens(spec)  # decode (one row) runs the native kernels
+  assert native.calls() > before
+  monkeypatch.setenv("HETFLOW_NATIVE", "0")
+  before = native.calls()
+  tokens_xla, logits_xla = _tokens(spec)
+  assert native.calls() == before  # the fallback ran no native kernel
+  np.testing.assert_array_equal(tokens, tokens_xla)
+  # One position: every kernel through the one-row path, native against XLA.
+  np.testing.assert_allclose(logits, logits_xla, atol=1e-5, rtol=0)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+  full = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                        text=True, cwd=ROOT, env=full, timeout=600)
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path):
+  bogus = tmp_path / "cxx"
+  bogus.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo bogus 1.0 && exit 0\n"
+                   "echo 'bogus: cannot compile' >&2\nexit 1\n")
+  bogus.chmod(0o755)
+  done = _python("""
+      import numpy as np, jax, jax.numpy as jnp
+      from hetflow.models import formats, native
+      assert not native.enabled() and not native.enabled()  # one attempt, one warning
+      w = np.random.default_rng(0).standard_normal((64, 16), dtype=np.float32)
+      k = jax.device_put(formats.WeightFormat.parse("int4").quantize(w))
+      y = formats.matmul(jnp.ones((1, 64)), k)
+      np.testing.assert_allclose(y[0], np.asarray(formats.dequantize(k)).sum(0), rtol=1e-5,
+                                 atol=1e-5)
+      print("fell back")
+      """, HETFLOW_CXX=str(bogus), HETFLOW_CACHE=str(tmp_path / "cache"))
+  assert done.returncode == 0, done.stderr
+  assert "fell back" in done.stdout
+  assert done.stderr.count("native CPU kernels are not available") == 1
+  assert "bogus: cannot compile" in done.stderr
+  # Nothing half-written: no library, no temporary file.
+  left = [f for _, _, files in os.walk(tmp_path / "cache") for f in files]
+  assert not [f for f in left if f.endswith(".so")], left
+
+
+def test_build_errors_name_the_compiler(tmp_path):
+  with pytest.raises(native.NativeBuildError, match="does not run.*HETFLOW_CXX"):
+    native.build(str(tmp_path / "no-such-compiler"), str(tmp_path))
+
+
+def test_build_is_cached_by_key(tmp_path):
+  """A second build of the same key compiles nothing; another key (flags, compiler) does."""
+  calls = tmp_path / "calls"
+  fake = tmp_path / "cxx"  # a "compiler" that writes its -o file and counts its runs
+  fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo fake 1.0 && exit 0\n"
+                  f"echo run >> {calls}\n"
+                  "while [ $# -gt 1 ]; do [ \"$1\" = -o ] && echo lib > \"$2\"; shift; done\n")
+  fake.chmod(0o755)
+  path = native.build(str(fake), str(tmp_path / "lib"))
+  assert open(path).read() == "lib\n" and native.build_key(str(fake)) in path
+  assert native.build(str(fake), str(tmp_path / "lib")) == path
+  assert calls.read_text().count("run") == 1
+  other = native.build(str(fake), str(tmp_path / "lib"), native.FLAGS + ("-DX",))
+  assert other != path and calls.read_text().count("run") == 2
+  assert sorted(os.listdir(os.path.dirname(path))) == ["build.lock", native.LIBRARY]
+
+
+def test_the_portable_kernels(tmp_path):
+  """The C++ loops a compiler without AVX-512 builds (HETFLOW_NO_SIMD here) give the same."""
+  cxx = native.compiler()
+  if cxx is None:
+    pytest.skip("no C++ compiler")
+  done = _python(f"""
+      import numpy as np, jax
+      from hetflow.models import formats, native
+      native._register(native.build({cxx!r}, {str(tmp_path)!r},
+                                    native.FLAGS + ("-DHETFLOW_NO_SIMD",)))
+      assert not native.simd()
+      rng = np.random.default_rng(0)
+      for spec in {SPECS!r}:
+        w = rng.standard_normal((256, 40), dtype=np.float32) / 16
+        k = jax.device_put(formats.WeightFormat.parse(spec).quantize(w))
+        x = rng.standard_normal(256, dtype=np.float32)
+        leaves = [k["q"]] + [k[n] for n in ("scale", "min") if n in k]
+        y = np.asarray(native.matvec(formats.format_of(k), x, *leaves))
+        dense = np.asarray(formats.dequantize(k), np.float64)
+        bound = 256 * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))
+        assert np.all(np.abs(y - x.astype(np.float64) @ dense) <= bound), spec
+      print("portable ok")
+      """)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "portable ok" in done.stdout
