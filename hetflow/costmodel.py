@@ -17,16 +17,31 @@ decode they are bandwidths; over T tokens (prefill) the CPU becomes
 compute-bound and consumes weights more slowly (its effective rate is
 W / max(W / bw, 2 * T * params / flops)), while the link's rate does not
 change, so prefill wants a larger alpha. `effective_rate` captures that.
+
+Weight formats (hetflow/models/formats.py): a quantized kernel moves its stored
+bytes, and its matrix-vector product runs at the rate the profile measured for
+that format's kernel (`matvec_bw`), not float32's. Where the profile has no
+figure for a format, a conservative fraction of float32's weights per second
+stands in (`DEFAULT_WEIGHT_RATE`).
+
+Several hosts (`Cluster`): Megatron-style, each host holds 1/N of every layer
+(attention heads, FFN columns of gate/up and rows of down, the vocabulary of
+the embedding and the head), so a host's shard is itself a model with 1/N of
+the heads, FFN width and vocabulary (`shard_model`); each layer half ends with
+an all-reduce of the hidden-size activations (`allreduce_time`), the embedding
+with one more and the head with an all-gather of the logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
 
 from hetflow import hardware
+from hetflow.models import formats
 
 Side = Literal["cpu", "device"]
 Phase = Literal["prefill", "decode"]
@@ -53,35 +68,101 @@ def hetegen_alpha(v_cpu: float, v_link: float, v_device: float) -> float:
   return v_device * v_link / (v_cpu * v_device + v_cpu * v_link + v_link * v_device)
 
 
-def _rate(table: dict[str, float], dtype: Any) -> float:
-  """A per-dtype rate, falling back to float32 then to any measured dtype."""
-  name = jnp.dtype(dtype).name
-  for key in (name, "float32"):
-    if key in table:
-      return table[key]
-  return next(iter(table.values()))
+# Weights per second of each format's matrix-vector product as a fraction of
+# float32's, where a profile has no measured figure for it: the low end of what
+# docs/formats.md measured with XLA CPU's kernels (bf16 and per-channel int8 ran
+# at 0.7-1.2x float32's weights/s, grouped int8 at 0.3-0.6x, int4 at 0.2-0.5x), so a
+# plan is never predicted faster than a kernel was seen to run.
+DEFAULT_WEIGHT_RATE = {"bfloat16": 0.7, "float16": 0.7, "int8": 0.7, "int8-g": 0.3,
+                       "int4": 0.2, "int4-asym": 0.2}
 
 
-def matvec_bw(profile, side: Side, dtype) -> float:
-  """Bytes of weights per second multiplied at batch 1 on `side`."""
-  return _rate(profile.cpu_matvec_bw if side == "cpu" else profile.device_matvec_bw, dtype)
+def _kind(fmt: str) -> str:
+  """"int8-g64" -> "int8-g"; "int4-g64-asym" -> "int4-asym"; others unchanged."""
+  if fmt.startswith("int8-g"):
+    return "int8-g"
+  if fmt.startswith("int4"):
+    return "int4-asym" if fmt.endswith("-asym") else "int4"
+  return fmt
+
+
+def _bits(fmt: str) -> float:
+  if fmt in ("float32", "bfloat16", "float16"):
+    return 8.0 * jnp.dtype(fmt).itemsize
+  return formats.WeightFormat.parse(fmt).bits_per_weight
+
+
+def _format_name(fmt: Any) -> str:
+  """A weight format or dtype, as a rate table's key ("int4", "float32", "bfloat16")."""
+  if isinstance(fmt, formats.WeightFormat):
+    return fmt.name
+  if isinstance(fmt, str) and (fmt.startswith("int8") or fmt.startswith("int4")):
+    return formats.WeightFormat.parse(fmt).name
+  return jnp.dtype(fmt).name
+
+
+def rate_for(table: dict[str, float], fmt: Any) -> tuple[float, str]:
+  """Bytes of stored weights per second for format (or dtype) `fmt`, and where it came from.
+
+  The measured figure of `fmt` itself; else the measured figure of another
+  group size of the same kind, at the same weights per second; else
+  `DEFAULT_WEIGHT_RATE` of float32's weights per second (float32 falls back to
+  any measured dtype).
+
+  Returns:
+    (bytes/s, "measured" | "measured <other format>" | "default <fraction> x float32").
+  """
+  name = _format_name(fmt)
+  if name in table:
+    return table[name], "measured"
+  for other, bw in table.items():
+    if other != "float32" and _kind(other) == _kind(name):
+      return bw / _bits(other) * _bits(name), f"measured {other}"
+  f32 = table.get("float32", next(iter(table.values())))
+  if name == "float32":
+    return f32, "measured"
+  fraction = DEFAULT_WEIGHT_RATE.get(_kind(name), min(DEFAULT_WEIGHT_RATE.values()))
+  return f32 / 32.0 * fraction * _bits(name), f"default {fraction:g} x float32"
+
+
+def _rate(table: dict[str, float], fmt: Any) -> float:
+  return rate_for(table, fmt)[0]
+
+
+def matvec_bw(profile, side: Side, fmt) -> float:
+  """Bytes of stored weights per second multiplied at batch 1 on `side`, for a weight
+  format ("int4", a WeightFormat) or a dtype (`rate_for` says how it falls back)."""
+  return _rate(profile.cpu_matvec_bw if side == "cpu" else profile.device_matvec_bw, fmt)
 
 
 def flops(profile, side: Side, dtype) -> float:
-  """Matmul FLOP/s on `side`."""
-  return _rate(profile.cpu_flops if side == "cpu" else profile.device_flops, dtype)
+  """Matmul FLOP/s on `side` (a dtype; quantized kernels compute in the compute dtype)."""
+  table = profile.cpu_flops if side == "cpu" else profile.device_flops
+  name = jnp.dtype(dtype).name
+  return table.get(name, table.get("float32", next(iter(table.values()))))
 
 
 def matmul_time(profile, side: Side, nbytes: float, num_params: float, tokens: int,
-                dtype) -> float:
-  """Seconds to multiply `tokens` rows by a weight of `nbytes` (`num_params` entries).
+                dtype, fmt: Any = None) -> float:
+  """Seconds to multiply `tokens` rows by a weight of `nbytes` stored bytes (`num_params` entries).
 
-  The roofline of the two limits: streaming the weights once, and the FLOPs.
+  The roofline of the two limits: streaming the weights, and the FLOPs (in the
+  compute `dtype`). A quantized kernel (`fmt` other than float32) is computed as
+  `formats.matmul` does: up to MATVEC_MAX_ROWS rows one matrix-vector product
+  each at the format's rate (each streams the weights), more rows dequantize it
+  once to `dtype` and multiply.
   """
   if nbytes <= 0:
     return 0.0
-  return max(nbytes / matvec_bw(profile, side, dtype),
-             2.0 * tokens * num_params / flops(profile, side, dtype))
+  name = _format_name(dtype if fmt is None else fmt)
+  compute = 2.0 * tokens * num_params / flops(profile, side, dtype)
+  if name == _format_name(dtype):
+    return max(nbytes / matvec_bw(profile, side, name), compute)
+  if tokens <= formats.MATVEC_MAX_ROWS:
+    return tokens * nbytes / matvec_bw(profile, side, name)
+  wide = num_params * jnp.dtype(dtype).itemsize
+  dequantize = nbytes / matvec_bw(profile, side, name) + wide / profile.memory_bw
+  return dequantize + max(wide / matvec_bw(profile, side, dtype), compute)
 
 
 def effective_rate(profile, side: Side, tokens: int, dtype) -> float:
@@ -109,10 +190,11 @@ class Matrix:
     shape: kernel shape ([in, out], or [X, in, out] summed over the three for
       "experts": then `shape` is (X, D, F) and `num_params` counts all three).
     num_params: entries.
-    nbytes: bytes in the model's dtype.
+    nbytes: bytes as stored (the model's weight format: scales included).
     stage: index of the input it consumes within its half (matrices with the
       same stage read the same activations, e.g. q/k/v or gate/up).
     out_features: columns (experts for "experts"): the unit alpha splits.
+    format: the stored weight format's name ("float32", "int8", "int4", ...).
   """
 
   group: str
@@ -122,6 +204,7 @@ class Matrix:
   nbytes: int
   stage: int
   out_features: int
+  format: str = "float32"
 
   @property
   def in_features(self) -> int:
@@ -136,25 +219,44 @@ def _stage_of(arch: str, half: str, name: str) -> int:
   return 0 if name in ("gate", "up") else 1
 
 
+def _stored_nbytes(model, name: str) -> int:
+  """Bytes of parameter `name` as stored: its array, or a quantized kernel's leaves."""
+  shapes = model.shapes
+  if name in shapes:
+    return shapes[name].size * shapes[name].dtype.itemsize
+  prefix = name + "/"
+  return sum(s.size * s.dtype.itemsize for n, s in shapes.items() if n.startswith(prefix))
+
+
+def kernel_format(model, name: str) -> str:
+  """The stored format of parameter `name` ("float32" where the model's format does not apply)."""
+  fmt = getattr(model, "format", None)
+  if fmt is None or not fmt.applies(name):
+    return "float32"
+  return fmt.name
+
+
 def group_matrices(model, group: str) -> list[Matrix]:
   """The splittable weights of one layer half, in the order the half uses them."""
-  shapes = model.shapes
-  itemsize = jnp.dtype(model.dtype).itemsize
+  shapes = model.logical_shapes if hasattr(model, "logical_shapes") else model.shapes
   half = group.split("/")[-1]
   arch = model.config.arch
   out: list[Matrix] = []
   names = ATTN_MATRICES if half == "attn" else FFN_MATRICES
   if half == "mlp" and arch == "mixtral":
-    kernels = [shapes[f"{group}/{n}"] for n in FFN_MATRICES]
+    keys = [f"{group}/{n}" for n in FFN_MATRICES]
+    kernels = [shapes[k] for k in keys]
     params = sum(k.size for k in kernels)
     x, d, f = kernels[0].shape
-    return [Matrix(group, "experts", (x, d, f), params, params * itemsize, 0, x)]
+    return [Matrix(group, "experts", (x, d, f), params,
+                   sum(_stored_nbytes(model, k) for k in keys), 0, x,
+                   kernel_format(model, keys[0]))]
   for n in names:
     key = f"{group}/{n}"
     if key in shapes:
       s = shapes[key]
-      out.append(Matrix(group, n, tuple(s.shape), s.size, s.size * itemsize,
-                        _stage_of(arch, half, n), s.shape[-1]))
+      out.append(Matrix(group, n, tuple(s.shape), s.size, _stored_nbytes(model, key),
+                        _stage_of(arch, half, n), s.shape[-1], kernel_format(model, key)))
   if half == "mlp":  # the FFN uses up (and gate) first, then down
     out.sort(key=lambda m: m.stage)
   return out
@@ -172,7 +274,8 @@ def small_nbytes(model, group: str) -> int:
   """Bytes of a half's leaves that are not splittable kernels (norms, biases, router)."""
   prefix = group + "/"
   return sum(s.size * s.dtype.itemsize for n, s in model.shapes.items()
-             if n.startswith(prefix) and not is_matrix_leaf(model, group, n[len(prefix):]))
+             if n.startswith(prefix)
+             and not is_matrix_leaf(model, group, n[len(prefix):].split("/")[0]))
 
 
 def attention_core_time(model, profile, side: Side, batch: int, tokens: int,
@@ -195,7 +298,7 @@ def half_roofline(model, profile, half: str, context: int) -> float:
   if half == "head":
     return head_time(model, profile, "device", 1, 1)
   group = f"layers/0/{half}"
-  seconds = sum(matmul_time(profile, "device", m.nbytes, m.num_params, 1, model.dtype)
+  seconds = sum(matmul_time(profile, "device", m.nbytes, m.num_params, 1, model.dtype, m.format)
                 for m in group_matrices(model, group))
   if half == "attn":
     seconds += attention_core_time(model, profile, "device", 1, 1, context)
@@ -216,8 +319,112 @@ def decode_scale(profile, model, half: str, side: Side) -> float:
 
 
 def head_time(model, profile, side: Side, batch: int, tokens: int) -> float:
-  """Seconds for the LM head on `tokens` rows (the engine runs it on the last only)."""
+  """Seconds for the LM head on `tokens` rows (the engine runs it on the last only).
+
+  An untied head takes the model's weight format; a tied one is the embedding,
+  in the compute dtype.
+  """
   c = model.config
-  itemsize = jnp.dtype(model.dtype).itemsize
   params = c.embed_dim * c.vocab_size
-  return matmul_time(profile, side, params * itemsize, params, batch * tokens, model.dtype)
+  if c.tie_word_embeddings or "head/lm_head" not in model.logical_shapes:
+    nbytes, fmt = params * jnp.dtype(model.dtype).itemsize, None
+  else:
+    nbytes, fmt = _stored_nbytes(model, "head/lm_head"), kernel_format(model, "head/lm_head")
+  return matmul_time(profile, side, nbytes, params, batch * tokens, model.dtype, fmt)
+
+
+# -- several hosts ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+  """Processes that each hold 1/`hosts` of every layer (Megatron-style tensor parallelism).
+
+  Attributes:
+    hosts: processes on the mesh's model axis; each holds a shard with 1/hosts
+      of the heads, the FFN width and the vocabulary, in its own memory and on
+      its own disk, under its own budget (the budget a plan is given is per host).
+    per_machine: how many of those processes share one machine (its cores,
+      memory bus and disk): each gets 1/per_machine of the profile's rates
+      (`hardware.shared`). 1 = one process per machine.
+  """
+
+  hosts: int = 1
+  per_machine: int = 1
+
+  def __post_init__(self):
+    for f in ("hosts", "per_machine"):
+      v = getattr(self, f)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"Cluster.{f}={v!r}; expected an int >= 1.")
+    if self.hosts % self.per_machine:
+      raise ValueError(f"Cluster(hosts={self.hosts}, per_machine={self.per_machine}): the"
+                       " processes must fill whole machines (hosts a multiple of per_machine).")
+
+
+def shard_model(model, hosts: int):
+  """One host's shard of `model` under Megatron-style sharding over `hosts`, as a model.
+
+  Attention heads, FFN columns (gate, up; down's rows) and the vocabulary are
+  split; norms are replicated. Key/value heads are split too, or replicated
+  where there are fewer of them than hosts (each host keeps the one its query
+  heads use). Only shapes are meant to be read from the result.
+
+  Raises:
+    ValueError: naming the dimension that `hosts` does not divide.
+  """
+  if hosts == 1:
+    return model
+  c = model.config
+  for what, n in (("num_heads", c.num_heads), ("intermediate_size", c.intermediate_size)):
+    if n % hosts:
+      raise ValueError(f"{c.name}: {what}={n} is not divisible by {hosts} hosts; choose a host"
+                       f" count that divides it.")
+  kv = c.num_kv_heads
+  if kv % hosts and hosts % kv:
+    raise ValueError(f"{c.name}: num_kv_heads={kv} and {hosts} hosts: one must divide the other.")
+  config = c.replace(num_heads=c.num_heads // hosts, num_kv_heads=max(1, kv // hosts),
+                     intermediate_size=c.intermediate_size // hosts,
+                     vocab_size=-(-c.vocab_size // hosts), name=f"{c.name} (1/{hosts})")
+  return dataclasses.replace(model, config=config)
+
+
+def allreduce_time(nbytes: float, hosts: int, network) -> float:
+  """Seconds of an all-reduce of `nbytes` (each host's full vector) over `hosts`.
+
+  The faster of a ring (2(N-1) messages of nbytes/N: bandwidth-optimal) and
+  recursive doubling (ceil(log2 N) exchanges of all nbytes: latency-optimal),
+  as collective libraries choose by size. `network` is a profile's `network`.
+  """
+  if hosts <= 1:
+    return 0.0
+  a, b = network["latency_s"], network["bandwidth"]
+  ring = 2 * (hosts - 1) * (a + nbytes / hosts / b)
+  doubling = math.ceil(math.log2(hosts)) * (a + nbytes / b)
+  return min(ring, doubling)
+
+
+def allgather_time(nbytes: float, hosts: int, network) -> float:
+  """Seconds of an all-gather whose result is `nbytes` (each host brings nbytes/N)."""
+  if hosts <= 1:
+    return 0.0
+  a, b = network["latency_s"], network["bandwidth"]
+  ring = (hosts - 1) * (a + nbytes / hosts / b)
+  doubling = math.ceil(math.log2(hosts)) * a + (hosts - 1) / hosts * nbytes / b
+  return min(ring, doubling)
+
+
+def collective_seconds(shard, cluster: Cluster, network, batch: int,
+                       tokens: int = 1) -> dict[str, float]:
+  """Seconds of each collective kind in one forward pass of `tokens` new tokens per row,
+  for one host's `shard` on `cluster`: {"layers": two all-reduces per layer of the
+  hidden-size activations, "embed": one more, "logits": the all-gather of the last
+  position's logits}."""
+  if cluster.hosts == 1:
+    return {"layers": 0.0, "embed": 0.0, "logits": 0.0}
+  c = shard.config
+  item = jnp.dtype(shard.dtype).itemsize
+  one = allreduce_time(batch * tokens * c.hidden_size * item, cluster.hosts, network)
+  return {"layers": 2 * c.num_layers * one, "embed": one,
+          "logits": allgather_time(batch * c.vocab_size * cluster.hosts * item, cluster.hosts,
+                                   network)}

@@ -51,9 +51,13 @@ class HardwareProfile:
       pages, not a link.
     memory_bw: host memory bandwidth as bytes copied per second by a large
       memcpy (each byte is read once and written once, so the bus moves 2x).
-    cpu_matvec_bw: bytes of weights per second of an XLA matrix-vector
-      product on the CPU, keyed by weight dtype name (``"float32"``,
-      ``"bfloat16"``, ...), with the faster of the formulations tried.
+    cpu_matvec_bw: bytes of stored weights per second of a matrix-vector
+      product on the CPU, keyed by weight format name (``"float32"``,
+      ``"bfloat16"``, ``"int8"``, ``"int8-g32"``, ``"int4"``, ``"int4-asym"``:
+      hetflow/models/formats.py; the plain formats are dtype names), with the
+      faster of the formulations tried for the plain dtypes and the kernel
+      `hetflow.models.formats.matmul` dispatches to for the others. A format
+      not listed falls back as `hetflow.costmodel.matvec_bw` says.
     cpu_flops: matmul FLOP/s on the CPU keyed by dtype name.
     device_matvec_bw: as ``cpu_matvec_bw``, on the jax default device (equal
       to the CPU figures on a CPU-only machine).
@@ -66,6 +70,11 @@ class HardwareProfile:
     host_memory: bytes of host RAM, or None if unknown.
     disk_direct: whether disk figures were taken with O_DIRECT (None: not
       measured here).
+    network: the interconnect between hosts (or processes) of a cluster of
+      such machines: ``{"bandwidth": bytes/s one way per link, "latency_s":
+      seconds per message}``, optionally ``"processes"`` (how many took part in
+      the measurement); empty where unknown. `NETWORKS` has presets;
+      `hetflow.bench.probes.probe_allreduce` measures local processes.
     models: measured decode costs of specific models' shapes on this machine,
       keyed by ``model_key`` (measured by ``hetflow.bench.calibration``); empty for
       profiles of other machines.
@@ -85,6 +94,7 @@ class HardwareProfile:
   device_memory: int | None = None
   host_memory: int | None = None
   disk_direct: bool | None = None
+  network: Mapping[str, float] = dataclasses.field(default_factory=dict)
   models: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
   notes: str = ""
 
@@ -105,6 +115,10 @@ class HardwareProfile:
       "device_flops",
     ):
       object.__setattr__(self, f, {str(k): float(v) for k, v in getattr(self, f).items()})
+    object.__setattr__(self, "network", {str(k): float(v) for k, v in self.network.items()})
+    if self.network and not {"bandwidth", "latency_s"} <= set(self.network):
+      raise ValueError(f"{self.name}: network needs 'bandwidth' and 'latency_s', got"
+                       f" {sorted(self.network)}")
     object.__setattr__(self, "matvec_impl", {str(k): str(v) for k, v in self.matvec_impl.items()})
     object.__setattr__(self, "models", {str(k): {str(n): float(x) for n, x in m.items()}
                                         for k, m in self.models.items()})
@@ -219,6 +233,9 @@ class HardwareProfile:
       lines.append(f"device matvec {dt:9s}        {gb(bw)}")
     for dt, fl in self.device_flops.items():
       lines.append(f"device matmul {dt:9s}        {fl / 1e9:8.1f} GFLOP/s")
+    if self.network:
+      lines.append(f"network {gb(self.network['bandwidth'])}, latency"
+                   f" {self.network['latency_s'] * 1e6:.0f} us per message")
     if self.notes:
       lines.append(f"notes: {self.notes}")
     return "\n".join(lines)
@@ -249,6 +266,9 @@ def model_key(model) -> str:
          f"x{c.head_dim} v{c.vocab_size} {c.hidden_act} {np.dtype(model.dtype).name}")
   if c.num_experts:
     key += f" e{c.experts_per_token}/{c.num_experts}"
+  weights = getattr(model, "weights", "float32")
+  if weights != "float32":  # an int4 model's halves cost what its kernels cost, not float32's
+    key += f" w={weights}"
   return key
 
 
@@ -365,6 +385,57 @@ PROFILES: dict[str, HardwareProfile] = {
     "compute and memory assumed at ~2/3 of the OnePlus 12 (see hetflow/hardware.py)",
   ),
 }
+
+
+def shared(profile: HardwareProfile, processes: int) -> HardwareProfile:
+  """What one of `processes` processes sharing this machine gets: 1/processes of its disk,
+  memory, link and compute rates (each process its share of the cores and buses), and
+  its calibrated decode costs `processes` times as long."""
+  if processes == 1:
+    return profile
+  k = float(processes)
+  rates = lambda table: {n: v / k for n, v in table.items()}  # noqa: E731
+  models = {key: {n: (v * k if n.endswith("_s") else v / k if n.endswith("_bw") else v)
+                  for n, v in m.items()} for key, m in profile.models.items()}
+  return dataclasses.replace(
+    profile, name=f"{profile.name} (1/{processes})", cores=max(1, profile.cores // processes),
+    disk_read_bw={qd: rates(row) for qd, row in profile.disk_read_bw.items()},
+    host_to_device_bw=rates(profile.host_to_device_bw), memory_bw=profile.memory_bw / k,
+    cpu_matvec_bw=rates(profile.cpu_matvec_bw), cpu_flops=rates(profile.cpu_flops),
+    device_matvec_bw=rates(profile.device_matvec_bw), device_flops=rates(profile.device_flops),
+    host_memory=None if profile.host_memory is None else profile.host_memory // processes,
+    models=models)
+
+
+# -- interconnects between hosts -----------------------------------------------------
+
+# A collective over TCP costs its wire time plus a software cost per message (gloo's
+# framing, syscalls, the XLA CPU collective's own dispatch): measured here between two
+# local processes by `hetflow.bench.probes.probe_allreduce` (WORKSPACE_NOTES.md, "Cluster
+# model"), where the wire costs nothing, so it is the floor of every network below.
+_COLLECTIVE_SOFTWARE_S = 60e-6
+
+NETWORKS: dict[str, dict[str, float]] = {
+  # 10 GbE: 1.25 GB/s line rate, ~1.1 GB/s through TCP; ~15 us NIC + switch one way.
+  "10gbe": {"bandwidth": 1.1e9, "latency_s": _COLLECTIVE_SOFTWARE_S + 15e-6},
+  # 100 GbE: 12.5 GB/s line rate, ~10 GB/s through TCP on a few streams; ~5 us one way.
+  "100gbe": {"bandwidth": 10e9, "latency_s": _COLLECTIVE_SOFTWARE_S + 5e-6},
+}
+"""Presets for `HardwareProfile.network` (assumed figures, see the comments), by name."""
+
+
+def with_network(profile: HardwareProfile, network: str | Mapping[str, float]) -> HardwareProfile:
+  """`profile` with its hosts joined by `network` (a name in `NETWORKS` or a dict).
+
+  Raises:
+    KeyError: for a name that is not a preset.
+  """
+  if isinstance(network, str):
+    if network not in NETWORKS:
+      raise KeyError(f"no network preset {network!r}; expected one of {sorted(NETWORKS)}, or a"
+                     " dict with 'bandwidth' (bytes/s) and 'latency_s'.")
+    network = NETWORKS[network]
+  return dataclasses.replace(profile, network=dict(network))
 
 
 def get_profile(name_or_path: str | os.PathLike | HardwareProfile) -> HardwareProfile:

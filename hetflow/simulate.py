@@ -32,6 +32,15 @@ Decode time is measured in steady state: two decode passes are simulated back
 to back and the second one's increment is the per-token time, so prefetches
 that run across the token boundary count as they do in a real run.
 
+On a `costmodel.Cluster` of N hosts, the model a cost model sees is one host's
+shard (`costmodel.shard_model`) and the profile one process's share of its
+machine (`hardware.shared`); `half_time` ends every layer half with its
+all-reduce and `head_time` adds the embedding's all-reduce and the logits'
+all-gather, over the profile's `network`. The collective sits inside the jitted
+half (XLA CPU runs it there), so it occupies the device; reads and copies go on.
+A cost model that does not compute its halves through `half_time` issues no
+collectives: its plans are not applicable on more than one host (`NotApplicable`).
+
 Everything here works on shapes (`Model.shapes` is `jax.eval_shape`), so the
 30B models of the HeteGen figures cost nothing to predict.
 """
@@ -44,7 +53,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 from hetflow import costmodel, hardware
-from hetflow.strategy import Placement, get_strategy
+from hetflow.strategy import NotApplicable, Placement, get_strategy
 
 Resource = Literal["disk", "link", "link_d2h", "cpu", "device"]
 RESOURCES: tuple[str, ...] = ("disk", "link", "link_d2h", "cpu", "device")
@@ -106,6 +115,7 @@ class PassContext:
     passes: forward passes to issue back to back (the cost model loops over them).
     events: the list being built; use `add`.
     state: scratch space a cost model may keep between passes.
+    cluster: the hosts the model is sharded over (`model` is then one host's shard).
   """
 
   model: Any
@@ -119,8 +129,19 @@ class PassContext:
   passes: int
   events: list[Event] = dataclasses.field(default_factory=list)
   state: dict[str, Any] = dataclasses.field(default_factory=dict)
+  cluster: costmodel.Cluster = costmodel.Cluster()
   pass_index: int = 0
   _scales: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
+  collectives: int = 0  # layer all-reduces charged, to tell a cost model that issues none
+
+  def _allreduce(self) -> float:
+    """Seconds of one all-reduce of this pass's hidden-size activations over the cluster."""
+    if self.cluster.hosts == 1:
+      return 0.0
+    self.collectives += 1
+    c = self.model.config
+    return costmodel.allreduce_time(self.rows * c.hidden_size * self.dtype.itemsize,
+                                    self.cluster.hosts, _network(self.profile))
 
   def add(self, resource: str, seconds: float, deps=(), label: str = "",
           layer: int | None = None, nbytes: int = 0, overhead: bool = True) -> int:
@@ -151,27 +172,36 @@ class PassContext:
     return self._scales[key]
 
   def compute_time(self, side: str, nbytes: float, num_params: float,
-                   half: str | None = None) -> float:
-    """Seconds of a matmul on `side` over this pass's rows: the roofline, scaled
-    to this model's measured decode rate when `half` ("attn", "mlp") is given."""
+                   half: str | None = None, fmt: str | None = None) -> float:
+    """Seconds of a matmul on `side` over this pass's rows: the roofline (of the
+    stored format `fmt`, default the compute dtype), scaled to this model's
+    measured decode rate when `half` ("attn", "mlp") is given."""
     seconds = costmodel.matmul_time(self.profile, side, nbytes, num_params, self.rows,
-                                    self.dtype)
+                                    self.dtype, fmt)
     return seconds * (self.scale(half, side) if half else 1.0)
 
   def half_time(self, group: str, side: str = "device") -> float:
-    """Seconds to compute one whole layer half on `side` (kernels + attention core)."""
+    """Seconds to compute one whole layer half on `side` (kernels + attention core), and on
+    a cluster the all-reduce that ends it."""
     half = group.split("/")[-1]
-    seconds = sum(self.compute_time(side, m.nbytes, m.num_params)
+    seconds = sum(self.compute_time(side, m.nbytes, m.num_params, fmt=m.format)
                   for m in costmodel.group_matrices(self.model, group))
     if half == "attn":
       seconds += costmodel.attention_core_time(self.model, self.profile, side, self.batch,
                                                self.tokens, self.context)
-    return seconds * self.scale(half, side)
+    return seconds * self.scale(half, side) + self._allreduce()
 
   def head_time(self, side: str = "device") -> float:
+    """Seconds of the LM head, and on a cluster the embedding's all-reduce and the
+    logits' all-gather."""
     # The engine computes logits of the last token only, in both phases.
-    return (costmodel.head_time(self.model, self.profile, side, self.batch, 1)
-            * self.scale("head", side))
+    seconds = (costmodel.head_time(self.model, self.profile, side, self.batch, 1)
+               * self.scale("head", side))
+    if self.cluster.hosts > 1:
+      parts = costmodel.collective_seconds(self.model, self.cluster, _network(self.profile),
+                                           self.batch, self.tokens)
+      seconds += parts["embed"] + parts["logits"]
+    return seconds
 
   def copy_time(self, nbytes: float) -> float:
     """Seconds to move `nbytes` of whole layers host -> device: this model's measured
@@ -181,6 +211,14 @@ class PassContext:
       layer = sum(self.model.group_nbytes(f"layers/0/{h}") for h in ("attn", "mlp"))
       return measured["layer_copy_s"] * nbytes / layer
     return nbytes / self.profile.link_bw(True)
+
+
+def _network(profile):
+  if not profile.network:
+    raise ValueError(f"profile {profile.name!r} has no network: give it one"
+                     " (hardware.with_network(profile, '10gbe'), or a measured one) to predict"
+                     " more than one host.")
+  return profile.network
 
 
 class NoCostModel(ValueError):
@@ -251,6 +289,8 @@ class Prediction:
     bottleneck: the busiest resource in decode.
     decode_busy: seconds per decode step each resource is busy.
     prefill_busy: as decode_busy, for the prefill pass.
+    network_s_per_token: of decode_s_per_token, seconds in collectives (0 on one host).
+    cluster: the hosts it was predicted on.
   """
 
   strategy: str
@@ -260,6 +300,8 @@ class Prediction:
   bottleneck: str
   decode_busy: dict[str, float]
   prefill_busy: dict[str, float]
+  network_s_per_token: float = 0.0
+  cluster: costmodel.Cluster = costmodel.Cluster()
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -280,43 +322,67 @@ class Prediction:
 
 def simulate_pass(model, placement: Placement, profile, phase: str, batch: int,
                   tokens: int, context: int, passes: int = 1,
-                  settings: SimSettings | None = None) -> Schedule:
-  """Builds and schedules `passes` back-to-back forward passes of one phase."""
+                  settings: SimSettings | None = None,
+                  cluster: costmodel.Cluster | None = None) -> Schedule:
+  """Builds and schedules `passes` back-to-back forward passes of one phase.
+
+  On a cluster, `model` and `profile` are one host's (see the module docstring).
+
+  Raises:
+    NoCostModel: the strategy has none.
+    NotApplicable: on more than one host, for a cost model that issues no collectives.
+  """
   cost_model = get_strategy(placement.strategy).cost_model
   if cost_model is None:
     raise NoCostModel(f"strategy {placement.strategy!r} has no cost model, so its plans cannot"
                       " be predicted (give its class a `cost_model`; see hetflow/simulate.py).")
+  cluster = cluster or costmodel.Cluster()
   ctx = PassContext(model, placement, profile, settings or SimSettings(), phase, batch,
-                    tokens, context, passes)
+                    tokens, context, passes, cluster=cluster)
   cost_model(ctx)
+  if cluster.hosts > 1 and ctx.collectives < 2 * model.config.num_layers * passes:
+    raise NotApplicable(f"{placement.strategy}'s cost model does not compute its layer halves"
+                        " through PassContext.half_time, so a sharded model's all-reduces are"
+                        f" not in its prediction; it cannot be predicted on {cluster.hosts} hosts")
   return run_events(ctx.events, shared_cpu=hardware.device_is_cpu(profile))
 
 
 def predict(model, placement: Placement, profile, batch: int = 1, prompt_len: int = 512,
-            new_tokens: int = 64, settings: SimSettings | None = None) -> Prediction:
+            new_tokens: int = 64, settings: SimSettings | None = None,
+            cluster: costmodel.Cluster | None = None) -> Prediction:
   """Predicts prefill time and steady-state decode time per token of a plan.
 
   Args:
-    model: a hetflow Model (shapes only are used; weights are never read).
+    model: a hetflow Model (shapes only are used; weights are never read); on a
+      cluster, one host's shard (`costmodel.shard_model`).
     placement: from any registered strategy's `plan()`.
-    profile: a HardwareProfile (hetflow.hardware).
+    profile: a HardwareProfile (hetflow.hardware); on a cluster, one process's
+      (`hardware.shared` where several share a machine), with a `network`.
     batch: rows per pass.
     prompt_len: prompt tokens per row.
     new_tokens: tokens generated; decode is simulated at the mean context length.
     settings: SimSettings.
+    cluster: the hosts; None: one.
 
   Returns:
     A Prediction.
   """
+  cluster = cluster or costmodel.Cluster()
   pre = simulate_pass(model, placement, profile, "prefill", batch, prompt_len, prompt_len,
-                      1, settings)
+                      1, settings, cluster)
   context = prompt_len + max(new_tokens, 1) // 2
-  dec = simulate_pass(model, placement, profile, "decode", batch, 1, context, 2, settings)
+  dec = simulate_pass(model, placement, profile, "decode", batch, 1, context, 2, settings,
+                      cluster)
   per_token = dec.pass_end(1) - dec.pass_end(0)
-  one = simulate_pass(model, placement, profile, "decode", batch, 1, context, 1, settings)
+  one = simulate_pass(model, placement, profile, "decode", batch, 1, context, 1, settings,
+                      cluster)
   busy = {r: s / 1.0 for r, s in one.busy.items()}
+  network = 0.0
+  if cluster.hosts > 1:
+    network = sum(costmodel.collective_seconds(model, cluster, _network(profile),
+                                               batch).values())
   return Prediction(placement.strategy, pre.makespan, per_token, new_tokens,
-                    max(busy, key=busy.get), busy, dict(pre.busy))
+                    max(busy, key=busy.get), busy, dict(pre.busy), network, cluster)
 
 
 def layer_groups(model) -> list[str]:
