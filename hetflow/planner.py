@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hetflow import simulate
-from hetflow.hardware import get_profile
+from hetflow import costmodel, simulate
+from hetflow.hardware import get_profile, shared, with_network
 from hetflow.memory.budget import Budget, BudgetExceeded, format_bytes
 from hetflow.models.model import Model
 from hetflow.strategy import NotApplicable, Placement, available_strategies, get_strategy
@@ -61,16 +61,20 @@ class RankedPlan:
 
 def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
          prompt_len: int = 128, new_tokens: int = 64,
-         strategies: list[str] | None = None) -> list[RankedPlan]:
+         strategies: list[str] | None = None,
+         cluster: costmodel.Cluster | None = None) -> list[RankedPlan]:
   """Every strategy's candidate plans for `model` within `budget`, best first.
 
   Args:
     model: shapes are all that is used; no weights are read.
-    budget: hetflow.Budget (or dict / None).
+    budget: hetflow.Budget (or dict / None); per host on a cluster.
     profile: HardwareProfile, a named profile or a JSON path (this machine's,
-      measured and cached: hetflow.bench.machine.machine_profile).
+      measured and cached: hetflow.bench.machine.machine_profile); on a
+      cluster, of one machine, with a `network` between them.
     batch, prompt_len, new_tokens: the workload to predict.
     strategies: names to consider (default: every registered one).
+    cluster: hosts the model is sharded over (each plan is one host's shard,
+      `costmodel.shard_model`, on its share of its machine); None: one.
 
   Returns:
     Feasible plans sorted by predicted decode time per token, then the
@@ -81,6 +85,10 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
     raise ValueError("the planner predicts on a HardwareProfile: pass one (a named profile,"
                      " a JSON path), or call hetflow.plan, which measures this machine once.")
   profile = get_profile(profile)
+  cluster = cluster or costmodel.Cluster()
+  if cluster.hosts > 1:
+    model = costmodel.shard_model(model, cluster.hosts)
+    profile = shared(profile, cluster.per_machine)
   ranked: list[RankedPlan] = []
   for name in strategies or available_strategies():
     cls = get_strategy(name)
@@ -91,7 +99,8 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
     for options in cls.candidates(model, budget):
       try:
         placement = cls(options).plan(model, budget, profile)
-        prediction = simulate.predict(model, placement, profile, batch, prompt_len, new_tokens)
+        prediction = simulate.predict(model, placement, profile, batch, prompt_len, new_tokens,
+                                      cluster=cluster)
       except BudgetExceeded as e:
         ranked.append(RankedPlan(name, options, None, None, f"does not fit: {e}"))
         continue
@@ -139,6 +148,122 @@ def plan_config(model: str, device: str, host: str = "", smoke: dict | None = No
   c.smoke = smoke or {}
   c.update(overrides)
   return c
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterRow:
+  """The best plan for one host count on one network.
+
+  Attributes:
+    hosts: processes holding 1/hosts of every layer each.
+    network: the network's name.
+    best: the best plan of one host's shard, or None when none fits.
+    weights_per_host: bytes of one host's shard of the weights.
+    disk_per_token: bytes each host reads from its disk per decode token.
+    limit: what bounds decode: "disk", "compute", "network" (the busiest of
+      the three per token), or why nothing fits.
+  """
+
+  hosts: int
+  network: str
+  best: RankedPlan | None
+  weights_per_host: int
+  disk_per_token: int
+  limit: str
+
+  @property
+  def tokens_per_s(self) -> float | None:
+    return self.best.prediction.decode_tokens_per_s if self.best else None
+
+
+def cluster_table(model: Model, budget: Any, profile: Any, hosts: tuple[int, ...],
+                  networks: tuple[str, ...], per_machine: int = 1, **workload
+                  ) -> list[ClusterRow]:
+  """The best plan for `model` on each host count over each network (`plan` per cell).
+
+  Args:
+    model: the whole model; each cell plans one host's shard of it.
+    budget: per host.
+    profile: one machine's HardwareProfile (or name or path).
+    hosts: host counts, e.g. (1, 2, 4, 8, 16).
+    networks: names in `hardware.NETWORKS`, or "profile" for the profile's own.
+    per_machine: processes per machine (`costmodel.Cluster`).
+    **workload: batch, prompt_len, new_tokens, strategies (as `plan`).
+
+  Returns:
+    One row per (network, host count).
+  """
+  profile = get_profile(profile)
+  rows = []
+  for net in networks:
+    prof = profile if net == "profile" else with_network(profile, net)
+    for n in hosts:
+      cluster = costmodel.Cluster(n, min(per_machine, n))
+      shard = costmodel.shard_model(model, n)
+      ranked = plan(model, budget, prof, cluster=cluster, **workload)
+      best_plan = ranked[0] if ranked and ranked[0].feasible else None
+      weights = shard.nbytes
+      if best_plan is None:
+        reasons = sorted({r.reason.split(":")[0] for r in ranked})
+        rows.append(ClusterRow(n, net, None, weights, 0, "nothing fits (" + "; ".join(reasons)
+                               + ")"))
+        continue
+      p = best_plan.prediction
+      disk = sum(g.nbytes for g in best_plan.placement.groups.values() if g.tier == "disk")
+      busy = dict(p.decode_busy)
+      network = p.network_s_per_token
+      terms = {"disk": busy.get("disk", 0.0),
+               "compute": max(busy.get("device", 0.0), busy.get("cpu", 0.0)) - network,
+               "network": network}
+      rows.append(ClusterRow(n, net, best_plan, weights, disk, max(terms, key=terms.get)))
+  return rows
+
+
+def format_cluster_table(rows: list[ClusterRow], budget: Any) -> str:
+  """`cluster_table`'s rows as Markdown, with where scaling stops and why."""
+  lines = ["| network | hosts | plan per host | budget per host | weights per host"
+           " | disk read per token per host | decode (tok/s) | x fewer hosts | network share"
+           " | bound by |", "|---|---|---|---|---|---|---|---|---|---|"]
+  prev: dict[str, float] = {}
+  for r in rows:
+    if r.best is None:
+      lines.append(f"| {r.network} | {r.hosts} | - | {budget} | {format_bytes(r.weights_per_host)}"
+                   f" | - | - | - | - | {r.limit} |")
+      continue
+    p = r.best.prediction
+    tok = p.decode_tokens_per_s
+    gain = f"{tok / prev[r.network]:.2f}" if r.network in prev else "-"
+    prev[r.network] = tok
+    lines.append(f"| {r.network} | {r.hosts} | {r.best.label()} | {budget}"
+                 f" | {format_bytes(r.weights_per_host)} | {format_bytes(r.disk_per_token)}"
+                 f" | {tok:.3f} | {gain}"
+                 f" | {p.network_s_per_token / p.decode_s_per_token:.0%} | {r.limit} |")
+  lines.append("")
+  lines += scaling_notes(rows)
+  return "\n".join(lines)
+
+
+def scaling_notes(rows: list[ClusterRow]) -> list[str]:
+  """One line per network: where doubling the hosts stops paying (< 1.2x), and why."""
+  notes = []
+  for net in dict.fromkeys(r.network for r in rows):
+    mine = [r for r in rows if r.network == net and r.best is not None]
+    stop = None
+    for a, b in zip(mine, mine[1:]):
+      if b.tokens_per_s < 1.2 * a.tokens_per_s:
+        stop = (a, b)
+        break
+    if stop is None:
+      last = mine[-1] if mine else None
+      notes.append(f"- {net}: still scaling at {last.hosts} hosts (bound by {last.limit})"
+                   if last else f"- {net}: nothing fits")
+    else:
+      a, b = stop
+      notes.append(f"- {net}: stops scaling at {a.hosts} -> {b.hosts} hosts"
+                   f" ({a.tokens_per_s:.3f} -> {b.tokens_per_s:.3f} tok/s): bound by {b.limit}"
+                   f" (network {b.best.prediction.network_s_per_token * 1e3:.1f} ms of"
+                   f" {b.best.prediction.decode_s_per_token * 1e3:.1f} ms per token)")
+  return notes
 
 
 def format_table(ranked: list[RankedPlan]) -> str:

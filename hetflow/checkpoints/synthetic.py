@@ -59,6 +59,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama-1b": _LLAMA_1B,  # TinyLlama-1.1B
     "llama-2-7b": dict(_LLAMA_1B, hidden_size=4096, intermediate_size=11008, num_layers=32,
                        num_heads=32, num_kv_heads=32, head_dim=128, max_position_embeddings=4096),
+    "llama-2-70b": dict(_LLAMA_1B, hidden_size=8192, intermediate_size=28672, num_layers=80,
+                        num_heads=64, num_kv_heads=8, head_dim=128, max_position_embeddings=4096),
     "mistral-7b": dict(_LLAMA_1B, hidden_size=4096, intermediate_size=14336, num_layers=32,
                        num_heads=32, num_kv_heads=8, head_dim=128, max_position_embeddings=32768,
                        rope_theta=1e6),
