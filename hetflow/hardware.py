@@ -63,7 +63,8 @@ class HardwareProfile:
       to the CPU figures on a CPU-only machine).
     device_flops: as ``cpu_flops``, on the jax default device.
     matvec_impl: for each dtype measured, which formulation was faster on the
-      CPU: ``"dot"`` (``jnp.dot``) or ``"multiply_sum"`` (``(W * x).sum``).
+      CPU: ``"dot"`` (``jnp.dot``) or ``"multiply_sum"`` (``(W * x).sum``);
+      ``"formats.matmul"`` for weight formats (whatever kernel it dispatches to).
       XLA's CPU bf16 ``dot`` is far off the memory roof; the elementwise form
       is not.
     device_memory: bytes of accelerator memory, or None (CPU-only / unified).
@@ -413,7 +414,7 @@ def shared(profile: HardwareProfile, processes: int) -> HardwareProfile:
 # framing, syscalls, the XLA CPU collective's own dispatch): measured here between two
 # local processes by `hetflow.bench.probes.probe_allreduce` (WORKSPACE_NOTES.md, "Cluster
 # model"), where the wire costs nothing, so it is the floor of every network below.
-_COLLECTIVE_SOFTWARE_S = 60e-6
+_COLLECTIVE_SOFTWARE_S = 120e-6
 
 NETWORKS: dict[str, dict[str, float]] = {
   # 10 GbE: 1.25 GB/s line rate, ~1.1 GB/s through TCP; ~15 us NIC + switch one way.

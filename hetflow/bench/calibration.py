@@ -36,13 +36,14 @@ import collections
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow import costmodel
-from hetflow.bench.probes import best_time
+from hetflow import costmodel, hardware
+from hetflow.bench.probes import best_time, format_matvec_rate
 from hetflow.engine import Engine
 from hetflow.hardware import HardwareProfile, measured_costs, model_key
 from hetflow.memory import tiers
@@ -76,15 +77,23 @@ def fits_in_memory(model) -> bool:
   return _max_layers(model) >= 2
 
 
-def _random_group(model, group: str, key) -> dict[str, jax.Array]:
-  """Random device arrays of one group's shapes (values do not change dense timings)."""
+def _random_group(model, group: str, key) -> dict[str, Any]:
+  """Random device arrays of one group's stored shapes, as the model's functions take them
+  (a quantized kernel a dict of its leaves); values do not change dense timings."""
+  from hetflow.models.model import unflatten
+
   prefix = group + "/"
   out = {}
   for i, (name, s) in enumerate(sorted(model.shapes.items())):
     if name.startswith(prefix):
-      out[name[len(prefix):]] = 0.02 * jax.random.normal(jax.random.fold_in(key, i), s.shape,
-                                                         s.dtype)
-  return out
+      k = jax.random.fold_in(key, i)
+      if jnp.issubdtype(s.dtype, jnp.integer):
+        info = jnp.iinfo(s.dtype)
+        value = jax.random.randint(k, s.shape, info.min, info.max, s.dtype)
+      else:
+        value = (0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(s.dtype)
+      out[name[len(prefix):]] = value
+  return unflatten(out)
 
 
 def _few_layers(model, layers: int = 8):
@@ -240,8 +249,10 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
   results["layer_copy_s"] = _time_layer_copy(model, max(3, min(count, 8)), repeats)
   results["context"] = float(context)
   results["layers_cycled"] = float(count)
-  results["gather_bw"] = gather_rate(model, repeats=repeats)
-  if jax.default_backend() == "cpu":
+  quantized = model.weights != "float32"
+  if not quantized:  # neuron_cluster and tensor_split take float32 weights only
+    results["gather_bw"] = gather_rate(model, repeats=repeats)
+  if jax.default_backend() == "cpu" and not quantized:
     # At the split this machine's profile gives (one tiny and one wide
     # multiply per kernel cost more than two halves).
     alpha = costmodel.phase_alpha(profile, 1, model.dtype)
@@ -249,10 +260,32 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
   if progress:
     print("  " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in results.items()
                            if k.endswith("_s"))
-          + f", gather {results['gather_bw'] / 1e9:.2f} GB/s", flush=True)
+          + (f", gather {results['gather_bw'] / 1e9:.2f} GB/s" if "gather_bw" in results else ""),
+          flush=True)
   models = dict(profile.models)
   models[model_key(model)] = results
-  return dataclasses.replace(profile, models=models)
+  profile = dataclasses.replace(profile, models=models)
+  if quantized and model.weights not in profile.cpu_matvec_bw:
+    profile = with_format_rate(profile, model.weights, repeats=repeats, progress=progress)
+  return profile
+
+
+def with_format_rate(profile: HardwareProfile, fmt: str, shape: tuple[int, int] = (4096, 4096),
+                     total_bytes: int = GiB, repeats: int = 3,
+                     progress: bool = True) -> HardwareProfile:
+  """`profile` with weight format `fmt`'s matrix-vector rate measured on this machine's CPU
+  (`probes.format_matvec_rate`: through the kernel `formats.matmul` uses now), as the
+  device's too where the device is the CPU. A profile measured before formats existed
+  gains the figure the cost model would otherwise take a conservative default for."""
+  device = jax.devices("cpu")[0]
+  rate = format_matvec_rate(device, fmt, shape, total_bytes, repeats)
+  if progress:
+    print(f"  {fmt} matrix-vector: {rate / 1e9:.2f} GB/s of stored weights", flush=True)
+  cpu = dict(profile.cpu_matvec_bw, **{fmt: rate})
+  impl = dict(profile.matvec_impl, **{fmt: "formats.matmul"})
+  dev = dict(profile.device_matvec_bw, **{fmt: rate}) if hardware.device_is_cpu(profile) \
+      else profile.device_matvec_bw
+  return dataclasses.replace(profile, cpu_matvec_bw=cpu, device_matvec_bw=dev, matvec_impl=impl)
 
 
 def summary(profile, model) -> str:

@@ -7,6 +7,11 @@ Each rate is measured by exactly one function here; two callers use them:
   matmul per dtype on the CPU and the accelerator, host->device per memory
   kind): what `python -m experiments.profile_hardware` writes and the planner
   predicts from.
+- `format_matvec_rate` times each weight format's matrix-vector product through
+  the function the models call (`hetflow.models.formats.matmul`), so the
+  profile's figure follows whichever kernel is in use; `probe_allreduce` times
+  an all-reduce between local processes under `jax.distributed` (the profile's
+  `network` for processes on one machine).
 - the benchmark (`hetflow.bench.runner`) probes the limits of its own run:
   `probe_store` reads the layer store the strategies stream from,
   `probe_memory` the f32 matvec roof, `probe_host_to_device` the link.
@@ -21,10 +26,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import json
 import math
 import os
 import platform
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -250,6 +258,57 @@ def matvec_rate(device, dtype, shape: tuple[int, int], total_bytes: int, repeats
   return rates
 
 
+# Formats whose matrix-vector rate `measure` takes (bfloat16's replaces the generic bf16 one).
+FORMATS = ("bfloat16", "int8", "int8-g32", "int4", "int4-asym")
+
+
+def random_kernel(fmt: str, shape: tuple[int, ...], key) -> Any:
+  """Random stored leaves of one kernel of logical `shape` ([in, out]) in weight format `fmt`
+  (values do not change dense timings; integer leaves are random bits, scales small)."""
+  import jax
+  import jax.numpy as jnp
+
+  from hetflow.models import formats
+
+  leaves = {}
+  for i, (name, spec) in enumerate(formats.WeightFormat.parse(fmt).leaf_shapes(shape).items()):
+    k = jax.random.fold_in(key, i)
+    if jnp.issubdtype(spec.dtype, jnp.integer):
+      info = jnp.iinfo(spec.dtype)
+      leaves[name] = jax.random.randint(k, spec.shape, info.min, info.max, spec.dtype)
+    else:
+      leaves[name] = (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype)
+  return leaves
+
+
+def format_matvec_rate(device, fmt: str, shape: tuple[int, int], total_bytes: int,
+                       repeats: int) -> float:
+  """Bytes of stored weights per second of one row through `formats.matmul` (decode's
+  matrix-vector product) on kernels of logical `shape` ([in, out]) in format `fmt`,
+  cycling `total_bytes` of distinct kernels per repetition as `matvec_rate` does."""
+  import jax
+  import jax.numpy as jnp
+
+  from hetflow.models import formats
+
+  key = jax.random.key(0)
+  first = random_kernel(fmt, shape, key)
+  per = formats.nbytes(first)
+  count = max(1, total_bytes // per)
+  ws = [jax.device_put(random_kernel(fmt, shape, jax.random.fold_in(key, i)) if i else first,
+                       device) for i in range(count)]
+  x = jax.device_put(jnp.ones((1, shape[0]), jnp.float32), device)
+  fn = jax.jit(formats.matmul)
+  fn(x, ws[0]).block_until_ready()  # compile outside the timing
+
+  def run():
+    for w in ws:
+      y = fn(x, w)
+    y.block_until_ready()
+
+  return count * per / best_time(run, repeats)
+
+
 def matmul_rate(device, dtype, n: int, repeats: int) -> float:
   """FLOP/s of an n x n x n matmul on `device` (accumulating in float32)."""
   import jax
@@ -307,6 +366,74 @@ def probe_host_to_device(nbytes: int = 64 << 20, repeats: int = 3) -> dict[str, 
   kind = tiers.host_memory_kind(device)
   rate = transfer_rate(device, kind, nbytes, repeats)
   return {"bytes": nbytes, "seconds": nbytes / rate, "bytes_per_s": rate, "kind": kind}
+
+
+def _allreduce_worker(coordinator: str, processes: int, process_id: int, sizes: list[int],
+                      repeats: int) -> None:
+  """One process of `probe_allreduce`: prints {size: [psum best s, no-collective best s]}."""
+  import jax
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes=processes, process_id=process_id)
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = Mesh(np.array(jax.devices()), ("x",))
+  out = {}
+  for size in sizes:
+    local = jax.device_put(np.ones((1, size), np.float32), jax.local_devices()[0])
+    arr = jax.make_array_from_single_device_arrays((processes, size),
+                                                   NamedSharding(mesh, P("x")), [local])
+    fns = [jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+           for f in (lambda a: jax.lax.psum(a, "x"), lambda a: a + 1.0)]
+    best = []
+    for fn in fns:
+      fn(arr).block_until_ready()
+      best.append(best_time(lambda fn=fn, arr=arr: fn(arr).block_until_ready(), repeats))
+    out[size] = best
+  print("ALLREDUCE " + json.dumps(out), flush=True)
+  jax.distributed.shutdown()
+
+
+def probe_allreduce(processes: int = 2, hidden_sizes: tuple[int, ...] = (2048, 8192, 65536),
+                    repeats: int = 200, port: int = 23517, timeout_s: float = 300
+                    ) -> dict[str, Any]:
+  """An all-reduce of float32 hidden-size vectors between `processes` local processes
+  (jax.distributed, gloo over TCP loopback), as a profile's `network`.
+
+  Each size is timed as a jitted `psum` and, in the same process, the same jitted
+  call without the collective; their difference is the collective's own cost.
+  Latency and bandwidth are the least-squares line through (bytes, seconds) of the
+  slowest process's differences, read as a two-process exchange (one message of
+  the whole vector each way: what `costmodel.allreduce_time` charges at N = 2).
+
+  Returns:
+    {"bandwidth": bytes/s, "latency_s": s, "processes": N, "by_size": {floats:
+    [psum s, no-collective s]}} (the first three are a `HardwareProfile.network`).
+  """
+  code = ("import sys, json; from hetflow.bench.probes import _allreduce_worker;"
+          " _allreduce_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),"
+          " json.loads(sys.argv[4]), int(sys.argv[5]))")
+  args = [f"127.0.0.1:{port}", str(processes)]
+  env = dict(os.environ, XLA_FLAGS="")  # one CPU device per process
+  procs = [subprocess.Popen([sys.executable, "-c", code, *args, str(i),
+                             json.dumps(list(hidden_sizes)), str(repeats)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(processes)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=timeout_s)
+    line = next((ln for ln in out.splitlines() if ln.startswith("ALLREDUCE ")), None)
+    if p.returncode or line is None:
+      raise RuntimeError(f"all-reduce probe process failed (rc {p.returncode}): {err[-2000:]}")
+    results.append({int(k): v for k, v in json.loads(line[len("ALLREDUCE "):]).items()})
+  by_size = {n: max((r[n] for r in results), key=lambda v: v[0] - v[1]) for n in hidden_sizes}
+  xs = np.array([4.0 * n for n in hidden_sizes])
+  ys = np.array([max(v[0] - v[1], 1e-7) for v in by_size.values()])
+  slope, intercept = np.polyfit(xs, ys, 1) if len(xs) > 1 else (0.0, ys[0])
+  return {"bandwidth": float(1.0 / slope) if slope > 0 else float("inf"),
+          "latency_s": max(float(intercept), float(ys.min()) / 2), "processes": processes,
+          "by_size": by_size}
 
 
 # -- a whole profile ------------------------------------------------------------------
@@ -447,6 +574,7 @@ def measure(
   default = jax.devices()[0]
   on_accel = default.platform != "cpu"
   steps = (len(s.disk_block_sizes) * len(s.disk_queue_depths) * s.repeats + 1 + 4 + 2
+           + len(FORMATS)
            + (4 if on_accel else 0))
   bar = tqdm(total=steps, desc="profiling", disable=not progress)
 
@@ -459,6 +587,11 @@ def measure(
     step("memcpy")
     memory_bw = memcpy_rate(s.memcpy_bytes, s.repeats)
     cpu_mv, impls = _matvec_table(cpu, s, step, "cpu")
+    for fmt in FORMATS:
+      step(f"cpu matvec {fmt} (formats.matmul)")
+      cpu_mv[fmt] = format_matvec_rate(cpu, fmt, (s.matvec_dim, s.matvec_dim),
+                                       s.matvec_total_bytes, s.repeats)
+      impls[fmt] = "formats.matmul"
     cpu_fl = _matmul_table(cpu, s, step, "cpu")
     if on_accel:
       dev_mv, _ = _matvec_table(default, s, step, default.platform)
