@@ -119,7 +119,7 @@ def plan(model: Model, budget: Any = None, profile: Any = None, batch: int = 1,
 
 
 def plan_config(model: str, device: str, host: str = "", smoke: dict | None = None,
-                **overrides):
+                disk: str = "", cluster: dict | None = None, **overrides):
   """A config for `python -m experiments.plan` with its defaults; configs state only what differs.
 
   Fields:
@@ -130,6 +130,10 @@ def plan_config(model: str, device: str, host: str = "", smoke: dict | None = No
     prompt_tokens, new_tokens: the workload predicted (and run).
     run: also run the top `run_top` plans and print predicted next to measured.
     timeout_s: per run.
+    cluster: hosts ("" = one machine; "1,2,4,8,16" = the table of
+      `cluster_table` over those host counts, the budget then per host),
+      networks ("10gbe,100gbe": presets of hetflow.hardware.NETWORKS, or
+      "profile" for the profile's own), per_machine (processes per machine).
     smoke: overrides for the test suite's smoke run (tests/test_configs.py).
   """
   import ml_collections
@@ -138,13 +142,15 @@ def plan_config(model: str, device: str, host: str = "", smoke: dict | None = No
 
   c = ml_collections.ConfigDict()
   c.model = model_section(model)
-  c.budget = ml_collections.ConfigDict(dict(device=device, host=host, disk=""))
+  c.budget = ml_collections.ConfigDict(dict(device=device, host=host, disk=disk))
   c.profile = ""
   c.prompt_tokens = 16
   c.new_tokens = 16
   c.run = False
   c.run_top = 3
   c.timeout_s = 1800
+  c.cluster = ml_collections.ConfigDict(
+      {**dict(hosts="", networks="10gbe,100gbe", per_machine=1), **(cluster or {})})
   c.smoke = smoke or {}
   c.update(overrides)
   return c

@@ -1,5 +1,6 @@
 """`python -m experiments.plan`: rank a model's plans for a budget and, with
-`run`, measure the top ones next to their predictions (the planner's accuracy)."""
+`run`, measure the top ones next to their predictions (the planner's accuracy);
+with `cluster.hosts`, the predicted table over host counts and networks instead."""
 
 from __future__ import annotations
 
@@ -32,6 +33,33 @@ def _with_disk_rate(profile: HardwareProfile, factor: float) -> HardwareProfile:
   return dataclasses.replace(profile, disk_read_bw=table)
 
 
+def _ints(text: str, what: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(x) for x in str(text).split(",") if x.strip())
+  except ValueError:
+    raise ValueError(f"{what}={text!r}: expected comma-separated integers, e.g. 1,2,4,8") from None
+
+
+def _cluster(config, model, budget, profile: HardwareProfile, out) -> dict[str, Any]:
+  """The predicted table over `config.cluster`'s host counts and networks."""
+  hosts = _ints(config.cluster.hosts, "cluster.hosts")
+  networks = tuple(n.strip() for n in str(config.cluster.networks).split(",") if n.strip())
+  rows = planner.cluster_table(model, budget, profile, hosts, networks,
+                               per_machine=int(config.cluster.get("per_machine", 1)),
+                               prompt_len=config.prompt_tokens, new_tokens=config.new_tokens)
+  print(f"{model.description} ({model.weights}), Megatron-sharded over hosts of profile"
+        f" {profile.name}, budget per host {budget}:", file=out)
+  print(planner.format_cluster_table(rows, str(budget)), file=out)
+  return {"cluster": [{"hosts": r.hosts, "network": r.network,
+                       "plan": r.best.label() if r.best else None,
+                       "weights_per_host": r.weights_per_host,
+                       "disk_per_token": r.disk_per_token,
+                       "decode_tok_s": r.tokens_per_s,
+                       "network_s_per_token": r.best.prediction.network_s_per_token
+                       if r.best else None, "limit": r.limit} for r in rows],
+          "compared": []}
+
+
 def run(config, workdir: str, out=None) -> dict[str, Any]:
   """`python -m experiments.plan`: rank plans; with config.run, measure the top ones.
 
@@ -48,6 +76,9 @@ def run(config, workdir: str, out=None) -> dict[str, Any]:
   model = config_lib.build_model(config.model)
   budget = config_lib.build_budget(config.get("budget"))
   profile = machine_profile(config.get("profile") or None, model)
+  cluster = config.get("cluster")
+  if cluster is not None and cluster.get("hosts"):
+    return _cluster(config, model, budget, profile, out)
   ranked = planner.plan(model, budget, profile, prompt_len=config.prompt_tokens,
                         new_tokens=config.new_tokens)
   print(f"{model.description} in {budget}, profile {profile.name}"
