@@ -96,8 +96,16 @@ def _format_name(fmt: Any) -> str:
   """A weight format or dtype, as a rate table's key ("int4", "float32", "bfloat16")."""
   if isinstance(fmt, formats.WeightFormat):
     return fmt.name
-  if isinstance(fmt, str) and (fmt.startswith("int8") or fmt.startswith("int4")):
-    return formats.WeightFormat.parse(fmt).name
+  if isinstance(fmt, str):
+    try:
+      return formats.WeightFormat.parse(fmt).name
+    except formats.FormatError:
+      try:
+        return jnp.dtype(fmt).name  # a compute dtype with no format of its own: "float16"
+      except TypeError:
+        raise formats.FormatError(f"{fmt!r} is neither a weight format nor a dtype; expected"
+                                  " e.g. float32, bfloat16, int8, int8-g32, int4, int4-asym"
+                                  ) from None
   return jnp.dtype(fmt).name
 
 
@@ -154,7 +162,8 @@ def matmul_time(profile, side: Side, nbytes: float, num_params: float, tokens: i
   """
   if nbytes <= 0:
     return 0.0
-  name = _format_name(dtype if fmt is None else fmt)
+  # "float32" as a format means a plain kernel: one array in the compute dtype.
+  name = _format_name(dtype if fmt in (None, "float32") else fmt)
   compute = 2.0 * tokens * num_params / flops(profile, side, dtype)
   if name == _format_name(dtype):
     return max(nbytes / matvec_bw(profile, side, name), compute)
@@ -194,7 +203,8 @@ class Matrix:
     stage: index of the input it consumes within its half (matrices with the
       same stage read the same activations, e.g. q/k/v or gate/up).
     out_features: columns (experts for "experts"): the unit alpha splits.
-    format: the stored weight format's name ("float32", "int8", "int4", ...).
+    format: the stored weight format's name ("int8", "int4", ...; "float32" for a plain
+      kernel in the model's compute dtype, as in hetflow/models/formats.py).
   """
 
   group: str
