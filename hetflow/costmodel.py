@@ -25,11 +25,10 @@ figure for a format, a conservative fraction of float32's weights per second
 stands in (`DEFAULT_WEIGHT_RATE`).
 
 Several hosts (`Cluster`): Megatron-style, each host holds 1/N of every layer
-(attention heads, FFN columns of gate/up and rows of down, the vocabulary of
-the embedding and the head), so a host's shard is itself a model with 1/N of
-the heads, FFN width and vocabulary (`shard_model`); each layer half ends with
-an all-reduce of the hidden-size activations (`allreduce_time`), the embedding
-with one more and the head with an all-gather of the logits.
+(attention heads, FFN columns of gate/up and rows of down) and the whole
+embedding, norms and head, as the engine's mesh does, so a host's shard is
+itself a model with 1/N of the heads and FFN width (`shard_model`); each layer
+half ends with an all-reduce of the hidden-size activations (`allreduce_time`).
 """
 
 from __future__ import annotations
@@ -375,10 +374,10 @@ class Cluster:
 def shard_model(model, hosts: int):
   """One host's shard of `model` under Megatron-style sharding over `hosts`, as a model.
 
-  Attention heads, FFN columns (gate, up; down's rows) and the vocabulary are
-  split; norms are replicated. Key/value heads are split too, or replicated
-  where there are fewer of them than hosts (each host keeps the one its query
-  heads use). Only shapes are meant to be read from the result.
+  Attention heads and FFN columns (gate, up; down's rows) are split; norms, the
+  embedding and the head are whole on every host. Key/value heads are split
+  too, or repeated where there are fewer of them than hosts (each host keeps
+  the one its query heads use). Only shapes are meant to be read from the result.
 
   Raises:
     ValueError: naming the dimension that `hosts` does not divide.
@@ -395,7 +394,7 @@ def shard_model(model, hosts: int):
     raise ValueError(f"{c.name}: num_kv_heads={kv} and {hosts} hosts: one must divide the other.")
   config = c.replace(num_heads=c.num_heads // hosts, num_kv_heads=max(1, kv // hosts),
                      intermediate_size=c.intermediate_size // hosts,
-                     vocab_size=-(-c.vocab_size // hosts), name=f"{c.name} (1/{hosts})")
+                     name=f"{c.name} (1/{hosts})")
   return dataclasses.replace(model, config=config)
 
 
@@ -414,27 +413,12 @@ def allreduce_time(nbytes: float, hosts: int, network) -> float:
   return min(ring, doubling)
 
 
-def allgather_time(nbytes: float, hosts: int, network) -> float:
-  """Seconds of an all-gather whose result is `nbytes` (each host brings nbytes/N)."""
-  if hosts <= 1:
-    return 0.0
-  a, b = network["latency_s"], network["bandwidth"]
-  ring = (hosts - 1) * (a + nbytes / hosts / b)
-  doubling = math.ceil(math.log2(hosts)) * a + (hosts - 1) / hosts * nbytes / b
-  return min(ring, doubling)
-
-
-def collective_seconds(shard, cluster: Cluster, network, batch: int,
-                       tokens: int = 1) -> dict[str, float]:
-  """Seconds of each collective kind in one forward pass of `tokens` new tokens per row,
-  for one host's `shard` on `cluster`: {"layers": two all-reduces per layer of the
-  hidden-size activations, "embed": one more, "logits": the all-gather of the last
-  position's logits}."""
+def collective_seconds(shard, cluster: Cluster, network, batch: int, tokens: int = 1) -> float:
+  """Seconds of collectives in one forward pass of `tokens` new tokens per row, for one
+  host's `shard` on `cluster`: two all-reduces per layer of the hidden-size activations."""
   if cluster.hosts == 1:
-    return {"layers": 0.0, "embed": 0.0, "logits": 0.0}
+    return 0.0
   c = shard.config
   item = jnp.dtype(shard.dtype).itemsize
-  one = allreduce_time(batch * tokens * c.hidden_size * item, cluster.hosts, network)
-  return {"layers": 2 * c.num_layers * one, "embed": one,
-          "logits": allgather_time(batch * c.vocab_size * cluster.hosts * item, cluster.hosts,
-                                   network)}
+  return 2 * c.num_layers * allreduce_time(batch * tokens * c.hidden_size * item,
+                                           cluster.hosts, network)

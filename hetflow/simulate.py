@@ -35,8 +35,7 @@ that run across the token boundary count as they do in a real run.
 On a `costmodel.Cluster` of N hosts, the model a cost model sees is one host's
 shard (`costmodel.shard_model`) and the profile one process's share of its
 machine (`hardware.shared`); `half_time` ends every layer half with its
-all-reduce and `head_time` adds the embedding's all-reduce and the logits'
-all-gather, over the profile's `network`. The collective sits inside the jitted
+all-reduce over the profile's `network`. The collective sits inside the jitted
 half (XLA CPU runs it there), so it occupies the device; reads and copies go on.
 A cost model that does not compute its halves through `half_time` issues no
 collectives: its plans are not applicable on more than one host (`NotApplicable`).
@@ -192,16 +191,10 @@ class PassContext:
     return seconds * self.scale(half, side) + self._allreduce()
 
   def head_time(self, side: str = "device") -> float:
-    """Seconds of the LM head, and on a cluster the embedding's all-reduce and the
-    logits' all-gather."""
+    """Seconds of the LM head (whole on every host of a cluster)."""
     # The engine computes logits of the last token only, in both phases.
-    seconds = (costmodel.head_time(self.model, self.profile, side, self.batch, 1)
-               * self.scale("head", side))
-    if self.cluster.hosts > 1:
-      parts = costmodel.collective_seconds(self.model, self.cluster, _network(self.profile),
-                                           self.batch, self.tokens)
-      seconds += parts["embed"] + parts["logits"]
-    return seconds
+    return (costmodel.head_time(self.model, self.profile, side, self.batch, 1)
+            * self.scale("head", side))
 
   def copy_time(self, nbytes: float) -> float:
     """Seconds to move `nbytes` of whole layers host -> device: this model's measured
@@ -379,8 +372,7 @@ def predict(model, placement: Placement, profile, batch: int = 1, prompt_len: in
   busy = {r: s / 1.0 for r, s in one.busy.items()}
   network = 0.0
   if cluster.hosts > 1:
-    network = sum(costmodel.collective_seconds(model, cluster, _network(profile),
-                                               batch).values())
+    network = costmodel.collective_seconds(model, cluster, _network(profile), batch)
   return Prediction(placement.strategy, pre.makespan, per_token, new_tokens,
                     max(busy, key=busy.get), busy, dict(pre.busy), network, cluster)
 

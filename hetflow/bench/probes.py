@@ -262,23 +262,14 @@ def matvec_rate(device, dtype, shape: tuple[int, int], total_bytes: int, repeats
 FORMATS = ("bfloat16", "int8", "int8-g32", "int4", "int4-asym")
 
 
-def random_kernel(fmt: str, shape: tuple[int, ...], key) -> Any:
-  """Random stored leaves of one kernel of logical `shape` ([in, out]) in weight format `fmt`
-  (values do not change dense timings; integer leaves are random bits, scales small)."""
-  import jax
-  import jax.numpy as jnp
-
+def filled_kernel(fmt: str, shape: tuple[int, ...], value: int = 1) -> dict[str, np.ndarray]:
+  """Host leaves of one kernel of logical `shape` ([in, out]) in weight format `fmt`, every
+  entry `value` (a dense product's time does not depend on the values, and filling is
+  far cheaper than drawing random numbers for a gigabyte of kernels)."""
   from hetflow.models import formats
 
-  leaves = {}
-  for i, (name, spec) in enumerate(formats.WeightFormat.parse(fmt).leaf_shapes(shape).items()):
-    k = jax.random.fold_in(key, i)
-    if jnp.issubdtype(spec.dtype, jnp.integer):
-      info = jnp.iinfo(spec.dtype)
-      leaves[name] = jax.random.randint(k, spec.shape, info.min, info.max, spec.dtype)
-    else:
-      leaves[name] = (0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype)
-  return leaves
+  return {name: np.full(spec.shape, value, spec.dtype)
+          for name, spec in formats.WeightFormat.parse(fmt).leaf_shapes(shape).items()}
 
 
 def format_matvec_rate(device, fmt: str, shape: tuple[int, int], total_bytes: int,
@@ -291,12 +282,11 @@ def format_matvec_rate(device, fmt: str, shape: tuple[int, int], total_bytes: in
 
   from hetflow.models import formats
 
-  key = jax.random.key(0)
-  first = random_kernel(fmt, shape, key)
+  first = filled_kernel(fmt, shape)
   per = formats.nbytes(first)
   count = max(1, total_bytes // per)
-  ws = [jax.device_put(random_kernel(fmt, shape, jax.random.fold_in(key, i)) if i else first,
-                       device) for i in range(count)]
+  # distinct arrays (jnp.array copies: a device_put may alias the numpy buffer)
+  ws = [jax.tree.map(lambda a: jnp.array(a, device=device), first) for _ in range(count)]
   x = jax.device_put(jnp.ones((1, shape[0]), jnp.float32), device)
   fn = jax.jit(formats.matmul)
   fn(x, ws[0]).block_until_ready()  # compile outside the timing
