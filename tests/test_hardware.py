@@ -123,8 +123,11 @@ def test_measure_tiny(tmp_path):
   assert all(bw > 0 for row in p.disk_read_bw.values() for bw in row.values())
   assert p.disk_direct is True
   assert p.memory_bw > 0
-  assert set(p.cpu_matvec_bw) == {"float32", "bfloat16"}
-  assert set(p.matvec_impl.values()) <= {"dot", "multiply_sum"}
+  # float32's best formulation, and every weight format through the kernel the models use
+  assert set(p.cpu_matvec_bw) == {"float32", *probes.FORMATS}
+  assert all(bw > 0 for bw in p.cpu_matvec_bw.values())
+  assert p.matvec_impl["float32"] in {"dot", "multiply_sum"}
+  assert {p.matvec_impl[f] for f in probes.FORMATS} == {"formats.matmul"}
   assert p.cpu_flops["float32"] > 0
   assert "pinned_host" in p.host_to_device_bw
   assert list(tmp_path.iterdir()) == []  # the disk test file is removed
