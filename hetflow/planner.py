@@ -207,15 +207,20 @@ def cluster_table(model: Model, budget: Any, profile: Any, hosts: tuple[int, ...
       cluster = costmodel.Cluster(n, min(per_machine, n))
       shard = costmodel.shard_model(model, n)
       ranked = plan(model, budget, prof, cluster=cluster, **workload)
-      best_plan = ranked[0] if ranked and ranked[0].feasible else None
       weights = shard.nbytes
-      if best_plan is None:
-        reasons = sorted({r.reason.split(":")[0] for r in ranked})
-        rows.append(ClusterRow(n, net, None, weights, 0, "nothing fits (" + "; ".join(reasons)
-                               + ")"))
+      feasible = [r for r in ranked if r.feasible]
+      if not feasible:
+        rows.append(ClusterRow(n, net, None, weights, 0, "nothing fits: " + _why_not(ranked)))
         continue
+      # Of plans predicted equally fast, the one that keeps the most in memory (all layers
+      # resident under "layerwise" is resident by another name).
+      fastest = feasible[0].prediction.decode_s_per_token
+      best_plan = min((r for r in feasible
+                       if r.prediction.decode_s_per_token <= fastest * (1 + 1e-9)),
+                      key=lambda r: (_tier_bytes(r, "disk"), _tier_bytes(r, "host"),
+                                     r.strategy != "resident"))
       p = best_plan.prediction
-      disk = sum(g.nbytes for g in best_plan.placement.groups.values() if g.tier == "disk")
+      disk = _tier_bytes(best_plan, "disk")
       busy = dict(p.decode_busy)
       network = p.network_s_per_token
       terms = {"disk": busy.get("disk", 0.0),
@@ -225,22 +230,44 @@ def cluster_table(model: Model, budget: Any, profile: Any, hosts: tuple[int, ...
   return rows
 
 
+def _tier_bytes(r: RankedPlan, tier: str) -> int:
+  return sum(g.nbytes for g in r.placement.groups.values() if g.tier == tier)
+
+
+def _why_not(ranked: list[RankedPlan]) -> str:
+  """The infeasible plans' reasons, short: "layerwise(...): disk tier over budget; ..."."""
+  reasons = {}
+  for r in ranked:
+    if r.reason.startswith("does not fit: "):
+      reasons[r.label()] = r.reason[len("does not fit: "):].split(":")[0]
+    elif r.reason.startswith("not applicable"):
+      reasons.setdefault(r.strategy, "not applicable")
+  return "; ".join(f"{k}: {v}" for k, v in reasons.items())
+
+
+def _short(budget: Any) -> str:
+  b = Budget.from_any(budget)
+  return ", ".join(f"{t} {format_bytes(b.limit(t)) if b.limit(t) is not None else 'unlimited'}"
+                   for t in ("device", "host", "disk"))
+
+
 def format_cluster_table(rows: list[ClusterRow], budget: Any) -> str:
   """`cluster_table`'s rows as Markdown, with where scaling stops and why."""
   lines = ["| network | hosts | plan per host | budget per host | weights per host"
-           " | disk read per token per host | decode (tok/s) | x fewer hosts | network share"
+           " | disk read per token per host | decode (tok/s) | x half the hosts | network share"
            " | bound by |", "|---|---|---|---|---|---|---|---|---|---|"]
   prev: dict[str, float] = {}
   for r in rows:
     if r.best is None:
-      lines.append(f"| {r.network} | {r.hosts} | - | {budget} | {format_bytes(r.weights_per_host)}"
+      lines.append(f"| {r.network} | {r.hosts} | - | {_short(budget)}"
+                   f" | {format_bytes(r.weights_per_host)}"
                    f" | - | - | - | - | {r.limit} |")
       continue
     p = r.best.prediction
     tok = p.decode_tokens_per_s
     gain = f"{tok / prev[r.network]:.2f}" if r.network in prev else "-"
     prev[r.network] = tok
-    lines.append(f"| {r.network} | {r.hosts} | {r.best.label()} | {budget}"
+    lines.append(f"| {r.network} | {r.hosts} | {r.best.label()} | {_short(budget)}"
                  f" | {format_bytes(r.weights_per_host)} | {format_bytes(r.disk_per_token)}"
                  f" | {tok:.3f} | {gain}"
                  f" | {p.network_s_per_token / p.decode_s_per_token:.0%} | {r.limit} |")

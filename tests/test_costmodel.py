@@ -184,7 +184,7 @@ def test_network_dominates_at_16_hosts_on_10gbe_with_a_fast_device():
     shares = [by[(net, n)].best.prediction.network_s_per_token
               / by[(net, n)].best.prediction.decode_s_per_token for n in (2, 4, 8, 16)]
     assert shares == sorted(shares)
-  assert "stops scaling" in planner.format_cluster_table(rows, "22GiB")
+  assert "stops scaling" in planner.format_cluster_table(rows, dict(device="22GiB"))
 
 
 def test_this_kind_of_machine_scales_while_disk_bound_and_one_host_lacks_the_disk():

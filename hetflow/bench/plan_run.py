@@ -49,7 +49,7 @@ def _cluster(config, model, budget, profile: HardwareProfile, out) -> dict[str, 
                                prompt_len=config.prompt_tokens, new_tokens=config.new_tokens)
   print(f"{model.description} ({model.weights}), Megatron-sharded over hosts of profile"
         f" {profile.name}, budget per host {budget}:", file=out)
-  print(planner.format_cluster_table(rows, str(budget)), file=out)
+  print(planner.format_cluster_table(rows, budget), file=out)
   return {"cluster": [{"hosts": r.hosts, "network": r.network,
                        "plan": r.best.label() if r.best else None,
                        "weights_per_host": r.weights_per_host,
