@@ -39,6 +39,21 @@ def test_calibrate_measures_every_figure_and_survives_json(tmp_path):
   assert hardware.measured_costs(calibrated, hetflow.synthetic_model("opt-tiny")) is None
 
 
+def test_calibrating_a_quantized_model_measures_its_halves_and_its_format_rate():
+  model = hetflow.synthetic_model("llama-tiny", weights="int4")
+  calibrated = calibration.calibrate(model, CPU_ONLY, total_bytes=1 << 20, repeats=1,
+                                     progress=False)
+  m = hardware.measured_costs(calibrated, model)
+  for key in ("attn_s", "mlp_s", "head_s"):
+    assert 0 < m[key] < 1.0, key
+  # float32's calibration is another entry; the format's rate joins the profile's table
+  assert hardware.measured_costs(calibrated, hetflow.synthetic_model("llama-tiny")) is None
+  assert calibrated.cpu_matvec_bw["int4"] > 0
+  assert calibrated.device_matvec_bw["int4"] == calibrated.cpu_matvec_bw["int4"]
+  assert calibrated.matvec_impl["int4"] == "formats.matmul"
+  assert "int4" not in CPU_ONLY.cpu_matvec_bw  # the input is not modified
+
+
 def test_resident_decode_is_the_calibrated_halves():
   model = hetflow.synthetic_model("llama-tiny")
   plan = get_strategy("resident")().plan(model, hetflow.Budget())

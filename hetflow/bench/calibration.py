@@ -266,7 +266,10 @@ def calibrate(model, profile: HardwareProfile, context: int = 64, total_bytes: i
   models[model_key(model)] = results
   profile = dataclasses.replace(profile, models=models)
   if quantized and model.weights not in profile.cpu_matvec_bw:
-    profile = with_format_rate(profile, model.weights, repeats=repeats, progress=progress)
+    widest = max((m for g in ("layers/0/attn", "layers/0/mlp")
+                  for m in costmodel.group_matrices(model, g)), key=lambda m: m.num_params)
+    profile = with_format_rate(profile, model.weights, widest.shape[-2:],
+                               min(total_bytes, GiB), repeats, progress)
   return profile
 
 
