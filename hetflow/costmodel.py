@@ -68,12 +68,13 @@ def hetegen_alpha(v_cpu: float, v_link: float, v_device: float) -> float:
 
 
 # Weights per second of each format's matrix-vector product as a fraction of
-# float32's, where a profile has no measured figure for it: the low end of what
-# docs/formats.md measured with XLA CPU's kernels (bf16 and per-channel int8 ran
-# at 0.7-1.2x float32's weights/s, grouped int8 at 0.3-0.6x, int4 at 0.2-0.5x), so a
-# plan is never predicted faster than a kernel was seen to run.
-DEFAULT_WEIGHT_RATE = {"bfloat16": 0.7, "float16": 0.7, "int8": 0.7, "int8-g": 0.3,
-                       "int4": 0.2, "int4-asym": 0.2}
+# float32's, where a profile has no measured figure for it: at or under the low end of
+# what XLA CPU's kernels measured here (docs/formats.md and docs/planner.md: bf16
+# 0.6-1.2x float32's weights/s, per-channel int8 0.7-1.2x, grouped int8 0.3-0.6x, int4
+# 0.2-0.5x, int4-asym 0.17x once under load), so a plan is not predicted faster than
+# its kernel was seen to run.
+DEFAULT_WEIGHT_RATE = {"bfloat16": 0.5, "float16": 0.5, "int8": 0.7, "int8-g": 0.3,
+                       "int4": 0.2, "int4-asym": 0.15}
 
 
 def _kind(fmt: str) -> str:
