@@ -139,3 +139,15 @@ def test_measure_tiny(tmp_path):
 def test_measure_quick(tmp_path):
   p = probes.measure(tmp_path, quick=True, progress=False)
   assert p.disk_bw(1 * MiB) > p.disk_bw(4 * KiB)
+
+
+@pytest.mark.slow
+def test_probe_allreduce_between_two_local_processes():
+  found = probes.probe_allreduce(hidden_sizes=(2048, 65536), repeats=20)
+  assert found["processes"] == 2 and set(found["by_size"]) == {2048, 65536}
+  # each psum costs more than the same call without the collective
+  assert all(psum > plain for psum, plain in found["by_size"].values())
+  assert found["latency_s"] > 0 and found["bandwidth"] > 0
+  profile = dataclasses.replace(_profile(), network={k: found[k] for k in
+                                                    ("bandwidth", "latency_s", "processes")})
+  assert HardwareProfile.from_dict(json.loads(profile.to_json())) == profile

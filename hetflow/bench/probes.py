@@ -534,6 +534,7 @@ def measure(
   progress: bool = True,
   settings: MeasureSettings | None = None,
   name: str | None = None,
+  network: bool = False,
 ) -> HardwareProfile:
   """Measures this machine.
 
@@ -550,6 +551,8 @@ def measure(
     progress: show a tqdm bar of the steps.
     settings: explicit sizes; overrides ``quick``.
     name: profile name; default the host name.
+    network: also time an all-reduce between two local processes
+      (`probe_allreduce`, ~1 min) as the profile's ``network``.
 
   Returns:
     The measured HardwareProfile.
@@ -592,6 +595,10 @@ def measure(
   finally:
     bar.close()
 
+  net = {}
+  if network:
+    found = probe_allreduce(repeats=s.repeats * 30)
+    net = {k: found[k] for k in ("bandwidth", "latency_s", "processes")}
   device_memory = None
   if on_accel:
     stats = default.memory_stats() or {}
@@ -623,5 +630,6 @@ def measure(
     device_memory=device_memory,
     host_memory=host_memory,
     disk_direct=direct,
+    network=net,
     notes=notes,
   )
