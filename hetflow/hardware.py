@@ -389,18 +389,24 @@ PROFILES: dict[str, HardwareProfile] = {
 
 
 def shared(profile: HardwareProfile, processes: int) -> HardwareProfile:
-  """What one of `processes` processes sharing this machine gets: 1/processes of its disk,
-  memory, link and compute rates (each process its share of the cores and buses), and
-  its calibrated decode costs `processes` times as long."""
+  """What one of `processes` processes sharing this machine gets: 1/processes of its
+  memory, link and compute rates (each process its share of the cores and buses), its
+  calibrated decode costs `processes` times as long, and 1/processes of what the disk
+  gives all of their requests together: `processes` readers with `qd` requests in flight
+  each keep processes x qd in flight on the one disk."""
   if processes == 1:
     return profile
   k = float(processes)
   rates = lambda table: {n: v / k for n, v in table.items()}  # noqa: E731
+  sizes = sorted({b for row in profile.disk_read_bw.values() for b in row})
+  depths = sorted({1, *profile.disk_read_bw, *(max(1, d // processes)
+                                               for d in profile.disk_read_bw)})
+  disk = {q: {b: profile.disk_bw(b, q * processes) / k for b in sizes} for q in depths}
   models = {key: {n: (v * k if n.endswith("_s") else v / k if n.endswith("_bw") else v)
                   for n, v in m.items()} for key, m in profile.models.items()}
   return dataclasses.replace(
     profile, name=f"{profile.name} (1/{processes})", cores=max(1, profile.cores // processes),
-    disk_read_bw={qd: rates(row) for qd, row in profile.disk_read_bw.items()},
+    disk_read_bw=disk,
     host_to_device_bw=rates(profile.host_to_device_bw), memory_bw=profile.memory_bw / k,
     cpu_matvec_bw=rates(profile.cpu_matvec_bw), cpu_flops=rates(profile.cpu_flops),
     device_matvec_bw=rates(profile.device_matvec_bw), device_flops=rates(profile.device_flops),

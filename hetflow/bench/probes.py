@@ -454,7 +454,7 @@ class MeasureSettings:
 
   disk_file_bytes: int = 1 * GiB
   disk_block_sizes: tuple[int, ...] = (4 * KiB, 16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB)
-  disk_queue_depths: tuple[int, ...] = (1, 4, 8)
+  disk_queue_depths: tuple[int, ...] = (1, 4, 8, 16)
   disk_max_requests: int = 4096
   memcpy_bytes: int = 512 * MiB
   matvec_dim: int = 4096
