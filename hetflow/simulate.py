@@ -115,6 +115,8 @@ class PassContext:
     events: the list being built; use `add`.
     state: scratch space a cost model may keep between passes.
     cluster: the hosts the model is sharded over (`model` is then one host's shard).
+    collectives: layer all-reduces charged so far (by `half_time`), to tell a cost
+      model that issues none.
   """
 
   model: Any
@@ -131,7 +133,7 @@ class PassContext:
   cluster: costmodel.Cluster = costmodel.Cluster()
   pass_index: int = 0
   _scales: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
-  collectives: int = 0  # layer all-reduces charged, to tell a cost model that issues none
+  collectives: int = 0
 
   def _allreduce(self) -> float:
     """Seconds of one all-reduce of this pass's hidden-size activations over the cluster."""
