@@ -40,7 +40,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 from hetflow import hardware
-from hetflow.models import formats
+from hetflow.models import formats, sharding
 
 Side = Literal["cpu", "device"]
 Phase = Literal["prefill", "decode"]
@@ -375,28 +375,19 @@ class Cluster:
 def shard_model(model, hosts: int):
   """One host's shard of `model` under Megatron-style sharding over `hosts`, as a model.
 
-  Attention heads and FFN columns (gate, up; down's rows) are split; norms, the
-  embedding and the head are whole on every host. Key/value heads are split
-  too, or repeated where there are fewer of them than hosts (each host keeps
-  the one its query heads use). Only shapes are meant to be read from the result.
+  The engine's own split (`hetflow.models.sharding`): 1/N of the query heads, of the
+  key/value heads (each repeated on the hosts whose query heads use it where there are
+  fewer than N) and of the FFN width; norms, the embedding and the head whole on every
+  host. Only shapes are meant to be read from the result.
 
   Raises:
-    ValueError: naming the dimension that `hosts` does not divide.
+    hetflow.models.sharding.ShardingError: what the engine would refuse, by name.
   """
   if hosts == 1:
     return model
-  c = model.config
-  for what, n in (("num_heads", c.num_heads), ("intermediate_size", c.intermediate_size)):
-    if n % hosts:
-      raise ValueError(f"{c.name}: {what}={n} is not divisible by {hosts} hosts; choose a host"
-                       f" count that divides it.")
-  kv = c.num_kv_heads
-  if kv % hosts and hosts % kv:
-    raise ValueError(f"{c.name}: num_kv_heads={kv} and {hosts} hosts: one must divide the other.")
-  config = c.replace(num_heads=c.num_heads // hosts, num_kv_heads=max(1, kv // hosts),
-                     intermediate_size=c.intermediate_size // hosts,
-                     name=f"{c.name} (1/{hosts})")
-  return dataclasses.replace(model, config=config)
+  sharding.check_shardable(model, hosts)
+  config = sharding.shard_config(model.config, hosts)
+  return dataclasses.replace(model, config=config.replace(name=f"{config.name} (1/{hosts})"))
 
 
 def allreduce_time(nbytes: float, hosts: int, network) -> float:

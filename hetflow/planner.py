@@ -166,8 +166,8 @@ class ClusterRow:
     best: the best plan of one host's shard, or None when none fits.
     weights_per_host: bytes of one host's shard of the weights.
     disk_per_token: bytes each host reads from its disk per decode token.
-    limit: what bounds decode: "disk", "compute", "network" (the busiest of
-      the three per token), or why nothing fits.
+    limit: what bounds decode: "disk", "link" (host -> device copies),
+      "compute" or "network" (the busiest per token), or why nothing fits.
   """
 
   hosts: int
@@ -223,7 +223,7 @@ def cluster_table(model: Model, budget: Any, profile: Any, hosts: tuple[int, ...
       disk = _tier_bytes(best_plan, "disk")
       busy = dict(p.decode_busy)
       network = p.network_s_per_token
-      terms = {"disk": busy.get("disk", 0.0),
+      terms = {"disk": busy.get("disk", 0.0), "link": busy.get("link", 0.0),
                "compute": max(busy.get("device", 0.0), busy.get("cpu", 0.0)) - network,
                "network": network}
       rows.append(ClusterRow(n, net, best_plan, weights, disk, max(terms, key=terms.get)))
