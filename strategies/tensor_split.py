@@ -153,49 +153,6 @@ def default_profile():
   return hardware.PROFILES["a10-pcie"]
 
 
-def group_matrices(model, group: str) -> list[costmodel.Matrix]:
-  """`costmodel.group_matrices` by logical shapes, with each kernel's stored bytes.
-
-  A quantized model's kernels are dicts of stored leaves (hetflow/models/formats.py):
-  what a split divides is the logical [in, out] kernel (its output features, or
-  Mixtral's experts), and what it moves and holds are the stored bytes.
-  """
-  if model.format.plain:
-    return costmodel.group_matrices(model, group)
-  logical = costmodel.group_matrices(_LogicalShapes(model), group)
-  stored = lambda n: sum(s.size * s.dtype.itemsize for k, s in model.shapes.items()  # noqa: E731
-                         if k.startswith(f"{group}/{n}/"))
-  return [dataclasses.replace(m, nbytes=sum(stored(n) for n in (
-      costmodel.FFN_MATRICES if m.name == "experts" else (m.name,)))) for m in logical]
-
-
-def small_nbytes(model, group: str) -> int:
-  """Bytes of a half's leaves that are not splittable kernels (norms, biases, router)."""
-  prefix = group + "/"
-  return sum(s.size * s.dtype.itemsize for n, s in model.shapes.items()
-             if n.startswith(prefix)
-             and not costmodel.is_matrix_leaf(model, group, n[len(prefix):].split("/")[0]))
-
-
-@dataclasses.dataclass(frozen=True)
-class _LogicalShapes:
-  """A model seen through its logical (float) shapes, for costmodel.group_matrices."""
-
-  model: Any
-
-  @property
-  def shapes(self):
-    return self.model.logical_shapes
-
-  @property
-  def config(self):
-    return self.model.config
-
-  @property
-  def dtype(self):
-    return self.model.dtype
-
-
 def _split_point(alpha: float, units: int) -> int:
   """Columns (or experts) on the device side for `alpha`."""
   return int(round(alpha * units))
@@ -225,7 +182,7 @@ class TensorSplit(Strategy):
       notes.append(f"no HardwareProfile given: alphas from {profile.name!r}")
     alpha = self.alphas(model, profile)
     layer_groups = [g for g in model.group_names() if g.startswith("layers/")]
-    mats = {g: group_matrices(model, g) for g in layer_groups}
+    mats = {g: costmodel.group_matrices(model, g) for g in layer_groups}
 
     def device_units(m, a):
       return _split_point(a, m.out_features)
@@ -238,7 +195,7 @@ class TensorSplit(Strategy):
                       if (g, m.name) not in resident), default=0)
 
     fixed = (model.group_nbytes("embed") + model.group_nbytes("head")
-             + sum(small_nbytes(model, g) for g in layer_groups))
+             + sum(costmodel.small_nbytes(model, g) for g in layer_groups))
     c = model.config
     kv_tokens = c.max_position_embeddings if o.kv_reserve_tokens is None else o.kv_reserve_tokens
     reserve = o.reserve_bytes + model.kv_cache_nbytes(kv_tokens, o.batch)
@@ -287,7 +244,7 @@ class TensorSplit(Strategy):
     groups = {"embed": GroupPlacement("device", model.group_nbytes("embed"), "resident")}
     device_parts = 0
     for g in layer_groups:
-      info, host_bytes, dev_bytes = {}, 0, small_nbytes(model, g)
+      info, host_bytes, dev_bytes = {}, 0, costmodel.small_nbytes(model, g)
       split_names, res_names = [], []
       for m in mats[g]:
         keep = (g, m.name) in resident
@@ -356,7 +313,7 @@ class TensorSplit(Strategy):
     # "copies" are no-ops.
     link = float("inf") if hardware.device_is_cpu(prof) else prof.link_bw(True)
     groups = simulate.layer_groups(ctx.model)
-    mats = {g: group_matrices(ctx.model, g) for g in groups}
+    mats = {g: costmodel.group_matrices(ctx.model, g) for g in groups}
     info = {g: pl.groups[g].details.matrices for g in groups}
     measured = hardware.measured_costs(prof, ctx.model)
     split_cost = (measured["split_kernel_s"] if measured and "split_kernel_s" in measured
@@ -402,18 +359,19 @@ class TensorSplit(Strategy):
             for m in split:  # CPU parts are issued first
               a = alpha_of(g, m)
               cpu[m.name] = ctx.add("cpu", ctx.compute_time("cpu", (1 - a) * m.nbytes,
-                                                            (1 - a) * m.num_params, half),
+                                                            (1 - a) * m.num_params, half,
+                                                            m.format),
                                     (sent,), f"cpu {g}/{m.name}", layer)
           for m in in_stage:
             if m not in split:
               joins.append(ctx.add("device", ctx.compute_time("device", m.nbytes, m.num_params,
-                                                              half) + split_cost,
+                                                              half, m.format) + split_cost,
                                    (stage_in,), f"{g}/{m.name}", layer))
               continue
             a = alpha_of(g, m)
             issue(k)
             dev = ctx.add("device", ctx.compute_time("device", a * m.nbytes, a * m.num_params,
-                                                     half),
+                                                     half, m.format),
                           (stage_in, issued[k]), f"dev {g}/{m.name}", layer)
             dev_events.append(dev)
             k += 1
@@ -453,7 +411,7 @@ class TensorSplit(Strategy):
                     "tensor_split staging")
     # Split kernels in execution order: the unit of transfer and of staging.
     self._units = [(g, m.name) for g in self._halves
-                   for m in group_matrices(model, g)
+                   for m in costmodel.group_matrices(model, g)
                    if not placement.groups[g].details.matrices[m.name].resident]
     self._unit_of = {u: i for i, u in enumerate(self._units)}
     self._phase = "prefill"
