@@ -2,8 +2,8 @@
 
 Run:
   python -m experiments.plan --config=configs/plan/cluster70b.py
-  python -m experiments.plan --config=configs/plan/cluster70b.py --config.model.weights=int8 \
-      --config.profile=/path/to/hardware_profile.json
+  python -m experiments.plan --config=configs/plan/cluster70b.py \
+      --config.profile=/path/to/hardware_profile.json --config.cluster.hosts=16,32,64
 Hardware: each host is this machine (its HardwareProfile, measured once and cached in
 $HETFLOW_CACHE/hardware_profile.json; a full `python -m experiments.profile_hardware`
 profile gives steadier figures than the quick one), joined by the network presets of
@@ -11,8 +11,9 @@ hetflow.hardware.NETWORKS; --config.cluster.networks=profile uses the profile's 
 Budget per host: 20 GiB of the 24 GiB memory (device = host memory here), 200 GiB of disk.
 Expect (docs/planner.md, "Several hosts"): float32 does not fit one host (its 257 GiB store
 exceeds the disk); layer-wise from disk, bound by the disk, up to 8 hosts; at 16 hosts the
-shard (16.4 GiB) is resident and compute-bound; the all-reduces cost a few percent on this
-slow CPU, so the network does not stop the scaling at 16 hosts.
+shard (18.2 GiB: the embedding and head are whole on every host) is resident and
+compute-bound; the all-reduces cost 5-7% on this slow CPU, so the network does not stop the
+scaling by 16 hosts. Quantized weights are refused on a mesh for now (hetflow/models/sharding.py).
 """
 
 from hetflow.planner import plan_config
