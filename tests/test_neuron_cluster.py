@@ -44,10 +44,11 @@ def test_oracle_matches_resident_exactly(reference, options):
 
 
 def test_audit_counts_with_the_oracle(reference):
-  """The oracle reads exactly the truly active, uncached neurons: no false positives or misses."""
+  """The oracle reads exactly the truly active, uncached neurons: no false positives or misses
+  (without look-ahead: its guesses are read on top, see the look-ahead tests)."""
   model, ids, tokens, _ = reference
   with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8,
-                                                    audit=True)) as engine:
+                                                    audit=True, lookahead=False)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
   np.testing.assert_array_equal(out.tokens, tokens)
   s = out.stats["strategy"].details
@@ -115,3 +116,53 @@ def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
   assert min(s["layer_recall"]) > 0.95
   assert s["useful_bytes_per_token"] <= s["ideal_bytes_per_token"]
   assert 0.0 <= agreement <= 1.0 and out.stats["strategy"].details["predicted_density"] < 0.6
+
+
+@pytest.mark.parametrize("guess", ["complement", "random", "none"])
+def test_lookahead_is_exact_whatever_it_guesses(reference, guess, monkeypatch):
+  """The look-ahead reads layer i+1's records before its input exists; a wrong guess
+  (here deliberately: every other neuron, random ones, or nothing) costs reads, never
+  correctness: the tokens stay resident's."""
+  from strategies.neuron_cluster.strategy import NeuronCluster
+
+  model, ids, tokens, logits = reference
+  f = model.config.intermediate_size
+  rng = np.random.default_rng(0)
+  wrong = {
+      "complement": lambda self, layer, pos: np.setdiff1d(np.arange(f), pos),
+      "random": lambda self, layer, pos: np.sort(rng.choice(f, len(pos), replace=False)),
+      "none": lambda self, layer, pos: pos[:0],
+  }[guess]
+  monkeypatch.setattr(NeuronCluster, "_guess", wrong)
+  with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8,
+                                                    staging_bytes="256KiB")) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+  s = out.stats["strategy"].details
+  assert s["late_read_neurons_per_token"] > 0  # what the guess missed was read in time
+  if guess != "none":
+    assert s["ahead_unused_neurons_per_token"] > 0
+  else:
+    assert s["ahead_read_neurons_per_token"] == 0 and s["ahead_fraction"] == 0
+
+
+def test_lookahead_reads_most_misses_ahead(reference):
+  """With the real guess (layer i+1's predictor on layer i's input) a good part of each
+  layer's misses are already in flight or landed when the layer starts, and the tokens
+  stay exact."""
+  model, ids, tokens, _ = reference
+  runs = {}
+  for ahead in (False, True):
+    with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8,
+                                                      lookahead=ahead)) as engine:
+      out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    runs[ahead] = out.stats["strategy"].details
+  assert runs[False]["ahead_fraction"] == 0
+  # Layer 0 has nothing to look ahead from (a third of these 3-layer models' misses); the
+  # tiny random models' residual streams also change more per layer than real ones.
+  assert runs[True]["ahead_fraction"] > 0.25
+  # Records computed: every cached one of a layer plus every one read.
+  for s in runs.values():
+    assert s["computed_neurons_per_token"] >= s["read_neurons_per_token"]

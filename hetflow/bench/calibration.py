@@ -136,32 +136,30 @@ def split_kernel_overhead(model, alpha: float = 0.5, repeats: int = 3) -> float:
 def gather_rate(model, rows: int = 1024, pool_bytes: int = GiB, calls: int = 16,
                 repeats: int = 3) -> float:
   """Bytes of FFN neuron records per second through neuron_cluster's sparse step
-  (`bundles.neuron_step`: gather `rows` neurons' records from a pool, multiply).
-
-  XLA CPU's gather is far below memory bandwidth (~1.9 GB/s of records here
-  against ~12 GB/s for a copy), so the cost model must not assume a copy.
-  """
+  (`bundles.planar_step` over blocks of `rows` planar records, cycling a pool
+  larger than the caches)."""
   from hetflow.sparsity import bundles  # bundles imports the models, which are heavier
 
   c = model.config
-  record = len(bundles.neuron_matrices(c)) * c.hidden_size  # bundled: rows back to back
+  m = len(bundles.neuron_matrices(c))
   itemsize = jnp.dtype(model.dtype).itemsize
-  pool_rows = max(rows, pool_bytes // (record * itemsize))
-  pool = jax.random.normal(jax.random.key(1), (pool_rows, record), model.dtype)
+  record = m * c.hidden_size * itemsize
+  blocks = max(calls, pool_bytes // (rows * record))
+  pool = jax.random.normal(jax.random.key(1), (blocks, rows, m * c.hidden_size), model.dtype)
+  a = [pool[i, :, :(m - 1) * c.hidden_size] for i in range(blocks)]  # setup copies
+  b = [pool[i, :, (m - 1) * c.hidden_size:] for i in range(blocks)]
+  del pool
   h = jnp.ones((1, 1, c.hidden_size), model.dtype)
   valid = jnp.ones((rows,), bool)
-  step = jax.jit(functools.partial(bundles.neuron_step, c, c.hidden_size))
-  rng = np.random.default_rng(0)
-  indices = [jnp.asarray(np.sort(rng.choice(pool_rows, rows, replace=False)).astype(np.int32))
-             for _ in range(calls)]
-  step(pool, indices[0], valid, indices[0], h, {})[0].block_until_ready()
+  step = jax.jit(functools.partial(bundles.planar_step, c))
+  step(a[0], b[0], h, None, valid)[0].block_until_ready()
 
   def sweep():
-    for idx in indices:
-      y, _ = step(pool, idx, valid, idx, h, {})
+    for i in range(blocks):
+      y, _ = step(a[i], b[i], h, None, valid)
     y.block_until_ready()
 
-  return calls * rows * record * itemsize / best_time(sweep, repeats)
+  return blocks * rows * record / best_time(sweep, repeats)
 
 
 def _time_halves(model, count: int, context: int, repeats: int) -> dict[str, float]:

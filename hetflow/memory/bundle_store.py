@@ -28,7 +28,18 @@ model's, plus layout, matrices and a digest of the order): an explicit
 fingerprint, so each model and order gets its own store in the cache, reused
 across runs.
 
-The compute over these records (`neuron_step`, `neuron_matrices`) is in
+In memory, records are *planar* (`Planes`): one plane holds each slot's
+input rows (gate and up; OPT: up) back to back, another its down row, so the
+rows of consecutive slots form plain row-major matrices that a matrix-vector
+product reads at the memory roof (a gather of whole records and strided row
+slices ran at a tenth of it). `BundleStore.planar_requests` reads records
+straight into planes: one request per run of adjacent records, scattered
+into the planes by one `preadv` (`ReaderPool.read_many` with segment
+destinations), when rows are whole 4 KiB pages (O_DIRECT's rule); otherwise
+(`planar_direct` False: tiny test models) records are read whole into a
+record-major buffer and copied (`Planes.fill_from_records`).
+
+The compute over these records (`planar_step`, `neuron_matrices`) is in
 `hetflow/sparsity/bundles.py`; the reads go through `ReaderPool.read_many`.
 """
 
@@ -73,6 +84,52 @@ def record_layout(hidden: int, itemsize: int, num_matrices: int,
 def store_nbytes(num_layers: int, num_neurons: int, record_nbytes: int) -> int:
   """Bytes a neuron store occupies on disk: the layers' records and the order."""
   return num_layers * num_neurons * record_nbytes + round_up(num_layers * num_neurons * 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Planes:
+  """Where the slots of a planar record buffer lie (one aligned uint8 buffer).
+
+  Attributes:
+    slots: records the buffer holds.
+    a_nbytes: bytes of one slot's input rows (plane A: gate, up back to back).
+    b_nbytes: bytes of one slot's down row (plane B).
+  """
+
+  slots: int
+  a_nbytes: int
+  b_nbytes: int
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the whole buffer."""
+    return self.slots * (self.a_nbytes + self.b_nbytes)
+
+  def a_offset(self, slot: int) -> int:
+    """Byte offset of slot `slot`'s input rows."""
+    return slot * self.a_nbytes
+
+  def b_offset(self, slot: int) -> int:
+    """Byte offset of slot `slot`'s down row."""
+    return self.slots * self.a_nbytes + slot * self.b_nbytes
+
+  def views(self, buffer: np.ndarray, dtype: Any, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    """(A [slots, a elements], B [slots, hidden]) numpy views of `buffer`."""
+    dtype = np.dtype(dtype)
+    a = buffer[:self.slots * self.a_nbytes].view(dtype).reshape(self.slots, -1)
+    b = buffer[self.slots * self.a_nbytes:self.nbytes].view(dtype).reshape(self.slots, hidden)
+    return a, b
+
+  def fill_from_records(self, buffer: np.ndarray, slots: np.ndarray, records: np.ndarray,
+                        row_stride: int, num_matrices: int) -> None:
+    """Copies record-major `records` [n, record bytes] (uint8) into `slots` of `buffer`."""
+    row = self.b_nbytes
+    a = buffer[:self.slots * self.a_nbytes].reshape(self.slots, self.a_nbytes)
+    b = buffer[self.slots * self.a_nbytes:self.nbytes].reshape(self.slots, row)
+    for m in range(num_matrices - 1):
+      a[slots, m * row:(m + 1) * row] = records[:, m * row_stride:m * row_stride + row]
+    last = (num_matrices - 1) * row_stride
+    b[slots] = records[:, last:last + row]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +205,58 @@ class BundleStore:
     r = self.record_nbytes
     reqs = [(int(p) * r, r, j * r) for j, p in enumerate(positions)]
     return coalesce_requests(reqs, max_run * r) if coalesce else reqs
+
+  def planes(self, slots: int) -> Planes:
+    """The planar layout of a buffer of `slots` records of this store."""
+    row = self.row_nbytes
+    return Planes(slots, (len(self.matrices) - 1) * row, row)
+
+  @property
+  def planar_direct(self) -> bool:
+    """Whether records can be read straight into planes (rows of whole pages,
+    no record padding): else read whole records and copy them."""
+    rows_ok = self.row_nbytes % PAGE == 0
+    return rows_ok and (self.layout == "split" or self.record_nbytes == self.neuron_nbytes)
+
+  def planar_requests(self, positions: np.ndarray, planes: Planes, first_slot: int = 0,
+                      coalesce: bool = True, max_run: int = 256) -> list[Request]:
+    """Reads that put records at sorted `positions` into slots first_slot, first_slot + 1, ...
+    of a planar buffer (needs `planar_direct`).
+
+    Bundled: one request per run of adjacent records (at most `max_run`; one
+    per record without `coalesce`), scattered into the planes. Split: one
+    request per matrix row (the no-bundling baseline).
+    """
+    if not self.planar_direct:
+      raise ValueError(f"{self.path}: rows of {self.row_nbytes} bytes cannot be read"
+                       " straight into planes (O_DIRECT needs whole pages); read records"
+                       " whole and use Planes.fill_from_records")
+    positions = np.asarray(positions, np.int64)
+    slots = first_slot + np.arange(len(positions))
+    row, mats = self.row_nbytes, len(self.matrices)
+    if self.layout == "split":
+      f, s = self.num_neurons, self.row_stride
+      out = []
+      for p, j in zip(positions.tolist(), slots.tolist()):
+        for m in range(mats - 1):
+          out.append(((m * f + p) * s, row, planes.a_offset(j) + m * row))
+        out.append((((mats - 1) * f + p) * s, row, planes.b_offset(j)))
+      return out
+    r = self.record_nbytes
+    a = planes.a_nbytes
+    if coalesce:
+      spans = runs(positions, max_run)
+    else:
+      spans = [(int(p), 1) for p in positions]
+    out, j = [], first_slot
+    for p, k in spans:
+      segs = []
+      for q in range(j, j + k):
+        segs.append((planes.a_offset(q), a))
+        segs.append((planes.b_offset(q), row))
+      out.append((p * r, k * r, tuple(segs)))
+      j += k
+    return out
 
   def close(self) -> None:
     """Releases the store's lock (if opened locked)."""

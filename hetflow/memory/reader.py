@@ -49,7 +49,10 @@ class ReadError(OSError):
   """A read returned fewer bytes than asked (truncated file) or failed."""
 
 
-Request = tuple[int, int, int]  # (file offset, bytes, destination offset in the buffer)
+# (file offset, bytes, destination): the destination is a byte offset in the
+# buffer, or a tuple of (offset, bytes) segments that the bytes fill in turn
+# (one preadv scattering a record's rows into separate planes).
+Request = tuple[int, int, "int | tuple[tuple[int, int], ...]"]
 
 
 def check_read_options(reader_threads: int, read_chunk: int) -> None:
@@ -107,11 +110,11 @@ def coalesce_requests(requests: Sequence[Request], max_bytes: int) -> list[Reque
   out: list[list[int]] = []
   for off, n, dst in requests:
     last = out[-1] if out else None
-    if (last is not None and last[0] + last[1] == off and last[2] + last[1] == dst
-        and last[1] + n <= max_bytes):
+    if (last is not None and isinstance(dst, int) and isinstance(last[2], int)
+        and last[0] + last[1] == off and last[2] + last[1] == dst and last[1] + n <= max_bytes):
       last[1] += n
     else:
-      out.append([int(off), int(n), int(dst)])
+      out.append([int(off), int(n), dst if isinstance(dst, tuple) else int(dst)])
   return [(a, b, c) for a, b, c in out]
 
 
@@ -335,7 +338,9 @@ class ReaderPool:
       path: the file.
       buffer: C-contiguous 1-D uint8 array, 4096-aligned for O_DIRECT.
       requests: ``(offset, nbytes, dest)``; offsets and destinations must be
-        multiples of 4096 for O_DIRECT.
+        multiples of 4096 for O_DIRECT. ``dest`` may be a tuple of
+        ``(offset, bytes)`` segments summing to ``nbytes`` (one scattering
+        read; with O_DIRECT every segment a multiple of 4096 long).
       coalesce: merge requests adjacent in the file and in the buffer into
         requests of at most this many bytes (``coalesce_requests``); 0 issues
         them as given.
@@ -360,14 +365,17 @@ class ReaderPool:
     if self._closed:
       raise RuntimeError("ReaderPool is closed")
     reqs = coalesce_requests(requests, coalesce) if coalesce else [
-      (int(o), int(n), int(d)) for o, n, d in requests]
+      (int(o), int(n), d if isinstance(d, tuple) else int(d)) for o, n, d in requests]
     fd, is_direct = self._open(path)
     base, size = buffer.ctypes.data, buffer.nbytes
     for off, n, dst in reqs:
-      if n < 0 or dst < 0 or dst + n > size:
+      segs = dst if isinstance(dst, tuple) else ((dst, n),)
+      if (n < 0 or sum(b for _, b in segs) != n
+          or any(d < 0 or d + b > size for d, b in segs)):
         raise ValueError(
           f"request ({off}, {n}, {dst}) of {path} does not fit a {size}-byte buffer")
-      if is_direct and (off % PAGE or (base + dst) % PAGE):
+      if is_direct and (off % PAGE or any((base + d) % PAGE for d, _ in segs)
+                        or (len(segs) > 1 and any(b % PAGE for _, b in segs))):
         raise ValueError(
           f"O_DIRECT needs {PAGE}-aligned file offsets and destinations; request ({off}, {n}, "
           f"{dst}) of {path} is not (allocate with hetflow.memory.aligned_empty)")
@@ -400,6 +408,12 @@ class ReaderPool:
       for off, n, dst in batch:
         if job.error is not None:  # after a failure, skip the rest quickly
           break
+        if isinstance(dst, tuple):
+          fd, is_direct = self._read_scattered(job.path, buffer, mv, dst, off, n, (fd, is_direct))
+          nbytes += n
+          requests += 1
+          direct += is_direct
+          continue
         want = round_up(n) if is_direct else n
         got = -1
         if dst + want <= size:
@@ -428,6 +442,27 @@ class ReaderPool:
       last = job.remaining == 0
     if last:
       self._finish(job)
+
+  def _read_scattered(self, path: str, buffer: np.ndarray, mv: memoryview,
+                      segments: tuple[tuple[int, int], ...], off: int, n: int,
+                      opened: tuple[int, bool]) -> tuple[int, bool]:
+    """One preadv filling `segments` in turn; an unusual outcome (error, short
+    read) retries through _read_span into a bounce buffer, then copies."""
+    fd, is_direct = opened
+    try:
+      if os.preadv(fd, [mv[d:d + b] for d, b in segments], off) == n:
+        return fd, is_direct
+    except OSError:
+      pass
+    bounce = aligned_empty(round_up(n))
+    fd, is_direct = self._read_span(path, bounce, 0, off, n)
+    at = 0
+    for d, b in segments:
+      buffer[d:d + b] = bounce[at:at + b]
+      at += b
+    with self._lock:  # _read_span counted these bytes; the caller counts them again
+      self._counts["bytes"] -= n
+    return fd, is_direct
 
   def _run_chunk(self, job: _Job, buffer: np.ndarray, start: int, file_off: int, need: int) -> None:
     try:

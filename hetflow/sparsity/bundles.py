@@ -1,9 +1,9 @@
 """The compute over neuron-bundle records: which matrices a record holds, and
-the sparse FFN step over a subset of records.
+the sparse FFN step over a block of records.
 
-The records themselves (their layout on disk, the store that holds them, the
-reads that fetch them) are the memory layer's: `hetflow/memory/bundle_store.py`
-and `hetflow.memory.reader.ReaderPool.read_many`.
+The records themselves (their layout on disk and in memory, the store that
+holds them, the reads that fetch them) are the memory layer's:
+`hetflow/memory/bundle_store.py` and `hetflow.memory.reader.ReaderPool.read_many`.
 """
 
 from __future__ import annotations
@@ -16,42 +16,44 @@ from hetflow.models.config import ModelConfig
 
 
 def neuron_matrices(config: ModelConfig) -> tuple[str, ...]:
-  """The FFN matrices a neuron has a slice of, in record order."""
+  """The FFN matrices a neuron has a slice of, in record order (down last)."""
   return ("up", "down") if config.arch == "opt" else ("gate", "up", "down")
 
 
-def neuron_step(config: ModelConfig, stride: int, buf, idx, valid, pos, h, small):
-  """The FFN over a subset of neurons, read from their records (neuron_cluster's
-  sparse step; jit it with `functools.partial(neuron_step, config, stride)`).
+def planar_step(config: ModelConfig, a, b, h, bias, valid):
+  """The FFN over a contiguous block of neuron records held planar
+  (neuron_cluster's sparse step; jit it with `functools.partial(planar_step, config)`).
+
+  Two plain matrix products, no gather: the block's rows are row-major
+  matrices, so this runs at the matrix-vector rate of the memory.
 
   Args:
     config: the model's config.
-    stride: elements between one matrix's row and the next in a record.
-    buf: [slots, record elements] records (a cache pool or a staging buffer).
-    idx: [n] record slots to use; valid: [n] which are real (padding: False).
-    pos: [n] the neurons' indices in the layer (for the biases).
-    h: [B, T, D] the normed input; small: the layer's biases, if any.
+    a: [n, M * D] each neuron's input rows back to back (Llama: gate, up;
+      OPT: up).
+    b: [n, D] each neuron's down row.
+    h: [B, T, D] the normed input.
+    bias: [n, M] the input rows' biases, or None.
+    valid: a scalar count (the first `valid` records are real) or an [n]
+      bool mask; the others contribute exact zeros.
 
   Returns:
-    ([B, T, D] the neurons' contribution, how many of them fired).
+    ([B, T, D] the block's contribution, how many of its neurons fired).
   """
-  d = config.hidden_size
-  w = jnp.take(buf, idx, axis=0)  # [n, record elements]
-  rows = {m: w[:, i * stride:i * stride + d] for i, m in enumerate(neuron_matrices(config))}
-
-  def proj(m):
-    y = jnp.einsum("BTD,nD->BTn", h, rows[m])
-    b = small.get(m + "_bias")
-    return y if b is None else y + jnp.take(b, pos)
-
+  n, d = b.shape
+  m = a.shape[1] // d
+  y = jnp.einsum("BTD,mD->BTm", h, a.reshape(n * m, d)).reshape(*h.shape[:2], n, m)
+  if bias is not None:
+    y = y + bias
   act = layers.activation(config.hidden_act)
   if config.arch == "opt":
-    a = act(proj("up"))
+    z = act(y[..., 0])
   else:
-    u = proj("up")
+    u = y[..., 1]
     if config.hidden_act == "drelu":
       u = jax.nn.relu(u)
-    a = act(proj("gate")) * u
-  a = jnp.where(valid, a, 0)  # padding slots contribute exact zeros
-  fired = jnp.sum(jnp.any(a.reshape(-1, a.shape[-1]) != 0, axis=0))
-  return jnp.einsum("BTn,nD->BTD", a, rows["down"]), fired
+    z = act(y[..., 0]) * u
+  keep = valid if jnp.ndim(valid) else jnp.arange(n) < valid
+  z = jnp.where(keep, z, 0)
+  fired = jnp.sum(jnp.any(z.reshape(-1, n) != 0, axis=0))
+  return jnp.einsum("BTn,nD->BTD", z, b), fired

@@ -10,7 +10,8 @@ One pool of neuron-record slots shared by every layer, in two regions:
   uncached cluster when that one's recent activity (decayed active count)
   is clearly higher (cluster-level LRU; the swap costs one sequential read of
   the cluster).
-* cold: single neurons, admitted on a miss, evicted least recently used.
+* cold: single neurons, admitted on a miss, evicted least recently used,
+  each layer in its own partition of `cold_slots // num_layers` slots.
   With `admission="frequency"` (the default) the region is scan-resistant:
   a step's misses are admitted only if they were active recently (a decayed
   activity count, LLM in a Flash's "window", at least `admit_min`), at most
@@ -19,6 +20,13 @@ One pool of neuron-record slots shared by every layer, in two regions:
   whose own recent activity is lower (TinyLFU's rule). A token's misses
   (~17.5k on llama-1b) are far more than the region holds (~4.8k); admitting
   them all evicted everything before it was reused (0 cold hits).
+
+Each layer's cached records are two contiguous slot ranges (`hot_range`,
+`cold_range`): its hot clusters sit next to each other (the strategy places
+them in layer order and a swap replaces a cluster of the same layer) and its
+cold partition is its own, so the strategy computes a layer's cached part as
+two dense blocks instead of gathering scattered slots (`cold_valid` masks
+the partition's empty slots).
 
 The fixed region (attention, norms, embeddings, KV cache) is not here: the
 strategy places it. Evicted records are dropped, never written back (weights
@@ -86,16 +94,42 @@ class SegmentedCache:
     # hot: cluster slot index -> (layer, cluster) held there, LRU order of hot slots.
     self.hot_owner: list[tuple[int, int] | None] = [None] * self.num_clusters_hot
     self.hot_lru: collections.OrderedDict[int, None] = collections.OrderedDict()
-    # cold: (layer, position) -> slot, in LRU order; free slots.
-    self.cold_lru: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
-    self.cold_free = list(range(num_slots - 1, self.hot_slots - 1, -1))
+    # cold: per layer, position -> slot in LRU order, and the partition's free slots.
     self.cold_slots = num_slots - self.hot_slots
+    self.partition = self.cold_slots // max(num_layers, 1)
+    self.cold_lru: list[collections.OrderedDict[int, int]] = [
+        collections.OrderedDict() for _ in range(num_layers)]
+    self.cold_free = [list(range(self.cold_range(i)[0] + self.partition - 1,
+                                 self.cold_range(i)[0] - 1, -1)) for i in range(num_layers)]
     # Decayed count of steps each neuron was active in: the admission filter.
     self.activity = np.zeros((num_layers, num_neurons), np.float32)
     self.cluster_activity = np.zeros((num_layers, num_neurons // max(cluster_size, 1)),
                                      np.float32)
     self.hot_index: dict[tuple[int, int], int] = {}  # (layer, cluster) -> hot cluster slot
     self.counters = CacheCounters()
+
+  # -- where a layer's records are ------------------------------------------
+
+  def hot_range(self, layer: int) -> tuple[int, int]:
+    """(first slot, slots) of `layer`'s hot clusters (contiguous; (0, 0) if none)."""
+    idx = sorted(i for (lay, _), i in self.hot_index.items() if lay == layer)
+    if not idx:
+      return 0, 0
+    if idx[-1] - idx[0] + 1 != len(idx):
+      raise AssertionError(f"layer {layer}'s hot clusters are not contiguous: {idx}")
+    return idx[0] * self.cluster_size, len(idx) * self.cluster_size
+
+  def cold_range(self, layer: int) -> tuple[int, int]:
+    """(first slot, slots) of `layer`'s cold partition."""
+    return self.hot_slots + layer * self.partition, self.partition
+
+  def cold_valid(self, layer: int) -> np.ndarray:
+    """[partition] bool: which of `layer`'s cold slots hold a record."""
+    first, n = self.cold_range(layer)
+    out = np.zeros(n, bool)
+    out[np.fromiter(self.cold_lru[layer].values(), np.int64, len(self.cold_lru[layer]))
+        - first] = True
+    return out
 
   # -- hot region -----------------------------------------------------------
 
@@ -122,9 +156,9 @@ class SegmentedCache:
     positions = np.arange(cluster * c, (cluster + 1) * c)
     # A cluster entering the hot region may have members in the cold region.
     for p in positions:
-      slot = self.cold_lru.pop((layer, int(p)), None)
+      slot = self.cold_lru[layer].pop(int(p), None)
       if slot is not None:
-        self.cold_free.append(slot)
+        self.cold_free[layer].append(slot)
     first = index * c
     self.slot_of[layer, positions] = np.arange(first, first + c)
     self.hot_owner[index] = (layer, cluster)
@@ -138,8 +172,10 @@ class SegmentedCache:
 
     The candidate is `layer`'s most active cluster outside the hot region; it
     replaces the least recently used hot cluster if its activity exceeds
-    `margin` times that cluster's (hysteresis: a swap costs a read). Call it
-    before the step's lookup, when no computation reads the victim's slots.
+    `margin` times that cluster's (hysteresis: a swap costs a read); the
+    victim is a cluster of the same layer (so each layer's hot clusters stay
+    contiguous). Call it before the step's lookup, when no computation reads
+    the victim's slots.
     """
     if not self.num_clusters_hot or not self.cluster_activity.shape[1]:
       return None
@@ -148,7 +184,7 @@ class SegmentedCache:
       if lay == layer:
         act[cl] = -1.0
     cand = int(np.argmax(act))
-    victim = self.hot_victim(set())
+    victim = self.hot_victim(set(), layer)
     if act[cand] <= 0 or victim is None:
       return None
     vl, vc = self.hot_owner[victim]
@@ -156,10 +192,10 @@ class SegmentedCache:
       return None
     return victim, cand
 
-  def hot_victim(self, protect: set[int]) -> int | None:
-    """Least recently used hot cluster slot not in `protect`."""
+  def hot_victim(self, protect: set[int], layer: int | None = None) -> int | None:
+    """Least recently used hot cluster slot not in `protect` (of `layer`, if given)."""
     for index in self.hot_lru:
-      if index not in protect:
+      if index not in protect and (layer is None or self.hot_owner[index][0] == layer):
         return index
     return None
 
@@ -188,41 +224,44 @@ class SegmentedCache:
     self.counters.misses += int((~hit).sum())
     for index in np.unique(cached[hot] // max(self.cluster_size, 1)):
       self.hot_lru.move_to_end(int(index))
+    lru = self.cold_lru[layer]
     for p in positions[hit][~hot]:
-      self.cold_lru.move_to_end((layer, int(p)))
+      lru.move_to_end(int(p))
     return positions[hit], cached, positions[~hit]
 
   def admit(self, layer: int, positions: np.ndarray) -> np.ndarray:
     """Gives cold slots to `positions` (just read); -1 where none is given.
 
-    Victims come from the LRU end; neurons touched in this step are at the
-    MRU end, so an in-flight computation never loses its records as long as
-    the cold region is larger than one step's admissions (else they are not
-    cached).
+    Victims come from the LRU end of the layer's partition; neurons touched in
+    this step are at the MRU end, and the `protect`ed ones are never evicted.
+    The caller must not overwrite a victim's slot while a computation still
+    reads it.
     """
     positions = np.asarray(positions)
     out = np.full(len(positions), -1, np.int32)
-    budget = len(self.cold_free) + len(self.cold_lru) - self._touched_now(layer)
+    free, lru = self.cold_free[layer], self.cold_lru[layer]
+    budget = len(free) + len(lru) - self._touched_now(layer)
     order = np.arange(len(positions))
     if self.admission == "frequency":
       score = self.activity[layer, positions]
       order = order[score >= self.admit_min]
       order = order[np.argsort(-score[order], kind="stable")]  # hottest first
-      budget = min(budget, max(1, self.cold_slots // self.num_layers))
     for j in order:
       if budget <= 0:
         break
       p = int(positions[j])
-      if self.cold_free:
-        slot = self.cold_free.pop()
+      if self.slot_of[layer, p] >= 0:  # already cached (read twice by a look-ahead)
+        continue
+      if free:
+        slot = free.pop()
       else:
-        (ol, op), slot = next(iter(self.cold_lru.items()))
-        if self.admission == "frequency" and self.activity[ol, op] >= self.activity[layer, p]:
+        op, slot = next(iter(lru.items()))
+        if self.admission == "frequency" and self.activity[layer, op] >= self.activity[layer, p]:
           break  # candidates come hottest first: the rest would lose too
-        self.cold_lru.popitem(last=False)
-        self.slot_of[ol, op] = -1
+        lru.popitem(last=False)
+        self.slot_of[layer, op] = -1
         self.counters.evicted += 1
-      self.cold_lru[(layer, p)] = slot
+      lru[p] = slot
       self.slot_of[layer, p] = slot
       out[j] = slot
       budget -= 1

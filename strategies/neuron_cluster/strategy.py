@@ -12,27 +12,35 @@ sequential reads, double-buffered. Decode runs sparse, per layer:
   its reads complete -> sum -> admit the recently active new records to the
   cold region (scan-resistant: a token's misses outnumber the region).
 
-Static shapes: active-set sizes are padded to power-of-two buckets, so decode
-compiles a handful of shapes. With the oracle predictor on a model with true
+Static shapes: blocks are power-of-two slices of the staging area (a layer's
+cold partition one more size), so decode compiles a handful of shapes. With the oracle predictor on a model with true
 zeros the result equals `resident`'s (up to float summation order); with a
 trained predictor, missed neurons are an approximation that the stats and the
 benchmark report (recall, token agreement); `audit=True` also computes the true
 active set to count misses, false positives and the ideal bytes
 (`experiments.sparse_audit`).
 
-Not done: reading layer l+1's neurons while layer l computes. Its active set
-is predicted from its own input, which exists only after layer l; a
-look-ahead predictor (x_l -> active set of l+1) would be a second, less
-accurate model.
+Look-ahead (`lookahead=True`): layer l+1's predictor applied to layer l's
+input guesses l+1's active set (the residual stream changes little between
+layers); its uncached records are read into the other staging area while
+layer l computes, and layer l+1 reads only what the guess missed. Records are
+planar in memory (`hetflow.memory.bundle_store.Planes`), and each layer's
+cached part is two contiguous blocks (its hot clusters, its cold partition),
+so the sparse step is plain matrix products over contiguous rows
+(`hetflow.sparsity.bundles.planar_step`), no gather; every cached record of
+the layer is multiplied, predicted or not (exact: a neuron that does not
+fire adds an exact zero).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import errno
 import functools
 import json
 import os
+import time
 from typing import Any, Literal
 
 import jax
@@ -97,7 +105,12 @@ class NeuronClusterOptions:
       threads, cached part computed meanwhile, missing part in `pieces`
       pieces as they land); False reads one request at a time, then computes.
     io_depth: reader threads (requests in flight).
-    pieces: pieces the missing part is split into when pipelining.
+    pieces: the missing part is read and computed in blocks of at most
+      ~1/pieces of it when pipelining (power-of-two blocks, largest first).
+    lookahead: while layer i computes, read the uncached records layer i+1's
+      predictor picks from layer i's input (the residual stream changes
+      little between layers); layer i+1 then reads only what that guess
+      missed. A wrong guess costs reads, never correctness.
     staging_bytes: the buffer missing records and prefill chunks are read into.
     kv_reserve_tokens: KV positions (batch 1) left for the engine's KV cache
       when sizing the neuron cache; None: the model's max positions.
@@ -128,6 +141,7 @@ class NeuronClusterOptions:
   pipeline: bool = True
   io_depth: int = 8
   pieces: int = 4
+  lookahead: bool = True
   staging_bytes: int | str = "64MiB"
   kv_reserve_tokens: int | None = None
   min_bucket: int = 16
@@ -176,14 +190,28 @@ def read_predictor_quality(options: NeuronClusterOptions) -> cost.PredictorQuali
       precision=tuple(r["precision"] for r in reports) or None)
 
 
-def _bucket(n: int, smallest: int) -> int:
-  return max(smallest, 1 << max(0, (n - 1).bit_length()))
+@dataclasses.dataclass(frozen=True)
+class _Read:
+  """Records being read: `fut` completes when they landed; `done` (if any)
+  then copies them into their planes."""
+
+  fut: Any
+  done: Any = None
+
+  def wait(self) -> None:
+    self.fut.result()
+    if self.done is not None:
+      self.done()
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-  out = np.zeros(size, np.int32)
-  out[:len(a)] = a
-  return out
+@dataclasses.dataclass(frozen=True)
+class _Ahead:
+  """A look-ahead for one layer: the guessed positions (sorted), the staging
+  blocks (offset, size) in that layer's area they land in, and their reads."""
+
+  positions: np.ndarray
+  blocks: list[tuple[int, int]]
+  reads: list[_Read]
 
 
 @register_strategy("neuron_cluster")
@@ -241,6 +269,7 @@ class NeuronCluster(Strategy):
     sizes: cost.Sizes = placement.settings.sizes
     self.mats = bundles_mod.neuron_matrices(c)
     sharding = tiers.device_sharding()
+    self._sharding = sharding
     self._threshold = check_sparse(c, o.threshold)
 
     # Statistics and order.
@@ -256,13 +285,15 @@ class NeuronCluster(Strategy):
     self.store = bundle_store.open_store(model, order, self.mats, o.layout, o.store_dir)
     ledger.allocate("disk", self.store.total_nbytes, "neuron store")
 
-    # Fixed region.
+    # Fixed region; the input rows' biases (OPT) also stay on the host, [F, M]
+    # per layer in record order, to build each block's bias.
     def put(group_leaves, name):
       nbytes = sum(a.nbytes for a in group_leaves.values())
       ledger.allocate("device", nbytes, name)
       return jax.device_put(group_leaves, sharding)
 
-    self._fixed = {}
+    self._fixed, self._bias = {}, {}
+    inputs = self.mats[:-1]
     for g in model.group_names():
       if g.endswith("/mlp"):
         leaves = model.group_tensors(g)
@@ -271,6 +302,10 @@ class NeuronCluster(Strategy):
         for k in ("gate_bias", "up_bias"):
           if k in small:
             small[k] = small[k][order[layer]]
+        if any(m + "_bias" in small for m in inputs):
+          f = c.intermediate_size
+          self._bias[layer] = np.stack(
+              [np.asarray(small.get(m + "_bias", np.zeros(f)), np.float32) for m in inputs], 1)
         self._fixed[g] = put(small, "fixed")
       else:
         self._fixed[g] = put(model.group_tensors(g), "fixed")
@@ -299,29 +334,35 @@ class NeuronCluster(Strategy):
       self._truth = self.predictor if o.predictor == "oracle" else oracle()
     self._audit = np.zeros((c.num_layers, 4), np.int64)  # true pos, false pos, false neg, ideal
 
-    # Staging and cache pool: aligned buffers that jax aliases (no copies).
-    rec = self.store.record_nbytes
-    self.record_elems = rec // np.dtype(model.dtype).itemsize
+    # Staging and cache pool: planar record buffers that jax aliases (no
+    # copies). Staging is two areas, one per layer parity: a layer's misses
+    # land in its area while the look-ahead fills the other for the next layer.
+    per_slot = self.store.planes(1).nbytes
     ledger.allocate("device", sizes.staging, "staging")
-    self.staging_cap = sizes.staging // rec
-    self.staging = aligned_empty(sizes.staging)
-    self.staging_jax = jax.device_put(
-        view_as(self.staging, 0, (self.staging_cap, self.record_elems), model.dtype), sharding)
+    cap = max(2, sizes.staging // per_slot) // 2
+    self._min_block = min(o.min_bucket, 1 << (cap.bit_length() - 1))
+    self.area_cap = cap // self._min_block * self._min_block
+    self.st_planes = self.store.planes(2 * self.area_cap)
+    self.staging = aligned_empty(self.st_planes.nbytes)
     self.num_slots = placement.settings.cache_slots
-    ledger.allocate("device", self.num_slots * rec, "cache")
-    self.pool = aligned_empty(max(self.num_slots, 1) * rec)
-    self.pool_jax = jax.device_put(
-        view_as(self.pool, 0, (max(self.num_slots, 1), self.record_elems), model.dtype),
-        sharding)
+    ledger.allocate("device", self.num_slots * self.store.record_nbytes, "cache")
+    self.pool_planes = self.store.planes(max(self.num_slots, 1))
+    self.pool = aligned_empty(self.pool_planes.nbytes)
+    self._views: dict[tuple[str, int, int], tuple[Any, Any]] = {}
+    self._slot_pos = np.full(self.pool_planes.slots, -1, np.int64)  # position held, per slot
     hot = int(self.num_slots * o.hot_fraction)
     self.cache = SegmentedCache(c.num_layers, c.intermediate_size, self.num_slots, hot,
                                 o.cluster_size, o.admission, o.admit_decay, o.admit_min)
     self.reader = ReaderPool(o.io_depth)
-    for index, (layer, cluster) in enumerate(self.cache.choose_hot(self.frequency)):
+    # Each layer's hot clusters next to each other: its cached part is one block.
+    pending = []
+    chosen = sorted(self.cache.choose_hot(self.frequency))
+    for index, (layer, cluster) in enumerate(chosen):
       first, positions = self.cache.place_hot(index, layer, cluster)
-      reqs = self.store.requests(positions, o.coalesce)
-      reqs = [(off, n, dst + first * rec) for off, n, dst in reqs]
-      self.reader.read_many(self.store.file(layer), self.pool, reqs).result()
+      self._slot_pos[first:first + len(positions)] = positions
+      pending.append(self._read(layer, positions, "pool", first, True))
+    for r in pending:
+      r.wait()
     self.reader.reset_stats()
     self.cache.counters = type(self.cache.counters)()
 
@@ -330,12 +371,14 @@ class NeuronCluster(Strategy):
     self._shapes: set[tuple] = set()
     self._new_shapes_per_token: list[int] = []
     self._fired: list[Any] = []
-    self._staging_users: list[list[Any]] = [[], []]  # computations reading each half
+    self._area_users: list[list[Any]] = [[], []]  # computations reading each staging area
+    self._ahead: dict[int, _Ahead] = {}  # look-ahead reads in flight, by the layer they serve
+    self._timer = collections.Counter()  # seconds per decode phase
+    self._computed = 0  # records multiplied in decode
 
   def _build_functions(self):
     c = self.config
-    stride = self.store.row_stride // np.dtype(self.model.dtype).itemsize
-    self._partial = jax.jit(functools.partial(bundles_mod.neuron_step, c, stride))
+    self._step = jax.jit(functools.partial(bundles_mod.planar_step, c))
     self._norm = jax.jit(lambda w, x: modules._norm(c, w)(x))
     self._add = jax.jit(lambda a, b: a + b)
 
@@ -344,6 +387,79 @@ class NeuronCluster(Strategy):
       return x + (acc if b is None else acc + b)
 
     self._finish = jax.jit(finish)
+
+  # -- reads into planar buffers ------------------------------------------------
+
+  def _buffer(self, which):
+    return (self.pool, self.pool_planes) if which == "pool" else (
+        self.staging, self.st_planes)
+
+  def _read(self, layer, positions, which, first, parallel, phase=None) -> _Read:
+    """Starts reading records at sorted `positions` of `layer` into slots first, ... ."""
+    o = self.options
+    buf, planes = self._buffer(which)
+    path = self.store.file(layer)
+    if self.store.planar_direct:
+      reqs = self.store.planar_requests(positions, planes, first, o.coalesce)
+      fut = self.reader.read_many(path, buf, reqs, parallel=parallel)
+      done = None
+    else:  # rows are not whole pages: read whole records, then copy them in
+      rec = self.store.record_nbytes
+      tmp = aligned_empty(max(1, len(positions)) * rec)
+      reqs = self.store.requests(positions, o.coalesce)
+      fut = self.reader.read_many(path, tmp, reqs, parallel=parallel)
+      slots = np.arange(first, first + len(positions))
+
+      def done():
+        planes.fill_from_records(buf, slots, tmp.reshape(-1, rec)[:len(positions)],
+                                 self.store.row_stride, len(self.mats))
+    if phase is not None:
+      counters = getattr(self.counters, phase)
+      counters.add("disk_bytes", sum(q[1] for q in reqs))
+      counters.add("disk_requests", len(reqs))
+    return _Read(fut, done)
+
+  def _view(self, which, start, size):
+    """Jax arrays (A, B) aliasing slots [start, start + size) of a planar buffer."""
+    key = (which, start, size)
+    v = self._views.get(key)
+    if v is None:
+      buf, planes = self._buffer(which)
+      a, b = planes.views(buf, self.model.dtype, self.config.hidden_size)
+      v = (jax.device_put(a[start:start + size], self._sharding),
+           jax.device_put(b[start:start + size], self._sharding))
+      self._views[key] = v
+    return v
+
+  def _blocks(self, n: int, pieces: int = 1, exact: bool = False) -> list[tuple[int, int]]:
+    """(offset, size) power-of-two blocks covering n slots (rounded up to the
+    smallest block unless `exact`), largest first, none larger than ~n /
+    pieces: a few compiled shapes, no per-token recompiles, and the first
+    block's reads land early enough to overlap the rest."""
+    mb = 1 if exact else self._min_block
+    left = -(-n // mb) * mb
+    cap = max(mb, 1 << max(0, (-(-left // pieces) - 1).bit_length()))
+    out, at = [], 0
+    while left:
+      size = min(cap, 1 << (left.bit_length() - 1))
+      out.append((at, size))
+      at += size
+      left -= size
+    return out
+
+  def _compute(self, kind, which, start, size, valid, layer, positions, h, params):
+    """One block's contribution; `positions` [size] (-1: none) give the biases."""
+    key = (kind, size, h.shape)
+    if key not in self._shapes:
+      self._shapes.add(key)
+      self._step_shapes += 1
+    a, b = self._view(which, start, size)
+    bias = None
+    if layer in self._bias:
+      bias = self._bias[layer][np.maximum(positions, 0)]
+    if self._phase == "decode":
+      self._computed += int(valid.sum()) if isinstance(valid, np.ndarray) else int(valid)
+    return self._step(a, b, h, bias, valid)
 
   # -- the engine's hooks -------------------------------------------------------
 
@@ -356,20 +472,14 @@ class NeuronCluster(Strategy):
   def begin(self, phase, num_tokens):
     self._phase = phase if num_tokens == 1 else "prefill"
     self._step_shapes = 0
+    for ahead in self._ahead.values():  # none unless a step failed: let its reads finish
+      for r in ahead.reads:
+        r.fut.exception()
+    self._ahead = {}
 
   def end(self):
     if self._phase == "decode":
       self._new_shapes_per_token.append(self._step_shapes)
-
-  def _compute(self, kind, buf, idx, pos, h, small):
-    n = len(idx)
-    size = _bucket(n, self.options.min_bucket)
-    key = (kind, size, h.shape)
-    if key not in self._shapes:
-      self._shapes.add(key)
-      self._step_shapes += 1
-    valid = np.arange(size) < n
-    return self._partial(buf, _pad(idx, size), valid, _pad(pos, size), h, small)
 
   def run_ffn(self, layer, params, x, ffn):
     h = self._norm(params, x)
@@ -388,45 +498,57 @@ class NeuronCluster(Strategy):
     return self._finish(x, acc, params)
 
   def _prefill(self, layer, params, h):
-    """Dense: stream the layer's records in chunks, double-buffered in staging."""
+    """Dense: stream the layer's records in chunks, double-buffered in the two areas."""
     f = self.config.intermediate_size
-    half = max(1, self.staging_cap // 2)
+    half = self.area_cap
     chunks = [(s, min(half, f - s)) for s in range(0, f, half)]
-    path = self.store.file(layer)
-    rec = self.store.record_nbytes
 
     def submit(k):
       s, n = chunks[k]
-      base = (k % 2) * half
+      area = k % 2
       # Aliasing rule (hetflow/memory/buffers.py): every computation still
-      # reading this half (this layer's or the previous layer's) must finish
-      # before the half is refilled.
-      jax.block_until_ready(self._staging_users[k % 2])
-      self._staging_users[k % 2] = []
-      reqs = self.store.requests(np.arange(s, s + n), True, max_run=1 << 20)
-      reqs = [(off, nb, dst + base * rec) for off, nb, dst in reqs]
-      self.counters.prefill.add("disk_bytes", sum(r[1] for r in reqs))
-      self.counters.prefill.add("disk_requests", len(reqs))
-      return [self.reader.read_many(path, self.staging, reqs)]
+      # reading this area (this layer's or the previous layer's) must finish
+      # before it is refilled.
+      jax.block_until_ready(self._area_users[area])
+      self._area_users[area] = []
+      return self._read(layer, np.arange(s, s + n), "staging", area * half, True, "prefill")
 
     outs, pending = [], submit(0)
     for k, (s, n) in enumerate(chunks):
-      for fut in pending:
-        fut.result()
+      pending.wait()
       if k + 1 < len(chunks):
         pending = submit(k + 1)
       base = (k % 2) * half
-      out, _ = self._compute("prefill", self.staging_jax, np.arange(base, base + n),
-                             np.arange(s, s + n), h, params)
-      outs.append(out)
-      self._staging_users[k % 2].append(out)
+      for off, size in self._blocks(n):
+        pos = np.arange(s + off, s + off + size)
+        valid = pos < s + n
+        out, _ = self._compute("prefill", "staging", base + off, size, valid, layer,
+                               np.where(valid, pos, -1), h, params)
+        outs.append(out)
+        self._area_users[k % 2].append(out)
     return outs
+
+  def _predict(self, layer, x, h):
+    """This layer's predicted positions and, with look-ahead, the next layer's
+    guess from this layer's input (one sync for both)."""
+    o, c = self.options, self.config
+    masks = [self.predictor.predict(layer, x, h)]
+    ahead = o.lookahead and layer + 1 < c.num_layers
+    if ahead:
+      nxt = self._fixed[f"layers/{layer + 1}/mlp"]
+      masks.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x)))
+    t0 = time.perf_counter()
+    got = [np.nonzero(np.asarray(m).reshape(-1, c.intermediate_size).any(0))[0] for m in masks]
+    self._timer["wait_input_s"] += time.perf_counter() - t0
+    return got[0], (self._guess(layer + 1, got[1]) if ahead else None)
+
+  def _guess(self, layer, positions):
+    """The look-ahead's guess for `layer` (a seam for tests: a wrong guess costs reads only)."""
+    return positions
 
   def _decode(self, layer, params, x, h):
     o, c = self.options, self.config
-    mask = self.predictor.predict(layer, x, h)
-    # Waits for x: the one sync per layer (earlier computations are done).
-    active = np.nonzero(np.asarray(mask).reshape(-1, c.intermediate_size).any(0))[0]
+    active, guess = self._predict(layer, x, h)
     if o.hot_policy == "lru" and self.num_slots:
       self._swap_hot(layer)
     self.counters.decode.add("predicted", len(active))
@@ -438,50 +560,149 @@ class NeuronCluster(Strategy):
       self._audit[layer] += [(true & predicted).sum(), (~true & predicted).sum(),
                              (true & ~predicted).sum(), (true & uncached).sum()]
     if self.num_slots:
-      hit_pos, hit_slots, missing = self.cache.lookup(layer, active)
+      _, hit_slots, missing = self.cache.lookup(layer, active)
     else:
-      hit_pos, hit_slots, missing = active[:0], active[:0], active
-    outs = []
-    path, rec = self.store.file(layer), self.store.record_nbytes
+      hit_slots, missing = active[:0], active
+    outs, cached_outs = [], []
 
     def cached_part():
-      if len(hit_slots):
-        outs.append(self._compute("cache", self.pool_jax, hit_slots, hit_pos, h, params)[0])
+      # Every cached record of the layer, predicted or not: two dense blocks
+      # (an unpredicted one fires only if the predictor missed it, so this is
+      # exact for the oracle and closer to dense for a trained predictor).
+      if not self.num_slots:
+        return
+      first, n = self.cache.hot_range(layer)
+      # Blocks are padded to the smallest size, except at the pool's end.
+      exact = first + -(-n // self._min_block) * self._min_block > self.pool_planes.slots
+      for off, size in self._blocks(n, exact=exact) if n else []:
+        pos = self._slot_pos[first + off:first + off + size].copy()
+        pos[max(0, n - off):] = -1  # a block's tail past the layer's clusters
+        cached_outs.append(self._compute("hot", "pool", first + off, size, pos >= 0, layer,
+                                         pos, h, params)[0])
+      first, n = self.cache.cold_range(layer)
+      if n:
+        valid = self.cache.cold_valid(layer)
+        pos = np.where(valid, self._slot_pos[first:first + n], -1)
+        cached_outs.append(self._compute("cold", "pool", first, n, valid, layer, pos, h,
+                                         params)[0])
 
-    if o.pipeline:  # computes while the first reads land
+    if o.pipeline:  # computes while the reads land
       cached_part()
-    for r0 in range(0, len(missing), self.staging_cap):
-      rnd = missing[r0:r0 + self.staging_cap]
-      # Staging is refilled: computations reading it must be done.
-      jax.block_until_ready(self._staging_users + [outs])
-      self._staging_users = [[], []]
-      pieces = np.array_split(np.arange(len(rnd)), o.pieces if o.pipeline else 1)
-      pieces = [p for p in pieces if len(p)]
-      pending = []
-      for p in pieces:
-        reqs = self.store.requests(rnd[p], o.coalesce)
-        reqs = [(off, nb, dst + int(p[0]) * rec) for off, nb, dst in reqs]
-        self.counters.decode.add("disk_bytes", sum(q[1] for q in reqs))
-        self.counters.decode.add("disk_requests", len(reqs))
-        pending.append([self.reader.read_many(path, self.staging, reqs, parallel=o.pipeline)])
-      for p, futs in zip(pieces, pending):
-        for fut in futs:
-          fut.result()
-        out, fired = self._compute("staging", self.staging_jax, p, rnd[p], h, params)
+    area = layer % 2
+    base = area * self.area_cap
+    ahead = self._ahead.pop(layer, None)
+    read_pos, read_slots = [], []  # for admission
+    # The look-ahead's records: in flight or landed at base, ...; compute them
+    # all (those cached since or read twice are masked out), read the rest.
+    if ahead is not None:
+      inflight = np.isin(missing, ahead.positions)
+      self.counters.decode.add("ahead_used", int(inflight.sum()))
+      self.counters.decode.add("ahead_read", len(ahead.positions))
+      self.counters.decode.add("ahead_landed", sum(r.fut.done() for r in ahead.reads))
+      self.counters.decode.add("ahead_pieces", len(ahead.reads))
+      missing = missing[~inflight]
+      for (off, size), r in zip(ahead.blocks, ahead.reads):
+        t0 = time.perf_counter()
+        r.wait()
+        self._timer["wait_read_s"] += time.perf_counter() - t0
+        pos = np.full(size, -1, np.int64)
+        part = ahead.positions[off:off + size]
+        pos[:len(part)] = part
+        valid = pos >= 0
+        if self.num_slots:
+          valid &= self.cache.slot_of[layer, np.maximum(pos, 0)] < 0
+        out, fired = self._compute("staging", "staging", base + off, size, valid, layer, pos,
+                                   h, params)
         outs.append(out)
-        self._staging_users[0].append(out)
-        self._fired.append(fired)  # neurons read that really fired: the useful bytes
-      self.counters.decode.add("read_neurons", len(rnd))
-      if self.num_slots:
-        self.cache.protect(len(hit_slots))
-        slots = self.cache.admit(layer, rnd)
-        ok = slots >= 0
-        self.pool.reshape(-1, rec)[slots[ok]] = self.staging.reshape(-1, rec)[np.nonzero(ok)[0]]
+        self._fired.append(fired)
+      read_pos.append(ahead.positions)
+      read_slots.append(base + np.arange(len(ahead.positions)))
+      used = -(-len(ahead.positions) // self._min_block) * self._min_block
+    else:
+      used = 0
+    self.counters.decode.add("late_reads", len(missing))
+    # The rest of the misses, in rounds when they overflow the area.
+    while len(missing):
+      room = self.area_cap - used
+      if room < self._min_block:  # the area is full: wait for its users, start over
+        jax.block_until_ready(outs)
+        used, room = 0, self.area_cap
+      rnd, missing = missing[:room], missing[room:]
+      blocks = self._blocks(len(rnd), o.pieces if o.pipeline else 1)
+      reads = [self._read(layer, rnd[off:off + size], "staging", base + used + off,
+                          o.pipeline, "decode") for off, size in blocks]
+      if guess is not None:  # queued behind this layer's own reads
+        self._look_ahead(layer + 1, guess)
+        guess = None
+      for (off, size), r in zip(blocks, reads):
+        t0 = time.perf_counter()
+        r.wait()
+        self._timer["wait_read_s"] += time.perf_counter() - t0
+        pos = np.full(size, -1, np.int64)
+        part = rnd[off:off + size]
+        pos[:len(part)] = part
+        out, fired = self._compute("staging", "staging", base + used + off, size, pos >= 0,
+                                   layer, pos, h, params)
+        outs.append(out)
+        self._fired.append(fired)
+      read_pos.append(rnd)
+      read_slots.append(base + used + np.arange(len(rnd)))
+      used += sum(size for _, size in blocks)
+      if len(missing):  # this round's records are admitted before the area is reused
+        self._admit(layer, read_pos, read_slots, cached_outs)
+        read_pos, read_slots = [], []
+    self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
     if not o.pipeline:
       cached_part()
-    if not outs:  # nothing predicted active: an exact zero FFN output
-      outs.append(self._compute("cache", self.pool_jax, active[:0], active[:0], h, params)[0])
+    if read_pos:
+      self._admit(layer, read_pos, read_slots, cached_outs)
+    self._area_users[area] = outs
+    # Start the next layer's reads now: they land while this layer computes.
+    if guess is not None:
+      self._look_ahead(layer + 1, guess)
+    outs = cached_outs + outs
+    if not outs:  # nothing predicted or cached: an exact zero FFN output
+      size = self._min_block
+      outs.append(self._compute("staging", "staging", base, size, np.zeros(size, bool), layer,
+                                np.full(size, -1), h, params)[0])
     return outs
+
+  def _admit(self, layer, read_pos, read_slots, cached_outs):
+    """Copies the admitted records from staging into the cold partition."""
+    if not self.num_slots:
+      return
+    pos, st = np.concatenate(read_pos), np.concatenate(read_slots)
+    # Only records outside the cache: a look-ahead guess may hold cached ones.
+    keep = self.cache.slot_of[layer, pos] < 0
+    pos, st = pos[keep], st[keep]
+    self.cache.protect(0)
+    slots = self.cache.admit(layer, pos)
+    ok = slots >= 0
+    if not ok.any():
+      return
+    # The cold partition's block may still be computing: the aliasing rule.
+    jax.block_until_ready(cached_outs)
+    sa, sb = self.st_planes.views(self.staging, np.uint8, self.st_planes.b_nbytes)
+    pa, pb = self.pool_planes.views(self.pool, np.uint8, self.pool_planes.b_nbytes)
+    pa[slots[ok]] = sa[st[ok]]
+    pb[slots[ok]] = sb[st[ok]]
+    self._slot_pos[slots[ok]] = pos[ok]
+
+  def _look_ahead(self, layer, guess):
+    """Starts reading the guessed, uncached records of `layer` into its area."""
+    if self.num_slots:
+      guess = guess[self.cache.slot_of[layer, guess] < 0]
+    guess = guess[:self.area_cap]
+    if not len(guess):
+      return
+    area = layer % 2
+    # Its area was last read by layer - 2's computations, which fed this
+    # layer's input (the predictor waited for it): free to refill.
+    base = area * self.area_cap
+    blocks = self._blocks(len(guess), self.options.pieces)
+    reads = [self._read(layer, guess[off:off + size], "staging", base + off, True, "decode")
+             for off, size in blocks]
+    self._ahead[layer] = _Ahead(guess, blocks, reads)
 
   def _swap_hot(self, layer):
     """Cluster-level LRU: one swap at most per layer step, before its lookup.
@@ -495,12 +716,10 @@ class NeuronCluster(Strategy):
       return
     index, cluster = swap
     first, positions = self.cache.place_hot(index, layer, cluster)
-    rec = self.store.record_nbytes
-    reqs = [(off, n, dst + first * rec) for off, n, dst in self.store.requests(positions, True)]
-    self.reader.read_many(self.store.file(layer), self.pool, reqs).result()
-    self.counters.decode.add("disk_bytes", sum(r[1] for r in reqs))
-    self.counters.decode.add("disk_requests", len(reqs))
-    self.counters.decode.add("swap_bytes", sum(r[1] for r in reqs))
+    self._slot_pos[first:first + len(positions)] = positions
+    before = self.counters.decode.disk_bytes
+    self._read(layer, positions, "pool", first, True, "decode").wait()
+    self.counters.decode.add("swap_bytes", self.counters.decode.disk_bytes - before)
     self.cache.counters.cluster_swaps += 1
 
   # -- reporting ----------------------------------------------------------------
@@ -546,6 +765,21 @@ class NeuronCluster(Strategy):
         "cache_fraction": self.num_slots / f_total,
         "cache": dataclasses.asdict(self.cache.counters),
         "compiled_shapes": len(self._shapes),
+        # The sparse step: records multiplied (cached blocks, landed reads) and
+        # their bytes (set against the run's f32 matvec probe for the compute limit).
+        "computed_neurons_per_token": self._computed / n,
+        "computed_bytes_per_token": self._computed * neuron / n,
+        # Look-ahead: of the misses each layer needed, the share already in
+        # flight or landed when the layer began; the guess's reads; pieces landed.
+        "ahead_fraction": d.get("ahead_used") / max(d.get("ahead_used") + d.get("late_reads"), 1),
+        "ahead_read_neurons_per_token": d.get("ahead_read") / n,
+        "ahead_unused_neurons_per_token": (d.get("ahead_read") - d.get("ahead_used")) / n,
+        "ahead_landed_fraction": d.get("ahead_landed") / max(d.get("ahead_pieces"), 1),
+        "late_read_neurons_per_token": d.get("late_reads") / n,
+        # Host-side waits per token: for a layer's input (the predictor's sync:
+        # the device still computing) and for reads still in flight.
+        "wait_input_s_per_token": self._timer["wait_input_s"] / n,
+        "wait_read_s_per_token": self._timer["wait_read_s"] / n,
         "new_shapes_per_token": list(self._new_shapes_per_token),
     }
     if audited:
@@ -557,6 +791,7 @@ class NeuronCluster(Strategy):
           layer_recall=[float(a / max(a + b, 1)) for a, b in zip(tp, fn)],
           layer_precision=[float(a / max(a + b, 1)) for a, b in zip(tp, fp)])
     out = self.counters.copy()
+    out.decode.add("wait_s", self._timer["wait_read_s"])
     out.decode.other["useful_bytes"] = fired * neuron
     out.details.update(details)
     out.reads = self.reader.record()
