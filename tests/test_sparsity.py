@@ -148,24 +148,85 @@ def test_bundle_store_layouts(tmp_path):
   assert bundle_store.runs(np.array([3, 4, 5, 8]), max_run=2) == [(3, 2), (5, 1), (8, 1)]
 
 
+def test_planar_reads_scatter_records_into_planes(tmp_path):
+  """One request per run of records, scattered by one preadv into the gate|up plane and the
+  down plane; the same planes as the copy from whole records."""
+  model = hetflow.synthetic_model("llama-tiny-sparse")
+  f, d = model.config.intermediate_size, model.config.hidden_size
+  order = np.stack([np.random.default_rng(i).permutation(f) for i in range(3)])
+  gate, up, down = (model.tensor(f"layers/1/mlp/{m}") for m in ("gate", "up", "down"))
+  positions = np.array([0, 1, 2, 7, 9, 10])
+  for layout in ("bundled", "split"):
+    store = bundle_store.write_store(os.path.join(tmp_path, layout), model, order,
+                                     bundles.neuron_matrices(model.config), layout)
+    assert not store.planar_direct  # 256-byte rows: O_DIRECT cannot scatter them
+    planes = store.planes(16)
+    assert planes.nbytes == 16 * store.neuron_nbytes
+    reqs = store.planar_requests(positions, planes, first_slot=5)
+    assert len(reqs) == len(positions) * (1 if layout == "bundled" else 3)  # padded records
+    with ReaderPool(4, direct=False) as reader:
+      buf = aligned_empty(planes.nbytes)
+      reader.read_many(store.file(1), buf, reqs).result()
+      assert reader.record().requests == len(reqs)
+    with ReaderPool(4) as reader:  # whole records, copied in
+      rec = aligned_empty(len(positions) * store.record_nbytes)
+      reader.read_many(store.file(1), rec, store.requests(positions)).result()
+      copied = aligned_empty(planes.nbytes)
+      planes.fill_from_records(copied, 5 + np.arange(len(positions)),
+                               rec.reshape(len(positions), -1), store.row_stride, 3)
+      if reader.direct:
+        with pytest.raises(ValueError, match="O_DIRECT"):
+          reader.read_many(store.file(1), aligned_empty(planes.nbytes), reqs)
+    for out in (buf, copied):
+      a, b = planes.views(out, np.float32, d)
+      for j, p in enumerate(positions):
+        n = order[1, p]
+        np.testing.assert_array_equal(a[5 + j, :d], gate[:, n])
+        np.testing.assert_array_equal(a[5 + j, d:], up[:, n])
+        np.testing.assert_array_equal(b[5 + j], down[n])
+
+
+def test_planar_step_matches_the_dense_ffn():
+  model = hetflow.synthetic_model("llama-tiny-sparse")
+  c = model.config
+  w = {m: np.asarray(model.tensor(f"layers/0/mlp/{m}")) for m in ("gate", "up", "down")}
+  h = np.random.default_rng(0).standard_normal((1, 2, c.hidden_size)).astype(np.float32)
+  a = np.concatenate([w["gate"].T, w["up"].T], 1)  # [F, 2D]
+  keep = np.arange(c.intermediate_size) % 3 != 0
+  out, fired = bundles.planar_step(c, a, w["down"], h, None, keep)
+  z = np.maximum(h @ w["gate"], 0) * np.maximum(h @ w["up"], 0) * keep
+  np.testing.assert_allclose(out, z @ w["down"], rtol=1e-4, atol=1e-5)
+  assert int(fired) == int((z.reshape(-1, c.intermediate_size) != 0).any(0).sum())
+  # A count keeps the first records.
+  out, _ = bundles.planar_step(c, a, w["down"], h, None, 7)
+  z = np.maximum(h @ w["gate"][:, :7], 0) * np.maximum(h @ w["up"][:, :7], 0)
+  np.testing.assert_allclose(out, z @ w["down"][:7], rtol=1e-4, atol=1e-5)
+
+
 def test_segmented_cache_regions():
-  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=12, hot_slots=8, cluster_size=4,
+  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=16, hot_slots=8, cluster_size=4,
                          admission="all")
   freq = np.zeros((2, 64))
   freq[1, 4:8] = 1.0
   freq[0, 0:4] = 0.9
   hot = cache.choose_hot(freq)
   assert hot == [(1, 1), (0, 0)]
-  for i, (layer, cl) in enumerate(hot):
+  for i, (layer, cl) in enumerate(sorted(hot)):  # the strategy places them in layer order
     cache.place_hot(i, layer, cl)
+  assert cache.hot_range(0) == (0, 4) and cache.hot_range(1) == (4, 4)
+  assert cache.cold_range(0) == (8, 4) and cache.cold_range(1) == (12, 4)
   pos, slots, missing = cache.lookup(1, np.array([5, 6, 40]))
-  assert list(pos) == [5, 6] and all(slots < 8) and list(missing) == [40]
+  assert list(pos) == [5, 6] and all((slots >= 4) & (slots < 8)) and list(missing) == [40]
   got = cache.admit(1, np.array([40, 41, 42, 43, 44]))
-  assert (got >= 8).sum() == 4 and got[-1] == -1  # cold region holds 4
+  # Layer 1's partition holds 4, in slots 12..15.
+  assert ((got >= 12) & (got < 16)).sum() == 4 and got[-1] == -1
+  assert cache.cold_valid(1).all() and not cache.cold_valid(0).any()
   cache.protect(0)
   cache.lookup(1, np.array([41]))  # 41 becomes most recently used
-  got = cache.admit(0, np.array([50]))
-  assert got[0] >= 8 and cache.slot_of[1, 40] == -1 and cache.slot_of[1, 41] >= 0
+  got = cache.admit(0, np.array([50]))  # layer 0's own partition: evicts nothing of layer 1
+  assert 8 <= got[0] < 12 and cache.counters.evicted == 0
+  got = cache.admit(1, np.array([50]))  # layer 1's partition is full: its LRU (40) goes
+  assert 12 <= got[0] < 16 and cache.slot_of[1, 40] == -1 and cache.slot_of[1, 41] >= 0
   assert cache.counters.evicted == 1
 
 
@@ -200,19 +261,27 @@ def test_frequency_admission_resists_scans():
 
 
 def test_cluster_lru_swaps_in_an_active_cluster():
-  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=8, hot_slots=8, cluster_size=4)
+  cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=12, hot_slots=12,
+                         cluster_size=4)
   freq = np.zeros((2, 64))
   freq[0, :8] = 1.0
-  for i, (layer, cl) in enumerate(cache.choose_hot(freq)):
+  freq[1, :4] = 0.5
+  for i, (layer, cl) in enumerate(sorted(cache.choose_hot(freq))):
     cache.place_hot(i, layer, cl)
   assert cache.swap_candidate(1) is None  # nothing active yet
   for _ in range(3):
     cache.lookup(0, np.array([0, 1]))  # cluster (0, 0) stays in use, (0, 1) idles
     cache.lookup(1, np.array([20, 21, 22]))  # cluster (1, 5) is busy outside the hot region
+  # The victim is layer 1's own least recently used cluster (1, 0): a layer's hot
+  # clusters stay contiguous.
   index, cluster = cache.swap_candidate(1)
-  assert cluster == 5 and cache.hot_owner[index] == (0, 1)
+  assert cluster == 5 and cache.hot_owner[index] == (1, 0)
   first, positions = cache.place_hot(index, 1, cluster)
-  assert list(positions) == [20, 21, 22, 23] and cache.slot_of[0, 4] == -1
+  assert list(positions) == [20, 21, 22, 23] and cache.slot_of[1, 0] == -1
+  assert cache.hot_range(1) == (8, 4)
   pos, slots, missing = cache.lookup(1, np.array([21, 30]))
   assert list(pos) == [21] and slots[0] == first + 1 and list(missing) == [30]
-  assert cache.swap_candidate(1) is None  # (0, 0) is in use: no better swap
+  assert cache.swap_candidate(1) is None  # (1, 5) is in use: no better swap
+  assert cache.swap_candidate(0) is None  # layer 0's outsiders are idle
+
+

@@ -221,16 +221,14 @@ class BundleStore:
   def planar_requests(self, positions: np.ndarray, planes: Planes, first_slot: int = 0,
                       coalesce: bool = True, max_run: int = 256) -> list[Request]:
     """Reads that put records at sorted `positions` into slots first_slot, first_slot + 1, ...
-    of a planar buffer (needs `planar_direct`).
+    of a planar buffer.
 
     Bundled: one request per run of adjacent records (at most `max_run`; one
-    per record without `coalesce`), scattered into the planes. Split: one
-    request per matrix row (the no-bundling baseline).
+    per record without `coalesce`, or when records are padded), scattered
+    into the planes. Split: one
+    request per matrix row (the no-bundling baseline). An O_DIRECT reader
+    takes them only if `planar_direct` (it refuses unaligned segments).
     """
-    if not self.planar_direct:
-      raise ValueError(f"{self.path}: rows of {self.row_nbytes} bytes cannot be read"
-                       " straight into planes (O_DIRECT needs whole pages); read records"
-                       " whole and use Planes.fill_from_records")
     positions = np.asarray(positions, np.int64)
     slots = first_slot + np.arange(len(positions))
     row, mats = self.row_nbytes, len(self.matrices)
@@ -244,6 +242,9 @@ class BundleStore:
       return out
     r = self.record_nbytes
     a = planes.a_nbytes
+    if r != a + row:  # padded records: read each neuron's bytes alone (buffered reads only)
+      return [(int(p) * r, a + row, ((planes.a_offset(j), a), (planes.b_offset(j), row)))
+              for p, j in zip(positions.tolist(), slots.tolist())]
     if coalesce:
       spans = runs(positions, max_run)
     else:

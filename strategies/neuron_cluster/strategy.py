@@ -48,7 +48,7 @@ import numpy as np
 
 from hetflow.memory import bundle_store, tiers
 from hetflow.memory.budget import parse_bytes
-from hetflow.memory.buffers import aligned_empty, view_as
+from hetflow.memory.buffers import aligned_empty
 from hetflow.memory.cache import cache_root
 from hetflow.memory.reader import ReaderPool, ReadError
 from hetflow.models import modules
@@ -559,10 +559,8 @@ class NeuronCluster(Strategy):
       uncached = self.cache.slot_of[layer] < 0 if self.num_slots else np.ones_like(true)
       self._audit[layer] += [(true & predicted).sum(), (~true & predicted).sum(),
                              (true & ~predicted).sum(), (true & uncached).sum()]
-    if self.num_slots:
-      _, hit_slots, missing = self.cache.lookup(layer, active)
-    else:
-      hit_slots, missing = active[:0], active
+    # The hits need no work of their own: the layer's whole cached part is computed.
+    missing = self.cache.lookup(layer, active)[2] if self.num_slots else active
     outs, cached_outs = [], []
 
     def cached_part():
