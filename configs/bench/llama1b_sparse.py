@@ -18,8 +18,9 @@ only the predicted-active, uncached neurons (~10-20% of the FFN bytes, small
 reads): >= 4x layer-wise decode tokens/s; disk bytes per token vs ideal (truly
 active, uncached neurons): see `python -m experiments.sparse_audit --config=<this>`
 (counts, with the truth; the benchmark's "read / fired" column counts only the
-neurons read). The ablation rows add bundling, cache (scan-resistant admission)
-and pipeline one at a time.
+neurons read). The ablation rows add bundling, cache (scan-resistant admission),
+pipeline and look-ahead (layer i+1's reads started while layer i computes) one at
+a time; the last row is neuron_cluster's defaults.
 memory_limit stays empty: the machine is shared.
 """
 
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c = bench_config("llama-1b-sparse", budget=dict(device="1.64GiB", host="", disk=""),
                    new_tokens=16, repeats=1, timeline=False, timeout_s=1800)
   c.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
-  c.order = ("layerwise,nc_baseline,nc_bundling,nc_cache,nc_pipeline")
+  c.order = ("layerwise,nc_baseline,nc_bundling,nc_cache,nc_pipeline,nc_lookahead")
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise", options=dict(
       offload_tier="disk", resident_layers="auto", prefetch_depth=2, kv_reserve_tokens=256))
   common = dict(predictor="trained", predictor_path=f"{WORKDIR}/predictor",
@@ -41,17 +42,18 @@ def get_config(arg=None):
                 staging_bytes="64MiB")
   # PowerInfer-2's ablation: each row adds one mechanism to the one before.
   rows = {
-      "nc_baseline": dict(layout="split", cache_bytes=0, pipeline=False),
-      "nc_bundling": dict(layout="bundled", cache_bytes=0, pipeline=False),
-      "nc_cache": dict(layout="bundled", cache_bytes=None, pipeline=False),
-      "nc_pipeline": dict(layout="bundled", cache_bytes=None, pipeline=True),
+      "nc_baseline": dict(layout="split", cache_bytes=0, pipeline=False, lookahead=False),
+      "nc_bundling": dict(layout="bundled", cache_bytes=0, pipeline=False, lookahead=False),
+      "nc_cache": dict(layout="bundled", cache_bytes=None, pipeline=False, lookahead=False),
+      "nc_pipeline": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=False),
+      "nc_lookahead": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=True),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"
     c.systems[name] = dict(kind="hetflow", strategy="neuron_cluster",
                            options=dict(common, store_dir=store, **row))
   c.smoke = {"model": {"name": "llama-tiny-sparse"}, "budget": {"device": ""},
-             "prompt_tokens": 4, "new_tokens": 3, "order": "nc_pipeline",
-             "systems": {"nc_pipeline": {"options": {
+             "prompt_tokens": 4, "new_tokens": 3, "order": "nc_lookahead",
+             "systems": {"nc_lookahead": {"options": {
                  "predictor": "oracle", "stats_path": None, "store_dir": None}}}}
   return c

@@ -332,7 +332,9 @@ class NeuronCluster(Strategy):
     self._truth = None
     if o.audit:
       self._truth = self.predictor if o.predictor == "oracle" else oracle()
-    self._audit = np.zeros((c.num_layers, 4), np.int64)  # true pos, false pos, false neg, ideal
+    # true pos, false pos, false neg (of the predictor), ideal, and true neurons never
+    # computed (not predicted, cached or guessed by the look-ahead: the approximation).
+    self._audit = np.zeros((c.num_layers, 5), np.int64)
 
     # Staging and cache pool: planar record buffers that jax aliases (no
     # copies). Staging is two areas, one per layer parity: a layer's misses
@@ -557,8 +559,12 @@ class NeuronCluster(Strategy):
       predicted = np.zeros_like(true)
       predicted[active] = True
       uncached = self.cache.slot_of[layer] < 0 if self.num_slots else np.ones_like(true)
+      computed = predicted | ~uncached
+      if layer in self._ahead:
+        computed[self._ahead[layer].positions] = True
       self._audit[layer] += [(true & predicted).sum(), (~true & predicted).sum(),
-                             (true & ~predicted).sum(), (true & uncached).sum()]
+                             (true & ~predicted).sum(), (true & uncached).sum(),
+                             (true & ~computed).sum()]
     # The hits need no work of their own: the layer's whole cached part is computed.
     missing = self.cache.lookup(layer, active)[2] if self.num_slots else active
     outs, cached_outs = [], []
@@ -743,7 +749,7 @@ class NeuronCluster(Strategy):
     per_token = d.disk_bytes / n
     useful = fired * neuron / n
     f_total = self.config.num_layers * self.config.intermediate_size
-    tp, fp, fn, uncached = self._audit.T
+    tp, fp, fn, uncached, never = self._audit.T
     audited = self._truth is not None
     ideal = uncached.sum() * neuron / n if audited else useful
     details = {
@@ -783,6 +789,9 @@ class NeuronCluster(Strategy):
     if audited:
       details.update(
           missed_neurons_per_token=fn.sum() / n,
+          # What the computation missed: neither predicted, cached nor guessed.
+          uncomputed_neurons_per_token=never.sum() / n,
+          computed_recall=float(1 - never.sum() / max((tp + fn).sum(), 1)),
           true_density=(tp + fn).sum() / n / f_total,
           recall=float(tp.sum() / max((tp + fn).sum(), 1)),
           precision=float(tp.sum() / max((tp + fp).sum(), 1)),
