@@ -151,10 +151,12 @@ class LowRankPredictor:
       out.append(jax.device_put(p, sharding))
     self._device = out
 
-  def predict(self, layer: int, x, h=None):
-    """[B, T, F] bool from the pre-norm residual x [B, T, D]."""
+  def predict(self, layer: int, x, h=None, margin: float = 0.0):
+    """[B, T, F] bool from the pre-norm residual x [B, T, D]; `margin` raises the
+    threshold by that fraction of its magnitude (a stricter guess)."""
     del h
-    return self._fn(self._device[layer], x, self.thresholds[layer])
+    t = self.thresholds[layer]
+    return self._fn(self._device[layer], x, t + margin * abs(t))
 
   def save(self, path: str) -> None:
     """Writes an orbax checkpoint of the weights and a JSON of thresholds/reports."""
@@ -218,8 +220,8 @@ class OraclePredictor:
     self._device = out
     self.weights = None  # the placed copy is the one that counts
 
-  def predict(self, layer: int, x, h):
-    del x
+  def predict(self, layer: int, x, h, margin: float = 0.0):
+    del x, margin  # exact: nothing to tighten
     return self._fn(self._device[layer], h)
 
 

@@ -111,6 +111,9 @@ class NeuronClusterOptions:
       predictor picks from layer i's input (the residual stream changes
       little between layers); layer i+1 then reads only what that guess
       missed. A wrong guess costs reads, never correctness.
+    lookahead_margin: the guess's threshold is the trained predictor's raised
+      by this fraction of its magnitude (fewer, surer guesses; wasted reads
+      cost disk time).
     staging_bytes: the buffer missing records and prefill chunks are read into.
     kv_reserve_tokens: KV positions (batch 1) left for the engine's KV cache
       when sizing the neuron cache; None: the model's max positions.
@@ -142,6 +145,7 @@ class NeuronClusterOptions:
   io_depth: int = 8
   pieces: int = 4
   lookahead: bool = True
+  lookahead_margin: float = 1.0
   staging_bytes: int | str = "64MiB"
   kv_reserve_tokens: int | None = None
   min_bucket: int = 16
@@ -538,7 +542,8 @@ class NeuronCluster(Strategy):
     ahead = o.lookahead and layer + 1 < c.num_layers
     if ahead:
       nxt = self._fixed[f"layers/{layer + 1}/mlp"]
-      masks.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x)))
+      masks.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x),
+                                          margin=o.lookahead_margin))
     t0 = time.perf_counter()
     got = [np.nonzero(np.asarray(m).reshape(-1, c.intermediate_size).any(0))[0] for m in masks]
     self._timer["wait_input_s"] += time.perf_counter() - t0
