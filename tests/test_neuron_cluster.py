@@ -28,7 +28,8 @@ def reference(request):
     dict(cache_bytes="64KiB", pipeline=False, layout="split"),
     dict(cache_bytes="64KiB", cluster_size=4, hot_policy="lru", swap_margin=0.25,
          admission="all"),
-], ids=["no-cache", "small-cache", "full-cache", "split-serial", "cluster-lru"])
+    dict(cache_bytes="64KiB", cluster_size=8, bridge_gap=3, lookahead=False),
+], ids=["no-cache", "small-cache", "full-cache", "split-serial", "cluster-lru", "bridged"])
 def test_oracle_matches_resident_exactly(reference, options):
   model, ids, tokens, logits = reference
   with Engine(model, "neuron_cluster", options=options) as engine:
@@ -39,6 +40,8 @@ def test_oracle_matches_resident_exactly(reference, options):
     assert s["decode_tokens"] == NEW_TOKENS - 1
     if options["cache_bytes"] is None:
       assert s["disk_bytes_per_token"] == 0 or s["cache"]["misses"] < s["cache"]["hot_hits"]
+    if options.get("bridge_gap"):  # gaps read too: more records than predicted, fewer reads
+      assert s["read_neurons_per_token"] > s["late_read_neurons_per_token"]
     if options.get("hot_policy") == "lru":
       assert s["cache"]["cluster_swaps"] > 0 and s["cluster_swap_bytes_per_token"] > 0
 

@@ -186,6 +186,17 @@ def test_planar_reads_scatter_records_into_planes(tmp_path):
         np.testing.assert_array_equal(b[5 + j], down[n])
 
 
+def test_bridge_gaps_reads_small_gaps_where_allowed():
+  pos = np.array([1, 3, 4, 8, 20])
+  np.testing.assert_array_equal(bundle_store.bridge_gaps(pos, 0), pos)
+  np.testing.assert_array_equal(bundle_store.bridge_gaps(pos, 1), [1, 2, 3, 4, 8, 20])
+  np.testing.assert_array_equal(bundle_store.bridge_gaps(pos, 3), [1, 2, 3, 4, 5, 6, 7, 8, 20])
+  allowed = np.ones(32, bool)
+  allowed[6] = False  # e.g. cached: never read twice
+  np.testing.assert_array_equal(bundle_store.bridge_gaps(pos, 3, allowed),
+                                [1, 2, 3, 4, 5, 7, 8, 20])
+
+
 def test_planar_step_matches_the_dense_ffn():
   model = hetflow.synthetic_model("llama-tiny-sparse")
   c = model.config

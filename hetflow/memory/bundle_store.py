@@ -307,6 +307,28 @@ def runs(positions: np.ndarray, max_run: int = 1 << 30) -> list[tuple[int, int]]
   return out
 
 
+def bridge_gaps(positions: np.ndarray, gap: int, allowed: np.ndarray | None = None) -> np.ndarray:
+  """Sorted `positions` plus every gap of at most `gap` records between two of
+  them (where `allowed`, e.g. not cached), so that both ends come in one read.
+
+  Small reads are slow (the disk's rate at 24 KiB is a third of its rate at
+  96 KiB here): reading a record nobody asked for can cost less than a second
+  request.
+  """
+  positions = np.asarray(positions)
+  if gap <= 0 or len(positions) < 2:
+    return positions
+  d = np.diff(positions)
+  extra = [np.arange(a + 1, b) for a, b, k in zip(positions[:-1], positions[1:], d)
+           if 1 < k <= gap + 1]
+  if not extra:
+    return positions
+  extra = np.concatenate(extra)
+  if allowed is not None:
+    extra = extra[allowed[extra]]
+  return np.union1d(positions, extra)
+
+
 def neuron_fingerprint(model: Any, order: np.ndarray, matrices: Sequence[str],
                        layout: Layout) -> dict[str, Any]:
   """The fingerprint record of a neuron store: the model's, plus what the records hold."""

@@ -111,6 +111,9 @@ class NeuronClusterOptions:
       predictor picks from layer i's input (the residual stream changes
       little between layers); layer i+1 then reads only what that guess
       missed. A wrong guess costs reads, never correctness.
+    bridge_gap: also read uncached records in gaps of at most this many
+      between two records read (`bundle_store.bridge_gaps`): fewer, larger
+      requests for more bytes; the extra records are computed too (exact).
     lookahead_margin: the guess's threshold is the trained predictor's raised
       by this fraction of its magnitude (fewer, surer guesses; wasted reads
       cost disk time).
@@ -146,6 +149,7 @@ class NeuronClusterOptions:
   pieces: int = 4
   lookahead: bool = True
   lookahead_margin: float = 1.0
+  bridge_gap: int = 0
   staging_bytes: int | str = "64MiB"
   kv_reserve_tokens: int | None = None
   min_bucket: int = 16
@@ -630,6 +634,12 @@ class NeuronCluster(Strategy):
     else:
       used = 0
     self.counters.decode.add("late_reads", len(missing))
+    if o.bridge_gap and len(missing):
+      free = self.cache.slot_of[layer] < 0 if self.num_slots else None
+      if ahead is not None:
+        free = np.ones(self.config.intermediate_size, bool) if free is None else free.copy()
+        free[ahead.positions] = False
+      missing = bundle_store.bridge_gaps(missing, o.bridge_gap, free)
     # The rest of the misses, in rounds when they overflow the area.
     while len(missing):
       room = self.area_cap - used
@@ -701,6 +711,9 @@ class NeuronCluster(Strategy):
     """Starts reading the guessed, uncached records of `layer` into its area."""
     if self.num_slots:
       guess = guess[self.cache.slot_of[layer, guess] < 0]
+    if self.options.bridge_gap:
+      free = self.cache.slot_of[layer] < 0 if self.num_slots else None
+      guess = bundle_store.bridge_gaps(guess, self.options.bridge_gap, free)
     guess = guess[:self.area_cap]
     if not len(guess):
       return
