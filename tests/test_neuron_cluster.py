@@ -29,7 +29,9 @@ def reference(request):
     dict(cache_bytes="64KiB", cluster_size=4, hot_policy="lru", swap_margin=0.25,
          admission="all"),
     dict(cache_bytes="64KiB", cluster_size=8, bridge_gap=3, lookahead=False),
-], ids=["no-cache", "small-cache", "full-cache", "split-serial", "cluster-lru", "bridged"])
+    dict(cache_bytes="64KiB", cluster_size=8, gather_ratio=0.0),
+], ids=["no-cache", "small-cache", "full-cache", "split-serial", "cluster-lru", "bridged",
+        "gathered-hits"])
 def test_oracle_matches_resident_exactly(reference, options):
   model, ids, tokens, logits = reference
   with Engine(model, "neuron_cluster", options=options) as engine:

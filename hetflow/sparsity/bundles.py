@@ -57,3 +57,10 @@ def planar_step(config: ModelConfig, a, b, h, bias, valid):
   z = jnp.where(keep, z, 0)
   fired = jnp.sum(jnp.any(z.reshape(-1, n) != 0, axis=0))
   return jnp.einsum("BTn,nD->BTD", z, b), fired
+
+
+def planar_gather_step(config: ModelConfig, a, b, idx, h, bias, valid):
+  """`planar_step` over the records at slots `idx` of whole planar buffers
+  (a: [slots, M * D], b: [slots, D]): a gather of contiguous rows first, for
+  a few hits in a large cached block, where multiplying the whole block costs more."""
+  return planar_step(config, jnp.take(a, idx, axis=0), jnp.take(b, idx, axis=0), h, bias, valid)

@@ -11,9 +11,13 @@ Decode is sparse. Per layer and token:
      cache model -> read the misses (bundled: one record per neuron, runs of
      adjacent misses coalesced into one request; split: one 4 KiB-padded read
      per matrix per neuron) at the profile's disk bandwidth for that request
-     size and queue depth -> compute the cached part while the reads land,
-     then each of `pieces` pieces as it arrives (pipeline), or read everything
-     one request at a time and then compute (no pipeline).
+     size and queue depth -> compute the layer's cached records (all of them:
+     the strategy multiplies its hot block and cold partition whole) while the
+     reads land (or only its hits, gathered, when they are few: `gather_ratio`),
+     then each of `pieces` pieces as it arrives (pipeline), or read
+     everything one request at a time and then compute (no pipeline).
+  Not modelled: the look-ahead (its guesses' extra reads, and reads moved
+  into the previous layer's compute) and `bridge_gap`.
 
 The cache model (hot hits, cold hits, misses and coalesced requests from
 firing probabilities) is hetflow.sparsity.cache_model's. MoE models
@@ -346,9 +350,12 @@ def events(ctx: simulate.PassContext) -> None:
         continue
       predicted, misses, requests = per_layer[i]
       pred = ctx.add("cpu", predictor / cpu_bw, (prev,), "predict", i)
-      hits = predicted - misses
-      # Gathered rows are copied (jnp.take) and then multiplied: at the rate
-      # measured for this model where the profile has one (calibration).
+      # The layer's cached records are multiplied whole (its hot block and
+      # cold partition), hit or not, unless they are more than gather_ratio
+      # per hit (then the hits are gathered, at ~1/gather_ratio the rate);
+      # planar blocks at the rate measured for this model where the profile
+      # has one (calibration's gather_bw).
+      cached = min(s.cache_slots / n_layers, o.gather_ratio * (predicted - misses))
       work = lambda k: k * neuron * per_byte  # noqa: E731
       if o.layout == "split":
         nbytes = misses * mats * round_up(int(c.hidden_size * np.dtype(model.dtype).itemsize * q))
@@ -360,14 +367,14 @@ def events(ctx: simulate.PassContext) -> None:
       read_s = nbytes / _disk_bw(prof, size, depth) if nbytes else 0.0
       parts = []
       if o.pipeline:
-        parts.append(ctx.add("cpu", work(hits), (pred,), "cached part", i))
+        parts.append(ctx.add("cpu", work(cached), (pred,), "cached part", i))
         pieces = o.pieces if misses >= 1 else 0
         for _ in range(pieces):
           rd = ctx.add("disk", read_s / pieces, (pred,), "read misses", i, int(nbytes / pieces))
           parts.append(ctx.add("cpu", work(misses / pieces), (rd, parts[-1]), "missed part", i))
       else:
         rd = ctx.add("disk", read_s, (pred,), "read misses", i, int(nbytes))
-        parts.append(ctx.add("cpu", work(predicted), (rd,), "compute", i))
+        parts.append(ctx.add("cpu", work(misses + cached), (rd,), "compute", i))
       # Admitted records are copied into the cache pool.
       admit = misses * rec / mem_bw if s.cache_slots else 0.0
       prev = ctx.add("cpu", admit, tuple(parts), "sum + admit", i)

@@ -114,6 +114,10 @@ class NeuronClusterOptions:
     bridge_gap: also read uncached records in gaps of at most this many
       between two records read (`bundle_store.bridge_gaps`): fewer, larger
       requests for more bytes; the extra records are computed too (exact).
+    gather_ratio: a layer's cached block (hot clusters, cold partition) is
+      multiplied whole unless it holds more than this many records per hit;
+      then only its hits are gathered and multiplied (a gather of planar rows
+      runs at ~1/gather_ratio of the whole-block rate).
     lookahead_margin: the guess's threshold is the trained predictor's raised
       by this fraction of its magnitude (fewer, surer guesses; wasted reads
       cost disk time).
@@ -150,6 +154,7 @@ class NeuronClusterOptions:
   lookahead: bool = True
   lookahead_margin: float = 1.0
   bridge_gap: int = 0
+  gather_ratio: float = 4.0
   staging_bytes: int | str = "64MiB"
   kv_reserve_tokens: int | None = None
   min_bucket: int = 16
@@ -389,6 +394,7 @@ class NeuronCluster(Strategy):
   def _build_functions(self):
     c = self.config
     self._step = jax.jit(functools.partial(bundles_mod.planar_step, c))
+    self._gather = jax.jit(functools.partial(bundles_mod.planar_gather_step, c))
     self._norm = jax.jit(lambda w, x: modules._norm(c, w)(x))
     self._add = jax.jit(lambda a, b: a + b)
 
@@ -470,6 +476,24 @@ class NeuronCluster(Strategy):
     if self._phase == "decode":
       self._computed += int(valid.sum()) if isinstance(valid, np.ndarray) else int(valid)
     return self._step(a, b, h, bias, valid)
+
+  def _gathered(self, kind, slots, layer, h):
+    """The contributions of the pool's records at `slots`, gathered in power-of-two blocks."""
+    a, b = self._view("pool", 0, self.pool_planes.slots)
+    outs = []
+    for off, size in self._blocks(len(slots)):
+      idx = np.zeros(size, np.int32)
+      part = slots[off:off + size]
+      idx[:len(part)] = part
+      valid = np.arange(size) < len(part)
+      key = ("gather-" + kind, size, h.shape)
+      if key not in self._shapes:
+        self._shapes.add(key)
+        self._step_shapes += 1
+      bias = self._bias[layer][np.maximum(self._slot_pos[idx], 0)] if layer in self._bias else None
+      self._computed += len(part)
+      outs.append(self._gather(a, b, idx, h, bias, valid)[0])
+    return outs
 
   # -- the engine's hooks -------------------------------------------------------
 
@@ -574,30 +598,41 @@ class NeuronCluster(Strategy):
       self._audit[layer] += [(true & predicted).sum(), (~true & predicted).sum(),
                              (true & ~predicted).sum(), (true & uncached).sum(),
                              (true & ~computed).sum()]
-    # The hits need no work of their own: the layer's whole cached part is computed.
-    missing = self.cache.lookup(layer, active)[2] if self.num_slots else active
+    if self.num_slots:
+      _, hit_slots, missing = self.cache.lookup(layer, active)
+    else:
+      hit_slots, missing = active[:0], active
     outs, cached_outs = [], []
 
     def cached_part():
-      # Every cached record of the layer, predicted or not: two dense blocks
-      # (an unpredicted one fires only if the predictor missed it, so this is
-      # exact for the oracle and closer to dense for a trained predictor).
+      # A layer's cached records are two blocks (hot clusters, cold partition),
+      # multiplied whole (an unpredicted record fires only if the predictor
+      # missed it: exact for the oracle, closer to dense for a trained one)
+      # unless the block is large next to its hits: then the hits are gathered.
       if not self.num_slots:
         return
-      first, n = self.cache.hot_range(layer)
-      # Blocks are padded to the smallest size, except at the pool's end.
-      exact = first + -(-n // self._min_block) * self._min_block > self.pool_planes.slots
-      for off, size in self._blocks(n, exact=exact) if n else []:
-        pos = self._slot_pos[first + off:first + off + size].copy()
-        pos[max(0, n - off):] = -1  # a block's tail past the layer's clusters
-        cached_outs.append(self._compute("hot", "pool", first + off, size, pos >= 0, layer,
-                                         pos, h, params)[0])
-      first, n = self.cache.cold_range(layer)
-      if n:
-        valid = self.cache.cold_valid(layer)
-        pos = np.where(valid, self._slot_pos[first:first + n], -1)
-        cached_outs.append(self._compute("cold", "pool", first, n, valid, layer, pos, h,
-                                         params)[0])
+      hot_first, hot_n = self.cache.hot_range(layer)
+      cold_first, cold_n = self.cache.cold_range(layer)
+      for first, n, kind in ((hot_first, hot_n, "hot"), (cold_first, cold_n, "cold")):
+        hits = hit_slots[(hit_slots >= first) & (hit_slots < first + n)]
+        if not n or not len(hits):
+          continue
+        if n > o.gather_ratio * len(hits):
+          cached_outs.extend(self._gathered(kind, hits, layer, h))
+          continue
+        if kind == "cold":
+          valid = self.cache.cold_valid(layer)
+          pos = np.where(valid, self._slot_pos[first:first + n], -1)
+          cached_outs.append(self._compute("cold", "pool", first, n, valid, layer, pos, h,
+                                           params)[0])
+          continue
+        # Blocks are padded to the smallest size, except at the pool's end.
+        exact = first + -(-n // self._min_block) * self._min_block > self.pool_planes.slots
+        for off, size in self._blocks(n, exact=exact):
+          pos = self._slot_pos[first + off:first + off + size].copy()
+          pos[max(0, n - off):] = -1  # a block's tail past the layer's clusters
+          cached_outs.append(self._compute("hot", "pool", first + off, size, pos >= 0, layer,
+                                           pos, h, params)[0])
 
     if o.pipeline:  # computes while the reads land
       cached_part()
