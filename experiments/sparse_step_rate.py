@@ -84,6 +84,22 @@ def main(argv):
     out[f"planar_{rows}"] = rate
     print(f"planar step, blocks of {rows:4d} records: {rate / 1e9:.2f} GB/s"
           f" ({rate / out['matvec_probe']:.2f} of the probe)", flush=True)
+  # Hits gathered from a planar pool (the strategy's path for sparse cached blocks).
+  pg = jax.jit(functools.partial(bundles.planar_gather_step, c))
+  a_pool, b_pool = jax.device_put(a_all), jax.device_put(b_all)
+  rng = np.random.default_rng(1)
+  for rows in (256, 64):
+    idx = [np.sort(rng.choice(n, rows, replace=False)).astype(np.int32)
+           for _ in range(n // rows)]
+    valid = np.ones(rows, bool)
+
+    def sweep_planar_gather(idx=idx, valid=valid):
+      jax.block_until_ready([pg(a_pool, b_pool, i, h, None, valid) for i in idx])
+
+    rate = len(idx) * rows * record / _best(sweep_planar_gather)
+    out[f"planar_gather_{rows}"] = rate
+    print(f"planar gather step, {rows:4d} scattered records: {rate / 1e9:.2f} GB/s"
+          f" ({rate / out['matvec_probe']:.2f} of the probe)", flush=True)
   pool = jax.device_put(buf.view(np.float32).reshape(n, 3 * d))
   gather = jax.jit(functools.partial(_gather_step, c, d))
   rng = np.random.default_rng(0)

@@ -118,6 +118,10 @@ class NeuronClusterOptions:
       multiplied whole unless it holds more than this many records per hit;
       then only its hits are gathered and multiplied (a gather of planar rows
       runs at ~1/gather_ratio of the whole-block rate).
+    threshold_margin: a trained predictor's thresholds raised by this
+      fraction of their magnitude (fewer false positives read, lower recall;
+      the cached records are multiplied whether predicted or not, so what the
+      computation misses is only among uncached neurons).
     lookahead_margin: the guess's threshold is the trained predictor's raised
       by this fraction of its magnitude (fewer, surer guesses; wasted reads
       cost disk time).
@@ -153,6 +157,7 @@ class NeuronClusterOptions:
   pieces: int = 4
   lookahead: bool = True
   lookahead_margin: float = 1.0
+  threshold_margin: float = 0.0
   bridge_gap: int = 0
   gather_ratio: float = 4.0
   staging_bytes: int | str = "64MiB"
@@ -566,7 +571,7 @@ class NeuronCluster(Strategy):
     """This layer's predicted positions and, with look-ahead, the next layer's
     guess from this layer's input (one sync for both)."""
     o, c = self.options, self.config
-    masks = [self.predictor.predict(layer, x, h)]
+    masks = [self.predictor.predict(layer, x, h, margin=o.threshold_margin)]
     ahead = o.lookahead and layer + 1 < c.num_layers
     if ahead:
       nxt = self._fixed[f"layers/{layer + 1}/mlp"]
