@@ -140,7 +140,8 @@ def test_lookahead_is_exact_whatever_it_guesses(reference, guess, monkeypatch):
   }[guess]
   monkeypatch.setattr(NeuronCluster, "_guess", wrong)
   with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8,
-                                                    staging_bytes="256KiB")) as engine:
+                                                    staging_bytes="256KiB",
+                                                    lookahead=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens)
     np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)

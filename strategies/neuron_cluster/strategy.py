@@ -110,7 +110,9 @@ class NeuronClusterOptions:
     lookahead: while layer i computes, read the uncached records layer i+1's
       predictor picks from layer i's input (the residual stream changes
       little between layers); layer i+1 then reads only what that guess
-      missed. A wrong guess costs reads, never correctness.
+      missed. A wrong guess costs reads, never correctness. Off by default:
+      on llama-1b-sparse 44% of the guessed records were never needed and the
+      extra bytes cost more than the overlap gained (WORKSPACE_NOTES.md).
     bridge_gap: also read uncached records in gaps of at most this many
       between two records read (`bundle_store.bridge_gaps`): fewer, larger
       requests for more bytes; the extra records are computed too (exact).
@@ -155,7 +157,7 @@ class NeuronClusterOptions:
   pipeline: bool = True
   io_depth: int = 8
   pieces: int = 4
-  lookahead: bool = True
+  lookahead: bool = False
   lookahead_margin: float = 1.0
   threshold_margin: float = 0.0
   bridge_gap: int = 0
