@@ -47,6 +47,10 @@ def get_config(arg=None):
       "nc_cache": dict(layout="bundled", cache_bytes=None, pipeline=False, lookahead=False),
       "nc_pipeline": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=False),
       "nc_lookahead": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=True),
+      # Not in the default order: larger requests (gaps of 1-2 records read too), against
+      # nc_pipeline (--config.order=nc_pipeline,nc_bridge1,nc_bridge2).
+      "nc_bridge1": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=1),
+      "nc_bridge2": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=2),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"
