@@ -114,7 +114,11 @@ def test_no_import_cycle():
 
 def test_the_code_cites_only_documents_of_the_repository():
   cited = re.compile(r"(?:shared/|\b(?:DESIGN|MEASURING|PAPERS|PEERS|STYLE)\.md)")
-  for path in _modules().values():
+  texts = [os.path.join(ROOT, name) for name in ("README.md", "WORKSPACE_NOTES.md")]
+  for folder in ("docs", "configs", "experiments", "scripts"):
+    for base, _, files in os.walk(os.path.join(ROOT, folder)):
+      texts += [os.path.join(base, f) for f in files if f.endswith((".md", ".py", ".sh"))]
+  for path in list(_modules().values()) + texts:
     for i, line in enumerate(open(path), 1):
       assert not cited.search(line), f"{path}:{i} cites a document outside the repository"
 

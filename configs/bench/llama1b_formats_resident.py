@@ -9,8 +9,9 @@ time, each in a fresh process); ~9 GB disk for the four GGUF files llama.cpp rea
 `peers` extra (llama-cpp-python), else its rows are listed as skipped.
 Expect: every row near its memory-bandwidth roof, so tokens/s rise as bytes fall
 where the kernel keeps up: hetflow bf16 and int8 >= 0.9x float32 with 0.5x / 0.3x
-of its bytes; int4 (an XLA scan over groups) below float32; llama.cpp F32 ~1.7-2x
-hetflow float32 and Q8_0 ~2x F32 (shared/PEERS-style figures in WORKSPACE_NOTES.md).
+of its bytes (int8 and int4 ~2.3-2.5x float32 with the native kernels, 0.4x int4 on
+pure XLA: HETFLOW_NATIVE=0); llama.cpp F32 ~1.7-2x hetflow float32 and Q8_0 ~2x F32 on
+a quiet machine (WORKSPACE_NOTES.md, "Fourth session").
 """
 
 from hetflow.bench.config import bench_config
