@@ -88,3 +88,25 @@ def test_llama_cpp_rows_are_skipped_without_it(tmp_path, monkeypatch):
   table = open(os.path.join(tmp_path, "bench", "results.md")).read()
   assert "| llamacpp_Q8_0 | skipped: llama_cpp is not importable" in table
   assert not os.path.exists(os.path.join(str(tmp_path / "cache"), "gguf"))  # nothing written
+
+
+def test_a_windowed_model_goes_to_llama_cpp_only_within_its_window(tmp_path, monkeypatch):
+  """llama.cpp's llama has no attention window: a windowed model is written without it, which
+  is the same model while every query sees the whole context, and refused past that."""
+  import dataclasses
+
+  from hetflow.bench import peers
+  from hetflow.checkpoints.load import load_model
+  from hetflow.checkpoints.named import synthetic_model
+
+  monkeypatch.setenv("HETFLOW_CACHE", str(tmp_path / "cache"))
+  model = synthetic_model("llama-tiny")
+  model = dataclasses.replace(model, config=model.config.replace(sliding_window=16))
+  for positions in (None, 17):
+    with pytest.raises(ValueError, match="window of 16 tokens"):
+      peers.gguf_for(model, "F32", positions=positions)
+  assert not os.path.exists(tmp_path / "cache")
+  path = peers.gguf_for(model, "F32", positions=16)
+  written = load_model(path)
+  assert written.config.sliding_window is None
+  assert written.config.replace(sliding_window=16, name=model.config.name) == model.config

@@ -19,6 +19,7 @@ KV cache in a plain loop, so prefill and decode are timed separately:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -44,12 +45,16 @@ def hf_dir_for(model, progress: bool = True) -> str:
   return path
 
 
-def gguf_for(model, gguf_type: str) -> str:
+def gguf_for(model, gguf_type: str, positions: int | None = None) -> str:
   """The GGUF file of `model` at `gguf_type` in the cache, written with save_gguf on first use.
 
   Args:
     model: the benchmark's model (its float values are written, whatever its format).
     gguf_type: "F32", "F16", "BF16", "Q8_0", "Q4_0" or "Q4_1".
+    positions: how many positions the benchmark runs (prompt + new tokens). Needed for a
+      model with an attention window (the synthetic routed MoE models): llama.cpp's llama
+      and Mixtral have none, so the file is written without it, which computes the same
+      function only while every query sees the whole context; refused otherwise.
 
   Returns:
     The path of the file.
@@ -62,6 +67,15 @@ def gguf_for(model, gguf_type: str) -> str:
                      " a synthetic model or an HF directory. Benchmark that file directly.")
   folder = default_store_dir(model).replace(os.sep + "stores" + os.sep, os.sep + "gguf" + os.sep)
   path = os.path.join(folder, f"{gguf_type}.gguf")
+  window = model.config.sliding_window
+  if window is not None:
+    if positions is None or positions > window:
+      raise ValueError(
+          f"{model.description or model.config.arch} attends over a window of {window} tokens,"
+          f" which llama.cpp's {model.config.arch} does not have; a llamacpp row computes the"
+          f" same model only up to {window} positions (asked: {positions}). Shorten the"
+          " prompt plus new tokens, or leave the llamacpp row out.")
+    model = dataclasses.replace(model, config=model.config.replace(sliding_window=None))
   if not os.path.exists(path):
     os.makedirs(folder, exist_ok=True)
     save_gguf(model, path, gguf_type)

@@ -350,7 +350,8 @@ def _system_spec(system: SystemSpec, base: dict[str, Any], config, model,
   if system.kind == "llamacpp":
     if not llama_cpp_available():
       return None
-    spec["gguf_path"] = peers.gguf_for(model, system.gguf_type)
+    spec["gguf_path"] = peers.gguf_for(model, system.gguf_type,
+                                       positions=config.prompt_tokens + config.new_tokens)
     return spec
   if system.kind != "hetflow":
     return spec
