@@ -50,8 +50,9 @@ def get_config(arg=None):
   # llama.cpp, issue 14's peer: the same float32 bits as a GGUF, mmap. Not in the default
   # order: a fair row needs the same memory limit for every row (memory_limit locks the
   # rest of RAM for the whole run, so only on a quiet machine), e.g.
-  #   --config.order=layerwise,moe_lfu,llamacpp_F32 --config.memory_limit=2.5GiB
-  # (25% of the model plus the runtimes' ~1.3-1.8 GiB peak RSS; not run yet).
+  #   --config.order=layerwise,moe_lfu,llamacpp_F32 --config.memory_limit=1.8GiB
+  # (about moe_lfu's own peak RSS). Measured 2026-11-30: moe_lfu 2.59 tok/s, llama.cpp 0.49
+  # (5.3x); at 2.5GiB llama.cpp's page cache keeps the hot experts: 4.70 (WORKSPACE_NOTES.md).
   c.systems.llamacpp_F32 = dict(kind="llamacpp", gguf_type="F32")
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
                              options=dict(common, offload_tier="disk", resident_layers="auto",
