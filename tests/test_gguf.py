@@ -134,14 +134,9 @@ def test_save_gguf_refuses_existing(tmp_path, synthetic):
   assert path.read_bytes() == b"mine"
 
 
-@pytest.mark.parametrize("file_type,tol", [("F32", 5e-3), ("Q8_0", 5e-2), ("Q4_0", 5e-2)])
-def test_llama_cpp_reads_the_same_model(tmp_path, synthetic, file_type, tol):
-  """llama.cpp (llama-cpp-python, the `peers` extra) on the same file: same next tokens.
-
-  Its quantized matmuls also quantize the activations (to Q8), hence the looser tolerance.
-  """
-  llama_cpp = pytest.importorskip("llama_cpp")
-  path = save_gguf(synthetic, str(tmp_path / f"m-{file_type}.gguf"), file_type)
+def _assert_llama_cpp_agrees(llama_cpp, path: str, tol: float):
+  """hetflow (resident) and llama.cpp give the same argmax at every position of a fixed prompt,
+  and logits within `tol` of llama.cpp's largest."""
   ids = [1, 5, 9, 33, 7, 2, 100, 4, 17, 300]
   with Engine(hetflow.load_model(path), "resident") as engine:
     ours = engine.forward([ids])[0]
@@ -150,6 +145,17 @@ def test_llama_cpp_reads_the_same_model(tmp_path, synthetic, file_type, tol):
   theirs = np.array(llm.scores[:len(ids)])
   np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
   assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()
+
+
+@pytest.mark.parametrize("file_type,tol", [("F32", 5e-3), ("Q8_0", 5e-2), ("Q4_0", 5e-2)])
+def test_llama_cpp_reads_the_same_model(tmp_path, synthetic, file_type, tol):
+  """llama.cpp (llama-cpp-python, the `peers` extra) on the same file: same next tokens.
+
+  Its quantized matmuls also quantize the activations (to Q8), hence the looser tolerance.
+  """
+  llama_cpp = pytest.importorskip("llama_cpp")
+  path = save_gguf(synthetic, str(tmp_path / f"m-{file_type}.gguf"), file_type)
+  _assert_llama_cpp_agrees(llama_cpp, path, tol)
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +197,7 @@ def test_llama_cpp_reads_the_same_mixtral(tmp_path, mixtral, file_type, tol):
   """llama.cpp loads save_gguf's Mixtral file and computes the same next tokens."""
   llama_cpp = pytest.importorskip("llama_cpp")
   path = save_gguf(mixtral, str(tmp_path / f"moe-{file_type}.gguf"), file_type)
-  ids = [1, 5, 9, 33, 7, 2, 100, 4, 17, 300]
-  with Engine(hetflow.load_model(path), "resident") as engine:
-    ours = engine.forward([ids])[0]
-  llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-  llm.eval(ids)
-  theirs = np.array(llm.scores[:len(ids)])
-  np.testing.assert_array_equal(ours.argmax(-1), theirs.argmax(-1))
-  assert np.abs(ours - theirs).max() <= tol * np.abs(theirs).max()
+  _assert_llama_cpp_agrees(llama_cpp, path, tol)
 
 
 @pytest.mark.parametrize("file_type,spec", [("Q8_0", "int8-g32"), ("Q4_0", "int4"),

@@ -30,6 +30,17 @@ from hetflow.bench.process import drop_cold, peak_rss, proc_read_bytes, touched_
 from hetflow.memory.budget import format_bytes
 
 
+def _decode_result(tokens: list[int], ttft: float, decode_s: float, new_tokens: int,
+                   read_bytes: int) -> dict[str, Any]:
+  """A peer's timed greedy decode as the benchmark table reads it (the first new token
+  belongs to prefill, so decode timed new_tokens - 1 steps)."""
+  steps = new_tokens - 1
+  return {"tokens": [tokens], "ttft_s": ttft, "decode_s": decode_s,
+          "decode_tok_s": steps / decode_s if steps else float("nan"),
+          "decode_s_per_token": decode_s / steps if steps else float("nan"),
+          "new_tokens": new_tokens, "decode_read_bytes": read_bytes}
+
+
 def hf_dir_for(model, progress: bool = True) -> str:
   """The HF directory of `model` in the cache, written with save_hf on first use."""
   from hetflow.checkpoints import save_hf
@@ -144,11 +155,7 @@ def _greedy(torch_model, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]:
       tokens.append(int(token[0]))
     decode_s = time.perf_counter() - t1
     io1 = proc_read_bytes()
-  steps = new_tokens - 1
-  return {"tokens": [tokens], "ttft_s": ttft, "decode_s": decode_s,
-          "decode_tok_s": steps / decode_s if steps else float("nan"),
-          "decode_s_per_token": decode_s / steps if steps else float("nan"),
-          "new_tokens": new_tokens, "decode_read_bytes": io1 - io0}
+  return _decode_result(tokens, ttft, decode_s, new_tokens, io1 - io0)
 
 
 def _measured_runs(run, spec: dict[str, Any]) -> dict[str, Any]:
@@ -213,11 +220,7 @@ def _llamacpp_greedy(llm, prompt: np.ndarray, new_tokens: int) -> dict[str, Any]
     tokens.append(next_token())
   decode_s = time.perf_counter() - t1
   io1 = proc_read_bytes()
-  steps = new_tokens - 1
-  return {"tokens": [tokens], "ttft_s": ttft, "decode_s": decode_s,
-          "decode_tok_s": steps / decode_s if steps else float("nan"),
-          "decode_s_per_token": decode_s / steps if steps else float("nan"),
-          "new_tokens": new_tokens, "decode_read_bytes": io1 - io0}
+  return _decode_result(tokens, ttft, decode_s, new_tokens, io1 - io0)
 
 
 def _load_llamacpp(system, spec: dict[str, Any]):
