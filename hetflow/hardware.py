@@ -27,6 +27,19 @@ import numpy as np
 
 from hetflow.memory.budget import format_bytes
 
+
+def cpuinfo_field(name: str) -> str | None:
+  """The value of the first `name` line of /proc/cpuinfo ("model name", "flags"); None where
+  there is none (not Linux, or an architecture that names it otherwise)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith(name):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return None
+
 KiB = 2**10
 MiB = 2**20
 GiB = 2**30

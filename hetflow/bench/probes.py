@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from hetflow.hardware import HardwareProfile
+from hetflow.hardware import HardwareProfile, cpuinfo_field
 from hetflow.memory.budget import format_bytes
 
 KiB = 2**10
@@ -518,14 +518,7 @@ def _transfer_table(device, s: MeasureSettings, step) -> dict[str, float]:
 
 
 def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
+  return cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def measure(

@@ -49,6 +49,7 @@ from hetflow.bench.process import (
   prompt_ids,
   touched_bytes,
 )
+from hetflow.hardware import cpuinfo_field
 from hetflow.memory.budget import format_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,10 +61,9 @@ def machine_info() -> dict[str, Any]:
   info = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
           "date": datetime.datetime.now().isoformat(timespec="seconds"),
           "loadavg": os.getloadavg()}
+  if cpu := cpuinfo_field("model name"):
+    info["cpu"] = cpu
   try:
-    with open("/proc/cpuinfo") as f:
-      info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
     with open("/proc/meminfo") as f:
       info["mem_total"] = next(int(line.split()[1]) * 1024 for line in f
                                if line.startswith("MemTotal"))

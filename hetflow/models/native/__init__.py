@@ -31,6 +31,7 @@ import threading
 import jax
 import jax.numpy as jnp
 
+from hetflow.hardware import cpuinfo_field
 from hetflow.memory.cache import cache_root
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
@@ -60,15 +61,8 @@ def compiler() -> str | None:
 
 def _cpu_flags() -> str:
   """The CPU's feature flags (-march=native code runs only where they are the same)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
   import platform
-  return platform.processor() or platform.machine()
+  return cpuinfo_field("flags") or platform.processor() or platform.machine()
 
 
 def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
