@@ -170,6 +170,20 @@ def test_store_records_its_format(tmp_path):
       hetflow.synthetic_model("llama-tiny", weights="int4-asym"))["tensors"]
 
 
+def test_fingerprint_never_quantizes_a_kernel(monkeypatch):
+  # A store's identity samples parameters as the source holds them: quantizing every
+  # kernel of a 7B model to hash its scales took minutes per store build.
+  model = hetflow.synthetic_model("llama-tiny", weights="int8")
+
+  def refuse(self, name):
+    raise AssertionError(f"model_fingerprint quantized {name}")
+
+  monkeypatch.setattr(type(model), "param", refuse)
+  samples = model_fingerprint(model)["samples"]
+  assert samples and all(name in model.logical_shapes for name in samples)
+  assert len(samples) == len(model.group_names())
+
+
 def test_config_model_weights():
   section = model_section()
   assert section.weights == "float32"

@@ -731,7 +731,7 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     seed and sparsity settings such as noise and rank, a checkpoint's files
     with their sizes and modification times), ``files`` (the safetensors
     files of a checkpoint directory) and ``samples`` (a content hash of the
-    smallest tensor of each group, when it is at most 1 MiB).
+    smallest unquantized parameter of each group, when it is at most 1 MiB).
   """
   shapes = model.shapes
   files = []
@@ -739,9 +739,12 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     files = [_file_facts(os.path.join(model.description, f))
              for f in sorted(os.listdir(model.description)) if f.endswith(".safetensors")]
   samples = {}
+  # Only parameters the source holds as they are: a quantized kernel's smallest leaf is
+  # its scale, and materialising it quantizes the whole kernel (minutes per 7B store).
+  logical = model.logical_shapes
   for group in model.group_names():
     prefix = group + "/"
-    names = [n for n in shapes if n.startswith(prefix)]
+    names = [n for n in shapes if n.startswith(prefix) and n in logical]
     if not names:
       continue
     smallest = min(names, key=lambda n: (shapes[n].size, n))
