@@ -39,8 +39,21 @@ destinations), when rows are whole 4 KiB pages (O_DIRECT's rule); otherwise
 (`planar_direct` False: tiny test models) records are read whole into a
 record-major buffer and copied (`Planes.fill_from_records`).
 
-The compute over these records (`planar_step`, `neuron_matrices`) is in
-`hetflow/sparsity/bundles.py`; the reads go through `ReaderPool.read_many`.
+Weight formats: a store of a quantized model (`weights` "bfloat16", "int8",
+"int4", ...) holds per neuron its plane-A bytes (its gate and up rows, each
+values then scales) and its plane-B bytes (its down row's values) back to
+back, the record padded to 4 KiB; the down kernel's scales, shared along
+the neurons, are one table per layer (group `tables/<i>`). What the bytes
+are is `hetflow.sparsity.bundles.RecordCodec`'s: this layer only moves
+them. The format is part of the store's fingerprint (a store of another
+format is never reused) and of its default directory's name. When the
+planes are whole pages (bfloat16 at hidden sizes of multiples of 2048),
+reads scatter into them as for float32; otherwise a run of records is read
+in one request and copied into the planes (`BundleStore.fill`).
+
+The compute over these records (`planar_step`, `quantized_step`,
+`neuron_matrices`) is in `hetflow/sparsity/bundles.py`; the reads go through
+`ReaderPool.read_many`.
 """
 
 from __future__ import annotations
@@ -122,7 +135,15 @@ class Planes:
 
   def fill_from_records(self, buffer: np.ndarray, slots: np.ndarray, records: np.ndarray,
                         row_stride: int, num_matrices: int) -> None:
-    """Copies record-major `records` [n, record bytes] (uint8) into `slots` of `buffer`."""
+    """Copies record-major `records` [n, record bytes] (uint8) into `slots` of `buffer`:
+    `num_matrices` rows of b_nbytes each, `row_stride` bytes apart (0: the plane-A part
+    then the plane-B part, back to back: a quantized record)."""
+    if not row_stride:
+      a = buffer[:self.slots * self.a_nbytes].reshape(self.slots, self.a_nbytes)
+      b = buffer[self.slots * self.a_nbytes:self.nbytes].reshape(self.slots, self.b_nbytes)
+      a[slots] = records[:, :self.a_nbytes]
+      b[slots] = records[:, self.a_nbytes:self.a_nbytes + self.b_nbytes]
+      return
     row = self.b_nbytes
     a = buffer[:self.slots * self.a_nbytes].reshape(self.slots, self.a_nbytes)
     b = buffer[self.slots * self.a_nbytes:self.nbytes].reshape(self.slots, row)
@@ -147,6 +168,9 @@ class BundleStore:
     record_nbytes: bytes of one neuron record in memory and (bundled) on disk.
     order: [L, F] neuron id at each record position (hottest first).
     store: the LayerStore it is (its lock, files and sizes).
+    weights: the weight format of the records ("float32": rows of `dtype`).
+    a_nbytes, b_nbytes: bytes of a neuron's plane-A part (input rows, with their
+      scales) and plane-B part (down row); 0 for float32 (rows of `dtype`).
   """
 
   path: str
@@ -160,16 +184,39 @@ class BundleStore:
   record_nbytes: int
   order: np.ndarray
   store: LayerStore = dataclasses.field(repr=False, compare=False)
+  weights: str = "float32"
+  a_nbytes: int = 0
+  b_nbytes: int = 0
+
+  @property
+  def quantized(self) -> bool:
+    """Whether the records hold another format than rows of `dtype`."""
+    return self.weights != "float32"
 
   @property
   def row_nbytes(self) -> int:
-    """Useful bytes of one matrix row (a neuron's slice of one matrix)."""
-    return self.hidden * self.dtype.itemsize
+    """Useful bytes of one matrix row (a neuron's slice of one matrix; quantized: its
+    down row)."""
+    return self.b_nbytes if self.quantized else self.hidden * self.dtype.itemsize
 
   @property
   def neuron_nbytes(self) -> int:
     """Useful (unpadded) bytes of one neuron: the ideal cost of reading it."""
+    if self.quantized:
+      return self.a_nbytes + self.b_nbytes
     return len(self.matrices) * self.row_nbytes
+
+  def tables(self, layer: int) -> dict[str, np.ndarray]:
+    """Layer `layer`'s down table ({} for float32 and bfloat16): see the module docstring."""
+    if f"tables/{layer}" not in self.store.groups:
+      return {}
+    return {k: np.array(v) for k, v in self.store.load(f"tables/{layer}").items()}
+
+  def fill(self, planes: Planes, buffer: np.ndarray, slots: np.ndarray,
+           records: np.ndarray) -> None:
+    """Copies whole records [n, record_nbytes] (uint8) read record-major into `slots`."""
+    stride = 0 if self.quantized else self.row_stride
+    planes.fill_from_records(buffer, slots, records, stride, len(self.matrices))
 
   @property
   def total_nbytes(self) -> int:
@@ -208,6 +255,8 @@ class BundleStore:
 
   def planes(self, slots: int) -> Planes:
     """The planar layout of a buffer of `slots` records of this store."""
+    if self.quantized:
+      return Planes(slots, self.a_nbytes, self.b_nbytes)
     row = self.row_nbytes
     return Planes(slots, (len(self.matrices) - 1) * row, row)
 
@@ -215,6 +264,9 @@ class BundleStore:
   def planar_direct(self) -> bool:
     """Whether records can be read straight into planes (rows of whole pages,
     no record padding): else read whole records and copy them."""
+    if self.quantized:
+      return (self.a_nbytes % PAGE == 0 and self.b_nbytes % PAGE == 0
+              and self.record_nbytes == self.a_nbytes + self.b_nbytes)
     rows_ok = self.row_nbytes % PAGE == 0
     return rows_ok and (self.layout == "split" or self.record_nbytes == self.neuron_nbytes)
 
@@ -241,7 +293,7 @@ class BundleStore:
         out.append((((mats - 1) * f + p) * s, row, planes.b_offset(j)))
       return out
     r = self.record_nbytes
-    a = planes.a_nbytes
+    a, row = planes.a_nbytes, planes.b_nbytes
     if r != a + row:  # padded records: read each neuron's bytes alone (buffered reads only)
       return [(int(p) * r, a + row, ((planes.a_offset(j), a), (planes.b_offset(j), row)))
               for p, j in zip(positions.tolist(), slots.tolist())]
@@ -285,7 +337,9 @@ class BundleStore:
       order = np.array(store.load("order")["order"])
       out = cls(store.path, m["layout"], int(m["num_layers"]), int(m["num_neurons"]),
                 int(m["hidden"]), tuple(m["matrices"]), dtype_from_name(m["dtype"]),
-                int(m["row_stride"]), int(m["record_nbytes"]), order, store)
+                int(m["row_stride"]), int(m["record_nbytes"]), order, store,
+                m.get("weights", "float32"), int(m.get("a_nbytes", 0)),
+                int(m.get("b_nbytes", 0)))
       if any(store.tensors(f"layers/{i}")["records"].offset for i in range(out.num_layers)):
         raise StoreMismatchError(f"{store.path}: records must start at byte 0 of their files")
     except BaseException:
@@ -329,27 +383,40 @@ def bridge_gaps(positions: np.ndarray, gap: int, allowed: np.ndarray | None = No
   return np.union1d(positions, extra)
 
 
+def _weights(model: Any) -> str:
+  """The model's weight format name ("float32" for a model without one)."""
+  return str(getattr(model, "weights", "float32"))
+
+
 def neuron_fingerprint(model: Any, order: np.ndarray, matrices: Sequence[str],
                        layout: Layout) -> dict[str, Any]:
-  """The fingerprint record of a neuron store: the model's, plus what the records hold."""
+  """The fingerprint record of a neuron store: the model's, plus what the records hold
+  (and their weight format, unless float32: float32 stores keep the fingerprint they
+  had before formats existed, so they are reused)."""
   order = np.ascontiguousarray(order, np.int32)
-  return {"kind": KIND, "model": model_fingerprint(model), "layout": layout,
-          "matrices": list(matrices),
-          "order": hashlib.sha256(order.tobytes()).hexdigest()[:32]}
+  record = {"kind": KIND, "model": model_fingerprint(model), "layout": layout,
+            "matrices": list(matrices),
+            "order": hashlib.sha256(order.tobytes()).hexdigest()[:32]}
+  if _weights(model) != "float32":
+    record["weights"] = _weights(model)
+  return record
 
 
 def default_store_dir(model: Any, order: np.ndarray, matrices: Sequence[str],
                       layout: Layout = "bundled") -> str:
-  """cache_root()/neuron_stores/<name>-<dtype>-<layout>-<fingerprint digest[:12]>."""
+  """cache_root()/neuron_stores/<name>-<dtype or weight format>-<layout>-<fingerprint
+  digest[:12]>."""
   digest = fingerprint_digest(neuron_fingerprint(model, order, matrices, layout))
   dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype)).name
+  if _weights(model) != "float32":
+    dtype = _weights(model)
   return os.path.join(cache_root(), "neuron_stores",
                       f"{model.config.name}-{dtype}-{layout}-{digest[:12]}")
 
 
 def write_store(path: str, model: Any, order: np.ndarray, matrices: Sequence[str],
                 layout: Layout = "bundled", progress: bool = False,
-                overwrite: bool = False) -> BundleStore:
+                overwrite: bool = False, codec: Any = None) -> BundleStore:
   """Writes a store of `model`'s FFNs, neurons in `order` [L, F] (hottest first).
 
   Atomic, with the free space checked first (`LayerStore.write`); peak memory
@@ -365,12 +432,19 @@ def write_store(path: str, model: Any, order: np.ndarray, matrices: Sequence[str
     progress: show a progress bar.
     overwrite: replace a hetflow store at `path` (never anything else, nor a
       store an engine holds open).
+    codec: how a quantized model's records are made
+      (`hetflow.sparsity.bundles.record_codec(model)`); None for float32.
 
   Returns:
     The opened (unlocked) store.
+
+  Raises:
+    ValueError: a quantized model without its codec, or with layout "split".
   """
   c = model.config
   mats = tuple(matrices)
+  if _weights(model) != "float32":
+    return _write_quantized(path, model, order, mats, layout, progress, overwrite, codec)
   dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype))
   row = c.hidden_size * dtype.itemsize
   stride, record = record_layout(c.hidden_size, dtype.itemsize, len(mats), layout)
@@ -407,9 +481,56 @@ def write_store(path: str, model: Any, order: np.ndarray, matrices: Sequence[str
   return BundleStore.open(path)
 
 
+def _write_quantized(path: str, model: Any, order: np.ndarray, mats: tuple[str, ...],
+                     layout: Layout, progress: bool, overwrite: bool,
+                     codec: Any) -> BundleStore:
+  """`write_store` for a quantized model: records of the codec's plane-A and plane-B
+  bytes, padded to 4 KiB, and each layer's down table; one layer in memory at a time."""
+  c = model.config
+  if codec is None or codec.weights != _weights(model):
+    raise ValueError(f"a neuron store of weights={_weights(model)!r} needs that format's"
+                     " record codec (hetflow.sparsity.bundles.record_codec(model)).")
+  if layout != "bundled":
+    raise ValueError(f"layout={layout!r}: quantized neuron stores are bundled only (the split"
+                     " layout is float32's no-bundling ablation).")
+  order = np.ascontiguousarray(order, np.int32)
+  if order.shape != (c.num_layers, c.intermediate_size):
+    raise ValueError(f"order has shape {order.shape}; the model needs "
+                     f"{(c.num_layers, c.intermediate_size)} (layers, neurons)")
+  a_n, b_n = codec.a_nbytes, codec.b_nbytes
+  record = round_up(a_n + b_n)
+
+  def generate():
+    for layer in range(c.num_layers):
+      a, b, table = codec.encode(model, layer, mats)
+      out = np.zeros((c.intermediate_size, record), np.uint8)
+      out[:, :a_n] = a[order[layer]]
+      out[:, a_n:a_n + b_n] = b[order[layer]]
+      del a, b
+      yield f"layers/{layer}", {"records": out.reshape(-1)}
+      if table:
+        yield f"tables/{layer}", table
+    yield "order", {"order": order}
+
+  table_nbytes = c.num_layers * codec.table_nbytes(c.intermediate_size)
+  fp = neuron_fingerprint(model, order, mats, layout)
+  dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype))
+  metadata = dict(kind=KIND, layout=layout, num_layers=c.num_layers,
+                  num_neurons=c.intermediate_size, hidden=c.hidden_size, matrices=list(mats),
+                  dtype=dtype.name, row_stride=a_n, record_nbytes=record,
+                  weights=_weights(model), a_nbytes=a_n, b_nbytes=b_n,
+                  description=model.description, fingerprint=fingerprint_digest(fp),
+                  fingerprint_record=fp)
+  LayerStore.write(path, generate(), progress=progress, description="neuron bundles",
+                   overwrite=overwrite, metadata=metadata,
+                   nbytes=store_nbytes(c.num_layers, c.intermediate_size, record)
+                   + table_nbytes + c.num_layers * PAGE).close()
+  return BundleStore.open(path)
+
+
 def open_store(model: Any, order: np.ndarray, matrices: Sequence[str],
                layout: Layout = "bundled", path: str | None = None, *,
-               progress: bool = False, lock: bool = True) -> BundleStore:
+               progress: bool = False, lock: bool = True, codec: Any = None) -> BundleStore:
   """Opens the neuron store of `model` with `order` and `layout`, writing it if missing.
 
   Args:
@@ -423,6 +544,7 @@ def open_store(model: Any, order: np.ndarray, matrices: Sequence[str],
       this store.
     progress: show a progress bar while writing.
     lock: hold the store's shared lock until `close()`.
+    codec: a quantized model's record codec (`write_store`).
 
   Raises:
     StoreMismatchError: the store at `path` holds another model, dtype,
@@ -435,7 +557,7 @@ def open_store(model: Any, order: np.ndarray, matrices: Sequence[str],
   if not os.path.exists(os.path.join(path, MANIFEST)):
     try:
       write_store(path, model, order, matrices, layout, progress,
-                  overwrite=os.path.isdir(path)).close()
+                  overwrite=os.path.isdir(path), codec=codec).close()
     except FileExistsError:
       if not is_hetflow_store(path):  # not another writer that won the race
         raise
@@ -443,7 +565,8 @@ def open_store(model: Any, order: np.ndarray, matrices: Sequence[str],
   try:
     dtype = np.dtype(getattr(model.dtype, "dtype", model.dtype)).name
     check_fingerprint(store.store, neuron_fingerprint(model, order, matrices, layout),
-                      f"{model.description!r}, {dtype}, layout {layout}")
+                      f"{model.description!r}, {dtype}, weights {_weights(model)},"
+                      f" layout {layout}")
   except BaseException:
     store.close()
     raise

@@ -40,7 +40,7 @@ from hetflow import costmodel, hardware, simulate
 from hetflow.memory import bundle_store
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
 from hetflow.memory.buffers import round_up
-from hetflow.sparsity.bundles import neuron_matrices
+from hetflow.sparsity.bundles import neuron_matrices, record_codec
 from hetflow.sparsity.cache_model import (
     CacheEstimate,
     estimate_cache,
@@ -136,14 +136,17 @@ def plan_sizes(model, options, weight_bits: int | None = None,
   """
   c, o = model.config, options
   item = np.dtype(model.dtype).itemsize
-  wq = weight_bits / 8 if weight_bits else item  # bytes per stored weight
   mats = len(neuron_matrices(c))
   n = neurons_per_layer(c)
-  row = int(c.hidden_size * wq)
-  stride = row if o.layout == "bundled" else round_up(row)
-  record = round_up(mats * stride)
-  neuron_rows = mats * c.hidden_size * n * item  # one layer's, in the model's dtype
-  fixed = int((model.nbytes - c.num_layers * neuron_rows) * wq / item)
+  if weight_bits is None and getattr(model, "weights", "float32") != "float32":
+    record, stride, fixed = _format_sizes(model, n)
+  else:
+    wq = weight_bits / 8 if weight_bits else item  # bytes per stored weight
+    row = int(c.hidden_size * wq)
+    stride = row if o.layout == "bundled" else round_up(row)
+    record = round_up(mats * stride)
+    neuron_rows = mats * c.hidden_size * n * item  # one layer's, in the model's dtype
+    fixed = int((model.nbytes - c.num_layers * neuron_rows) * wq / item)
   if o.predictor == "oracle":
     predictor = c.num_layers * (mats - 1) * c.hidden_size * n * item
   elif trained is not None:
@@ -155,6 +158,21 @@ def plan_sizes(model, options, weight_bits: int | None = None,
   return Sizes(neurons=n, record=record, stride=stride, fixed=fixed, predictor=predictor,
                staging=staging, kv=model.kv_cache_nbytes(o.kv_reserve_tokens),
                full_cache=c.num_layers * n * record)
+
+
+def _format_sizes(model, neurons: int) -> tuple[int, int, int]:
+  """(record, stride, fixed) bytes of a model stored in a weight format: a record holds
+  the format's plane-A and plane-B bytes (`hetflow.sparsity.bundles.RecordCodec`),
+  padded to 4 KiB; the fixed region is every stored leaf but the neurons' kernels, plus
+  the per-layer down tables the records' down rows need."""
+  c = model.config
+  codec = record_codec(model)
+  mats = neuron_matrices(c)
+  kernels = sum(s.size * np.dtype(s.dtype).itemsize for name, s in model.shapes.items()
+                if name.split("/")[0] == "layers" and name.split("/")[2] == "mlp"
+                and name.split("/")[3] in mats)
+  fixed = model.nbytes - kernels + c.num_layers * codec.table_nbytes(neurons)
+  return round_up(codec.a_nbytes + codec.b_nbytes), codec.a_nbytes, fixed
 
 
 def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None = None,

@@ -51,7 +51,7 @@ from hetflow.memory.budget import parse_bytes
 from hetflow.memory.buffers import aligned_empty
 from hetflow.memory.cache import cache_root
 from hetflow.memory.reader import ReaderPool, ReadError
-from hetflow.models import modules
+from hetflow.models import formats, modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
 from hetflow.sparsity.predictor import LowRankPredictor, OraclePredictor
@@ -234,6 +234,34 @@ class _Ahead:
   reads: list[_Read]
 
 
+def _check_format(model, options) -> bundles_mod.RecordCodec:
+  """The record codec of the model's weight format, or NotApplicable saying why not."""
+  try:
+    codec = bundles_mod.record_codec(model)
+  except formats.FormatError as e:
+    raise NotApplicable(str(e)) from None
+  if codec.quantized and options.layout != "bundled":
+    raise NotApplicable(f"neuron_cluster's layout={options.layout!r} (the no-bundling"
+                        f" ablation) is for float32 weights; this model has"
+                        f" weights={model.weights!r}: use layout='bundled'.")
+  return codec
+
+
+def _oracle_weights(model, layer: int, keys) -> dict[str, np.ndarray]:
+  """The oracle's gate/up (and biases) of one layer as float32 [D, F]: a quantized
+  kernel dequantized, so the oracle predicts the neurons of the weights computed."""
+  out = {}
+  for k in keys:
+    name = f"layers/{layer}/mlp/{k}"
+    if name not in model.logical_shapes:
+      continue
+    if model.format.applies(name):
+      out[k] = np.asarray(formats.dequantize(model.param(name)), np.float32)
+    else:
+      out[k] = model.tensor(name)
+  return out
+
+
 @register_strategy("neuron_cluster")
 class NeuronCluster(Strategy):
   """Sparse decode from a neuron-bundle store through a segmented cache."""
@@ -259,10 +287,7 @@ class NeuronCluster(Strategy):
 
   def plan(self, model, budget, profile=None) -> Placement:
     c, o = model.config, self.options
-    if not model.format.plain:  # its bundles would need format-aware code (issue 11)
-      raise NotApplicable("neuron_cluster runs float32 weights only; this model has"
-                          f" weights={model.weights!r}. Use resident or layerwise, or load"
-                          " it with weights='float32'.")
+    _check_format(model, o)
     try:
       check_sparse(c, o.threshold)
     except ValueError as e:
@@ -288,6 +313,7 @@ class NeuronCluster(Strategy):
     self.model, self.config = model, c
     sizes: cost.Sizes = placement.settings.sizes
     self.mats = bundles_mod.neuron_matrices(c)
+    self.codec = _check_format(model, o)
     sharding = tiers.device_sharding()
     self._sharding = sharding
     self._threshold = check_sparse(c, o.threshold)
@@ -302,13 +328,15 @@ class NeuronCluster(Strategy):
     self.frequency = np.take_along_axis(self.activation_stats.frequency, order, axis=1)
 
     # Store.
-    self.store = bundle_store.open_store(model, order, self.mats, o.layout, o.store_dir)
+    self.store = bundle_store.open_store(model, order, self.mats, o.layout, o.store_dir,
+                                         codec=self.codec)
     ledger.allocate("disk", self.store.total_nbytes, "neuron store")
+    self._load_tables(ledger, sharding, order)
 
     # Fixed region; the input rows' biases (OPT) also stay on the host, [F, M]
     # per layer in record order, to build each block's bias.
     def put(group_leaves, name):
-      nbytes = sum(a.nbytes for a in group_leaves.values())
+      nbytes = formats.nbytes(group_leaves)
       ledger.allocate("device", nbytes, name)
       return jax.device_put(group_leaves, sharding)
 
@@ -333,11 +361,10 @@ class NeuronCluster(Strategy):
     # Predictor.
     def oracle():
       weights = []
+      keys = [m for m in self.mats if m != "down"] + [
+          m + "_bias" for m in self.mats if m != "down"]
       for i in range(c.num_layers):
-        keys = [m for m in self.mats if m != "down"] + [
-            m + "_bias" for m in self.mats if m != "down"]
-        weights.append({k: model.tensor(f"layers/{i}/mlp/{k}") for k in keys
-                        if f"layers/{i}/mlp/{k}" in model.shapes})
+        weights.append(_oracle_weights(model, i, keys))
       p = OraclePredictor(c, weights, self._threshold)
       p.place(sharding, order)
       return p
@@ -398,10 +425,33 @@ class NeuronCluster(Strategy):
     self._timer = collections.Counter()  # seconds per decode phase
     self._computed = 0  # records multiplied in decode
 
+  def _load_tables(self, ledger, sharding, order):
+    """A quantized store's per-layer down tables, on the device with the fixed region, and
+    each record position's row of a grouped table (its neuron id // group)."""
+    self._tables: dict[int, dict[str, Any]] = {}
+    self._group_of: dict[int, np.ndarray] = {}
+    if not self.codec.quantized:
+      return
+    for layer in range(self.config.num_layers):
+      table = self.store.tables(layer)
+      ledger.allocate("device", sum(a.nbytes for a in table.values()), "fixed")
+      self._tables[layer] = jax.device_put(table, sharding)
+      g = self.codec.group if self.codec.grouped_down else self.config.intermediate_size
+      self._group_of[layer] = (order[layer] // g).astype(np.int32)
+
+  def _quantized_args(self, layer, positions):
+    """(down table, each slot's table row) of a block of quantized records at `positions`
+    (-1: none; such slots are masked out, any row serves)."""
+    return self._tables[layer], self._group_of[layer][np.maximum(positions, 0)]
+
   def _build_functions(self):
     c = self.config
     self._step = jax.jit(functools.partial(bundles_mod.planar_step, c))
     self._gather = jax.jit(functools.partial(bundles_mod.planar_gather_step, c))
+    if self.codec.quantized:
+      self._qstep = jax.jit(functools.partial(bundles_mod.quantized_step, c, self.codec))
+      self._qgather = jax.jit(functools.partial(bundles_mod.quantized_gather_step, c,
+                                                self.codec))
     self._norm = jax.jit(lambda w, x: modules._norm(c, w)(x))
     self._add = jax.jit(lambda a, b: a + b)
 
@@ -434,8 +484,7 @@ class NeuronCluster(Strategy):
       slots = np.arange(first, first + len(positions))
 
       def done():
-        planes.fill_from_records(buf, slots, tmp.reshape(-1, rec)[:len(positions)],
-                                 self.store.row_stride, len(self.mats))
+        self.store.fill(planes, buf, slots, tmp.reshape(-1, rec)[:len(positions)])
     if phase is not None:
       counters = getattr(self.counters, phase)
       counters.add("disk_bytes", sum(q[1] for q in reqs))
@@ -448,7 +497,10 @@ class NeuronCluster(Strategy):
     v = self._views.get(key)
     if v is None:
       buf, planes = self._buffer(which)
-      a, b = planes.views(buf, self.model.dtype, self.config.hidden_size)
+      if self.codec.quantized:  # bytes, decoded by the step
+        a, b = planes.views(buf, np.uint8, planes.b_nbytes)
+      else:
+        a, b = planes.views(buf, self.model.dtype, self.config.hidden_size)
       v = (jax.device_put(a[start:start + size], self._sharding),
            jax.device_put(b[start:start + size], self._sharding))
       self._views[key] = v
@@ -482,6 +534,9 @@ class NeuronCluster(Strategy):
       bias = self._bias[layer][np.maximum(positions, 0)]
     if self._phase == "decode":
       self._computed += int(valid.sum()) if isinstance(valid, np.ndarray) else int(valid)
+    if self.codec.quantized:
+      table, group_of = self._quantized_args(layer, np.asarray(positions))
+      return self._qstep(a, b, table, group_of, h, bias, valid)
     return self._step(a, b, h, bias, valid)
 
   def _gathered(self, kind, slots, layer, h):
@@ -499,6 +554,10 @@ class NeuronCluster(Strategy):
         self._step_shapes += 1
       bias = self._bias[layer][np.maximum(self._slot_pos[idx], 0)] if layer in self._bias else None
       self._computed += len(part)
+      if self.codec.quantized:
+        table, group_of = self._quantized_args(layer, self._slot_pos[idx])
+        outs.append(self._qgather(a, b, idx, table, group_of, h, bias, valid)[0])
+        continue
       outs.append(self._gather(a, b, idx, h, bias, valid)[0])
     return outs
 
