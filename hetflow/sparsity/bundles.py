@@ -9,13 +9,14 @@ holds them, the reads that fetch them) are the memory layer's:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.models import formats, layers
+from hetflow.models import formats, layers, native
 from hetflow.models.config import ModelConfig
 
 
@@ -161,13 +162,14 @@ class RecordCodec:
     return self.kind in ("int8-g", "int4", "int4-asym")
 
   def table_nbytes(self, neurons: int) -> int:
-    """Bytes of one layer's down table (F neurons)."""
+    """Bytes of one layer's down table (F neurons) in memory, where it is float32 (the
+    store keeps group tables float16, as the kernel does)."""
     if self.kind in ("float32", "bfloat16"):
       return 0
     if self.kind == "int8":
       return 4 * self.hidden
     per = 2 if self.kind == "int4-asym" else 1
-    return per * 2 * (neurons // self.group) * self.hidden
+    return per * 4 * (neurons // self.group) * self.hidden
 
   # -- writing (numpy) -----------------------------------------------------------------------
 
@@ -311,6 +313,47 @@ def _rows(h):
   return h.reshape(-1, h.shape[-1]).astype(jnp.float32)
 
 
+# The native kernels' codes of the kinds (hetflow/models/native/neuron.cc).
+_NATIVE_KIND = {"bfloat16": 1, "int8": 2, "int8-g": 3, "int4": 4, "int4-asym": 5}
+
+
+def _input_products_xla(codec: RecordCodec, x, a):
+  """x [R, D] times every input row of plane A -> [R, n * inputs] (dequantize, then dot)."""
+  n = a.shape[0]
+  return jnp.einsum("rD,kD->rk", x, codec.input_weights(a).reshape(n * codec.inputs, -1))
+
+
+def _down_product_xla(codec: RecordCodec, z, b, table, group_of):
+  """z [R, n] times plane B's down rows -> [R, D]."""
+  out = jnp.einsum("rn,nD->rD", z, codec.down_weights(b, table, group_of))
+  return codec.down_after(out, table)
+
+
+def _input_products_native(codec: RecordCodec, x, a):
+  call = jax.ffi.ffi_call("hetflow_neuron_in",
+                          jax.ShapeDtypeStruct((x.shape[0], a.shape[0] * codec.inputs),
+                                               jnp.float32), vmap_method="sequential")
+  return call(x, a, kind=np.int64(_NATIVE_KIND[codec.kind]),
+              group=np.int64(codec.group or codec.hidden), inputs=np.int64(codec.inputs))
+
+
+def _down_product_native(codec: RecordCodec, z, b, table, group_of):
+  none = jnp.zeros((1,), jnp.float32)
+  scale = table.get("down_scale", none).astype(jnp.float32)
+  minimum = table.get("down_min", none).astype(jnp.float32)
+  call = jax.ffi.ffi_call("hetflow_neuron_down",
+                          jax.ShapeDtypeStruct((z.shape[0], codec.hidden), jnp.float32),
+                          vmap_method="sequential")
+  return call(z, b, scale, minimum, group_of.astype(jnp.int32),
+              kind=np.int64(_NATIVE_KIND[codec.kind]))
+
+
+def _native(rows: int) -> bool:
+  """Whether a step of `rows` input rows uses the native kernels: decode-sized rows on a
+  machine where they were built (HETFLOW_NATIVE=0: never); decided when traced."""
+  return rows <= formats.MATVEC_MAX_ROWS and native.enabled()
+
+
 def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_of, h, bias,
                    valid):
   """`planar_step` over quantized records (jit it with the config and codec bound).
@@ -331,11 +374,20 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
   """
   x = _rows(h)
   n = a.shape[0]
-  y = jnp.einsum("rD,kD->rk", x, codec.input_weights(a).reshape(n * codec.inputs, -1))
+  if _native(x.shape[0]):
+    y = jax.lax.platform_dependent(
+        x, a, cpu=functools.partial(_input_products_native, codec),
+        default=functools.partial(_input_products_xla, codec))
+  else:
+    y = _input_products_xla(codec, x, a)
   z, fired = _activate(config, y.reshape(*h.shape[:2], n, codec.inputs), bias, valid)
-  out = jnp.einsum("rn,nD->rD", z.reshape(-1, n).astype(jnp.float32),
-                   codec.down_weights(b, table, group_of))
-  out = codec.down_after(out, table)
+  z = z.reshape(-1, n).astype(jnp.float32)
+  if _native(x.shape[0]):
+    out = jax.lax.platform_dependent(
+        z, b, table, group_of, cpu=functools.partial(_down_product_native, codec),
+        default=functools.partial(_down_product_xla, codec))
+  else:
+    out = _down_product_xla(codec, z, b, table, group_of)
   return out.reshape(h.shape).astype(h.dtype), fired
 
 

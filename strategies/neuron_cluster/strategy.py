@@ -433,7 +433,8 @@ class NeuronCluster(Strategy):
     if not self.codec.quantized:
       return
     for layer in range(self.config.num_layers):
-      table = self.store.tables(layer)
+      # float32 in memory (float16 in the store): the kernels read it once per record.
+      table = {k: v.astype(np.float32) for k, v in self.store.tables(layer).items()}
       ledger.allocate("device", sum(a.nbytes for a in table.values()), "fixed")
       self._tables[layer] = jax.device_put(table, sharding)
       g = self.codec.group if self.codec.grouped_down else self.config.intermediate_size

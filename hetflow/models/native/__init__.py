@@ -35,6 +35,9 @@ from hetflow.hardware import cpuinfo_field
 from hetflow.memory.cache import cache_root
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
+# neuron_cluster's sparse step over quantized records (hetflow/sparsity/bundles.py), built in.
+NEURON_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "neuron.cc")
+NEURON_TARGETS = ("hetflow_neuron_in", "hetflow_neuron_down")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 LIBRARY = "libhetflow_matvec.so"
 
@@ -76,7 +79,8 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
                            " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
                            " this).") from None
   h = hashlib.sha256()
-  for part in (open(SOURCE, "rb").read().decode(), cxx, version, " ".join(flags),
+  for part in (open(SOURCE, "rb").read().decode(), open(NEURON_SOURCE, "rb").read().decode(),
+               cxx, version, " ".join(flags),
                jax.__version__, _cpu_flags()):
     h.update(part.encode())
     h.update(b"\0")
@@ -110,7 +114,7 @@ def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, NEURON_SOURCE, "-o", tmp]
       try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
       except (OSError, subprocess.SubprocessError) as e:
@@ -135,7 +139,7 @@ def _register(path: str) -> ctypes.CDLL:
   global _registered
   if _registered is None:
     lib = ctypes.cdll.LoadLibrary(path)
-    for target in TARGETS.values():
+    for target in (*TARGETS.values(), *NEURON_TARGETS):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                   platform="cpu")
     _registered = lib

@@ -1,0 +1,333 @@
+// hetflow's native CPU kernels of neuron_cluster's sparse step over quantized neuron
+// records, as XLA FFI handlers (built into the same library as matvec.cc by
+// hetflow/models/native/__init__.py; called from hetflow/sparsity/bundles.py).
+//
+// A block of n records is two planes of bytes (hetflow/sparsity/bundles.py, RecordCodec):
+//   plane A [n, inputs * row]: per record its input rows (gate, up), each values then their
+//     scales (and minimums) along hidden, as the model's stored kernel holds them:
+//       kind 1 bfloat16   bf16 [D]
+//       kind 2 int8       s8 [D], scale f32
+//       kind 3 int8-gN    s8 [D], scale f16 [D / N]
+//       kind 4 int4       u8 [D / 2] (per group of g: byte j = value j | value j + g/2 << 4),
+//                         scale f16 [D / g]; value = (nibble - 8) * scale
+//       kind 5 int4-asym  as int4, plus min f16 [D / g]; value = nibble * scale + min
+//   plane B [n, b]: per record its down row's values: bf16 [D], s8 [D], or u8 [D / 2] with
+//     byte k = value k | value k + D/2 << 4. The down kernel's scales (and minimums) are a
+//     per-layer table, float32: [D] per output channel (int8: applied after the sum) or
+//     [F / g, D] per group of g neurons and output channel (row group_of[j] for record j).
+//
+// neuron_in:   y[r, j * inputs + m] = row m of record j . x[r]       (a matrix-vector product)
+// neuron_down: y[r, d] = sum_j z[r, j] * down_j[d]                    (an accumulate over rows;
+//              records with z[., j] == 0 are skipped: they add exact zeros)
+// Every product is accumulated in float32 from exactly widened values, so the results differ
+// from the pure-XLA formulation (and from resident's kernels) only in the order of float32
+// additions. Work is split between the calling thread and XLA's intra-op pool as in
+// matvec.cc (chunks claimed from an atomic counter: no task is ever waited for unstarted).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+std::atomic<int64_t> g_neuron_calls{0};
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t man = h & 0x3ff;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000 | man << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t load16(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+template <typename Body>
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks;
+  Body body;
+  Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
+  void run() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      body(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// body(c) for c in [0, chunks), on the caller and up to threads - 1 pool tasks (body by value).
+template <typename Body>
+void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
+  g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
+  int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
+  threads = std::max<int64_t>(1, std::min(threads, chunks));
+  if (threads == 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+enum Kind : int64_t { kBf16 = 1, kInt8 = 2, kInt8G = 3, kInt4 = 4, kInt4Asym = 5 };
+
+ffi::Error fail(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+// One input row (its values, then scales/minimums) times x [d]; xsum [d / g]: x's group sums.
+inline float row_dot(int64_t kind, const uint8_t* row, const float* x, const float* xsum,
+                     int64_t d, int64_t g) {
+  float s = 0.f;
+  switch (kind) {
+    case kBf16: {
+      for (int64_t k = 0; k < d; ++k) s += bf16_to_float(load16(row + 2 * k)) * x[k];
+      return s;
+    }
+    case kInt8: {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      for (int64_t k = 0; k < d; ++k) s += static_cast<float>(q[k]) * x[k];
+      float scale;
+      std::memcpy(&scale, row + d, 4);
+      return s * scale;
+    }
+    case kInt8G: {
+      const int8_t* q = reinterpret_cast<const int8_t*>(row);
+      const uint8_t* sc = row + d;
+      for (int64_t G = 0; G < d / g; ++G) {
+        float t = 0.f;
+        const int8_t* qg = q + G * g;
+        const float* xg = x + G * g;
+        for (int64_t k = 0; k < g; ++k) t += static_cast<float>(qg[k]) * xg[k];
+        s += t * half_to_float(load16(sc + 2 * G));
+      }
+      return s;
+    }
+    default: {  // int4, int4-asym
+      const int64_t half = g / 2, groups = d / g;
+      const uint8_t* sc = row + d / 2;
+      const uint8_t* mn = sc + 2 * groups;
+      for (int64_t G = 0; G < groups; ++G) {
+        const uint8_t* p = row + G * half;
+        const float* xg = x + G * g;
+        float t = 0.f;
+        for (int64_t k = 0; k < half; ++k) {
+          t += static_cast<float>(p[k] & 15) * xg[k] + static_cast<float>(p[k] >> 4) * xg[k + half];
+        }
+        float scale = half_to_float(load16(sc + 2 * G));
+        if (kind == kInt4) {
+          s += (t - 8.f * xsum[G]) * scale;
+        } else {
+          s += t * scale + xsum[G] * half_to_float(load16(mn + 2 * G));
+        }
+      }
+      return s;
+    }
+  }
+}
+
+int64_t value_bytes(int64_t kind, int64_t d) {
+  return kind == kBf16 ? 2 * d : (kind == kInt4 || kind == kInt4Asym) ? d / 2 : d;
+}
+
+int64_t param_bytes(int64_t kind, int64_t d, int64_t g) {
+  switch (kind) {
+    case kBf16: return 0;
+    case kInt8: return 4;
+    case kInt8G: case kInt4: return 2 * (d / g);
+    default: return 4 * (d / g);
+  }
+}
+
+ffi::Error NeuronInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> a,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t kind, int64_t group,
+                        int64_t inputs) {
+  auto xd = x.dimensions(), ad = a.dimensions();
+  if (xd.size() != 2 || ad.size() != 2 || kind < kBf16 || kind > kInt4Asym) {
+    return fail("hetflow neuron_in: x [R, D], a [n, inputs * row] and a known kind expected");
+  }
+  const int64_t rows = xd[0], d = xd[1], n = ad[0];
+  const int64_t g = (kind == kBf16 || kind == kInt8) ? d : group;
+  if (g <= 0 || d % g || (g % 2 && kind >= kInt4)) return fail("hetflow neuron_in: bad group");
+  const int64_t row = value_bytes(kind, d) + param_bytes(kind, d, g);
+  if (ad[1] != inputs * row || y->element_count() != static_cast<size_t>(rows * n * inputs)) {
+    return fail("hetflow neuron_in: a [n, inputs * row bytes], y [R, n * inputs] expected");
+  }
+  // x's group sums, once per call (int4's "- 8" and int4-asym's minimum).
+  auto xsum = std::make_shared<std::vector<float>>(rows * (d / g), 0.f);
+  const float* xp = x.typed_data();
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < d; ++k) (*xsum)[r * (d / g) + k / g] += xp[r * d + k];
+  }
+  const uint8_t* ap = a.typed_data();
+  float* yp = y->typed_data();
+  const int64_t total = n * inputs;
+  const int64_t tile = 16;
+  const int64_t chunks = (total + tile - 1) / tile;
+  parallel_for(pool, chunks, [=](int64_t c) {
+    const int64_t end = std::min(total, (c + 1) * tile);
+    for (int64_t i = c * tile; i < end; ++i) {
+      const uint8_t* rp = ap + i * row;
+      for (int64_t r = 0; r < rows; ++r) {
+        yp[r * total + i] = row_dot(kind, rp, xp + r * d, xsum->data() + r * (d / g), d, g);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error NeuronDownImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::U8> b,
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> minimum,
+                          ffi::Buffer<ffi::S32> group_of, ffi::ResultBuffer<ffi::F32> y,
+                          int64_t kind) {
+  auto zd = z.dimensions(), bd = b.dimensions(), yd = y->dimensions();
+  if (zd.size() != 2 || bd.size() != 2 || yd.size() != 2 || zd[1] != bd[0] ||
+      yd[0] != zd[0] || kind < kBf16 || kind > kInt4Asym) {
+    return fail("hetflow neuron_down: z [R, n], b [n, row bytes], y [R, D] expected");
+  }
+  const int64_t rows = zd[0], n = zd[1], d = yd[1];
+  if (bd[1] != value_bytes(kind, d) || group_of.element_count() != static_cast<size_t>(n)) {
+    return fail("hetflow neuron_down: b's rows do not hold D values, or group_of is not [n]");
+  }
+  const bool grouped = kind == kInt8G || kind == kInt4 || kind == kInt4Asym;
+  const int64_t table_rows = grouped ? static_cast<int64_t>(scale.element_count()) / d : 1;
+  if ((kind != kBf16 && scale.element_count() != static_cast<size_t>(table_rows * d)) ||
+      (kind == kInt4Asym && minimum.element_count() != scale.element_count())) {
+    return fail("hetflow neuron_down: the down table must be [D] or [groups, D] float32");
+  }
+  const float* zp = z.typed_data();
+  const uint8_t* bp = b.typed_data();
+  const float* sp = scale.typed_data();
+  const float* mp = minimum.typed_data();
+  const int32_t* gp = group_of.typed_data();
+  float* yp = y->typed_data();
+  const int64_t row = bd[1];
+  // Split along the outputs (int4: along the bytes; byte k feeds d = k and k + D/2): every
+  // thread accumulates its own outputs over all records, in record order.
+  const int64_t span = (kind == kInt4 || kind == kInt4Asym) ? d / 2 : d;
+  const int64_t tile = 256;
+  const int64_t chunks = (span + tile - 1) / tile;
+  parallel_for(pool, chunks, [=](int64_t c) {
+    const int64_t k0 = c * tile, k1 = std::min(span, k0 + tile), w = k1 - k0;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* out = yp + r * d;
+      float acc[256], acc2[256];
+      std::fill(acc, acc + w, 0.f);
+      std::fill(acc2, acc2 + w, 0.f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float zj = zp[r * n + j];
+        if (zj == 0.f) continue;  // adds exact zeros
+        const uint8_t* p = bp + j * row;
+        if (kind == kBf16) {
+          for (int64_t k = 0; k < w; ++k) acc[k] += zj * bf16_to_float(load16(p + 2 * (k0 + k)));
+        } else if (kind == kInt8) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(p) + k0;
+          for (int64_t k = 0; k < w; ++k) acc[k] += zj * static_cast<float>(q[k]);
+        } else if (kind == kInt8G) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(p) + k0;
+          const float* s = sp + static_cast<int64_t>(gp[j]) * d + k0;
+          for (int64_t k = 0; k < w; ++k) acc[k] += zj * (static_cast<float>(q[k]) * s[k]);
+        } else {
+          const uint8_t* q = p + k0;
+          const float* s = sp + static_cast<int64_t>(gp[j]) * d;
+          const float* s_lo = s + k0;
+          const float* s_hi = s + d / 2 + k0;
+          if (kind == kInt4) {
+            for (int64_t k = 0; k < w; ++k) {
+              acc[k] += zj * (static_cast<float>((q[k] & 15) - 8) * s_lo[k]);
+              acc2[k] += zj * (static_cast<float>((q[k] >> 4) - 8) * s_hi[k]);
+            }
+          } else {
+            const float* m = mp + static_cast<int64_t>(gp[j]) * d;
+            const float* m_lo = m + k0;
+            const float* m_hi = m + d / 2 + k0;
+            for (int64_t k = 0; k < w; ++k) {
+              acc[k] += zj * (static_cast<float>(q[k] & 15) * s_lo[k] + m_lo[k]);
+              acc2[k] += zj * (static_cast<float>(q[k] >> 4) * s_hi[k] + m_hi[k]);
+            }
+          }
+        }
+      }
+      if (kind == kInt8) {
+        for (int64_t k = 0; k < w; ++k) out[k0 + k] = acc[k] * sp[k0 + k];
+      } else {
+        for (int64_t k = 0; k < w; ++k) out[k0 + k] = acc[k];
+      }
+      if (kind == kInt4 || kind == kInt4Asym) {
+        for (int64_t k = 0; k < w; ++k) out[d / 2 + k0 + k] = acc2[k];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" {
+
+// Calls of the neuron kernels so far in this process (tests check which path ran).
+int64_t hetflow_neuron_calls() { return g_neuron_calls.load(); }
+
+}  // extern "C"
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_neuron_in, NeuronInImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind")
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("inputs"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_neuron_down, NeuronDownImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kind"));
