@@ -36,9 +36,28 @@ def _native_available() -> bool:
   return native.enabled()
 
 
+@pytest.fixture(scope="module")
+def references(ids):
+  """weights -> (model, resident's tokens, its prompt logits, its one-token logits), made
+  once per format for the module."""
+  made = {}
+
+  def get(weights):
+    if weights not in made:
+      model = _model(weights)
+      with Engine(model, "resident") as engine:
+        made[weights] = (model,
+                         engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=()).tokens,
+                         engine.forward(ids), engine.forward(ids[:, :1]))
+    return made[weights]
+
+  return get
+
+
 @pytest.mark.parametrize("kernels", ["native", "xla"])
 @pytest.mark.parametrize("weights", ["bfloat16", "int8", "int4", "int8-g32", "int4-asym"])
-def test_oracle_matches_resident_of_the_same_format(weights, kernels, ids, monkeypatch):
+def test_oracle_matches_resident_of_the_same_format(weights, kernels, ids, references,
+                                                   monkeypatch):
   """Same weights, same tokens: greedy tokens equal resident's, logits (prompt: the dense
   prefill; one token: the dense step at decode size, native where built) within float32
   summation order; records read from disk, cached and gathered from the cache."""
@@ -49,10 +68,7 @@ def test_oracle_matches_resident_of_the_same_format(weights, kernels, ids, monke
   if kernels == "xla" and weights in ("int8-g32", "int4-asym"):
     pytest.skip("the fallback's formulation is the same for every kind; bfloat16, int8 and"
                 " int4 cover it")
-  model = _model(weights)
-  with Engine(model, "resident") as engine:
-    tokens = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=()).tokens
-    logits, first = engine.forward(ids), engine.forward(ids[:, :1])
+  model, tokens, logits, first = references(weights)
   before = _neuron_calls()
   # The fallback runs gather cached hits more often (gather_ratio 1): both paths are covered.
   options = dict(cache_bytes="64KiB", cluster_size=8, gather_ratio=1.0 if kernels == "xla"
