@@ -348,10 +348,12 @@ def _down_product_native(codec: RecordCodec, z, b, table, group_of):
               kind=np.int64(_NATIVE_KIND[codec.kind]))
 
 
-def _native(rows: int) -> bool:
-  """Whether a step of `rows` input rows uses the native kernels: decode-sized rows on a
-  machine where they were built (HETFLOW_NATIVE=0: never); decided when traced."""
-  return rows <= formats.MATVEC_MAX_ROWS and native.enabled()
+def _native(codec: RecordCodec, rows: int) -> bool:
+  """Whether a step of `rows` input rows uses the native kernels: decode-sized rows, a
+  hidden size of whole 16-float lanes, on a machine where they were built
+  (HETFLOW_NATIVE=0: never); decided when traced."""
+  return (rows <= formats.MATVEC_MAX_ROWS and codec.hidden % 16 == 0
+          and native.enabled())
 
 
 def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_of, h, bias,
@@ -374,7 +376,7 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
   """
   x = _rows(h)
   n = a.shape[0]
-  if _native(x.shape[0]):
+  if _native(codec, x.shape[0]):
     y = jax.lax.platform_dependent(
         x, a, cpu=functools.partial(_input_products_native, codec),
         default=functools.partial(_input_products_xla, codec))
@@ -382,7 +384,7 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
     y = _input_products_xla(codec, x, a)
   z, fired = _activate(config, y.reshape(*h.shape[:2], n, codec.inputs), bias, valid)
   z = z.reshape(-1, n).astype(jnp.float32)
-  if _native(x.shape[0]):
+  if _native(codec, x.shape[0]):
     out = jax.lax.platform_dependent(
         z, b, table, group_of, cpu=functools.partial(_down_product_native, codec),
         default=functools.partial(_down_product_xla, codec))

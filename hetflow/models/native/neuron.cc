@@ -116,53 +116,72 @@ ffi::Error fail(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
+// Lanes of the per-row accumulators: each lane sums its own products (no reassociation),
+// so -O3 vectorizes the loops without -ffast-math; the lanes are summed once per row.
+constexpr int64_t kLanes = 16;
+
+inline float lanes_sum(const float* acc) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
 // One input row (its values, then scales/minimums) times x [d]; xsum [d / g]: x's group sums.
+// d is a multiple of kLanes and of g; int4's g / 2 is a multiple of kLanes (g = 32 or 64).
 inline float row_dot(int64_t kind, const uint8_t* row, const float* x, const float* xsum,
                      int64_t d, int64_t g) {
-  float s = 0.f;
+  float acc[kLanes] = {0.f};
   switch (kind) {
     case kBf16: {
-      for (int64_t k = 0; k < d; ++k) s += bf16_to_float(load16(row + 2 * k)) * x[k];
-      return s;
+      for (int64_t k = 0; k < d; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          acc[l] += bf16_to_float(load16(row + 2 * (k + l))) * x[k + l];
+        }
+      }
+      return lanes_sum(acc);
     }
     case kInt8: {
       const int8_t* q = reinterpret_cast<const int8_t*>(row);
-      for (int64_t k = 0; k < d; ++k) s += static_cast<float>(q[k]) * x[k];
+      for (int64_t k = 0; k < d; k += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) acc[l] += static_cast<float>(q[k + l]) * x[k + l];
+      }
       float scale;
       std::memcpy(&scale, row + d, 4);
-      return s * scale;
+      return lanes_sum(acc) * scale;
     }
     case kInt8G: {
       const int8_t* q = reinterpret_cast<const int8_t*>(row);
       const uint8_t* sc = row + d;
       for (int64_t G = 0; G < d / g; ++G) {
-        float t = 0.f;
-        const int8_t* qg = q + G * g;
-        const float* xg = x + G * g;
-        for (int64_t k = 0; k < g; ++k) t += static_cast<float>(qg[k]) * xg[k];
-        s += t * half_to_float(load16(sc + 2 * G));
+        const float scale = half_to_float(load16(sc + 2 * G));
+        for (int64_t k = G * g; k < (G + 1) * g; k += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            acc[l] += scale * (static_cast<float>(q[k + l]) * x[k + l]);
+          }
+        }
       }
-      return s;
+      return lanes_sum(acc);
     }
-    default: {  // int4, int4-asym
+    default: {  // int4, int4-asym: the "- 8" (or the minimum) applied to x's group sums
       const int64_t half = g / 2, groups = d / g;
       const uint8_t* sc = row + d / 2;
       const uint8_t* mn = sc + 2 * groups;
+      float extra = 0.f;
       for (int64_t G = 0; G < groups; ++G) {
         const uint8_t* p = row + G * half;
         const float* xg = x + G * g;
-        float t = 0.f;
-        for (int64_t k = 0; k < half; ++k) {
-          t += static_cast<float>(p[k] & 15) * xg[k] + static_cast<float>(p[k] >> 4) * xg[k + half];
+        const float scale = half_to_float(load16(sc + 2 * G));
+        for (int64_t k = 0; k < half; k += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const uint8_t b = p[k + l];
+            acc[l] += scale * (static_cast<float>(b & 15) * xg[k + l] +
+                               static_cast<float>(b >> 4) * xg[k + l + half]);
+          }
         }
-        float scale = half_to_float(load16(sc + 2 * G));
-        if (kind == kInt4) {
-          s += (t - 8.f * xsum[G]) * scale;
-        } else {
-          s += t * scale + xsum[G] * half_to_float(load16(mn + 2 * G));
-        }
+        extra += kind == kInt4 ? -8.f * xsum[G] * scale
+                               : xsum[G] * half_to_float(load16(mn + 2 * G));
       }
-      return s;
+      return lanes_sum(acc) + extra;
     }
   }
 }
@@ -189,7 +208,9 @@ ffi::Error NeuronInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   const int64_t rows = xd[0], d = xd[1], n = ad[0];
   const int64_t g = (kind == kBf16 || kind == kInt8) ? d : group;
-  if (g <= 0 || d % g || (g % 2 && kind >= kInt4)) return fail("hetflow neuron_in: bad group");
+  if (g <= 0 || d % g || d % kLanes || (kind >= kInt4 && (g / 2) % kLanes)) {
+    return fail("hetflow neuron_in: D must be a multiple of 16 and of the group (int4: 32, 64)");
+  }
   const int64_t row = value_bytes(kind, d) + param_bytes(kind, d, g);
   if (ad[1] != inputs * row || y->element_count() != static_cast<size_t>(rows * n * inputs)) {
     return fail("hetflow neuron_in: a [n, inputs * row bytes], y [R, n * inputs] expected");
