@@ -197,3 +197,16 @@ def test_plan_sizes_of_llama_1b_sparse_by_format():
 def cost_options():
   from strategies.neuron_cluster.strategy import NeuronClusterOptions
   return NeuronClusterOptions()
+
+
+def test_a_checkpoint_loaded_as_int4_runs_neuron_cluster(tmp_path, ids):
+  """The user's path: an HF checkpoint loaded with weights="int4" (quantized while the
+  store is written, tensor by tensor), neuron_cluster giving resident's tokens."""
+  path = hetflow.save_hf(_model("float32"), str(tmp_path / "ckpt"))
+  model = hetflow.load_model(path, weights="int4")
+  with Engine(model, "resident") as engine:
+    tokens = engine.generate(ids[:1], max_new_tokens=6, stop_tokens=()).tokens
+  with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8)) as e:
+    np.testing.assert_array_equal(e.generate(ids[:1], max_new_tokens=6, stop_tokens=()).tokens,
+                                  tokens)
+    assert e.strategy.store.weights == "int4"
