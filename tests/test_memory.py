@@ -664,8 +664,79 @@ def test_memory_limit_top_up_locks_what_was_freed(monkeypatch):
   limit_bytes = 1 << 30
   readings = iter([limit_bytes + (64 << 20), limit_bytes + (96 << 20)])
   monkeypatch.setattr(limit_mod, "mem_available", lambda: next(readings))
-  with limit_mod.MemoryLimit(limit_bytes, drop_caches=False) as held:
+  with limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=None) as held:
     assert held.locked_bytes == 64 << 20
     assert held.top_up(slack=16 << 20) == 96 << 20
     assert held.locked_bytes == (64 + 96) << 20
   assert held.locked_bytes == 0
+
+
+def test_memory_limit_keeper_follows_what_others_free_and_take(monkeypatch):
+  """During a run: memory others free is locked; when others take memory back, the
+  keeper's newest locks are given back (never the entry's); the record says how far
+  the limit strayed."""
+  from hetflow.memory import limit as limit_mod
+
+  limit_bytes = 1 << 30
+  # The machine's memory outside this test's locks: what is available is that less the locks.
+  unlocked = {"now": limit_bytes + (32 << 20)}
+  held = limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=None,
+                               slack=16 << 20)
+  monkeypatch.setattr(limit_mod, "mem_available", lambda: unlocked["now"] - held.locked_bytes)
+  monkeypatch.setattr(limit_mod, "_children_anon", lambda exclude: 0)
+  with held:
+    assert held.locked_bytes == 32 << 20
+    assert held.keep() == 0  # at the limit
+    unlocked["now"] += 8 << 20  # within the slack
+    assert held.keep() == 0
+    unlocked["now"] += 40 << 20  # others freed 40 MiB more
+    assert held.keep() == 48 << 20
+    assert held.locked_bytes == 80 << 20 and len(held._procs) == 2
+    assert held.keep() == 0
+    unlocked["now"] -= 112 << 20  # others took 112 MiB: 64 under the limit, give back the 48
+    assert held.keep() == -(48 << 20)
+    assert held.locked_bytes == 32 << 20 and len(held._procs) == 1
+    unlocked["now"] -= 512 << 20  # the entry's lock is never given back
+    assert held.keep() == 0 and held.locked_bytes == 32 << 20
+    record = held.held(reset=True)
+    assert record == {"checks": 6, "max_excess": 48 << 20, "min_excess": -(576 << 20),
+                      "locked_more": 48 << 20, "gave_back": 48 << 20}
+    assert held.held()["checks"] == 0
+  assert held.locked_bytes == 0
+
+
+def test_memory_limit_keeper_counts_the_children_and_runs_by_itself(monkeypatch):
+  """What the benchmark's children hold (their anonymous memory) is theirs, within the
+  limit: it does not make the keeper give memory back. The keeper's thread runs on its
+  own while inside the context and stops on exit."""
+  import subprocess
+  import sys
+  import time
+
+  from hetflow.memory import limit as limit_mod
+
+  child = subprocess.Popen([sys.executable, "-c", "import sys, numpy as np;"
+                            " a = np.ones(96 << 20, np.uint8); print('up', flush=True);"
+                            " sys.stdin.read()"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+  try:
+    assert child.stdout.readline().strip() == b"up"
+    assert limit_mod._children_anon(set()) >= 96 << 20
+    assert limit_mod._children_anon({child.pid}) < 96 << 20
+  finally:
+    child.stdin.close()
+    child.wait()
+  limit_bytes = 1 << 30
+  unlocked = {"now": limit_bytes + (32 << 20)}
+  held = limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=0.05,
+                               slack=16 << 20)
+  monkeypatch.setattr(limit_mod, "mem_available", lambda: unlocked["now"] - held.locked_bytes)
+  with held:
+    unlocked["now"] += 40 << 20
+    deadline = time.monotonic() + 30
+    while held.locked_bytes < (72 << 20) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert held.locked_bytes == 72 << 20
+    keeper = held._keeper
+    assert keeper.is_alive()
+  assert not keeper.is_alive() and held.locked_bytes == 0
