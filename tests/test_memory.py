@@ -672,35 +672,39 @@ def test_memory_limit_top_up_locks_what_was_freed(monkeypatch):
 
 
 def test_memory_limit_keeper_follows_what_others_free_and_take(monkeypatch):
-  """During a run: memory others free is locked; when others take memory back, the
-  keeper's newest locks are given back (never the entry's); the record says how far
-  the limit strayed."""
+  """During a run: memory others free is locked; when others take memory back, whole
+  pieces of the lock are given back, newest first, never more than they took; the record
+  says how far the limit strayed."""
   from hetflow.memory import limit as limit_mod
 
   limit_bytes = 1 << 30
   # The machine's memory outside this test's locks: what is available is that less the locks.
   unlocked = {"now": limit_bytes + (32 << 20)}
   held = limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=None,
-                               slack=16 << 20)
+                               slack=16 << 20, piece=16 << 20)
   monkeypatch.setattr(limit_mod, "mem_available", lambda: unlocked["now"] - held.locked_bytes)
   monkeypatch.setattr(limit_mod, "_children_anon", lambda exclude: 0)
   with held:
-    assert held.locked_bytes == 32 << 20
+    assert held.locked_bytes == 32 << 20 and held._sizes == [16 << 20, 16 << 20]
     assert held.keep() == 0  # at the limit
     unlocked["now"] += 8 << 20  # within the slack
     assert held.keep() == 0
     unlocked["now"] += 40 << 20  # others freed 40 MiB more
     assert held.keep() == 48 << 20
-    assert held.locked_bytes == 80 << 20 and len(held._procs) == 2
+    assert held.locked_bytes == 80 << 20 and len(held._procs) == 5  # 16 MiB pieces
     assert held.keep() == 0
-    unlocked["now"] -= 112 << 20  # others took 112 MiB: 64 under the limit, give back the 48
+    unlocked["now"] -= 64 << 20  # others took 64 MiB: 48 go, not the next 16
     assert held.keep() == -(48 << 20)
-    assert held.locked_bytes == 32 << 20 and len(held._procs) == 1
-    unlocked["now"] -= 512 << 20  # the entry's lock is never given back
-    assert held.keep() == 0 and held.locked_bytes == 32 << 20
+    assert held.locked_bytes == 32 << 20 and len(held._procs) == 2
+    unlocked["now"] -= 512 << 20  # others need more than is locked: all of it goes
+    assert held.keep() == -(32 << 20)
+    assert held.locked_bytes == 0 and held.pid is None
+    unlocked["now"] += 1024 << 20  # and is locked again once they free it
+    assert held.keep() == 528 << 20
+    assert held.locked_bytes == 528 << 20 and len(held._procs) == 33  # in 16 MiB pieces
     record = held.held(reset=True)
-    assert record == {"checks": 6, "max_excess": 48 << 20, "min_excess": -(576 << 20),
-                      "locked_more": 48 << 20, "gave_back": 48 << 20}
+    assert record == {"checks": 7, "max_excess": 528 << 20, "min_excess": -(528 << 20),
+                      "locked_more": 576 << 20, "gave_back": 80 << 20}
     assert held.held()["checks"] == 0
   assert held.locked_bytes == 0
 

@@ -18,7 +18,9 @@ cache). So, while inside the context, a keeper thread re-checks every
 ``keep_interval`` seconds what this benchmark has: the available memory plus
 the anonymous memory of this process's children (the systems it runs; the
 page cache they fill is counted in "available"). It locks what exceeds the
-limit and gives back locked memory when others' growth leaves less.
+limit and gives back locked memory when others' growth leaves less (the lock is
+held in pieces of at most ``piece`` bytes for this; the helpers are the kernel's
+first choice of victim if memory still runs out).
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ _HELPER = r"""
 import ctypes, ctypes.util, mmap, os, resource, sys
 n = int(sys.argv[1])
 try:
+    try:  # under memory pressure the kernel kills a lock, never someone else's process
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
     try:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     except (ValueError, OSError):
@@ -135,6 +142,9 @@ class MemoryLimit:
       Only with ``limit_bytes``.
     slack: bytes the keeper lets the limit drift either way before it locks or
       gives back memory.
+    piece: the entry's lock is taken in helpers of at most this many bytes, so the
+      keeper can give back a piece when other processes need memory (without it, the
+      kernel's OOM killer would end a lock, or another process).
 
   Attributes:
     limit_bytes: as given, in bytes (None when ``lock_bytes`` was given alone).
@@ -158,6 +168,7 @@ class MemoryLimit:
     timeout: float = 120.0,
     keep_interval: float | None = 0.5,
     slack: int = 64 << 20,
+    piece: int = 1 << 30,
   ):
     if limit_bytes is None and lock_bytes is None:
       raise ValueError("give limit_bytes (or, for tests, lock_bytes)")
@@ -169,6 +180,7 @@ class MemoryLimit:
     self.timeout = timeout
     self.keep_interval = keep_interval
     self.slack = slack
+    self.piece = piece
     self.locked_bytes = 0
     self.pid: int | None = None
     self.cache_drop: str | None = None
@@ -195,7 +207,7 @@ class MemoryLimit:
           f"locking {format_bytes(n)} would leave less than "
           f"{format_bytes(SAFETY_MARGIN)} of the {format_bytes(available)} available"
         )
-      self._start(n)
+      self._lock(n)
     if self.drop_caches:
       self.cache_drop = drop_page_cache()
     if self.keep_interval is not None and self.limit_bytes is not None and self._procs:
@@ -236,7 +248,7 @@ class MemoryLimit:
     gives back the newest locks that others' growth pushed under it. Returns the bytes
     locked (positive) or given back (negative)."""
     with self._mutex:
-      if not self._procs:
+      if self.limit_bytes is None:
         return 0
       excess = self._excess()
       h = self._held
@@ -244,12 +256,12 @@ class MemoryLimit:
       h["max_excess"] = excess if h["max_excess"] is None else max(h["max_excess"], excess)
       h["min_excess"] = excess if h["min_excess"] is None else min(h["min_excess"], excess)
       if excess > self.slack:
-        self._start(excess)
+        self._lock(excess)
         h["locked_more"] += excess
         return excess
       freed = 0
-      # The entry's lock stays: only what the keeper added is given back, newest first.
-      while len(self._procs) > 1 and excess + freed < -self.slack and \
+      # Newest first, and only whole pieces that the deficit covers (never overshoot).
+      while self._procs and excess + freed < -self.slack and \
           self._sizes[-1] <= -(excess + freed):
         freed += self._sizes[-1]
         self._stop_one()
@@ -262,6 +274,11 @@ class MemoryLimit:
         self.keep()
       except (MemoryLimitError, OSError) as e:  # the next check tries again
         warnings.warn(f"MemoryLimit keeper: {e}", RuntimeWarning, stacklevel=1)
+
+  def _lock(self, n: int) -> None:
+    """Locks `n` bytes in pieces, so that the keeper can give back as little as others need."""
+    for start in range(0, n, self.piece):
+      self._start(min(self.piece, n - start))
 
   def _start(self, n: int) -> None:
     proc = subprocess.Popen(
@@ -312,7 +329,7 @@ class MemoryLimit:
       extra = mem_available() - self.limit_bytes
       if extra <= slack:
         return 0
-      self._start(extra)
+      self._lock(extra)
       return extra
 
   @staticmethod
@@ -334,6 +351,7 @@ class MemoryLimit:
     proc, n = self._procs.pop(), self._sizes.pop()
     self._end(proc, kill=False)
     self.locked_bytes -= n
+    self.pid = self._procs[0].pid if self._procs else None
 
   def _stop(self, kill: bool = False) -> None:
     with self._mutex:
