@@ -719,14 +719,17 @@ def test_memory_limit_keeper_counts_the_children_and_runs_by_itself(monkeypatch)
 
   from hetflow.memory import limit as limit_mod
 
-  child = subprocess.Popen([sys.executable, "-c", "import sys, numpy as np;"
-                            " a = np.ones(96 << 20, np.uint8); print('up', flush=True);"
+  # 64 MiB anonymous and 64 MiB shared (where jax's CPU arrays live), both touched.
+  child = subprocess.Popen([sys.executable, "-c", "import mmap, sys, numpy as np;"
+                            " a = np.ones(64 << 20, np.uint8);"
+                            " m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_SHARED);"
+                            " m.write(b'x' * (64 << 20)); print('up', flush=True);"
                             " sys.stdin.read()"],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
   try:
     assert child.stdout.readline().strip() == b"up"
-    assert limit_mod._children_anon(set()) >= 96 << 20
-    assert limit_mod._children_anon({child.pid}) < 96 << 20
+    assert limit_mod._children_anon(set()) >= 128 << 20
+    assert limit_mod._children_anon({child.pid}) < 64 << 20
   finally:
     child.stdin.close()
     child.wait()

@@ -16,7 +16,7 @@ runs. Locking once at entry would let a system run with more than the limit
 when others free memory (a llama.cpp row's mapped file then stays in the page
 cache). So, while inside the context, a keeper thread re-checks every
 ``keep_interval`` seconds what this benchmark has: the available memory plus
-the anonymous memory of this process's children (the systems it runs; the
+the anonymous and shared memory of this process's children (the systems it runs; the
 page cache they fill is counted in "available"). It locks what exceeds the
 limit and gives back locked memory when others' growth leaves less (the lock is
 held in pieces of at most ``piece`` bytes for this; the helpers are the kernel's
@@ -96,7 +96,9 @@ def mem_available() -> int:
 
 
 def _children_anon(exclude: set[int]) -> int:
-  """Anonymous resident bytes (RssAnon) of every descendant of this process, but `exclude`."""
+  """Resident bytes no one else can reclaim (RssAnon + RssShmem) of every descendant of this
+  process, but `exclude`. Shared memory counts: jax's CPU arrays live there (a layer-wise
+  row's resident blocks), and it is not in MemAvailable either."""
   parent: dict[int, int] = {}
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
@@ -116,9 +118,8 @@ def _children_anon(exclude: set[int]) -> int:
     try:
       with open(f"/proc/{pid}/status") as f:
         for line in f:
-          if line.startswith("RssAnon:"):
+          if line.startswith(("RssAnon:", "RssShmem:")):
             total += int(line.split()[1]) * 1024
-            break
     except OSError:
       continue
   return total
