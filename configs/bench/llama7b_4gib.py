@@ -20,11 +20,13 @@ blocks resident as that budget holds after the embedding, head, ring and KV cach
 rest streams from disk with O_DIRECT. llama.cpp maps its file (its default) and gets the
 same limit; the page cache it fills counts in it. The limit is held during every row
 (`hetflow.memory.MemoryLimit`'s keeper), not only at its start.
-Expect: int4 (3.6 GB/token) nearly fits: ~20 of 32 blocks resident, ~1.4 GB/token from
-disk; llama.cpp's Q4_0 file (4.2 GB, 3.7 GB touched per token) also nearly fits its page
-cache, so it runs near memory speed. int8 (6.5 GB/token) does not fit either side:
-~10 blocks resident, ~4.4 GB/token from disk for hetflow; llama.cpp re-reads most of its
-7.2 GB file through the page cache every token.
+Expect: int4 (3.7 GB/token): 18 of 32 blocks resident, 1.6 GB/token from disk (O_DIRECT),
+peak RSS ~3.6 GiB. llama.cpp on this CPU repacks the Q4_0 blocks into anonymous memory
+(~3.9 GB), which leaves ~0.4 GB of the 4 GiB for its mapped file and code: it re-reads
+~1.1 GB per token through page faults (0.07 tok/s in WORKSPACE_NOTES.md's run, against
+~3.5 when the limit leaked by ~0.3 GB: the comparison sits on that cliff). int8 (6.5
+GB/token): 8 blocks resident, ~4.5 GB/token from disk for hetflow; llama.cpp's Q8_0 does
+not fit at all.
 """
 
 from hetflow.bench.config import bench_config
