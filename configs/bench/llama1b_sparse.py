@@ -51,6 +51,12 @@ def get_config(arg=None):
       # nc_pipeline (--config.order=nc_pipeline,nc_bridge1,nc_bridge2).
       "nc_bridge1": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=1),
       "nc_bridge2": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=2),
+      # Issue 13's second pass (--config.order=layerwise,nc_pipeline,nc_io32,nc_feedback,
+      # nc_feedback_io32): more requests in flight; the predictor's error fed back.
+      "nc_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, io_depth=32),
+      "nc_feedback": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True),
+      "nc_feedback_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
+                               io_depth=32),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"

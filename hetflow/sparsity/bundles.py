@@ -20,7 +20,7 @@ def neuron_matrices(config: ModelConfig) -> tuple[str, ...]:
   return ("up", "down") if config.arch == "opt" else ("gate", "up", "down")
 
 
-def planar_step(config: ModelConfig, a, b, h, bias, valid):
+def planar_step(config: ModelConfig, a, b, h, bias, valid, pre: bool = False):
   """The FFN over a contiguous block of neuron records held planar
   (neuron_cluster's sparse step; jit it with `functools.partial(planar_step, config)`).
 
@@ -36,9 +36,13 @@ def planar_step(config: ModelConfig, a, b, h, bias, valid):
     bias: [n, M] the input rows' biases, or None.
     valid: a scalar count (the first `valid` records are real) or an [n]
       bool mask; the others contribute exact zeros.
+    pre: also return each record's selecting pre-activation (Llama: gate,
+      OPT: up, bias included) at the last token, [n] (a predictor's exact
+      target: `hetflow.sparsity.predictor.ErrorFeedback`).
 
   Returns:
-    ([B, T, D] the block's contribution, how many of its neurons fired).
+    ([B, T, D] the block's contribution, how many of its neurons fired), and
+    with `pre` that [n] array third.
   """
   n, d = b.shape
   m = a.shape[1] // d
@@ -56,11 +60,13 @@ def planar_step(config: ModelConfig, a, b, h, bias, valid):
   keep = valid if jnp.ndim(valid) else jnp.arange(n) < valid
   z = jnp.where(keep, z, 0)
   fired = jnp.sum(jnp.any(z.reshape(-1, n) != 0, axis=0))
-  return jnp.einsum("BTn,nD->BTD", z, b), fired
+  out = jnp.einsum("BTn,nD->BTD", z, b)
+  return (out, fired, y[..., 0].reshape(-1, n)[-1]) if pre else (out, fired)
 
 
-def planar_gather_step(config: ModelConfig, a, b, idx, h, bias, valid):
+def planar_gather_step(config: ModelConfig, a, b, idx, h, bias, valid, pre: bool = False):
   """`planar_step` over the records at slots `idx` of whole planar buffers
   (a: [slots, M * D], b: [slots, D]): a gather of contiguous rows first, for
   a few hits in a large cached block, where multiplying the whole block costs more."""
-  return planar_step(config, jnp.take(a, idx, axis=0), jnp.take(b, idx, axis=0), h, bias, valid)
+  return planar_step(config, jnp.take(a, idx, axis=0), jnp.take(b, idx, axis=0), h, bias, valid,
+                     pre)
