@@ -57,6 +57,8 @@ def get_config(arg=None):
       "nc_feedback": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True),
       "nc_feedback_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
                                io_depth=32),
+      "nc_feedback_io32_bridge1": dict(layout="bundled", cache_bytes=None, pipeline=True,
+                                       feedback=True, io_depth=32, bridge_gap=1),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"
