@@ -60,7 +60,8 @@ def get_config(arg=None):
       "nc_bridge2": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=2,
                          feedback=False),
       # Issue 13's second pass (--config.order=layerwise,nc_pipeline,nc_io32,nc_feedback,
-      # nc_feedback_io32): more requests in flight; the predictor's error fed back.
+      # nc_feedback_io32,nc_feedback_io32_bridge1): more requests in flight; the
+      # predictor's error fed back (the default); gaps of one record read too.
       "nc_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, io_depth=32,
                       feedback=False),
       "nc_feedback": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True),
