@@ -67,7 +67,7 @@ from hetflow.memory.store import (
   is_hetflow_store,
   model_fingerprint,
 )
-from hetflow.models import layers, modules
+from hetflow.models import formats, layers, modules
 from hetflow.models.model import Model
 from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
 
@@ -221,26 +221,58 @@ def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, per_layer: 
   return float(p[:whole].sum() + (per_layer - whole) * p[whole])
 
 
+def expert_leaves(model: Model) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """One expert's stored tensors in record order: (name in the record, shape, dtype).
+
+  float32 experts hold "gate", "up" and "down" as arrays [D, F], [D, F], [F, D]; a
+  weight format's experts hold each kernel's leaves with their scales ("gate/q",
+  "gate/scale", ...; hetflow/models/formats.py), so one record is still one read.
+  """
+  out = []
+  for t in EXPERT_TENSORS:
+    prefix = f"layers/0/mlp/{t}"
+    names = [n for n in model.shapes if n == prefix or n.startswith(prefix + "/")]
+    for n in sorted(names, key=lambda n: (n != prefix, n)):
+      shape = model.shapes[n]
+      out.append((t + n[len(prefix):], tuple(shape.shape[1:]), np.dtype(shape.dtype)))
+  return out
+
+
 def record_nbytes(model: Model) -> int:
-  """Bytes of one expert record as stored: gate, up and down, each page-aligned."""
-  c = model.config
-  one = c.hidden_size * c.intermediate_size * jnp.dtype(model.dtype).itemsize
-  return 3 * round_up(one)
+  """Bytes of one expert record as stored: every tensor of gate, up and down page-aligned."""
+  return sum(round_up(int(np.prod(shape)) * dtype.itemsize)
+             for _, shape, dtype in expert_leaves(model))
+
+
+def _is_expert_tensor(name: str) -> bool:
+  """Whether a stored tensor ("layers/3/mlp/up" or "layers/3/mlp/up/q") is a routed expert's."""
+  parts = name.split("/")
+  return len(parts) >= 4 and parts[0] == "layers" and parts[2] == "mlp" and (
+      parts[3] in EXPERT_TENSORS)
 
 
 KIND = "moe_experts"
 
 
 def expert_fingerprint(model: Model) -> dict[str, Any]:
-  """The fingerprint record of an expert store: the model's, plus what a record holds."""
-  return {"kind": KIND, "model": model_fingerprint(model), "tensors": list(EXPERT_TENSORS)}
+  """The fingerprint record of an expert store: the model's, plus what a record holds.
+
+  A weight format's store also names its format ("weights"), so a store of another
+  format is never reused (the model's tensors differ too); float32 stores, written
+  before formats were stored, keep their identity.
+  """
+  record = {"kind": KIND, "model": model_fingerprint(model), "tensors": list(EXPERT_TENSORS)}
+  if not model.format.plain:
+    record["weights"] = model.weights
+  return record
 
 
 def default_expert_store_dir(model: Model) -> str:
-  """cache_root()/expert_stores/<name>-<dtype>-<fingerprint digest[:12]>."""
+  """cache_root()/expert_stores/<name>-<weights>-<fingerprint digest[:12]> (weights:
+  the format, e.g. "float32", "int8", "int4")."""
   digest = fingerprint_digest(expert_fingerprint(model))
   return os.path.join(cache_root(), "expert_stores",
-                      f"{model.config.name}-{jnp.dtype(model.dtype).name}-{digest[:12]}")
+                      f"{model.config.name}-{model.weights}-{digest[:12]}")
 
 
 def write_expert_store(model: Model, path: str, progress: bool = True,
@@ -254,14 +286,21 @@ def write_expert_store(model: Model, path: str, progress: bool = True,
 
   def groups():
     for i in range(c.num_layers):
-      stacks = {n: model.tensor(f"layers/{i}/mlp/{n}") for n in EXPERT_TENSORS}
+      stacks = {n: model.param(f"layers/{i}/mlp/{n}") for n in EXPERT_TENSORS}
       for e in range(c.num_experts):
-        yield f"layers/{i}/experts/{e}", {n: np.ascontiguousarray(stacks[n][e])
-                                          for n in EXPERT_TENSORS}
+        record = {}
+        for n in EXPERT_TENSORS:
+          if isinstance(stacks[n], dict):  # a weight format's leaves, in expert_leaves' order
+            record.update({f"{n}/{leaf}": np.ascontiguousarray(stacks[n][leaf][e])
+                           for leaf in sorted(stacks[n])})
+          else:
+            record[n] = np.ascontiguousarray(stacks[n][e])
+        yield f"layers/{i}/experts/{e}", record
 
   fp = expert_fingerprint(model)
   metadata = {"kind": KIND, "fingerprint": fingerprint_digest(fp), "fingerprint_record": fp,
-              "dtype": jnp.dtype(model.dtype).name, "description": model.description}
+              "dtype": jnp.dtype(model.dtype).name, "weights": model.weights,
+              "description": model.description}
   LayerStore.write(path, groups(), progress=progress, metadata=metadata, overwrite=overwrite,
                    description=f"writing {c.name}'s experts",
                    nbytes=c.num_layers * c.num_experts * record_nbytes(model)).close()
@@ -290,11 +329,36 @@ def open_expert_store(model: Model, path: str | None, convert: bool) -> LayerSto
       raise StoreMismatchError(f"{store.path} is a hetflow store of another kind, not an"
                                " expert store; pass another store_dir")
     check_fingerprint(store, expert_fingerprint(model),
-                      f"{model.description!r}, {jnp.dtype(model.dtype).name}")
+                      f"{model.description!r}, weights {model.weights}")
   except BaseException:
     store.close()
     raise
   return store
+
+
+def record_layout(store: LayerStore) -> tuple:
+  """Where gate, up and down lie in an expert record, hashable (a static jit argument):
+  per kernel (byte offset, shape, dtype name), or for a weight format's kernel a
+  tuple of (leaf, (byte offset, shape, dtype name))."""
+  info = store.tensors("layers/0/experts/0")
+  spec = lambda t: (int(t.offset), tuple(int(n) for n in t.shape), np.dtype(t.dtype).name)
+  out = []
+  for kernel in EXPERT_TENSORS:
+    if kernel in info:
+      out.append(spec(info[kernel]))
+    else:
+      out.append(tuple((name.split("/", 1)[1], spec(t)) for name, t in sorted(info.items())
+                       if name.split("/", 1)[0] == kernel))
+  return tuple(out)
+
+
+def _kernels(buffer: np.ndarray, start: int, layout: tuple, device):
+  """(gate, up, down) of the record at byte `start` of `buffer` as jax arrays on `device`
+  (views, no copy, on a CPU device): arrays, or a weight format's dicts of leaves."""
+  put = lambda offset, shape, dtype: jax.device_put(
+      view_as(buffer, start + offset, shape, dtype), device)
+  return tuple(put(*k) if isinstance(k[0], int) else {name: put(*spec) for name, spec in k}
+               for k in layout)
 
 
 class _Chain:
@@ -363,7 +427,7 @@ class _Pool:
     self.stacks = [jax.device_put(view_as(self.host, h * experts * record, (experts, elems),
                                           dtype), device)
                    for h in range(2 if slots >= 2 * experts else 1)]
-    self.record, self.dtype, self.device, self.layout = record, dtype, device, layout
+    self.record, self.device, self.layout = record, device, layout
     self.kernels: list[Any] = [self.views(s) if aliases else None for s in range(slots)]
     self.key: list[tuple[int, int] | None] = [None] * slots
     self.last_use = [-1] * slots
@@ -373,10 +437,9 @@ class _Pool:
     self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
 
   def views(self, slot: int):
-    """The slot's (gate, up, down) as jax arrays (no copy on a CPU device)."""
-    return tuple(jax.device_put(view_as(self.host, slot * self.record + offset, shape,
-                                        self.dtype), self.device)
-                 for offset, shape in self.layout)
+    """The slot's (gate, up, down) as jax arrays, or a weight format's leaves (no copy on
+    a CPU device)."""
+    return _kernels(self.host, slot * self.record, self.layout, self.device)
 
   def clear(self) -> None:
     for slot in list(self.inflight):
@@ -408,8 +471,7 @@ class MoEOffload(Strategy):
     fixed = sum(model.group_nbytes(g) for g in ("embed", "head"))
     fixed += sum(model.group_nbytes(f"layers/{i}/attn") for i in range(c.num_layers))
     mlp_fixed = sum(s.size * s.dtype.itemsize for n, s in model.shapes.items()
-                    if n.startswith("layers/") and "/mlp/" in n
-                    and n.rsplit("/", 1)[1] not in EXPERT_TENSORS)
+                    if n.startswith("layers/") and "/mlp/" in n and not _is_expert_tensor(n))
     return dict(fixed=fixed + mlp_fixed, mlp_fixed=mlp_fixed, record=record_nbytes(model),
                 kv=model.kv_cache_nbytes(self.options.kv_reserve_tokens),
                 aliases=int(hardware.device_is_cpu(profile)))
@@ -430,10 +492,6 @@ class MoEOffload(Strategy):
     if not c.num_experts:
       raise NotApplicable(f"moe_offload places routed experts; {c.name} has none (a dense"
                           " model: use layerwise, tensor_split or neuron_cluster).")
-    if not model.format.plain:  # its expert records would need format-aware code (issue 11)
-      raise NotApplicable("moe_offload runs float32 weights only; this model has"
-                          f" weights={model.weights!r}. Use resident or layerwise, or load"
-                          " it with weights='float32'.")
     k, n = c.experts_per_token, c.num_experts
     sizes = self._sizes(model, profile)
     total = n * c.num_layers
@@ -500,7 +558,8 @@ class MoEOffload(Strategy):
     s: MoEOffloadSettings = ctx.placement.settings
     prof = ctx.profile
     k, n = c.experts_per_token, c.num_experts
-    dtype = ctx.dtype
+    fmt = ctx.model.format
+    bits = fmt.bits_per_weight if not fmt.plain else 8 * ctx.dtype.itemsize
     gathers = ctx.rows * k < n
     experts = k if gathers else n
     expert_params = 3 * c.hidden_size * c.intermediate_size
@@ -541,8 +600,8 @@ class MoEOffload(Strategy):
         if i + 1 < c.num_layers and (gathers or double):
           nbytes = guessed if gathers else misses * s.record_bytes
           guess_next = read(nbytes, (prev,), f"experts {i + 1} ahead", i + 1)
-        ffn = ctx.compute_time("device", experts * expert_params * dtype.itemsize,
-                               experts * expert_params, half="mlp")
+        ffn = ctx.compute_time("device", experts * expert_params * bits / 8,
+                               experts * expert_params, half="mlp", fmt=fmt.name)
         prev = ctx.add("device", ffn, (prev, early, late), f"layers/{i}/mlp", i)
         early = guess_next
       prev = ctx.add("device", ctx.head_time(), (prev,), "head")
@@ -556,17 +615,19 @@ class MoEOffload(Strategy):
     self.slots, self.record = s.slots, s.record_bytes
     self.aliases = not s.link_copy
     self.store = open_expert_store(model, o.store_dir, o.convert)
-    info = self.store.tensors("layers/0/experts/0")
-    itemsize = jnp.dtype(model.dtype).itemsize
-    self._offsets = {t: info[t].offset // itemsize for t in EXPERT_TENSORS}
-    self._elems = self.record // itemsize
+    # Where each kernel (or format leaf) lies in a record, and the dtype a prompt's stack
+    # of records is viewed as: the compute dtype for float32 experts, bytes for a
+    # format's (the leaves are bit-cast out of it, `_functions`).
+    self._layout = record_layout(self.store)
+    self._stack_dtype = np.dtype(model.dtype) if model.format.plain else np.dtype(np.uint8)
+    self._elems = self.record // self._stack_dtype.itemsize
     device = tiers.device_sharding()
     self._device = device
     self._fixed = {}
     for g in model.group_names():
       tensors = model.group_tensors(g) if not g.endswith("/mlp") else {
           name: model.tensor(f"{g}/{name}") for name in ("norm", "router")}
-      ledger.allocate("device", sum(a.nbytes for a in tensors.values()), g)
+      ledger.allocate("device", formats.nbytes(tensors), g)
       self._fixed[g] = jax.device_put(tensors, device)
     records = self.record * self.slots
     ledger.allocate("device", records, "moe_offload/experts")
@@ -574,11 +635,9 @@ class MoEOffload(Strategy):
       halves = 2 if self.slots >= 2 * c.num_experts else 1
       ledger.allocate("device", self.record * c.num_experts * halves, "moe_offload/stacks")
       ledger.allocate("host", records, "moe_offload/staging")
-    d, f = c.hidden_size, c.intermediate_size
-    layout = [(info[t].offset, shape) for t, shape in zip(EXPERT_TENSORS, ((d, f), (d, f),
-                                                                           (f, d)))]
-    new = functools.partial(_Pool, record=self.record, elems=self._elems, dtype=model.dtype,
-                            device=device, layout=layout, aliases=self.aliases)
+    new = functools.partial(_Pool, record=self.record, elems=self._elems,
+                            dtype=self._stack_dtype, device=device, layout=self._layout,
+                            aliases=self.aliases)
     # The expert cache, shared by every layer; a prompt's pass reads every expert of a
     # layer into X of its slots (each read is a cache entry like any other).
     self._cache = new(self.slots, experts=c.num_experts)
@@ -679,7 +738,7 @@ class MoEOffload(Strategy):
       if slot in pool.chains:  # a right guess: the whole record landed
         self._count_read(pool.chains.pop(slot).submitted)
       if stack and not self.aliases:
-        rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
+        rec = view_as(pool.host, slot * self.record, (self._elems,), self._stack_dtype)
         h, j = divmod(slot, self.config.num_experts)
         pool.stacks[h] = self._set_slot(pool.stacks[h], j, jax.device_put(rec, self._device))
         self._count("h2d_bytes", self.record)
@@ -756,7 +815,7 @@ class MoEOffload(Strategy):
       pool, n = self._cache, c.num_experts
       h = layer % len(pool.stacks)
       self._wait(pool, range(h * n, (h + 1) * n), stack=True)
-      out = self._compiled.dense(params, x, pool.stacks[h], self._offsets_tuple())
+      out = self._compiled.dense(params, x, pool.stacks[h], self._layout)
       for slot in range(h * n, (h + 1) * n):
         pool.fence[slot] = out
         pool.last_use[slot] = self._step
@@ -830,9 +889,6 @@ class MoEOffload(Strategy):
       kernels.append(pool.kernels[slot])
     return self._compiled.routed(params, x, kernels)
 
-  def _offsets_tuple(self):
-    return tuple(self._offsets[t] for t in EXPERT_TENSORS)
-
   def stats(self):
     out = self.counters.copy()
     if self._reader is not None:
@@ -877,12 +933,21 @@ def _functions(config):
   """The jitted pieces: routing (also the look-ahead's guess) and the two ways of
   computing the FFN."""
 
-  def split(pool, offsets, count):
-    d, f = config.hidden_size, config.intermediate_size
-    og, ou, od = offsets
-    return (pool[:, og:og + d * f].reshape(count, d, f),
-            pool[:, ou:ou + d * f].reshape(count, d, f),
-            pool[:, od:od + f * d].reshape(count, f, d))
+  def split(pool, layout, count):
+    """The stacked kernels [count, ...] (or a format's stacked leaves) of a stack of records."""
+
+    def leaf(offset, shape, dtype):
+      dtype, size = np.dtype(dtype), int(np.prod(shape))
+      if dtype == pool.dtype:  # float32 experts in a float32 stack: elements
+        start = offset // dtype.itemsize
+        return pool[:, start:start + size].reshape(count, *shape)
+      raw = pool[:, offset:offset + size * dtype.itemsize]  # a byte stack: bit-cast
+      if dtype.itemsize > 1:
+        raw = raw.reshape(count, size, dtype.itemsize)
+      return jax.lax.bitcast_convert_type(raw, dtype).reshape(count, *shape)
+
+    return tuple(leaf(*k) if isinstance(k[0], int) else {name: leaf(*spec) for name, spec in k}
+                 for k in layout)
 
   def norm(w, x):
     return layers.rms_norm(x, w["norm"], config.norm_eps)  # Mixtral: pre-norm RMSNorm
@@ -907,8 +972,8 @@ def _functions(config):
     return x + modules.expert_mixture(config, h, weights, kernels)
 
   @functools.partial(jax.jit, static_argnums=(3,))
-  def dense(w, x, pool, offsets):
-    gate, up, down = split(pool, offsets, pool.shape[0])
+  def dense(w, x, pool, layout):
+    gate, up, down = split(pool, layout, pool.shape[0])
     return modules.ffn_half(config, dict(w, gate=gate, up=up, down=down), x)
 
   return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense)

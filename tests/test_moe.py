@@ -11,7 +11,7 @@ from hetflow import planner
 from hetflow.checkpoints import moe
 from hetflow.engine import Engine
 from hetflow.hardware import get_profile
-from hetflow.memory import Budget, BudgetExceeded
+from hetflow.memory import Budget, BudgetExceeded, StoreMismatchError
 from hetflow.strategy import NotApplicable
 
 NEW_TOKENS = 12
@@ -177,9 +177,6 @@ def test_planner_lists_it_for_mixtral_and_refuses_dense_models(routed):
     moe_offload.MoEOffload().plan(dense, Budget())
   ranked = planner.plan(dense, Budget(), profile, strategies=["moe_offload"])
   assert ranked[0].reason.startswith("not applicable")
-  quantized = hetflow.synthetic_model("mixtral-tiny", weights="bfloat16")
-  with pytest.raises(NotApplicable, match="float32 weights only"):
-    moe_offload.MoEOffload().plan(quantized, Budget())
 
 
 @pytest.mark.parametrize("policy", ["lru", "next_use"])
@@ -212,3 +209,66 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match=r"must lie in \[4, 12\]"):
       moe_offload.MoEOffload(dict(cache_experts=wrong)).plan(model, Budget())
   assert dataclasses.is_dataclass(moe_offload.MoEOffloadSettings)
+
+
+# -- weight formats ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "int8", "int4"])
+def formatted(request):
+  """The routed model in a weight format, with resident's tokens in the same format."""
+  model = hetflow.synthetic_model("mixtral-tiny-8e-routed", weights=request.param, **ROUTED)
+  ids = np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 10))
+  engine = Engine(model, "resident")
+  out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  return model, ids, out.tokens, engine.forward(ids)
+
+
+@pytest.mark.parametrize("options", [
+    dict(cache_experts=8, cache_policy="lfu", lookahead=1),
+    dict(cache_policy="none"),
+], ids=["lfu-8-lookahead-1", "no-cache"])
+def test_weight_formats_give_residents_tokens(formatted, options, store_root):
+  """Records in the stored format (leaves and scales, one read each), computed by the
+  format's matrix-vector kernels on the slots' own leaves."""
+  model, ids, tokens, logits = formatted
+  options = dict(options, store_dir=str(store_root / f"fmt-{model.weights}"))
+  with Engine(model, "moe_offload", options=options) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+    store = engine.strategy.store
+    names = set(store.tensors("layers/0/experts/0"))
+    assert store.metadata["weights"] == model.weights
+  s = out.stats["strategy"]
+  record = moe_offload.record_nbytes(model)
+  assert s.details["record_bytes"] == record == store.group_nbytes("layers/0/experts/0")
+  assert s.decode.get("expert_reads") * record == s.decode.disk_bytes > 0
+  leaves = {"bfloat16": {"q"}, "int8": {"q", "scale"}, "int4": {"q", "scale"}}[model.weights]
+  assert names == {f"{t}/{leaf}" for t in moe_offload.EXPERT_TENSORS for leaf in leaves}
+  float32 = hetflow.synthetic_model("mixtral-tiny-8e-routed", **ROUTED)
+  assert record < moe_offload.record_nbytes(float32)
+
+
+def test_weight_formats_on_a_device_with_its_own_memory(formatted, store_root):
+  """The copy path (slots copied to the device, a prompt's byte stack bit-cast into the
+  format's leaves), here on the CPU."""
+  model, ids, tokens, _ = formatted
+  options = dict(cache_experts=2 * model.config.num_experts,
+                 store_dir=str(store_root / f"fmt-{model.weights}"))
+  with Engine(model, "moe_offload", options=options, profile=get_profile("a10-pcie")) as engine:
+    assert engine.placement.settings.link_copy
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  np.testing.assert_array_equal(out.tokens, tokens)
+  assert out.stats["strategy"].decode.h2d_bytes > 0
+
+
+def test_a_store_of_another_format_is_never_reused(routed, store_root):
+  int8 = hetflow.synthetic_model("mixtral-tiny-8e-routed", weights="int8", **ROUTED)
+  assert moe_offload.default_expert_store_dir(int8) != moe_offload.default_expert_store_dir(
+      routed)
+  assert "-int8-" in moe_offload.default_expert_store_dir(int8)
+  path = str(store_root / "float32-store")
+  moe_offload.open_expert_store(routed, path, convert=True).close()
+  with pytest.raises(StoreMismatchError):
+    moe_offload.open_expert_store(int8, path, convert=False)
