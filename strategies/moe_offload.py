@@ -109,6 +109,17 @@ class MoEOffloadOptions:
     direct_io: read with O_DIRECT (cold reads come from the disk).
     reader_threads: read requests in flight.
     read_chunk: bytes per read request (a multiple of 4096).
+    host_experts: expert records kept in the budget's host tier (read from the store
+      once, when the strategy starts), the most popular by the model's routing law
+      first; a miss on one of them fills its device slot from host memory instead
+      of the disk (see `_HostTier`). 0 (the default): every record on disk only;
+      "auto": as many as the host budget allows (every record when it is unlimited).
+    cold_compute: what decode does with a routed expert that is in the host tier but
+      not in the device cache: "copy" (the default) fills a device slot with it;
+      "host" computes it where it lies, by a jitted function on the host CPU whose
+      output alone moves to the device (Fiddler, KTransformers; needs host_experts).
+      On a CPU device both run on the same cores: "host" only saves the copy; its
+      point is an accelerator, where it is timed (not done yet: no GPU was lent).
   """
 
   cache_experts: int | Literal["auto"] = "auto"
@@ -120,6 +131,8 @@ class MoEOffloadOptions:
   direct_io: bool = True
   reader_threads: int = 8
   read_chunk: int = 1 << 20
+  host_experts: int | Literal["auto"] = 0
+  cold_compute: Literal["copy", "host"] = "copy"
 
   def __post_init__(self):
     c = self.cache_experts
@@ -132,6 +145,15 @@ class MoEOffloadOptions:
       raise ValueError(f"lookahead={self.lookahead!r}; expected the number of guessed experts"
                        " per token to read ahead, an int >= 0 (0: off).")
     check_read_options(self.reader_threads, self.read_chunk)
+    h = self.host_experts
+    if not (h == "auto" or (isinstance(h, int) and not isinstance(h, bool) and h >= 0)):
+      raise ValueError(f"host_experts={h!r}; expected an int >= 0 (records kept in host"
+                       " memory) or 'auto'.")
+    if self.cold_compute not in ("copy", "host"):
+      raise ValueError(f"cold_compute={self.cold_compute!r}; expected 'copy' or 'host'.")
+    if self.cold_compute == "host" and h == 0:
+      raise ValueError("cold_compute='host' computes the experts kept in host memory; give"
+                       " host_experts (an int >= 1 or 'auto') too.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +172,10 @@ class MoEOffloadSettings:
     read_queue_depth: disk requests in flight.
     link_copy: whether a read expert is copied to the device (False on a CPU
       device, where the slot is aliased).
+    host_records: expert records kept in the host tier.
+    host_share: predicted fraction of decode expert lookups served by the host
+      tier (cache misses whose record is in host memory: no disk read).
+    cold_compute: "copy" or "host" (MoEOffloadOptions.cold_compute).
   """
 
   slots: int
@@ -160,6 +186,9 @@ class MoEOffloadSettings:
   read_block_bytes: int
   read_queue_depth: int
   link_copy: bool
+  host_records: int = 0
+  host_share: float = 0.0
+  cold_compute: str = "copy"
 
 
 # Eliseev & Mazur 2023 (arXiv 2312.17238) report ~0.8-0.9 recall for guessing Mixtral's
@@ -183,6 +212,42 @@ def routing_law(model: Model) -> tuple[np.ndarray, float]:
     return spec.frequencies(c), float(spec.reuse)
   n, k = c.num_experts, c.experts_per_token
   return np.full(n, k / n), 0.5
+
+
+def expert_popularity(model: Model) -> np.ndarray:
+  """Target P(expert in top-k) [layers, X]: a synthetic routed model's stated law per
+  layer, else the routing law's figures (hetflow/checkpoints/moe.py) for every layer."""
+  c = model.config
+  target = getattr(model.source, "target_frequencies", None)
+  if target is not None and getattr(model.source, "spec", None) is not None:
+    return np.stack([np.asarray(target(i), np.float64) for i in range(c.num_layers)])
+  return np.tile(np.full(c.num_experts, c.experts_per_token / c.num_experts),
+                 (c.num_layers, 1))
+
+
+def host_expert_keys(model: Model, count: int) -> list[tuple[int, int]]:
+  """The `count` (layer, expert) records the host tier holds: the most popular by
+  `expert_popularity` (ties: lower layer, then lower expert first)."""
+  p = expert_popularity(model)
+  order = np.argsort(-p.reshape(-1), kind="stable")[:count]
+  return [tuple(int(v) for v in divmod(int(i), p.shape[1])) for i in order]
+
+
+def predicted_host_share(model: Model, keys, hit_rate: float) -> float:
+  """Predicted fraction of decode lookups that miss the device cache and find their
+  record in the host tier: the misses times the host records' share of the demand,
+  as if the cache's misses were spread like the demand. That holds for LRU (its
+  hits come from reuse of the previous token's experts): on mixtral-tiny-8e-routed,
+  8 slots, 200 sampled tokens, 8 and 16 of 24 records in host memory, 0.234 and
+  0.377 predicted for 0.233 and 0.447 measured. LFU keeps the popular experts the
+  host tier holds too, so this line over-predicts it (0.234 for 0.142; notes of
+  issue 14). With every record in host memory it is exact: 1 - hit rate."""
+  if not keys:
+    return 0.0
+  c = model.config
+  p = expert_popularity(model)
+  demand = sum(p[i, e] for i, e in keys) / (c.num_layers * c.experts_per_token)
+  return float((1.0 - hit_rate) * min(1.0, demand))
 
 
 def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, per_layer: float,
@@ -418,6 +483,8 @@ class _Pool:
     fence: slot -> the last output computed from it (refilled only once that is ready).
     inflight: slot -> future of its read.
     chains: slot -> the `_Chain` of a guessed read still to be counted.
+    device_records: slot -> the device copy of a record filled from the host tier
+      (devices with their own memory), until a prompt's stack takes it.
   """
 
   def __init__(self, slots: int, record: int, elems: int, dtype, device, layout, aliases,
@@ -435,6 +502,7 @@ class _Pool:
     self.inflight: dict[int, Any] = {}
     self.chains: dict[int, _Chain] = {}
     self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
+    self.device_records: dict[int, Any] = {}  # slot -> its record filled from the host tier
 
   def views(self, slot: int):
     """The slot's (gate, up, down) as jax arrays, or a weight format's leaves (no copy on
@@ -446,6 +514,53 @@ class _Pool:
       self.inflight.pop(slot).result()
     self.key = [None] * len(self.key)
     self.where.clear()
+
+
+class _HostTier:
+  """Expert records kept in host memory (the budget's host tier), read from the store once.
+
+  On a CPU device (host memory is the device's) they stay in one page-aligned
+  numpy buffer, and a slot is filled by a memcpy on a worker thread. Where the
+  device has its own memory, each record is a jax array in the host memory kind
+  (`pinned_host` where the backend lists it, so a copy to the device is a DMA
+  transfer) and a slot is filled by `jax.device_put`; with cold_compute="host" the
+  records stay plain host arrays, which a jitted function on the host CPU reads.
+
+  Attributes:
+    index: (layer, expert) -> position of its record.
+    buffer: [records, record bytes] page-aligned host buffer, or None once the
+      records live in jax's host memory kind.
+    arrays: position -> the record as a jax array [elements] in the host memory
+      kind (devices with their own memory and cold_compute="copy"), else empty.
+    kernels: position -> (gate, up, down) on the host CPU device, views of `buffer`
+      (cold_compute="host"), else empty.
+  """
+
+  def __init__(self, keys, store: LayerStore, reader: ReaderPool, record: int, chunk: int,
+               elems: int, dtype, layout, to_memory_kind: bool, host_compute: bool):
+    self.index = {key: pos for pos, key in enumerate(keys)}
+    self.record = record
+    self.buffer = aligned_empty(max(1, len(keys)) * record)
+    futures = [reader.read_into(store.file(f"layers/{i}/experts/{e}"), 0,
+                                self.slice(pos), store.group_nbytes(f"layers/{i}/experts/{e}"),
+                                chunk=chunk) for (i, e), pos in self.index.items()]
+    for future in futures:
+      future.result()
+    self.arrays: dict[int, Any] = {}
+    self.kernels: dict[int, Any] = {}
+    if host_compute:
+      cpu = jax.devices("cpu")[0]
+      self.kernels = {pos: _kernels(self.buffer, pos * record, layout, cpu)
+                      for pos in self.index.values()}
+    elif to_memory_kind:
+      sharding = tiers.host_sharding()
+      self.arrays = {pos: jax.device_put(view_as(self.buffer, pos * record, (elems,), dtype),
+                                         sharding) for pos in self.index.values()}
+      jax.block_until_ready(list(self.arrays.values()))
+      self.buffer = None  # the records live in the host memory kind now
+
+  def slice(self, pos: int) -> np.ndarray:
+    return self.buffer[pos * self.record:(pos + 1) * self.record]
 
 
 @register_strategy("moe_offload")
@@ -510,6 +625,10 @@ class MoEOffload(Strategy):
                          f" a layer in the slots, so it must lie in [{n}, {total}].")
       slots = o.cache_experts
     need = self._needs(model, sizes, slots)
+    hosted = self._host_count(model, budget, sizes, need["host"])
+    need["host"] += hosted * sizes["record"]
+    if o.host_experts != "auto":
+      minimum["host"] += hosted * sizes["record"]
     for tier in ("device", "host", "disk"):
       limit = budget.limit(tier)
       if limit is not None and need[tier] > limit:
@@ -518,12 +637,18 @@ class MoEOffload(Strategy):
                              minimum=minimum[tier])
     freq, reuse = routing_law(model)
     hit = expected_hit_rate(freq, reuse, k, slots / c.num_layers, o.cache_policy)
+    keys = host_expert_keys(model, hosted)
+    host_share = predicted_host_share(model, keys, hit)
+    per_layer = np.bincount([i for i, _ in keys], minlength=c.num_layers)
     groups = {}
     for g in model.group_names():
       if g.endswith("/mlp"):
+        copies = per_layer[int(g.split("/")[1])]
         groups[g] = GroupPlacement(
             "disk", n * sizes["record"] + sizes["mlp_fixed"] // c.num_layers,
-            f"{n} expert records on disk (norm and router on the device)")
+            f"{n} expert records on disk" + (f", {copies} of them also in host memory"
+                                             if copies else "")
+            + " (norm and router on the device)")
       else:
         groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
     placed_device = sum(g.nbytes for g in groups.values() if g.tier == "device")
@@ -535,13 +660,30 @@ class MoEOffload(Strategy):
         f"predicted expert bytes per token: "
         f"{format_bytes(int(c.num_layers * k * (1 - hit) * sizes['record']))}",
         f"minimum budget: device {format_bytes(minimum['device'])}",
-    )
+    ) + ((f"host tier: {hosted} of {total} expert records"
+          f" ({format_bytes(hosted * sizes['record'])}), predicted to serve {host_share:.2f}"
+          f" of the lookups; cold experts: {o.cold_compute}",) if hosted else ())
     settings = MoEOffloadSettings(
         slots=slots, record_bytes=sizes["record"], hit_rate=hit,
         lookahead=min(o.lookahead, k),
         lookahead_accuracy=LOOKAHEAD_ACCURACY, read_block_bytes=o.read_chunk,
-        read_queue_depth=o.reader_threads, link_copy=not sizes["aliases"])
+        read_queue_depth=o.reader_threads, link_copy=not sizes["aliases"],
+        host_records=hosted, host_share=host_share,
+        cold_compute=o.cold_compute if hosted else "copy")
     return Placement(self.name, groups, working_bytes=working, notes=notes, settings=settings)
+
+  def _host_count(self, model: Model, budget, sizes: dict[str, int], host_need: int) -> int:
+    """Expert records the host tier holds: the option's count, or under "auto" as many
+    as the host budget leaves after the strategy's other host bytes."""
+    c, h = model.config, self.options.host_experts
+    total = c.num_layers * c.num_experts
+    if h == "auto":
+      limit = budget.limit("host")
+      return total if limit is None else int(max(0, min(total, (limit - host_need)
+                                                        // sizes["record"])))
+    if h > total:
+      raise ValueError(f"host_experts={h}; {c.name} has {total} expert records in all.")
+    return h
 
   # -- cost model ------------------------------------------------------------------
 
@@ -642,6 +784,16 @@ class MoEOffload(Strategy):
     # layer into X of its slots (each read is a cache entry like any other).
     self._cache = new(self.slots, experts=c.num_experts)
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
+    self._host = None
+    self._copier = None
+    if s.host_records:
+      ledger.allocate("host", s.host_records * self.record, "moe_offload/host_experts")
+      self.host_load_bytes = s.host_records * self.record  # read once, before any pass
+      self._host = _HostTier(host_expert_keys(model, s.host_records), self.store, self._reader,
+                             self.record, o.read_chunk, self._elems, self._stack_dtype,
+                             self._layout, to_memory_kind=not self.aliases,
+                             host_compute=s.cold_compute == "host")
+      self._copier = concurrent.futures.ThreadPoolExecutor(1, "moe-host-fill")
     self._step = 0
     self._uses: dict[tuple[int, int], int] = {}
     self._previous: dict[int, set] = {}  # layer -> experts its last pass used
@@ -651,6 +803,7 @@ class MoEOffload(Strategy):
     self._prompt_reads: set[int] = set()
     self._dropped: list[_Chain] = []  # guessed reads cut short, counted at the pass's end
     self._compiled = _functions(c)
+    self._host_compiled = _host_functions(c) if s.cold_compute == "host" else None
     self._set_slot = jax.jit(lambda pool, i, rec: pool.at[i].set(rec), donate_argnums=(0,))
 
   # -- the cache -----------------------------------------------------------------------
@@ -696,7 +849,11 @@ class MoEOffload(Strategy):
     pool.where[(layer, expert)] = slot
     if not self.aliases:
       pool.kernels[slot] = None  # a device copy of what the slot held before
+      pool.device_records.pop(slot, None)
     pool.last_use[slot] = self._step
+    if self._host is not None and (layer, expert) in self._host.index:
+      self._fill_from_host(pool, slot, self._host.index[(layer, expert)])
+      return
     group = f"layers/{layer}/experts/{expert}"
     nbytes = self.store.group_nbytes(group)
     dest = pool.host[slot * self.record:(slot + 1) * self.record]
@@ -709,6 +866,22 @@ class MoEOffload(Strategy):
     pool.inflight[slot] = self._reader.read_into(self.store.file(group), 0, dest, nbytes,
                                                  chunk=chunk)
     self._count_read(nbytes)
+
+  def _fill_from_host(self, pool: _Pool, slot: int, pos: int) -> None:
+    """Fills `slot` with host record `pos`: a memcpy on the copier thread where the slot is
+    the device's memory (CPU), else a transfer to the device of the record's jax array."""
+    self._count("host_fills", 1)
+    self._count("host_bytes", self.record)
+    if self.aliases:
+      dest = pool.host[slot * self.record:(slot + 1) * self.record]
+      pool.inflight[slot] = self._copier.submit(np.copyto, dest, self._host.slice(pos))
+      return
+    rec = self._host.arrays.get(pos)  # cold_compute="host" keeps plain host arrays
+    rec = jax.device_put(rec if rec is not None else view_as(
+        self._host.buffer, pos * self.record, (self._elems,), self._stack_dtype), self._device)
+    pool.kernels[slot] = self._compiled.unpack(rec, self._layout)
+    pool.device_records[slot] = rec  # a prompt's stack takes it from here (`_wait`)
+    self._count("h2d_bytes", self.record)
 
   def _count_read(self, nbytes: int) -> None:
     self._count("disk_bytes", nbytes)
@@ -731,6 +904,10 @@ class MoEOffload(Strategy):
     used, `_routed`)."""
     t0 = time.perf_counter()
     for slot in slots:
+      rec = pool.device_records.pop(slot, None)
+      if rec is not None and stack:  # filled from the host tier: already on the device
+        h, j = divmod(slot, self.config.num_experts)
+        pool.stacks[h] = self._set_slot(pool.stacks[h], j, rec)
       future = pool.inflight.pop(slot, None)
       if future is None:
         continue
@@ -858,22 +1035,33 @@ class MoEOffload(Strategy):
       self._uses[key] = self._uses.get(key, 0) + 1
     # Hits: experts in the cache before this pass's look-ahead touched the layer.
     cached_before = [key for key in needed if key in pool.where and key not in guessed]
-    self._count("expert_hits", int(sum(np.sum(idx == e) for _, e in cached_before)))
-    self._count("ideal_bytes", (len(needed) - len(cached_before)) * self.record)
+    lookups = lambda keys: int(sum(np.sum(idx == e) for _, e in keys))
+    self._count("expert_hits", lookups(cached_before))
+    # Misses whose record is in the host tier cost no disk bytes.
+    hosted = [key for key in needed if key not in cached_before and self._host is not None
+              and key in self._host.index]
+    self._count("host_hits", lookups(hosted))
+    self._count("ideal_bytes", (len(needed) - len(cached_before) - len(hosted)) * self.record)
+    # cold_compute="host": a host-tier expert not in a device slot is computed where it lies.
+    on_host = {key for key in hosted if key not in pool.where} if self._host_compiled else set()
+    self._count("host_computed", lookups(on_host))
     for key in needed:
-      if key not in pool.where:
+      if key not in pool.where and key not in on_host:
         self._read(pool, self._victim(pool, layer, keep), *key)
     if ahead:
       # Queued behind this layer's reads (the reader serves requests in order), so
       # they run while this layer and the next attention compute.
       self._prefetch(layer + 1, guess_next[..., :self.options.lookahead].reshape(-1),
                      protect=keep)
-    slot_of = {key[1]: pool.where[key] for key in needed}
+    slot_of = {key[1]: pool.where[key] for key in needed if key not in on_host}
     for slot in slot_of.values():
       pool.last_use[slot] = self._step
     slots = list(slot_of.values())
     self._wait(pool, slots)
-    out = self._routed(params, x, pool, idx, slot_of)
+    if on_host:
+      out = self._routed_on_host(params, x, pool, idx, slot_of, layer)
+    else:
+      out = self._routed(params, x, pool, idx, slot_of)
     for slot in slots:
       pool.fence[slot] = out
     return out
@@ -889,6 +1077,28 @@ class MoEOffload(Strategy):
       kernels.append(pool.kernels[slot])
     return self._compiled.routed(params, x, kernels)
 
+  def _routed_on_host(self, params, x, pool: _Pool, idx: np.ndarray,
+                      slot_of: dict[int, int], layer: int):
+    """As `_routed`, with the experts missing from `slot_of` computed by the host CPU on
+    their host-tier records; only their outputs ([1, D] per token and choice) move."""
+    cpu = jax.devices("cpu")[0]
+    flat = idx.reshape(-1)
+    b, t, k = idx.shape
+    rows = tuple((n // (t * k), (n // k) % t) for n, e in enumerate(flat)
+                 if int(e) not in slot_of)
+    host_kernels = [self._host.kernels[self._host.index[(layer, int(e))]] for e in flat
+                    if int(e) not in slot_of]
+    h = jax.device_put(self._compiled.normed(params, x), cpu)
+    given = jax.device_put(self._host_compiled(h, rows, host_kernels), self._device)
+    kernels = []
+    for e in flat:
+      slot = slot_of.get(int(e))
+      if slot is not None and pool.kernels[slot] is None:
+        pool.kernels[slot] = pool.views(slot)
+        self._count("h2d_bytes", self.record)
+      kernels.append(None if slot is None else pool.kernels[slot])
+    return self._compiled.routed_mixed(params, x, kernels, given)
+
   def stats(self):
     out = self.counters.copy()
     if self._reader is not None:
@@ -899,6 +1109,8 @@ class MoEOffload(Strategy):
       lookups = p.get("expert_lookups")
       if lookups:
         out.details[f"{phase}_hit_rate"] = p.get("expert_hits") / lookups
+        if self._host is not None:
+          out.details[f"{phase}_host_hit_rate"] = p.get("host_hits") / lookups
       if p.get("lookahead_guesses"):
         out.details[f"{phase}_lookahead_accuracy"] = (p.get("lookahead_right")
                                                       / p.get("lookahead_guesses"))
@@ -907,7 +1119,10 @@ class MoEOffload(Strategy):
       out.details["decode_expert_reads_per_token"] = d.get("expert_reads") / d.tokens
       out.details["decode_disk_bytes_per_token"] = d.disk_bytes / d.tokens
       out.details["decode_ideal_bytes_per_token"] = d.get("ideal_bytes") / d.tokens
-    out.details.update(cache_slots=self.slots, cache_policy=self.options.cache_policy,
+    out.details.update(host_records=len(self._host.index) if self._host is not None else 0,
+                       host_load_bytes=self.host_load_bytes if self._host is not None else 0,
+                       cold_compute=self.options.cold_compute,
+                       cache_slots=self.slots, cache_policy=self.options.cache_policy,
                        lookahead=self.options.lookahead, record_bytes=self.record,
                        experts=c.num_experts, layers=c.num_layers)
     return out
@@ -922,6 +1137,8 @@ class MoEOffload(Strategy):
           future.result()
         except Exception:  # noqa: BLE001 - closing: the error was or will be reported
           pass
+    if getattr(self, "_copier", None) is not None:
+      self._copier.shutdown()
     if self._reader is not None:
       self._reader.close()
     if getattr(self, "store", None) is not None:
@@ -976,7 +1193,44 @@ def _functions(config):
     gate, up, down = split(pool, layout, pool.shape[0])
     return modules.ffn_half(config, dict(w, gate=gate, up=up, down=down), x)
 
-  return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense)
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def unpack(record, layout):
+    """One record [elements] on the device -> its (gate, up, down) (a host-tier fill)."""
+    return jax.tree.map(lambda a: a[0], split(record[None], layout, 1))
+
+  @jax.jit
+  def normed(w, x):
+    return norm(w, x)
+
+  @jax.jit
+  def routed_mixed(w, x, kernels, given):
+    """As `routed`, where a None kernel's output is the next of `given` (computed
+    elsewhere, cold_compute="host"): the same products and combination."""
+    h = norm(w, x)
+    weights, _ = modules.route(config, w["router"], h)
+    b, t, k = weights.shape
+    given = iter(given)
+    outs = [next(given) if kernel is None else
+            modules.expert_output(config, h[n // (t * k), (n // k) % t][None], *kernel)
+            for n, kernel in enumerate(kernels)]
+    return x + modules.combine_expert_outputs(outs, weights)
+
+  return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense,
+                    unpack=unpack, normed=normed, routed_mixed=routed_mixed)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_functions(config):
+  """cold_compute="host": the experts a decode step computes on the host CPU, jitted for
+  the CPU device (their inputs live there), each `modules.expert_output` on its
+  token's normalised row."""
+
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def outputs(h, rows, kernels):
+    return [modules.expert_output(config, h[r, s][None], *kernel)
+            for (r, s), kernel in zip(rows, kernels)]
+
+  return outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -985,3 +1239,6 @@ class _Functions:
   route_ahead: Any
   routed: Any
   dense: Any
+  unpack: Any
+  normed: Any
+  routed_mixed: Any
