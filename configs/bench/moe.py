@@ -22,6 +22,8 @@ strategy's decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
 from hetflow.bench.config import bench_config
 
 MODEL_BYTES = 4_859_760_640  # mixtral-1b-routed in float32 (Model.nbytes)
+INT8_BYTES = 1_317_438_464  # ... in int8 (per channel)
+INT4_MINIMUM = 214_781_952  # moe_offload's minimum device budget in int4 (8 slots): 27%
 
 
 def get_config(arg=None):
@@ -54,6 +56,18 @@ def get_config(arg=None):
   # (about moe_lfu's own peak RSS). Measured 2026-11-30: moe_lfu 2.59 tok/s, llama.cpp 0.49
   # (5.3x); at 2.5GiB llama.cpp's page cache keeps the hot experts: 4.70 (WORKSPACE_NOTES.md).
   c.systems.llamacpp_F32 = dict(kind="llamacpp", gguf_type="F32")
+  # The same GGUF bits (issue 14, weight formats): moe_offload's int8 and int4 experts (one
+  # record each with its scales, the format's native matrix-vector kernels) against llama.cpp's
+  # Q8_0 and Q4_0, in one run under one memory limit, e.g.
+  #   --config.order=moe_int8,llamacpp_Q8_0,moe_int4,llamacpp_Q4_0 --config.memory_limit=1.3GiB
+  # (about the int8 row's own peak RSS). The device budget is 25% of the format's bytes for
+  # int8; int4's fixed region (the float32 embedding and head are 0.26 GB of its 0.80) leaves
+  # 25% too few slots for a prompt's 8, so it runs at its minimum, 8 slots (27%).
+  for weights, nbytes in (("int8", INT8_BYTES // 4), ("int4", INT4_MINIMUM)):
+    c.systems[f"moe_{weights}"] = dict(kind="hetflow", strategy="moe_offload", weights=weights,
+                                       budget=dict(device=str(nbytes)), options=dict(common))
+  for gguf_type in ("Q8_0", "Q4_0"):
+    c.systems[f"llamacpp_{gguf_type}"] = dict(kind="llamacpp", gguf_type=gguf_type)
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
                              options=dict(common, offload_tier="disk", resident_layers="auto",
                                           prefetch_depth=1))
