@@ -692,10 +692,15 @@ class MoEOffload(Strategy):
     """Per layer: attention on the device; the layer's expert reads on the disk (all X
     records in a prompt's pass, started with the attention; the misses in decode,
     after the router); the FFN computes once they land. With the look-ahead, a
-    `lookahead_accuracy` share of layer i+1's misses is read right after layer i's
-    misses, so those reads overlap layer i's FFN and layer i+1's attention; each
-    wrong guess reads one piece (GUESS_PIECE) before it is stopped: bytes, not
-    waiting."""
+    `lookahead_accuracy` share of layer i+1's disk misses is read right after layer
+    i's, so those reads overlap layer i's FFN and layer i+1's attention; each wrong
+    guess reads one piece (GUESS_PIECE) before it is stopped: bytes, not waiting.
+    The host tier (`host_share` of decode's lookups, `host_records` of a prompt's
+    reads) fills slots over the link instead of the disk (on a CPU device the link
+    is a memcpy by the same cores); with cold_compute="host" decode computes those
+    experts on the host CPU instead, beside the device's FFN. A prompt's FFN also
+    slices its X records out of the stacked slots: one pass over their bytes at
+    the memory rate."""
     c = ctx.model.config
     s: MoEOffloadSettings = ctx.placement.settings
     prof = ctx.profile
@@ -706,13 +711,20 @@ class MoEOffload(Strategy):
     experts = k if gathers else n
     expert_params = 3 * c.hidden_size * c.intermediate_size
     rate = prof.disk_bw(s.read_block_bytes, s.read_queue_depth)
-    misses = experts * (1.0 - s.hit_rate) if gathers else float(n)
+    if gathers:
+      hosted = experts * s.host_share  # cache misses served by the host tier
+      misses = max(0.0, experts * (1.0 - s.hit_rate) - hosted)  # from the disk
+    else:
+      hosted = n * s.host_records / (n * c.num_layers)  # evenly, as far as a plan knows
+      misses = n - hosted
+    on_host = hosted if gathers and s.cold_compute == "host" else 0.0
     ahead = s.lookahead > 0 and gathers
     share = s.lookahead / k  # of the misses, guessed (right or wrong)
     right = misses * share * s.lookahead_accuracy if ahead else 0.0
     guessed = (misses * share * (s.lookahead_accuracy * s.record_bytes + (
         1.0 - s.lookahead_accuracy) * min(s.record_bytes, GUESS_PIECE)) if ahead else 0)
     double = s.slots >= 2 * n  # a prompt's reads double-buffered
+    slicing = 0.0 if gathers else n * s.record_bytes / prof.memory_bw
 
     def read(nbytes, deps, label, layer):
       if not nbytes:
@@ -723,28 +735,45 @@ class MoEOffload(Strategy):
                         int(nbytes))
       return event
 
+    def fill(count, deps, label, layer):
+      """Slots filled from the host tier."""
+      nbytes = count * s.record_bytes
+      if not nbytes:
+        return None
+      return ctx.add("link", ctx.copy_time(nbytes), deps, label, layer, int(nbytes))
+
+    def compute(side, count):
+      return ctx.compute_time(side, count * expert_params * bits / 8, count * expert_params,
+                              half="mlp", fmt=fmt.name)
+
     prev = None
     for p in range(ctx.passes):
       ctx.pass_index = p
       prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
                      overhead=False)
-      early = read(guessed, (prev,), "guessed experts 0", 0)  # layer 0: at its attention
+      early = (read(guessed, (prev,), "guessed experts 0", 0),)  # layer 0: at its attention
       for i in range(c.num_layers):
         if not gathers and (i == 0 or not double):
-          early = read(misses * s.record_bytes, (prev,), f"experts {i}", i)
+          early = (read(misses * s.record_bytes, (prev,), f"experts {i}", i),
+                   fill(hosted, (prev,), f"host experts {i}", i))
         prev = ctx.add("device", ctx.half_time(f"layers/{i}/attn"), (prev,),
                        f"layers/{i}/attn", i)
         late = read((misses - right) * s.record_bytes if gathers else 0, (prev,),
                     f"missed experts {i}", i)
+        host = None
+        if gathers and on_host:
+          host = ctx.add("cpu", compute("cpu", on_host), (prev,), f"host experts {i}", i)
+        elif gathers:
+          host = fill(hosted, (prev,), f"host experts {i}", i)
         # Layer i+1's guessed reads (decode), or its prompt reads into the other half
         # (whose last reader, layer i-1's FFN, came before this attention).
-        guess_next = None
+        guess_next = ()
         if i + 1 < c.num_layers and (gathers or double):
           nbytes = guessed if gathers else misses * s.record_bytes
-          guess_next = read(nbytes, (prev,), f"experts {i + 1} ahead", i + 1)
-        ffn = ctx.compute_time("device", experts * expert_params * bits / 8,
-                               experts * expert_params, half="mlp", fmt=fmt.name)
-        prev = ctx.add("device", ffn, (prev, early, late), f"layers/{i}/mlp", i)
+          guess_next = (read(nbytes, (prev,), f"experts {i + 1} ahead", i + 1),
+                        None if gathers else fill(hosted, (prev,), f"host experts {i + 1}", i + 1))
+        ffn = compute("device", experts - on_host) + slicing
+        prev = ctx.add("device", ffn, (prev, *early, late, host), f"layers/{i}/mlp", i)
         early = guess_next
       prev = ctx.add("device", ctx.head_time(), (prev,), "head")
 
