@@ -33,9 +33,24 @@ the second X, and layer i+1's reads start as soon as layer i's FFN is dispatched
 Buffers: the slots are one page-aligned host buffer that jax aliases on a CPU
 device (no copy; a slot is refilled only after the last computation that read it
 is done, hetflow/memory/buffers.py); elsewhere a slot's kernels are copied to the
-device when first used after a read (untested here: no accelerator). Not done
-(issue 14): experts in the host tier, computing cold experts on the CPU where they
-lie (Fiddler, KTransformers), sparse experts (neuron_cluster inside each expert).
+device when first used after a read (tested on the CPU with an accelerator's
+profile; no accelerator was lent).
+
+Weight formats (hetflow/models/formats.py): a record holds each kernel's stored
+leaves with their scales ("gate/q", "gate/scale", ...), so one read still fetches
+an expert; decode computes them with the format's matrix-vector kernels on the
+slot's own leaves (`modules.expert_output`, as resident's few-token path), a
+prompt's pass bit-casts them out of a byte stack of records. The store's identity
+names its format: a store of another format is never reused.
+
+Host tier (`host_experts`): records of the most popular experts (by the model's
+routing law) are read once into host memory (the budget's host tier; the
+`pinned_host` memory kind where the device has its own memory); a miss on one
+fills its slot from there instead of the disk. With cold_compute="host" decode
+computes such an expert where it lies, on the host CPU, and moves only its output
+(Fiddler, KTransformers): correct here, where the device is the CPU itself;
+timed only where an accelerator is lent (not yet). Not done (issue 14): sparse
+experts (neuron_cluster inside each expert), meshes.
 """
 
 from __future__ import annotations
@@ -565,14 +580,17 @@ class _HostTier:
 
 @register_strategy("moe_offload")
 class MoEOffload(Strategy):
-  """Fixed region on the device; routed experts on disk, cached per layer, read ahead."""
+  """Fixed region on the device; routed experts on disk (some also in host memory), cached
+  on the device, read ahead."""
 
   Options = MoEOffloadOptions
 
   @classmethod
   def candidates(cls, model, budget):
-    """For the planner: the default (LFU), and with the look-ahead of the first choice."""
-    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=1)]
+    """For the planner: the default (LFU), with the look-ahead of the first choice, and
+    with as many records in the host tier as its budget allows."""
+    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=1),
+            MoEOffloadOptions(host_experts="auto")]
 
   def __init__(self, options: Any = None):
     super().__init__(options)

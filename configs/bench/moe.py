@@ -66,6 +66,14 @@ def get_config(arg=None):
   for weights, nbytes in (("int8", INT8_BYTES // 4), ("int4", INT4_MINIMUM)):
     c.systems[f"moe_{weights}"] = dict(kind="hetflow", strategy="moe_offload", weights=weights,
                                        budget=dict(device=str(nbytes)), options=dict(common))
+  # The host tier: every int8 record also in host memory (the host budget is unlimited
+  # here), the device budget as moe_int8's; cold experts copied to a slot, or computed
+  # where they lie (on this CPU-only machine that only saves the memcpy).
+  for cold in ("copy", "host"):
+    c.systems[f"moe_int8_host_{cold}"] = dict(
+        kind="hetflow", strategy="moe_offload", weights="int8",
+        budget=dict(device=str(INT8_BYTES // 4)),
+        options=dict(common, host_experts="auto", cold_compute=cold))
   for gguf_type in ("Q8_0", "Q4_0"):
     c.systems[f"llamacpp_{gguf_type}"] = dict(kind="llamacpp", gguf_type=gguf_type)
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
