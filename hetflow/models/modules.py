@@ -239,8 +239,9 @@ def routed_experts(config: ModelConfig, h, weights, idx, gate, up, down):
   into it. Each selected expert is taken out of the stack on its own and handed to
   `expert_mixture`, which an expert-offloading strategy calls directly with the
   kernels its cache holds, so both run the same arithmetic (docs/architecture.md,
-  the invariant). Quantized experts are dequantized after the take (only k
-  experts' bytes; they are computed in their stored format by `expert_mixture`).
+  the invariant). Quantized experts stay in their stored format after the take
+  (only k experts' bytes) and `expert_mixture` computes them with the format's
+  matrix-vector kernels.
   """
   b, t, k = idx.shape
   take = lambda m, i: jax.tree.map(lambda a: a[i], m)
