@@ -754,11 +754,14 @@ class MoEOffload(Strategy):
       return event
 
     def fill(count, deps, label, layer):
-      """Slots filled from the host tier."""
+      """Slots filled from the host tier: a transfer to the device, or on a CPU device
+      a memcpy (np.copyto) at the memory rate (the link probe's rate is jax's device_put,
+      8-12x slower here: bench run 3, notes of issue 14)."""
       nbytes = count * s.record_bytes
       if not nbytes:
         return None
-      return ctx.add("link", ctx.copy_time(nbytes), deps, label, layer, int(nbytes))
+      seconds = ctx.copy_time(nbytes) if s.link_copy else nbytes / prof.memory_bw
+      return ctx.add("link", seconds, deps, label, layer, int(nbytes))
 
     def compute(side, count):
       return ctx.compute_time(side, count * expert_params * bits / 8, count * expert_params,
