@@ -16,7 +16,10 @@ buffer aliases it (no copy, see `hetflow/memory/buffers.py`), and dispatch is
 asynchronous, so a block's computation may still be reading a slot after the
 engine has moved on. A slot is refilled only after the output of the last
 computation that used it (the block's FFN output, which depends on its
-attention output) is ready; a loader thread waits on that output, so the token
+attention output) is ready; an issuer thread waits on that output, then queues
+the slot's reads without waiting for them, so the reads of consecutive blocks
+queue back to back and the disk does not drain between blocks; a loader thread
+waits for each block's reads, in order, and puts it on the device. The token
 loop itself never blocks except in `fetch`, on the block it needs next.
 
 Which blocks stay resident: `resident_layers` of them, spread evenly over the
@@ -168,6 +171,7 @@ class Layerwise(Strategy):
   def __init__(self, options: Any = None):
     super().__init__(options)
     self._loader: concurrent.futures.ThreadPoolExecutor | None = None
+    self._issuer: concurrent.futures.ThreadPoolExecutor | None = None
     self._pool: ReaderPool | None = None
     self._closed = False
 
@@ -401,11 +405,14 @@ class Layerwise(Strategy):
     if self._streamed:
       self._loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hetflow-layerwise")
       if self._stores:
+        self._issuer = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="hetflow-layerwise-issue")
         self._pool = ReaderPool(o.reader_threads, direct=o.direct_io)
     self._fences: list[Any] = [None] * self._nslots
     self._pending: collections.deque = collections.deque()  # (step, layer, future)
     self._next_step = 0
     self._current: tuple[int, int, dict] | None = None  # (step, layer, params)
+    self._read_end = 0.0  # when the last layer's reads finished (loader thread)
     self._last_output = None
     self._phase = "prefill"
     self._lock = threading.Lock()
@@ -426,13 +433,43 @@ class Layerwise(Strategy):
     layer = self._streamed[step % len(self._streamed)]
     slot = step % self._nslots
     fence, self._fences[slot] = self._fences[slot], None
-    future = self._loader.submit(self._load, layer, slot, fence)
+    issued = self._issuer.submit(self._issue, layer, slot, fence) if self._stores else None
+    future = self._loader.submit(self._load, layer, fence, issued)
     self._pending.append((step, layer, future))
 
-  def _load(self, layer: int, slot: int, fence) -> dict[str, dict[str, jax.Array]]:
-    """Runs on the loader thread: waits for the slot to be free, then fills it."""
+  def _issue(self, layer: int, slot: int, fence) -> tuple[list, list, int, float]:
+    """Runs on the issuer thread: waits for the slot to be free, then queues its reads.
+
+    It does not wait for the reads: the next layer's requests queue behind
+    these, so the disk never drains between layers (waiting for each layer's
+    last request before queueing the next left the disk idle or under-queued
+    for a request's latency per layer: ~10-20% of the time for int8 and int4
+    layers of 20-45 MB).
+
+    Returns:
+      (read futures, per local shard {half: (group, buffer view)}, bytes, issue time).
+    """
     if fence is not None:
       jax.block_until_ready(fence)  # the last computation that read this slot is done
+    t0 = time.perf_counter()
+    reads, views, nbytes = [], [], 0
+    for store, buf in zip(self._stores, self._slots[slot]):
+      offset, mine = 0, {}
+      for h in HALVES:
+        group = f"layers/{layer}/{h}"
+        size = store.group_nbytes(group)
+        part = buf[offset:offset + size]
+        reads.append(self._pool.read_into(store.file(group), 0, part, size,
+                                          chunk=self.options.read_chunk))
+        mine[h] = (group, part)
+        offset += round_up(size)
+      views.append(mine)
+      nbytes += offset
+    return reads, views, nbytes, t0
+
+  def _load(self, layer: int, fence, issued) -> dict[str, dict[str, jax.Array]]:
+    """Runs on the loader thread, in step order: waits for a layer's reads (queued
+    by `_issue`), or for its slot (from host), then puts it on the device."""
     shards = self._shards
     devices = [tiers.device_sharding(s.device) for s in shards.local]
 
@@ -441,25 +478,17 @@ class Layerwise(Strategy):
               for h in HALVES}
 
     if self._stores:
-      t0 = time.perf_counter()
-      reads, views, nbytes = [], [], 0
-      for store, buf in zip(self._stores, self._slots[slot]):
-        offset, mine = 0, {}
-        for h in HALVES:
-          group = f"layers/{layer}/{h}"
-          size = store.group_nbytes(group)
-          part = buf[offset:offset + size]
-          reads.append(self._pool.read_into(store.file(group), 0, part, size,
-                                            chunk=self.options.read_chunk))
-          mine[h] = (group, part)
-          offset += round_up(size)
-        views.append(mine)
-        nbytes += offset
+      reads, views, nbytes, t0 = issued.result()
+      concurrent.futures.wait(reads)  # every request done: none still writes into the slot
       for r in reads:
         r.result()  # a ReadError surfaces here, and in fetch() for this layer
       t1 = time.perf_counter()
+      # The disk served this layer from when it was queued, or from when the layer queued
+      # before it finished (requests are served in order), whichever is later.
+      start = max(t0, self._read_end)
+      self._read_end = t1
       if self.timeline is not None:
-        self.timeline.add("read", f"read layer {layer}", t0, t1, layer=layer, nbytes=nbytes)
+        self.timeline.add("read", f"read layer {layer}", start, t1, layer=layer, nbytes=nbytes)
       # device_put aliases the ring buffers on CPU.
       params = assemble([
           jax.device_put({h: unflatten(store.views(g, part)) for h, (g, part) in mine.items()},
@@ -471,6 +500,8 @@ class Layerwise(Strategy):
         self.timeline.add("transfer", f"to device layer {layer}", t1, time.perf_counter(),
                           layer=layer, nbytes=nbytes)
       return params
+    if fence is not None:
+      jax.block_until_ready(fence)  # the last computation that read this slot is done
     t0 = time.perf_counter()
     params = assemble([jax.device_put(host, device)
                        for host, device in zip(self._host[layer], devices)])
@@ -593,6 +624,8 @@ class Layerwise(Strategy):
       for _, _, future in getattr(self, "_pending", ()):
         concurrent.futures.wait([future])
       self._loader.shutdown(wait=True)
+    if self._issuer is not None:
+      self._issuer.shutdown(wait=True)
     if self._pool is not None:
       self._pool.close()
     for store in getattr(self, "_stores", ()):

@@ -33,9 +33,24 @@ the second X, and layer i+1's reads start as soon as layer i's FFN is dispatched
 Buffers: the slots are one page-aligned host buffer that jax aliases on a CPU
 device (no copy; a slot is refilled only after the last computation that read it
 is done, hetflow/memory/buffers.py); elsewhere a slot's kernels are copied to the
-device when first used after a read (untested here: no accelerator). Not done
-(issue 14): experts in the host tier, computing cold experts on the CPU where they
-lie (Fiddler, KTransformers), sparse experts (neuron_cluster inside each expert).
+device when first used after a read (tested on the CPU with an accelerator's
+profile; no accelerator was lent).
+
+Weight formats (hetflow/models/formats.py): a record holds each kernel's stored
+leaves with their scales ("gate/q", "gate/scale", ...), so one read still fetches
+an expert; decode computes them with the format's matrix-vector kernels on the
+slot's own leaves (`modules.expert_output`, as resident's few-token path), a
+prompt's pass bit-casts them out of a byte stack of records. The store's identity
+names its format: a store of another format is never reused.
+
+Host tier (`host_experts`): records of the most popular experts (by the model's
+routing law) are read once into host memory (the budget's host tier; the
+`pinned_host` memory kind where the device has its own memory); a miss on one
+fills its slot from there instead of the disk. With cold_compute="host" decode
+computes such an expert where it lies, on the host CPU, and moves only its output
+(Fiddler, KTransformers): correct here, where the device is the CPU itself;
+timed only where an accelerator is lent (not yet). Not done (issue 14): sparse
+experts (neuron_cluster inside each expert), meshes.
 """
 
 from __future__ import annotations
@@ -67,7 +82,7 @@ from hetflow.memory.store import (
   is_hetflow_store,
   model_fingerprint,
 )
-from hetflow.models import layers, modules
+from hetflow.models import formats, layers, modules
 from hetflow.models.model import Model
 from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
 
@@ -109,6 +124,17 @@ class MoEOffloadOptions:
     direct_io: read with O_DIRECT (cold reads come from the disk).
     reader_threads: read requests in flight.
     read_chunk: bytes per read request (a multiple of 4096).
+    host_experts: expert records kept in the budget's host tier (read from the store
+      once, when the strategy starts), the most popular by the model's routing law
+      first; a miss on one of them fills its device slot from host memory instead
+      of the disk (see `_HostTier`). 0 (the default): every record on disk only;
+      "auto": as many as the host budget allows (every record when it is unlimited).
+    cold_compute: what decode does with a routed expert that is in the host tier but
+      not in the device cache: "copy" (the default) fills a device slot with it;
+      "host" computes it where it lies, by a jitted function on the host CPU whose
+      output alone moves to the device (Fiddler, KTransformers; needs host_experts).
+      On a CPU device both run on the same cores: "host" only saves the copy; its
+      point is an accelerator, where it is timed (not done yet: no GPU was lent).
   """
 
   cache_experts: int | Literal["auto"] = "auto"
@@ -120,6 +146,8 @@ class MoEOffloadOptions:
   direct_io: bool = True
   reader_threads: int = 8
   read_chunk: int = 1 << 20
+  host_experts: int | Literal["auto"] = 0
+  cold_compute: Literal["copy", "host"] = "copy"
 
   def __post_init__(self):
     c = self.cache_experts
@@ -132,6 +160,15 @@ class MoEOffloadOptions:
       raise ValueError(f"lookahead={self.lookahead!r}; expected the number of guessed experts"
                        " per token to read ahead, an int >= 0 (0: off).")
     check_read_options(self.reader_threads, self.read_chunk)
+    h = self.host_experts
+    if not (h == "auto" or (isinstance(h, int) and not isinstance(h, bool) and h >= 0)):
+      raise ValueError(f"host_experts={h!r}; expected an int >= 0 (records kept in host"
+                       " memory) or 'auto'.")
+    if self.cold_compute not in ("copy", "host"):
+      raise ValueError(f"cold_compute={self.cold_compute!r}; expected 'copy' or 'host'.")
+    if self.cold_compute == "host" and h == 0:
+      raise ValueError("cold_compute='host' computes the experts kept in host memory; give"
+                       " host_experts (an int >= 1 or 'auto') too.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +187,10 @@ class MoEOffloadSettings:
     read_queue_depth: disk requests in flight.
     link_copy: whether a read expert is copied to the device (False on a CPU
       device, where the slot is aliased).
+    host_records: expert records kept in the host tier.
+    host_share: predicted fraction of decode expert lookups served by the host
+      tier (cache misses whose record is in host memory: no disk read).
+    cold_compute: "copy" or "host" (MoEOffloadOptions.cold_compute).
   """
 
   slots: int
@@ -160,6 +201,9 @@ class MoEOffloadSettings:
   read_block_bytes: int
   read_queue_depth: int
   link_copy: bool
+  host_records: int = 0
+  host_share: float = 0.0
+  cold_compute: str = "copy"
 
 
 # Eliseev & Mazur 2023 (arXiv 2312.17238) report ~0.8-0.9 recall for guessing Mixtral's
@@ -183,6 +227,42 @@ def routing_law(model: Model) -> tuple[np.ndarray, float]:
     return spec.frequencies(c), float(spec.reuse)
   n, k = c.num_experts, c.experts_per_token
   return np.full(n, k / n), 0.5
+
+
+def expert_popularity(model: Model) -> np.ndarray:
+  """Target P(expert in top-k) [layers, X]: a synthetic routed model's stated law per
+  layer, else the routing law's figures (hetflow/checkpoints/moe.py) for every layer."""
+  c = model.config
+  target = getattr(model.source, "target_frequencies", None)
+  if target is not None and getattr(model.source, "spec", None) is not None:
+    return np.stack([np.asarray(target(i), np.float64) for i in range(c.num_layers)])
+  return np.tile(np.full(c.num_experts, c.experts_per_token / c.num_experts),
+                 (c.num_layers, 1))
+
+
+def host_expert_keys(model: Model, count: int) -> list[tuple[int, int]]:
+  """The `count` (layer, expert) records the host tier holds: the most popular by
+  `expert_popularity` (ties: lower layer, then lower expert first)."""
+  p = expert_popularity(model)
+  order = np.argsort(-p.reshape(-1), kind="stable")[:count]
+  return [tuple(int(v) for v in divmod(int(i), p.shape[1])) for i in order]
+
+
+def predicted_host_share(model: Model, keys, hit_rate: float) -> float:
+  """Predicted fraction of decode lookups that miss the device cache and find their
+  record in the host tier: the misses times the host records' share of the demand,
+  as if the cache's misses were spread like the demand. That holds for LRU (its
+  hits come from reuse of the previous token's experts): on mixtral-tiny-8e-routed,
+  8 slots, 200 sampled tokens, 8 and 16 of 24 records in host memory, 0.234 and
+  0.377 predicted for 0.233 and 0.447 measured. LFU keeps the popular experts the
+  host tier holds too, so this line over-predicts it (0.234 for 0.142; notes of
+  issue 14). With every record in host memory it is exact: 1 - hit rate."""
+  if not keys:
+    return 0.0
+  c = model.config
+  p = expert_popularity(model)
+  demand = sum(p[i, e] for i, e in keys) / (c.num_layers * c.experts_per_token)
+  return float((1.0 - hit_rate) * min(1.0, demand))
 
 
 def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, per_layer: float,
@@ -221,26 +301,58 @@ def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, per_layer: 
   return float(p[:whole].sum() + (per_layer - whole) * p[whole])
 
 
+def expert_leaves(model: Model) -> list[tuple[str, tuple[int, ...], np.dtype]]:
+  """One expert's stored tensors in record order: (name in the record, shape, dtype).
+
+  float32 experts hold "gate", "up" and "down" as arrays [D, F], [D, F], [F, D]; a
+  weight format's experts hold each kernel's leaves with their scales ("gate/q",
+  "gate/scale", ...; hetflow/models/formats.py), so one record is still one read.
+  """
+  out = []
+  for t in EXPERT_TENSORS:
+    prefix = f"layers/0/mlp/{t}"
+    names = [n for n in model.shapes if n == prefix or n.startswith(prefix + "/")]
+    for n in sorted(names, key=lambda n: (n != prefix, n)):
+      shape = model.shapes[n]
+      out.append((t + n[len(prefix):], tuple(shape.shape[1:]), np.dtype(shape.dtype)))
+  return out
+
+
 def record_nbytes(model: Model) -> int:
-  """Bytes of one expert record as stored: gate, up and down, each page-aligned."""
-  c = model.config
-  one = c.hidden_size * c.intermediate_size * jnp.dtype(model.dtype).itemsize
-  return 3 * round_up(one)
+  """Bytes of one expert record as stored: every tensor of gate, up and down page-aligned."""
+  return sum(round_up(int(np.prod(shape)) * dtype.itemsize)
+             for _, shape, dtype in expert_leaves(model))
+
+
+def _is_expert_tensor(name: str) -> bool:
+  """Whether a stored tensor ("layers/3/mlp/up" or "layers/3/mlp/up/q") is a routed expert's."""
+  parts = name.split("/")
+  return len(parts) >= 4 and parts[0] == "layers" and parts[2] == "mlp" and (
+      parts[3] in EXPERT_TENSORS)
 
 
 KIND = "moe_experts"
 
 
 def expert_fingerprint(model: Model) -> dict[str, Any]:
-  """The fingerprint record of an expert store: the model's, plus what a record holds."""
-  return {"kind": KIND, "model": model_fingerprint(model), "tensors": list(EXPERT_TENSORS)}
+  """The fingerprint record of an expert store: the model's, plus what a record holds.
+
+  A weight format's store also names its format ("weights"), so a store of another
+  format is never reused (the model's tensors differ too); float32 stores, written
+  before formats were stored, keep their identity.
+  """
+  record = {"kind": KIND, "model": model_fingerprint(model), "tensors": list(EXPERT_TENSORS)}
+  if not model.format.plain:
+    record["weights"] = model.weights
+  return record
 
 
 def default_expert_store_dir(model: Model) -> str:
-  """cache_root()/expert_stores/<name>-<dtype>-<fingerprint digest[:12]>."""
+  """cache_root()/expert_stores/<name>-<weights>-<fingerprint digest[:12]> (weights:
+  the format, e.g. "float32", "int8", "int4")."""
   digest = fingerprint_digest(expert_fingerprint(model))
   return os.path.join(cache_root(), "expert_stores",
-                      f"{model.config.name}-{jnp.dtype(model.dtype).name}-{digest[:12]}")
+                      f"{model.config.name}-{model.weights}-{digest[:12]}")
 
 
 def write_expert_store(model: Model, path: str, progress: bool = True,
@@ -254,14 +366,21 @@ def write_expert_store(model: Model, path: str, progress: bool = True,
 
   def groups():
     for i in range(c.num_layers):
-      stacks = {n: model.tensor(f"layers/{i}/mlp/{n}") for n in EXPERT_TENSORS}
+      stacks = {n: model.param(f"layers/{i}/mlp/{n}") for n in EXPERT_TENSORS}
       for e in range(c.num_experts):
-        yield f"layers/{i}/experts/{e}", {n: np.ascontiguousarray(stacks[n][e])
-                                          for n in EXPERT_TENSORS}
+        record = {}
+        for n in EXPERT_TENSORS:
+          if isinstance(stacks[n], dict):  # a weight format's leaves, in expert_leaves' order
+            record.update({f"{n}/{leaf}": np.ascontiguousarray(stacks[n][leaf][e])
+                           for leaf in sorted(stacks[n])})
+          else:
+            record[n] = np.ascontiguousarray(stacks[n][e])
+        yield f"layers/{i}/experts/{e}", record
 
   fp = expert_fingerprint(model)
   metadata = {"kind": KIND, "fingerprint": fingerprint_digest(fp), "fingerprint_record": fp,
-              "dtype": jnp.dtype(model.dtype).name, "description": model.description}
+              "dtype": jnp.dtype(model.dtype).name, "weights": model.weights,
+              "description": model.description}
   LayerStore.write(path, groups(), progress=progress, metadata=metadata, overwrite=overwrite,
                    description=f"writing {c.name}'s experts",
                    nbytes=c.num_layers * c.num_experts * record_nbytes(model)).close()
@@ -290,11 +409,36 @@ def open_expert_store(model: Model, path: str | None, convert: bool) -> LayerSto
       raise StoreMismatchError(f"{store.path} is a hetflow store of another kind, not an"
                                " expert store; pass another store_dir")
     check_fingerprint(store, expert_fingerprint(model),
-                      f"{model.description!r}, {jnp.dtype(model.dtype).name}")
+                      f"{model.description!r}, weights {model.weights}")
   except BaseException:
     store.close()
     raise
   return store
+
+
+def record_layout(store: LayerStore) -> tuple:
+  """Where gate, up and down lie in an expert record, hashable (a static jit argument):
+  per kernel (byte offset, shape, dtype name), or for a weight format's kernel a
+  tuple of (leaf, (byte offset, shape, dtype name))."""
+  info = store.tensors("layers/0/experts/0")
+  spec = lambda t: (int(t.offset), tuple(int(n) for n in t.shape), np.dtype(t.dtype).name)
+  out = []
+  for kernel in EXPERT_TENSORS:
+    if kernel in info:
+      out.append(spec(info[kernel]))
+    else:
+      out.append(tuple((name.split("/", 1)[1], spec(t)) for name, t in sorted(info.items())
+                       if name.split("/", 1)[0] == kernel))
+  return tuple(out)
+
+
+def _kernels(buffer: np.ndarray, start: int, layout: tuple, device):
+  """(gate, up, down) of the record at byte `start` of `buffer` as jax arrays on `device`
+  (views, no copy, on a CPU device): arrays, or a weight format's dicts of leaves."""
+  put = lambda offset, shape, dtype: jax.device_put(
+      view_as(buffer, start + offset, shape, dtype), device)
+  return tuple(put(*k) if isinstance(k[0], int) else {name: put(*spec) for name, spec in k}
+               for k in layout)
 
 
 class _Chain:
@@ -354,6 +498,8 @@ class _Pool:
     fence: slot -> the last output computed from it (refilled only once that is ready).
     inflight: slot -> future of its read.
     chains: slot -> the `_Chain` of a guessed read still to be counted.
+    device_records: slot -> the device copy of a record filled from the host tier
+      (devices with their own memory), until a prompt's stack takes it.
   """
 
   def __init__(self, slots: int, record: int, elems: int, dtype, device, layout, aliases,
@@ -363,7 +509,7 @@ class _Pool:
     self.stacks = [jax.device_put(view_as(self.host, h * experts * record, (experts, elems),
                                           dtype), device)
                    for h in range(2 if slots >= 2 * experts else 1)]
-    self.record, self.dtype, self.device, self.layout = record, dtype, device, layout
+    self.record, self.device, self.layout = record, device, layout
     self.kernels: list[Any] = [self.views(s) if aliases else None for s in range(slots)]
     self.key: list[tuple[int, int] | None] = [None] * slots
     self.last_use = [-1] * slots
@@ -371,12 +517,12 @@ class _Pool:
     self.inflight: dict[int, Any] = {}
     self.chains: dict[int, _Chain] = {}
     self.where: dict[tuple[int, int], int] = {}  # (layer, expert) -> slot
+    self.device_records: dict[int, Any] = {}  # slot -> its record filled from the host tier
 
   def views(self, slot: int):
-    """The slot's (gate, up, down) as jax arrays (no copy on a CPU device)."""
-    return tuple(jax.device_put(view_as(self.host, slot * self.record + offset, shape,
-                                        self.dtype), self.device)
-                 for offset, shape in self.layout)
+    """The slot's (gate, up, down) as jax arrays, or a weight format's leaves (no copy on
+    a CPU device)."""
+    return _kernels(self.host, slot * self.record, self.layout, self.device)
 
   def clear(self) -> None:
     for slot in list(self.inflight):
@@ -385,16 +531,66 @@ class _Pool:
     self.where.clear()
 
 
+class _HostTier:
+  """Expert records kept in host memory (the budget's host tier), read from the store once.
+
+  On a CPU device (host memory is the device's) they stay in one page-aligned
+  numpy buffer, and a slot is filled by a memcpy on a worker thread. Where the
+  device has its own memory, each record is a jax array in the host memory kind
+  (`pinned_host` where the backend lists it, so a copy to the device is a DMA
+  transfer) and a slot is filled by `jax.device_put`; with cold_compute="host" the
+  records stay plain host arrays, which a jitted function on the host CPU reads.
+
+  Attributes:
+    index: (layer, expert) -> position of its record.
+    buffer: [records, record bytes] page-aligned host buffer, or None once the
+      records live in jax's host memory kind.
+    arrays: position -> the record as a jax array [elements] in the host memory
+      kind (devices with their own memory and cold_compute="copy"), else empty.
+    kernels: position -> (gate, up, down) on the host CPU device, views of `buffer`
+      (cold_compute="host"), else empty.
+  """
+
+  def __init__(self, keys, store: LayerStore, reader: ReaderPool, record: int, chunk: int,
+               elems: int, dtype, layout, to_memory_kind: bool, host_compute: bool):
+    self.index = {key: pos for pos, key in enumerate(keys)}
+    self.record = record
+    self.buffer = aligned_empty(max(1, len(keys)) * record)
+    futures = [reader.read_into(store.file(f"layers/{i}/experts/{e}"), 0,
+                                self.slice(pos), store.group_nbytes(f"layers/{i}/experts/{e}"),
+                                chunk=chunk) for (i, e), pos in self.index.items()]
+    for future in futures:
+      future.result()
+    self.arrays: dict[int, Any] = {}
+    self.kernels: dict[int, Any] = {}
+    if host_compute:
+      cpu = jax.devices("cpu")[0]
+      self.kernels = {pos: _kernels(self.buffer, pos * record, layout, cpu)
+                      for pos in self.index.values()}
+    elif to_memory_kind:
+      sharding = tiers.host_sharding()
+      self.arrays = {pos: jax.device_put(view_as(self.buffer, pos * record, (elems,), dtype),
+                                         sharding) for pos in self.index.values()}
+      jax.block_until_ready(list(self.arrays.values()))
+      self.buffer = None  # the records live in the host memory kind now
+
+  def slice(self, pos: int) -> np.ndarray:
+    return self.buffer[pos * self.record:(pos + 1) * self.record]
+
+
 @register_strategy("moe_offload")
 class MoEOffload(Strategy):
-  """Fixed region on the device; routed experts on disk, cached per layer, read ahead."""
+  """Fixed region on the device; routed experts on disk (some also in host memory), cached
+  on the device, read ahead."""
 
   Options = MoEOffloadOptions
 
   @classmethod
   def candidates(cls, model, budget):
-    """For the planner: the default (LFU), and with the look-ahead of the first choice."""
-    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=1)]
+    """For the planner: the default (LFU), with the look-ahead of the first choice, and
+    with as many records in the host tier as its budget allows."""
+    return [MoEOffloadOptions(), MoEOffloadOptions(lookahead=1),
+            MoEOffloadOptions(host_experts="auto")]
 
   def __init__(self, options: Any = None):
     super().__init__(options)
@@ -408,8 +604,7 @@ class MoEOffload(Strategy):
     fixed = sum(model.group_nbytes(g) for g in ("embed", "head"))
     fixed += sum(model.group_nbytes(f"layers/{i}/attn") for i in range(c.num_layers))
     mlp_fixed = sum(s.size * s.dtype.itemsize for n, s in model.shapes.items()
-                    if n.startswith("layers/") and "/mlp/" in n
-                    and n.rsplit("/", 1)[1] not in EXPERT_TENSORS)
+                    if n.startswith("layers/") and "/mlp/" in n and not _is_expert_tensor(n))
     return dict(fixed=fixed + mlp_fixed, mlp_fixed=mlp_fixed, record=record_nbytes(model),
                 kv=model.kv_cache_nbytes(self.options.kv_reserve_tokens),
                 aliases=int(hardware.device_is_cpu(profile)))
@@ -430,10 +625,6 @@ class MoEOffload(Strategy):
     if not c.num_experts:
       raise NotApplicable(f"moe_offload places routed experts; {c.name} has none (a dense"
                           " model: use layerwise, tensor_split or neuron_cluster).")
-    if not model.format.plain:  # its expert records would need format-aware code (issue 11)
-      raise NotApplicable("moe_offload runs float32 weights only; this model has"
-                          f" weights={model.weights!r}. Use resident or layerwise, or load"
-                          " it with weights='float32'.")
     k, n = c.experts_per_token, c.num_experts
     sizes = self._sizes(model, profile)
     total = n * c.num_layers
@@ -452,6 +643,10 @@ class MoEOffload(Strategy):
                          f" a layer in the slots, so it must lie in [{n}, {total}].")
       slots = o.cache_experts
     need = self._needs(model, sizes, slots)
+    hosted = self._host_count(model, budget, sizes, need["host"])
+    need["host"] += hosted * sizes["record"]
+    if o.host_experts != "auto":
+      minimum["host"] += hosted * sizes["record"]
     for tier in ("device", "host", "disk"):
       limit = budget.limit(tier)
       if limit is not None and need[tier] > limit:
@@ -460,12 +655,18 @@ class MoEOffload(Strategy):
                              minimum=minimum[tier])
     freq, reuse = routing_law(model)
     hit = expected_hit_rate(freq, reuse, k, slots / c.num_layers, o.cache_policy)
+    keys = host_expert_keys(model, hosted)
+    host_share = predicted_host_share(model, keys, hit)
+    per_layer = np.bincount([i for i, _ in keys], minlength=c.num_layers)
     groups = {}
     for g in model.group_names():
       if g.endswith("/mlp"):
+        copies = per_layer[int(g.split("/")[1])]
         groups[g] = GroupPlacement(
             "disk", n * sizes["record"] + sizes["mlp_fixed"] // c.num_layers,
-            f"{n} expert records on disk (norm and router on the device)")
+            f"{n} expert records on disk" + (f", {copies} of them also in host memory"
+                                             if copies else "")
+            + " (norm and router on the device)")
       else:
         groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
     placed_device = sum(g.nbytes for g in groups.values() if g.tier == "device")
@@ -477,13 +678,30 @@ class MoEOffload(Strategy):
         f"predicted expert bytes per token: "
         f"{format_bytes(int(c.num_layers * k * (1 - hit) * sizes['record']))}",
         f"minimum budget: device {format_bytes(minimum['device'])}",
-    )
+    ) + ((f"host tier: {hosted} of {total} expert records"
+          f" ({format_bytes(hosted * sizes['record'])}), predicted to serve {host_share:.2f}"
+          f" of the lookups; cold experts: {o.cold_compute}",) if hosted else ())
     settings = MoEOffloadSettings(
         slots=slots, record_bytes=sizes["record"], hit_rate=hit,
         lookahead=min(o.lookahead, k),
         lookahead_accuracy=LOOKAHEAD_ACCURACY, read_block_bytes=o.read_chunk,
-        read_queue_depth=o.reader_threads, link_copy=not sizes["aliases"])
+        read_queue_depth=o.reader_threads, link_copy=not sizes["aliases"],
+        host_records=hosted, host_share=host_share,
+        cold_compute=o.cold_compute if hosted else "copy")
     return Placement(self.name, groups, working_bytes=working, notes=notes, settings=settings)
+
+  def _host_count(self, model: Model, budget, sizes: dict[str, int], host_need: int) -> int:
+    """Expert records the host tier holds: the option's count, or under "auto" as many
+    as the host budget leaves after the strategy's other host bytes."""
+    c, h = model.config, self.options.host_experts
+    total = c.num_layers * c.num_experts
+    if h == "auto":
+      limit = budget.limit("host")
+      return total if limit is None else int(max(0, min(total, (limit - host_need)
+                                                        // sizes["record"])))
+    if h > total:
+      raise ValueError(f"host_experts={h}; {c.name} has {total} expert records in all.")
+    return h
 
   # -- cost model ------------------------------------------------------------------
 
@@ -492,26 +710,39 @@ class MoEOffload(Strategy):
     """Per layer: attention on the device; the layer's expert reads on the disk (all X
     records in a prompt's pass, started with the attention; the misses in decode,
     after the router); the FFN computes once they land. With the look-ahead, a
-    `lookahead_accuracy` share of layer i+1's misses is read right after layer i's
-    misses, so those reads overlap layer i's FFN and layer i+1's attention; each
-    wrong guess reads one piece (GUESS_PIECE) before it is stopped: bytes, not
-    waiting."""
+    `lookahead_accuracy` share of layer i+1's disk misses is read right after layer
+    i's, so those reads overlap layer i's FFN and layer i+1's attention; each wrong
+    guess reads one piece (GUESS_PIECE) before it is stopped: bytes, not waiting.
+    The host tier (`host_share` of decode's lookups, `host_records` of a prompt's
+    reads) fills slots over the link instead of the disk (on a CPU device the link
+    is a memcpy by the same cores); with cold_compute="host" decode computes those
+    experts on the host CPU instead, beside the device's FFN. A prompt's FFN also
+    slices its X records out of the stacked slots: one pass over their bytes at
+    the memory rate."""
     c = ctx.model.config
     s: MoEOffloadSettings = ctx.placement.settings
     prof = ctx.profile
     k, n = c.experts_per_token, c.num_experts
-    dtype = ctx.dtype
+    fmt = ctx.model.format
+    bits = fmt.bits_per_weight if not fmt.plain else 8 * ctx.dtype.itemsize
     gathers = ctx.rows * k < n
     experts = k if gathers else n
     expert_params = 3 * c.hidden_size * c.intermediate_size
     rate = prof.disk_bw(s.read_block_bytes, s.read_queue_depth)
-    misses = experts * (1.0 - s.hit_rate) if gathers else float(n)
+    if gathers:
+      hosted = experts * s.host_share  # cache misses served by the host tier
+      misses = max(0.0, experts * (1.0 - s.hit_rate) - hosted)  # from the disk
+    else:
+      hosted = n * s.host_records / (n * c.num_layers)  # evenly, as far as a plan knows
+      misses = n - hosted
+    on_host = hosted if gathers and s.cold_compute == "host" else 0.0
     ahead = s.lookahead > 0 and gathers
     share = s.lookahead / k  # of the misses, guessed (right or wrong)
     right = misses * share * s.lookahead_accuracy if ahead else 0.0
     guessed = (misses * share * (s.lookahead_accuracy * s.record_bytes + (
         1.0 - s.lookahead_accuracy) * min(s.record_bytes, GUESS_PIECE)) if ahead else 0)
     double = s.slots >= 2 * n  # a prompt's reads double-buffered
+    slicing = 0.0 if gathers else n * s.record_bytes / prof.memory_bw
 
     def read(nbytes, deps, label, layer):
       if not nbytes:
@@ -522,28 +753,48 @@ class MoEOffload(Strategy):
                         int(nbytes))
       return event
 
+    def fill(count, deps, label, layer):
+      """Slots filled from the host tier: a transfer to the device, or on a CPU device
+      a memcpy (np.copyto) at the memory rate (the link probe's rate is jax's device_put,
+      8-12x slower here: bench run 3, notes of issue 14)."""
+      nbytes = count * s.record_bytes
+      if not nbytes:
+        return None
+      seconds = ctx.copy_time(nbytes) if s.link_copy else nbytes / prof.memory_bw
+      return ctx.add("link", seconds, deps, label, layer, int(nbytes))
+
+    def compute(side, count):
+      return ctx.compute_time(side, count * expert_params * bits / 8, count * expert_params,
+                              half="mlp", fmt=fmt.name)
+
     prev = None
     for p in range(ctx.passes):
       ctx.pass_index = p
       prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
                      overhead=False)
-      early = read(guessed, (prev,), "guessed experts 0", 0)  # layer 0: at its attention
+      early = (read(guessed, (prev,), "guessed experts 0", 0),)  # layer 0: at its attention
       for i in range(c.num_layers):
         if not gathers and (i == 0 or not double):
-          early = read(misses * s.record_bytes, (prev,), f"experts {i}", i)
+          early = (read(misses * s.record_bytes, (prev,), f"experts {i}", i),
+                   fill(hosted, (prev,), f"host experts {i}", i))
         prev = ctx.add("device", ctx.half_time(f"layers/{i}/attn"), (prev,),
                        f"layers/{i}/attn", i)
         late = read((misses - right) * s.record_bytes if gathers else 0, (prev,),
                     f"missed experts {i}", i)
+        host = None
+        if gathers and on_host:
+          host = ctx.add("cpu", compute("cpu", on_host), (prev,), f"host experts {i}", i)
+        elif gathers:
+          host = fill(hosted, (prev,), f"host experts {i}", i)
         # Layer i+1's guessed reads (decode), or its prompt reads into the other half
         # (whose last reader, layer i-1's FFN, came before this attention).
-        guess_next = None
+        guess_next = ()
         if i + 1 < c.num_layers and (gathers or double):
           nbytes = guessed if gathers else misses * s.record_bytes
-          guess_next = read(nbytes, (prev,), f"experts {i + 1} ahead", i + 1)
-        ffn = ctx.compute_time("device", experts * expert_params * dtype.itemsize,
-                               experts * expert_params, half="mlp")
-        prev = ctx.add("device", ffn, (prev, early, late), f"layers/{i}/mlp", i)
+          guess_next = (read(nbytes, (prev,), f"experts {i + 1} ahead", i + 1),
+                        None if gathers else fill(hosted, (prev,), f"host experts {i + 1}", i + 1))
+        ffn = compute("device", experts - on_host) + slicing
+        prev = ctx.add("device", ffn, (prev, *early, late, host), f"layers/{i}/mlp", i)
         early = guess_next
       prev = ctx.add("device", ctx.head_time(), (prev,), "head")
 
@@ -556,17 +807,19 @@ class MoEOffload(Strategy):
     self.slots, self.record = s.slots, s.record_bytes
     self.aliases = not s.link_copy
     self.store = open_expert_store(model, o.store_dir, o.convert)
-    info = self.store.tensors("layers/0/experts/0")
-    itemsize = jnp.dtype(model.dtype).itemsize
-    self._offsets = {t: info[t].offset // itemsize for t in EXPERT_TENSORS}
-    self._elems = self.record // itemsize
+    # Where each kernel (or format leaf) lies in a record, and the dtype a prompt's stack
+    # of records is viewed as: the compute dtype for float32 experts, bytes for a
+    # format's (the leaves are bit-cast out of it, `_functions`).
+    self._layout = record_layout(self.store)
+    self._stack_dtype = np.dtype(model.dtype) if model.format.plain else np.dtype(np.uint8)
+    self._elems = self.record // self._stack_dtype.itemsize
     device = tiers.device_sharding()
     self._device = device
     self._fixed = {}
     for g in model.group_names():
       tensors = model.group_tensors(g) if not g.endswith("/mlp") else {
           name: model.tensor(f"{g}/{name}") for name in ("norm", "router")}
-      ledger.allocate("device", sum(a.nbytes for a in tensors.values()), g)
+      ledger.allocate("device", formats.nbytes(tensors), g)
       self._fixed[g] = jax.device_put(tensors, device)
     records = self.record * self.slots
     ledger.allocate("device", records, "moe_offload/experts")
@@ -574,15 +827,23 @@ class MoEOffload(Strategy):
       halves = 2 if self.slots >= 2 * c.num_experts else 1
       ledger.allocate("device", self.record * c.num_experts * halves, "moe_offload/stacks")
       ledger.allocate("host", records, "moe_offload/staging")
-    d, f = c.hidden_size, c.intermediate_size
-    layout = [(info[t].offset, shape) for t, shape in zip(EXPERT_TENSORS, ((d, f), (d, f),
-                                                                           (f, d)))]
-    new = functools.partial(_Pool, record=self.record, elems=self._elems, dtype=model.dtype,
-                            device=device, layout=layout, aliases=self.aliases)
+    new = functools.partial(_Pool, record=self.record, elems=self._elems,
+                            dtype=self._stack_dtype, device=device, layout=self._layout,
+                            aliases=self.aliases)
     # The expert cache, shared by every layer; a prompt's pass reads every expert of a
     # layer into X of its slots (each read is a cache entry like any other).
     self._cache = new(self.slots, experts=c.num_experts)
     self._reader = ReaderPool(o.reader_threads, direct=o.direct_io)
+    self._host = None
+    self._copier = None
+    if s.host_records:
+      ledger.allocate("host", s.host_records * self.record, "moe_offload/host_experts")
+      self.host_load_bytes = s.host_records * self.record  # read once, before any pass
+      self._host = _HostTier(host_expert_keys(model, s.host_records), self.store, self._reader,
+                             self.record, o.read_chunk, self._elems, self._stack_dtype,
+                             self._layout, to_memory_kind=not self.aliases,
+                             host_compute=s.cold_compute == "host")
+      self._copier = concurrent.futures.ThreadPoolExecutor(1, "moe-host-fill")
     self._step = 0
     self._uses: dict[tuple[int, int], int] = {}
     self._previous: dict[int, set] = {}  # layer -> experts its last pass used
@@ -592,6 +853,7 @@ class MoEOffload(Strategy):
     self._prompt_reads: set[int] = set()
     self._dropped: list[_Chain] = []  # guessed reads cut short, counted at the pass's end
     self._compiled = _functions(c)
+    self._host_compiled = _host_functions(c) if s.cold_compute == "host" else None
     self._set_slot = jax.jit(lambda pool, i, rec: pool.at[i].set(rec), donate_argnums=(0,))
 
   # -- the cache -----------------------------------------------------------------------
@@ -637,7 +899,11 @@ class MoEOffload(Strategy):
     pool.where[(layer, expert)] = slot
     if not self.aliases:
       pool.kernels[slot] = None  # a device copy of what the slot held before
+      pool.device_records.pop(slot, None)
     pool.last_use[slot] = self._step
+    if self._host is not None and (layer, expert) in self._host.index:
+      self._fill_from_host(pool, slot, self._host.index[(layer, expert)])
+      return
     group = f"layers/{layer}/experts/{expert}"
     nbytes = self.store.group_nbytes(group)
     dest = pool.host[slot * self.record:(slot + 1) * self.record]
@@ -650,6 +916,22 @@ class MoEOffload(Strategy):
     pool.inflight[slot] = self._reader.read_into(self.store.file(group), 0, dest, nbytes,
                                                  chunk=chunk)
     self._count_read(nbytes)
+
+  def _fill_from_host(self, pool: _Pool, slot: int, pos: int) -> None:
+    """Fills `slot` with host record `pos`: a memcpy on the copier thread where the slot is
+    the device's memory (CPU), else a transfer to the device of the record's jax array."""
+    self._count("host_fills", 1)
+    self._count("host_bytes", self.record)
+    if self.aliases:
+      dest = pool.host[slot * self.record:(slot + 1) * self.record]
+      pool.inflight[slot] = self._copier.submit(np.copyto, dest, self._host.slice(pos))
+      return
+    rec = self._host.arrays.get(pos)  # cold_compute="host" keeps plain host arrays
+    rec = jax.device_put(rec if rec is not None else view_as(
+        self._host.buffer, pos * self.record, (self._elems,), self._stack_dtype), self._device)
+    pool.kernels[slot] = self._compiled.unpack(rec, self._layout)
+    pool.device_records[slot] = rec  # a prompt's stack takes it from here (`_wait`)
+    self._count("h2d_bytes", self.record)
 
   def _count_read(self, nbytes: int) -> None:
     self._count("disk_bytes", nbytes)
@@ -672,6 +954,10 @@ class MoEOffload(Strategy):
     used, `_routed`)."""
     t0 = time.perf_counter()
     for slot in slots:
+      rec = pool.device_records.pop(slot, None)
+      if rec is not None and stack:  # filled from the host tier: already on the device
+        h, j = divmod(slot, self.config.num_experts)
+        pool.stacks[h] = self._set_slot(pool.stacks[h], j, rec)
       future = pool.inflight.pop(slot, None)
       if future is None:
         continue
@@ -679,7 +965,7 @@ class MoEOffload(Strategy):
       if slot in pool.chains:  # a right guess: the whole record landed
         self._count_read(pool.chains.pop(slot).submitted)
       if stack and not self.aliases:
-        rec = view_as(pool.host, slot * self.record, (self._elems,), self.model.dtype)
+        rec = view_as(pool.host, slot * self.record, (self._elems,), self._stack_dtype)
         h, j = divmod(slot, self.config.num_experts)
         pool.stacks[h] = self._set_slot(pool.stacks[h], j, jax.device_put(rec, self._device))
         self._count("h2d_bytes", self.record)
@@ -756,7 +1042,7 @@ class MoEOffload(Strategy):
       pool, n = self._cache, c.num_experts
       h = layer % len(pool.stacks)
       self._wait(pool, range(h * n, (h + 1) * n), stack=True)
-      out = self._compiled.dense(params, x, pool.stacks[h], self._offsets_tuple())
+      out = self._compiled.dense(params, x, pool.stacks[h], self._layout)
       for slot in range(h * n, (h + 1) * n):
         pool.fence[slot] = out
         pool.last_use[slot] = self._step
@@ -799,22 +1085,33 @@ class MoEOffload(Strategy):
       self._uses[key] = self._uses.get(key, 0) + 1
     # Hits: experts in the cache before this pass's look-ahead touched the layer.
     cached_before = [key for key in needed if key in pool.where and key not in guessed]
-    self._count("expert_hits", int(sum(np.sum(idx == e) for _, e in cached_before)))
-    self._count("ideal_bytes", (len(needed) - len(cached_before)) * self.record)
+    lookups = lambda keys: int(sum(np.sum(idx == e) for _, e in keys))
+    self._count("expert_hits", lookups(cached_before))
+    # Misses whose record is in the host tier cost no disk bytes.
+    hosted = [key for key in needed if key not in cached_before and self._host is not None
+              and key in self._host.index]
+    self._count("host_hits", lookups(hosted))
+    self._count("ideal_bytes", (len(needed) - len(cached_before) - len(hosted)) * self.record)
+    # cold_compute="host": a host-tier expert not in a device slot is computed where it lies.
+    on_host = {key for key in hosted if key not in pool.where} if self._host_compiled else set()
+    self._count("host_computed", lookups(on_host))
     for key in needed:
-      if key not in pool.where:
+      if key not in pool.where and key not in on_host:
         self._read(pool, self._victim(pool, layer, keep), *key)
     if ahead:
       # Queued behind this layer's reads (the reader serves requests in order), so
       # they run while this layer and the next attention compute.
       self._prefetch(layer + 1, guess_next[..., :self.options.lookahead].reshape(-1),
                      protect=keep)
-    slot_of = {key[1]: pool.where[key] for key in needed}
+    slot_of = {key[1]: pool.where[key] for key in needed if key not in on_host}
     for slot in slot_of.values():
       pool.last_use[slot] = self._step
     slots = list(slot_of.values())
     self._wait(pool, slots)
-    out = self._routed(params, x, pool, idx, slot_of)
+    if on_host:
+      out = self._routed_on_host(params, x, pool, idx, slot_of, layer)
+    else:
+      out = self._routed(params, x, pool, idx, slot_of)
     for slot in slots:
       pool.fence[slot] = out
     return out
@@ -830,8 +1127,27 @@ class MoEOffload(Strategy):
       kernels.append(pool.kernels[slot])
     return self._compiled.routed(params, x, kernels)
 
-  def _offsets_tuple(self):
-    return tuple(self._offsets[t] for t in EXPERT_TENSORS)
+  def _routed_on_host(self, params, x, pool: _Pool, idx: np.ndarray,
+                      slot_of: dict[int, int], layer: int):
+    """As `_routed`, with the experts missing from `slot_of` computed by the host CPU on
+    their host-tier records; only their outputs ([1, D] per token and choice) move."""
+    cpu = jax.devices("cpu")[0]
+    flat = idx.reshape(-1)
+    b, t, k = idx.shape
+    rows = tuple((n // (t * k), (n // k) % t) for n, e in enumerate(flat)
+                 if int(e) not in slot_of)
+    host_kernels = [self._host.kernels[self._host.index[(layer, int(e))]] for e in flat
+                    if int(e) not in slot_of]
+    h = jax.device_put(self._compiled.normed(params, x), cpu)
+    given = jax.device_put(self._host_compiled(h, rows, host_kernels), self._device)
+    kernels = []
+    for e in flat:
+      slot = slot_of.get(int(e))
+      if slot is not None and pool.kernels[slot] is None:
+        pool.kernels[slot] = pool.views(slot)
+        self._count("h2d_bytes", self.record)
+      kernels.append(None if slot is None else pool.kernels[slot])
+    return self._compiled.routed_mixed(params, x, kernels, given)
 
   def stats(self):
     out = self.counters.copy()
@@ -843,6 +1159,8 @@ class MoEOffload(Strategy):
       lookups = p.get("expert_lookups")
       if lookups:
         out.details[f"{phase}_hit_rate"] = p.get("expert_hits") / lookups
+        if self._host is not None:
+          out.details[f"{phase}_host_hit_rate"] = p.get("host_hits") / lookups
       if p.get("lookahead_guesses"):
         out.details[f"{phase}_lookahead_accuracy"] = (p.get("lookahead_right")
                                                       / p.get("lookahead_guesses"))
@@ -851,7 +1169,10 @@ class MoEOffload(Strategy):
       out.details["decode_expert_reads_per_token"] = d.get("expert_reads") / d.tokens
       out.details["decode_disk_bytes_per_token"] = d.disk_bytes / d.tokens
       out.details["decode_ideal_bytes_per_token"] = d.get("ideal_bytes") / d.tokens
-    out.details.update(cache_slots=self.slots, cache_policy=self.options.cache_policy,
+    out.details.update(host_records=len(self._host.index) if self._host is not None else 0,
+                       host_load_bytes=self.host_load_bytes if self._host is not None else 0,
+                       cold_compute=self.options.cold_compute,
+                       cache_slots=self.slots, cache_policy=self.options.cache_policy,
                        lookahead=self.options.lookahead, record_bytes=self.record,
                        experts=c.num_experts, layers=c.num_layers)
     return out
@@ -866,6 +1187,8 @@ class MoEOffload(Strategy):
           future.result()
         except Exception:  # noqa: BLE001 - closing: the error was or will be reported
           pass
+    if getattr(self, "_copier", None) is not None:
+      self._copier.shutdown()
     if self._reader is not None:
       self._reader.close()
     if getattr(self, "store", None) is not None:
@@ -877,12 +1200,21 @@ def _functions(config):
   """The jitted pieces: routing (also the look-ahead's guess) and the two ways of
   computing the FFN."""
 
-  def split(pool, offsets, count):
-    d, f = config.hidden_size, config.intermediate_size
-    og, ou, od = offsets
-    return (pool[:, og:og + d * f].reshape(count, d, f),
-            pool[:, ou:ou + d * f].reshape(count, d, f),
-            pool[:, od:od + f * d].reshape(count, f, d))
+  def split(pool, layout, count):
+    """The stacked kernels [count, ...] (or a format's stacked leaves) of a stack of records."""
+
+    def leaf(offset, shape, dtype):
+      dtype, size = np.dtype(dtype), int(np.prod(shape))
+      if dtype == pool.dtype:  # float32 experts in a float32 stack: elements
+        start = offset // dtype.itemsize
+        return pool[:, start:start + size].reshape(count, *shape)
+      raw = pool[:, offset:offset + size * dtype.itemsize]  # a byte stack: bit-cast
+      if dtype.itemsize > 1:
+        raw = raw.reshape(count, size, dtype.itemsize)
+      return jax.lax.bitcast_convert_type(raw, dtype).reshape(count, *shape)
+
+    return tuple(leaf(*k) if isinstance(k[0], int) else {name: leaf(*spec) for name, spec in k}
+                 for k in layout)
 
   def norm(w, x):
     return layers.rms_norm(x, w["norm"], config.norm_eps)  # Mixtral: pre-norm RMSNorm
@@ -907,11 +1239,48 @@ def _functions(config):
     return x + modules.expert_mixture(config, h, weights, kernels)
 
   @functools.partial(jax.jit, static_argnums=(3,))
-  def dense(w, x, pool, offsets):
-    gate, up, down = split(pool, offsets, pool.shape[0])
+  def dense(w, x, pool, layout):
+    gate, up, down = split(pool, layout, pool.shape[0])
     return modules.ffn_half(config, dict(w, gate=gate, up=up, down=down), x)
 
-  return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense)
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def unpack(record, layout):
+    """One record [elements] on the device -> its (gate, up, down) (a host-tier fill)."""
+    return jax.tree.map(lambda a: a[0], split(record[None], layout, 1))
+
+  @jax.jit
+  def normed(w, x):
+    return norm(w, x)
+
+  @jax.jit
+  def routed_mixed(w, x, kernels, given):
+    """As `routed`, where a None kernel's output is the next of `given` (computed
+    elsewhere, cold_compute="host"): the same products and combination."""
+    h = norm(w, x)
+    weights, _ = modules.route(config, w["router"], h)
+    b, t, k = weights.shape
+    given = iter(given)
+    outs = [next(given) if kernel is None else
+            modules.expert_output(config, h[n // (t * k), (n // k) % t][None], *kernel)
+            for n, kernel in enumerate(kernels)]
+    return x + modules.combine_expert_outputs(outs, weights)
+
+  return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense,
+                    unpack=unpack, normed=normed, routed_mixed=routed_mixed)
+
+
+@functools.lru_cache(maxsize=16)
+def _host_functions(config):
+  """cold_compute="host": the experts a decode step computes on the host CPU, jitted for
+  the CPU device (their inputs live there), each `modules.expert_output` on its
+  token's normalised row."""
+
+  @functools.partial(jax.jit, static_argnums=(1,))
+  def outputs(h, rows, kernels):
+    return [modules.expert_output(config, h[r, s][None], *kernel)
+            for (r, s), kernel in zip(rows, kernels)]
+
+  return outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -920,3 +1289,6 @@ class _Functions:
   route_ahead: Any
   routed: Any
   dense: Any
+  unpack: Any
+  normed: Any
+  routed_mixed: Any

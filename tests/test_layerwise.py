@@ -6,6 +6,7 @@ within the budget; too small a budget must name the minimum; a damaged layer
 file must raise at that layer, not hang or compute on garbage.
 """
 
+import concurrent.futures
 import os
 import threading
 
@@ -115,6 +116,44 @@ def test_buffers_are_reused_and_reads_wrap_around(references):
     assert [layer for _, layer, _ in s._pending] == [0, 1]
     reader = s.stats().reads
     assert reader.direct and reader.requests > 0
+
+
+def test_next_layers_reads_are_queued_before_the_previous_ones_finish(references):
+  """The disk does not drain between blocks: while layer 0's reads are in flight, layer
+  1's are queued behind them (its ring slot is free), and the tokens stay resident's."""
+  model, tokens, _ = references["llama-tiny"]
+  with Engine(model, "layerwise", options=dict(prefetch_depth=2)) as engine:
+    s = engine.strategy
+    store, real = s._stores[0], s._pool.read_into
+    first = {store.file(f"layers/0/{h}") for h in ("attn", "mlp")}
+    second = {store.file(f"layers/1/{h}") for h in ("attn", "mlp")}
+    queued = threading.Event()  # a layer-1 read was queued after the last layer-0 one
+    seen = []  # per held layer-0 read: was layer 1 queued before it finished?
+
+    def read_into(path, offset, buffer, nbytes=None, chunk=1 << 20):
+      if path in first:
+        queued.clear()
+      elif path in second:
+        queued.set()
+      future = real(path, offset, buffer, nbytes, chunk=chunk)
+      if path not in first:
+        return future
+      held = concurrent.futures.Future()
+
+      def finish():  # layer 0's read finishes only once layer 1's is queued (or 10 s passed)
+        seen.append(queued.wait(10))
+        try:
+          held.set_result(future.result())
+        except BaseException as e:  # noqa: BLE001 - handed to the strategy
+          held.set_exception(e)
+
+      threading.Thread(target=finish, daemon=True).start()
+      return held
+
+    s._pool.read_into = read_into
+    out = engine.generate(PROMPT, max_new_tokens=NEW, stop_tokens=())
+  np.testing.assert_array_equal(out.tokens, tokens)
+  assert seen and all(seen), seen
 
 
 def _generate_with_deadline(engine, seconds=60):

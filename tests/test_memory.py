@@ -664,8 +664,86 @@ def test_memory_limit_top_up_locks_what_was_freed(monkeypatch):
   limit_bytes = 1 << 30
   readings = iter([limit_bytes + (64 << 20), limit_bytes + (96 << 20)])
   monkeypatch.setattr(limit_mod, "mem_available", lambda: next(readings))
-  with limit_mod.MemoryLimit(limit_bytes, drop_caches=False) as held:
+  with limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=None) as held:
     assert held.locked_bytes == 64 << 20
     assert held.top_up(slack=16 << 20) == 96 << 20
     assert held.locked_bytes == (64 + 96) << 20
   assert held.locked_bytes == 0
+
+
+def test_memory_limit_keeper_follows_what_others_free_and_take(monkeypatch):
+  """During a run: memory others free is locked; when others take memory back, whole
+  pieces of the lock are given back, newest first, never more than they took; the record
+  says how far the limit strayed."""
+  from hetflow.memory import limit as limit_mod
+
+  limit_bytes = 1 << 30
+  # The machine's memory outside this test's locks: what is available is that less the locks.
+  unlocked = {"now": limit_bytes + (32 << 20)}
+  held = limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=None,
+                               slack=16 << 20, piece=16 << 20)
+  monkeypatch.setattr(limit_mod, "mem_available", lambda: unlocked["now"] - held.locked_bytes)
+  monkeypatch.setattr(limit_mod, "_children_anon", lambda exclude: 0)
+  with held:
+    assert held.locked_bytes == 32 << 20 and held._sizes == [16 << 20, 16 << 20]
+    assert held.keep() == 0  # at the limit
+    unlocked["now"] += 8 << 20  # within the slack
+    assert held.keep() == 0
+    unlocked["now"] += 40 << 20  # others freed 40 MiB more
+    assert held.keep() == 48 << 20
+    assert held.locked_bytes == 80 << 20 and len(held._procs) == 5  # 16 MiB pieces
+    assert held.keep() == 0
+    unlocked["now"] -= 64 << 20  # others took 64 MiB: 48 go, not the next 16
+    assert held.keep() == -(48 << 20)
+    assert held.locked_bytes == 32 << 20 and len(held._procs) == 2
+    unlocked["now"] -= 512 << 20  # others need more than is locked: all of it goes
+    assert held.keep() == -(32 << 20)
+    assert held.locked_bytes == 0 and held.pid is None
+    unlocked["now"] += 1024 << 20  # and is locked again once they free it
+    assert held.keep() == 528 << 20
+    assert held.locked_bytes == 528 << 20 and len(held._procs) == 33  # in 16 MiB pieces
+    record = held.held(reset=True)
+    assert record == {"checks": 7, "max_excess": 528 << 20, "min_excess": -(528 << 20),
+                      "locked_more": 576 << 20, "gave_back": 80 << 20}
+    assert held.held()["checks"] == 0
+  assert held.locked_bytes == 0
+
+
+def test_memory_limit_keeper_counts_the_children_and_runs_by_itself(monkeypatch):
+  """What the benchmark's children hold (their anonymous memory) is theirs, within the
+  limit: it does not make the keeper give memory back. The keeper's thread runs on its
+  own while inside the context and stops on exit."""
+  import subprocess
+  import sys
+  import time
+
+  from hetflow.memory import limit as limit_mod
+
+  # 64 MiB anonymous and 64 MiB shared (where jax's CPU arrays live), both touched.
+  child = subprocess.Popen([sys.executable, "-c", "import mmap, sys, numpy as np;"
+                            " a = np.ones(64 << 20, np.uint8);"
+                            " m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_SHARED);"
+                            " m.write(b'x' * (64 << 20)); print('up', flush=True);"
+                            " sys.stdin.read()"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+  try:
+    assert child.stdout.readline().strip() == b"up"
+    assert limit_mod._children_anon(set()) >= 128 << 20
+    assert limit_mod._children_anon({child.pid}) < 64 << 20
+  finally:
+    child.stdin.close()
+    child.wait()
+  limit_bytes = 1 << 30
+  unlocked = {"now": limit_bytes + (32 << 20)}
+  held = limit_mod.MemoryLimit(limit_bytes, drop_caches=False, keep_interval=0.05,
+                               slack=16 << 20)
+  monkeypatch.setattr(limit_mod, "mem_available", lambda: unlocked["now"] - held.locked_bytes)
+  with held:
+    unlocked["now"] += 40 << 20
+    deadline = time.monotonic() + 30
+    while held.locked_bytes < (72 << 20) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert held.locked_bytes == 72 << 20
+    keeper = held._keeper
+    assert keeper.is_alive()
+  assert not keeper.is_alive() and held.locked_bytes == 0

@@ -11,7 +11,7 @@ from hetflow import planner
 from hetflow.checkpoints import moe
 from hetflow.engine import Engine
 from hetflow.hardware import get_profile
-from hetflow.memory import Budget, BudgetExceeded
+from hetflow.memory import Budget, BudgetExceeded, StoreMismatchError
 from hetflow.strategy import NotApplicable
 
 NEW_TOKENS = 12
@@ -177,9 +177,6 @@ def test_planner_lists_it_for_mixtral_and_refuses_dense_models(routed):
     moe_offload.MoEOffload().plan(dense, Budget())
   ranked = planner.plan(dense, Budget(), profile, strategies=["moe_offload"])
   assert ranked[0].reason.startswith("not applicable")
-  quantized = hetflow.synthetic_model("mixtral-tiny", weights="bfloat16")
-  with pytest.raises(NotApplicable, match="float32 weights only"):
-    moe_offload.MoEOffload().plan(quantized, Budget())
 
 
 @pytest.mark.parametrize("policy", ["lru", "next_use"])
@@ -212,3 +209,167 @@ def test_options_are_validated():
     with pytest.raises(ValueError, match=r"must lie in \[4, 12\]"):
       moe_offload.MoEOffload(dict(cache_experts=wrong)).plan(model, Budget())
   assert dataclasses.is_dataclass(moe_offload.MoEOffloadSettings)
+
+
+# -- weight formats ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "int8", "int4"])
+def formatted(request):
+  """The routed model in a weight format, with resident's tokens in the same format."""
+  model = hetflow.synthetic_model("mixtral-tiny-8e-routed", weights=request.param, **ROUTED)
+  ids = np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 10))
+  engine = Engine(model, "resident")
+  out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  return model, ids, out.tokens, engine.forward(ids)
+
+
+@pytest.mark.parametrize("options", [
+    dict(cache_experts=8, cache_policy="lfu", lookahead=1),
+    dict(cache_policy="none"),
+], ids=["lfu-8-lookahead-1", "no-cache"])
+def test_weight_formats_give_residents_tokens(formatted, options, store_root):
+  """Records in the stored format (leaves and scales, one read each), computed by the
+  format's matrix-vector kernels on the slots' own leaves."""
+  model, ids, tokens, logits = formatted
+  options = dict(options, store_dir=str(store_root / f"fmt-{model.weights}"))
+  with Engine(model, "moe_offload", options=options) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+    store = engine.strategy.store
+    names = set(store.tensors("layers/0/experts/0"))
+    assert store.metadata["weights"] == model.weights
+  s = out.stats["strategy"]
+  record = moe_offload.record_nbytes(model)
+  assert s.details["record_bytes"] == record == store.group_nbytes("layers/0/experts/0")
+  assert s.decode.get("expert_reads") * record == s.decode.disk_bytes > 0
+  leaves = {"bfloat16": {"q"}, "int8": {"q", "scale"}, "int4": {"q", "scale"}}[model.weights]
+  assert names == {f"{t}/{leaf}" for t in moe_offload.EXPERT_TENSORS for leaf in leaves}
+  float32 = hetflow.synthetic_model("mixtral-tiny-8e-routed", **ROUTED)
+  assert record < moe_offload.record_nbytes(float32)
+
+
+def test_weight_formats_on_a_device_with_its_own_memory(formatted, store_root):
+  """The copy path (slots copied to the device, a prompt's byte stack bit-cast into the
+  format's leaves), here on the CPU."""
+  model, ids, tokens, _ = formatted
+  options = dict(cache_experts=2 * model.config.num_experts,
+                 store_dir=str(store_root / f"fmt-{model.weights}"))
+  with Engine(model, "moe_offload", options=options, profile=get_profile("a10-pcie")) as engine:
+    assert engine.placement.settings.link_copy
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  np.testing.assert_array_equal(out.tokens, tokens)
+  assert out.stats["strategy"].decode.h2d_bytes > 0
+
+
+def test_a_store_of_another_format_is_never_reused(routed, store_root):
+  int8 = hetflow.synthetic_model("mixtral-tiny-8e-routed", weights="int8", **ROUTED)
+  assert moe_offload.default_expert_store_dir(int8) != moe_offload.default_expert_store_dir(
+      routed)
+  assert "-int8-" in moe_offload.default_expert_store_dir(int8)
+  path = str(store_root / "float32-store")
+  moe_offload.open_expert_store(routed, path, convert=True).close()
+  with pytest.raises(StoreMismatchError):
+    moe_offload.open_expert_store(int8, path, convert=False)
+
+
+# -- the host tier and cold experts computed where they lie ------------------------------
+
+
+def test_host_tier_holds_the_popular_records_and_the_ledger_proves_the_budgets(routed,
+                                                                              store_root):
+  ids = np.random.default_rng(1).integers(3, routed.config.vocab_size, (2, 10))
+  expected = Engine(routed, "resident").generate(ids, max_new_tokens=NEW_TOKENS,
+                                                 stop_tokens=()).tokens
+  record = moe_offload.record_nbytes(routed)
+  c = routed.config
+  options = dict(cache_experts=8, host_experts="auto", store_dir=str(store_root / "host"))
+  budget = Budget(device=routed.nbytes, host=10 * record + record // 2)
+  with Engine(routed, "moe_offload", budget=budget, options=options) as engine:
+    settings = engine.placement.settings
+    assert settings.host_records == 10  # as many as the host budget allows
+    assert engine.ledger.peak("host") == 10 * record <= budget.host
+    assert engine.ledger.peak("device") <= budget.device
+    keys = moe_offload.host_expert_keys(routed, 10)
+    popularity = moe_offload.expert_popularity(routed)
+    assert min(popularity[k] for k in keys) >= max(
+        popularity[i, e] for i in range(c.num_layers) for e in range(c.num_experts)
+        if (i, e) not in keys)
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+  np.testing.assert_array_equal(out.tokens, expected)
+  s = out.stats["strategy"]
+  d = s.decode
+  assert d.get("host_hits") > 0 and d.get("host_fills") * record == d.get("host_bytes")
+  assert d.disk_bytes == d.get("ideal_bytes")  # host-tier misses read nothing from disk
+  assert s.reads.bytes == s.details["host_load_bytes"] + s.prefill.disk_bytes + d.disk_bytes
+  with pytest.raises(BudgetExceeded):
+    Engine(routed, "moe_offload", budget=Budget(host=10 * record),
+           options=dict(options, host_experts=11))
+
+
+@pytest.mark.parametrize("cold_compute", ["copy", "host"])
+def test_every_record_in_host_memory_reads_nothing_from_disk(reference, cold_compute,
+                                                             store_root):
+  model, ids, tokens, logits = reference
+  options = dict(cache_experts=model.config.num_experts, host_experts="auto",
+                 cold_compute=cold_compute, store_dir=str(store_root / model.config.name))
+  with Engine(model, "moe_offload", options=options) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+    settings = engine.placement.settings
+  s = out.stats["strategy"]
+  assert s.prefill.disk_bytes == s.decode.disk_bytes == 0
+  assert s.details["decode_hit_rate"] + s.details["decode_host_hit_rate"] == pytest.approx(1)
+  assert settings.host_share == pytest.approx(1 - settings.hit_rate)
+  if cold_compute == "host":  # the cold experts' products ran on the host's records
+    assert s.decode.get("host_computed") == s.decode.get("host_hits") > 0
+    assert s.decode.get("host_fills") == 0
+  else:
+    assert s.decode.get("host_computed") == 0 and s.decode.get("host_fills") > 0
+
+
+@pytest.mark.parametrize("profile", [None, "a10-pcie"])
+def test_cold_experts_computed_on_the_host_give_residents_tokens(formatted, profile,
+                                                                 store_root):
+  """Fiddler / KTransformers: host-tier experts missing from the device cache are
+  computed by the host CPU; on a profile with accelerator memory the other slots are
+  copied to the device as on a GPU (all on this machine's CPU: correctness only)."""
+  model, ids, tokens, logits = formatted
+  options = dict(cache_experts=model.config.num_experts, host_experts=12, lookahead=1,
+                 cold_compute="host", store_dir=str(store_root / f"fmt-{model.weights}"))
+  with Engine(model, "moe_offload", options=options,
+              profile=profile and get_profile(profile)) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+  d = out.stats["strategy"].decode
+  assert 0 < d.get("host_computed") <= d.get("host_hits")
+  assert d.disk_bytes == d.get("ideal_bytes") + d.get("lookahead_wasted_bytes") > 0
+
+
+@pytest.mark.parametrize("hosted", [8, 16])
+def test_predicted_host_share_within_20_percent_for_lru(routed, hosted, store_root):
+  """`predicted_host_share` against a sampled decode (its docstring: LFU overlaps the
+  host tier's popular experts, and the line over-predicts it)."""
+  ids = np.random.default_rng(1).integers(3, routed.config.vocab_size, (1, 16))
+  options = dict(cache_experts=8, cache_policy="lru", host_experts=hosted,
+                 store_dir=str(store_root / "pred"))
+  with Engine(routed, "moe_offload", options=options) as engine:
+    out = engine.generate(ids, max_new_tokens=200, stop_tokens=(), temperature=1.0, seed=3)
+    predicted = engine.placement.settings.host_share
+  measured = out.stats["strategy"].details["decode_host_hit_rate"]
+  assert abs(predicted / measured - 1) < 0.20, (predicted, measured)
+
+
+def test_host_options_are_validated(routed):
+  for wrong in (-1, True, "all"):
+    with pytest.raises(ValueError, match="host_experts"):
+      moe_offload.MoEOffloadOptions(host_experts=wrong)
+  with pytest.raises(ValueError, match="cold_compute"):
+    moe_offload.MoEOffloadOptions(cold_compute="gpu")
+  with pytest.raises(ValueError, match="give host_experts"):
+    moe_offload.MoEOffloadOptions(cold_compute="host")
+  with pytest.raises(ValueError, match="24 expert records"):
+    moe_offload.MoEOffload(dict(host_experts=25)).plan(routed, Budget())

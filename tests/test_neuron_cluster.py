@@ -121,6 +121,25 @@ def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
   assert min(s["layer_recall"]) > 0.95
   assert s["useful_bytes_per_token"] <= s["ideal_bytes_per_token"]
   assert 0.0 <= agreement <= 1.0 and out.stats["strategy"].details["predicted_density"] < 0.6
+  if model.config.arch != "llama":  # error feedback needs RMSNorm and an SVD/exact predictor
+    return
+  # Error feedback (batch-1 decode): the previous token's measured errors sharpen the scores.
+  got = {}
+  for feedback in (False, True):
+    with Engine(model, "neuron_cluster", options=dict(
+        predictor="trained", predictor_path=trained["predictor_path"],
+        stats_path=trained["stats_path"], cache_bytes="32KiB", audit=True,
+        feedback=feedback)) as engine:
+      one = engine.generate(ids[:1], max_new_tokens=NEW_TOKENS, stop_tokens=())
+      again = engine.generate(ids[:1], max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(again.tokens, one.tokens)  # reset between sequences
+    got[feedback] = (one.stats["strategy"].details, float((one.tokens == tokens[:1]).mean()))
+  (plain, agree_plain), (fed, agree_fed) = got[False], got[True]
+  print(f"batch 1 with feedback: recall {fed['recall']:.4f} (without {plain['recall']:.4f}),"
+        f" precision {fed['precision']:.3f} (without {plain['precision']:.3f}), agreement"
+        f" {agree_fed:.2f} (without {agree_plain:.2f})")
+  assert fed["precision"] > plain["precision"]
+  assert fed["recall"] > 0.95 and agree_fed >= agree_plain - 0.1
 
 
 @pytest.mark.parametrize("guess", ["complement", "random", "none"])
@@ -172,3 +191,17 @@ def test_lookahead_reads_most_misses_ahead(reference):
   # Records computed: every cached one of a layer plus every one read.
   for s in runs.values():
     assert s["computed_neurons_per_token"] >= s["read_neurons_per_token"]
+
+
+def test_run_cuts_never_split_a_run():
+  from strategies.neuron_cluster.strategy import run_cuts
+
+  pos = np.array([1, 2, 3, 4, 9, 10, 20, 21, 22, 23, 24, 40])
+  cuts = run_cuts(pos, [0, 2, 4, 8])
+  # 2 falls inside the run 1..4: moved to 4 (the run at 9); 4 stays; 8 inside 20..24 -> 11.
+  assert cuts == [0, 4, 4, 11, 12]
+  for a in cuts[1:-1]:
+    if 0 < a < len(pos):
+      assert pos[a] != pos[a - 1] + 1
+  assert run_cuts(np.arange(5), [0, 2]) == [0, 5, 5]
+  assert run_cuts(pos[:0], [0]) == [0, 0]

@@ -212,6 +212,36 @@ def test_planar_step_matches_the_dense_ffn():
   out, _ = bundles.planar_step(c, a, w["down"], h, None, 7)
   z = np.maximum(h @ w["gate"][:, :7], 0) * np.maximum(h @ w["up"][:, :7], 0)
   np.testing.assert_allclose(out, z @ w["down"][:7], rtol=1e-4, atol=1e-5)
+  # pre=True: the last token's gate pre-activations, masked records included.
+  out2, fired2, pre = bundles.planar_step(c, a, w["down"], h, None, keep, pre=True)
+  np.testing.assert_allclose(pre, (h @ w["gate"])[0, -1], rtol=1e-4, atol=1e-5)
+  assert int(fired2) == int(fired)
+
+
+def test_error_feedback_corrects_a_low_rank_score():
+  """A neuron whose error was measured is scored by score + s * error: with the
+  same residual, exactly the true pre-activation times s; unmeasured neurons keep
+  the trained threshold; reset forgets."""
+  rng = np.random.default_rng(0)
+  d, f = 16, 12
+  exact = rng.standard_normal((d, f)).astype(np.float32)
+  approx = exact + 0.5 * rng.standard_normal((d, f)).astype(np.float32)
+  x = rng.standard_normal(d).astype(np.float32)
+  s = float(np.sqrt(np.mean(x * x)))
+  fb = predictor.ErrorFeedback(1, f)
+  score = x @ approx
+  first = fb.select(0, score, s, -0.5, 0.0, 0.0)
+  np.testing.assert_array_equal(first, np.flatnonzero(score > -0.5))
+  seen = np.array([0, 3, 5, -1, 7])
+  fb.observe(0, seen, np.r_[(x @ exact / s)[[0, 3, 5]], 99.0, (x @ exact / s)[7]])
+  assert fb.known[0].sum() == 4 and fb.nbytes > 0
+  again = fb.select(0, score, s, -0.5, 0.0, 0.0)
+  truth = x @ exact
+  for j in range(f):
+    expected = truth[j] > 0 if j in (0, 3, 5, 7) else score[j] > -0.5
+    assert (j in again) == expected, j
+  fb.reset()
+  np.testing.assert_array_equal(fb.select(0, score, s, -0.5, 0.0, 0.0), first)
 
 
 def test_segmented_cache_regions():

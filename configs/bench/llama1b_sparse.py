@@ -20,7 +20,8 @@ active, uncached neurons): see `python -m experiments.sparse_audit --config=<thi
 (counts, with the truth; the benchmark's "read / fired" column counts only the
 neurons read). The ablation rows add bundling, cache (scan-resistant admission),
 pipeline and look-ahead (layer i+1's reads started while layer i computes) one at
-a time; the last row is neuron_cluster's defaults.
+a time; the last row (nc_feedback: pipeline + the predictor's error fed back, no
+look-ahead) is neuron_cluster's defaults.
 memory_limit stays empty: the machine is shared.
 """
 
@@ -34,7 +35,7 @@ def get_config(arg=None):
   c = bench_config("llama-1b-sparse", budget=dict(device="1.64GiB", host="", disk=""),
                    new_tokens=16, repeats=1, timeline=False, timeout_s=1800)
   c.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
-  c.order = ("layerwise,nc_baseline,nc_bundling,nc_cache,nc_pipeline,nc_lookahead")
+  c.order = ("layerwise,nc_baseline,nc_bundling,nc_cache,nc_pipeline,nc_lookahead,nc_feedback")
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise", options=dict(
       offload_tier="disk", resident_layers="auto", prefetch_depth=2, kv_reserve_tokens=256))
   common = dict(predictor="trained", predictor_path=f"{WORKDIR}/predictor",
@@ -42,15 +43,32 @@ def get_config(arg=None):
                 staging_bytes="64MiB")
   # PowerInfer-2's ablation: each row adds one mechanism to the one before.
   rows = {
-      "nc_baseline": dict(layout="split", cache_bytes=0, pipeline=False, lookahead=False),
-      "nc_bundling": dict(layout="bundled", cache_bytes=0, pipeline=False, lookahead=False),
-      "nc_cache": dict(layout="bundled", cache_bytes=None, pipeline=False, lookahead=False),
-      "nc_pipeline": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=False),
-      "nc_lookahead": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=True),
+      "nc_baseline": dict(layout="split", cache_bytes=0, pipeline=False, lookahead=False,
+                          feedback=False),
+      "nc_bundling": dict(layout="bundled", cache_bytes=0, pipeline=False, lookahead=False,
+                          feedback=False),
+      "nc_cache": dict(layout="bundled", cache_bytes=None, pipeline=False, lookahead=False,
+                       feedback=False),
+      "nc_pipeline": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=False,
+                          feedback=False),
+      "nc_lookahead": dict(layout="bundled", cache_bytes=None, pipeline=True, lookahead=True,
+                           feedback=False),
       # Not in the default order: larger requests (gaps of 1-2 records read too), against
       # nc_pipeline (--config.order=nc_pipeline,nc_bridge1,nc_bridge2).
-      "nc_bridge1": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=1),
-      "nc_bridge2": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=2),
+      "nc_bridge1": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=1,
+                         feedback=False),
+      "nc_bridge2": dict(layout="bundled", cache_bytes=None, pipeline=True, bridge_gap=2,
+                         feedback=False),
+      # Issue 13's second pass (--config.order=layerwise,nc_pipeline,nc_io32,nc_feedback,
+      # nc_feedback_io32,nc_feedback_io32_bridge1): more requests in flight; the
+      # predictor's error fed back (the default); gaps of one record read too.
+      "nc_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, io_depth=32,
+                      feedback=False),
+      "nc_feedback": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True),
+      "nc_feedback_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
+                               io_depth=32),
+      "nc_feedback_io32_bridge1": dict(layout="bundled", cache_bytes=None, pipeline=True,
+                                       feedback=True, io_depth=32, bridge_gap=1),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"

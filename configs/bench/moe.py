@@ -22,6 +22,9 @@ strategy's decode_disk_bytes_per_token / decode_ideal_bytes_per_token.
 from hetflow.bench.config import bench_config
 
 MODEL_BYTES = 4_859_760_640  # mixtral-1b-routed in float32 (Model.nbytes)
+INT8_BYTES = 1_317_438_464  # ... in int8 (per channel)
+INT8_G32_BYTES = 1_387_614_208  # ... in int8-g32 (GGUF Q8_0's values)
+INT4_MINIMUM = 214_781_952  # moe_offload's minimum device budget in int4 (8 slots): 27%
 
 
 def get_config(arg=None):
@@ -54,6 +57,30 @@ def get_config(arg=None):
   # (about moe_lfu's own peak RSS). Measured 2026-11-30: moe_lfu 2.59 tok/s, llama.cpp 0.49
   # (5.3x); at 2.5GiB llama.cpp's page cache keeps the hot experts: 4.70 (WORKSPACE_NOTES.md).
   c.systems.llamacpp_F32 = dict(kind="llamacpp", gguf_type="F32")
+  # The same GGUF bits (issue 14, weight formats): moe_offload's int8 and int4 experts (one
+  # record each with its scales, the format's native matrix-vector kernels) against llama.cpp's
+  # Q8_0 and Q4_0 (int8-g32 and int4 hold their values), in one run under one memory limit:
+  #   --config.order=moe_int8_g32,llamacpp_Q8_0,moe_int4,llamacpp_Q4_0 --config.memory_limit=1.3GiB
+  # (about the int8 rows' peak RSS). The device budget is 25% of the format's bytes for
+  # int8; int4's fixed region (the float32 embedding and head are 0.26 GB of its 0.80) leaves
+  # 25% too few slots for a prompt's 8, so it runs at its minimum, 8 slots (27%). Measured
+  # 2026-11-30 on a busy machine (docs/moe.md): int8-g32 6.65 tok/s vs Q8_0 6.31; int4 5.79 vs
+  # Q4_0 2.77; llama.cpp's mmap passed the limit (its whole file stayed in the page cache).
+  for weights, nbytes in (("int8", INT8_BYTES // 4), ("int8-g32", INT8_G32_BYTES // 4),
+                         ("int4", INT4_MINIMUM)):
+    c.systems[f"moe_{weights.replace('-', '_')}"] = dict(kind="hetflow", strategy="moe_offload", weights=weights,
+                                       budget=dict(device=str(nbytes)), options=dict(common))
+  # The host tier: every int8 record also in host memory (the host budget is unlimited
+  # here), the device budget as moe_int8's; cold experts copied to a slot, or computed
+  # where they lie (on this CPU-only machine that only saves the memcpy). Measured
+  # 2026-11-30: disk only 5.71 tok/s, host copy 7.11, host compute 14.61 (docs/moe.md).
+  for cold in ("copy", "host"):
+    c.systems[f"moe_int8_host_{cold}"] = dict(
+        kind="hetflow", strategy="moe_offload", weights="int8",
+        budget=dict(device=str(INT8_BYTES // 4)),
+        options=dict(common, host_experts="auto", cold_compute=cold))
+  for gguf_type in ("Q8_0", "Q4_0"):
+    c.systems[f"llamacpp_{gguf_type}"] = dict(kind="llamacpp", gguf_type=gguf_type)
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
                              options=dict(common, offload_tier="disk", resident_layers="auto",
                                           prefetch_depth=1))

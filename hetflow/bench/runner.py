@@ -435,6 +435,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
 
         limit.top_up()  # what this process freed since the lock must not raise the limit
         available_before = mem_available()
+        limit.held(reset=True)  # the keeper's record of this row starts here
       drop_cold(spec)
       print(f"running {system.name} ...", flush=True)
       # The disk is shared with other work: probe it again after each system.
@@ -444,6 +445,7 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
       r = _child(spec, workdir, config.get("timeout_s", 1800))
       if available_before is not None:
         r["mem_available_at_start"] = available_before
+        r["memory_limit_held"] = limit.held()  # how far the limit strayed during the row
       after = probes.probe_store(store, 256 << 20, start=cursor)
       cursor = after["next"]
       disk_probes.append(after["bytes_per_s"])

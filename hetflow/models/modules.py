@@ -239,11 +239,12 @@ def routed_experts(config: ModelConfig, h, weights, idx, gate, up, down):
   into it. Each selected expert is taken out of the stack on its own and handed to
   `expert_mixture`, which an expert-offloading strategy calls directly with the
   kernels its cache holds, so both run the same arithmetic (docs/architecture.md,
-  the invariant). Quantized experts are dequantized after the take (only k
-  experts' bytes).
+  the invariant). Quantized experts stay in their stored format after the take
+  (only k experts' bytes) and `expert_mixture` computes them with the format's
+  matrix-vector kernels.
   """
   b, t, k = idx.shape
-  take = lambda m, i: formats.dequantize(jax.tree.map(lambda a: a[i], m), h.dtype)
+  take = lambda m, i: jax.tree.map(lambda a: a[i], m)
   kernels = [tuple(take(m, idx[r, s, j]) for m in (gate, up, down))
              for r in range(b) for s in range(t) for j in range(k)]
   return expert_mixture(config, h, weights, kernels)
@@ -253,22 +254,35 @@ def expert_mixture(config: ModelConfig, h, weights, kernels):
   """The selected experts of each token on h [B, T, D], combined by `weights` [B, T, k].
 
   `kernels` lists (gate [D, F], up [D, F], down [F, D]) per token and choice, in
-  the order of `weights` flattened ([B, T, k] row-major). One matrix-vector
-  product per kernel, with no gather into a [B, T, k, D, F] stack: a stack copies
-  every selected kernel (measured 0.7 GB/s against 16.5 GB/s for the products on
-  a mixtral-1b layer, notes of issue 14).
+  the order of `weights` flattened ([B, T, k] row-major); a kernel is an array or
+  a weight format's leaves (one expert's, no stack axis), computed in its stored
+  format by `formats.matmul` (the native matrix-vector kernels on CPU). One
+  matrix-vector product per kernel, with no gather into a [B, T, k, D, F] stack:
+  a stack copies every selected kernel (measured 0.7 GB/s against 16.5 GB/s for
+  the products on a mixtral-1b layer, notes of issue 14).
   """
-  act = layers.activation(config.hidden_act)
   b, t, k = weights.shape
-  outs = []
-  for n, (gate, up, down) in enumerate(kernels):
-    x = h[n // (t * k), (n // k) % t][None]  # [1, D]
-    u = x @ up
-    if config.hidden_act == "drelu":
-      u = jax.nn.relu(u)
-    outs.append((act(x @ gate) * u) @ down)
+  outs = [expert_output(config, h[n // (t * k), (n // k) % t][None], *kernel)
+          for n, kernel in enumerate(kernels)]
+  return combine_expert_outputs(outs, weights)
+
+
+def expert_output(config: ModelConfig, x, gate, up, down):
+  """One expert on one token's normalised input x [1, D] -> [1, D] (`expert_mixture`'s
+  product per choice; an offloading strategy may run it where the expert lies)."""
+  act = layers.activation(config.hidden_act)
+  mm = lambda x, w: formats.matmul(x, w) if isinstance(w, dict) else x @ w
+  u = mm(x, up)
+  if config.hidden_act == "drelu":
+    u = jax.nn.relu(u)
+  return mm(act(mm(x, gate)) * u, down)
+
+
+def combine_expert_outputs(outs, weights):
+  """`expert_output`s in [B, T, k] row-major order, combined by `weights` [B, T, k]."""
+  b, t, k = weights.shape
   out = jnp.stack(outs).reshape(b, t, k, -1)  # [B, T, k, D]
-  return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(h.dtype))
+  return jnp.einsum("BTkD,BTk->BTD", out, weights.astype(out.dtype))
 
 
 class Embed(nn.Module):

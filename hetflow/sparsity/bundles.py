@@ -25,7 +25,7 @@ def neuron_matrices(config: ModelConfig) -> tuple[str, ...]:
   return ("up", "down") if config.arch == "opt" else ("gate", "up", "down")
 
 
-def planar_step(config: ModelConfig, a, b, h, bias, valid):
+def planar_step(config: ModelConfig, a, b, h, bias, valid, pre: bool = False):
   """The FFN over a contiguous block of neuron records held planar
   (neuron_cluster's sparse step; jit it with `functools.partial(planar_step, config)`).
 
@@ -41,23 +41,33 @@ def planar_step(config: ModelConfig, a, b, h, bias, valid):
     bias: [n, M] the input rows' biases, or None.
     valid: a scalar count (the first `valid` records are real) or an [n]
       bool mask; the others contribute exact zeros.
+    pre: also return each record's selecting pre-activation (Llama: gate,
+      OPT: up, bias included) at the last token, [n] (a predictor's exact
+      target: `hetflow.sparsity.predictor.ErrorFeedback`).
 
   Returns:
-    ([B, T, D] the block's contribution, how many of its neurons fired).
+    ([B, T, D] the block's contribution, how many of its neurons fired), and
+    with `pre` that [n] array third.
   """
   n, d = b.shape
   m = a.shape[1] // d
   y = jnp.einsum("BTD,mD->BTm", h, a.reshape(n * m, d)).reshape(*h.shape[:2], n, m)
-  z, fired = _activate(config, y, bias, valid)
-  return jnp.einsum("BTn,nD->BTD", z, b), fired
-
-
-def _activate(config: ModelConfig, y, bias, valid):
-  """The neurons' activations z [B, T, n] from their input rows' products y [B, T, n, M],
-  with the records past `valid` exact zeros, and how many fired."""
-  n = y.shape[2]
   if bias is not None:
     y = y + bias
+  z, fired = _activate(config, y, valid)
+  out = jnp.einsum("BTn,nD->BTD", z, b)
+  return (out, fired, _selecting(y)) if pre else (out, fired)
+
+
+def _selecting(y):
+  """Each record's selecting pre-activation (Llama: gate, OPT: up) at the last token, [n]."""
+  return y[..., 0].reshape(-1, y.shape[2])[-1]
+
+
+def _activate(config: ModelConfig, y, valid):
+  """The neurons' activations z [B, T, n] from their input rows' products y [B, T, n, M]
+  (biases added), with the records past `valid` exact zeros, and how many fired."""
+  n = y.shape[2]
   act = layers.activation(config.hidden_act)
   if config.arch == "opt":
     z = act(y[..., 0])
@@ -72,11 +82,12 @@ def _activate(config: ModelConfig, y, bias, valid):
   return z, fired
 
 
-def planar_gather_step(config: ModelConfig, a, b, idx, h, bias, valid):
+def planar_gather_step(config: ModelConfig, a, b, idx, h, bias, valid, pre: bool = False):
   """`planar_step` over the records at slots `idx` of whole planar buffers
   (a: [slots, M * D], b: [slots, D]): a gather of contiguous rows first, for
   a few hits in a large cached block, where multiplying the whole block costs more."""
-  return planar_step(config, jnp.take(a, idx, axis=0), jnp.take(b, idx, axis=0), h, bias, valid)
+  return planar_step(config, jnp.take(a, idx, axis=0), jnp.take(b, idx, axis=0), h, bias, valid,
+                     pre)
 
 
 # -- quantized neuron records ---------------------------------------------------------------
@@ -357,7 +368,7 @@ def _native(codec: RecordCodec, rows: int) -> bool:
 
 
 def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_of, h, bias,
-                   valid):
+                   valid, pre: bool = False):
   """`planar_step` over quantized records (jit it with the config and codec bound).
 
   Args:
@@ -370,9 +381,11 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
     h: [B, T, D] the normed input.
     bias: [n, M] the input rows' biases, or None.
     valid: as `planar_step`.
+    pre: as `planar_step`.
 
   Returns:
-    ([B, T, D] the block's contribution in h's dtype, how many of its neurons fired).
+    ([B, T, D] the block's contribution in h's dtype, how many of its neurons fired), and
+    with `pre` the [n] selecting pre-activations third.
   """
   x = _rows(h)
   n = a.shape[0]
@@ -382,7 +395,10 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
         default=functools.partial(_input_products_xla, codec))
   else:
     y = _input_products_xla(codec, x, a)
-  z, fired = _activate(config, y.reshape(*h.shape[:2], n, codec.inputs), bias, valid)
+  y = y.reshape(*h.shape[:2], n, codec.inputs)
+  if bias is not None:
+    y = y + bias
+  z, fired = _activate(config, y, valid)
   z = z.reshape(-1, n).astype(jnp.float32)
   if _native(codec, x.shape[0]):
     out = jax.lax.platform_dependent(
@@ -390,11 +406,12 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
         default=functools.partial(_down_product_xla, codec))
   else:
     out = _down_product_xla(codec, z, b, table, group_of)
-  return out.reshape(h.shape).astype(h.dtype), fired
+  out = out.reshape(h.shape).astype(h.dtype)
+  return (out, fired, _selecting(y)) if pre else (out, fired)
 
 
 def quantized_gather_step(config: ModelConfig, codec: RecordCodec, a, b, idx, table, group_of,
-                          h, bias, valid):
+                          h, bias, valid, pre: bool = False):
   """`quantized_step` over the records at slots `idx` of whole planar buffers."""
   return quantized_step(config, codec, jnp.take(a, idx, axis=0), jnp.take(b, idx, axis=0),
-                        table, group_of, h, bias, valid)
+                        table, group_of, h, bias, valid, pre)

@@ -127,6 +127,7 @@ class LowRankPredictor:
     self.reports = reports
     self._device: list[dict[str, jax.Array]] | None = None
     self._fn = jax.jit(lambda p, x, t: _forward(p, x) > t)
+    self._score_fn = jax.jit(_forward)
 
   def nbytes(self) -> int:
     return sum(a.nbytes for p in self.params for a in p.values())
@@ -157,6 +158,16 @@ class LowRankPredictor:
     del h
     t = self.thresholds[layer]
     return self._fn(self._device[layer], x, t + margin * abs(t))
+
+  def scores(self, layer: int, x):
+    """[B, T, F] float logits (what `predict` thresholds) from the pre-norm residual x."""
+    return self._score_fn(self._device[layer], x)
+
+  @property
+  def linear_layers(self) -> list[bool]:
+    """Per layer: its logits approximate x . (norm * gate) (SVD or exact gate), the
+    exact target `ErrorFeedback` corrects them with."""
+    return ["u" in p or "exact" in p for p in self.params]
 
   def save(self, path: str) -> None:
     """Writes an orbax checkpoint of the weights and a JSON of thresholds/reports."""
@@ -191,6 +202,72 @@ class LowRankPredictor:
               for i in range(len(meta["thresholds"]))]
     reports = [LayerReport(**r) for r in meta["reports"]] if meta["reports"] else None
     return cls(params, meta["thresholds"], reports)
+
+
+class ErrorFeedback:
+  """A linear predictor's error, measured where it can be, fed back one token later.
+
+  A low-rank gate predictor misses the gate map's other directions; its error
+  on neuron j is x . r_j, and the residual stream x changes little from one
+  decode token to the next, so neither does the error. Each record the sparse
+  step multiplies yields its exact pre-activation (`bundles.planar_step(...,
+  pre=True)`) for free; the difference from the predictor's score is this
+  neuron's error, added to its score at the next token. Neurons so corrected
+  are thresholded near the exact boundary (`known_margin`), the others at the
+  trained threshold. On llama-1b-sparse (WORKSPACE_NOTES.md, issue 13) this cut
+  the bytes of false positives read by three quarters at a higher recall.
+
+  Units: the predictor scores x . (norm * gate) on the pre-norm residual; the
+  step sees h . gate = that / s with s = sqrt(mean(x^2) + eps) (RMSNorm), so
+  errors are kept in the step's units and scaled by each token's s.
+
+  Attributes:
+    err: [L, F] the last measured error per neuron (step units).
+    known: [L, F] whether a neuron's error was measured since `reset`.
+  """
+
+  def __init__(self, num_layers: int, num_neurons: int):
+    self.err = np.zeros((num_layers, num_neurons), np.float32)
+    self.known = np.zeros((num_layers, num_neurons), bool)
+    self._score = np.zeros((num_layers, num_neurons), np.float32)
+    self._scale = np.ones(num_layers, np.float32)
+
+  @property
+  def nbytes(self) -> int:
+    return self.err.nbytes + self.known.nbytes + self._score.nbytes + self._scale.nbytes
+
+  def reset(self) -> None:
+    """Forgets every error (a new sequence: its residual stream is another)."""
+    self.known[:] = False
+
+  def select(self, layer: int, score: np.ndarray, scale: float, threshold: float,
+             margin: float, known_margin: float) -> np.ndarray:
+    """Positions predicted active at this token.
+
+    Args:
+      layer: the layer.
+      score: [F] the predictor's scores at this token.
+      scale: this token's s (see the class).
+      threshold: the layer's trained threshold t.
+      margin: t raised by margin * |t| for neurons without a measured error.
+      known_margin: neurons with one fire when score + s * err > known_margin * |t|.
+
+    Returns:
+      Sorted positions.
+    """
+    self._score[layer], self._scale[layer] = score, scale
+    corrected = score + scale * self.err[layer]
+    keep = np.where(self.known[layer], corrected > known_margin * abs(threshold),
+                    score > threshold + margin * abs(threshold))
+    return np.flatnonzero(keep)
+
+  def observe(self, layer: int, positions: np.ndarray, pre: np.ndarray) -> None:
+    """Records the exact pre-activations `pre` of the neurons at `positions`
+    (-1: none) computed at the token `select` last scored."""
+    ok = positions >= 0
+    p = positions[ok]
+    self.err[layer, p] = pre[ok] - self._score[layer, p] / self._scale[layer]
+    self.known[layer, p] = True
 
 
 class OraclePredictor:
