@@ -47,6 +47,7 @@ from hetflow.sparsity import experts as experts_mod
 from hetflow.sparsity.stats import calibration_ids
 from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
 from strategies.moe_offload import routing_law
+from strategies.neuron_cluster import cost as nc_cost
 from strategies.neuron_cluster.strategy import NeuronCluster, NeuronClusterOptions
 
 CALIBRATION_LENGTH = 256  # the synthetic sparse MoE models' calibrated sequence length
@@ -68,11 +69,16 @@ class MoESparseOptions:
     calibration_tokens: tokens the expert activation statistics (which order each
       expert's records hottest first and pick the hot clusters) are recorded on when
       `neurons.stats_path` is None; cached under $HETFLOW_CACHE/expert_stats.
+    shape_weight_bits: plan and predict with weights stored at this many bits
+      (PowerInfer-2's int4, which hetflow cannot hold: the fixed region and the neuron
+      records sized and read at that width, neuron_cluster's `shape_placement`); such a
+      plan is a prediction only, `materialize` refuses it. None: the model's dtype.
   """
 
   neurons: Any = dataclasses.field(default_factory=NeuronClusterOptions)
   kv_reserve_tokens: int | None = None
   calibration_tokens: int = 2048
+  shape_weight_bits: int | None = None
 
   def __post_init__(self):
     n = self.neurons
@@ -90,6 +96,9 @@ class MoESparseOptions:
     c = self.calibration_tokens
     if not isinstance(c, int) or isinstance(c, bool) or c < 1:
       raise ValueError(f"calibration_tokens={c!r}; expected an int >= 1.")
+    b = self.shape_weight_bits
+    if b is not None and b not in (2, 3, 4, 8, 16):
+      raise ValueError(f"shape_weight_bits={b!r}; expected None or one of 2, 3, 4, 8, 16.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,23 +209,28 @@ class MoESparse(Strategy):
     except ValueError as e:
       raise NotApplicable(str(e)) from None
     fixed = self._fixed_bytes(model)
+    bits = o.shape_weight_bits
+    if bits:
+      fixed = int(fixed * bits / (8 * np.dtype(model.dtype).itemsize))
     kv = model.kv_cache_nbytes(o.kv_reserve_tokens)
-    device = None
-    if budget.device is not None:
-      device = budget.device - fixed - kv
-      if device < 0:
-        raise BudgetExceeded("device", fixed + kv, 0, budget.device,
-                             group="moe_sparse fixed region + KV reserve", minimum=fixed + kv)
+    device = None if budget.device is None else max(budget.device - fixed - kv, 0)
     view = experts_mod.ExpertNeurons(model)
+    inner_budget = Budget(device=device, host=budget.host, disk=budget.disk)
     try:
-      inner = self._inner.plan(view, Budget(device=device, host=budget.host, disk=budget.disk),
-                               profile)
-    except BudgetExceeded as e:
-      e.requested += fixed + kv
-      e.budget = budget.device if e.tier == "device" else e.budget
-      if e.minimum is not None and e.tier == "device":
-        e.minimum += fixed + kv
+      inner = (nc_cost.shape_placement(view, inner_budget, o.neurons, bits) if bits else
+               self._inner.plan(view, inner_budget, profile))
+    except BudgetExceeded as e:  # restated for the whole plan
+      if e.tier == "device":
+        e.requested += fixed + kv
+        e.budget = budget.device
+        e.group = f"moe_sparse fixed region + KV reserve + {e.group}"
+        if e.minimum is not None:
+          e.minimum += fixed + kv
       raise
+    if budget.device is not None and budget.device < fixed + kv:
+      need = fixed + kv + inner.working_bytes.get("device", 0)
+      raise BudgetExceeded("device", fixed + kv, 0, budget.device,
+                           group="moe_sparse fixed region + KV reserve", minimum=need)
     s = inner.settings
     groups = {}
     per_layer = c.num_experts * s.sizes.neurons * s.sizes.record
@@ -247,6 +261,9 @@ class MoESparse(Strategy):
 
   def materialize(self, placement, model, ledger) -> None:
     c, o = model.config, self.options
+    if o.shape_weight_bits:
+      raise NotApplicable(f"shape_weight_bits={o.shape_weight_bits} plans are predictions from"
+                          " shapes; hetflow cannot hold such weights. Leave it None to run.")
     self.model, self.config = model, c
     device = tiers.device_sharding()
     self._fixed = {}
@@ -369,8 +386,6 @@ def events(ctx: simulate.PassContext) -> None:
   neurons, misses and requests per expert come from neuron_cluster's cache model
   (`decode_counts`) over the experts' view, with each expert's neuron law weighted by its
   routing frequency (`virtual_frequencies`)."""
-  from strategies.neuron_cluster import cost as nc_cost
-
   model, prof = ctx.model, ctx.profile
   c = model.config
   s: MoESparseSettings = ctx.placement.settings
@@ -380,7 +395,8 @@ def events(ctx: simulate.PassContext) -> None:
   n_x, k, f = c.num_experts, c.experts_per_token, c.intermediate_size
   rec = inner.sizes.record
   item = np.dtype(model.dtype).itemsize
-  neuron = len(experts_mod.EXPERT_MATRICES) * c.hidden_size * item
+  q = nc_cost._weight_scale(view, inner)  # stored bytes per weight over the dtype's
+  neuron = len(experts_mod.EXPERT_MATRICES) * c.hidden_size * item * q
   cpu_bw = costmodel.matvec_bw(prof, "cpu", model.dtype)
   per_byte = 1 / cpu_bw + 1 / prof.memory_bw
   if ctx.phase == "decode":
@@ -397,7 +413,8 @@ def events(ctx: simulate.PassContext) -> None:
     prev = ctx.add("device", ctx.settings.pass_overhead_s, (prev,), "pass start",
                    overhead=False)
     for i in range(c.num_layers):
-      prev = ctx.add("device", ctx.half_time(f"layers/{i}/attn"), (prev,), "attn", i)
+      prev = ctx.add("device", nc_cost._kernels_time(ctx, f"layers/{i}/attn", q), (prev,),
+                     "attn", i)
       if ctx.phase != "decode":
         half = max(1, inner.sizes.staging // rec // 2)
         for _ in range(n_x):
@@ -405,7 +422,7 @@ def events(ctx: simulate.PassContext) -> None:
             m = min(half, f - start)
             rd = ctx.add("disk", m * rec / nc_cost._disk_bw(prof, m * rec, 1), (prev,),
                          "prefill read", i, m * rec)
-            prev = ctx.add("cpu", ctx.compute_time("cpu", m * neuron, m * neuron / item),
+            prev = ctx.add("cpu", ctx.compute_time("cpu", m * neuron, m * neuron / (item * q)),
                            (rd, prev), "prefill expert", i)
         continue
       sl = slice(i * n_x, (i + 1) * n_x)
@@ -427,4 +444,4 @@ def events(ctx: simulate.PassContext) -> None:
                                "missed part", i))
         admit = misses * rec / prof.memory_bw if inner.cache_slots else 0.0
         prev = ctx.add("cpu", admit, tuple(parts), "sum + admit", i)
-    prev = ctx.add("device", ctx.head_time(), (prev,), "head")
+    prev = ctx.add("device", ctx.head_time() * q, (prev,), "head")

@@ -50,6 +50,15 @@ def get_config(arg=None):
       # alone gives; the routing law is Mixtral's published one (moe_offload.routing_law).
       dict(label="moe_offload fp16", strategy="moe_offload",
            options=dict(kv_reserve_tokens=128), paper=PAPER),
+      # Sparse experts (strategies/moe_sparse.py): neuron_cluster inside each routed
+      # expert; a trained predictor per expert (sized at rank D/16 until trained).
+      dict(label="moe_sparse fp16", strategy="moe_sparse", paper=PAPER,
+           options=dict(kv_reserve_tokens=128, neurons=dict(
+               predictor="trained", predictor_path="/nonexistent/predictor"))),
+      # The same at the paper's int4 (shapes only: the plan is a prediction).
+      dict(label="moe_sparse int4", strategy="moe_sparse", paper=PAPER,
+           options=dict(kv_reserve_tokens=128, shape_weight_bits=4, neurons=dict(
+               predictor="trained", predictor_path="/nonexistent/predictor"))),
   ]
   return reproduce_config(
       "PowerInfer-2: TurboSparse-Mixtral-47B decode tok/s vs memory, OnePlus 12",
