@@ -285,6 +285,7 @@ class MoESparse(Strategy):
     self._inner = NeuronCluster(dataclasses.replace(o.neurons, stats_path=stats_path))
     self.view = experts_mod.ExpertNeurons(model)
     self._inner.materialize(placement.settings.inner, self.view, ledger)
+    self.view.release()
     self._route = _route_function(c)
     self._phase = "prefill"
     self._experts_run = {"prefill": 0, "decode": 0}

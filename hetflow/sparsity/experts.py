@@ -15,7 +15,6 @@ records hottest first and choose the hot clusters) and keeps predictor training 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -95,6 +94,8 @@ class ExpertNeurons:
         s = shapes[f"layers/{i}/mlp/norm"]
         out[f"layers/{virtual_layer(c, i, e)}/mlp/norm"] = s
     self.shapes = out
+    self._layer: int | None = None
+    self._stacks: dict[str, np.ndarray] = {}
 
   def _split(self, name: str) -> tuple[int, int, str]:
     _, v, _, leaf = name.split("/")
@@ -107,9 +108,18 @@ class ExpertNeurons:
       return self.model.tensor(f"layers/{layer}/mlp/norm")
     return self._stack(layer, leaf)[expert]
 
-  @functools.lru_cache(maxsize=3)  # noqa: B019 - one layer's stacks, while its experts are read
   def _stack(self, layer: int, leaf: str) -> np.ndarray:
-    return self.model.tensor(f"layers/{layer}/mlp/{leaf}")
+    """The layer's stack of `leaf` [X, ...], kept while that layer's experts are read
+    (the store and the oracle read a layer's experts one after another)."""
+    if self._layer != layer:
+      self._layer, self._stacks = layer, {}
+    if leaf not in self._stacks:
+      self._stacks[leaf] = self.model.tensor(f"layers/{layer}/mlp/{leaf}")
+    return self._stacks[leaf]
+
+  def release(self) -> None:
+    """Drops the kept stacks (call once the store and the predictor are built)."""
+    self._layer, self._stacks = None, {}
 
   def group_names(self) -> list[str]:
     return [f"layers/{v}/mlp" for v in range(self.config.num_layers)]
