@@ -40,6 +40,8 @@ def get_config(arg=None):
                                                     disk=""),
                    prompt_tokens=16, new_tokens=8, repeats=1, timeout_s=900)
   c.model.kwargs = dict(reuse=0.6, calibration_tokens=2048, strict=False)
+  # The lab run of 2026-11-30 left layerwise out (--config.order=moe_lfu,moe_sparse): its
+  # 4.5 GB store did not fit beside the other two on the shared disk (11 GB free).
   c.order = "layerwise,moe_lfu,moe_sparse"
   common = dict(kv_reserve_tokens=64)
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise",
