@@ -194,7 +194,10 @@ def record_expert_activations(model: Model, ids: np.ndarray,
       rows = np.nonzero((idx == e).any(-1))[0]
       routed[layer, e] = len(rows)
       kernels = {m: w[m][e] for m in ("gate", "up")}
-      active = np.asarray(fire(kernels, h[rows])) if len(rows) else np.zeros((0, f), bool)
+      # Rows padded to a power of two: a few compiled shapes, not one per expert.
+      padded = np.zeros(1 << max(len(rows) - 1, 0).bit_length(), np.int64)
+      padded[:len(rows)] = rows
+      active = np.asarray(fire(kernels, h[padded]))[:len(rows)]
       counts[virtual_layer(c, layer, e)] = active.sum(0)
       if data is not None:
         data.inputs.append(flat[rows].astype(np.float32))
