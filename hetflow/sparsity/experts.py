@@ -97,6 +97,11 @@ class ExpertNeurons:
     self._layer: int | None = None
     self._stacks: dict[str, np.ndarray] = {}
 
+  @property
+  def logical_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """As `shapes`: the experts are float arrays of the compute dtype (float32 only)."""
+    return self.shapes
+
   def _split(self, name: str) -> tuple[int, int, str]:
     _, v, _, leaf = name.split("/")
     layer, expert = divmod(int(v), self.model.config.num_experts)
