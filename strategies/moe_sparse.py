@@ -209,6 +209,8 @@ class MoESparse(Strategy):
     except ValueError as e:
       raise NotApplicable(str(e)) from None
     fixed = self._fixed_bytes(model)
+    halves = sum(model.group_nbytes(g) for g in model.group_names() if not g.endswith("/mlp"))
+    mlp_fixed = (fixed - halves) // c.num_layers  # a layer's FFN norm and router
     bits = o.shape_weight_bits
     if bits:
       fixed = int(fixed * bits / (8 * np.dtype(model.dtype).itemsize))
@@ -234,8 +236,6 @@ class MoESparse(Strategy):
     s = inner.settings
     groups = {}
     per_layer = c.num_experts * s.sizes.neurons * s.sizes.record
-    mlp_fixed = (fixed - sum(model.group_nbytes(g) for g in model.group_names()
-                             if not g.endswith("/mlp"))) // c.num_layers
     for g in model.group_names():
       if g.endswith("/mlp"):
         groups[g] = GroupPlacement("disk", per_layer, f"{c.num_experts} experts' neuron records"
