@@ -32,8 +32,10 @@ def test_zipf_frequencies_mean_and_order():
 def test_sparse_names_and_errors():
   assert hetflow.synthetic_model("llama-tiny-sparse").config.hidden_act == "drelu"
   assert hetflow.synthetic_model("opt-tiny-sparse").config.hidden_act == "relu"
-  with pytest.raises(ValueError):
-    hetflow.synthetic_model("mixtral-tiny-sparse")
+  # Mixtral shapes are sparse MoE models now (issue 14, tests/test_moe_sparse.py).
+  assert hetflow.synthetic_model("mixtral-tiny-sparse").config.hidden_act == "drelu"
+  with pytest.raises(ValueError, match="unknown sparse synthetic model"):
+    hetflow.synthetic_model("nosuch-tiny-sparse")
   with pytest.raises(ValueError):
     hetflow.synthetic_model("llama-tiny-sparse", hotness="pareto")
   with pytest.raises(TypeError):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from hetflow.checkpoints.moe import SUFFIX as ROUTED
 from hetflow.checkpoints.moe import moe_model
+from hetflow.checkpoints.moe_sparse import is_moe_sparse_name, moe_sparse_model
 from hetflow.checkpoints.sparse import sparse_model
 from hetflow.checkpoints.synthetic import dense_model
 from hetflow.models.model import Model
@@ -27,10 +28,15 @@ def synthetic_model(name: str, seed: int = 0, dtype: Any = jnp.float32,
   MoE models whose routing has a stated expert popularity and reuse; they take
   `popularity=`, `reuse=` and the other keyword arguments of
   hetflow.checkpoints.moe.moe_model.
+  Mixtral shapes ending in "-sparse" ("mixtral-1b-sparse", "mixtral-tiny-8e-sparse") are
+  routed MoE models with sparse dReLU experts (TurboSparse-Mixtral); they take both sets
+  of arguments (hetflow.checkpoints.moe_sparse.moe_sparse_model).
   `weights` is the format of the linear kernels (hetflow/models/formats.py):
   each kernel is generated in float32 and quantized when a strategy places it.
   """
-  if name.endswith("-sparse"):
+  if is_moe_sparse_name(name):
+    model = moe_sparse_model(name, seed=seed, dtype=dtype, **kwargs)
+  elif name.endswith("-sparse"):
     model = sparse_model(name, seed=seed, dtype=dtype, **kwargs)
   elif name.endswith(ROUTED):
     model = moe_model(name, seed=seed, dtype=dtype, **kwargs)

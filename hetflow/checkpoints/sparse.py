@@ -125,6 +125,40 @@ def zipf_frequencies(n: int, density: float, exponent: float, cap: float) -> np.
   return np.minimum(cap, hi * base)
 
 
+def low_rank_directions(rng: np.random.Generator, raw: np.ndarray, rank: int,
+                        noise: float) -> np.ndarray:
+  """Columns [D, F] in a random rank-`rank` subspace plus `noise` times `raw` (columns of
+  norm ~1): a neuron-selecting projection that low-rank predictors can learn."""
+  d, f = raw.shape
+  basis, _ = np.linalg.qr(rng.standard_normal((d, rank), dtype=np.float32))
+  coef = rng.standard_normal((rank, f), dtype=np.float32) / np.sqrt(rank)
+  return (basis @ coef + np.float32(noise) * raw).astype(np.float32)
+
+
+def fit_thresholds(z: np.ndarray, p: np.ndarray) -> np.ndarray:
+  """Per-neuron thresholds [F] on pre-activations z [N, F] for frequencies p [F].
+
+  A Gaussian fit per neuron sets the shape (tails of a few hundred samples
+  are too noisy for p ~ 1e-3); one shift per layer, in units of each
+  neuron's deviation, then makes the layer's firing fraction on these
+  tokens equal the target exactly. The fit alone drifts with depth (0.10
+  at layer 0 to ~0.157 in deep llama-1b layers): the pre-activations are
+  not Gaussian there.
+  """
+  mean, std = z.mean(0), z.std(0) + 1e-12
+  base = mean + std * np.sqrt(2.0) * special.erfinv(1.0 - 2.0 * p)
+  target = float(p.mean())
+
+  def density(shift):
+    return float((z > base + shift * std).mean())
+
+  lo, hi = -4.0, 4.0  # density falls as the shift grows
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if density(mid) > target else (lo, mid)
+  return base + hi * std
+
+
 def sparse_config(name: str) -> ModelConfig:
   """The config of a "<shape>-sparse" name: Llama shapes get dReLU, OPT keeps ReLU."""
   if not name.endswith("-sparse") or name[:-len("-sparse")] not in SHAPES:
@@ -167,12 +201,8 @@ class SparseSource:
 
   def _directions(self, layer: int, raw: np.ndarray) -> np.ndarray:
     """Low-rank + noise columns [D, F] for the neuron-selecting projection."""
-    d, f = raw.shape
-    rng = _rng(self.seed, "subspace", layer)
-    basis, _ = np.linalg.qr(rng.standard_normal((d, self.rank), dtype=np.float32))
-    coef = rng.standard_normal((self.rank, f), dtype=np.float32) / np.sqrt(self.rank)
-    cols = basis @ coef + np.float32(self.spec.noise) * raw  # raw has column norm ~1
-    return cols.astype(np.float32)
+    return low_rank_directions(_rng(self.seed, "subspace", layer), raw, self.rank,
+                               self.spec.noise)
 
   # -- tensors ----------------------------------------------------------------
 
@@ -238,29 +268,6 @@ class SparseSource:
     out = {k: np.zeros((c.num_layers, c.intermediate_size), np.float32)
            for k in (("gate", "up") if c.arch == "llama" else ("up_bias",))}
 
-    def quantile(z, p):
-      """Per-neuron thresholds [F] on pre-activations z [N, F] for frequencies p [F].
-
-      A Gaussian fit per neuron sets the shape (tails of a few hundred samples
-      are too noisy for p ~ 1e-3); one shift per layer, in units of each
-      neuron's deviation, then makes the layer's firing fraction on these
-      tokens equal the target exactly. The fit alone drifts with depth (0.10
-      at layer 0 to ~0.157 in deep llama-1b layers): the pre-activations are
-      not Gaussian there.
-      """
-      mean, std = z.mean(0), z.std(0) + 1e-12
-      base = mean + std * np.sqrt(2.0) * special.erfinv(1.0 - 2.0 * p)
-      target = float(p.mean())
-
-      def density(shift):
-        return float((z > base + shift * std).mean())
-
-      lo, hi = -4.0, 4.0  # density falls as the shift grows
-      for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if density(mid) > target else (lo, mid)
-      return base + hi * std
-
     def on_ffn(layer, x, w):
       x = x.reshape(-1, c.hidden_size)
       p = self.target_frequencies(layer)
@@ -269,12 +276,12 @@ class SparseSource:
         unit = scaled[0, 0]  # = norm[0] * RESIDUAL_CONSTANT on every token
         up = scaled @ w["up"]
         out["up"][layer] = (UP_MARGIN * up.std(0) - up.mean(0)) / unit
-        thr = quantile(scaled @ w["gate"], p)  # row 0 of gate is still zero here
+        thr = fit_thresholds(scaled @ w["gate"], p)  # row 0 of gate is still zero here
         out["gate"][layer] = -thr / unit
         w["gate"][0], w["up"][0] = out["gate"][layer], out["up"][layer]
       else:
         h = np.asarray(normalize(c, w, x))
-        out["up_bias"][layer] = -quantile(h @ w["up"], p)
+        out["up_bias"][layer] = -fit_thresholds(h @ w["up"], p)
         w["up_bias"] = out["up_bias"][layer]
       return w
 
