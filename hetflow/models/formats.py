@@ -312,7 +312,7 @@ def matmul(x, kernel):
   """
   fmt = format_of(kernel)
   if fmt == "float32":
-    return jnp.einsum("...i,io->...o", x, kernel)
+    return kernels.float32_matmul(x, kernel)
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
   if rows > MATVEC_MAX_ROWS:

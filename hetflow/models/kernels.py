@@ -8,9 +8,9 @@ fewer bytes per weight are never slower. This module holds each formulation
 that was measured, so the choice in `hetflow.models.formats` is reproducible
 with `python -m experiments.kernels` (the probe: hetflow/bench/kernels.py).
 
-On CPU, the one-row products that `hetflow.models.formats` asks for (`bfloat16_ew_t`,
-`int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`, `int4_min_scan_gm`) run
-hetflow's native C++ kernels through XLA's FFI (`hetflow.models.native`) when they are
+On CPU, the one-row products that `hetflow.models.formats` asks for (`float32_matmul`'s
+single row, `bfloat16_ew_t`, `int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`,
+`int4_min_scan_gm`) run hetflow's native C++ kernels through XLA's FFI (`hetflow.models.native`) when they are
 built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
 a compiler, or with HETFLOW_NATIVE=0. The choice is made when a function is traced.
 
@@ -31,6 +31,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hetflow.models import native
 
@@ -178,6 +179,17 @@ def _native_or_xla(fmt: str, xla, x, *leaves):
     return xla(x, *leaves)
   return jax.lax.platform_dependent(x, *leaves, cpu=functools.partial(native.matvec, fmt),
                                     default=xla)
+
+
+def float32_matmul(x, w):
+  """x [..., in] @ a float32 kernel [in, out]: one row (decode) by the native kernel, which
+  reads the weights on every core; more rows (prefill), another dtype or a stack of kernels
+  by XLA's dot (`float32_dot`), which reads them once for all rows."""
+  rows = int(np.prod(x.shape[:-1]))
+  if rows != 1 or x.dtype != jnp.float32:
+    return float32_dot(x, w)
+  y = _native_or_xla("float32", float32_dot, x.reshape(-1), w)
+  return y.reshape(*x.shape[:-1], -1)
 
 
 def bfloat16_ew_t(x, wt):

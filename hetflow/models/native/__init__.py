@@ -40,6 +40,7 @@ LIBRARY = "libhetflow_matvec.so"
 
 # Target name per format (as hetflow.models.formats.format_of names them).
 TARGETS = {
+    "float32": "hetflow_matvec_f32",
     "bfloat16": "hetflow_matvec_bf16",
     "int8": "hetflow_matvec_int8",
     "int8-g": "hetflow_matvec_int8g",
@@ -185,6 +186,7 @@ def simd() -> bool:
 
 # What each format's handler takes: (q's rank, q's dtype, the params' dtypes).
 _SIGNATURES = {
+    "float32": (2, jnp.float32, ()),
     "bfloat16": (2, jnp.bfloat16, ()),
     "int8": (2, jnp.int8, (jnp.float32,)),
     "int8-g": (3, jnp.int8, (jnp.float16,)),
@@ -207,7 +209,7 @@ def matvec(fmt: str, x, q, *params):
   Args:
     fmt: the kernel's format, as `hetflow.models.formats.format_of` names it.
     x: the row [in] (any float dtype; widened to float32).
-    q: the kernel's values (its "q" leaf).
+    q: the kernel's values (its "q" leaf; a float32 kernel [in, out] itself).
     *params: its "scale" (and "min") leaves, as stored.
 
   Returns:
@@ -218,7 +220,7 @@ def matvec(fmt: str, x, q, *params):
   """
   if _registered is None and not _load(compiler()):
     raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
-  n_out = q.shape[1] if q.ndim == 3 else q.shape[0]
+  n_out = q.shape[1] if q.ndim == 3 or fmt == "float32" else q.shape[0]
   call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
                           vmap_method="sequential")
   return call(x.astype(jnp.float32), q, *params)

@@ -19,13 +19,15 @@
 // runs tasks inline).
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
 
-#if defined(__AVX512F__) && !defined(HETFLOW_NO_SIMD)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(HETFLOW_NO_SIMD)
 #define HETFLOW_AVX512 1
 #include <immintrin.h>
 #endif
@@ -200,6 +202,100 @@ void rows_dot(const T* w, int64_t n, const float* x, int64_t rows, float* y) {
   }
 }
 
+// -- float32 [in, out] -----------------------------------------------------------------------
+
+// y = x @ W for W [in, out] row-major (the float32 layout). W is read as it lies: blocks of
+// kF32BlockRows rows times panels of kF32Panel columns, each (block, panel) one chunk that
+// streams its rows (4 at a time) into a panel of partial sums in L1; the blocks' partial
+// sums are then added in block order. An output's value depends only on `in` and its own
+// column (the blocks are fixed by `in`), never on `out` or the panel: a column slice of the
+// kernel (tensor_split's share) gives the same value for the same output, bit for bit.
+constexpr int64_t kF32BlockRows = 256;
+constexpr int64_t kF32Panel = 1024;
+
+// part[c] (+)= sum over rows i in [i0, i1) of x[i] * w[i, c], c in [c0, c0 + cols); w's rows
+// are `ld` floats apart. Rows are added in order, one fused multiply-add each.
+void f32_block(const float* w, int64_t ld, const float* x, int64_t i0, int64_t i1, int64_t c0,
+               int64_t cols, float* part) {
+#if defined(HETFLOW_AVX512)
+  alignas(64) float acc[kF32Panel];
+  std::memset(acc, 0, sizeof(float) * cols);
+  const int64_t full = cols / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols - full)) - 1);
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    const float* r0 = w + i * ld + c0;
+    const float* r1 = r0 + ld;
+    const float* r2 = r1 + ld;
+    const float* r3 = r2 + ld;
+    const __m512 x0 = _mm512_set1_ps(x[i]), x1 = _mm512_set1_ps(x[i + 1]);
+    const __m512 x2 = _mm512_set1_ps(x[i + 2]), x3 = _mm512_set1_ps(x[i + 3]);
+    int64_t c = 0;
+    for (; c < full; c += 16) {
+      __m512 a = _mm512_load_ps(acc + c);
+      a = _mm512_fmadd_ps(x0, _mm512_loadu_ps(r0 + c), a);
+      a = _mm512_fmadd_ps(x1, _mm512_loadu_ps(r1 + c), a);
+      a = _mm512_fmadd_ps(x2, _mm512_loadu_ps(r2 + c), a);
+      a = _mm512_fmadd_ps(x3, _mm512_loadu_ps(r3 + c), a);
+      _mm512_store_ps(acc + c, a);
+    }
+    if (tail) {
+      __m512 a = _mm512_maskz_loadu_ps(tail, acc + c);
+      a = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(tail, r0 + c), a);
+      a = _mm512_fmadd_ps(x1, _mm512_maskz_loadu_ps(tail, r1 + c), a);
+      a = _mm512_fmadd_ps(x2, _mm512_maskz_loadu_ps(tail, r2 + c), a);
+      a = _mm512_fmadd_ps(x3, _mm512_maskz_loadu_ps(tail, r3 + c), a);
+      _mm512_mask_storeu_ps(acc + c, tail, a);
+    }
+  }
+  for (; i < i1; ++i) {
+    const float* r0 = w + i * ld + c0;
+    const __m512 x0 = _mm512_set1_ps(x[i]);
+    int64_t c = 0;
+    for (; c < full; c += 16) {
+      _mm512_store_ps(acc + c, _mm512_fmadd_ps(x0, _mm512_loadu_ps(r0 + c), _mm512_load_ps(acc + c)));
+    }
+    if (tail) {
+      __m512 a = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(tail, r0 + c),
+                                 _mm512_maskz_loadu_ps(tail, acc + c));
+      _mm512_mask_storeu_ps(acc + c, tail, a);
+    }
+  }
+  std::memcpy(part, acc, sizeof(float) * cols);
+#else
+  for (int64_t c = 0; c < cols; ++c) part[c] = 0.f;
+  for (int64_t i = i0; i < i1; ++i) {
+    const float* r = w + i * ld + c0;
+    for (int64_t c = 0; c < cols; ++c) part[c] = std::fma(x[i], r[c], part[c]);
+  }
+#endif
+}
+
+void f32_matvec(ffi::ThreadPool& pool, const float* w, const float* x, int64_t n, int64_t out,
+                float* y) {
+  const int64_t blocks = (n + kF32BlockRows - 1) / kF32BlockRows;
+  const int64_t panels = (out + kF32Panel - 1) / kF32Panel;
+  // One block: its sums are the result. Several: partial sums [blocks, out], then added.
+  std::unique_ptr<float[]> parts(blocks > 1 ? new float[blocks * out] : nullptr);
+  float* part = blocks > 1 ? parts.get() : y;
+  parallel_for(pool, blocks * panels, [=](int64_t c) {
+    const int64_t b = c / panels, p = c % panels;
+    const int64_t c0 = p * kF32Panel, cols = std::min(kF32Panel, out - c0);
+    const int64_t i0 = b * kF32BlockRows, i1 = std::min(n, i0 + kF32BlockRows);
+    f32_block(w, out, x, i0, i1, c0, cols, (blocks > 1 ? part + b * out : y) + c0);
+  });
+  if (blocks == 1) return;
+  // The blocks' partial sums, added in block order (a chunk of columns per task).
+  parallel_for(pool, panels, [=](int64_t p) {
+    const int64_t c0 = p * kF32Panel, c1 = std::min(out, c0 + kF32Panel);
+    for (int64_t c = c0; c < c1; ++c) {
+      float s = part[c];
+      for (int64_t b = 1; b < blocks; ++b) s += part[b * out + c];
+      y[c] = s;
+    }
+  });
+}
+
 // -- group-major kernels: int8-gN, int4 (symmetric, asymmetric) -----------------------------
 
 constexpr int kGroupTile = 16;
@@ -259,55 +355,122 @@ void int8g_tile(const Grouped& a, int64_t o0) {
   for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// int4: per 16 bytes, the low nibbles are 16 values and the high nibbles the 16 values g/2
-// further on. Symmetric: sum((n - 8) x) = sum(n x) - 8 sum(x), the second term folded into
-// the first multiply (fmsub with 8 * the group's x, lane by lane). Asymmetric: the minimum
-// times the group's x joins the accumulator after the scaled sum.
-template <int G, int R, bool kAsym>
-void int4_tile(const Grouped& a, int64_t o0) {
-  constexpr int H = G / 32;  // 16-byte pieces per row and group
-  const uint8_t* q = static_cast<const uint8_t*>(a.q);
-  const __m128i low = _mm_set1_epi8(0x0f);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  alignas(64) float s[kGroupTile];
-  alignas(64) float m[kGroupTile];
-  for (int64_t k = 0; k < a.groups; ++k) {
-    const uint8_t* base = q + (k * a.out + o0) * (G / 2);
-    if (k + kPrefetchGroups < a.groups) {
-      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * (G / 2)),
-               R * (G / 2));
+// int4, by table lookup: one 64-byte load holds 64 / (G / 2) rows' bytes of one group (4 rows
+// at G = 32, 2 at G = 64; the rows of a group lie together), as 16 dwords. Shifting every
+// dword right by 4s puts its nibble s in the dword's low 4 bits, and vpermps, which reads only
+// those 4 bits of each index, looks the nibble's value up in a 16-entry table ((n - 8) for
+// the symmetric format, n for the asymmetric one): per 16 weights one shift, one permute and
+// one fused multiply-add, with no byte unpacking or int-to-float conversion. The multiply
+// pairs lane d of piece s with the x of the value it holds, from a copy of the group's x laid
+// out in that order (`Int4X`, built once per call). Each lane sums 8 exact products; a row's
+// D = G / 8 lanes are scaled by the row's scale, accumulated over groups and added together
+// once at the end. The asymmetric minimum times the group's sum of x joins the row's first
+// lane. A row's arithmetic does not depend on its place in the tile (so a slice of the rows,
+// tensor_split's share, gives the same values, bit for bit).
+
+// x rearranged for the int4 kernels: per group, 8 vectors (piece s, lane d) holding the x of
+// the value that nibble s of dword d carries; plus, for the asymmetric format, one vector with
+// the group's sum of x in the first lane of each row (lanes d % D == 0), zero elsewhere.
+struct Int4X {
+  std::unique_ptr<float[]> data;
+  int64_t stride;  // floats per group
+};
+
+template <int G>
+Int4X int4_x(const float* x, int64_t groups, bool asym) {
+  constexpr int B = G / 2, D = B / 4;
+  Int4X out{nullptr, (8 + (asym ? 1 : 0)) * 16};
+  out.data.reset(new float[groups * out.stride]);
+  for (int64_t k = 0; k < groups; ++k) {
+    const float* xg = x + k * G;
+    float* dst = out.data.get() + k * out.stride;
+    for (int s = 0; s < 8; ++s) {
+      for (int d = 0; d < 16; ++d) dst[16 * s + d] = xg[4 * (d % D) + s / 2 + B * (s % 2)];
     }
-    load_params(a.scale + k * a.out + o0, R, s);
-    if constexpr (kAsym) load_params(a.minimum + k * a.out + o0, R, m);
-    const float* xg = a.x + k * G;
-    __m512 xlo[H], xhi[H];
-    __m512 xsum = _mm512_setzero_ps();
-    for (int h = 0; h < H; ++h) {
-      xlo[h] = _mm512_loadu_ps(xg + 16 * h);
-      xhi[h] = _mm512_loadu_ps(xg + G / 2 + 16 * h);
-      xsum = _mm512_add_ps(xsum, _mm512_add_ps(xlo[h], xhi[h]));
-    }
-    const __m512 x8 = _mm512_mul_ps(xsum, _mm512_set1_ps(8.f));
-    for (int r = 0; r < R; ++r) {
-      const uint8_t* p = base + r * (G / 2);
-      __m512 t;
-      for (int h = 0; h < H; ++h) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
-        __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-        __m512 whi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
-        if (h == 0) {
-          t = kAsym ? _mm512_mul_ps(wlo, xlo[0]) : _mm512_fmsub_ps(wlo, xlo[0], x8);
-        } else {
-          t = _mm512_fmadd_ps(wlo, xlo[h], t);
-        }
-        t = _mm512_fmadd_ps(whi, xhi[h], t);
-      }
-      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
-      if constexpr (kAsym) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(m[r]), xsum, acc[r]);
+    if (asym) {
+      float sum = 0.f;
+      for (int j = 0; j < G; ++j) sum += xg[j];
+      for (int d = 0; d < 16; ++d) dst[128 + d] = d % D == 0 ? sum : 0.f;
     }
   }
-  for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
+  return out;
+}
+
+// Rows [o0, o0 + rows) of an int4 kernel of group G, rows <= kGroupTile; M = the 64-byte
+// loads that cover them.
+template <int G, int M, bool kAsym>
+void int4_tile(const Grouped& a, const float* xr, int64_t xstride, int64_t o0, int64_t rows) {
+  constexpr int B = G / 2, D = B / 4, RPL = 16 / D;  // bytes per row, lanes per row, rows per load
+  const uint8_t* q = static_cast<const uint8_t*>(a.q);
+  const __m512 table = kAsym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                             : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  // The last load's bytes beyond `rows` are not read (masked), so their lanes are zero.
+  const int64_t last_rows = rows - (M - 1) * RPL;
+  const __mmask64 last = last_rows >= RPL ? ~__mmask64{0} : (__mmask64{1} << (last_rows * B)) - 1;
+  const __mmask16 pmask = static_cast<__mmask16>((1u << rows) - 1);
+  __m512i spread[M];  // lane d of load m -> the row's index in the tile's 16 scales
+  for (int m = 0; m < M; ++m) {
+    alignas(64) int32_t idx[16];
+    for (int d = 0; d < 16; ++d) idx[d] = m * RPL + d / D;
+    spread[m] = _mm512_load_si512(idx);
+  }
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < a.groups; ++k) {
+    const uint8_t* base = q + (k * a.out + o0) * B;
+    if (k + kPrefetchGroups < a.groups) {
+      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * B), rows * B);
+    }
+    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pmask, a.scale + k * a.out + o0));
+    __m512 m16;
+    if constexpr (kAsym) {
+      m16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pmask, a.minimum + k * a.out + o0));
+    }
+    const float* xk = xr + k * xstride;
+    __m512 xs[8];
+    for (int s = 0; s < 8; ++s) xs[s] = _mm512_loadu_ps(xk + 16 * s);
+    for (int m = 0; m < M; ++m) {
+      const __m512i v = m == M - 1 ? _mm512_maskz_loadu_epi8(last, base + m * 64)
+                                   : _mm512_loadu_si512(base + m * 64);
+      __m512 t = _mm512_mul_ps(_mm512_permutexvar_ps(v, table), xs[0]);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), xs[1], t);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table), xs[2], t);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table), xs[3], t);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table), xs[4], t);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), table), xs[5], t);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table), xs[6], t);
+      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), table), xs[7], t);
+      acc[m] = _mm512_fmadd_ps(t, _mm512_permutexvar_ps(spread[m], s16), acc[m]);
+      if constexpr (kAsym) {
+        acc[m] = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread[m], m16),
+                                 _mm512_loadu_ps(xk + 128), acc[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, acc[m]);
+    for (int r = 0; r < RPL && m * RPL + r < rows; ++r) {
+      float sum = lanes[r * D];
+      for (int d = 1; d < D; ++d) sum += lanes[r * D + d];
+      a.y[o0 + m * RPL + r] = sum;
+    }
+  }
+}
+
+template <int G> constexpr int kInt4RowsPerLoad = 16 / (G / 8);
+
+// Calls int4_tile with M = the loads that cover `rows` (the last tile may be short).
+template <int G, bool kAsym, int M = kGroupTile / kInt4RowsPerLoad<G>>
+void int4_rows(const Grouped& a, const float* xr, int64_t xstride, int64_t o0, int64_t rows) {
+  constexpr int RPL = kInt4RowsPerLoad<G>;
+  if constexpr (M >= 1) {
+    if ((rows + RPL - 1) / RPL == M) {
+      int4_tile<G, M, kAsym>(a, xr, xstride, o0, rows);
+    } else {
+      int4_rows<G, kAsym, M - 1>(a, xr, xstride, o0, rows);
+    }
+  }
 }
 
 // Calls Tile<R> for the tile's row count R (a full tile, or the last, shorter one).
@@ -323,7 +486,6 @@ void dispatch_rows(const Grouped& a, int64_t o0, int64_t rows) {
 }
 
 template <int G> struct Int8G { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int8g_tile<G, R>(a, o0); } }; };
-template <int G, bool A> struct Int4 { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int4_tile<G, R, A>(a, o0); } }; };
 #endif  // HETFLOW_AVX512
 
 // The portable version of the grouped kernels (any group size; what a compiler without
@@ -357,16 +519,28 @@ void grouped_generic(const Grouped& a, int64_t o0, int64_t rows, bool int4, bool
   }
 }
 
+template <int G, bool kAsym>
+void int4_simd(ffi::ThreadPool& pool, const Grouped& a) {
+  const Int4X xr = int4_x<G>(a.x, a.groups, kAsym);  // outlives every chunk (for_row_tiles waits)
+  const float* xp = xr.data.get();
+  const int64_t stride = xr.stride;
+  for_row_tiles(pool, a.out, kGroupTile, [a, xp, stride](int64_t o0, int64_t rows) {
+    int4_rows<G, kAsym>(a, xp, stride, o0, rows);
+  });
+}
+
 void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4, bool asym) {
+#if defined(HETFLOW_AVX512)
+  if (int4 && !asym && a.g == 32) return int4_simd<32, false>(pool, a);
+  if (int4 && !asym && a.g == 64) return int4_simd<64, false>(pool, a);
+  if (int4 && asym && a.g == 32) return int4_simd<32, true>(pool, a);
+  if (int4 && asym && a.g == 64) return int4_simd<64, true>(pool, a);
+#endif
   for_row_tiles(pool, a.out, kGroupTile, [a, int4, asym](int64_t o0, int64_t rows) {
 #if defined(HETFLOW_AVX512)
     if (!int4 && a.g == 32) return dispatch_rows<Int8G<32>::T>(a, o0, rows);
     if (!int4 && a.g == 64) return dispatch_rows<Int8G<64>::T>(a, o0, rows);
     if (!int4 && a.g == 128) return dispatch_rows<Int8G<128>::T>(a, o0, rows);
-    if (int4 && !asym && a.g == 32) return dispatch_rows<Int4<32, false>::T>(a, o0, rows);
-    if (int4 && !asym && a.g == 64) return dispatch_rows<Int4<64, false>::T>(a, o0, rows);
-    if (int4 && asym && a.g == 32) return dispatch_rows<Int4<32, true>::T>(a, o0, rows);
-    if (int4 && asym && a.g == 64) return dispatch_rows<Int4<64, true>::T>(a, o0, rows);
 #endif
     grouped_generic(a, o0, rows, int4, asym);
   });
@@ -396,6 +570,17 @@ ffi::Error RowMajor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D
     rows_dot<T>(w + o0 * n, n, xp, rows, yp + o0);
     if (sp) for (int64_t r = 0; r < rows; ++r) yp[o0 + r] *= sp[o0 + r];
   });
+  return ffi::Error::Success();
+}
+
+ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2 || x.element_count() != static_cast<size_t>(wd[0]) ||
+      y->element_count() != static_cast<size_t>(wd[1])) {
+    return check(false, "hetflow matvec: x [in], w [in, out], y [out] expected");
+  }
+  f32_matvec(pool, w.typed_data(), x.typed_data(), wd[0], wd[1], y->typed_data());
   return ffi::Error::Success();
 }
 
@@ -473,6 +658,13 @@ int64_t hetflow_native_calls() { return g_calls.load(); }
 int hetflow_native_pool_threads() { return g_pool_threads.load(); }
 
 }  // extern "C"
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_f32, F32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_bf16, Bf16Impl,
                               ffi::Ffi::Bind()
