@@ -26,9 +26,9 @@ from hetflow.models.formats import WeightFormat
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
-SPECS = ("bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128", "int4", "int4-g64",
+SPECS = ("float32", "bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128", "int4", "int4-g64",
          "int4-asym", "int4-g64-asym")
-XLA = {"bfloat16": kernels.bfloat16_ew_t_xla, "int8": kernels.int8_channel_ew_t_xla,
+XLA = {"float32": kernels.float32_dot, "bfloat16": kernels.bfloat16_ew_t_xla, "int8": kernels.int8_channel_ew_t_xla,
        "int8-g": kernels.int8_group_scan_gm_xla, "int4": kernels.int4_scan_gm_xla,
        "int4-asym": kernels.int4_min_scan_gm_xla}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,12 +43,14 @@ def _needs_native():
 def _kernel(spec, n_in, n_out, seed=0):
   rng = np.random.default_rng(seed)
   w = rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)
-  kernel = jax.device_put(WeightFormat.parse(spec).quantize(w))
+  kernel = jax.device_put(w if spec == "float32" else WeightFormat.parse(spec).quantize(w))
   x = jnp.asarray(rng.standard_normal(n_in, dtype=np.float32))
   return kernel, x
 
 
 def _leaves(kernel):
+  if not isinstance(kernel, dict):
+    return [kernel]  # float32: the kernel [in, out] itself
   return [kernel["q"]] + [kernel[n] for n in ("scale", "min") if n in kernel]
 
 
@@ -60,8 +62,8 @@ def _bound(kernel, x):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-# Shapes: several full row tiles and the tail of a short one (37, 5 rows); in not a multiple
-# of the SIMD width for the row-major formats (200).
+# Shapes: several full row tiles and the tail of a short one (37, 5 rows); float32: one block
+# of rows (256, 128) and several (2048), one panel of columns and a masked tail (37, 5).
 @pytest.mark.parametrize("n_in,n_out", [(256, 96), (128, 37), (2048, 5)])
 def test_native_matches_xla_and_the_exact_product(spec, n_in, n_out):
   _needs_native()
@@ -75,6 +77,32 @@ def test_native_matches_xla_and_the_exact_product(spec, n_in, n_out):
   assert np.all(np.abs(y_xla - exact) <= bound)
   assert np.all(np.abs(y_native - y_xla) <= 2 * bound)
   assert np.max(np.abs(y_native - y_xla)) <= 1e-5 * np.max(np.abs(exact))
+
+
+def test_float32_blocks_panels_and_tails():
+  """float32 [in, out]: rows not a multiple of 4 (a row at a time at the end of a block),
+  several 256-row blocks and 1024-column panels, and a column tail under a mask."""
+  _needs_native()
+  kernel, x = _kernel("float32", 1030, 2100)
+  y = np.asarray(native.matvec("float32", x, kernel))
+  bound, exact = _bound(kernel, x)
+  assert np.all(np.abs(y - exact) <= bound)
+  np.testing.assert_array_equal(y, np.asarray(jax.jit(
+      lambda x, w: native.matvec("float32", x, w))(x, kernel)))  # deterministic
+
+
+@pytest.mark.parametrize("spec", ["float32", "int4", "int4-asym", "int4-g64", "int4-g64-asym"])
+def test_a_slice_of_outputs_gives_the_same_values_bit_for_bit(spec):
+  """An output's value does not depend on `out` nor on its place in a tile: tensor_split's
+  share (formats.take_outputs) computes exactly what the whole kernel computes for it."""
+  _needs_native()
+  kernel, x = _kernel(spec, 1024, 1100)
+  fmt = formats.format_of(kernel)
+  whole = np.asarray(native.matvec(fmt, x, *_leaves(kernel)))
+  for lo, hi in ((0, 1), (3, 40), (517, 1100)):
+    part = jax.device_put(formats.take_outputs(kernel, lo, hi))
+    np.testing.assert_array_equal(np.asarray(native.matvec(fmt, x, *_leaves(part))),
+                                  whole[lo:hi])
 
 
 @pytest.mark.parametrize("spec", ["bfloat16", "int8"])
@@ -93,7 +121,7 @@ def _compiled(x, kernel) -> str:
   return jax.jit(lambda x, k: formats.matmul(x, k)).lower(x, kernel).compile().as_text()
 
 
-@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+@pytest.mark.parametrize("spec", ["float32", "bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
 def test_decode_uses_the_native_kernel_and_prefill_xla(spec, monkeypatch):
   _needs_native()
   kernel, _ = _kernel(spec, 128, 64)
@@ -123,7 +151,7 @@ def _tokens(spec, prompt=((5, 6, 7, 8, 9, 10),), new=8):
     return np.asarray(out.tokens), np.asarray(engine.forward([list(prompt[0][:1])]))
 
 
-@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+@pytest.mark.parametrize("spec", ["float32", "bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
 def test_resident_greedy_tokens_native_equal_fallback(spec, monkeypatch):
   _needs_native()
   before = native.calls()
@@ -205,11 +233,14 @@ def test_the_portable_kernels(tmp_path):
       rng = np.random.default_rng(0)
       for spec in {SPECS!r}:
         w = rng.standard_normal((256, 40), dtype=np.float32) / 16
-        k = jax.device_put(formats.WeightFormat.parse(spec).quantize(w))
+        if spec == "float32":
+          fmt, leaves, dense = "float32", [w], w.astype(np.float64)
+        else:
+          k = jax.device_put(formats.WeightFormat.parse(spec).quantize(w))
+          fmt, leaves = formats.format_of(k), [k["q"]] + [k[n] for n in ("scale", "min") if n in k]
+          dense = np.asarray(formats.dequantize(k), np.float64)
         x = rng.standard_normal(256, dtype=np.float32)
-        leaves = [k["q"]] + [k[n] for n in ("scale", "min") if n in k]
-        y = np.asarray(native.matvec(formats.format_of(k), x, *leaves))
-        dense = np.asarray(formats.dequantize(k), np.float64)
+        y = np.asarray(native.matvec(fmt, x, *leaves))
         bound = 256 * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))
         assert np.all(np.abs(y - x.astype(np.float64) @ dense) <= bound), spec
       print("portable ok")

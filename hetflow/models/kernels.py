@@ -137,34 +137,66 @@ def int8_group_3d_gm(x, q, scale):
   return jnp.sum(part * _f32(scale), axis=0)
 
 
+def int4_activations(x, group: int):
+  """int4's activations (docs/formats.md, "int4 activations"): x [..., in] quantized per group
+  of `group` values to int8, q = round-half-even(x * (1 / d)), d = max |x| * float32(1 / 127)
+  (GGUF Q8_0's rule, in the weights' groups). The native int4 kernels quantize the same way.
+
+  Returns:
+    (q int8 [..., in / group, group], d float32 [..., in / group]).
+  """
+  xg = _grouped(_f32(x), x.shape[-1] // group)
+  # A multiply by float32(1/127), not a division: XLA turns division by a constant into it.
+  d = jnp.max(jnp.abs(xg), axis=-1) * (np.float32(1) / np.float32(127))
+  inv = jnp.where(d == 0, jnp.float32(0), jnp.float32(1) / jnp.where(d == 0, 1, d))
+  q = jnp.clip(jnp.round(xg * inv[..., None]), -127, 127).astype(jnp.int8)
+  return q, d
+
+
+def int4_activations_dequantized(x, group: int):
+  """`int4_activations` as float32 values q * d [..., in]: what prefill multiplies an int4
+  kernel with, so that it computes what decode's kernels do."""
+  q, d = int4_activations(x, group)
+  return (q.astype(jnp.float32) * d[..., None]).reshape(x.shape)
+
+
+def _int4_sums(pg, qk, offset):
+  """Exact integer sums over one group: (sum of (nibble - offset) * q [out], sum of q)."""
+  half = pg.shape[-1]
+  q = qk.astype(jnp.int32)
+  isum = (jnp.sum(((pg & 15).astype(jnp.int32) - offset) * q[:half], axis=-1)
+          + jnp.sum(((pg >> 4).astype(jnp.int32) - offset) * q[half:], axis=-1))
+  return isum, jnp.sum(q)
+
+
 def int4_scan_gm_xla(x, packed, scale):
-  """Group-major symmetric int4 [G, out, g/2]: per group two sums (low, high nibbles),
-  minus 8 * sum(x), times the scale."""
+  """Group-major symmetric int4 [G, out, g/2] times one row of int4's int8 activations: per
+  group the exact integer sum of (nibble - 8) * q, times scale * d."""
   groups, n_out, half = packed.shape
-  xg = _f32(x).reshape(groups, 2 * half)
+  q, d = int4_activations(x, 2 * half)
 
   def step(acc, args):
-    pg, xk, sg = args
-    v = (jnp.sum(_f32(pg & 15) * xk[:half], axis=-1)
-         + jnp.sum(_f32(pg >> 4) * xk[half:], axis=-1))
-    return acc + (v - 8.0 * jnp.sum(xk)) * _f32(sg), None
+    pg, qk, dk, sg = args
+    isum, _ = _int4_sums(pg, qk, 8)
+    return acc + isum.astype(jnp.float32) * (_f32(sg) * dk), None
 
-  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, xg, scale))[0]
+  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, q, d, scale))[0]
 
 
 def int4_min_scan_gm_xla(x, packed, scale, minimum):
-  """Group-major asymmetric int4: per group (nibble sums) * scale + sum(x) * min."""
+  """Group-major asymmetric int4 times one row of int4's int8 activations: per group
+  (integer sum of nibble * q) * scale * d + min * (d * sum of q)."""
   groups, n_out, half = packed.shape
-  xg = _f32(x).reshape(groups, 2 * half)
+  q, d = int4_activations(x, 2 * half)
 
   def step(acc, args):
-    pg, xk, sg, mg = args
-    v = (jnp.sum(_f32(pg & 15) * xk[:half], axis=-1)
-         + jnp.sum(_f32(pg >> 4) * xk[half:], axis=-1))
-    return acc + v * _f32(sg) + jnp.sum(xk) * _f32(mg), None
+    pg, qk, dk, sg, mg = args
+    isum, qsum = _int4_sums(pg, qk, 0)
+    return (acc + isum.astype(jnp.float32) * (_f32(sg) * dk)
+            + _f32(mg) * (dk * qsum.astype(jnp.float32))), None
 
   return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32),
-                      (packed, xg, scale, minimum))[0]
+                      (packed, q, d, scale, minimum))[0]
 
 
 # -- what hetflow.models.formats computes one row with ---------------------------------------

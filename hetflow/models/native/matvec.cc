@@ -310,6 +310,45 @@ struct Grouped {
   float* y;                // [out]
 };
 
+// int4's activations (one named choice: docs/formats.md, "int4 activations"): x is quantized
+// per group of the weights' g values to int8, q = round-half-even(x * (1 / d)) with
+// d = max |x| * float32(1 / 127) (GGUF Q8_0's block, in hetflow's group), and a row's value is the sum
+// over groups of (scale * d) * (the exact integer sum of weight value * q), plus, for the
+// asymmetric format, min * (d * sum of q). kernels.int4_scan_gm_xla computes the same from
+// the same q and d; only the order of the float32 additions differs.
+struct Int4Acts {
+  std::unique_ptr<int8_t[]> q;       // [groups * g]
+  std::unique_ptr<float[]> d;        // [groups]
+  std::unique_ptr<int32_t[]> lanes;  // [groups * 16]: per SIMD lane, the sum of its 8 q's
+};
+
+Int4Acts int4_activations(const float* x, int64_t groups, int64_t g) {
+  Int4Acts out{std::unique_ptr<int8_t[]>(new int8_t[groups * g]),
+               std::unique_ptr<float[]>(new float[groups]),
+               std::unique_ptr<int32_t[]>(new int32_t[groups * 16])};
+  const int64_t half = g / 2, per_row = std::max<int64_t>(1, g / 8);  // a row's dword lanes
+  for (int64_t k = 0; k < groups; ++k) {
+    const float* xg = x + k * g;
+    float amax = 0.f;
+    for (int64_t j = 0; j < g; ++j) amax = std::max(amax, std::fabs(xg[j]));
+    const float d = amax * (1.f / 127.f);  // what XLA makes of a division by 127
+    const float inv = d != 0.f ? 1.f / d : 0.f;
+    int8_t* q = out.q.get() + k * g;
+    for (int64_t j = 0; j < g; ++j) {
+      q[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xg[j] * inv))));
+    }
+    out.d[k] = d;
+    // Lane t of a row holds its bytes 4t..4t+3: low nibbles = values 4t.., high = half + 4t..
+    for (int64_t lane = 0; lane < 16; ++lane) {
+      const int64_t t = lane % per_row;
+      int32_t sum = 0;
+      for (int64_t b = 4 * t; b < std::min(half, 4 * t + 4); ++b) sum += q[b] + q[half + b];
+      out.lanes[k * 16 + lane] = sum;
+    }
+  }
+  return out;
+}
+
 #if defined(HETFLOW_AVX512)
 inline void load_params(const uint16_t* p, int rows, float* dst) {
   if (rows == kGroupTile) {
@@ -355,60 +394,28 @@ void int8g_tile(const Grouped& a, int64_t o0) {
   for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
 }
 
-// int4, by table lookup: one 64-byte load holds 64 / (G / 2) rows' bytes of one group (4 rows
-// at G = 32, 2 at G = 64; the rows of a group lie together), as 16 dwords. Shifting every
-// dword right by 4s puts its nibble s in the dword's low 4 bits, and vpermps, which reads only
-// those 4 bits of each index, looks the nibble's value up in a 16-entry table ((n - 8) for
-// the symmetric format, n for the asymmetric one): per 16 weights one shift, one permute and
-// one fused multiply-add, with no byte unpacking or int-to-float conversion. The multiply
-// pairs lane d of piece s with the x of the value it holds, from a copy of the group's x laid
-// out in that order (`Int4X`, built once per call). Each lane sums 8 exact products; a row's
-// D = G / 8 lanes are scaled by the row's scale, accumulated over groups and added together
-// once at the end. The asymmetric minimum times the group's sum of x joins the row's first
-// lane. A row's arithmetic does not depend on its place in the tile (so a slice of the rows,
-// tensor_split's share, gives the same values, bit for bit).
-
-// x rearranged for the int4 kernels: per group, 8 vectors (piece s, lane d) holding the x of
-// the value that nibble s of dword d carries; plus, for the asymmetric format, one vector with
-// the group's sum of x in the first lane of each row (lanes d % D == 0), zero elsewhere.
-struct Int4X {
-  std::unique_ptr<float[]> data;
-  int64_t stride;  // floats per group
-};
-
-template <int G>
-Int4X int4_x(const float* x, int64_t groups, bool asym) {
-  constexpr int B = G / 2, D = B / 4;
-  Int4X out{nullptr, (8 + (asym ? 1 : 0)) * 16};
-  out.data.reset(new float[groups * out.stride]);
-  for (int64_t k = 0; k < groups; ++k) {
-    const float* xg = x + k * G;
-    float* dst = out.data.get() + k * out.stride;
-    for (int s = 0; s < 8; ++s) {
-      for (int d = 0; d < 16; ++d) dst[16 * s + d] = xg[4 * (d % D) + s / 2 + B * (s % 2)];
-    }
-    if (asym) {
-      float sum = 0.f;
-      for (int j = 0; j < G; ++j) sum += xg[j];
-      for (int d = 0; d < 16; ++d) dst[128 + d] = d % D == 0 ? sum : 0.f;
-    }
-  }
-  return out;
-}
-
-// Rows [o0, o0 + rows) of an int4 kernel of group G, rows <= kGroupTile; M = the 64-byte
-// loads that cover them.
+#if defined(__AVX512VNNI__)
+// int4 x int8 activations, with VNNI: one 64-byte load holds 64 / (G / 2) rows' bytes of one
+// group (4 rows at G = 32, 2 at G = 64; a group's rows lie together), as 16 dwords. The low
+// nibbles (values 0..G/2-1 of each row) and the high ones (G/2..G-1), masked into bytes, each
+// meet their half of the group's int8 activations (broadcast to every row) in one vpdpbusd,
+// which adds 4 byte products into each dword lane: 8 exact integer products per lane, from an
+// accumulator that starts at the lane's correction (-8 * its activations' sum for the
+// symmetric format; 0 for the asymmetric one, whose minimum times the activations' sum is
+// added in float). Each lane's integer sum, converted, is scaled by its row's scale times the
+// group's activation scale and accumulated over groups; a row's D = G / 8 lanes are added
+// once at the end. A row's arithmetic does not depend on its place in the tile (a slice of
+// the rows, tensor_split's share, gives the same values, bit for bit).
 template <int G, int M, bool kAsym>
-void int4_tile(const Grouped& a, const float* xr, int64_t xstride, int64_t o0, int64_t rows) {
+void int4_tile(const Grouped& a, const Int4Acts& x, int64_t o0, int64_t rows) {
   constexpr int B = G / 2, D = B / 4, RPL = 16 / D;  // bytes per row, lanes per row, rows per load
   const uint8_t* q = static_cast<const uint8_t*>(a.q);
-  const __m512 table = kAsym ? _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-                             : _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
-  // The last load's bytes beyond `rows` are not read (masked), so their lanes are zero.
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  // The last load's bytes beyond `rows` are not read (masked): their lanes get scale 0.
   const int64_t last_rows = rows - (M - 1) * RPL;
   const __mmask64 last = last_rows >= RPL ? ~__mmask64{0} : (__mmask64{1} << (last_rows * B)) - 1;
   const __mmask16 pmask = static_cast<__mmask16>((1u << rows) - 1);
-  __m512i spread[M];  // lane d of load m -> the row's index in the tile's 16 scales
+  __m512i spread[M];  // lane d of load m -> the row's index among the tile's 16 scales
   for (int m = 0; m < M; ++m) {
     alignas(64) int32_t idx[16];
     for (int d = 0; d < 16; ++d) idx[d] = m * RPL + d / D;
@@ -421,38 +428,44 @@ void int4_tile(const Grouped& a, const float* xr, int64_t xstride, int64_t o0, i
     if (k + kPrefetchGroups < a.groups) {
       prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * B), rows * B);
     }
-    const __m512 s16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pmask, a.scale + k * a.out + o0));
-    __m512 m16;
+    const __m512 dk = _mm512_set1_ps(x.d[k]);
+    const __m512 s16 = _mm512_mul_ps(
+        _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pmask, a.scale + k * a.out + o0)), dk);
+    const int8_t* xk = x.q.get() + k * G;
+    __m512i xlo, xhi;
+    if constexpr (G == 32) {
+      xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xk)));
+      xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xk + B)));
+    } else {
+      xlo = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk)));
+      xhi = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + B)));
+    }
+    const __m512i lanes = _mm512_loadu_si512(x.lanes.get() + k * 16);
+    const __m512i start =
+        kAsym ? _mm512_setzero_si512() : _mm512_mullo_epi32(lanes, _mm512_set1_epi32(-8));
+    __m512 m16, xsum;
     if constexpr (kAsym) {
       m16 = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pmask, a.minimum + k * a.out + o0));
+      xsum = _mm512_mul_ps(dk, _mm512_cvtepi32_ps(lanes));
     }
-    const float* xk = xr + k * xstride;
-    __m512 xs[8];
-    for (int s = 0; s < 8; ++s) xs[s] = _mm512_loadu_ps(xk + 16 * s);
     for (int m = 0; m < M; ++m) {
       const __m512i v = m == M - 1 ? _mm512_maskz_loadu_epi8(last, base + m * 64)
                                    : _mm512_loadu_si512(base + m * 64);
-      __m512 t = _mm512_mul_ps(_mm512_permutexvar_ps(v, table), xs[0]);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table), xs[1], t);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 8), table), xs[2], t);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 12), table), xs[3], t);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 16), table), xs[4], t);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 20), table), xs[5], t);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 24), table), xs[6], t);
-      t = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(v, 28), table), xs[7], t);
-      acc[m] = _mm512_fmadd_ps(t, _mm512_permutexvar_ps(spread[m], s16), acc[m]);
+      __m512i i = _mm512_dpbusd_epi32(start, _mm512_and_si512(v, low), xlo);
+      i = _mm512_dpbusd_epi32(i, _mm512_and_si512(_mm512_srli_epi16(v, 4), low), xhi);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_permutexvar_ps(spread[m], s16),
+                               acc[m]);
       if constexpr (kAsym) {
-        acc[m] = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread[m], m16),
-                                 _mm512_loadu_ps(xk + 128), acc[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_permutexvar_ps(spread[m], m16), xsum, acc[m]);
       }
     }
   }
   for (int m = 0; m < M; ++m) {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, acc[m]);
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, acc[m]);
     for (int r = 0; r < RPL && m * RPL + r < rows; ++r) {
-      float sum = lanes[r * D];
-      for (int d = 1; d < D; ++d) sum += lanes[r * D + d];
+      float sum = sums[r * D];
+      for (int d = 1; d < D; ++d) sum += sums[r * D + d];
       a.y[o0 + m * RPL + r] = sum;
     }
   }
@@ -462,16 +475,18 @@ template <int G> constexpr int kInt4RowsPerLoad = 16 / (G / 8);
 
 // Calls int4_tile with M = the loads that cover `rows` (the last tile may be short).
 template <int G, bool kAsym, int M = kGroupTile / kInt4RowsPerLoad<G>>
-void int4_rows(const Grouped& a, const float* xr, int64_t xstride, int64_t o0, int64_t rows) {
+void int4_rows(const Grouped& a, const Int4Acts& x, int64_t o0, int64_t rows) {
   constexpr int RPL = kInt4RowsPerLoad<G>;
   if constexpr (M >= 1) {
     if ((rows + RPL - 1) / RPL == M) {
-      int4_tile<G, M, kAsym>(a, xr, xstride, o0, rows);
+      int4_tile<G, M, kAsym>(a, x, o0, rows);
     } else {
-      int4_rows<G, kAsym, M - 1>(a, xr, xstride, o0, rows);
+      int4_rows<G, kAsym, M - 1>(a, x, o0, rows);
     }
   }
 }
+#define HETFLOW_INT4_VNNI 1
+#endif  // __AVX512VNNI__
 
 // Calls Tile<R> for the tile's row count R (a full tile, or the last, shorter one).
 template <template <int> class Tile, int R = kGroupTile>
@@ -488,61 +503,70 @@ void dispatch_rows(const Grouped& a, int64_t o0, int64_t rows) {
 template <int G> struct Int8G { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int8g_tile<G, R>(a, o0); } }; };
 #endif  // HETFLOW_AVX512
 
-// The portable version of the grouped kernels (any group size; what a compiler without
-// AVX-512 builds, and what HETFLOW_NO_SIMD builds for the tests).
-void grouped_generic(const Grouped& a, int64_t o0, int64_t rows, bool int4, bool asym) {
+// The portable versions of the grouped kernels (any group size; what a compiler without
+// AVX-512 (int4: without VNNI) builds, and what HETFLOW_NO_SIMD builds for the tests).
+void grouped_generic(const Grouped& a, int64_t o0, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) {
     int64_t o = o0 + r;
     float acc = 0.f;
     for (int64_t k = 0; k < a.groups; ++k) {
       const float* xg = a.x + k * a.g;
+      const int8_t* p = static_cast<const int8_t*>(a.q) + (k * a.out + o) * a.g;
       float part = 0.f;
-      if (!int4) {
-        const int8_t* p = static_cast<const int8_t*>(a.q) + (k * a.out + o) * a.g;
-        for (int64_t j = 0; j < a.g; ++j) part += static_cast<float>(p[j]) * xg[j];
-      } else {
-        int64_t half = a.g / 2;
-        const uint8_t* p = static_cast<const uint8_t*>(a.q) + (k * a.out + o) * half;
-        float xs = 0.f;
-        for (int64_t j = 0; j < half; ++j) {
-          part += static_cast<float>(p[j] & 15) * xg[j] + static_cast<float>(p[j] >> 4) * xg[j + half];
-          xs += xg[j] + xg[j + half];
-        }
-        if (!asym) part -= 8.f * xs;
-        acc += part * half_to_float(a.scale[k * a.out + o]);
-        if (asym) acc += xs * half_to_float(a.minimum[k * a.out + o]);
-        continue;
-      }
+      for (int64_t j = 0; j < a.g; ++j) part += static_cast<float>(p[j]) * xg[j];
       acc += part * half_to_float(a.scale[k * a.out + o]);
     }
     a.y[o] = acc;
   }
 }
 
-template <int G, bool kAsym>
-void int4_simd(ffi::ThreadPool& pool, const Grouped& a) {
-  const Int4X xr = int4_x<G>(a.x, a.groups, kAsym);  // outlives every chunk (for_row_tiles waits)
-  const float* xp = xr.data.get();
-  const int64_t stride = xr.stride;
-  for_row_tiles(pool, a.out, kGroupTile, [a, xp, stride](int64_t o0, int64_t rows) {
-    int4_rows<G, kAsym>(a, xp, stride, o0, rows);
+// int4 with its int8 activations (any group size; the same integer sums as the SIMD kernel).
+void int4_generic(const Grouped& a, const Int4Acts& x, int64_t o0, int64_t rows, bool asym) {
+  const int64_t half = a.g / 2;
+  const int32_t offset = asym ? 0 : 8;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t o = o0 + r;
+    float acc = 0.f;
+    for (int64_t k = 0; k < a.groups; ++k) {
+      const int8_t* q = x.q.get() + k * a.g;
+      const uint8_t* p = static_cast<const uint8_t*>(a.q) + (k * a.out + o) * half;
+      int32_t isum = 0, qsum = 0;
+      for (int64_t j = 0; j < half; ++j) {
+        isum += ((p[j] & 15) - offset) * q[j] + ((p[j] >> 4) - offset) * q[j + half];
+        qsum += q[j] + q[j + half];
+      }
+      acc += static_cast<float>(isum) * (half_to_float(a.scale[k * a.out + o]) * x.d[k]);
+      if (asym) {
+        acc += half_to_float(a.minimum[k * a.out + o]) * (x.d[k] * static_cast<float>(qsum));
+      }
+    }
+    a.y[o] = acc;
+  }
+}
+
+void int4(ffi::ThreadPool& pool, const Grouped& a, bool asym) {
+  const Int4Acts x = int4_activations(a.x, a.groups, a.g);  // outlives every chunk
+  const Int4Acts* xp = &x;
+  for_row_tiles(pool, a.out, kGroupTile, [a, xp, asym](int64_t o0, int64_t rows) {
+#if defined(HETFLOW_INT4_VNNI)
+    if (!asym && a.g == 32) return int4_rows<32, false>(a, *xp, o0, rows);
+    if (!asym && a.g == 64) return int4_rows<64, false>(a, *xp, o0, rows);
+    if (asym && a.g == 32) return int4_rows<32, true>(a, *xp, o0, rows);
+    if (asym && a.g == 64) return int4_rows<64, true>(a, *xp, o0, rows);
+#endif
+    int4_generic(a, *xp, o0, rows, asym);
   });
 }
 
-void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4, bool asym) {
+void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4_format, bool asym) {
+  if (int4_format) return int4(pool, a, asym);
+  for_row_tiles(pool, a.out, kGroupTile, [a](int64_t o0, int64_t rows) {
 #if defined(HETFLOW_AVX512)
-  if (int4 && !asym && a.g == 32) return int4_simd<32, false>(pool, a);
-  if (int4 && !asym && a.g == 64) return int4_simd<64, false>(pool, a);
-  if (int4 && asym && a.g == 32) return int4_simd<32, true>(pool, a);
-  if (int4 && asym && a.g == 64) return int4_simd<64, true>(pool, a);
+    if (a.g == 32) return dispatch_rows<Int8G<32>::T>(a, o0, rows);
+    if (a.g == 64) return dispatch_rows<Int8G<64>::T>(a, o0, rows);
+    if (a.g == 128) return dispatch_rows<Int8G<128>::T>(a, o0, rows);
 #endif
-  for_row_tiles(pool, a.out, kGroupTile, [a, int4, asym](int64_t o0, int64_t rows) {
-#if defined(HETFLOW_AVX512)
-    if (!int4 && a.g == 32) return dispatch_rows<Int8G<32>::T>(a, o0, rows);
-    if (!int4 && a.g == 64) return dispatch_rows<Int8G<64>::T>(a, o0, rows);
-    if (!int4 && a.g == 128) return dispatch_rows<Int8G<128>::T>(a, o0, rows);
-#endif
-    grouped_generic(a, o0, rows, int4, asym);
+    grouped_generic(a, o0, rows);
   });
 }
 
