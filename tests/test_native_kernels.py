@@ -1,6 +1,7 @@
 """The native CPU matrix-vector kernels (hetflow/models/native) against the pure-XLA ones.
 
-Both accumulate in float32 from exactly widened weights; they differ only in the order
+Both accumulate in float32 from exactly widened weights (int4: exact integer sums of its
+weights times its int8 activations, the same in both); they differ only in the order
 of the additions. So each is held to the classic bound of float32 summation against the
 exact (float64) product of the same dequantized kernel, |y - y_exact| <= n * eps * (|W| @ |x|)
 with n the terms summed (`in`), and native and XLA to the same bound between them (twice
@@ -54,10 +55,19 @@ def _leaves(kernel):
   return [kernel["q"]] + [kernel[n] for n in ("scale", "min") if n in kernel]
 
 
+def _operand(kernel, x):
+  """What the kernel multiplies: x, or for int4 its int8 activations q * d (dequantized)."""
+  if formats.format_of(kernel) in ("int4", "int4-asym"):
+    return kernels.int4_activations_dequantized(x, 2 * kernel["q"].shape[-1])
+  return x
+
+
 def _bound(kernel, x):
-  """n * eps * (|W| @ |x|) per output, and the exact product, from the dequantized kernel."""
+  """n * eps * (|W| @ |x|) per output, and the exact product, from the dequantized kernel (and
+  int4's dequantized int8 activations: their integer sums are exact, so only the float32
+  additions differ, as for the other formats)."""
   dense = np.asarray(formats.dequantize(kernel), np.float64)
-  xd = np.asarray(x, np.float64)
+  xd = np.asarray(_operand(kernel, x), np.float64)
   return x.shape[0] * EPS * (np.abs(dense).T @ np.abs(xd)), xd @ dense
 
 
@@ -144,6 +154,34 @@ def test_forced_fallback_computes_the_same(spec, monkeypatch):
   assert np.all(np.abs(with_native[0] - fallback[0]) <= 2 * bound)
 
 
+def test_int4_activations_follow_q8_0s_rule_per_group():
+  """int8 per group of g: d = max |x| * float32(1/127), q = round-half-even(x / d); a group of
+  zeros has d = 0 and q = 0."""
+  x = np.random.default_rng(3).standard_normal(96).astype(np.float32)
+  x[32:64] = 0
+  x[70] = 2.5 * np.abs(x[64:]).max()  # the max of the third group (its q is 127)
+  q, d = (np.asarray(a) for a in kernels.int4_activations(jnp.asarray(x), 32))
+  assert q.shape == (3, 32) and q.dtype == np.int8 and d.dtype == np.float32
+  amax = np.abs(x.reshape(3, 32)).max(-1)
+  np.testing.assert_array_equal(d, amax * (np.float32(1) / np.float32(127)))
+  inv = np.where(d == 0, np.float32(0), np.float32(1) / np.where(d == 0, 1, d))
+  np.testing.assert_array_equal(q, np.rint(x.reshape(3, 32) * inv[:, None]).astype(np.int8))
+  assert q[2, 6] == 127 and not q[1].any() and d[1] == 0
+  assert np.all(np.abs(q * d[:, None] - x.reshape(3, 32)) <= 0.5 * (1 + 1e-5) * d[:, None])
+
+
+@pytest.mark.parametrize("spec", ["int4", "int4-g64-asym"])
+def test_int4_prefill_multiplies_the_same_activations_as_decode(spec):
+  """Prefill (dequantize + XLA's dot) takes int4's int8 activations too: one row through the
+  matrix-vector kernel and the same row among 8 give the same values up to float32 sums."""
+  kernel, x = _kernel(spec, 256, 48)
+  one = np.asarray(formats.matmul(x[None], kernel))[0]
+  eight = np.asarray(formats.matmul(jnp.stack([x] * 8), kernel))
+  bound, exact = _bound(kernel, x)
+  for y in (one, *eight):
+    assert np.all(np.abs(y - exact) <= bound)
+
+
 def _tokens(spec, prompt=((5, 6, 7, 8, 9, 10),), new=8):
   model = hetflow.synthetic_model("llama-tiny", weights=spec)  # its own jitted functions
   with Engine(model, "resident") as engine:
@@ -226,7 +264,7 @@ def test_the_portable_kernels(tmp_path):
     pytest.skip("no C++ compiler")
   done = _python(f"""
       import numpy as np, jax
-      from hetflow.models import formats, native
+      from hetflow.models import formats, kernels, native
       native._register(native.build({cxx!r}, {str(tmp_path)!r},
                                     native.FLAGS + ("-DHETFLOW_NO_SIMD",)))
       assert not native.simd()
@@ -241,9 +279,23 @@ def test_the_portable_kernels(tmp_path):
           dense = np.asarray(formats.dequantize(k), np.float64)
         x = rng.standard_normal(256, dtype=np.float32)
         y = np.asarray(native.matvec(fmt, x, *leaves))
+        if fmt in ("int4", "int4-asym"):  # its int8 activations
+          x = np.asarray(kernels.int4_activations_dequantized(x, 2 * leaves[0].shape[-1]))
         bound = 256 * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))
         assert np.all(np.abs(y - x.astype(np.float64) @ dense) <= bound), spec
       print("portable ok")
       """)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "portable ok" in done.stdout
+
+
+def test_the_kernel_table_checks_every_native_row():
+  """hetflow/bench/kernels.py times a native row for every format, against float32 of its own
+  weights (int4: and its int8 activations), so a wrong kernel cannot look fast."""
+  _needs_native()
+  from hetflow.bench import kernels as table
+  rows = table.measure(64, 48, repeats=1, qwix=False)
+  natives = {t.format: t.max_rel_error for t in rows if t.name == table.NATIVE}
+  assert set(natives) == {"float32", "bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128",
+                          "int4", "int4-g64", "int4-asym", "int4-g64-asym"}
+  assert max(natives.values()) < 1e-5, natives

@@ -253,7 +253,8 @@ void f32_block(const float* w, int64_t ld, const float* x, int64_t i0, int64_t i
     const __m512 x0 = _mm512_set1_ps(x[i]);
     int64_t c = 0;
     for (; c < full; c += 16) {
-      _mm512_store_ps(acc + c, _mm512_fmadd_ps(x0, _mm512_loadu_ps(r0 + c), _mm512_load_ps(acc + c)));
+      const __m512 a = _mm512_load_ps(acc + c);
+      _mm512_store_ps(acc + c, _mm512_fmadd_ps(x0, _mm512_loadu_ps(r0 + c), a));
     }
     if (tail) {
       __m512 a = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(tail, r0 + c),
@@ -312,10 +313,19 @@ struct Grouped {
 
 // int4's activations (one named choice: docs/formats.md, "int4 activations"): x is quantized
 // per group of the weights' g values to int8, q = round-half-even(x * (1 / d)) with
-// d = max |x| * float32(1 / 127) (GGUF Q8_0's block, in hetflow's group), and a row's value is the sum
-// over groups of (scale * d) * (the exact integer sum of weight value * q), plus, for the
+// d = max |x| * float32(1 / 127) (GGUF Q8_0's block, in hetflow's group), and a row's value
+// is the sum over groups of (scale * d) * (the exact integer sum of weight value * q), plus, for the
 // asymmetric format, min * (d * sum of q). kernels.int4_scan_gm_xla computes the same from
 // the same q and d; only the order of the float32 additions differs.
+#if defined(HETFLOW_AVX512) && defined(__AVX512VNNI__)
+// Half a group's int8 activations (g / 2 bytes, g = 32 or 64) repeated across 64 bytes, so
+// that dword lane d meets bytes 4 (d % (g / 8)).. of every row's half-group.
+inline __m512i broadcast_half(const int8_t* p, int64_t g) {
+  return g == 32 ? _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                 : _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
 struct Int4Acts {
   std::unique_ptr<int8_t[]> q;       // [groups * g]
   std::unique_ptr<float[]> d;        // [groups]
@@ -329,16 +339,46 @@ Int4Acts int4_activations(const float* x, int64_t groups, int64_t g) {
   const int64_t half = g / 2, per_row = std::max<int64_t>(1, g / 8);  // a row's dword lanes
   for (int64_t k = 0; k < groups; ++k) {
     const float* xg = x + k * g;
+    int8_t* q = out.q.get() + k * g;
     float amax = 0.f;
+#if defined(HETFLOW_AVX512)
+    if (g % 16 == 0) {  // the same values, 16 at a time (cvtps rounds half to even, as nearbyint)
+      __m512 m = _mm512_setzero_ps();
+      for (int64_t j = 0; j < g; j += 16) {
+        m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xg + j)));
+      }
+      amax = _mm512_reduce_max_ps(m);
+    } else
+#endif
     for (int64_t j = 0; j < g; ++j) amax = std::max(amax, std::fabs(xg[j]));
     const float d = amax * (1.f / 127.f);  // what XLA makes of a division by 127
     const float inv = d != 0.f ? 1.f / d : 0.f;
-    int8_t* q = out.q.get() + k * g;
+#if defined(HETFLOW_AVX512)
+    if (g % 16 == 0) {
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+      for (int64_t j = 0; j < g; j += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), vinv));
+        v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtepi32_epi8(v));
+      }
+    } else
+#endif
     for (int64_t j = 0; j < g; ++j) {
       q[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xg[j] * inv))));
     }
     out.d[k] = d;
     // Lane t of a row holds its bytes 4t..4t+3: low nibbles = values 4t.., high = half + 4t..
+#if defined(HETFLOW_AVX512) && defined(__AVX512VNNI__)
+    if (g == 32 || g == 64) {  // the kernel's own broadcast halves, times ones
+      const __m512i ones = _mm512_set1_epi8(1);
+      const __m512i xlo = broadcast_half(q, g), xhi = broadcast_half(q + half, g);
+      const __m512i sums =
+          _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, xlo), ones, xhi);
+      _mm512_storeu_si512(out.lanes.get() + k * 16, sums);
+      continue;
+    }
+#endif
     for (int64_t lane = 0; lane < 16; ++lane) {
       const int64_t t = lane % per_row;
       int32_t sum = 0;
@@ -432,14 +472,7 @@ void int4_tile(const Grouped& a, const Int4Acts& x, int64_t o0, int64_t rows) {
     const __m512 s16 = _mm512_mul_ps(
         _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(pmask, a.scale + k * a.out + o0)), dk);
     const int8_t* xk = x.q.get() + k * G;
-    __m512i xlo, xhi;
-    if constexpr (G == 32) {
-      xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xk)));
-      xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xk + B)));
-    } else {
-      xlo = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk)));
-      xhi = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xk + B)));
-    }
+    const __m512i xlo = broadcast_half(xk, G), xhi = broadcast_half(xk + B, G);
     const __m512i lanes = _mm512_loadu_si512(x.lanes.get() + k * 16);
     const __m512i start =
         kAsym ? _mm512_setzero_si512() : _mm512_mullo_epi32(lanes, _mm512_set1_epi32(-8));
