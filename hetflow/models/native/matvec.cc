@@ -311,12 +311,6 @@ struct Grouped {
   float* y;                // [out]
 };
 
-// int4's activations (one named choice: docs/formats.md, "int4 activations"): x is quantized
-// per group of the weights' g values to int8, q = round-half-even(x * (1 / d)) with
-// d = max |x| * float32(1 / 127) (GGUF Q8_0's block, in hetflow's group), and a row's value
-// is the sum over groups of (scale * d) * (the exact integer sum of weight value * q), plus, for the
-// asymmetric format, min * (d * sum of q). kernels.int4_scan_gm_xla computes the same from
-// the same q and d; only the order of the float32 additions differs.
 #if defined(HETFLOW_AVX512) && defined(__AVX512VNNI__)
 // Half a group's int8 activations (g / 2 bytes, g = 32 or 64) repeated across 64 bytes, so
 // that dword lane d meets bytes 4 (d % (g / 8)).. of every row's half-group.
@@ -326,6 +320,12 @@ inline __m512i broadcast_half(const int8_t* p, int64_t g) {
 }
 #endif
 
+// int4's activations (one named choice: docs/formats.md, "int4 activations"): x is quantized
+// per group of the weights' g values to int8, q = round-half-even(x * (1 / d)) with
+// d = max |x| * float32(1 / 127) (GGUF Q8_0's block, in hetflow's group), and a row's value
+// is the sum over groups of (scale * d) * (the exact integer sum of weight value * q), plus,
+// for the asymmetric format, min * (d * sum of q). kernels.int4_scan_gm_xla computes the
+// same from the same q and d; only the order of the float32 additions differs.
 struct Int4Acts {
   std::unique_ptr<int8_t[]> q;       // [groups * g]
   std::unique_ptr<float[]> d;        // [groups]
