@@ -10,8 +10,8 @@ with `python -m experiments.kernels` (the probe: hetflow/bench/kernels.py).
 
 On CPU, the one-row products that `hetflow.models.formats` asks for (`float32_matmul`'s
 single row, `bfloat16_ew_t`, `int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`,
-`int4_min_scan_gm`) run hetflow's native C++ kernels through XLA's FFI (`hetflow.models.native`) when they are
-built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
+`int4_min_scan_gm`) run hetflow's native C++ kernels through XLA's FFI
+(`hetflow.models.native`) when they are built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
 a compiler, or with HETFLOW_NATIVE=0. The choice is made when a function is traced.
 
 Conventions (shared with `hetflow.models.formats`): x is [..., in] (the matrix-vector

@@ -1,10 +1,12 @@
 """hetflow's native CPU matrix-vector kernels (matvec.cc beside this file), through XLA's FFI.
 
 XLA CPU reads grouped int8 and int4 kernels at 0.3-0.7x float32's weights per second in
-every pure-XLA formulation measured (docs/formats.md); these C++ kernels read every
-stored format (bfloat16, int8 per channel, int8-gN, int4, int4-asym) at or above it, on
-both cores, with float32 accumulation (no activation quantization: they differ from
-the XLA formulations only in the order of float32 additions).
+every pure-XLA formulation measured (docs/formats.md), and float32's own `dot` at about
+one core's bandwidth in decode; these C++ kernels read every stored format (float32
+[in, out], bfloat16, int8 per channel, int8-gN, int4, int4-asym) on both cores, with
+float32 accumulation. They differ from the XLA formulations only in the order of float32
+additions: activations are not quantized, except int4's, whose int8 activations (one
+named choice, docs/formats.md "int4 activations") the XLA formulations quantize the same way.
 
 The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
 `g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
