@@ -36,7 +36,9 @@ import jax.numpy as jnp
 from hetflow.hardware import cpuinfo_field
 from hetflow.memory.cache import cache_root
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
+# The C++ sources compiled into the one library (each file's handlers are in TARGETS).
+SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                for name in ("matvec.cc",))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 LIBRARY = "libhetflow_matvec.so"
 
@@ -69,7 +71,7 @@ def _cpu_flags() -> str:
 
 
 def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """What a built library depends on, hashed: source, compiler (its --version), flags,
+  """What a built library depends on, hashed: sources, compiler (its --version), flags,
   jax's version and the CPU's features."""
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
@@ -79,7 +81,8 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
                            " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
                            " this).") from None
   h = hashlib.sha256()
-  for part in (open(SOURCE, "rb").read().decode(), cxx, version, " ".join(flags),
+  sources = [open(path, "rb").read().decode() for path in SOURCES]
+  for part in (*sources, cxx, version, " ".join(flags),
                jax.__version__, _cpu_flags()):
     h.update(part.encode())
     h.update(b"\0")
@@ -87,7 +90,7 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
 
 
 def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """Compiles matvec.cc into `directory`/<key>/ unless it is there already.
+  """Compiles SOURCES into one library in `directory`/<key>/ unless it is there already.
 
   Args:
     cxx: the C++ compiler.
@@ -113,7 +116,7 @@ def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp]
       try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
       except (OSError, subprocess.SubprocessError) as e:
