@@ -294,7 +294,7 @@ def test_the_kernel_table_checks_every_native_row():
   weights (int4: and its int8 activations), so a wrong kernel cannot look fast."""
   _needs_native()
   from hetflow.bench import kernels as table
-  rows = table.measure(64, 48, repeats=1, qwix=False)
+  rows = table.measure(128, 48, repeats=1, qwix=False)
   natives = {t.format: t.max_rel_error for t in rows if t.name == table.NATIVE}
   assert set(natives) == {"float32", "bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128",
                           "int4", "int4-g64", "int4-asym", "int4-g64-asym"}
