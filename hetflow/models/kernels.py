@@ -213,12 +213,18 @@ def _native_or_xla(fmt: str, xla, x, *leaves):
                                     default=xla)
 
 
+# Widest float32 kernel (outputs) that the native kernel computes: it measured 1.2-2x XLA's
+# dot at llama-1b's block shapes (2048 x 5632, 5632 x 2048) and 0.4x at its 32000-wide head
+# (WORKSPACE_NOTES.md, helper "kernels"), so wider kernels keep XLA's dot.
+F32_NATIVE_MAX_OUT = 8192
+
+
 def float32_matmul(x, w):
   """x [..., in] @ a float32 kernel [in, out]: one row (decode) by the native kernel, which
-  reads the weights on every core; more rows (prefill), another dtype or a stack of kernels
-  by XLA's dot (`float32_dot`), which reads them once for all rows."""
+  reads the weights on every core; more rows (prefill), another dtype, a stack of kernels or
+  more than F32_NATIVE_MAX_OUT outputs by XLA's dot (`float32_dot`)."""
   rows = int(np.prod(x.shape[:-1]))
-  if rows != 1 or x.dtype != jnp.float32:
+  if rows != 1 or x.dtype != jnp.float32 or w.shape[-1] > F32_NATIVE_MAX_OUT:
     return float32_dot(x, w)
   y = _native_or_xla("float32", float32_dot, x.reshape(-1), w)
   return y.reshape(*x.shape[:-1], -1)
