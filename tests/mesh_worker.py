@@ -6,8 +6,9 @@ DEVICES > 1 gives this process that many CPU devices (set before jax starts,
 which is why this runs in its own process); under `python -m hetflow.launch` it
 is 1 and the devices are the processes'. SETUP_JSON holds "prompts",
 "new_tokens" and "store_root" (the test's). A scenario is
-"model:shards:strategy[:offload_tier]", or "refuse:strategy[:kv_host]" (a
-strategy, or one with its KV cache in host memory, that must refuse a mesh of 2).
+"model[@weights]:shards:strategy[:offload_tier]" (weights: a format such as int4),
+or "refuse:strategy[:kv_host]" (a strategy, or one with its KV cache in host
+memory, that must refuse a mesh of 2).
 Prints "RESULT <json>" per scenario.
 """
 
@@ -39,12 +40,13 @@ def run(spec: str, setup: dict) -> dict:
       return {"spec": spec, "refused": str(e)}
     return {"spec": spec, "refused": None}
   name, shards, strategy = parts[0], int(parts[1]), parts[2]
+  name, _, weights = name.partition("@")
   options = None
   if strategy == "layerwise":
     tier = parts[3] if len(parts) > 3 else "disk"
     options = dict(offload_tier=tier, prefetch_depth=1,
-                   store_dir=os.path.join(setup["store_root"], f"{name}-{shards}"))
-  model = hetflow.synthetic_model(name)
+                   store_dir=os.path.join(setup["store_root"], f"{parts[0]}-{shards}"))
+  model = hetflow.synthetic_model(name, weights=weights or "float32")
   with Engine(model, strategy, mesh=shards, options=options) as engine:
     out = engine.generate(setup["prompts"], max_new_tokens=setup["new_tokens"], stop_tokens=())
     logits = engine.forward(setup["prompts"][:1])

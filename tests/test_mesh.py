@@ -1,7 +1,8 @@
 """A model split over a mesh (docs/distributed.md): the shards, the refusals, and the
-invariant: on 4 CPU devices in one process and on 2 processes, `resident` and
-`layerwise` give resident-on-one-device's greedy tokens (logits within float
-tolerance: the all-reduce sums in another order).
+invariant: on 4 CPU devices in one process and on 2 processes, every strategy that
+runs on a mesh gives resident-on-one-device's greedy tokens for the same weights
+(float32 or a quantized format; logits within float tolerance: the all-reduce sums
+in another order).
 
 The multi-device runs happen in fresh processes (tests/mesh_worker.py): the
 device count is fixed when jax starts, and the rest of the suite keeps one.
@@ -56,11 +57,50 @@ def test_shards_side_by_side_are_the_full_tensors(name, n):
   assert shards[0].config.intermediate_size == model.config.intermediate_size // n
 
 
+@pytest.mark.parametrize("name,weights,n", [("llama-tiny", "int8", 4), ("llama-tiny", "int4", 2),
+                                            ("llama-tiny", "bfloat16", 4),
+                                            ("llama-tiny", "int8-g32", 2),
+                                            ("mixtral-tiny", "int8", 2)])
+def test_quantized_shards_hold_slices_of_the_full_stored_kernels(name, weights, n):
+  """A shard's stored leaves are the full model's stored kernel sliced (never a kernel
+  quantized from a slice: a per-channel scale over half a row would differ)."""
+  model = hetflow.synthetic_model(name, weights=weights)
+  shards = [sharding.shard_model(model, r, n) for r in range(n)]
+  fmt = model.format
+  g = model.config.num_kv_heads
+  checked = set()
+  for leaf, spec in model.shapes.items():
+    full = model.tensor(leaf)
+    parts = [s.tensor(leaf) for s in shards]
+    axis = sharding.stored_split_axis(model.config, fmt, leaf, len(spec.shape))
+    kernel = leaf.rsplit("/", 1)[0].rsplit("/", 1)[-1]
+    if axis is None:
+      for p in parts:
+        np.testing.assert_array_equal(p, full, err_msg=leaf)
+    elif kernel in ("k", "v") and g < n:
+      for r, p in enumerate(parts):
+        head, k = r // (n // g), model.config.head_dim
+        np.testing.assert_array_equal(
+            p, np.take(full, range(head * k, (head + 1) * k), axis=axis), err_msg=leaf)
+    else:
+      np.testing.assert_array_equal(np.concatenate(parts, axis=axis), full, err_msg=leaf)
+    checked.add((kernel, leaf.rsplit("/", 1)[-1], axis is None))
+  # Both kinds of split were seen on quantized leaves.
+  assert ("o", "q", False) in checked and ("up", "q", False) in checked
+  if fmt.kind == "int8" and not fmt.group:
+    assert ("down", "scale", True) in checked  # per-channel scales of a row split: whole
+
+
 def test_shards_that_cannot_be_made_are_refused_by_name():
   with pytest.raises(sharding.ShardingError, match="num_heads=4 is not a multiple of 3"):
     sharding.shard_model(hetflow.synthetic_model("opt-tiny"), 0, 3)
-  with pytest.raises(sharding.ShardingError, match="weights='int8'.*plain weights"):
-    sharding.shard_model(hetflow.synthetic_model("llama-tiny", weights="int8"), 0, 2)
+  # llama-tiny's `o` has 64 inputs: 16 per shard of 4 cannot hold a group of 32.
+  with pytest.raises(sharding.ShardingError,
+                     match="llama-tiny in weights='int4' cannot be split into 4 shards: `o`"
+                     ".*16 per shard.*groups of 32"):
+    sharding.shard_model(hetflow.synthetic_model("llama-tiny", weights="int4"), 0, 4)
+  with pytest.raises(sharding.ShardingError, match="mixtral-tiny.*2 shards: `down`.*48 per"):
+    sharding.shard_model(hetflow.synthetic_model("mixtral-tiny", weights="int8-g32"), 0, 2)
 
 
 def test_mesh_arguments_are_checked():
@@ -108,8 +148,13 @@ def test_process_group_from_flags_or_environment():
 
 
 def _reference(name):
-  """Resident on one device: the tokens and logits every mesh run must give."""
-  with Engine(hetflow.synthetic_model(name), "resident") as engine:
+  """Resident on one device: the tokens and logits every mesh run must give.
+
+  Args:
+    name: "model" or "model@weights" (a weight format).
+  """
+  name, _, weights = name.partition("@")
+  with Engine(hetflow.synthetic_model(name, weights=weights or "float32"), "resident") as engine:
     tokens = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=()).tokens
     return tokens.tolist(), engine.forward(PROMPTS[:1])[0, -1]
 
@@ -137,24 +182,28 @@ def _check(results, refs):
       expected = "kv_cache_tier='host' on a mesh" if kv else f"{strategy!r} does not run on a mesh"
       assert r["refused"] and expected in r["refused"], r
       continue
-    tokens, logits = refs[r["spec"].split(":")[0]]
+    tokens, logits = refs[r["spec"].split(":")[0]]  # the model and its weights
     assert r["tokens"] == tokens, (where, r["spec"])
     np.testing.assert_allclose(r["logits"], logits, atol=1e-5, rtol=0,
                                err_msg=f"{where} {r['spec']}")
 
 
 def _shard_layer_bytes(name, n):
-  shard = sharding.shard_model(hetflow.synthetic_model(name), 0, n)
+  name, _, weights = name.partition("@")
+  shard = sharding.shard_model(hetflow.synthetic_model(name, weights=weights or "float32"), 0, n)
   return sum(shard.group_nbytes(g) for g in shard.group_names() if g.startswith("layers/"))
 
 
 def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
   specs = ["llama-tiny:2:resident", "llama-tiny:4:resident", "llama-tiny:4:layerwise",
-           "llama-tiny:2:layerwise:host", "refuse:tensor_split", "refuse:neuron_cluster",
+           "llama-tiny:2:layerwise:host", "llama-tiny@int8:4:resident",
+           "llama-tiny@int4:2:layerwise", "llama-tiny@bfloat16:4:layerwise",
+           "refuse:tensor_split", "refuse:neuron_cluster",
            "refuse:moe_offload", "refuse:layerwise:kv_host"]
   results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
   assert [r["spec"] for _, r in results] == specs
-  _check(results, {"llama-tiny": _reference("llama-tiny")})
+  _check(results, {n: _reference(n) for n in ("llama-tiny", "llama-tiny@int8",
+                                              "llama-tiny@int4", "llama-tiny@bfloat16")})
   by_spec = {r["spec"]: r for _, r in results}
   streamed = by_spec["llama-tiny:4:layerwise"]
   assert streamed["local_shards"] == [0, 1, 2, 3]
@@ -167,30 +216,29 @@ def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
 @pytest.mark.slow  # ~20 s of CPU more; the llama runs cover the default suite
 def test_four_devices_opt_and_mixtral_give_resident_tokens(tmp_path):
   specs = ["opt-tiny:4:resident", "opt-tiny:4:layerwise", "mixtral-tiny:2:resident",
-           "mixtral-tiny:2:layerwise"]
+           "mixtral-tiny:2:layerwise", "opt-tiny@int4:2:layerwise", "mixtral-tiny@int8:2:resident"]
   results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
   assert [r["spec"] for _, r in results] == specs
-  _check(results, {"opt-tiny": _reference("opt-tiny"),
-                   "mixtral-tiny": _reference("mixtral-tiny")})
+  _check(results, {n: _reference(n) for n in ("opt-tiny", "mixtral-tiny", "opt-tiny@int4",
+                                              "mixtral-tiny@int8")})
 
 
 def test_two_processes_give_resident_tokens_and_read_half_each(tmp_path):
-  specs = ["llama-tiny:2:resident", "llama-tiny:2:layerwise"]
+  specs = ["llama-tiny:2:resident", "llama-tiny:2:layerwise", "llama-tiny@int4:2:layerwise"]
   command = [sys.executable, "-m", "hetflow.launch", "--processes=2", "--",
              sys.executable, "tests/mesh_worker.py", "1"]
   results = _results(command, tmp_path, specs)
-  assert sorted(where for where, _ in results) == ["[p0]", "[p0]", "[p1]", "[p1]"]
-  _check(results, {"llama-tiny": _reference("llama-tiny")})
-  full = hetflow.synthetic_model("llama-tiny")
-  full_layers = sum(full.group_nbytes(g) for g in full.group_names() if g.startswith("layers/"))
+  assert sorted(where for where, _ in results) == ["[p0]"] * 3 + ["[p1]"] * 3
+  _check(results, {n: _reference(n) for n in ("llama-tiny", "llama-tiny@int4")})
   for where, r in results:
-    if r["spec"] != "llama-tiny:2:layerwise":
+    model, _, strategy = r["spec"].split(":")
+    if strategy != "layerwise":
       continue
     assert r["local_shards"] == [int(where[2])]  # one shard per process, its own
     per_token = r["decode_disk_bytes"] / r["decode_tokens"]
     # Each process reads its shard: half the layers' bytes, plus its copy of the norms.
-    assert per_token == _shard_layer_bytes("llama-tiny", 2)
-    assert per_token < 0.51 * full_layers
+    assert per_token == _shard_layer_bytes(model, 2)
+    assert per_token < 0.51 * _shard_layer_bytes(model, 1)
     assert len(r["store_bytes"]) == 1
 
 

@@ -36,9 +36,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from hetflow.memory import tiers
-from hetflow.models import layers, modules
+from hetflow.models import formats, layers, modules
 from hetflow.models.config import ModelConfig
-from hetflow.models.model import Model
+from hetflow.models.model import Model, parameter_shapes, unflatten
 
 MODEL_AXIS = "model"
 
@@ -112,7 +112,8 @@ def split_axis(config: ModelConfig, name: str) -> int | None:
   Args:
     config: the full model's config.
     name: a parameter path ("layers/3/attn/q") or a group's leaf name
-      prefixed by the group ("layers/3/mlp/down_bias").
+      prefixed by the group ("layers/3/mlp/down_bias"), in logical
+      coordinates (a kernel is [..., in, out]).
   """
   parts = name.split("/")
   if parts[0] != "layers" or len(parts) < 4:
@@ -125,12 +126,56 @@ def split_axis(config: ModelConfig, name: str) -> int | None:
   return {"gate": 1, "up": 1, "down": 0, "gate_bias": 0, "up_bias": 0}.get(leaf)
 
 
+def _splits_inputs(config: ModelConfig, kernel: str) -> bool | None:
+  """Whether kernel `kernel` ("layers/3/attn/o") is split along its inputs (rows: o,
+  down), along its outputs (columns), or not at all (None)."""
+  axis = split_axis(config, kernel)
+  if axis is None:
+    return None
+  return axis == len(parameter_shapes(config)[kernel].shape) - 2
+
+
+def stored_split_axis(config: ModelConfig, weights: formats.WeightFormat, name: str,
+                      ndim: int) -> int | None:
+  """The split axis of a stored leaf ("layers/3/mlp/down/scale", `ndim` dims), or None.
+
+  A quantized kernel's leaves (hetflow/models/formats.py) are split where its
+  logical rows or columns went: bfloat16 and per-channel int8 `q` [..., out, in];
+  grouped `q` [..., G, out, g] and their `scale`/`min` [..., G, out] (a split
+  of the inputs splits the groups, so no group may straddle two shards:
+  `check_shardable`); a per-channel int8 scale [..., out, 1] follows a split of
+  the outputs and is whole when the inputs are split (each shard's partial
+  product is scaled by the whole row's scale, and the sum of the partials is
+  the whole product). Any other name is a logical parameter (`split_axis`).
+
+  Args:
+    config: the full model's config.
+    weights: the model's weight format.
+    name: a stored leaf's or a parameter's path.
+    ndim: its dimensions.
+  """
+  parts = name.split("/")
+  if len(parts) != 5 or parts[0] != "layers":
+    return split_axis(config, name)
+  rows = _splits_inputs(config, "/".join(parts[:4]))
+  if rows is None:
+    return None
+  if not weights.group:  # bfloat16, per-channel int8: q [..., out, in], scale [..., out, 1]
+    if parts[4] == "q":
+      return ndim - 1 if rows else ndim - 2
+    return None if rows else ndim - 2
+  if parts[4] == "q":  # [..., G, out, g]
+    return ndim - 3 if rows else ndim - 2
+  return ndim - 2 if rows else ndim - 1  # scale, min: [..., G, out]
+
+
 def check_shardable(model: Model, n: int) -> None:
   """Refuses, by name, a model that cannot be split into `n` equal shards.
 
   Raises:
-    ShardingError: heads or FFN width not divisible by n, or a quantized
-      weight format (its scales would have to be split with the kernels).
+    ShardingError: heads or FFN width not divisible by n, or a grouped weight
+      format whose groups would straddle two shards of a kernel split along
+      its inputs (`o`, `down`).
   """
   c = model.config
   problems = []
@@ -144,11 +189,17 @@ def check_shardable(model: Model, n: int) -> None:
   if problems:
     raise ShardingError(f"{c.name} cannot be split into {n} shards: {'; '.join(problems)}."
                         " Use a mesh size that divides the heads and the FFN width.")
-  if not model.format.plain:
-    raise ShardingError(
-        f"weights={model.weights!r}: a mesh of {n} shards needs plain weights (float32"
-        " kernels) for now; a quantized kernel's scales would have to be split with it"
-        " (docs/distributed.md). Load with weights='float32'.")
+  group = model.format.group
+  if group:
+    rows = {"o": c.num_heads * c.head_dim, "down": c.intermediate_size}
+    for kernel, inputs in rows.items():
+      if (inputs // n) % group:
+        raise ShardingError(
+            f"{c.name} in weights={model.weights!r} cannot be split into {n} shards: `{kernel}`"
+            f" is split along its {inputs} inputs, {inputs // n} per shard, which is not a"
+            f" multiple of the format's groups of {group} (a group would straddle two"
+            " shards). Use fewer shards, a format with smaller groups, or per-channel"
+            " 'int8' / 'bfloat16'.")
 
 
 def shard_config(config: ModelConfig, n: int) -> ModelConfig:
@@ -158,10 +209,10 @@ def shard_config(config: ModelConfig, n: int) -> ModelConfig:
                         intermediate_size=config.intermediate_size // n)
 
 
-def _shard_slice(config: ModelConfig, name: str, shape: tuple[int, ...], rank: int, n: int
-                 ) -> tuple[slice, ...] | None:
-  """The index of shard `rank`'s part of parameter `name` (full shape `shape`), or None."""
-  axis = split_axis(config, name)
+def _shard_slice(config: ModelConfig, name: str, shape: tuple[int, ...], rank: int, n: int,
+                 axis: int | None) -> tuple[slice, ...] | None:
+  """The index of shard `rank`'s part of `name` (full shape `shape`, split along
+  `axis`), or None when it is whole on every shard."""
   if axis is None:
     return None
   index = [slice(None)] * len(shape)
@@ -169,6 +220,8 @@ def _shard_slice(config: ModelConfig, name: str, shape: tuple[int, ...], rank: i
   g = config.num_kv_heads
   if leaf in ("k", "v", "k_bias", "v_bias") and g < n:
     # Fewer key/value heads than shards: shard r uses kv head r // (n / g), whole.
+    # (Key/value kernels are split along their outputs, so a stored leaf's
+    # split axis holds the heads' columns in the same order.)
     head = rank // (n // g)
     k = config.head_dim
     index[axis] = slice(head * k, (head + 1) * k)
@@ -179,7 +232,13 @@ def _shard_slice(config: ModelConfig, name: str, shape: tuple[int, ...], rank: i
 
 
 class ShardSource:
-  """A weight source handing out shard `rank` of `size` of another source's tensors.
+  """A weight source handing out shard `rank` of `size` of a model's tensors.
+
+  Plain tensors are sliced from the full model's source; a quantized kernel is
+  quantized whole (or read as stored, from a GGUF file) and its stored leaves
+  are sliced (`get_stored`), so that every shard holds exactly its part of the
+  full model's stored kernel: a scale computed over a shard's half row would
+  differ from the whole row's.
 
   Attributes:
     source: the full model's source.
@@ -187,16 +246,32 @@ class ShardSource:
     size: shards in all.
   """
 
-  def __init__(self, source: Any, config: ModelConfig, rank: int, size: int):
-    self.source = source
+  def __init__(self, model: Model, rank: int, size: int):
+    self.source = model.source
     self.rank = rank
     self.size = size
-    self._config = config
+    self._model = model
 
   def get(self, name: str, dtype) -> np.ndarray:
     full = self.source.get(name, dtype)
-    index = _shard_slice(self._config, name, full.shape, self.rank, self.size)
+    config = self._model.config
+    index = _shard_slice(config, name, full.shape, self.rank, self.size,
+                         split_axis(config, name))
     return full if index is None else np.ascontiguousarray(full[index])
+
+  def get_stored(self, name: str, fmt) -> dict[str, np.ndarray]:
+    """Kernel `name`'s stored leaves in `fmt` (the full model's format): the full
+    model's stored kernel, each leaf sliced along its split axis."""
+    del fmt  # the shard's format is the full model's
+    full = self._model.param(name)
+    config = self._model.config
+    out = {}
+    for leaf, array in full.items():
+      array = np.asarray(array)
+      axis = stored_split_axis(config, self._model.format, f"{name}/{leaf}", array.ndim)
+      index = _shard_slice(config, name, array.shape, self.rank, self.size, axis)
+      out[leaf] = array if index is None else np.ascontiguousarray(array[index])
+    return out
 
 
 def shard_model(model: Model, rank: int, size: int) -> Model:
@@ -209,14 +284,15 @@ def shard_model(model: Model, rank: int, size: int) -> Model:
     return model
   check_shardable(model, size)
   return Model(config=shard_config(model.config, size),
-               source=ShardSource(model.source, model.config, rank, size), dtype=model.dtype,
+               source=ShardSource(model, rank, size), dtype=model.dtype,
                tokenizer=model.tokenizer, weights=model.weights,
                description=f"{model.description} [shard {rank} of {size}]")
 
 
-def partition_spec(config: ModelConfig, name: str, ndim: int) -> P:
-  """The PartitionSpec of parameter `name` (ndim dims) over the model axis."""
-  axis = split_axis(config, name)
+def partition_spec(config: ModelConfig, weights: formats.WeightFormat, name: str,
+                   ndim: int) -> P:
+  """The PartitionSpec of parameter or stored leaf `name` (ndim dims) over the model axis."""
+  axis = stored_split_axis(config, weights, name, ndim)
   spec = [None] * ndim
   if axis is not None:
     spec[axis] = MODEL_AXIS
@@ -278,7 +354,8 @@ class MeshShards:
 
   def sharding(self, name: str, ndim: int, memory_kind: str = tiers.DEVICE_KIND) -> NamedSharding:
     """The NamedSharding of the global parameter `name`."""
-    return NamedSharding(self.mesh, partition_spec(self.model.config, name, ndim),
+    return NamedSharding(self.mesh, partition_spec(self.model.config, self.model.format, name,
+                                                   ndim),
                          memory_kind=memory_kind)
 
   def assemble(self, group: str, parts: list[Any]) -> Any:
@@ -291,9 +368,9 @@ class MeshShards:
       return parts[0]
 
     def leaf(path, *arrays):
-      name = f"{group}/{path[0].key}"
+      name = "/".join([group] + [p.key for p in path])  # a kernel's leaves: ".../up/q"
       first = arrays[0]
-      axis = split_axis(self.model.config, name)
+      axis = stored_split_axis(self.model.config, self.model.format, name, first.ndim)
       shape = list(first.shape)
       if axis is not None:
         shape[axis] *= self.size
@@ -308,6 +385,45 @@ class MeshShards:
     return self.assemble(group, [
         jax.device_put(tensors(s), tiers.sharding_for_tier(tier, s.device)) for s in self.local])
 
+  # -- per-shard pieces, for strategies that compute each local shard on its own --------
+
+  def local_parts(self, array: jax.Array) -> list[jax.Array]:
+    """A global array's pieces on this process's shards' devices, in `local` order."""
+    if self.mesh is None:
+      return [array]
+    by_device = {s.device: s.data for s in array.addressable_shards}
+    return [by_device[s.device] for s in self.local]
+
+  def replicated(self, parts: list[jax.Array]) -> jax.Array:
+    """One global array whole on every shard, from the same array on each local shard."""
+    if self.mesh is None:
+      return parts[0]
+    return jax.make_array_from_single_device_arrays(
+        parts[0].shape, NamedSharding(self.mesh, P()), list(parts))
+
+  def kv_cache(self, parts: list[jax.Array]) -> jax.Array:
+    """One layer's global K or V cache ([B, S, G, K], split over its key/value heads)
+    from each local shard's [B, S, G/N, K]."""
+    if self.mesh is None:
+      return parts[0]
+    b, t, g, k = parts[0].shape
+    return jax.make_array_from_single_device_arrays(
+        (b, t, g * self.size, k), NamedSharding(self.mesh, cache_spec()), list(parts))
+
+  def all_reduce(self, parts: list[jax.Array]) -> list[jax.Array]:
+    """The sum over every shard of the mesh of one array per shard, on each local shard.
+
+    The all-reduce of a half's partial outputs (the psum of ShardedFunctions)
+    for a strategy that computes each shard's half on its own: `parts` are this
+    process's shards' partial arrays (same shape, each on its shard's device).
+    """
+    if self.mesh is None:
+      return list(parts)
+    stacked = jax.make_array_from_single_device_arrays(
+        (self.size,) + tuple(parts[0].shape), NamedSharding(self.mesh, P(MODEL_AXIS)),
+        [_add_axis(p) for p in parts])
+    return [_drop_axis(p) for p in self.local_parts(_psum(self.mesh)(stacked))]
+
   def replicate(self, array: Any) -> jax.Array:
     """A host array (the same in every process) as a global array whole on every shard."""
     array = np.asarray(array)
@@ -315,6 +431,18 @@ class MeshShards:
       return jnp.asarray(array)
     return jax.make_array_from_callback(array.shape, NamedSharding(self.mesh, P()),
                                         lambda index: array[index])
+
+
+_add_axis = jax.jit(lambda a: a[None])
+_drop_axis = jax.jit(lambda a: a[0])
+
+
+@functools.lru_cache(maxsize=8)
+def _psum(mesh: Mesh) -> Callable:
+  """Sums a [N, ...] array split over the model axis; each shard gets the sum ([1, ...])."""
+  spec = P(MODEL_AXIS)
+  return jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, MODEL_AXIS), mesh=mesh,
+                               in_specs=spec, out_specs=spec))
 
 
 # -- the jitted half-functions over the mesh ------------------------------------------------
@@ -343,12 +471,13 @@ class ShardedFunctions:
     config = shards.shard.config  # the shapes each shard computes with
     dtype = jnp.dtype(shards.model.dtype)
     self.config, self.dtype, self._mesh = full, dtype, mesh
-    shapes = shards.shard.logical_shapes
+    fmt = shards.model.format
+    shapes = shards.shard.shapes  # stored leaves: a quantized kernel is a dict of them
 
     def specs(group):
       prefix = group + "/"
-      return {n[len(prefix):]: partition_spec(full, n, len(s.shape))
-              for n, s in shapes.items() if n.startswith(prefix)}
+      return unflatten({n[len(prefix):]: partition_spec(full, fmt, n, len(s.shape))
+                        for n, s in shapes.items() if n.startswith(prefix)})
 
     attn_specs, ffn_specs = specs("layers/0/attn"), specs("layers/0/mlp")
     cache = (cache_spec(), cache_spec())
@@ -363,7 +492,10 @@ class ShardedFunctions:
       moe = lambda h: jax.lax.psum(modules.moe_ffn(config, w, h), MODEL_AXIS)
       return modules._residual(config, modules._norm(config, w), moe, x)
 
-    spmd = functools.partial(jax.shard_map, mesh=mesh)
+    # check_vma=False: the quantized kernels (hetflow/models/kernels.py) scan from
+    # unvarying zeros and dispatch per platform, which the varying-axes type check
+    # refuses inside a shard; the psums below are written out, nothing is inferred.
+    spmd = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
     self.embed = jax.jit(spmd(lambda p, ids, pos: modules.embed(config, p, ids, pos),
                               in_specs=whole, out_specs=whole))
     self.attention = jax.jit(
