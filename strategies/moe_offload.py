@@ -85,6 +85,7 @@ from hetflow.memory.store import (
 from hetflow.models import formats, layers, modules
 from hetflow.models.model import Model
 from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
+from strategies import mesh_lanes
 
 EXPERT_TENSORS = ("gate", "up", "down")
 
@@ -584,6 +585,11 @@ class MoEOffload(Strategy):
   on the device, read ahead."""
 
   Options = MoEOffloadOptions
+  # On a mesh: one MoEOffload per local shard, each caching its F/N slice of every
+  # expert (strategies/mesh_lanes.py; docs/distributed.md says why not expert-parallel).
+  shards_over_mesh = True
+  _lanes: Any = None  # the mesh's Lanes, on the strategy the engine holds
+  _mesh_lane: Any = None  # a lane's LaneSetup (its device)
 
   @classmethod
   def candidates(cls, model, budget):
@@ -801,6 +807,9 @@ class MoEOffload(Strategy):
   # -- materialising -----------------------------------------------------------------
 
   def materialize(self, placement, model, ledger) -> None:
+    if self.mesh is not None and self.mesh.size > 1:
+      self._lanes = mesh_lanes.Lanes(self, placement, ledger)
+      return
     c, o = model.config, self.options
     self.model, self.config = model, c
     s: MoEOffloadSettings = placement.settings
@@ -813,7 +822,7 @@ class MoEOffload(Strategy):
     self._layout = record_layout(self.store)
     self._stack_dtype = np.dtype(model.dtype) if model.format.plain else np.dtype(np.uint8)
     self._elems = self.record // self._stack_dtype.itemsize
-    device = tiers.device_sharding()
+    device = tiers.device_sharding(None if self._mesh_lane is None else self._mesh_lane.device)
     self._device = device
     self._fixed = {}
     for g in model.group_names():
@@ -852,7 +861,9 @@ class MoEOffload(Strategy):
     self._phase = "prefill"
     self._prompt_reads: set[int] = set()
     self._dropped: list[_Chain] = []  # guessed reads cut short, counted at the pass's end
-    self._compiled = _functions(c)
+    # A lane's FFN is its shard's part of the experts' output, summed over the mesh
+    # before the residual (ffn_finish).
+    self._compiled = _functions(c, residual=self._mesh_lane is None)
     self._host_compiled = _host_functions(c) if s.cold_compute == "host" else None
     self._set_slot = jax.jit(lambda pool, i, rec: pool.at[i].set(rec), donate_argnums=(0,))
 
@@ -994,12 +1005,18 @@ class MoEOffload(Strategy):
   # -- the hooks the engine calls ---------------------------------------------------------
 
   def globals(self):
+    if self._lanes is not None:
+      return self._lanes.globals()
     return {"embed": self._fixed["embed"], "head": self._fixed["head"]}
 
   def fetch(self, layer, half):
+    if self._lanes is not None:
+      return self._lanes.fetch(layer, half)
     return self._fixed[f"layers/{layer}/{half}"]
 
   def begin(self, phase, num_tokens) -> None:
+    if self._lanes is not None:
+      return self._lanes.begin(phase, num_tokens)
     self._phase = phase
     self._prompt_reads = set()  # layers of this pass whose prompt reads have started
     if self.options.cache_policy == "none":
@@ -1007,6 +1024,8 @@ class MoEOffload(Strategy):
 
   def end(self) -> None:
     """Counts the dropped guesses' bytes once their last piece has landed."""
+    if self._lanes is not None:
+      return self._lanes.end()
     pool = getattr(self, "_cache", None)
     for slot in list(pool.chains if pool is not None else ()):  # none expected: guesses
       chain = pool.chains.pop(slot)  # are settled by the layer's own run_ffn
@@ -1022,6 +1041,9 @@ class MoEOffload(Strategy):
     self._dropped = []
 
   def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask, attention):
+    if self._lanes is not None:
+      return self._lanes.run_attention(layer, params, x, cache, cache_index, positions,
+                                       kv_mask, attention)
     c = self.config
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
     if not gather:
@@ -1035,6 +1057,8 @@ class MoEOffload(Strategy):
     return attention(params, x, cache, cache_index, positions, kv_mask)
 
   def run_ffn(self, layer, params, x, ffn):
+    if self._lanes is not None:
+      return self._lanes.run_ffn(layer, x)
     c = self.config
     self._step += 1
     gather = modules.gathers_experts(c, (x.shape[0], x.shape[1], c.experts_per_token))
@@ -1116,6 +1140,14 @@ class MoEOffload(Strategy):
       pool.fence[slot] = out
     return out
 
+  def ffn_partial(self, layer, params, x):
+    """A lane's part of layer `layer`'s FFN: its shard's slice of the experts, no residual."""
+    return self.run_ffn(layer, params, x, None)
+
+  def ffn_finish(self, layer, params, x, summed):
+    """The residual plus the experts' output summed over the mesh."""
+    return _add(x, summed)
+
   def _routed(self, params, x, pool: _Pool, idx: np.ndarray, slot_of: dict[int, int]):
     """Runs the routed experts `idx` [B, T, k]; `slot_of` maps each to its slot in `pool`."""
     kernels = []
@@ -1150,6 +1182,8 @@ class MoEOffload(Strategy):
     return self._compiled.routed_mixed(params, x, kernels, given)
 
   def stats(self):
+    if self._lanes is not None:
+      return self._lanes.stats()
     out = self.counters.copy()
     if self._reader is not None:
       out.reads = self._reader.record()
@@ -1181,6 +1215,8 @@ class MoEOffload(Strategy):
     if self._closed:
       return
     self._closed = True
+    if self._lanes is not None:
+      self._lanes.close()
     for pool in (getattr(self, "_cache", None),):
       for future in (pool.inflight.values() if pool is not None else ()):
         try:
@@ -1195,10 +1231,13 @@ class MoEOffload(Strategy):
       self.store.close()  # its shared lock
 
 
+_add = jax.jit(lambda a, b: a + b)
+
+
 @functools.lru_cache(maxsize=16)
-def _functions(config):
+def _functions(config, residual: bool = True):
   """The jitted pieces: routing (also the look-ahead's guess) and the two ways of
-  computing the FFN."""
+  computing the FFN (with the residual, or without: a shard's part on a mesh)."""
 
   def split(pool, layout, count):
     """The stacked kernels [count, ...] (or a format's stacked leaves) of a stack of records."""
@@ -1236,12 +1275,16 @@ def _functions(config):
     the kernels were gathered from a stack of slots; notes of issue 14)."""
     h = norm(w, x)
     weights, _ = modules.route(config, w["router"], h)
-    return x + modules.expert_mixture(config, h, weights, kernels)
+    out = modules.expert_mixture(config, h, weights, kernels)
+    return x + out if residual else out
 
   @functools.partial(jax.jit, static_argnums=(3,))
   def dense(w, x, pool, layout):
     gate, up, down = split(pool, layout, pool.shape[0])
-    return modules.ffn_half(config, dict(w, gate=gate, up=up, down=down), x)
+    w = dict(w, gate=gate, up=up, down=down)
+    if residual:
+      return modules.ffn_half(config, w, x)
+    return modules.moe_ffn(config, w, modules._norm(config, w)(x))
 
   @functools.partial(jax.jit, static_argnums=(1,))
   def unpack(record, layout):
@@ -1263,7 +1306,8 @@ def _functions(config):
     outs = [next(given) if kernel is None else
             modules.expert_output(config, h[n // (t * k), (n // k) % t][None], *kernel)
             for n, kernel in enumerate(kernels)]
-    return x + modules.combine_expert_outputs(outs, weights)
+    out = modules.combine_expert_outputs(outs, weights)
+    return x + out if residual else out
 
   return _Functions(route=route, route_ahead=route_ahead, routed=routed, dense=dense,
                     unpack=unpack, normed=normed, routed_mixed=routed_mixed)

@@ -43,6 +43,14 @@ The split ratio alpha per matrix and phase comes from HeteGen's formula
 (`hetflow.costmodel.hetegen_alpha`) with the rates of a `HardwareProfile`;
 prefill (batch x prompt rows) makes the CPU compute-bound, so its alpha is
 larger. `TensorSplitOptions.alpha` forces one alpha everywhere (tests, sweeps).
+
+On a mesh (docs/distributed.md) each local shard is a *lane*: a TensorSplit of
+its own on the shard's Model (H/N heads, F/N FFN columns), placed on the shard's
+device, with the same plan (all shards have the same shapes). The lanes run each
+half stage by stage side by side; after the linears that end a half (`o`,
+`down`; Mixtral's expert mixture) their partial outputs are summed over every
+shard of the mesh (`MeshShards.all_reduce`, the psum of the dense path) before
+the bias and the residual, as `hetflow.models.sharding.ShardedFunctions` does.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ import numpy as np
 
 from hetflow import costmodel, hardware, simulate
 from hetflow.memory import tiers
-from hetflow.memory.budget import BudgetExceeded, format_bytes
+from hetflow.memory.budget import BudgetExceeded, MemoryLedger, format_bytes
 from hetflow.models import formats, layers, modules
 from hetflow.strategy import GroupPlacement, Placement, Strategy, register_strategy
 
@@ -163,6 +171,7 @@ class TensorSplit(Strategy):
   """CPU and device multiply each offloaded matrix together (HeteGen)."""
 
   Options = TensorSplitOptions
+  shards_over_mesh = True
 
   # -- planning ----------------------------------------------------------------
 
@@ -388,11 +397,36 @@ class TensorSplit(Strategy):
   # -- materialising -----------------------------------------------------------
 
   def materialize(self, placement, model, ledger) -> None:
+    self._lanes: list[TensorSplit] = []
+    if self.mesh is not None and self.mesh.size > 1:
+      self._materialize_lanes(placement, ledger)
+      return
+    self._materialize_on(placement, model, ledger, jax.devices()[0], jax.devices("cpu"))
+
+  def _materialize_lanes(self, placement, ledger) -> None:
+    """One lane per local shard, on the shard's device (see the module docstring).
+
+    The engine's ledger counts one shard's bytes (budgets are per device); the
+    other lanes account in ledgers of their own with the same budget.
+    """
+    self._placement = placement
+    for j, s in enumerate(self.mesh.local):
+      lane = TensorSplit(self.options)
+      lane.counters, lane.timeline, lane._lanes = self.counters, self.timeline, []
+      lane.ledger = ledger if j == 0 else MemoryLedger(ledger.budget)
+      lane._materialize_on(placement, s.model, lane.ledger, s.device,
+                           jax.local_devices(backend="cpu"))
+      self._lanes.append(lane)
+    lane = self._lanes[0]
+    self.accel, self.host_device = lane.accel, lane.host_device
+    self._globals = {g: self.mesh.assemble(g, [ln._globals[g] for ln in self._lanes])
+                     for g in ("embed", "head")}
+
+  def _materialize_on(self, placement, model, ledger, accel, cpus) -> None:
     self._model = model
     self._config = model.config
     self._placement = placement
-    self.accel = jax.devices()[0]
-    cpus = jax.devices("cpu")
+    self.accel = accel
     # The CPU part runs on the CPU backend; on a CPU-only machine with several
     # CPU devices, on another one than the "device", so transfers are real.
     self.host_device = cpus[-1] if self.accel.platform == "cpu" else cpus[0]
@@ -424,7 +458,11 @@ class TensorSplit(Strategy):
   # -- the per-layer protocol --------------------------------------------------
 
   def begin(self, phase, num_tokens) -> None:
+    for lane in self._lanes:
+      lane.begin(phase, num_tokens)
     self._phase = phase
+    if self._lanes:
+      return
     self._recent.clear()
     for unit, (p, _) in list(self._issued.items()):
       if p != phase:  # prefetched for another phase's split point
@@ -468,9 +506,13 @@ class TensorSplit(Strategy):
 
   def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask,
                     attention):
+    if self._lanes:
+      return self._run_lanes(params, "attn", x, (cache, cache_index, positions, kv_mask))
     return self._run_staged(params, "attn", (x, cache, cache_index, positions, kv_mask))
 
   def run_ffn(self, layer, params, x, ffn):
+    if self._lanes:
+      return self._run_lanes(params, "mlp", x, ())
     half = self._halves[params]
     if half.experts is not None:
       return half.run_moe(self, x, self._phase, self.counters.phase(self._phase))
@@ -487,6 +529,47 @@ class TensorSplit(Strategy):
       outs += half.linears(self, y, names, self._phase, counters)
     return stager.stage(half.small, args, tuple(outs))
 
+  def _run_lanes(self, group, kind, x, rest):
+    """One half on every local shard's lane; the halves' partial outputs summed over
+    the mesh after `o`/`down` (or the expert mixture), then bias and residual.
+
+    x and the KV cache are global arrays (x whole on every shard, the cache split
+    over its key/value heads); each lane computes on its own shard's pieces.
+    """
+    mesh, lanes = self.mesh, self._lanes
+    phase = self._phase
+    counters = self.counters.phase(phase)
+    xs = mesh.local_parts(x)
+    if kind == "attn":
+      cache, index, positions, mask = rest
+      caches = list(zip(*(mesh.local_parts(c) for c in cache)))
+      positions, mask = mesh.local_parts(positions), mesh.local_parts(mask)
+      args = [(xs[j], caches[j], index, positions[j], mask[j]) for j in range(len(lanes))]
+    else:
+      args = [(xs[j],) for j in range(len(lanes))]
+    halves = [lane._halves[group] for lane in lanes]
+    if halves[0].experts is not None:
+      parts = [h.run_moe(lane, a[0], phase, counters, residual=False)
+               for h, lane, a in zip(halves, lanes, args)]
+      return mesh.replicated(_moe_post_lanes(xs, mesh.all_reduce(parts)))
+    stager = lanes[0]._stager(kind)
+    stager.discover(halves[0].shapes, args[0])
+    outs: list[list] = [[] for _ in lanes]
+    for names in stager.groups:
+      ends = any(n in _ENDS_HALF for n in names)
+      for j, (lane, half) in enumerate(zip(lanes, halves)):
+        y = stager.stage(half.small, args[j], tuple(outs[j]))
+        outs[j] += half.linears(lane, y, names, phase, counters, bias=not ends)
+      if ends:  # one kernel (o or down): sum the shards' partial products, then its bias
+        summed = mesh.all_reduce([o[-1] for o in outs])
+        for j, half in enumerate(halves):
+          outs[j][-1] = _join((summed[j],), half.kernels[names[-1]].bias)
+    final = [stager.stage(half.small, a, tuple(o)) for half, a, o in zip(halves, args, outs)]
+    if kind == "attn":
+      new_x = mesh.replicated([f[0] for f in final])
+      return new_x, tuple(mesh.kv_cache([f[1][i] for f in final]) for i in range(2))
+    return mesh.replicated(final)
+
   def stats(self):
     self.counters.details.update(alpha=self._placement.settings.alpha,
                                  link_is_real=self.host_device != self.accel,
@@ -494,6 +577,10 @@ class TensorSplit(Strategy):
     return self.counters
 
   def close(self) -> None:
+    for lane in getattr(self, "_lanes", ()):
+      lane.close()
+    if getattr(self, "_lanes", None):
+      return
     self._issued.clear()
     self._halves.clear()
 
@@ -676,8 +763,10 @@ class _SplitHalf:
   def kernel(self, name: str) -> _Kernel:
     return self.experts if name == "experts" else self.kernels[name]
 
-  def linears(self, strategy: TensorSplit, y, names, phase, counters) -> list:
-    """Outputs of the kernels `names`, which share input `y` [B, T, in]."""
+  def linears(self, strategy: TensorSplit, y, names, phase, counters, bias: bool = True
+              ) -> list:
+    """Outputs of the kernels `names`, which share input `y` [B, T, in] (with their
+    biases unless `bias` is False: a shard's partial `o`/`down` on a mesh)."""
     host = strategy.host_device
     y_host = None
     cpu_parts = {}
@@ -693,7 +782,7 @@ class _SplitHalf:
     for n in names:
       k = self.kernels[n]
       if k.resident is not None:
-        outs.append(_join((_matmul_jit(y, (k.resident,)),), k.bias))
+        outs.append(_join((_matmul_jit(y, (k.resident,)),), k.bias if bias else None))
         counters.add("resident_matmuls", 1)
         continue
       parts, y_dev = [], None
@@ -706,12 +795,13 @@ class _SplitHalf:
         back = jax.device_put(cpu_parts[n], strategy._dev_sharding)
         counters.add("activation_bytes_h2d", cpu_parts[n].nbytes)
         parts.append(back)
-      outs.append(_join(tuple(parts), k.bias))
+      outs.append(_join(tuple(parts), k.bias if bias else None))
       counters.add("split_matmuls", 1)
     return outs
 
-  def run_moe(self, strategy: TensorSplit, x, phase, counters):
-    """Mixtral's FFN half with experts split between device and CPU."""
+  def run_moe(self, strategy: TensorSplit, x, phase, counters, residual: bool = True):
+    """Mixtral's FFN half with experts split between device and CPU (without the
+    residual if `residual` is False: a shard's partial mixture on a mesh)."""
     c = strategy._config
     k = self.experts
     h, combine = _moe_pre(c, self.small, x)
@@ -738,7 +828,7 @@ class _SplitHalf:
         parts.append(jax.device_put(cpu, strategy._dev_sharding))
         counters.add("activation_bytes_h2d", cpu.nbytes)
       counters.add("split_matmuls", 1)
-    return _moe_post(x, tuple(parts))
+    return _moe_post(x, tuple(parts)) if residual else _moe_sum(tuple(parts))
 
 
 def _cat(blocks):
@@ -762,8 +852,22 @@ def _moe_jit(config, h, combine, gate, up, down):
 
 
 @jax.jit
-def _moe_post(x, parts):
+def _moe_sum(parts):
   out = parts[0]
   for p in parts[1:]:
     out = out + p
-  return x + out
+  return out
+
+
+@jax.jit
+def _moe_post(x, parts):
+  return x + _moe_sum(parts)
+
+
+def _moe_post_lanes(xs, summed):
+  """Each lane's residual plus the mixture summed over the mesh."""
+  return [_moe_post(x, (y,)) for x, y in zip(xs, summed)]
+
+
+# The kernels that end a half: on a mesh their partial products are summed over shards.
+_ENDS_HALF = ("o", "down")

@@ -6,9 +6,12 @@ DEVICES > 1 gives this process that many CPU devices (set before jax starts,
 which is why this runs in its own process); under `python -m hetflow.launch` it
 is 1 and the devices are the processes'. SETUP_JSON holds "prompts",
 "new_tokens" and "store_root" (the test's). A scenario is
-"model[@weights]:shards:strategy[:offload_tier]" (weights: a format such as int4),
-or "refuse:strategy[:kv_host]" (a strategy, or one with its KV cache in host
-memory, that must refuse a mesh of 2).
+"model[@weights]:shards:strategy[:offload_tier]" (weights: a format such as int4;
+a "-sparse" model is tests/test_neuron_cluster.py's sparse synthetic one; for
+moe_offload, ":one" generates for the first prompt only, so that decode takes the
+routed-experts path), or "refuse:strategy[:kv_host]" (a strategy, or one with its
+KV cache in host memory, that must refuse a mesh of 2; "test-unsharded" is
+resident declared unable to shard, registered here).
 Prints "RESULT <json>" per scenario.
 """
 
@@ -25,9 +28,18 @@ from hetflow import distributed  # noqa: E402
 distributed.initialize()
 
 
+from test_mesh import synthetic  # noqa: E402
+
 import hetflow  # noqa: E402
 from hetflow.engine import Engine  # noqa: E402
-from hetflow.strategy import NotApplicable  # noqa: E402
+from hetflow.strategy import NotApplicable, get_strategy, register_strategy  # noqa: E402
+
+
+@register_strategy("test-unsharded")
+class Unsharded(get_strategy("resident")):
+  """`resident` declared unable to shard: what the engine refuses on a mesh."""
+
+  shards_over_mesh = False
 
 
 def run(spec: str, setup: dict) -> dict:
@@ -39,24 +51,38 @@ def run(spec: str, setup: dict) -> dict:
     except NotApplicable as e:
       return {"spec": spec, "refused": str(e)}
     return {"spec": spec, "refused": None}
-  name, shards, strategy = parts[0], int(parts[1]), parts[2]
-  name, _, weights = name.partition("@")
+  shards, strategy = int(parts[1]), parts[2]
+  store_dir = os.path.join(setup["store_root"], f"{parts[0]}-{shards}")
   options = None
   if strategy == "layerwise":
     tier = parts[3] if len(parts) > 3 else "disk"
-    options = dict(offload_tier=tier, prefetch_depth=1,
-                   store_dir=os.path.join(setup["store_root"], f"{parts[0]}-{shards}"))
-  model = hetflow.synthetic_model(name, weights=weights or "float32")
+    options = dict(offload_tier=tier, prefetch_depth=1, store_dir=store_dir)
+  elif strategy == "tensor_split":  # every kernel split, both sides computing
+    options = dict(alpha=0.5, keep_resident=False)
+  elif strategy == "neuron_cluster":
+    options = dict(cache_bytes="16KiB", cluster_size=8, store_dir=store_dir)
+  elif strategy == "moe_offload":  # a small cache: misses, evictions and guesses
+    options = dict(cache_experts=10, lookahead=1, store_dir=store_dir)
+  prompts = setup["prompts"][:1] if parts[3:] == ["one"] else setup["prompts"]
+  model = synthetic(parts[0])
   with Engine(model, strategy, mesh=shards, options=options) as engine:
-    out = engine.generate(setup["prompts"], max_new_tokens=setup["new_tokens"], stop_tokens=())
+    out = engine.generate(prompts, max_new_tokens=setup["new_tokens"], stop_tokens=())
     logits = engine.forward(setup["prompts"][:1])
     stats = out.stats["strategy"]
     stores = [s.path for s in getattr(engine.strategy, "_stores", ())]
+    lanes = getattr(engine.strategy, "_lanes", None)
+    if lanes is not None and strategy != "tensor_split":  # a store per lane
+      stores = [lane.store.path for lane in lanes.lanes]
     return {"spec": spec, "tokens": out.tokens.tolist(),
             "logits": logits[0, -1].tolist(),
             "local_shards": out.stats["mesh"]["local_shards"],
             "decode_disk_bytes": stats.decode.disk_bytes,
             "decode_tokens": stats.decode.tokens,
+            "store_neurons": ([lane.store.num_neurons for lane in lanes.lanes]
+                              if strategy == "neuron_cluster" else None),
+            "split_matmuls": stats.decode.get("split_matmuls"),
+            "expert_lookups": stats.decode.get("expert_lookups"),
+            "store_bytes_paths": stores,
             "store_bytes": [sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p))
                             for p in stores]}
 

@@ -21,10 +21,21 @@ from hetflow import config as config_lib
 from hetflow import distributed
 from hetflow.engine import Engine
 from hetflow.models import sharding
+from strategies import moe_offload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 5, 9, 33, 7, 100], [4, 8, 15]]  # two lengths: left padding included
 NEW_TOKENS = 6
+
+
+def synthetic(name: str) -> hetflow.Model:
+  """"model[@weights]" as a synthetic model; "-sparse" models as tests/test_neuron_cluster.py's.
+
+  tests/mesh_worker.py builds its models with this too.
+  """
+  name, _, weights = name.partition("@")
+  sparse = dict(sparsity=0.9, hotness="zipf:1.1", seed=0) if name.endswith("-sparse") else {}
+  return hetflow.synthetic_model(name, weights=weights or "float32", **sparse)
 
 
 # -- the shards, in this process ----------------------------------------------------------
@@ -153,8 +164,7 @@ def _reference(name):
   Args:
     name: "model" or "model@weights" (a weight format).
   """
-  name, _, weights = name.partition("@")
-  with Engine(hetflow.synthetic_model(name, weights=weights or "float32"), "resident") as engine:
+  with Engine(synthetic(name), "resident") as engine:
     tokens = engine.generate(PROMPTS, max_new_tokens=NEW_TOKENS, stop_tokens=()).tokens
     return tokens.tolist(), engine.forward(PROMPTS[:1])[0, -1]
 
@@ -183,14 +193,15 @@ def _check(results, refs):
       assert r["refused"] and expected in r["refused"], r
       continue
     tokens, logits = refs[r["spec"].split(":")[0]]  # the model and its weights
+    if r["spec"].endswith(":one"):  # the first prompt alone
+      tokens = tokens[:1]
     assert r["tokens"] == tokens, (where, r["spec"])
     np.testing.assert_allclose(r["logits"], logits, atol=1e-5, rtol=0,
                                err_msg=f"{where} {r['spec']}")
 
 
 def _shard_layer_bytes(name, n):
-  name, _, weights = name.partition("@")
-  shard = sharding.shard_model(hetflow.synthetic_model(name, weights=weights or "float32"), 0, n)
+  shard = sharding.shard_model(synthetic(name), 0, n)
   return sum(shard.group_nbytes(g) for g in shard.group_names() if g.startswith("layers/"))
 
 
@@ -198,12 +209,14 @@ def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
   specs = ["llama-tiny:2:resident", "llama-tiny:4:resident", "llama-tiny:4:layerwise",
            "llama-tiny:2:layerwise:host", "llama-tiny@int8:4:resident",
            "llama-tiny@int4:2:layerwise", "llama-tiny@bfloat16:4:layerwise",
-           "refuse:tensor_split", "refuse:neuron_cluster",
-           "refuse:moe_offload", "refuse:layerwise:kv_host"]
+           "llama-tiny:4:tensor_split", "llama-tiny@int4:2:tensor_split",
+           "llama-tiny-sparse:4:neuron_cluster", "mixtral-tiny:4:moe_offload",
+           "refuse:test-unsharded", "refuse:layerwise:kv_host"]
   results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
   assert [r["spec"] for _, r in results] == specs
   _check(results, {n: _reference(n) for n in ("llama-tiny", "llama-tiny@int8",
-                                              "llama-tiny@int4", "llama-tiny@bfloat16")})
+                                              "llama-tiny@int4", "llama-tiny@bfloat16",
+                                              "llama-tiny-sparse", "mixtral-tiny")})
   by_spec = {r["spec"]: r for _, r in results}
   streamed = by_spec["llama-tiny:4:layerwise"]
   assert streamed["local_shards"] == [0, 1, 2, 3]
@@ -211,27 +224,66 @@ def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
   assert len(streamed["store_bytes"]) == 4
   per_token = streamed["decode_disk_bytes"] / streamed["decode_tokens"]
   assert per_token == 4 * _shard_layer_bytes("llama-tiny", 4)
+  # tensor_split: every shard's kernels split (2 matmuls of each of the 7 kernels per
+  # layer and shard: none resident), on 4 lanes.
+  split = by_spec["llama-tiny:4:tensor_split"]
+  layers = hetflow.synthetic_model("llama-tiny").config.num_layers
+  assert split["split_matmuls"] == 4 * 7 * layers * split["decode_tokens"]
+  _check_neuron_stores(by_spec["llama-tiny-sparse:4:neuron_cluster"], [0, 1, 2, 3], 4)
+  _check_expert_stores(by_spec["mixtral-tiny:4:moe_offload"], [0, 1, 2, 3], 4)
 
 
-@pytest.mark.slow  # ~20 s of CPU more; the llama runs cover the default suite
+def _check_expert_stores(r, ranks, n):
+  """Each local shard has its own expert store, every expert's F/N slice, and reads it."""
+  assert r["local_shards"] == ranks
+  assert [os.path.basename(p) for p in r["store_bytes_paths"]] == [
+      f"shard-{k}-of-{n}" for k in ranks]
+  shard = sharding.shard_model(synthetic("mixtral-tiny"), 0, n)
+  c = shard.config
+  for nbytes in r["store_bytes"]:  # every expert of every layer, as one shard's records
+    assert nbytes >= c.num_layers * c.num_experts * moe_offload.record_nbytes(shard)
+  assert r["decode_disk_bytes"] > 0
+
+
+def _check_neuron_stores(r, ranks, n):
+  """Each local shard has its own store of its F/N neurons, and reads from it."""
+  f = synthetic("llama-tiny-sparse").config.intermediate_size
+  assert r["local_shards"] == ranks
+  assert r["store_neurons"] == [f // n] * len(ranks)
+  assert [os.path.basename(p) for p in r["store_bytes_paths"]] == [
+      f"shard-{k}-of-{n}" for k in ranks]
+  assert r["decode_disk_bytes"] > 0
+
+
+@pytest.mark.slow  # ~40 s of CPU more; the llama runs cover the default suite
 def test_four_devices_opt_and_mixtral_give_resident_tokens(tmp_path):
   specs = ["opt-tiny:4:resident", "opt-tiny:4:layerwise", "mixtral-tiny:2:resident",
-           "mixtral-tiny:2:layerwise", "opt-tiny@int4:2:layerwise", "mixtral-tiny@int8:2:resident"]
+           "mixtral-tiny:2:layerwise", "opt-tiny@int4:2:layerwise", "mixtral-tiny@int8:2:resident",
+           "opt-tiny:4:tensor_split", "mixtral-tiny@int8:2:tensor_split",
+           "opt-tiny-sparse:2:neuron_cluster", "mixtral-tiny:2:moe_offload:one"]
   results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
   assert [r["spec"] for _, r in results] == specs
   _check(results, {n: _reference(n) for n in ("opt-tiny", "mixtral-tiny", "opt-tiny@int4",
-                                              "mixtral-tiny@int8")})
+                                              "mixtral-tiny@int8", "opt-tiny-sparse")})
 
 
 def test_two_processes_give_resident_tokens_and_read_half_each(tmp_path):
-  specs = ["llama-tiny:2:resident", "llama-tiny:2:layerwise", "llama-tiny@int4:2:layerwise"]
+  specs = ["llama-tiny:2:resident", "llama-tiny:2:layerwise", "llama-tiny@int4:2:layerwise",
+           "llama-tiny:2:tensor_split", "llama-tiny-sparse:2:neuron_cluster",
+           "mixtral-tiny:2:moe_offload:one"]
   command = [sys.executable, "-m", "hetflow.launch", "--processes=2", "--",
              sys.executable, "tests/mesh_worker.py", "1"]
   results = _results(command, tmp_path, specs)
-  assert sorted(where for where, _ in results) == ["[p0]"] * 3 + ["[p1]"] * 3
-  _check(results, {n: _reference(n) for n in ("llama-tiny", "llama-tiny@int4")})
+  assert sorted(where for where, _ in results) == ["[p0]"] * 6 + ["[p1]"] * 6
+  _check(results, {n: _reference(n) for n in ("llama-tiny", "llama-tiny@int4",
+                                              "llama-tiny-sparse", "mixtral-tiny")})
   for where, r in results:
-    model, _, strategy = r["spec"].split(":")
+    model, _, strategy = r["spec"].split(":")[:3]
+    if strategy == "neuron_cluster":
+      _check_neuron_stores(r, [int(where[2])], 2)
+    if strategy == "moe_offload":
+      _check_expert_stores(r, [int(where[2])], 2)
+      assert r["expert_lookups"] > 0  # decode took the routed-experts path
     if strategy != "layerwise":
       continue
     assert r["local_shards"] == [int(where[2])]  # one shard per process, its own

@@ -64,6 +64,7 @@ from hetflow.sparsity.stats import (
 )
 from hetflow.strategy import NotApplicable, Placement, Strategy, StrategyStats, register_strategy
 from strategies.neuron_cluster import cost
+from strategies.neuron_cluster import mesh as mesh_lanes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +294,10 @@ class NeuronCluster(Strategy):
   """Sparse decode from a neuron-bundle store through a segmented cache."""
 
   Options = NeuronClusterOptions
+  # On a mesh: one NeuronCluster per local shard (strategies/neuron_cluster/mesh.py).
+  shards_over_mesh = True
+  _lanes: Any = None  # the mesh's Lanes, on the strategy the engine holds
+  _mesh_lane: Any = None  # a lane's LaneSetup: its device, stats and predictor slices
 
   # -- planning ---------------------------------------------------------------
 
@@ -335,17 +340,23 @@ class NeuronCluster(Strategy):
   # -- materialising ----------------------------------------------------------
 
   def materialize(self, placement, model, ledger) -> None:
+    if self.mesh is not None and self.mesh.size > 1:
+      self._lanes = mesh_lanes.lanes(self, placement, ledger)
+      return
     c, o = model.config, self.options
+    lane = self._mesh_lane
     self.model, self.config = model, c
     sizes: cost.Sizes = placement.settings.sizes
     self.mats = bundles_mod.neuron_matrices(c)
     self.codec = _check_format(model, o)
-    sharding = tiers.device_sharding()
+    sharding = tiers.device_sharding(None if lane is None else lane.device)
     self._sharding = sharding
     self._threshold = check_sparse(c, o.threshold)
 
     # Statistics and order.
-    if o.stats_path:
+    if lane is not None:
+      self.activation_stats = lane.extra["stats"]
+    elif o.stats_path:
       self.activation_stats = ActivationStats.load(o.stats_path)
     else:
       ids = calibration_ids(c, o.calibration_tokens)
@@ -398,7 +409,8 @@ class NeuronCluster(Strategy):
     if o.predictor == "oracle":
       self.predictor = oracle()
     else:
-      self.predictor = LowRankPredictor.load(o.predictor_path)
+      self.predictor = (LowRankPredictor.load(o.predictor_path) if lane is None
+                        else lane.extra["predictor"])
       self.predictor.place(sharding, order)
     ledger.allocate("device", self.predictor.nbytes(), "predictor")
     # Error feedback: host arrays ([L, F] floats, ~1.5 MB for llama-1b) taken
@@ -610,12 +622,18 @@ class NeuronCluster(Strategy):
   # -- the engine's hooks -------------------------------------------------------
 
   def globals(self):
+    if self._lanes is not None:
+      return self._lanes.globals()
     return {"embed": self._fixed["embed"], "head": self._fixed.get("head", {})}
 
   def fetch(self, layer, half):
+    if self._lanes is not None:
+      return self._lanes.fetch(layer, half)
     return self._fixed[f"layers/{layer}/{half}"]
 
   def begin(self, phase, num_tokens):
+    if self._lanes is not None:
+      return self._lanes.begin(phase, num_tokens)
     self._phase = phase if num_tokens == 1 else "prefill"
     if self._phase == "prefill" and self._fb is not None:  # another sequence
       self._fb.reset()
@@ -627,10 +645,25 @@ class NeuronCluster(Strategy):
     self._ahead = {}
 
   def end(self):
+    if self._lanes is not None:
+      return self._lanes.end()
     if self._phase == "decode":
       self._new_shapes_per_token.append(self._step_shapes)
 
   def run_ffn(self, layer, params, x, ffn):
+    if self._lanes is not None:
+      return self._lanes.run_ffn(layer, x)
+    return self.ffn_finish(layer, params, x, self.ffn_partial(layer, params, x))
+
+  def ffn_finish(self, layer, params, x, acc):
+    """The residual plus `acc` (the FFN's output, summed over the shards on a mesh)
+    plus down's bias."""
+    del layer
+    return self._finish(x, acc, params)
+
+  def ffn_partial(self, layer, params, x):
+    """Layer `layer`'s FFN output before down's bias and the residual (on a mesh:
+    this shard's neurons' part, summed over the shards by the caller)."""
     h = self._norm(params, x)
     try:
       if self._phase == "decode":
@@ -644,7 +677,7 @@ class NeuronCluster(Strategy):
     acc = parts[0]
     for p in parts[1:]:
       acc = self._add(acc, p)
-    return self._finish(x, acc, params)
+    return acc
 
   def _prefill(self, layer, params, h):
     """Dense: stream the layer's records in chunks, double-buffered in the two areas."""
@@ -932,6 +965,8 @@ class NeuronCluster(Strategy):
     `ideal_bytes_per_token` falls back to the useful bytes (`ideal_exact`
     says which).
     """
+    if self._lanes is not None:
+      return self._lanes.stats()
     d = self.counters.decode
     n = max(d.passes, 1)
     fired = int(sum(int(f) for f in self._fired))
@@ -995,6 +1030,8 @@ class NeuronCluster(Strategy):
     return out
 
   def close(self):
+    if self._lanes is not None:
+      self._lanes.close()
     reader = getattr(self, "reader", None)
     if reader is not None:
       reader.close()
