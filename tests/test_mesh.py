@@ -21,7 +21,10 @@ from hetflow import config as config_lib
 from hetflow import distributed
 from hetflow.engine import Engine
 from hetflow.models import sharding
+from hetflow.sparsity.predictor import LowRankPredictor
+from hetflow.sparsity.stats import ActivationStats
 from strategies import moe_offload
+from strategies.neuron_cluster import mesh as nc_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = [[1, 5, 9, 33, 7, 100], [4, 8, 15]]  # two lengths: left padding included
@@ -112,6 +115,31 @@ def test_shards_that_cannot_be_made_are_refused_by_name():
     sharding.shard_model(hetflow.synthetic_model("llama-tiny", weights="int4"), 0, 4)
   with pytest.raises(sharding.ShardingError, match="mixtral-tiny.*2 shards: `down`.*48 per"):
     sharding.shard_model(hetflow.synthetic_model("mixtral-tiny", weights="int8-g32"), 0, 2)
+
+
+def test_neuron_cluster_lanes_get_their_neurons_slices():
+  """A shard's predictor and statistics are the full ones' columns of its neurons."""
+  rng = np.random.default_rng(0)
+  d, r, f = 8, 3, 12
+  layers = [{"mean": rng.normal(size=d), "inv_std": rng.uniform(1, 2, d),
+             "fc1": rng.normal(size=(d, r)), "b1": rng.normal(size=r),
+             "fc2": rng.normal(size=(r, f)), "b2": rng.normal(size=f)},
+            {"u": rng.normal(size=(d, r)), "v": rng.normal(size=(r, f))},
+            {"exact": rng.normal(size=(d, f))}]
+  full = LowRankPredictor([{k: v.astype(np.float32) for k, v in p.items()} for p in layers],
+                          [0.1, -0.2, 0.0])
+  part = nc_mesh._slice_predictor(full, 4, 8)
+  for p in (full, part):
+    p.place(None)
+  x = rng.normal(size=(1, 2, d)).astype(np.float32)
+  for layer in range(3):
+    np.testing.assert_array_equal(np.asarray(part.predict(layer, x)),
+                                  np.asarray(full.predict(layer, x))[..., 4:8])
+  stats = ActivationStats(counts=rng.integers(0, 9, (3, f)), tokens=9,
+                          coactivation=rng.integers(0, 9, (3, f, f)))
+  sliced = nc_mesh._slice_stats(stats, 4, 8)
+  np.testing.assert_array_equal(sliced.counts, stats.counts[:, 4:8])
+  np.testing.assert_array_equal(sliced.coactivation, stats.coactivation[:, 4:8, 4:8])
 
 
 def test_mesh_arguments_are_checked():
