@@ -52,7 +52,7 @@ def run(spec: str, setup: dict) -> dict:
       return {"spec": spec, "refused": str(e)}
     return {"spec": spec, "refused": None}
   shards, strategy = int(parts[1]), parts[2]
-  store_dir = os.path.join(setup["store_root"], f"{parts[0]}-{shards}")
+  store_dir = os.path.join(setup["store_root"], f"{parts[0]}-{shards}-{strategy}")
   options = None
   if strategy == "layerwise":
     tier = parts[3] if len(parts) > 3 else "disk"
