@@ -263,8 +263,8 @@ class Engine:
     if self.shards.mesh is not None and not self.strategy.shards_over_mesh:
       raise NotApplicable(
           f"strategy {self.strategy.name!r} does not run on a mesh yet (mesh of"
-          f" {self.shards.size} shards); use 'resident', 'layerwise', 'tensor_split' or"
-          " 'neuron_cluster', or no mesh (docs/distributed.md).")
+          f" {self.shards.size} shards); use 'resident', 'layerwise', 'tensor_split',"
+          " 'neuron_cluster' or 'moe_offload', or no mesh (docs/distributed.md).")
     if self.shards.mesh is not None and self.strategy.kv_cache_tier() != "device":
       raise NotApplicable(f"kv_cache_tier={self.strategy.kv_cache_tier()!r} on a mesh: the KV"
                           " cache stays on the devices there; use kv_cache_tier='device'.")
