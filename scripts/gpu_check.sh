@@ -140,7 +140,7 @@ main() {
     expect="exactness,$SECTIONS"
     local select=()
     # Smoke: one model per strategy family (the CPU suite covers the rest); same checks.
-    [ "$MODE" = smoke ] && select=(-k "llama-tiny or ledger or moe_offload")
+    [ "$MODE" = smoke ] && select=(-k "llama-tiny or ledger or moe_offload or moe_sparse")
     export HETFLOW_GPU_RECORD="$OUT/gpu_tests.jsonl"
     # A memory probe past this fails its test, so pytest ends (and reports) within its limit.
     export HETFLOW_GPU_PROBE_LIMIT_S=$((TESTS_LIMIT - 40))

@@ -233,11 +233,11 @@ def test_replace_keeps_the_source():
   assert int8.source is model.source and int8.weights == "int8" and model.weights == "float32"
 
 
-# tensor_split takes every format (tests/test_tensor_split.py::
-# test_formats_match_resident_of_the_same_format).
-@pytest.mark.parametrize("strategy", ["neuron_cluster"])
-def test_strategies_without_formats_refuse_them(strategy):
-  model = hetflow.synthetic_model("llama-tiny-relu", weights="int8")
+# Every other strategy takes every format (tests/test_tensor_split.py, test_neuron_formats.py,
+# test_moe.py: the same tokens as resident of the same format).
+@pytest.mark.parametrize("strategy, name", [("moe_sparse", "mixtral-tiny-8e-sparse")])
+def test_strategies_without_formats_refuse_them(strategy, name):
+  model = hetflow.synthetic_model(name, weights="int8")
   with pytest.raises(ValueError, match=f"{strategy} runs float32 weights only.*weights='int8'"):
     Engine(model, strategy)
 

@@ -69,20 +69,24 @@ CASES += [(name, "tensor_split", dict(kv_reserve_tokens=IDS.shape[1] + NEW))
           for name in ("llama-tiny", "opt-tiny", "mixtral-tiny")]
 CASES += [(name, "neuron_cluster", None) for name in ("llama-tiny-sparse", "opt-tiny-sparse")]
 CASES += [("mixtral-tiny", "moe_offload", dict(kv_reserve_tokens=IDS.shape[1] + NEW))]
+CASES += [("mixtral-tiny-8e-sparse", "moe_sparse", dict(kv_reserve_tokens=IDS.shape[1] + NEW))]
 
 # The memory check's models: big enough on a GPU that a layer (28 MiB in float32) is a
 # tenth of the ledger's bytes; tiny where it runs on the CPU (smoke).
-# moe_offload's is mixtral-tiny on both (a mid-size Mixtral takes minutes to generate), so
+# moe_offload's is mixtral-tiny on both (moe_sparse's its sparse-expert twin) (a mid-size Mixtral takes minutes to generate), so
 # on a GPU its check is dominated by the workspace allowance: a weak check, stated.
 MEMORY_MODELS = ({"resident": "opt-125m", "layerwise": "opt-125m", "tensor_split": "opt-125m",
-                  "neuron_cluster": "opt-125m-sparse", "moe_offload": "mixtral-tiny"}
+                  "neuron_cluster": "opt-125m-sparse", "moe_offload": "mixtral-tiny",
+                  "moe_sparse": "mixtral-tiny-8e-sparse"}
                  if ON_ACCELERATOR else
                  {"resident": "opt-tiny", "layerwise": "opt-tiny", "tensor_split": "opt-tiny",
-                  "neuron_cluster": "opt-tiny-sparse", "moe_offload": "mixtral-tiny"})
+                  "neuron_cluster": "opt-tiny-sparse", "moe_offload": "mixtral-tiny",
+                  "moe_sparse": "mixtral-tiny-8e-sparse"})
 MEMORY_OPTIONS = {"resident": None, "tensor_split": dict(kv_reserve_tokens=IDS.shape[1] + NEW),
                   "layerwise": dict(offload_tier="host", kv_reserve_tokens=IDS.shape[1] + NEW),
                   "neuron_cluster": None,
-                  "moe_offload": dict(kv_reserve_tokens=IDS.shape[1] + NEW)}
+                  "moe_offload": dict(kv_reserve_tokens=IDS.shape[1] + NEW),
+                  "moe_sparse": dict(kv_reserve_tokens=IDS.shape[1] + NEW)}
 
 
 def _model(name, **kwargs):
