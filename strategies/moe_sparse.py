@@ -90,10 +90,11 @@ class MoESparseOptions:
     calibration_tokens: tokens the expert activation statistics (which order each
       expert's records hottest first and pick the hot clusters) are recorded on when
       `neurons.stats_path` is None; cached under $HETFLOW_CACHE/expert_stats.
-    shape_weight_bits: plan and predict with weights stored at this many bits
-      (PowerInfer-2's int4, which hetflow cannot hold: the fixed region and the neuron
-      records sized and read at that width, neuron_cluster's `shape_placement`); such a
-      plan is a prediction only, `materialize` refuses it. None: the model's dtype.
+    shape_weight_bits: plan and predict a float model's weights as if stored at this
+      many bits (the fixed region and the neuron records sized and read at that width,
+      neuron_cluster's `shape_placement`), for shapes too large to make; such a plan is a
+      prediction only, `materialize` refuses it. A model in a weight format
+      (weights="int4") runs for real, with this left None. None: the model's weights.
   """
 
   neurons: Any = dataclasses.field(default_factory=NeuronClusterOptions)
@@ -315,7 +316,8 @@ class MoESparse(Strategy):
     c, o = model.config, self.options
     if o.shape_weight_bits:
       raise NotApplicable(f"shape_weight_bits={o.shape_weight_bits} plans are predictions from"
-                          " shapes; hetflow cannot hold such weights. Leave it None to run.")
+                          " shapes. To run quantized weights, load the model with weights='int4'"
+                          " (or another format) and leave it None.")
     if self.mesh is not None and self.mesh.size > 1:
       self._lanes = _lanes(self, placement, ledger)
       return
