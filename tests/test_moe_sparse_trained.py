@@ -157,9 +157,11 @@ def test_misses_cost_reads_never_correctness(trained, reference, neurons, tmp_pa
 
 
 def test_greedy_tokens_agree_with_resident(trained, reference, tmp_path):
-  """The lossy path's tokens: decode agrees with resident's greedy tokens as
-  neuron_cluster's trained path does (tests/test_neuron_cluster.py: the predictor's error
-  fed back never costs more than 0.1 of agreement), and the oracle gives them exactly."""
+  """The lossy path's tokens against resident's greedy ones (2 rows x 16 tokens): the
+  oracle gives them exactly; the trained predictors (recall ~0.98) agree on at least 90%
+  of positions (1.0 measured 2026-11-30: a missed neuron adds little to a routed expert's
+  output), and feeding the predictor's error back never costs more than 0.1 of agreement
+  (neuron_cluster's rule, tests/test_neuron_cluster.py)."""
   model, _, _ = trained
   ids, tokens = reference
   got = {}
@@ -172,4 +174,4 @@ def test_greedy_tokens_agree_with_resident(trained, reference, tmp_path):
   print(f"token agreement with resident: {got}")
   assert got["oracle"] == 1.0
   assert got["feedback"] >= got["plain"] - 0.1
-  assert got["feedback"] >= 0.5
+  assert min(got["plain"], got["feedback"]) >= 0.9
