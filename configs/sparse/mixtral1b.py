@@ -34,6 +34,6 @@ def get_config(arg=None):
   # report; an expert sees ~k/X = 1/4 of each quarter's tokens.
   c.decode = dict(prompts=16, prompt_tokens=16, new_tokens=16)
   c.train = dict(method="svd", ranks=(32, 64, 128), target_recall=0.99, max_density_ratio=2.0)
-  c.smoke = {"calibration_tokens": 256, "decode": {"prompts": 4, "new_tokens": 4},
-             "train": {"ranks": (32,)}}
+  c.smoke = {"model": {"name": "mixtral-tiny-8e-sparse"}, "calibration_tokens": 256,
+             "decode": {"prompts": 4, "new_tokens": 4}, "train": {"ranks": (8,)}}
   return c
