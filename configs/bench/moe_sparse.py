@@ -14,20 +14,21 @@ The model: mixtral-1b's shapes (8 experts of 3 x 1024 x 2816, top-2, 16 layers,
 (TurboSparse-Mixtral's figure, hetflow/checkpoints/moe_sparse.py) at the calibrated
 positions; on this benchmark's short contexts (16 + 8 tokens) more fire (measured
 ~0.25 density, lab notes). Routing as configs/bench/moe.py (reuse 0.6).
-Budget: 25% of the bytes (1.13 GiB): the fixed region (0.43 GB) and the KV reserve
-fit; moe_offload's expert slots, or moe_sparse's per-expert predictors (SVD rank
-<= 128, trained: lossy, recall ~0.99 per neuron) + staging + a neuron cache of
-what is left.
+Budget: 25% of the bytes (1.13 GiB) on the device ledger, and a 1.8 GiB memory limit
+(about each row's peak RSS, as configs/bench/moe.py): the fixed region (0.43 GB) and the
+KV reserve fit; moe_offload's expert slots, or moe_sparse's per-expert predictors (SVD
+rank 64, 125 MB, trained: lossy) + staging + a neuron cache of what is left (14% of
+the expert neurons).
 Expect: layer-wise streams ~4.3 GB per token (~0.4 tok/s); moe_offload reads the
-routed experts not in its cache (~0.7 GB per token, ~2 tok/s, configs/bench/moe.py);
-moe_sparse reads only the predicted-active neurons of the routed experts not in its
-neuron cache (~0.1-0.2 GB per token): several times moe_offload. Its tokens follow
-`resident`'s only as far as the trained predictors' recall allows (the table's
-agreement column); the oracle rows of tests/test_moe_sparse.py are the exact ones.
-Measured 2026-11-30, counts only (not timed, lab notes): with the exact oracle and the
-neuron cache this budget leaves (589 MB, 13% of the expert neurons) moe_sparse read
-186 MB per decode token (= the ideal: active, uncached neurons of the routed experts)
-against moe_offload's 1107 MB (its ideal), same tokens. The timed run is not done yet.
+routed experts not in its cache (~0.7 GB per token); moe_sparse reads only the
+predicted-active neurons of the routed experts not in its neuron cache (~0.2 GB per
+token), but as ~13k reads of 12 KiB per token, and runs its 32 routed experts one after
+another: fewer bytes than moe_offload, not more tokens per second on this disk. Its
+tokens follow `resident`'s as far as the trained predictors' recall (~0.99) allows
+(the table's agreement column); the oracle rows of tests/test_moe_sparse.py are exact.
+Measured 2026-11-30 in one run (WORKSPACE_NOTES.md, issue 14, helper "msrun", with the
+cost model's predictions beside it): layer-wise 0.40 tok/s, moe_offload 2.60, moe_sparse
+1.85 at 0.20 GB per token (1.28x its ideal); all tokens equal.
 """
 
 from hetflow.bench.config import bench_config

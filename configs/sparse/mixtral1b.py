@@ -3,14 +3,16 @@
 Run:
   python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py \
       --workdir=/tmp/hetflow-mixtral1b-sparse
-Hardware: the 2-core, 24 GiB CPU machines here; ~5 GiB RAM (the resident generations);
+Hardware: the 2-core, 24 GiB CPU machines here; ~7 GiB RAM (the resident generations);
 no disk beyond the predictor (~60-250 MB by rank). The "layers" are the 128 experts
 (virtual layer i * 8 + e, hetflow/sparsity/experts.py): one truncated SVD of each
 expert's exact gate map, its threshold set on decode steps of held-out generations
 (each expert's rows are the tokens routed to it).
 Expect: density per routed expert ~0.16 on the calibration prompts, ~0.25 on decode steps
 (short contexts fire more, WORKSPACE_NOTES.md issue 14); recall near 0.99 on the test
-quarter's decode steps; measured time and ranks in WORKSPACE_NOTES.md.
+quarter's decode steps. Measured 2026-11-30 (WORKSPACE_NOTES.md, issue 14): 18 minutes
+at nice 10 on a busy machine; rank 64 for 126 of the 128 experts (125 MB); test-quarter
+recall 0.977-1.0 per expert (mean 0.989) at predicted density 0.35 against 0.25 true.
 """
 
 import ml_collections
