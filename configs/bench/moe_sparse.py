@@ -1,11 +1,12 @@
 """mixtral-1b-sparse at 25% of its bytes, cold disk: moe_sparse vs moe_offload vs layer-wise.
 
-Run (after the per-expert predictors are trained once, ~20 minutes here; the benchmark
-never trains; a finished training is reused while its config is unchanged):
-  python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py \
-      --workdir=/tmp/hetflow-mixtral1b-sparse
+Run:
   python -m experiments.benchmark --config=configs/bench/moe_sparse.py \
       --workdir=/tmp/bench-moe-sparse --config.memory_limit=1.8GiB
+after training the per-expert predictors once (~20 minutes here; the benchmark never
+trains; a finished training is reused while its config is unchanged):
+  python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py \
+      --workdir=/tmp/hetflow-mixtral1b-sparse
 Hardware: the 2-core, 24 GiB CPU machines here (~2 GB/s O_DIRECT reads at 1 MiB); ~14 GB
 of free disk for the three stores (layer-wise's, the expert records, the expert neuron
 records, written on first use under $HETFLOW_CACHE); ~3 GiB RAM per system.
