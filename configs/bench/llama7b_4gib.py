@@ -62,12 +62,14 @@ def get_config(arg=None):
     # would generate and quantize the synthetic 7B again).
     # "auto" under no device budget keeps every block.
     c.systems.resident_int8 = dict(kind="hetflow", strategy="layerwise", options=streamed)
-    c.order = "resident_int8"
+    # llama.cpp's Q8_0 without a limit: its file stays in the page cache after the first
+    # token, so it decodes from memory like the resident row.
+    c.order = "resident_int8,llamacpp_Q8_0"
   else:
     c.systems[f"layerwise_{weights}"] = dict(kind="hetflow", strategy="layerwise",
                                              options=streamed)
     c.order = f"layerwise_{weights},llamacpp_{gguf}"
   c.smoke = {"model": {"name": "llama-tiny"}, "memory_limit": "", "budget": {"device": ""},
-             "prompt_tokens": 4, "new_tokens": 3, "order": f"layerwise_{weights}"
-                                                             if not resident else c.order}
+             "prompt_tokens": 4, "new_tokens": 3,
+             "order": "resident_int8" if resident else f"layerwise_{weights}"}
   return c
