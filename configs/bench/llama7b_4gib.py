@@ -26,14 +26,15 @@ peak RSS ~3.6 GiB. llama.cpp on this CPU repacks the Q4_0 blocks into anonymous 
 ~1.1 GB per token through page faults (0.07 tok/s in WORKSPACE_NOTES.md's run, against
 ~3.5 when the limit leaked by ~0.3 GB: the comparison sits on that cliff). int8 (6.6
 GB/token): 8 blocks resident, 4.86 GB/token from disk (O_DIRECT), peak RSS ~3.5 GiB, at
-its disk limit (0.44 tok/s at load 4, 0.35 at load 11). llama.cpp does not repack Q8_0 on this CPU: it
-maps its 7.55 GB file and re-reads nearly all of it (~7 GB/token) through page faults at
-1.07 GB/s (0.16 tok/s; 0.43 GB/s and 0.06 tok/s at load 11). The measured Q8_0 file was written from the int8 store (each kernel's
-q * scale, re-quantized to Q8_0) into the path `gguf_for` looks up: both sides decoded the
-same tokens. Without it, `gguf_for` writes Q8_0 of the synthetic float values (the same
-floats hetflow's int8 rounds; ~25 min, before any timing).
-`:int8-resident` (no limit): every int8 block in RAM, and llama.cpp Q8_0 decoding from
-its cached file. WORKSPACE_NOTES.md has the runs.
+its disk limit (0.44 tok/s at load 4, 0.35 at load 11). llama.cpp does not repack Q8_0
+on this CPU: it maps its 7.55 GB file and re-reads nearly all of it (~7 GB/token)
+through page faults at 1.07 GB/s (0.16 tok/s; 0.43 GB/s and 0.06 tok/s at load 11).
+The measured Q8_0 file was written from the int8 store (each kernel's q * scale,
+re-quantized to Q8_0) into the path `gguf_for` looks up: both sides decoded the same
+tokens. Without it, `gguf_for` writes Q8_0 of the synthetic float values (the same
+floats hetflow's int8 rounds; ~25 min, before any timing). `:int8-resident` (no
+limit): every int8 block in RAM, and llama.cpp Q8_0 decoding from its cached file.
+WORKSPACE_NOTES.md has the runs.
 """
 
 from hetflow.bench.config import bench_config
