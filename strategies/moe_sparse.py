@@ -82,8 +82,8 @@ class MoESparseOptions:
     neurons: the options of the neuron machinery inside the experts
       (NeuronClusterOptions, or a dict of its fields): predictor, cache, reads. Its
       `predictor_path` holds one predictor per expert (virtual layer i * X + e,
-      `train_expert_predictors`); its `stats_path`, if set, expert activation
-      statistics in that order. Set by this strategy: the KV reserve (below) and
+      `python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py`);
+      its `stats_path`, if set, expert activation statistics in that order. Set by this strategy: the KV reserve (below) and
       `lookahead` (off: the next virtual layer is another expert of the same layer).
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
@@ -187,33 +187,6 @@ def expert_stats(model, options: MoESparseOptions) -> str:
     acts.stats.save(tmp)
     os.replace(tmp, path)
   return path
-
-
-def train_expert_predictors(model, path: str, tokens: int = 4096, ranks=(32, 64, 128),
-                            target_recall: float = 0.99, progress=print):
-  """Trains one predictor per expert (virtual layer) and saves it at `path`.
-
-  The truncated SVD of each expert's exact gate map (`method="svd"`: dReLU's neuron
-  fires only where its gate input is positive), the threshold set on held-out routed
-  tokens for `target_recall`. Lossy: what it misses is reported, not exact.
-
-  Returns:
-    The LowRankPredictor.
-  """
-  from hetflow.sparsity.predictor import TrainOptions, exact_gate_params, train_predictors
-
-  c = model.config
-  ids = calibration_ids(c, tokens, seed=1, length=CALIBRATION_LENGTH)
-  acts = experts_mod.record_expert_activations(model, ids, samples=True)
-  view = experts_mod.ExpertNeurons(model)
-  exact = {v: exact_gate_params(view.config, {"norm": view.tensor(f"layers/{v}/mlp/norm"),
-                                               "gate": view.tensor(f"layers/{v}/mlp/gate")})
-           for v in range(view.config.num_layers)}
-  predictor = train_predictors(acts.samples, TrainOptions(ranks=tuple(ranks), method="svd",
-                                                          target_recall=target_recall),
-                               progress=progress, exact=exact)
-  predictor.save(path)
-  return predictor
 
 
 @register_strategy("moe_sparse")

@@ -24,9 +24,17 @@ Expect: int4 (3.7 GB/token): 18 of 32 blocks resident, 1.6 GB/token from disk (O
 peak RSS ~3.6 GiB. llama.cpp on this CPU repacks the Q4_0 blocks into anonymous memory
 (~3.9 GB), which leaves ~0.4 GB of the 4 GiB for its mapped file and code: it re-reads
 ~1.1 GB per token through page faults (0.07 tok/s in WORKSPACE_NOTES.md's run, against
-~3.5 when the limit leaked by ~0.3 GB: the comparison sits on that cliff). int8 (6.5
-GB/token): 8 blocks resident, ~4.5 GB/token from disk for hetflow; llama.cpp's Q8_0 does
-not fit at all.
+~3.5 when the limit leaked by ~0.3 GB: the comparison sits on that cliff). int8 (6.6
+GB/token): 8 blocks resident, 4.86 GB/token from disk (O_DIRECT), peak RSS ~3.5 GiB, at
+its disk limit (0.44 tok/s at load 4, 0.35 at load 11). llama.cpp does not repack Q8_0
+on this CPU: it maps its 7.55 GB file and re-reads nearly all of it (~7 GB/token)
+through page faults at 1.07 GB/s (0.16 tok/s; 0.43 GB/s and 0.06 tok/s at load 11).
+The measured Q8_0 file was written from the int8 store (each kernel's q * scale,
+re-quantized to Q8_0) into the path `gguf_for` looks up: both sides decoded the same
+tokens. Without it, `gguf_for` writes Q8_0 of the synthetic float values (the same
+floats hetflow's int8 rounds; ~25 min, before any timing). `:int8-resident` (no
+limit): every int8 block in RAM, and llama.cpp Q8_0 decoding from its cached file.
+WORKSPACE_NOTES.md has the runs.
 """
 
 from hetflow.bench.config import bench_config
@@ -62,12 +70,14 @@ def get_config(arg=None):
     # would generate and quantize the synthetic 7B again).
     # "auto" under no device budget keeps every block.
     c.systems.resident_int8 = dict(kind="hetflow", strategy="layerwise", options=streamed)
-    c.order = "resident_int8"
+    # llama.cpp's Q8_0 without a limit: its file stays in the page cache after the first
+    # token, so it decodes from memory like the resident row.
+    c.order = "resident_int8,llamacpp_Q8_0"
   else:
     c.systems[f"layerwise_{weights}"] = dict(kind="hetflow", strategy="layerwise",
                                              options=streamed)
     c.order = f"layerwise_{weights},llamacpp_{gguf}"
   c.smoke = {"model": {"name": "llama-tiny"}, "memory_limit": "", "budget": {"device": ""},
-             "prompt_tokens": 4, "new_tokens": 3, "order": f"layerwise_{weights}"
-                                                             if not resident else c.order}
+             "prompt_tokens": 4, "new_tokens": 3,
+             "order": "resident_int8" if resident else f"layerwise_{weights}"}
   return c

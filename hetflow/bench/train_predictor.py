@@ -11,7 +11,10 @@ predicts on decode inputs, which differ: short contexts, repeated tokens).
 The generations are split by prompt: half train, a quarter sets the
 thresholds, and the last quarter, used for nothing else, gives the reported
 recall and precision (`test_reports`): a threshold set to reach a recall
-reaches it on its own samples by construction. A finished run is reused when
+reaches it on its own samples by construction. For an MoE with sparse experts
+(`mixtral-*-sparse`, the moe_sparse strategy) the "layers" are its experts
+(virtual layer i * X + e, `hetflow.sparsity.experts`): each expert's pairs are
+the tokens routed to it. A finished run is reused when
 its config matches (`fingerprint.json`): benchmarks never retrain.
 """
 
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from hetflow import config as config_lib
+from hetflow.sparsity import experts
 from hetflow.sparsity.predictor import (
   LowRankPredictor,
   TrainOptions,
@@ -46,6 +50,16 @@ def _fingerprint(config: Any) -> dict[str, Any]:
                                default=str))
 
 
+def _record(model, ids: np.ndarray, threshold: float | None):
+  """(stats, samples, per layer the flat token index of each sample): a dense model's
+  layers see every token; an MoE's experts (virtual layers) the tokens routed to them."""
+  if model.config.num_experts:
+    acts = experts.record_expert_activations(model, ids, samples=True)
+    return acts.stats, acts.samples, acts.rows
+  stats, data = record_activations(model, ids, threshold, samples=True)
+  return stats, data, [np.arange(ids.size)] * len(data.inputs)
+
+
 def decode_samples(model, prompts: int, prompt_tokens: int, new_tokens: int, seed: int,
                    threshold: float | None = None) -> tuple[Samples, list[np.ndarray]]:
   """(input, active) pairs of the decode steps of greedy generations.
@@ -64,13 +78,11 @@ def decode_samples(model, prompts: int, prompt_tokens: int, new_tokens: int, see
   with Engine(model, "resident") as engine:
     out = engine.generate(ids, max_new_tokens=new_tokens, stop_tokens=())
   seqs = np.concatenate([ids, out.tokens[:, :-1]], axis=1)  # the last token is never an input
-  _, data = record_activations(model, seqs, threshold, samples=True)
+  _, data, where = _record(model, seqs, threshold)
   t = seqs.shape[1]
-  keep = (np.arange(t) >= prompt_tokens)
-  rows = np.tile(keep, prompts)
-  data = Samples([x[rows] for x in data.inputs], [a[rows] for a in data.active])
-  owner = np.repeat(np.arange(prompts), int(keep.sum()))
-  return data, owner
+  keep = [w % t >= prompt_tokens for w in where]
+  data = _rows(data, keep)
+  return data, [w[k] // t for w, k in zip(where, keep)]
 
 
 def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
@@ -105,9 +117,9 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
   threshold = config.get("threshold") or None
   ids = calibration_ids(model.config, config.calibration_tokens, seed=config.seed)
   print(f"recording activations of {model.description} on {ids.size} tokens ...", flush=True)
-  stats, samples = record_activations(model, ids, threshold=threshold, samples=True)
+  stats, samples, _ = _record(model, ids, threshold)
   stats.save(stats_path)
-  print(f"  measured density per layer: {[round(float(d), 3) for d in stats.density]}"
+  print(f"  measured density per layer: {[round(float(a.mean()), 3) for a in samples.active]}"
         f" ({time.perf_counter() - t0:.0f} s)", flush=True)
 
   validation = test = None
@@ -119,11 +131,16 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
                        " to set thresholds, a quarter to test them); raise it in the config.")
     print(f"generating {n} x {decode['new_tokens']} tokens for decode-step samples ...",
           flush=True)
-    dec, owner = decode_samples(model, n, decode["prompt_tokens"], decode["new_tokens"],
+    dec, owners = decode_samples(model, n, decode["prompt_tokens"], decode["new_tokens"],
                                 config.seed, threshold)
     # Split by prompt: a generation's repeated tokens would leak across a random split.
-    part = np.where(owner < n // 2, 0, np.where(owner < n - n // 4, 1, 2))
-    train, validation, test = (_rows(dec, part == k) for k in range(3))
+    part = [np.where(o < n // 2, 0, np.where(o < n - n // 4, 1, 2)) for o in owners]
+    train, validation, test = (_rows(dec, [p == k for p in part]) for k in range(3))
+    # An expert that no generation of the threshold quarter was routed to sets its
+    # threshold on its calibration rows instead (which method "svd" never trains on).
+    for i, x in enumerate(validation.inputs):
+      if not len(x):
+        validation.inputs[i], validation.active[i] = samples.inputs[i], samples.active[i]
     samples = Samples([np.concatenate([x, d]) for x, d in zip(samples.inputs, train.inputs)],
                       [np.concatenate([a, d]) for a, d in zip(samples.active, train.active)])
     print(f"  decode density per layer: {[round(float(a.mean()), 3) for a in dec.active]}"
@@ -131,11 +148,14 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
 
   options = TrainOptions(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
                             for k, v in config_lib.to_dict(config.train).items()})
-  layers = (range(model.config.num_layers) if options.method == "svd"
-            else options.exact_layers)
-  exact = {i: exact_gate_params(model.config, {k: model.tensor(f"layers/{i}/mlp/{k}")
-                                               for k in ("norm", "gate")})
-           for i in layers}
+  layers = range(len(samples.inputs)) if options.method == "svd" else options.exact_layers
+  if model.config.num_experts:  # the experts' view: one gate map per virtual layer
+    every = experts.expert_gate_params(model) if layers else {}
+    exact = {i: every[i] for i in layers}
+  else:
+    exact = {i: exact_gate_params(model.config, {k: model.tensor(f"layers/{i}/mlp/{k}")
+                                                 for k in ("norm", "gate")})
+             for i in layers}
   predictor = train_predictors(samples, options, progress=lambda s: print(s, flush=True),
                                validation=validation, exact=exact)
   predictor.save(path)
@@ -161,8 +181,10 @@ def train_from_config(config: Any, workdir: str) -> dict[str, Any]:
           "reports": [r.__dict__ for r in predictor.reports], "test_reports": test_reports}
 
 
-def _rows(samples: Samples, keep: np.ndarray) -> Samples:
-  return Samples([x[keep] for x in samples.inputs], [a[keep] for a in samples.active])
+def _rows(samples: Samples, keep: list[np.ndarray]) -> Samples:
+  """The rows kept per layer (a mask per layer)."""
+  return Samples([x[k] for x, k in zip(samples.inputs, keep)],
+                 [a[k] for a, k in zip(samples.active, keep)])
 
 
 def _load_json(path: str) -> Any:

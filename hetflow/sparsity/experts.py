@@ -24,6 +24,7 @@ from hetflow.models import modules
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 from hetflow.models.walk import normalize, walk
+from hetflow.sparsity.predictor import exact_gate_params
 from hetflow.sparsity.stats import EXACT_ZERO_ACTIVATIONS, ActivationStats, Samples, intermediate
 
 EXPERT_MATRICES = ("gate", "up", "down")
@@ -179,11 +180,14 @@ class ExpertActivations:
     routed: [L, X] tokens routed to each expert.
     samples: predictor training pairs per virtual layer (the pre-norm input of the
       tokens routed to that expert, which neurons fired), when asked.
+    rows: with `samples`, per virtual layer the flat token index (into ids.reshape(-1))
+      of each of its samples: which prompt and position a pair comes from.
   """
 
   stats: ActivationStats
   routed: np.ndarray
   samples: Samples | None = None
+  rows: list[np.ndarray] | None = None
 
   def density(self) -> np.ndarray:
     """[L, X] fraction of an expert's neurons that fire per token routed to it."""
@@ -210,7 +214,8 @@ def record_expert_activations(model: Model, ids: np.ndarray,
   n, f = c.num_experts, c.intermediate_size
   counts = np.zeros((c.num_layers * n, f), np.int64)
   routed = np.zeros((c.num_layers, n), np.int64)
-  data = Samples([], []) if samples else None
+  data = Samples([None] * (c.num_layers * n), [None] * (c.num_layers * n)) if samples else None
+  where = [None] * (c.num_layers * n) if samples else None
   fire = jax.jit(lambda w, h: intermediate(c, w, h) != 0)
   route = jax.jit(lambda router, h: modules.route(c, router, h)[1])
 
@@ -226,12 +231,25 @@ def record_expert_activations(model: Model, ids: np.ndarray,
       padded = np.zeros(1 << max(len(rows) - 1, 0).bit_length(), np.int64)
       padded[:len(rows)] = rows
       active = np.asarray(fire(kernels, h[padded]))[:len(rows)]
-      counts[virtual_layer(c, layer, e)] = active.sum(0)
+      v = virtual_layer(c, layer, e)
+      counts[v] = active.sum(0)
       if data is not None:
-        data.inputs.append(flat[rows].astype(np.float32))
-        data.active.append(active)
+        data.inputs[v] = flat[rows].astype(np.float32)
+        data.active[v] = active
+        where[v] = rows
 
   walk(c, model.group_tensors, np.asarray(ids), on_ffn)
   stats = ActivationStats(counts, int(np.prod(np.shape(ids))), 0.0, None,
                           expert_config(c).name)
-  return ExpertActivations(stats, routed, data)
+  return ExpertActivations(stats, routed, data, where)
+
+
+def expert_gate_params(model: Model) -> dict[int, dict[str, np.ndarray]]:
+  """Each expert's exact gate predictor (`predictor.exact_gate_params`), by virtual layer:
+  what `method="svd"` truncates. Reads a layer's expert stacks once."""
+  view = ExpertNeurons(model)
+  out = {v: exact_gate_params(view.config, {m: view.tensor(f"layers/{v}/mlp/{m}")
+                                            for m in ("norm", "gate")})
+         for v in range(view.config.num_layers)}
+  view.release()
+  return out

@@ -873,6 +873,7 @@ class NeuronCluster(Strategy):
       read_slots.append(base + used + np.arange(len(rnd)))
       used += sum(size for _, size in blocks)
       if len(missing):  # this round's records are admitted before the area is reused
+        self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
         self._admit(layer, read_pos, read_slots, cached_outs)
         read_pos, read_slots = [], []
     self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
