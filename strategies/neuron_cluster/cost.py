@@ -39,7 +39,7 @@ import numpy as np
 from hetflow import costmodel, hardware, simulate
 from hetflow.memory import bundle_store
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
-from hetflow.memory.buffers import round_up
+from hetflow.memory.buffers import PAGE, round_up
 from hetflow.sparsity.bundles import neuron_matrices, record_codec
 from hetflow.sparsity.cache_model import (
     CacheEstimate,
@@ -86,6 +86,10 @@ class Sizes:
     staging: the buffer misses and prefill chunks are read into.
     kv: the KV cache reserve.
     full_cache: bytes of every record of every layer.
+    embed_table: bytes of the token-embedding table kept on disk
+      (`embed_tier="disk"`; 0: it is in the fixed region).
+    embed_rows: device bytes reserved for the table rows a pass reads (a
+      prompt of the KV reserve's length; decode reads one row per token).
   """
 
   neurons: int
@@ -96,6 +100,8 @@ class Sizes:
   staging: int
   kv: int
   full_cache: int
+  embed_table: int = 0
+  embed_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +161,39 @@ def plan_sizes(model, options, weight_bits: int | None = None,
     r = c.hidden_size // 16
     predictor = c.num_layers * (c.hidden_size * (r + 2) + r * (n + 1) + n) * 4
   staging = max(2, min(parse_bytes(o.staging_bytes) // record, n)) * record
+  table = rows = 0
+  if getattr(o, "embed_tier", "device") == "disk":
+    shape = model.shapes["embed/tokens"]
+    scale = weight_bits / (8 * item) if weight_bits else 1.0
+    table = int(shape.size * np.dtype(shape.dtype).itemsize * scale)
+    tokens = o.kv_reserve_tokens or c.max_position_embeddings
+    rows = embed_rows_nbytes(model, min(tokens, c.vocab_size))
+    fixed -= table
   return Sizes(neurons=n, record=record, stride=stride, fixed=fixed, predictor=predictor,
                staging=staging, kv=model.kv_cache_nbytes(o.kv_reserve_tokens),
-               full_cache=c.num_layers * n * record)
+               full_cache=c.num_layers * n * record, embed_table=table, embed_rows=rows)
+
+
+def embed_rows_bucket(n: int) -> int:
+  """Rows of the table a pass embedding `n` distinct tokens builds: a power of two,
+  at least 16 (a few compiled shapes)."""
+  return 1 << max(4, (n - 1).bit_length())
+
+
+def embed_row_span(model) -> int:
+  """Bytes one token-table row takes when read with O_DIRECT: its pages (one more
+  when a row does not start on a page)."""
+  shape = model.shapes["embed/tokens"]
+  row = shape.shape[-1] * np.dtype(shape.dtype).itemsize
+  return round_up(row) + (PAGE if row % PAGE else 0)
+
+
+def embed_rows_nbytes(model, n: int) -> int:
+  """Device bytes a pass embedding `n` distinct tokens reads the table into: their
+  rows' pages, or the whole (padded) table where that is smaller (then one read)."""
+  shape = model.shapes["embed/tokens"]
+  whole = round_up(shape.size * np.dtype(shape.dtype).itemsize)
+  return min(embed_rows_bucket(n) * embed_row_span(model), whole)
 
 
 def _format_sizes(model, neurons: int) -> tuple[int, int, int]:
@@ -186,12 +222,13 @@ def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None
       not fit, or a set cache_bytes does not fit beside them.
   """
   o, s, c = options, sizes, model.config
-  need = s.fixed + s.predictor + s.staging + s.kv
+  need = s.fixed + s.predictor + s.staging + s.kv + s.embed_rows
   limit = budget.device
   left = None if limit is None else limit - need
   if left is not None and left < 0:
     raise BudgetExceeded("device", need, 0, limit,
-                         group="fixed region + predictor + staging + KV reserve", minimum=need)
+                         group="fixed region + predictor + staging + KV reserve"
+                         + (" + embedding rows" if s.embed_rows else ""), minimum=need)
   if o.cache_bytes is None:
     cache = s.full_cache if left is None else min(left, s.full_cache)
   else:
@@ -201,23 +238,32 @@ def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None
                            minimum=need + cache)
   slots = cache // s.record
   # The disk tier holds the whole neuron store: every layer's records and the order.
-  disk = bundle_store.store_nbytes(c.num_layers, s.neurons, s.record)
+  disk = bundle_store.store_nbytes(c.num_layers, s.neurons, s.record) + s.embed_table
   if budget.disk is not None and disk > budget.disk:
-    raise BudgetExceeded("disk", disk, 0, budget.disk, group="neuron-bundle store",
-                         minimum=disk)
-  groups = {g: (GroupPlacement("disk", s.neurons * s.record, "neuron bundles + cache")
-                if g.endswith("/mlp") else
-                GroupPlacement("device", model.group_nbytes(g), "fixed region"))
-            for g in model.group_names()}
+    raise BudgetExceeded("disk", disk, 0, budget.disk, group="neuron-bundle store"
+                         + (" + token table" if s.embed_table else ""), minimum=disk)
+
+  def group(g):
+    if g.endswith("/mlp"):
+      return GroupPlacement("disk", s.neurons * s.record, "neuron bundles + cache")
+    if g == "embed" and s.embed_table:
+      return GroupPlacement("disk", s.embed_table, "token table (rows read per pass)")
+    return GroupPlacement("device", model.group_nbytes(g), "fixed region")
+
+  groups = {g: group(g) for g in model.group_names()}
+  # The embed group's other leaves (OPT's positions, project_in) stay on the device.
+  embed_rest = model.group_nbytes("embed") - s.embed_table if s.embed_table else 0
   notes = notes + (f"cache {format_bytes(slots * s.record)} = {slots} neurons"
                    f" ({slots / (c.num_layers * s.neurons):.1%} of all), predictor"
                    f" {o.predictor} {format_bytes(s.predictor)}, staging"
                    f" {format_bytes(s.staging)}, KV reserve {format_bytes(s.kv)}, layout"
-                   f" {o.layout}, pipeline {o.pipeline}",)
+                   f" {o.layout}, pipeline {o.pipeline}"
+                   + (f", token table on disk ({format_bytes(s.embed_table)}; rows"
+                      f" {format_bytes(s.embed_rows)})" if s.embed_table else ""),)
   settings = NeuronClusterSettings(o, s, slots, weight_bits, trained)
   return Placement("neuron_cluster", groups, working_bytes={
-      "device": s.predictor + s.staging + s.kv + slots * s.record,
-      "disk": disk - c.num_layers * s.neurons * s.record}, notes=notes,
+      "device": s.predictor + s.staging + s.kv + slots * s.record + s.embed_rows + embed_rest,
+      "disk": disk - c.num_layers * s.neurons * s.record - s.embed_table}, notes=notes,
       settings=settings)
 
 
