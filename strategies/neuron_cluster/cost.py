@@ -40,6 +40,7 @@ from hetflow import costmodel, hardware, simulate
 from hetflow.memory import bundle_store
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
 from hetflow.memory.buffers import PAGE, round_up
+from hetflow.models.modules import uses_rms_norm
 from hetflow.sparsity.bundles import neuron_matrices, record_codec
 from hetflow.sparsity.cache_model import (
     CacheEstimate,
@@ -53,6 +54,10 @@ from hetflow.strategy import GroupPlacement, Placement
 # llama-1b-sparse predictors had precision 0.55-0.92 (WORKSPACE_NOTES.md,
 # "Neuron-cluster benchmark"); assumed 0.8 where no measurement is given.
 TRAINED_PRECISION = 0.8
+# With the predictor's error fed back (NeuronClusterOptions.feedback: dense Llama
+# models), far fewer false positives at the same recall: precision 0.85-0.94 per layer,
+# 0.92 overall, on llama-1b-sparse at feedback_margin -0.1 (WORKSPACE_NOTES.md, issue 13).
+FEEDBACK_PRECISION = 0.92
 
 
 # -- a plan's sizes and settings ----------------------------------------------
@@ -307,7 +312,8 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
       the strategy's recorded statistics, hottest first).
     precision: share of predicted neurons that fire (default: 1 for the
       oracle; for a trained predictor, the per-layer precision its training
-      measured (`predictor_quality` in the plan), else TRAINED_PRECISION).
+      measured (`predictor_quality` in the plan), at least FEEDBACK_PRECISION
+      where its error is fed back; else TRAINED_PRECISION).
   """
   s: NeuronClusterSettings = placement.settings
   o = s.options
@@ -323,6 +329,11 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
       precision = 1.0
     elif quality and quality.precision:
       precision = np.asarray(quality.precision)
+      # Fed back on a trained predictor this strategy runs (not a shape plan's, e.g.
+      # PowerInfer-2's own predictor, which has no feedback).
+      c = model.config
+      if getattr(o, "feedback", False) and not c.num_experts and uses_rms_norm(c):
+        precision = np.maximum(precision, FEEDBACK_PRECISION)
     else:
       precision = TRAINED_PRECISION
   cache = estimate_cache(freq, s.cache_slots, o.hot_fraction, o.cluster_size, tokens,
