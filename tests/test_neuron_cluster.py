@@ -88,6 +88,15 @@ def test_decode_compiles_a_few_shapes_then_stops(reference):
     assert s["compiled_shapes"] <= 2 * (int(np.log2(f)) + 2)
     assert sum(s["new_shapes_per_token"][NEW_TOKENS - 1:]) == 0  # none in the second run
     assert first.stats["recompilations"] > 0
+  # Every decode block shape is compiled at load: a prompt unlike the first compiles nothing
+  # (the pool's blocks too: hot, cold and gathered).
+  other = np.random.default_rng(7).integers(3, model.config.vocab_size, ids.shape)
+  for options in (dict(cache_bytes=0), dict(cache_bytes="64KiB", cluster_size=8),
+                  dict(cache_bytes="64KiB", cluster_size=8, gather_ratio=0.0)):
+    with Engine(model, "neuron_cluster", options=options) as engine:
+      engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+      assert engine.generate(other, max_new_tokens=NEW_TOKENS,
+                             stop_tokens=()).stats["recompilations"] == 0, options
 
 
 def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):

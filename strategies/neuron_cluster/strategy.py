@@ -515,6 +515,7 @@ class NeuronCluster(Strategy):
     self.cache.counters = type(self.cache.counters)()
 
     self._build_functions()
+    self._precompile()
     self._phase = "prefill"
     self._shapes: set[tuple] = set()
     self._new_shapes_per_token: list[int] = []
@@ -631,24 +632,64 @@ class NeuronCluster(Strategy):
     if key not in self._shapes:
       self._shapes.add(key)
       self._step_shapes += 1
-    a, b = self._view(which, start, size)
-    bias = None
-    if layer in self._bias:
-      bias = self._bias[layer][np.maximum(positions, 0)]
-    if self.codec.quantized:
-      table, group_of = self._quantized_args(layer, np.asarray(positions))
-      out, fired, pre = self._qstep(a, b, table, group_of, h, bias, valid)
-    else:
-      out, fired, pre = self._step(a, b, h, bias, valid)
+    out, fired, pre = self._block(which, start, size, valid, layer, positions, h)
     if self._phase == "decode":
       self._computed += int(valid.sum()) if isinstance(valid, np.ndarray) else int(valid)
       if self._fb is not None:  # read at this layer's next token (long done by then)
         self._pre[layer].append((np.asarray(positions), pre))
     return out, fired
 
+  def _block(self, which, start, size, valid, layer, positions, h):
+    """The step over slots [start, start + size) of a planar buffer: (out, fired, pre)."""
+    a, b = self._view(which, start, size)
+    bias = None
+    if layer in self._bias:
+      bias = self._bias[layer][np.maximum(positions, 0)]
+    if self.codec.quantized:
+      table, group_of = self._quantized_args(layer, np.asarray(positions))
+      return self._qstep(a, b, table, group_of, h, bias, valid)
+    return self._step(a, b, h, bias, valid)
+
+  def _gather_block(self, idx, valid, layer, h):
+    """The step over the pool's slots `idx`: (out, fired, pre)."""
+    a, b = self._view("pool", 0, self.pool_planes.slots)
+    bias = self._bias[layer][np.maximum(self._slot_pos[idx], 0)] if layer in self._bias else None
+    if self.codec.quantized:
+      table, group_of = self._quantized_args(layer, self._slot_pos[idx])
+      return self._qgather(a, b, idx, table, group_of, h, bias, valid)
+    return self._gather(a, b, idx, h, bias, valid)
+
+  def _precompile(self):
+    """Compiles the sparse step for every block a batch-1 decode token can use, at
+    load: which blocks a token needs depends on its misses, so a prompt unlike the
+    warm-up's would otherwise compile some in the middle of decoding."""
+    c, o, mb = self.config, self.options, self._min_block
+    x = jnp.zeros((1, 1, c.hidden_size), self.model.dtype)
+    h = self._norm(self._fixed["layers/0/mlp"], x)
+    pow2 = lambda top: [1 << k for k in range(mb.bit_length() - 1, max(top, 1).bit_length())  # noqa: E731
+                        if mb <= 1 << k <= top]
+    blocks = {("staging", size) for size in pow2(self.area_cap)}
+    gathers = set()
+    if self.num_slots:
+      for layer in range(c.num_layers):
+        for first, n in (self.cache.hot_range(layer), self.cache.cold_range(layer)):
+          if not n:
+            continue
+          if (first, n) == self.cache.cold_range(layer):
+            blocks.add(("pool", n))
+          else:
+            exact = first + -(-n // mb) * mb > self.pool_planes.slots
+            blocks.update(("pool", size) for _, size in self._blocks(n, exact=exact))
+          hits = n if o.gather_ratio <= 1 else int(n / o.gather_ratio)  # most hits gathered
+          gathers.update(pow2(-(-hits // mb) * mb))
+    outs = [self._block(which, 0, size, np.zeros(size, bool), 0, np.full(size, -1), h)
+            for which, size in sorted(blocks)]
+    outs += [self._gather_block(np.zeros(size, np.int32), np.zeros(size, bool), 0, h)
+             for size in sorted(gathers)]
+    jax.block_until_ready(outs)
+
   def _gathered(self, kind, slots, layer, h):
     """The contributions of the pool's records at `slots`, gathered in power-of-two blocks."""
-    a, b = self._view("pool", 0, self.pool_planes.slots)
     outs = []
     for off, size in self._blocks(len(slots)):
       idx = np.zeros(size, np.int32)
@@ -659,13 +700,8 @@ class NeuronCluster(Strategy):
       if key not in self._shapes:
         self._shapes.add(key)
         self._step_shapes += 1
-      bias = self._bias[layer][np.maximum(self._slot_pos[idx], 0)] if layer in self._bias else None
       self._computed += len(part)
-      if self.codec.quantized:
-        table, group_of = self._quantized_args(layer, self._slot_pos[idx])
-        out, _, pre = self._qgather(a, b, idx, table, group_of, h, bias, valid)
-      else:
-        out, _, pre = self._gather(a, b, idx, h, bias, valid)
+      out, _, pre = self._gather_block(idx, valid, layer, h)
       outs.append(out)
       if self._fb is not None:
         self._pre[layer].append((np.where(valid, self._slot_pos[idx], -1), pre))
