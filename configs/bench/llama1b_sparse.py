@@ -73,12 +73,14 @@ def get_config(arg=None):
                                        feedback=True, io_depth=32, bridge_gap=1),
       # Issue 13's third pass: the token table on disk (one row read per token), its
       # 262 MB given to the neuron cache (9.6k -> 20.1k slots), three quarters of it the
-      # recency (cold) region (audit: 183 -> 167 MB/token against half); with 32 reads
-      # in flight.
+      # recency (cold) region (audit: 183 -> 167 MB/token against half), corrected scores
+      # thresholded at the boundary (167 -> 160 MB/token, 1.14x the ideal, 64/64); with
+      # 32 reads in flight.
       "nc_embed": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
-                       embed_tier="disk", hot_fraction=0.25),
+                       embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0),
       "nc_embed_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
-                            embed_tier="disk", hot_fraction=0.25, io_depth=32),
+                            embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
+                            io_depth=32),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"
