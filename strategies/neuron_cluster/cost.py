@@ -17,7 +17,8 @@ Decode is sparse. Per layer and token:
      then each of `pieces` pieces as it arrives (pipeline), or read
      everything one request at a time and then compute (no pipeline).
   Not modelled: the look-ahead (its guesses' extra reads, and reads moved
-  into the previous layer's compute) and `bridge_gap`.
+  into the previous layer's compute), `bridge_gap`, and with `embed_tier="disk"`
+  the token table's row reads (one page-rounded row per token: 8 KiB for llama-1b).
 
 The cache model (hot hits, cold hits, misses and coalesced requests from
 firing probabilities) is hetflow.sparsity.cache_model's. MoE models
