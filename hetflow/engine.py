@@ -297,7 +297,7 @@ class Engine:
     counters.tokens += ids.shape[1]
     self.strategy.begin(phase, ids.shape[1])
     globals_ = self.strategy.globals()
-    x = fn.embed(globals_["embed"], ids, positions)
+    x = self.strategy.run_embed(globals_["embed"], ids, positions, fn.embed)
     for i in range(cfg.num_layers):
       t0 = time.perf_counter()
       attn = self.strategy.fetch(i, "attn")

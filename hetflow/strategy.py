@@ -2,9 +2,10 @@
 
 A strategy decides where every parameter group lives (`plan`, pure), puts the
 weights there through the ledger (`materialize`), and serves them to the
-engine layer by layer (`globals`, `fetch`, `release`), optionally computing a
-layer's attention or FFN its own way (`run_attention`, `run_ffn`). Its cost
-model (`cost_model`, optional) lets the planner rank its plans.
+engine layer by layer (`globals`, `fetch`, `release`), optionally computing
+the token embedding or a layer's attention or FFN its own way (`run_embed`,
+`run_attention`, `run_ffn`). Its cost model (`cost_model`, optional) lets the
+planner rank its plans.
 
 Strategies are found through the entry-point group `hetflow.strategies`
 (setup.cfg lists the built-ins there, like any third-party package), or by
@@ -192,9 +193,9 @@ class Strategy(abc.ABC):
   Subclasses set `Options` to a frozen dataclass documenting every option,
   implement `plan`, `materialize`, `globals` and `fetch`, and may override the
   run hooks and `cost_model`. The engine calls, per forward pass: `begin(phase,
-  num_tokens)`, `globals()`, then for each layer i `fetch(i, "attn")`,
-  `run_attention(...)`, `release(i, "attn")`, `fetch(i, "mlp")`, `run_ffn(...)`,
-  `release(i, "mlp")`, and finally `end()`.
+  num_tokens)`, `globals()`, `run_embed(...)`, then for each layer i
+  `fetch(i, "attn")`, `run_attention(...)`, `release(i, "attn")`, `fetch(i, "mlp")`,
+  `run_ffn(...)`, `release(i, "mlp")`, and finally `end()`.
 
   The engine owns the ledger's lifetimes: what `materialize` allocates through
   `ledger` is given back by the engine when it closes, so `close` only has to
@@ -272,6 +273,12 @@ class Strategy(abc.ABC):
 
   def end(self) -> None:
     """The forward pass is over (the next one may start prefetching)."""
+
+  def run_embed(self, params: Any, ids, positions, embed: Callable) -> Any:
+    """Embeds the pass's token ids; default: the model's jitted `embed` over the
+    `embed` leaves `globals()` gave (a strategy that keeps the token table
+    elsewhere passes only the rows it needs)."""
+    return embed(params, ids, positions)
 
   def run_attention(self, layer: int, params: Any, x, cache, cache_index, positions,
                     kv_mask, attention: Callable) -> tuple[Any, Any]:

@@ -88,6 +88,15 @@ def test_decode_compiles_a_few_shapes_then_stops(reference):
     assert s["compiled_shapes"] <= 2 * (int(np.log2(f)) + 2)
     assert sum(s["new_shapes_per_token"][NEW_TOKENS - 1:]) == 0  # none in the second run
     assert first.stats["recompilations"] > 0
+  # Every decode block shape is compiled at load: a prompt unlike the first compiles nothing
+  # (the pool's blocks too: hot, cold and gathered).
+  other = np.random.default_rng(7).integers(3, model.config.vocab_size, ids.shape)
+  for options in (dict(cache_bytes=0), dict(cache_bytes="64KiB", cluster_size=8),
+                  dict(cache_bytes="64KiB", cluster_size=8, gather_ratio=0.0)):
+    with Engine(model, "neuron_cluster", options=options) as engine:
+      engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+      assert engine.generate(other, max_new_tokens=NEW_TOKENS,
+                             stop_tokens=()).stats["recompilations"] == 0, options
 
 
 def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
@@ -205,3 +214,56 @@ def test_run_cuts_never_split_a_run():
       assert pos[a] != pos[a - 1] + 1
   assert run_cuts(np.arange(5), [0, 2]) == [0, 5, 5]
   assert run_cuts(pos[:0], [0]) == [0, 0]
+
+
+def test_token_table_on_disk_is_exact(reference, tmp_path):
+  """embed_tier='disk': each pass reads its tokens' rows, the tokens and logits stay
+  resident's, the table is charged to the disk tier and the ledger stays in the budget;
+  a tied head (OPT) is refused."""
+  from hetflow.strategy import NotApplicable
+
+  model, ids, tokens, logits = reference
+  if model.config.tie_word_embeddings:
+    with pytest.raises(NotApplicable, match="embed_tier"):
+      Engine(model, "neuron_cluster", options=dict(embed_tier="disk"))
+    return
+  budget = Budget(device=int(0.6 * model.nbytes) + (2 << 20))
+  options = dict(staging_bytes="128KiB", store_dir=str(tmp_path / "store"))
+  with Engine(model, "neuron_cluster", budget=budget, options=options) as engine:
+    slots = engine.placement.settings.cache_slots
+  shape = model.shapes["embed/tokens"]
+  table = shape.size * np.dtype(shape.dtype).itemsize
+  with Engine(model, "neuron_cluster", budget=budget,
+              options=dict(options, embed_tier="disk")) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+    assert engine.placement.groups["embed"].tier == "disk"
+    assert engine.ledger.peak("device") <= budget.device
+    assert engine.ledger.peak("disk") >= table
+    # A tiny table is read whole (its 256-byte rows would take a page each): no bytes freed.
+    assert engine.placement.settings.cache_slots == slots
+    assert out.stats["strategy"].details["decode_tokens"] == NEW_TOKENS - 1
+  assert os.path.exists(tmp_path / "store" / "embed" / "manifest.json")
+
+
+def test_token_table_on_disk_leaves_its_bytes_to_the_cache():
+  """llama-1b-sparse at 40% of its bytes (shapes only): the 262 MB table moves to the disk
+  tier and the cache gains its bytes less a prompt's rows (a page each: 8 KiB rows)."""
+  from strategies.neuron_cluster import cost
+  from strategies.neuron_cluster.strategy import NeuronCluster
+
+  model = hetflow.synthetic_model("llama-1b-sparse", sparsity=0.9, hotness="zipf:1.1")
+  budget = Budget(device=int(0.4 * model.nbytes))
+  options = dict(predictor="trained", predictor_path="/nonexistent", kv_reserve_tokens=372)
+  plans = [NeuronCluster(dict(options, embed_tier=t)).plan(model, budget)
+           for t in ("device", "disk")]
+  table = model.group_nbytes("embed")
+  assert plans[1].groups["embed"].tier == "disk" and plans[1].groups["embed"].nbytes == table
+  sizes = plans[1].settings.sizes
+  assert sizes.embed_rows == 512 * 8192 == cost.embed_rows_nbytes(model, 372)
+  assert plans[1].settings.cache_slots == (
+      plans[0].settings.cache_slots + (table - sizes.embed_rows) // sizes.record)
+  for p in plans:
+    assert p.bytes_per_tier()["device"] <= budget.device
+  assert plans[1].bytes_per_tier()["disk"] == plans[0].bytes_per_tier()["disk"] + table

@@ -26,6 +26,11 @@ def bench_config(model: str = "llama-tiny", **overrides) -> ml_collections.Confi
     prompt_tokens, new_tokens: the workload.
     repeats: measured runs per system; the fastest decode is kept, all are reported.
     warmup: an identical run first, so the measured one compiles nothing.
+    warmup_prompt: "other" (default: the warm-up decodes another random prompt
+      of the same length, and again before each later repeat, so the same shapes
+      compile and a strategy's caches hold another sequence's neurons or experts
+      when a measured run starts, as when serving a new request) or "same" (the
+      warm-up decodes the measured prompt: the replayed-request case).
     memory_limit: e.g. "3GiB": lock the rest of RAM for the whole run.
     drop_caches: evict the model's files before each run (and after warm-up).
     drop_method: "fadvise" (per file) or "drop_caches" (machine-wide; disturbs
@@ -40,7 +45,8 @@ def bench_config(model: str = "llama-tiny", **overrides) -> ml_collections.Confi
   c = ml_collections.ConfigDict(dict(
       model=config_lib.model_section(model).to_dict(),
       budget=dict(device="", host="", disk=""), store_dir="", prompt_tokens=16,
-      new_tokens=8, repeats=2, warmup=True, memory_limit="", drop_caches=True,
+      new_tokens=8, repeats=2, warmup=True, warmup_prompt="other", memory_limit="",
+      drop_caches=True,
       drop_method="fadvise", timeline=True, profile_trace=False, timeout_s=900, order="",
       systems={}, smoke={}))
   for key, value in overrides.items():

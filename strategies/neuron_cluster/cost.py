@@ -17,7 +17,8 @@ Decode is sparse. Per layer and token:
      then each of `pieces` pieces as it arrives (pipeline), or read
      everything one request at a time and then compute (no pipeline).
   Not modelled: the look-ahead (its guesses' extra reads, and reads moved
-  into the previous layer's compute) and `bridge_gap`.
+  into the previous layer's compute), `bridge_gap`, and with `embed_tier="disk"`
+  the token table's row reads (one page-rounded row per token: 8 KiB for llama-1b).
 
 The cache model (hot hits, cold hits, misses and coalesced requests from
 firing probabilities) is hetflow.sparsity.cache_model's. MoE models
@@ -39,7 +40,8 @@ import numpy as np
 from hetflow import costmodel, hardware, simulate
 from hetflow.memory import bundle_store
 from hetflow.memory.budget import BudgetExceeded, format_bytes, parse_bytes
-from hetflow.memory.buffers import round_up
+from hetflow.memory.buffers import PAGE, round_up
+from hetflow.models.modules import uses_rms_norm
 from hetflow.sparsity.bundles import neuron_matrices, record_codec
 from hetflow.sparsity.cache_model import (
     CacheEstimate,
@@ -53,6 +55,10 @@ from hetflow.strategy import GroupPlacement, Placement
 # llama-1b-sparse predictors had precision 0.55-0.92 (WORKSPACE_NOTES.md,
 # "Neuron-cluster benchmark"); assumed 0.8 where no measurement is given.
 TRAINED_PRECISION = 0.8
+# With the predictor's error fed back (NeuronClusterOptions.feedback: dense Llama
+# models), far fewer false positives at the same recall: precision 0.85-0.94 per layer,
+# 0.92 overall, on llama-1b-sparse at feedback_margin -0.1 (WORKSPACE_NOTES.md, issue 13).
+FEEDBACK_PRECISION = 0.92
 
 
 # -- a plan's sizes and settings ----------------------------------------------
@@ -86,6 +92,10 @@ class Sizes:
     staging: the buffer misses and prefill chunks are read into.
     kv: the KV cache reserve.
     full_cache: bytes of every record of every layer.
+    embed_table: bytes of the token-embedding table kept on disk
+      (`embed_tier="disk"`; 0: it is in the fixed region).
+    embed_rows: device bytes reserved for the table rows a pass reads (a
+      prompt of the KV reserve's length; decode reads one row per token).
   """
 
   neurons: int
@@ -96,6 +106,8 @@ class Sizes:
   staging: int
   kv: int
   full_cache: int
+  embed_table: int = 0
+  embed_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,9 +167,39 @@ def plan_sizes(model, options, weight_bits: int | None = None,
     r = c.hidden_size // 16
     predictor = c.num_layers * (c.hidden_size * (r + 2) + r * (n + 1) + n) * 4
   staging = max(2, min(parse_bytes(o.staging_bytes) // record, n)) * record
+  table = rows = 0
+  if getattr(o, "embed_tier", "device") == "disk":
+    shape = model.shapes["embed/tokens"]
+    scale = weight_bits / (8 * item) if weight_bits else 1.0
+    table = int(shape.size * np.dtype(shape.dtype).itemsize * scale)
+    tokens = o.kv_reserve_tokens or c.max_position_embeddings
+    rows = embed_rows_nbytes(model, min(tokens, c.vocab_size))
+    fixed -= table
   return Sizes(neurons=n, record=record, stride=stride, fixed=fixed, predictor=predictor,
                staging=staging, kv=model.kv_cache_nbytes(o.kv_reserve_tokens),
-               full_cache=c.num_layers * n * record)
+               full_cache=c.num_layers * n * record, embed_table=table, embed_rows=rows)
+
+
+def embed_rows_bucket(n: int) -> int:
+  """Rows of the table a pass embedding `n` distinct tokens builds: a power of two,
+  at least 16 (a few compiled shapes)."""
+  return 1 << max(4, (n - 1).bit_length())
+
+
+def embed_row_span(model) -> int:
+  """Bytes one token-table row takes when read with O_DIRECT: its pages (one more
+  when a row does not start on a page)."""
+  shape = model.shapes["embed/tokens"]
+  row = shape.shape[-1] * np.dtype(shape.dtype).itemsize
+  return round_up(row) + (PAGE if row % PAGE else 0)
+
+
+def embed_rows_nbytes(model, n: int) -> int:
+  """Device bytes a pass embedding `n` distinct tokens reads the table into: their
+  rows' pages, or the whole (padded) table where that is smaller (then one read)."""
+  shape = model.shapes["embed/tokens"]
+  whole = round_up(shape.size * np.dtype(shape.dtype).itemsize)
+  return min(embed_rows_bucket(n) * embed_row_span(model), whole)
 
 
 def _format_sizes(model, neurons: int) -> tuple[int, int, int]:
@@ -186,12 +228,13 @@ def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None
       not fit, or a set cache_bytes does not fit beside them.
   """
   o, s, c = options, sizes, model.config
-  need = s.fixed + s.predictor + s.staging + s.kv
+  need = s.fixed + s.predictor + s.staging + s.kv + s.embed_rows
   limit = budget.device
   left = None if limit is None else limit - need
   if left is not None and left < 0:
     raise BudgetExceeded("device", need, 0, limit,
-                         group="fixed region + predictor + staging + KV reserve", minimum=need)
+                         group="fixed region + predictor + staging + KV reserve"
+                         + (" + embedding rows" if s.embed_rows else ""), minimum=need)
   if o.cache_bytes is None:
     cache = s.full_cache if left is None else min(left, s.full_cache)
   else:
@@ -201,23 +244,32 @@ def make_placement(model, budget, options, sizes: Sizes, weight_bits: int | None
                            minimum=need + cache)
   slots = cache // s.record
   # The disk tier holds the whole neuron store: every layer's records and the order.
-  disk = bundle_store.store_nbytes(c.num_layers, s.neurons, s.record)
+  disk = bundle_store.store_nbytes(c.num_layers, s.neurons, s.record) + s.embed_table
   if budget.disk is not None and disk > budget.disk:
-    raise BudgetExceeded("disk", disk, 0, budget.disk, group="neuron-bundle store",
-                         minimum=disk)
-  groups = {g: (GroupPlacement("disk", s.neurons * s.record, "neuron bundles + cache")
-                if g.endswith("/mlp") else
-                GroupPlacement("device", model.group_nbytes(g), "fixed region"))
-            for g in model.group_names()}
+    raise BudgetExceeded("disk", disk, 0, budget.disk, group="neuron-bundle store"
+                         + (" + token table" if s.embed_table else ""), minimum=disk)
+
+  def group(g):
+    if g.endswith("/mlp"):
+      return GroupPlacement("disk", s.neurons * s.record, "neuron bundles + cache")
+    if g == "embed" and s.embed_table:
+      return GroupPlacement("disk", s.embed_table, "token table (rows read per pass)")
+    return GroupPlacement("device", model.group_nbytes(g), "fixed region")
+
+  groups = {g: group(g) for g in model.group_names()}
+  # The embed group's other leaves (OPT's positions, project_in) stay on the device.
+  embed_rest = model.group_nbytes("embed") - s.embed_table if s.embed_table else 0
   notes = notes + (f"cache {format_bytes(slots * s.record)} = {slots} neurons"
                    f" ({slots / (c.num_layers * s.neurons):.1%} of all), predictor"
                    f" {o.predictor} {format_bytes(s.predictor)}, staging"
                    f" {format_bytes(s.staging)}, KV reserve {format_bytes(s.kv)}, layout"
-                   f" {o.layout}, pipeline {o.pipeline}",)
+                   f" {o.layout}, pipeline {o.pipeline}"
+                   + (f", token table on disk ({format_bytes(s.embed_table)}; rows"
+                      f" {format_bytes(s.embed_rows)})" if s.embed_table else ""),)
   settings = NeuronClusterSettings(o, s, slots, weight_bits, trained)
   return Placement("neuron_cluster", groups, working_bytes={
-      "device": s.predictor + s.staging + s.kv + slots * s.record,
-      "disk": disk - c.num_layers * s.neurons * s.record}, notes=notes,
+      "device": s.predictor + s.staging + s.kv + slots * s.record + s.embed_rows + embed_rest,
+      "disk": disk - c.num_layers * s.neurons * s.record - s.embed_table}, notes=notes,
       settings=settings)
 
 
@@ -261,7 +313,8 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
       the strategy's recorded statistics, hottest first).
     precision: share of predicted neurons that fire (default: 1 for the
       oracle; for a trained predictor, the per-layer precision its training
-      measured (`predictor_quality` in the plan), else TRAINED_PRECISION).
+      measured (`predictor_quality` in the plan), at least FEEDBACK_PRECISION
+      where its error is fed back; else TRAINED_PRECISION).
   """
   s: NeuronClusterSettings = placement.settings
   o = s.options
@@ -277,6 +330,11 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
       precision = 1.0
     elif quality and quality.precision:
       precision = np.asarray(quality.precision)
+      # Fed back on a trained predictor this strategy runs (not a shape plan's, e.g.
+      # PowerInfer-2's own predictor, which has no feedback).
+      c = model.config
+      if getattr(o, "feedback", False) and not c.num_experts and uses_rms_norm(c):
+        precision = np.maximum(precision, FEEDBACK_PRECISION)
     else:
       precision = TRAINED_PRECISION
   cache = estimate_cache(freq, s.cache_slots, o.hot_fraction, o.cluster_size, tokens,

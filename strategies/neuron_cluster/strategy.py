@@ -48,8 +48,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from hetflow.memory import bundle_store, tiers
+from hetflow.memory import store as layer_store
 from hetflow.memory.budget import parse_bytes
-from hetflow.memory.buffers import aligned_empty
+from hetflow.memory.buffers import PAGE, aligned_empty, round_up
 from hetflow.memory.cache import cache_root
 from hetflow.memory.reader import ReaderPool, ReadError
 from hetflow.models import formats, modules
@@ -141,6 +142,12 @@ class NeuronClusterOptions:
       layer's |threshold| (negative: a little below the exact boundary, for
       the error's drift since the last token).
     staging_bytes: the buffer missing records and prefill chunks are read into.
+    embed_tier: where the token-embedding table lives: "device" (the fixed
+      region) or "disk" (a copy beside the neuron store, `<store>/embed`; each
+      pass reads only its tokens' rows, one row per decode token, as
+      llama.cpp and PowerInfer leave it mapped), which leaves its bytes to
+      the neuron cache. Untied heads only (a tied head multiplies the whole
+      table every token), not on a mesh.
     kv_reserve_tokens: KV positions (batch 1) left for the engine's KV cache
       when sizing the neuron cache; None: the model's max positions.
     min_bucket: smallest padded active-set size.
@@ -178,6 +185,7 @@ class NeuronClusterOptions:
   bridge_gap: int = 0
   gather_ratio: float = 4.0
   staging_bytes: int | str = "64MiB"
+  embed_tier: Literal["device", "disk"] = "device"
   kv_reserve_tokens: int | None = None
   min_bucket: int = 16
   audit: bool = False
@@ -192,7 +200,8 @@ class NeuronClusterOptions:
         except ValueError as e:
           raise ValueError(f"{name}: {e}") from None
     for name, choices in (("predictor", ("oracle", "trained")), ("layout", ("bundled", "split")),
-                          ("hot_policy", ("static", "lru")), ("admission", ("frequency", "all"))):
+                          ("hot_policy", ("static", "lru")), ("admission", ("frequency", "all")),
+                          ("embed_tier", ("device", "disk"))):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {choices}.")
     for name in ("calibration_tokens", "cluster_size", "io_depth", "pieces", "min_bucket"):
@@ -274,6 +283,32 @@ def _check_format(model, options) -> bundles_mod.RecordCodec:
   return codec
 
 
+def _open_token_table(model, neuron_store_path: str) -> layer_store.LayerStore:
+  """The token-embedding table's store (`<neuron store>/embed`, one group "embed"),
+  written from `model` if missing, opened locked and checked against the model."""
+  path = os.path.join(neuron_store_path, "embed")
+  if not os.path.exists(os.path.join(path, layer_store.MANIFEST)):
+    record = layer_store.model_fingerprint(model)
+    metadata = {"fingerprint": layer_store.fingerprint_digest(record),
+                "fingerprint_record": record, "model": model.config.name,
+                "description": model.description}
+    try:
+      layer_store.LayerStore.write(path, [("embed", {"tokens": model.tensor("embed/tokens")})],
+                                   progress=False, overwrite=os.path.isdir(path),
+                                   metadata=metadata).close()
+    except FileExistsError:
+      if not layer_store.is_hetflow_store(path):  # not another writer that won the race
+        raise
+  table = layer_store.LayerStore.open(path, lock=True)
+  try:
+    layer_store.check_fingerprint(table, layer_store.model_fingerprint(model),
+                                  f"{model.description!r} token table")
+  except BaseException:
+    table.close()
+    raise
+  return table
+
+
 def _oracle_weights(model, layer: int, keys) -> dict[str, np.ndarray]:
   """The oracle's gate/up (and biases) of one layer as float32 [D, F]: a quantized
   kernel dequantized, so the oracle predicts the neurons of the weights computed."""
@@ -328,6 +363,14 @@ class NeuronCluster(Strategy):
                           " from shapes (strategies.neuron_cluster.cost.shape_placement).")
     if not c.do_layer_norm_before:
       raise NotApplicable("neuron_cluster supports pre-LN models only (not OPT-350m).")
+    if o.embed_tier == "disk":
+      if c.tie_word_embeddings:
+        raise NotApplicable(f"neuron_cluster's embed_tier='disk': {c.name} ties its head to the"
+                            " token table, which the head multiplies whole every token; use"
+                            " embed_tier='device'.")
+      if self.mesh is not None and self.mesh.size > 1:
+        raise NotApplicable("neuron_cluster's embed_tier='disk' runs on one device, not a"
+                            " mesh; use embed_tier='device'.")
     notes = ()
     if o.predictor == "trained" and self._trained is None:
       notes = (f"needs: a trained predictor at {o.predictor_path} (sized here as rank"
@@ -369,6 +412,12 @@ class NeuronCluster(Strategy):
                                          codec=self.codec)
     ledger.allocate("disk", self.store.total_nbytes, "neuron store")
     self._load_tables(ledger, sharding, order)
+    self._table = None  # the token table's store when it lives on disk
+    self._embed_reserve = sizes.embed_rows
+    if sizes.embed_table:
+      self._table = _open_token_table(model, self.store.path)
+      ledger.allocate("disk", sizes.embed_table, "token table")
+      ledger.allocate("device", sizes.embed_rows, "embedding rows")
 
     # Fixed region; the input rows' biases (OPT) also stay on the host, [F, M]
     # per layer in record order, to build each block's bias.
@@ -380,7 +429,10 @@ class NeuronCluster(Strategy):
     self._fixed, self._bias = {}, {}
     inputs = self.mats[:-1]
     for g in model.group_names():
-      if g.endswith("/mlp"):
+      if g == "embed" and self._table is not None:  # the rest of the group: OPT's positions
+        self._fixed[g] = put({n.split("/", 1)[1]: model.tensor(n) for n in model.shapes
+                              if n.startswith("embed/") and n != "embed/tokens"}, "fixed")
+      elif g.endswith("/mlp"):
         leaves = model.group_tensors(g)
         layer = int(g.split("/")[1])
         small = {k: v for k, v in leaves.items() if k not in self.mats}
@@ -463,6 +515,7 @@ class NeuronCluster(Strategy):
     self.cache.counters = type(self.cache.counters)()
 
     self._build_functions()
+    self._precompile()
     self._phase = "prefill"
     self._shapes: set[tuple] = set()
     self._new_shapes_per_token: list[int] = []
@@ -579,24 +632,64 @@ class NeuronCluster(Strategy):
     if key not in self._shapes:
       self._shapes.add(key)
       self._step_shapes += 1
-    a, b = self._view(which, start, size)
-    bias = None
-    if layer in self._bias:
-      bias = self._bias[layer][np.maximum(positions, 0)]
-    if self.codec.quantized:
-      table, group_of = self._quantized_args(layer, np.asarray(positions))
-      out, fired, pre = self._qstep(a, b, table, group_of, h, bias, valid)
-    else:
-      out, fired, pre = self._step(a, b, h, bias, valid)
+    out, fired, pre = self._block(which, start, size, valid, layer, positions, h)
     if self._phase == "decode":
       self._computed += int(valid.sum()) if isinstance(valid, np.ndarray) else int(valid)
       if self._fb is not None:  # read at this layer's next token (long done by then)
         self._pre[layer].append((np.asarray(positions), pre))
     return out, fired
 
+  def _block(self, which, start, size, valid, layer, positions, h):
+    """The step over slots [start, start + size) of a planar buffer: (out, fired, pre)."""
+    a, b = self._view(which, start, size)
+    bias = None
+    if layer in self._bias:
+      bias = self._bias[layer][np.maximum(positions, 0)]
+    if self.codec.quantized:
+      table, group_of = self._quantized_args(layer, np.asarray(positions))
+      return self._qstep(a, b, table, group_of, h, bias, valid)
+    return self._step(a, b, h, bias, valid)
+
+  def _gather_block(self, idx, valid, layer, h):
+    """The step over the pool's slots `idx`: (out, fired, pre)."""
+    a, b = self._view("pool", 0, self.pool_planes.slots)
+    bias = self._bias[layer][np.maximum(self._slot_pos[idx], 0)] if layer in self._bias else None
+    if self.codec.quantized:
+      table, group_of = self._quantized_args(layer, self._slot_pos[idx])
+      return self._qgather(a, b, idx, table, group_of, h, bias, valid)
+    return self._gather(a, b, idx, h, bias, valid)
+
+  def _precompile(self):
+    """Compiles the sparse step for every block a batch-1 decode token can use, at
+    load: which blocks a token needs depends on its misses, so a prompt unlike the
+    warm-up's would otherwise compile some in the middle of decoding."""
+    c, o, mb = self.config, self.options, self._min_block
+    x = jnp.zeros((1, 1, c.hidden_size), self.model.dtype)
+    h = self._norm(self._fixed["layers/0/mlp"], x)
+    pow2 = lambda top: [1 << k for k in range(mb.bit_length() - 1, max(top, 1).bit_length())  # noqa: E731
+                        if mb <= 1 << k <= top]
+    blocks = {("staging", size) for size in pow2(self.area_cap)}
+    gathers = set()
+    if self.num_slots:
+      for layer in range(c.num_layers):
+        for first, n in (self.cache.hot_range(layer), self.cache.cold_range(layer)):
+          if not n:
+            continue
+          if (first, n) == self.cache.cold_range(layer):
+            blocks.add(("pool", n))
+          else:
+            exact = first + -(-n // mb) * mb > self.pool_planes.slots
+            blocks.update(("pool", size) for _, size in self._blocks(n, exact=exact))
+          hits = n if o.gather_ratio <= 1 else int(n / o.gather_ratio)  # most hits gathered
+          gathers.update(pow2(-(-hits // mb) * mb))
+    outs = [self._block(which, 0, size, np.zeros(size, bool), 0, np.full(size, -1), h)
+            for which, size in sorted(blocks)]
+    outs += [self._gather_block(np.zeros(size, np.int32), np.zeros(size, bool), 0, h)
+             for size in sorted(gathers)]
+    jax.block_until_ready(outs)
+
   def _gathered(self, kind, slots, layer, h):
     """The contributions of the pool's records at `slots`, gathered in power-of-two blocks."""
-    a, b = self._view("pool", 0, self.pool_planes.slots)
     outs = []
     for off, size in self._blocks(len(slots)):
       idx = np.zeros(size, np.int32)
@@ -607,13 +700,8 @@ class NeuronCluster(Strategy):
       if key not in self._shapes:
         self._shapes.add(key)
         self._step_shapes += 1
-      bias = self._bias[layer][np.maximum(self._slot_pos[idx], 0)] if layer in self._bias else None
       self._computed += len(part)
-      if self.codec.quantized:
-        table, group_of = self._quantized_args(layer, self._slot_pos[idx])
-        out, _, pre = self._qgather(a, b, idx, table, group_of, h, bias, valid)
-      else:
-        out, _, pre = self._gather(a, b, idx, h, bias, valid)
+      out, _, pre = self._gather_block(idx, valid, layer, h)
       outs.append(out)
       if self._fb is not None:
         self._pre[layer].append((np.where(valid, self._slot_pos[idx], -1), pre))
@@ -625,6 +713,55 @@ class NeuronCluster(Strategy):
     if self._lanes is not None:
       return self._lanes.globals()
     return {"embed": self._fixed["embed"], "head": self._fixed.get("head", {})}
+
+  def run_embed(self, params, ids, positions, embed):
+    """With the token table on disk: reads the pass's distinct tokens' rows (the
+    bucket of rows is in the plan's reserve, or the ledger grants the excess for
+    the pass) and embeds from them."""
+    if self._lanes is not None or self._table is None:
+      return embed(params, ids, positions)
+    ids = np.asarray(ids)
+    tokens, inverse = np.unique(ids, return_inverse=True)
+    info = self._table.tensors("embed")["tokens"]
+    row = info.nbytes // info.shape[0]
+    span = cost.embed_row_span(self.model)
+    rows = cost.embed_rows_bucket(len(tokens))
+    need = cost.embed_rows_nbytes(self.model, len(tokens))
+    whole = need < rows * span  # the whole table is the smaller read
+    extra = None
+    if need > self._embed_reserve:
+      extra = self.ledger.allocate("device", need - self._embed_reserve, "embedding rows")
+    try:
+      buf = aligned_empty(need)
+      if whole:
+        reqs = [(info.offset, need, 0)]
+        table, local = buf[:info.nbytes].view(info.dtype).reshape(info.shape), ids
+      else:
+        starts = info.offset + tokens.astype(np.int64) * row
+        firsts = starts // PAGE * PAGE
+        reqs = [(int(a), int(round_up(int(b) + row) - a), k * span)
+                for k, (a, b) in enumerate(zip(firsts, starts))]
+      self.reader.read_many(self._table.file("embed"), buf, reqs).result()
+      counters = getattr(self.counters, self._phase)
+      counters.add("disk_bytes", sum(q[1] for q in reqs))
+      counters.add("disk_requests", len(reqs))
+      if not whole:
+        # Row k lies at k * span + its offset in its first page; moved down to
+        # k * row in order, no row overwrites one not yet moved.
+        for k, skew in enumerate(starts - firsts):
+          if k * span + skew != k * row:
+            buf[k * row:(k + 1) * row] = buf[k * span + skew:k * span + skew + row]
+        buf[len(tokens) * row:rows * row] = 0
+        table = buf[:rows * row].view(info.dtype).reshape(rows, *info.shape[1:])
+        local = inverse.reshape(ids.shape)
+      x = embed(dict(params, tokens=jax.device_put(table, self._sharding)),
+                local.astype(np.int32), positions)
+      if extra is not None:
+        x.block_until_ready()
+    finally:
+      if extra is not None:
+        self.ledger.release(extra)
+    return x
 
   def fetch(self, layer, half):
     if self._lanes is not None:
@@ -1039,3 +1176,6 @@ class NeuronCluster(Strategy):
     store = getattr(self, "store", None)
     if store is not None:
       store.close()
+    table = getattr(self, "_table", None)
+    if table is not None:
+      table.close()
