@@ -117,6 +117,8 @@ def test_refuses_dense_experts_and_dense_models():
     MoESparseOptions(neurons=dict(lookahead=True))
   with pytest.raises(ValueError, match="neurons="):
     MoESparseOptions(neurons=3)
+  with pytest.raises(ValueError, match="embed_tier='disk'"):
+    MoESparseOptions(neurons=dict(embed_tier="disk"))
 
 
 def test_ledger_within_budget_and_minimum_when_too_small(model, reference, tmp_path):
