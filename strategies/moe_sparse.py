@@ -83,9 +83,10 @@ class MoESparseOptions:
       (NeuronClusterOptions, or a dict of its fields): predictor, cache, reads. Its
       `predictor_path` holds one predictor per expert (virtual layer i * X + e,
       `python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py`);
-      its `stats_path`, if set, expert activation statistics in that order. Set by this strategy: the KV reserve (below) and
-      `lookahead` (off: the next virtual layer is another expert of the same layer);
-      `embed_tier` must stay "device" (the embedding is this strategy's fixed region).
+      its `stats_path`, if set, expert activation statistics in that order. Set by this
+      strategy: the KV reserve (below) and `lookahead` (off: the next virtual layer is
+      another expert of the same layer); `embed_tier` must stay "device" (the embedding
+      is this strategy's fixed region).
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
     calibration_tokens: tokens the expert activation statistics (which order each
