@@ -9,8 +9,9 @@ is 1 and the devices are the processes'. SETUP_JSON holds "prompts",
 "model[@weights]:shards:strategy[:offload_tier]" (weights: a format such as int4;
 a "-sparse" model is tests/test_neuron_cluster.py's sparse synthetic one, a Mixtral
 "-sparse" one has sparse experts for moe_sparse; for moe_offload, ":one" generates
-for the first prompt only, so that decode takes the routed-experts path), or "refuse:strategy[:kv_host]" (a strategy, or one with its
-KV cache in host memory, that must refuse a mesh of 2; "test-unsharded" is
+for the first prompt only, so that decode takes the routed-experts path), or
+"refuse:strategy[:kv_host]" (a strategy, or one with its KV cache in host memory,
+that must refuse a mesh of 2; "test-unsharded" is
 resident declared unable to shard, registered here), or
 "refuse-split:model@weights:shards:strategy" (a format whose groups a shard's
 split would straddle: refused with ShardingError before anything is placed).
