@@ -247,8 +247,7 @@ class Engine:
       mesh: None (one device), an int N or {"model": N} (the first N of
         jax.devices()), or a jax Mesh with one axis "model"
         (hetflow.models.sharding.make_mesh). N > 1 needs a strategy that
-        shards (`Strategy.shards_over_mesh`: resident, layerwise,
-        tensor_split, neuron_cluster).
+        shards (`Strategy.shards_over_mesh`: every built-in strategy).
 
     Raises:
       NotApplicable: the strategy does not run on a mesh.
@@ -263,8 +262,9 @@ class Engine:
     if self.shards.mesh is not None and not self.strategy.shards_over_mesh:
       raise NotApplicable(
           f"strategy {self.strategy.name!r} does not run on a mesh yet (mesh of"
-          f" {self.shards.size} shards); use 'resident', 'layerwise', 'tensor_split',"
-          " 'neuron_cluster' or 'moe_offload', or no mesh (docs/distributed.md).")
+          f" {self.shards.size} shards); use a built-in strategy ('resident', 'layerwise',"
+          " 'tensor_split', 'neuron_cluster', 'moe_offload', 'moe_sparse') or no mesh"
+          " (docs/distributed.md).")
     if self.shards.mesh is not None and self.strategy.kv_cache_tier() != "device":
       raise NotApplicable(f"kv_cache_tier={self.strategy.kv_cache_tier()!r} on a mesh: the KV"
                           " cache stays on the devices there; use kv_cache_tier='device'.")

@@ -25,6 +25,22 @@ approximation that the stats report (neuron_cluster's rule).
 Experts of one layer share its input, so the inner strategy's rule that a staging
 area is free once the layer's input is ready does not hold between them: each expert's
 output is waited for before the next expert reads into the staging areas.
+
+Weight formats (bfloat16, int8 per channel or grouped, int4, int4-asym): an expert
+neuron's record holds its rows of resident's stored kernels in neuron_cluster's codec
+(`hetflow.sparsity.bundles.RecordCodec`; each expert is quantized on its own rows, so
+expert e's slice of the stored stack is exactly its kernel), each virtual layer's down
+scales a table beside its records, and the sparse step is neuron_cluster's quantized one
+(native kernels, XLA fallback). The format is in the store's fingerprint and default
+directory: a store of another format is refused, never reused.
+
+On a mesh (docs/distributed.md) each shard owns the F/N neurons r·F/N..(r+1)·F/N of
+every expert (Megatron-style, as moe_offload): a lane per local shard
+(strategies/mesh_lanes.py) runs this strategy on its shard's Model, with its own
+store, cache, staging and predictor slice; the expert activation statistics are the
+full model's, sliced to the shard's neurons. Every lane routes the same experts (the
+router is whole), computes its neurons' part of their weighted mixture, and one
+all-reduce per FFN sums the parts before the residual.
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from hetflow import costmodel, simulate
@@ -42,12 +59,16 @@ from hetflow.memory import tiers
 from hetflow.memory.budget import Budget, BudgetExceeded, format_bytes
 from hetflow.memory.cache import cache_root
 from hetflow.memory.store import fingerprint_digest, model_fingerprint
-from hetflow.models import layers, modules
+from hetflow.models import formats, layers, modules
 from hetflow.sparsity import experts as experts_mod
-from hetflow.sparsity.stats import calibration_ids
+from hetflow.sparsity.bundles import record_codec
+from hetflow.sparsity.predictor import LowRankPredictor
+from hetflow.sparsity.stats import ActivationStats, calibration_ids
 from hetflow.strategy import GroupPlacement, NotApplicable, Placement, Strategy, register_strategy
+from strategies import mesh_lanes
 from strategies.moe_offload import routing_law
 from strategies.neuron_cluster import cost as nc_cost
+from strategies.neuron_cluster import mesh as nc_mesh
 from strategies.neuron_cluster.strategy import NeuronCluster, NeuronClusterOptions
 
 CALIBRATION_LENGTH = 256  # the synthetic sparse MoE models' calibrated sequence length
@@ -62,17 +83,20 @@ class MoESparseOptions:
       (NeuronClusterOptions, or a dict of its fields): predictor, cache, reads. Its
       `predictor_path` holds one predictor per expert (virtual layer i * X + e,
       `python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py`);
-      its `stats_path`, if set, expert activation statistics in that order. Set by this strategy: the KV reserve (below) and
-      `lookahead` (off: the next virtual layer is another expert of the same layer).
+      its `stats_path`, if set, expert activation statistics in that order. Set by this
+      strategy: the KV reserve (below) and `lookahead` (off: the next virtual layer is
+      another expert of the same layer); `embed_tier` must stay "device" (the embedding
+      is this strategy's fixed region).
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
     calibration_tokens: tokens the expert activation statistics (which order each
       expert's records hottest first and pick the hot clusters) are recorded on when
       `neurons.stats_path` is None; cached under $HETFLOW_CACHE/expert_stats.
-    shape_weight_bits: plan and predict with weights stored at this many bits
-      (PowerInfer-2's int4, which hetflow cannot hold: the fixed region and the neuron
-      records sized and read at that width, neuron_cluster's `shape_placement`); such a
-      plan is a prediction only, `materialize` refuses it. None: the model's dtype.
+    shape_weight_bits: plan and predict a float model's weights as if stored at this
+      many bits (the fixed region and the neuron records sized and read at that width,
+      neuron_cluster's `shape_placement`), for shapes too large to make; such a plan is a
+      prediction only, `materialize` refuses it. A model in a weight format
+      (weights="int4") runs for real, with this left None. None: the model's weights.
   """
 
   neurons: Any = dataclasses.field(default_factory=NeuronClusterOptions)
@@ -89,6 +113,9 @@ class MoESparseOptions:
     if n.lookahead:
       raise ValueError("neurons.lookahead is not supported inside experts (the next virtual"
                        " layer is another expert of the same layer); leave it False.")
+    if n.embed_tier != "device":
+      raise ValueError(f"neurons.embed_tier={n.embed_tier!r}: the token table is moe_sparse's"
+                       " fixed region (on the device), not the experts'; leave it 'device'.")
     object.__setattr__(self, "neurons", dataclasses.replace(n, kv_reserve_tokens=0))
     t = self.kv_reserve_tokens
     if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
@@ -126,7 +153,10 @@ class MoESparseSettings:
 def expert_law(model) -> tuple[float, str, float]:
   """(sparsity, hotness, max_frequency) of a model's experts: a synthetic sparse MoE's
   stated law, else the published law by name (hetflow.sparsity.cache_model)."""
-  spec = getattr(model.source, "sparsity", None)
+  source = model.source
+  spec = getattr(source, "sparsity", None)
+  if spec is None:  # a shard on a mesh: its source slices the full model's
+    spec = getattr(getattr(source, "source", None), "sparsity", None)
   if spec is not None and hasattr(spec, "hotness"):
     return spec.sparsity, spec.hotness, spec.max_frequency
   from hetflow.sparsity.cache_model import activation_law
@@ -142,11 +172,38 @@ def expert_stats_path(model, tokens: int) -> str:
                       f"{model.config.name}-{digest[:12]}-{tokens}.npz")
 
 
+def expert_stats(model, options: MoESparseOptions) -> str:
+  """The path of `model`'s expert activation statistics: `options.neurons.stats_path`, else
+  recorded once on `calibration_tokens` tokens and cached (`expert_stats_path`).
+
+  They only rank each expert's neurons (record order, hot clusters), so a quantized model's
+  are its float32 weights' (one file for every format; exactness does not depend on them).
+  """
+  if options.neurons.stats_path is not None:
+    return options.neurons.stats_path
+  if not model.format.plain:
+    model = dataclasses.replace(model, weights="float32")
+  path = expert_stats_path(model, options.calibration_tokens)
+  if not os.path.exists(path):
+    ids = calibration_ids(model.config, options.calibration_tokens, length=CALIBRATION_LENGTH)
+    acts = experts_mod.record_expert_activations(model, ids)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    acts.stats.save(tmp)
+    os.replace(tmp, path)
+  return path
+
+
 @register_strategy("moe_sparse")
 class MoESparse(Strategy):
   """Fixed region on the device; routed experts' active neurons from neuron records."""
 
   Options = MoESparseOptions
+  # On a mesh: one MoESparse per local shard, each owning the F/N neurons of every expert
+  # (strategies/mesh_lanes.py; see the module docstring).
+  shards_over_mesh = True
+  _lanes: Any = None  # the mesh's Lanes, on the strategy the engine holds
+  _mesh_lane: Any = None  # a lane's LaneSetup: its device, stats and predictor slices
 
   @classmethod
   def candidates(cls, model, budget):
@@ -167,20 +224,21 @@ class MoESparse(Strategy):
     total = sum(model.group_nbytes(g) for g in model.group_names() if not g.endswith("/mlp"))
     shapes = model.shapes
     total += sum(s.size * np.dtype(s.dtype).itemsize for n, s in shapes.items()
-                 if "/mlp/" in n and n.rsplit("/", 1)[1] not in experts_mod.EXPERT_MATRICES)
+                 if "/mlp/" in n and n.split("/")[3] not in experts_mod.EXPERT_MATRICES)
     return total
 
   def plan(self, model, budget, profile=None) -> Placement:
     c, o = model.config, self.options
-    if not model.format.plain:
-      raise NotApplicable("moe_sparse runs float32 weights only; this model has"
-                          f" weights={model.weights!r}. Use resident, or load it with"
-                          " weights='float32'.")
     try:
       experts_mod.check_sparse_experts(c)
       sparsity, hotness, _ = expert_law(model)
+      record_codec(model)  # a format the records cannot hold is refused here, by name
     except ValueError as e:
       raise NotApplicable(str(e)) from None
+    if o.shape_weight_bits and not model.format.plain:
+      raise NotApplicable(f"shape_weight_bits={o.shape_weight_bits} sizes float weights at"
+                          f" another width; this model is stored as weights={model.weights!r}"
+                          " already: leave shape_weight_bits None.")
     fixed = self._fixed_bytes(model)
     halves = sum(model.group_nbytes(g) for g in model.group_names() if not g.endswith("/mlp"))
     mlp_fixed = (fixed - halves) // c.num_layers  # a layer's FFN norm and router
@@ -236,26 +294,26 @@ class MoESparse(Strategy):
     c, o = model.config, self.options
     if o.shape_weight_bits:
       raise NotApplicable(f"shape_weight_bits={o.shape_weight_bits} plans are predictions from"
-                          " shapes; hetflow cannot hold such weights. Leave it None to run.")
+                          " shapes. To run quantized weights, load the model with weights='int4'"
+                          " (or another format) and leave it None.")
+    if self.mesh is not None and self.mesh.size > 1:
+      self._lanes = _lanes(self, placement, ledger)
+      return
+    lane = self._mesh_lane
     self.model, self.config = model, c
-    device = tiers.device_sharding()
+    device = tiers.device_sharding(None if lane is None else lane.device)
     self._fixed = {}
     for g in model.group_names():
       tensors = model.group_tensors(g) if not g.endswith("/mlp") else {
           name: model.tensor(f"{g}/{name}") for name in ("norm", "router")}
-      ledger.allocate("device", sum(a.nbytes for a in tensors.values()), g)
+      ledger.allocate("device", formats.nbytes(tensors), g)
       self._fixed[g] = jax.device_put(tensors, device)
-    stats_path = o.neurons.stats_path
-    if stats_path is None:
-      stats_path = expert_stats_path(model, o.calibration_tokens)
-      if not os.path.exists(stats_path):
-        ids = calibration_ids(c, o.calibration_tokens, length=CALIBRATION_LENGTH)
-        acts = experts_mod.record_expert_activations(model, ids)
-        os.makedirs(os.path.dirname(stats_path), exist_ok=True)
-        tmp = f"{stats_path}.{os.getpid()}.tmp.npz"
-        acts.stats.save(tmp)
-        os.replace(tmp, stats_path)
-    self._inner = NeuronCluster(dataclasses.replace(o.neurons, stats_path=stats_path))
+    if lane is None:
+      inner = dataclasses.replace(o.neurons, stats_path=expert_stats(model, o))
+    else:  # the statistics and a trained predictor come sliced in the lane's setup
+      inner = dataclasses.replace(o.neurons, stats_path=None)
+    self._inner = NeuronCluster(inner)
+    self._inner._mesh_lane = lane
     self.view = experts_mod.ExpertNeurons(model)
     self._inner.materialize(placement.settings.inner, self.view, ledger)
     self.view.release()
@@ -263,37 +321,63 @@ class MoESparse(Strategy):
     self._phase = "prefill"
     self._experts_run = {"prefill": 0, "decode": 0}
 
+  @property
+  def store(self):
+    """The neuron-bundle store of the experts (this shard's, on a mesh)."""
+    return self._inner.store
+
   # -- the hooks the engine calls ---------------------------------------------------------
 
   def globals(self):
+    if self._lanes is not None:
+      return self._lanes.globals()
     return {"embed": self._fixed["embed"], "head": self._fixed["head"]}
 
   def fetch(self, layer, half):
+    if self._lanes is not None:
+      return self._lanes.fetch(layer, half)
     return self._fixed[f"layers/{layer}/{half}"]
 
   def begin(self, phase, num_tokens) -> None:
+    if self._lanes is not None:
+      return self._lanes.begin(phase, num_tokens)
     self._phase = phase if num_tokens == 1 else "prefill"
     self._inner.begin(phase, num_tokens)
     self._inner.counters.phase(self._phase).passes += 1
     self._inner.counters.phase(self._phase).tokens += num_tokens
 
   def end(self) -> None:
+    if self._lanes is not None:
+      return self._lanes.end()
     self._inner.end()
 
   def run_ffn(self, layer, params, x, ffn):
+    if self._lanes is not None:
+      return self._lanes.run_ffn(layer, x)
+    return self.ffn_finish(layer, params, x, self.ffn_partial(layer, params, x))
+
+  def ffn_partial(self, layer, params, x):
+    """Layer `layer`'s routed experts' mixture, without the residual (on a mesh: this
+    shard's neurons' part of it, summed over the shards by the caller)."""
     c = self.config
     combine, idx = self._route(params, x)  # [B, T, X] weights (0: not routed), [B, T, k]
-    out = x
+    out = jnp.zeros_like(x)
     for e in np.unique(np.asarray(idx)).tolist():
       v = experts_mod.virtual_layer(c, layer, e)
-      # The inner strategy's FFN half adds its input back: x + expert_e(norm(x)).
-      part = self._inner.run_ffn(v, params, x, None)
-      out = _accumulate(out, part, x, combine[..., e])
+      part = self._inner.ffn_partial(v, params, x)  # expert e's FFN of norm(x)
+      out = _accumulate(out, part, combine[..., e])
       jax.block_until_ready(out)  # the next expert may refill the staging it read
       self._experts_run[self._phase] += 1
     return out
 
+  def ffn_finish(self, layer, params, x, summed):
+    """The residual plus the experts' mixture (summed over the mesh)."""
+    del layer, params
+    return _add(x, summed)
+
   def stats(self):
+    if self._lanes is not None:
+      return self._lanes.stats()
     inner = self._inner.stats()
     out = self.counters.copy()
     for phase in ("prefill", "decode"):
@@ -314,13 +398,47 @@ class MoESparse(Strategy):
     return out
 
   def close(self) -> None:
+    if self._lanes is not None:
+      self._lanes.close()
     self._inner.close()
 
 
+def _lanes(strategy: MoESparse, placement, ledger) -> mesh_lanes.Lanes:
+  """The engine's MoESparse on a mesh: a lane per local shard, each given the full model's
+  expert statistics sliced to its shard's neurons of every expert (and a trained
+  predictor's output columns of those neurons) as its inner NeuronCluster's lane setup."""
+  mesh, o = strategy.mesh, strategy.options
+  full = mesh.model
+  f = full.config.intermediate_size // mesh.size
+  stats = ActivationStats.load(expert_stats(full, o))
+  n = o.neurons
+  predictor = None if n.predictor == "oracle" else LowRankPredictor.load(n.predictor_path)
+
+  def extra(s):
+    lo, hi = s.rank * f, (s.rank + 1) * f
+    return {"stats": nc_mesh._slice_stats(stats, lo, hi),
+            "predictor": None if predictor is None else nc_mesh._slice_predictor(predictor,
+                                                                                 lo, hi)}
+
+  def options(o, s):
+    store_dir = o.neurons.store_dir
+    if store_dir is not None:
+      store_dir = os.path.join(store_dir, f"shard-{s.rank}-of-{mesh.size}")
+    return dataclasses.replace(o, neurons=dataclasses.replace(o.neurons, store_dir=store_dir,
+                                                              stats_path=None))
+
+  return mesh_lanes.Lanes(strategy, placement, ledger, extra=extra, options=options)
+
+
 @jax.jit
-def _accumulate(out, part, x, weight):
-  """out + weight * (part - x): the expert's output weighted by the router (0: not routed)."""
-  return out + weight[..., None].astype(x.dtype) * (part - x)
+def _accumulate(out, part, weight):
+  """out + weight * part: an expert's output weighted by the router (0: not routed)."""
+  return out + weight[..., None].astype(part.dtype) * part
+
+
+@jax.jit
+def _add(x, y):
+  return x + y
 
 
 @functools.lru_cache(maxsize=16)
@@ -370,7 +488,12 @@ def events(ctx: simulate.PassContext) -> None:
   rec = inner.sizes.record
   item = np.dtype(model.dtype).itemsize
   q = nc_cost._weight_scale(view, inner)  # stored bytes per weight over the dtype's
-  neuron = len(experts_mod.EXPERT_MATRICES) * c.hidden_size * item * q
+  params = len(experts_mod.EXPERT_MATRICES) * c.hidden_size  # one neuron's weights
+  if model.format.plain:
+    neuron = params * item * q
+  else:  # a record's useful bytes in the model's format
+    codec = record_codec(view)
+    neuron = codec.a_nbytes + codec.b_nbytes
   cpu_bw = costmodel.matvec_bw(prof, "cpu", model.dtype)
   per_byte = 1 / cpu_bw + 1 / prof.memory_bw
   if ctx.phase == "decode":
@@ -396,7 +519,7 @@ def events(ctx: simulate.PassContext) -> None:
             m = min(half, f - start)
             rd = ctx.add("disk", m * rec / nc_cost._disk_bw(prof, m * rec, 1), (prev,),
                          "prefill read", i, m * rec)
-            prev = ctx.add("cpu", ctx.compute_time("cpu", m * neuron, m * neuron / (item * q)),
+            prev = ctx.add("cpu", ctx.compute_time("cpu", m * neuron, m * params),
                            (rd, prev), "prefill expert", i)
         continue
       sl = slice(i * n_x, (i + 1) * n_x)

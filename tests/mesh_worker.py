@@ -7,11 +7,14 @@ which is why this runs in its own process); under `python -m hetflow.launch` it
 is 1 and the devices are the processes'. SETUP_JSON holds "prompts",
 "new_tokens" and "store_root" (the test's). A scenario is
 "model[@weights]:shards:strategy[:offload_tier]" (weights: a format such as int4;
-a "-sparse" model is tests/test_neuron_cluster.py's sparse synthetic one; for
-moe_offload, ":one" generates for the first prompt only, so that decode takes the
-routed-experts path), or "refuse:strategy[:kv_host]" (a strategy, or one with its
-KV cache in host memory, that must refuse a mesh of 2; "test-unsharded" is
-resident declared unable to shard, registered here).
+a "-sparse" model is tests/test_neuron_cluster.py's sparse synthetic one, a Mixtral
+"-sparse" one has sparse experts for moe_sparse; for moe_offload, ":one" generates
+for the first prompt only, so that decode takes the routed-experts path), or
+"refuse:strategy[:kv_host]" (a strategy, or one with its KV cache in host memory,
+that must refuse a mesh of 2; "test-unsharded" is
+resident declared unable to shard, registered here), or
+"refuse-split:model@weights:shards:strategy" (a format whose groups a shard's
+split would straddle: refused with ShardingError before anything is placed).
 Prints "RESULT <json>" per scenario.
 """
 
@@ -32,6 +35,7 @@ from test_mesh import synthetic  # noqa: E402
 
 import hetflow  # noqa: E402
 from hetflow.engine import Engine  # noqa: E402
+from hetflow.models.sharding import ShardingError  # noqa: E402
 from hetflow.strategy import NotApplicable, get_strategy, register_strategy  # noqa: E402
 
 
@@ -44,6 +48,12 @@ class Unsharded(get_strategy("resident")):
 
 def run(spec: str, setup: dict) -> dict:
   parts = spec.split(":")
+  if parts[0] == "refuse-split":  # a format whose groups a split of `down` would straddle
+    try:
+      Engine(synthetic(parts[1]), parts[3], mesh=int(parts[2]))
+    except ShardingError as e:
+      return {"spec": spec, "refused": str(e)}
+    return {"spec": spec, "refused": None}
   if parts[0] == "refuse":
     options = dict(kv_cache_tier="host") if parts[2:] == ["kv_host"] else None
     try:
@@ -63,6 +73,8 @@ def run(spec: str, setup: dict) -> dict:
     options = dict(cache_bytes="16KiB", cluster_size=8, store_dir=store_dir)
   elif strategy == "moe_offload":  # a small cache: misses, evictions and guesses
     options = dict(cache_experts=10, lookahead=1, store_dir=store_dir)
+  elif strategy == "moe_sparse":  # a small neuron cache: decode reads from every store
+    options = dict(neurons=dict(cache_bytes="16KiB", cluster_size=8, store_dir=store_dir))
   prompts = setup["prompts"][:1] if parts[3:] == ["one"] else setup["prompts"]
   model = synthetic(parts[0])
   with Engine(model, strategy, mesh=shards, options=options) as engine:
@@ -79,7 +91,10 @@ def run(spec: str, setup: dict) -> dict:
             "decode_disk_bytes": stats.decode.disk_bytes,
             "decode_tokens": stats.decode.tokens,
             "store_neurons": ([lane.store.num_neurons for lane in lanes.lanes]
-                              if strategy == "neuron_cluster" else None),
+                              if strategy in ("neuron_cluster", "moe_sparse") else None),
+            "store_weights": ([lane.store.weights for lane in lanes.lanes]
+                              if strategy in ("neuron_cluster", "moe_sparse") else None),
+            "experts_run": stats.decode.get("experts_run"),
             "split_matmuls": stats.decode.get("split_matmuls"),
             "expert_lookups": stats.decode.get("expert_lookups"),
             "store_bytes_paths": stores,

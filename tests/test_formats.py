@@ -233,13 +233,29 @@ def test_replace_keeps_the_source():
   assert int8.source is model.source and int8.weights == "int8" and model.weights == "float32"
 
 
-# Every other strategy takes every format (tests/test_tensor_split.py, test_neuron_formats.py,
-# test_moe.py: the same tokens as resident of the same format).
-@pytest.mark.parametrize("strategy, name", [("moe_sparse", "mixtral-tiny-8e-sparse")])
-def test_strategies_without_formats_refuse_them(strategy, name):
-  model = hetflow.synthetic_model(name, weights="int8")
-  with pytest.raises(ValueError, match=f"{strategy} runs float32 weights only.*weights='int8'"):
-    Engine(model, strategy)
+# Every strategy takes every format; each one's parity tests give the same tokens as
+# resident of the same format (tests/test_tensor_split.py, test_neuron_formats.py,
+# test_moe.py, test_moe_sparse.py). Here: each built-in plans a quantized model of its kind.
+FORMAT_MODELS = {"resident": "llama-tiny", "layerwise": "llama-tiny",
+                 "tensor_split": "llama-tiny", "neuron_cluster": "llama-tiny-sparse",
+                 "moe_offload": "mixtral-tiny", "moe_sparse": "mixtral-tiny-8e-sparse"}
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8", "int4"])
+def test_no_strategy_refuses_a_format(weights):
+  from importlib import metadata
+
+  from hetflow.strategy import get_strategy
+  builtin = {e.name for e in metadata.entry_points(group="hetflow.strategies")
+             if e.value.startswith("strategies.")}
+  assert builtin <= set(FORMAT_MODELS)
+  for strategy, name in FORMAT_MODELS.items():
+    model = hetflow.synthetic_model(name, weights=weights)
+    placement = get_strategy(strategy)().plan(model, hetflow.Budget())
+    # Planned at the format's stored bytes (every strategy keeps attention whole here).
+    attn = model.group_nbytes("layers/0/attn")
+    assert placement.groups["layers/0/attn"].nbytes == attn, (strategy, placement)
+    assert attn < hetflow.synthetic_model(name).group_nbytes("layers/0/attn")
 
 
 def test_a_format_the_shapes_do_not_allow_fails_at_once():

@@ -32,12 +32,15 @@ NEW_TOKENS = 6
 
 
 def synthetic(name: str) -> hetflow.Model:
-  """"model[@weights]" as a synthetic model; "-sparse" models as tests/test_neuron_cluster.py's.
+  """"model[@weights]" as a synthetic model; "-sparse" models as tests/test_neuron_cluster.py's
+  (a Mixtral one: sparse experts, hetflow/checkpoints/moe_sparse.py).
 
   tests/mesh_worker.py builds its models with this too.
   """
   name, _, weights = name.partition("@")
   sparse = dict(sparsity=0.9, hotness="zipf:1.1", seed=0) if name.endswith("-sparse") else {}
+  if name.startswith("mixtral") and sparse:  # sparse experts, calibrated as test_moe_sparse's
+    sparse["calibration_tokens"] = 4096
   return hetflow.synthetic_model(name, weights=weights or "float32", **sparse)
 
 
@@ -215,6 +218,9 @@ def _results(command, tmp_path, specs):
 
 def _check(results, refs):
   for where, r in results:
+    if r["spec"].startswith("refuse-split:"):
+      assert r["refused"] and "cannot be split into" in r["refused"], r
+      continue
     if "refused" in r:
       _, strategy, *kv = r["spec"].split(":")
       expected = "kv_cache_tier='host' on a mesh" if kv else f"{strategy!r} does not run on a mesh"
@@ -320,6 +326,49 @@ def test_two_processes_give_resident_tokens_and_read_half_each(tmp_path):
     assert per_token == _shard_layer_bytes(model, 2)
     assert per_token < 0.51 * _shard_layer_bytes(model, 1)
     assert len(r["store_bytes"]) == 1
+
+
+SPARSE_MOE = "mixtral-tiny-8e-sparse"
+
+
+def _check_expert_neuron_stores(r, ranks, n, weights="float32"):
+  """Each local shard has its own store of the F/N neurons of every expert, in the model's
+  format, and decode ran routed experts and read from it."""
+  c = synthetic(SPARSE_MOE).config
+  assert r["local_shards"] == ranks
+  assert r["store_neurons"] == [c.intermediate_size // n] * len(ranks)
+  assert r["store_weights"] == [weights] * len(ranks)
+  assert [os.path.basename(p) for p in r["store_bytes_paths"]] == [
+      f"shard-{k}-of-{n}" for k in ranks]
+  assert r["decode_disk_bytes"] > 0 and r["experts_run"] > 0
+
+
+def test_moe_sparse_on_four_devices_gives_resident_tokens(tmp_path):
+  """Sparse experts on a mesh: each shard's lane owns F/N neurons of every expert (float32
+  on 4 shards, int8 and bfloat16 on 2); a format whose groups `down`'s split would straddle
+  (int4: 48 neurons per shard, groups of 32) is refused by name."""
+  specs = [f"{SPARSE_MOE}:4:moe_sparse", f"{SPARSE_MOE}@int8:2:moe_sparse",
+           f"{SPARSE_MOE}@bfloat16:4:moe_sparse", f"refuse-split:{SPARSE_MOE}@int4:2:moe_sparse"]
+  results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
+  assert [r["spec"] for _, r in results] == specs
+  _check(results, {n: _reference(n) for n in (SPARSE_MOE, f"{SPARSE_MOE}@int8",
+                                              f"{SPARSE_MOE}@bfloat16")})
+  by_spec = {r["spec"]: r for _, r in results}
+  _check_expert_neuron_stores(by_spec[specs[0]], [0, 1, 2, 3], 4)
+  _check_expert_neuron_stores(by_spec[specs[1]], [0, 1], 2, "int8")
+  _check_expert_neuron_stores(by_spec[specs[2]], [0, 1, 2, 3], 4, "bfloat16")
+
+
+def test_moe_sparse_on_two_processes_gives_resident_tokens(tmp_path):
+  specs = [f"{SPARSE_MOE}:2:moe_sparse", f"{SPARSE_MOE}@int8:2:moe_sparse"]
+  command = [sys.executable, "-m", "hetflow.launch", "--processes=2", "--",
+             sys.executable, "tests/mesh_worker.py", "1"]
+  results = _results(command, tmp_path, specs)
+  assert sorted(where for where, _ in results) == ["[p0]"] * 2 + ["[p1]"] * 2
+  _check(results, {n: _reference(n) for n in (SPARSE_MOE, f"{SPARSE_MOE}@int8")})
+  for where, r in results:
+    weights = "int8" if "@int8" in r["spec"] else "float32"
+    _check_expert_neuron_stores(r, [int(where[2])], 2, weights)
 
 
 def test_layer_summary_of_a_benchmark_timeline():

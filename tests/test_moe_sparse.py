@@ -1,4 +1,5 @@
-"""Sparse experts (issue 14): mixtral-*-sparse models and the moe_sparse strategy, on tiny models."""
+"""Sparse experts (issue 14): mixtral-*-sparse models and the moe_sparse strategy, on tiny models,
+in every weight format (issue 11). On a mesh: tests/test_mesh.py."""
 
 import dataclasses
 
@@ -8,9 +9,12 @@ import pytest
 import hetflow
 from hetflow import Budget, Engine, simulate
 from hetflow.hardware import get_profile
+from hetflow.memory import bundle_store
 from hetflow.memory.budget import BudgetExceeded
 from hetflow.memory.buffers import round_up
-from hetflow.sparsity import experts
+from hetflow.memory.store import StoreMismatchError
+from hetflow.models import formats, native
+from hetflow.sparsity import bundles, experts
 from hetflow.strategy import NotApplicable
 from strategies.moe_offload import MoEOffload
 from strategies.moe_sparse import MoESparse, MoESparseOptions
@@ -113,6 +117,8 @@ def test_refuses_dense_experts_and_dense_models():
     MoESparseOptions(neurons=dict(lookahead=True))
   with pytest.raises(ValueError, match="neurons="):
     MoESparseOptions(neurons=3)
+  with pytest.raises(ValueError, match="embed_tier='disk'"):
+    MoESparseOptions(neurons=dict(embed_tier="disk"))
 
 
 def test_ledger_within_budget_and_minimum_when_too_small(model, reference, tmp_path):
@@ -148,3 +154,130 @@ def test_cost_model_predicts_sparse_experts_above_whole_experts():
   assert np.isfinite(fast.decode_tokens_per_s)
   assert fast.decode_tokens_per_s > 2 * slow.decode_tokens_per_s
   assert fast.bottleneck == slow.bottleneck == "disk"
+
+
+# -- weight formats -------------------------------------------------------------------------
+
+ATOL = 1e-5  # float32 summation order (tests/test_neuron_formats.py's tolerance)
+
+
+def _neuron_calls() -> int:
+  return int(native._registered.hetflow_neuron_calls()) if native._registered else 0
+
+
+@pytest.fixture(scope="module")
+def formatted(model):
+  """weights -> (model, resident's tokens, prompt logits, one-token logits), once per format."""
+  made = {}
+  ids = np.random.default_rng(1).integers(3, model.config.vocab_size, (2, 10))
+
+  def get(weights):
+    if weights not in made:
+      m = hetflow.synthetic_model(NAME, weights=weights, **SPEC)
+      with Engine(m, "resident") as engine:
+        made[weights] = (m, engine.generate(ids, max_new_tokens=NEW_TOKENS,
+                                            stop_tokens=()).tokens,
+                         engine.forward(ids), engine.forward(ids[:, :1]))
+    return (ids, *made[weights])
+
+  return get
+
+
+@pytest.mark.parametrize("kernels", ["native", "xla"])
+@pytest.mark.parametrize("weights", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+def test_formats_match_resident_of_the_same_format(weights, kernels, formatted, tmp_path,
+                                                   monkeypatch):
+  """Same weights, same tokens: the expert neurons' records hold resident's quantized values
+  (neuron_cluster's codec), computed by the native record kernels or the XLA fallback;
+  greedy tokens equal resident's, logits within float32 summation order."""
+  if kernels == "native" and not native.enabled():
+    pytest.skip("no C++ compiler: the native kernels are not built here")
+  if kernels == "xla":
+    if weights not in ("int8", "int4"):
+      pytest.skip("the fallback's formulation is the same for every kind; int8 and int4"
+                  " cover it")
+    monkeypatch.setenv("HETFLOW_NATIVE", "0")
+  ids, model, tokens, logits, first = formatted(weights)
+  before = _neuron_calls()
+  options = MoESparseOptions(neurons=dict(cache_bytes="64KiB", cluster_size=8,
+                                          store_dir=str(tmp_path / "store")))
+  with Engine(model, MoESparse(options)) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine.forward(ids[:, :1]), first, atol=ATOL, rtol=0)
+    s = out.stats["strategy"]
+    assert engine.strategy.store.weights == model.weights
+    assert s.decode.disk_bytes > 0 and s.details["cache"]["hot_hits"] > 0
+    # The plan counts the format's records and the fixed region's stored bytes.
+    assert engine.placement.settings.inner.settings.sizes.record == (
+        engine.strategy.store.record_nbytes)
+  if kernels == "native":
+    assert _neuron_calls() > before
+  else:
+    assert _neuron_calls() == before
+
+
+def test_expert_records_hold_residents_values():
+  """An expert's kernel in the experts' view is the model's stored kernel taken at that
+  expert, and its records decode to exactly resident's (dequantized) rows."""
+  model = hetflow.synthetic_model(NAME, weights="int4", **SPEC)
+  c = model.config
+  view = experts.ExpertNeurons(model)
+  layer, e = 1, 5
+  v = experts.virtual_layer(c, layer, e)
+  stored = model.param(f"layers/{layer}/mlp/gate")
+  mine = view.param(f"layers/{v}/mlp/gate")
+  assert mine.keys() == stored.keys()
+  for k in stored:
+    np.testing.assert_array_equal(mine[k], stored[k][e])
+    assert view.shapes[f"layers/{v}/mlp/gate/{k}"].shape == mine[k].shape
+  assert view.logical_shapes[f"layers/{v}/mlp/gate"].shape == (c.hidden_size,
+                                                               c.intermediate_size)
+  codec = bundles.record_codec(view)
+  a, b, table = codec.encode(view, v, bundles.neuron_matrices(view.config))
+  gate = np.asarray(formats.dequantize(stored))[e]  # [D, F]
+  down = np.asarray(formats.dequantize(model.param(f"layers/{layer}/mlp/down")))[e]  # [F, D]
+  np.testing.assert_array_equal(np.asarray(codec.input_weights(a))[:, 0], gate.T)
+  group_of = (np.arange(c.intermediate_size) // codec.group).astype(np.int32)
+  f32 = {k: t.astype(np.float32) for k, t in table.items()}
+  np.testing.assert_array_equal(np.asarray(codec.down_weights(b, f32, group_of)), down)
+
+
+def test_store_of_another_format_is_refused(formatted, tmp_path):
+  """The format is in the experts' store identity: an explicit store_dir of another format
+  is refused (never reused, never deleted); each format has its own default store."""
+  path = str(tmp_path / "store")
+  ids, int4, *_ = formatted("int4")
+  options = MoESparseOptions(neurons=dict(store_dir=path))
+  with Engine(int4, MoESparse(options)) as engine:
+    store = engine.strategy.store
+    assert store.weights == "int4"
+    order, mats, view = store.order, engine.strategy._inner.mats, engine.strategy.view
+    default = bundle_store.default_store_dir(view, order, mats)
+  for other in ("int8", "float32"):
+    model = hetflow.synthetic_model(NAME, weights=other, **SPEC)
+    with pytest.raises(StoreMismatchError, match="weights"):
+      Engine(model, MoESparse(options))
+    assert bundle_store.default_store_dir(experts.ExpertNeurons(model), order, mats) != default
+  assert bundle_store.BundleStore.open(path).weights == "int4"  # still there, unchanged
+
+
+def test_plan_counts_stored_bytes_and_refuses_shape_bits_on_a_format():
+  """A quantized plan: the fixed region is the stored non-expert leaves (kernels in the
+  format, routers and norms float) plus the down tables; records of the format's bytes."""
+  f32 = hetflow.synthetic_model(NAME, **SPEC)
+  int8 = hetflow.synthetic_model(NAME, weights="int8", **SPEC)
+  plans = {m.weights: MoESparse(dict(kv_reserve_tokens=0)).plan(m, Budget()) for m in (f32, int8)}
+  fixed = {w: p.settings.fixed_bytes for w, p in plans.items()}
+  c = f32.config
+  attn = sum(int8.group_nbytes(f"layers/{i}/attn") for i in range(c.num_layers))
+  assert attn < sum(f32.group_nbytes(f"layers/{i}/attn") for i in range(c.num_layers))
+  routers = c.num_layers * (c.hidden_size * c.num_experts + c.hidden_size) * 4
+  rest = sum(int8.group_nbytes(g) for g in ("embed", "head"))
+  assert fixed["int8"] == attn + rest + routers < fixed["float32"]
+  inner = plans["int8"].settings.inner.settings.sizes
+  codec = bundles.record_codec(experts.ExpertNeurons(int8))
+  assert inner.record == round_up(codec.a_nbytes + codec.b_nbytes)
+  with pytest.raises(NotApplicable, match="shape_weight_bits=4.*weights='int8'"):
+    MoESparse(dict(shape_weight_bits=4)).plan(int8, Budget())

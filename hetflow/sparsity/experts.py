@@ -65,14 +65,20 @@ class ExpertNeurons:
   """A Mixtral Model's experts as the FFN groups "layers/<i * X + e>/mlp" of a dense model.
 
   Holds what neuron_cluster's planning and store code read of a model (config, dtype,
-  shapes, groups, tensors, description, source), for the experts only: no embedding,
-  attention or router (the MoE strategy keeps those). Each group also holds its layer's
-  FFN norm (the input every expert of the layer sees).
+  weight format, shapes, groups, tensors, description, source), for the experts only: no
+  embedding, attention or router (the MoE strategy keeps those). Each group also holds its
+  layer's FFN norm (the input every expert of the layer sees). In a quantized format an
+  expert's kernel is the model's stored kernel of the layer (every expert quantized on its
+  own rows, hetflow/models/formats.py) taken at the expert: exactly the values `resident`
+  computes with.
 
   Attributes:
     model: the MoE Model.
     config: `expert_config(model.config)`.
-    dtype, description, source: the model's (the description names the view).
+    dtype, weights, format, description, source: the model's (the description names the
+      view).
+    shapes: the stored leaves per virtual layer (a quantized kernel's "q", "scale", ...).
+    logical_shapes: the float parameters per virtual layer.
   """
 
   def __init__(self, model: Model):
@@ -84,44 +90,60 @@ class ExpertNeurons:
     self.weights = model.weights
     self.format = model.format
     self.description = f"experts of {model.description}"
-    shapes = model.shapes
-    c, out = model.config, {}
-    for i in range(c.num_layers):
-      for e in range(c.num_experts):
-        for m in EXPERT_MATRICES:
-          s = shapes[f"layers/{i}/mlp/{m}"]
-          out[f"layers/{virtual_layer(c, i, e)}/mlp/{m}"] = jax.ShapeDtypeStruct(
-              s.shape[1:], s.dtype)
-        s = shapes[f"layers/{i}/mlp/norm"]
-        out[f"layers/{virtual_layer(c, i, e)}/mlp/norm"] = s
-    self.shapes = out
+    self.shapes = self._per_expert(model.shapes)
+    self.logical_shapes = self._per_expert(model.logical_shapes)
     self._layer: int | None = None
-    self._stacks: dict[str, np.ndarray] = {}
+    self._stacks: dict[tuple[str, bool], Any] = {}
 
-  @property
-  def logical_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """As `shapes`: the experts are float arrays of the compute dtype (float32 only)."""
-    return self.shapes
+  def _per_expert(self, shapes: dict[str, jax.ShapeDtypeStruct]
+                  ) -> dict[str, jax.ShapeDtypeStruct]:
+    """Layer i's expert leaves [X, ...] (and norm) as virtual layers i * X + e's [...]."""
+    c, out = self.model.config, {}
+    for i in range(c.num_layers):
+      prefix = f"layers/{i}/mlp/"
+      names = [n for n in shapes if n.startswith(prefix)
+               and n[len(prefix):].split("/")[0] in (*EXPERT_MATRICES, "norm")]
+      for e in range(c.num_experts):
+        v = f"layers/{virtual_layer(c, i, e)}/mlp/"
+        for n in names:
+          s = shapes[n]
+          norm = n[len(prefix):] == "norm"
+          out[v + n[len(prefix):]] = s if norm else jax.ShapeDtypeStruct(s.shape[1:], s.dtype)
+    return out
 
   def _split(self, name: str) -> tuple[int, int, str]:
-    _, v, _, leaf = name.split("/")
+    _, v, _, leaf = name.split("/", 3)
     layer, expert = divmod(int(v), self.model.config.num_experts)
     return layer, expert, leaf
 
   def tensor(self, name: str) -> np.ndarray:
+    """A float parameter (a quantized kernel's value before quantization), or one stored
+    leaf of a quantized kernel ("layers/9/mlp/up/scale")."""
     layer, expert, leaf = self._split(name)
     if leaf == "norm":
       return self.model.tensor(f"layers/{layer}/mlp/norm")
-    return self._stack(layer, leaf)[expert]
+    if "/" in leaf:
+      kernel, part = leaf.split("/")
+      return self._stack(layer, kernel, stored=True)[part][expert]
+    return self._stack(layer, leaf, stored=False)[expert]
 
-  def _stack(self, layer: int, leaf: str) -> np.ndarray:
-    """The layer's stack of `leaf` [X, ...], kept while that layer's experts are read
-    (the store and the oracle read a layer's experts one after another)."""
+  def param(self, name: str) -> Any:
+    """An expert's parameter as stored: an array, or a quantized kernel's dict of leaves."""
+    layer, expert, leaf = self._split(name)
+    if leaf == "norm" or not self.format.applies(name):
+      return self.tensor(name)
+    return {k: v[expert] for k, v in self._stack(layer, leaf, stored=True).items()}
+
+  def _stack(self, layer: int, leaf: str, stored: bool) -> Any:
+    """The layer's stack of `leaf` [X, ...] (as stored, or float), kept while that layer's
+    experts are read (the store and the oracle read a layer's experts one after another)."""
     if self._layer != layer:
       self._layer, self._stacks = layer, {}
-    if leaf not in self._stacks:
-      self._stacks[leaf] = self.model.tensor(f"layers/{layer}/mlp/{leaf}")
-    return self._stacks[leaf]
+    key = (leaf, stored)
+    if key not in self._stacks:
+      name = f"layers/{layer}/mlp/{leaf}"
+      self._stacks[key] = self.model.param(name) if stored else self.model.tensor(name)
+    return self._stacks[key]
 
   def release(self) -> None:
     """Drops the kept stacks (call once the store and the predictor are built)."""
@@ -131,7 +153,8 @@ class ExpertNeurons:
     return [f"layers/{v}/mlp" for v in range(self.config.num_layers)]
 
   def group_tensors(self, group: str) -> dict[str, Any]:
-    return {leaf: self.tensor(f"{group}/{leaf}") for leaf in (*EXPERT_MATRICES, "norm")}
+    """A virtual layer's experts' kernels as stored, and its norm."""
+    return {leaf: self.param(f"{group}/{leaf}") for leaf in (*EXPERT_MATRICES, "norm")}
 
   def group_nbytes(self, group: str) -> int:
     return sum(s.size * np.dtype(s.dtype).itemsize for n, s in self.shapes.items()
