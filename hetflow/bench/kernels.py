@@ -18,32 +18,38 @@ import numpy as np
 
 from hetflow.models import native
 from hetflow.models.kernels import (
-    bfloat16_dot,
-    bfloat16_dot_up,
-    bfloat16_ew,
-    bfloat16_ew_t_xla,
-    dequant_int4,
-    float32_dot,
-    float32_dot_t,
-    float32_ew_t,
-    group_major,
-    int4_dequant_ew_t,
-    int4_ew_t,
-    int4_min_ew_t,
-    int4_min_scan_gm_xla,
-    int4_scan_gm_xla,
-    int4_signed_ew_t,
-    int8_channel_dot_int,
-    int8_channel_dot_t,
-    int8_channel_ew_t_xla,
-    int8_group_3d_gm,
-    int8_group_dequant_ew_t,
-    int8_group_ew_t,
-    int8_group_scan_gm_xla,
+  bfloat16_dot,
+  bfloat16_dot_up,
+  bfloat16_ew,
+  bfloat16_ew_t_xla,
+  dequant_int4,
+  float32_dot,
+  float32_dot_t,
+  float32_ew_t,
+  group_major,
+  int4_activations_dequantized,
+  int4_dequant_ew_t,
+  int4_ew_t,
+  int4_min_ew_t,
+  int4_min_scan_gm_xla,
+  int4_scan_gm_xla,
+  int4_signed_ew_t,
+  int8_channel_dot_int,
+  int8_channel_dot_t,
+  int8_channel_ew_t_xla,
+  int8_group_3d_gm,
+  int8_group_dequant_ew_t,
+  int8_group_ew_t,
+  int8_group_scan_gm_xla,
 )
 
 
 # The native kernels (hetflow/models/native), one per stored layout.
+def native_float32(x, w):
+  """Native float32 W [in, out] times one row."""
+  return native.matvec("float32", x, w)
+
+
 def native_bfloat16(x, wt):
   """Native bfloat16 Wt [out, in] times one row."""
   return native.matvec("bfloat16", x, wt)
@@ -197,7 +203,8 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
           Case("int8", "dot upcast, scale after", int8_channel_dot_t, ch),
           Case("int8", "int8 x int8 dot", int8_channel_dot_int, ch)]
   if use_native:
-    out += [Case("bfloat16", NATIVE, native_bfloat16, (bft,)), Case("int8", NATIVE, native_int8, ch)]
+    out += [Case("float32", NATIVE, native_float32, (put(w),)),
+            Case("bfloat16", NATIVE, native_bfloat16, (bft,)), Case("int8", NATIVE, native_int8, ch)]
   for g in (32, 64, 128):
     q, s = _quantize_int8(wt, g)
     gr = (put(q), put(s))
@@ -242,9 +249,12 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
 
 
 def _reference(case: Case, x):
-  """float32 matvec with the case's own (dequantized) weights."""
+  """float32 matvec with the case's own (dequantized) weights (and, for the formulations that
+  take int4's int8 activations, those activations)."""
   fn, w = case.fn, case.weights
-  if fn in (float32_dot,):
+  if fn in (native_int4, native_int4_min, int4_scan_gm_xla, int4_min_scan_gm_xla):
+    x = np.asarray(int4_activations_dequantized(jnp.asarray(x), 2 * w[0].shape[-1]))
+  if fn in (float32_dot, native_float32):
     return x @ np.asarray(w[0])
   if fn in (float32_dot_t, float32_ew_t):
     return x @ np.asarray(w[0]).T

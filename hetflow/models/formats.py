@@ -312,12 +312,14 @@ def matmul(x, kernel):
   """
   fmt = format_of(kernel)
   if fmt == "float32":
-    return jnp.einsum("...i,io->...o", x, kernel)
+    return kernels.float32_matmul(x, kernel)
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
   if rows > MATVEC_MAX_ROWS:
-    return jnp.einsum("...i,io->...o", x.astype(jnp.float32),
-                      dequantize(kernel)).astype(x.dtype)
+    wide = x.astype(jnp.float32)
+    if fmt in ("int4", "int4-asym"):  # int4's int8 activations, as decode's kernels take them
+      wide = kernels.int4_activations_dequantized(wide, 2 * kernel["q"].shape[-1])
+    return jnp.einsum("...i,io->...o", wide, dequantize(kernel)).astype(x.dtype)
   flat = x.reshape(rows, x.shape[-1])
   y = jnp.stack([_matvec(flat[r], kernel, fmt) for r in range(rows)])
   return y.reshape(*lead, -1).astype(x.dtype)

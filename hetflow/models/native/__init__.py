@@ -1,10 +1,12 @@
 """hetflow's native CPU matrix-vector kernels (matvec.cc beside this file), through XLA's FFI.
 
 XLA CPU reads grouped int8 and int4 kernels at 0.3-0.7x float32's weights per second in
-every pure-XLA formulation measured (docs/formats.md); these C++ kernels read every
-stored format (bfloat16, int8 per channel, int8-gN, int4, int4-asym) at or above it, on
-both cores, with float32 accumulation (no activation quantization: they differ from
-the XLA formulations only in the order of float32 additions).
+every pure-XLA formulation measured (docs/formats.md), and float32's own `dot` at about
+one core's bandwidth in decode; these C++ kernels read every stored format (float32
+[in, out], bfloat16, int8 per channel, int8-gN, int4, int4-asym) on both cores, with
+float32 accumulation. They differ from the XLA formulations only in the order of float32
+additions: activations are not quantized, except int4's, whose int8 activations (one
+named choice, docs/formats.md "int4 activations") the XLA formulations quantize the same way.
 
 The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
 `g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
@@ -34,15 +36,18 @@ import jax.numpy as jnp
 from hetflow.hardware import cpuinfo_field
 from hetflow.memory.cache import cache_root
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
-# neuron_cluster's sparse step over quantized records (hetflow/sparsity/bundles.py), built in.
-NEURON_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "neuron.cc")
+# The C++ sources compiled into the one library (each file's handlers are in TARGETS or
+# NEURON_TARGETS): the matvecs, and neuron_cluster's sparse step over quantized records
+# (hetflow/sparsity/bundles.py).
+SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                for name in ("matvec.cc", "neuron.cc"))
 NEURON_TARGETS = ("hetflow_neuron_in", "hetflow_neuron_down")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 LIBRARY = "libhetflow_matvec.so"
 
 # Target name per format (as hetflow.models.formats.format_of names them).
 TARGETS = {
+    "float32": "hetflow_matvec_f32",
     "bfloat16": "hetflow_matvec_bf16",
     "int8": "hetflow_matvec_int8",
     "int8-g": "hetflow_matvec_int8g",
@@ -69,7 +74,7 @@ def _cpu_flags() -> str:
 
 
 def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """What a built library depends on, hashed: source, compiler (its --version), flags,
+  """What a built library depends on, hashed: sources, compiler (its --version), flags,
   jax's version and the CPU's features."""
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
@@ -79,8 +84,8 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
                            " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
                            " this).") from None
   h = hashlib.sha256()
-  for part in (open(SOURCE, "rb").read().decode(), open(NEURON_SOURCE, "rb").read().decode(),
-               cxx, version, " ".join(flags),
+  sources = [open(path, "rb").read().decode() for path in SOURCES]
+  for part in (*sources, cxx, version, " ".join(flags),
                jax.__version__, _cpu_flags()):
     h.update(part.encode())
     h.update(b"\0")
@@ -88,7 +93,7 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
 
 
 def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """Compiles matvec.cc into `directory`/<key>/ unless it is there already.
+  """Compiles SOURCES into one library in `directory`/<key>/ unless it is there already.
 
   Args:
     cxx: the C++ compiler.
@@ -114,7 +119,7 @@ def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, NEURON_SOURCE, "-o", tmp]
+      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp]
       try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
       except (OSError, subprocess.SubprocessError) as e:
@@ -189,6 +194,7 @@ def simd() -> bool:
 
 # What each format's handler takes: (q's rank, q's dtype, the params' dtypes).
 _SIGNATURES = {
+    "float32": (2, jnp.float32, ()),
     "bfloat16": (2, jnp.bfloat16, ()),
     "int8": (2, jnp.int8, (jnp.float32,)),
     "int8-g": (3, jnp.int8, (jnp.float16,)),
@@ -211,7 +217,7 @@ def matvec(fmt: str, x, q, *params):
   Args:
     fmt: the kernel's format, as `hetflow.models.formats.format_of` names it.
     x: the row [in] (any float dtype; widened to float32).
-    q: the kernel's values (its "q" leaf).
+    q: the kernel's values (its "q" leaf; a float32 kernel [in, out] itself).
     *params: its "scale" (and "min") leaves, as stored.
 
   Returns:
@@ -222,7 +228,7 @@ def matvec(fmt: str, x, q, *params):
   """
   if _registered is None and not _load(compiler()):
     raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
-  n_out = q.shape[1] if q.ndim == 3 else q.shape[0]
+  n_out = q.shape[1] if q.ndim == 3 or fmt == "float32" else q.shape[0]
   call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
                           vmap_method="sequential")
   return call(x.astype(jnp.float32), q, *params)
