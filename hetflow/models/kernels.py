@@ -199,6 +199,37 @@ def int4_min_scan_gm_xla(x, packed, scale, minimum):
                       (packed, q, d, scale, minimum))[0]
 
 
+def int4_float_scan_gm_xla(x, packed, scale):
+  """Group-major symmetric int4 times one row of float32 activations (down's input,
+  `float_input`): per group two sums (low, high nibbles), minus 8 * sum(x), times the scale."""
+  groups, n_out, half = packed.shape
+  xg = _f32(x).reshape(groups, 2 * half)
+
+  def step(acc, args):
+    pg, xk, sg = args
+    v = (jnp.sum(_f32(pg & 15) * xk[:half], axis=-1)
+         + jnp.sum(_f32(pg >> 4) * xk[half:], axis=-1))
+    return acc + (v - 8.0 * jnp.sum(xk)) * _f32(sg), None
+
+  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, xg, scale))[0]
+
+
+def int4_min_float_scan_gm_xla(x, packed, scale, minimum):
+  """Group-major asymmetric int4 times one row of float32 activations: per group
+  (nibble sums) * scale + sum(x) * min."""
+  groups, n_out, half = packed.shape
+  xg = _f32(x).reshape(groups, 2 * half)
+
+  def step(acc, args):
+    pg, xk, sg, mg = args
+    v = (jnp.sum(_f32(pg & 15) * xk[:half], axis=-1)
+         + jnp.sum(_f32(pg >> 4) * xk[half:], axis=-1))
+    return acc + v * _f32(sg) + jnp.sum(xk) * _f32(mg), None
+
+  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32),
+                      (packed, xg, scale, minimum))[0]
+
+
 # -- what hetflow.models.formats computes one row with ---------------------------------------
 # On CPU, the native kernel of the format (hetflow/models/native: C++ through XLA's FFI,
 # float32 accumulation, both cores) where it was built; elsewhere (another backend, no
@@ -206,11 +237,12 @@ def int4_min_scan_gm_xla(x, packed, scale, minimum):
 # values up to the order of float32 additions (tests/test_native_kernels.py).
 
 
-def _native_or_xla(fmt: str, xla, x, *leaves):
+def _native_or_xla(fmt: str, xla, x, *leaves, float_input: bool = False):
   if not native.accepts(fmt, x, *leaves) or not native.enabled():
     return xla(x, *leaves)
-  return jax.lax.platform_dependent(x, *leaves, cpu=functools.partial(native.matvec, fmt),
-                                    default=xla)
+  return jax.lax.platform_dependent(
+      x, *leaves, cpu=functools.partial(native.matvec, fmt, float_input=float_input),
+      default=xla)
 
 
 # Widest float32 kernel (outputs) that the native kernel computes: it measured 1.2-2x XLA's
@@ -245,14 +277,18 @@ def int8_group_scan_gm(x, q, scale):
   return _native_or_xla("int8-g", int8_group_scan_gm_xla, x, q, scale)
 
 
-def int4_scan_gm(x, packed, scale):
-  """Group-major symmetric int4 times one row: native, else `int4_scan_gm_xla`."""
-  return _native_or_xla("int4", int4_scan_gm_xla, x, packed, scale)
+def int4_scan_gm(x, packed, scale, float_input: bool = False):
+  """Group-major symmetric int4 times one row of int4's int8 activations (`float_input`:
+  of x's float32 values): native, else `int4_scan_gm_xla` (`int4_float_scan_gm_xla`)."""
+  xla = int4_float_scan_gm_xla if float_input else int4_scan_gm_xla
+  return _native_or_xla("int4", xla, x, packed, scale, float_input=float_input)
 
 
-def int4_min_scan_gm(x, packed, scale, minimum):
-  """Group-major asymmetric int4 times one row: native, else `int4_min_scan_gm_xla`."""
-  return _native_or_xla("int4-asym", int4_min_scan_gm_xla, x, packed, scale, minimum)
+def int4_min_scan_gm(x, packed, scale, minimum, float_input: bool = False):
+  """Group-major asymmetric int4 times one row: native, else `int4_min_scan_gm_xla`
+  (`float_input`: `int4_min_float_scan_gm_xla`)."""
+  xla = int4_min_float_scan_gm_xla if float_input else int4_min_scan_gm_xla
+  return _native_or_xla("int4-asym", xla, x, packed, scale, minimum, float_input=float_input)
 
 
 def group_major(q, scale, minimum=None):

@@ -6,7 +6,8 @@ one core's bandwidth in decode; these C++ kernels read every stored format (floa
 [in, out], bfloat16, int8 per channel, int8-gN, int4, int4-asym) on both cores, with
 float32 accumulation. They differ from the XLA formulations only in the order of float32
 additions: activations are not quantized, except int4's, whose int8 activations (one
-named choice, docs/formats.md "int4 activations") the XLA formulations quantize the same way.
+named choice, docs/formats.md "int4 activations") the XLA formulations quantize the same way,
+except at the FFN down projection's input (`float_input`), which stays float32.
 
 The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
 `g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
@@ -53,6 +54,11 @@ TARGETS = {
     "int8-g": "hetflow_matvec_int8g",
     "int4": "hetflow_matvec_int4",
     "int4-asym": "hetflow_matvec_int4_asym",
+}
+# int4's targets with float activations (`matvec(..., float_input=True)`: down's input).
+FLOAT_INPUT_TARGETS = {
+    "int4": "hetflow_matvec_int4_float",
+    "int4-asym": "hetflow_matvec_int4_asym_float",
 }
 
 _log = logging.getLogger(__name__)
@@ -144,7 +150,7 @@ def _register(path: str) -> ctypes.CDLL:
   global _registered
   if _registered is None:
     lib = ctypes.cdll.LoadLibrary(path)
-    for target in (*TARGETS.values(), *NEURON_TARGETS):
+    for target in (*TARGETS.values(), *FLOAT_INPUT_TARGETS.values(), *NEURON_TARGETS):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                   platform="cpu")
     _registered = lib
@@ -211,7 +217,7 @@ def accepts(fmt: str, x, q, *params) -> bool:
           and tuple(p.dtype for p in params) == dtypes)
 
 
-def matvec(fmt: str, x, q, *params):
+def matvec(fmt: str, x, q, *params, float_input: bool = False):
   """One row x [in] @ a stored kernel -> [out] float32, by the native kernel of `fmt`.
 
   Args:
@@ -219,6 +225,8 @@ def matvec(fmt: str, x, q, *params):
     x: the row [in] (any float dtype; widened to float32).
     q: the kernel's values (its "q" leaf; a float32 kernel [in, out] itself).
     *params: its "scale" (and "min") leaves, as stored.
+    float_input: int4 formats: multiply x's float32 values, not its int8 activations
+      (docs/formats.md, "int4 activations"); other formats always do.
 
   Returns:
     y [out] float32.
@@ -229,6 +237,7 @@ def matvec(fmt: str, x, q, *params):
   if _registered is None and not _load(compiler()):
     raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
   n_out = q.shape[1] if q.ndim == 3 or fmt == "float32" else q.shape[0]
-  call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
+  target = FLOAT_INPUT_TARGETS.get(fmt, TARGETS[fmt]) if float_input else TARGETS[fmt]
+  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n_out,), jnp.float32),
                           vmap_method="sequential")
   return call(x.astype(jnp.float32), q, *params)

@@ -521,6 +521,61 @@ void int4_rows(const Grouped& a, const Int4Acts& x, int64_t o0, int64_t rows) {
 #define HETFLOW_INT4_VNNI 1
 #endif  // __AVX512VNNI__
 
+// int4 with float activations (`float_input`: the FFN down projection's input, which
+// neuron_cluster computes block by block of neurons and so never holds whole before the
+// last block; docs/formats.md "int4 activations"): per 16 bytes, the low nibbles are 16
+// values and the high nibbles the 16 values g/2 further on. Symmetric: sum((n - 8) x) =
+// sum(n x) - 8 sum(x), the second term folded into the first multiply (fmsub with 8 * the
+// group's x, lane by lane). Asymmetric: the minimum times the group's x joins the
+// accumulator after the scaled sum.
+template <int G, int R, bool kAsym>
+void int4f_tile(const Grouped& a, int64_t o0) {
+  constexpr int H = G / 32;  // 16-byte pieces per row and group
+  const uint8_t* q = static_cast<const uint8_t*>(a.q);
+  const __m128i low = _mm_set1_epi8(0x0f);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  alignas(64) float s[kGroupTile];
+  alignas(64) float m[kGroupTile];
+  for (int64_t k = 0; k < a.groups; ++k) {
+    const uint8_t* base = q + (k * a.out + o0) * (G / 2);
+    if (k + kPrefetchGroups < a.groups) {
+      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * (G / 2)),
+               R * (G / 2));
+    }
+    load_params(a.scale + k * a.out + o0, R, s);
+    if constexpr (kAsym) load_params(a.minimum + k * a.out + o0, R, m);
+    const float* xg = a.x + k * G;
+    __m512 xlo[H], xhi[H];
+    __m512 xsum = _mm512_setzero_ps();
+    for (int h = 0; h < H; ++h) {
+      xlo[h] = _mm512_loadu_ps(xg + 16 * h);
+      xhi[h] = _mm512_loadu_ps(xg + G / 2 + 16 * h);
+      xsum = _mm512_add_ps(xsum, _mm512_add_ps(xlo[h], xhi[h]));
+    }
+    const __m512 x8 = _mm512_mul_ps(xsum, _mm512_set1_ps(8.f));
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = base + r * (G / 2);
+      __m512 t;
+      for (int h = 0; h < H; ++h) {
+        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
+        __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
+        __m512 whi =
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+        if (h == 0) {
+          t = kAsym ? _mm512_mul_ps(wlo, xlo[0]) : _mm512_fmsub_ps(wlo, xlo[0], x8);
+        } else {
+          t = _mm512_fmadd_ps(wlo, xlo[h], t);
+        }
+        t = _mm512_fmadd_ps(whi, xhi[h], t);
+      }
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
+      if constexpr (kAsym) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(m[r]), xsum, acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
+}
+
 // Calls Tile<R> for the tile's row count R (a full tile, or the last, shorter one).
 template <template <int> class Tile, int R = kGroupTile>
 void dispatch_rows(const Grouped& a, int64_t o0, int64_t rows) {
@@ -534,6 +589,7 @@ void dispatch_rows(const Grouped& a, int64_t o0, int64_t rows) {
 }
 
 template <int G> struct Int8G { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int8g_tile<G, R>(a, o0); } }; };
+template <int G, bool A> struct Int4F { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int4f_tile<G, R, A>(a, o0); } }; };
 #endif  // HETFLOW_AVX512
 
 // The portable versions of the grouped kernels (any group size; what a compiler without
@@ -548,6 +604,28 @@ void grouped_generic(const Grouped& a, int64_t o0, int64_t rows) {
       float part = 0.f;
       for (int64_t j = 0; j < a.g; ++j) part += static_cast<float>(p[j]) * xg[j];
       acc += part * half_to_float(a.scale[k * a.out + o]);
+    }
+    a.y[o] = acc;
+  }
+}
+
+// int4 with float activations (any group size).
+void int4f_generic(const Grouped& a, int64_t o0, int64_t rows, bool asym) {
+  const int64_t half = a.g / 2;
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t o = o0 + r;
+    float acc = 0.f;
+    for (int64_t k = 0; k < a.groups; ++k) {
+      const float* xg = a.x + k * a.g;
+      const uint8_t* p = static_cast<const uint8_t*>(a.q) + (k * a.out + o) * half;
+      float part = 0.f, xs = 0.f;
+      for (int64_t j = 0; j < half; ++j) {
+        part += static_cast<float>(p[j] & 15) * xg[j] + static_cast<float>(p[j] >> 4) * xg[j + half];
+        xs += xg[j] + xg[j + half];
+      }
+      if (!asym) part -= 8.f * xs;
+      acc += part * half_to_float(a.scale[k * a.out + o]);
+      if (asym) acc += xs * half_to_float(a.minimum[k * a.out + o]);
     }
     a.y[o] = acc;
   }
@@ -591,8 +669,21 @@ void int4(ffi::ThreadPool& pool, const Grouped& a, bool asym) {
   });
 }
 
-void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4_format, bool asym) {
-  if (int4_format) return int4(pool, a, asym);
+void int4_float_input(ffi::ThreadPool& pool, const Grouped& a, bool asym) {
+  for_row_tiles(pool, a.out, kGroupTile, [a, asym](int64_t o0, int64_t rows) {
+#if defined(HETFLOW_AVX512)
+    if (!asym && a.g == 32) return dispatch_rows<Int4F<32, false>::T>(a, o0, rows);
+    if (!asym && a.g == 64) return dispatch_rows<Int4F<64, false>::T>(a, o0, rows);
+    if (asym && a.g == 32) return dispatch_rows<Int4F<32, true>::T>(a, o0, rows);
+    if (asym && a.g == 64) return dispatch_rows<Int4F<64, true>::T>(a, o0, rows);
+#endif
+    int4f_generic(a, o0, rows, asym);
+  });
+}
+
+void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4_format, bool asym,
+             bool float_input) {
+  if (int4_format) return float_input ? int4_float_input(pool, a, asym) : int4(pool, a, asym);
   for_row_tiles(pool, a.out, kGroupTile, [a](int64_t o0, int64_t rows) {
 #if defined(HETFLOW_AVX512)
     if (a.g == 32) return dispatch_rows<Int8G<32>::T>(a, o0, rows);
@@ -654,7 +745,8 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 template <ffi::DataType D>
 ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> q,
                        ffi::Buffer<ffi::F16> scale, const uint16_t* minimum,
-                       ffi::ResultBuffer<ffi::F32> y, bool int4, bool asym) {
+                       ffi::ResultBuffer<ffi::F32> y, bool int4, bool asym,
+                       bool float_input = false) {
   auto qd = q.dimensions();
   if (qd.size() != 3) return check(false, "hetflow matvec: grouped q [G, out, b] expected");
   const int64_t groups = qd[0], out = qd[1], g = int4 ? 2 * qd[2] : qd[2];
@@ -666,7 +758,7 @@ ffi::Error GroupedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   }
   Grouped a{q.untyped_data(), reinterpret_cast<const uint16_t*>(scale.untyped_data()), minimum,
             x.typed_data(), groups, out, g, y->typed_data()};
-  grouped(pool, a, int4, asym);
+  grouped(pool, a, int4, asym, float_input);
   return ffi::Error::Success();
 }
 
@@ -675,11 +767,13 @@ ffi::Error Int8GImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return GroupedImpl<ffi::S8>(pool, x, q, scale, nullptr, y, false, false);
 }
 
+template <bool kFloatInput>
 ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
                     ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::F32> y) {
-  return GroupedImpl<ffi::U8>(pool, x, q, scale, nullptr, y, true, false);
+  return GroupedImpl<ffi::U8>(pool, x, q, scale, nullptr, y, true, false, kFloatInput);
 }
 
+template <bool kFloatInput>
 ffi::Error Int4AsymImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> q,
                         ffi::Buffer<ffi::F16> scale, ffi::Buffer<ffi::F16> minimum,
                         ffi::ResultBuffer<ffi::F32> y) {
@@ -689,7 +783,7 @@ ffi::Error Int4AsymImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   return GroupedImpl<ffi::U8>(pool, x, q, scale,
                               reinterpret_cast<const uint16_t*>(minimum.untyped_data()), y, true,
-                              true);
+                              true, kFloatInput);
 }
 
 }  // namespace
@@ -746,7 +840,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int8g, Int8GImpl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4, Int4Impl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4, Int4Impl<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -754,7 +848,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4, Int4Impl,
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4_asym, Int4AsymImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4_asym, Int4AsymImpl<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// int4 with float activations (down's input; see int4f_tile).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4_float, Int4Impl<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_int4_asym_float, Int4AsymImpl<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
