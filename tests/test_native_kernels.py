@@ -89,6 +89,50 @@ def test_native_matches_xla_and_the_exact_product(spec, n_in, n_out):
   assert np.max(np.abs(y_native - y_xla)) <= 1e-5 * np.max(np.abs(exact))
 
 
+INT4_FLOAT_XLA = {"int4": kernels.int4_float_scan_gm_xla,
+                  "int4-asym": kernels.int4_min_float_scan_gm_xla}
+
+
+@pytest.mark.parametrize("spec", ["int4", "int4-g64", "int4-asym", "int4-g64-asym"])
+@pytest.mark.parametrize("n_in,n_out", [(256, 96), (128, 37), (2048, 5)])
+def test_int4_float_input_matches_xla_and_the_exact_product(spec, n_in, n_out):
+  """int4's float-input kernels (down's input, formats.FLOAT_INPUT_LEAVES) multiply x itself:
+  native and XLA within float32 summation of the exact product with float x."""
+  _needs_native()
+  kernel, x = _kernel(spec, n_in, n_out)
+  fmt = formats.format_of(kernel)
+  y_native = np.asarray(jax.jit(lambda x, *a: native.matvec(fmt, x, *a, float_input=True))(
+      x, *_leaves(kernel)))
+  y_xla = np.asarray(jax.jit(INT4_FLOAT_XLA[fmt])(x, *_leaves(kernel)))
+  dense = np.asarray(formats.dequantize(kernel), np.float64)
+  xd = np.asarray(x, np.float64)
+  bound, exact = n_in * EPS * (np.abs(dense).T @ np.abs(xd)), xd @ dense
+  assert np.all(np.abs(y_native - exact) <= bound)
+  assert np.all(np.abs(y_xla - exact) <= bound)
+  # Not int4's int8 activations: those are further from x's product than float32 sums.
+  y_int8 = np.asarray(native.matvec(fmt, x, *_leaves(kernel)))
+  assert np.max(np.abs(y_int8 - exact)) > 10 * np.max(np.abs(y_native - exact))
+
+
+@pytest.mark.parametrize("spec", ["int4", "int4-g64-asym"])
+def test_matmul_float_input_in_decode_and_prefill(spec, monkeypatch):
+  """formats.matmul(..., float_input=True): one row (native, and the forced fallback) and 8
+  rows (prefill) all multiply x itself; float_input does not change other formats."""
+  kernel, x = _kernel(spec, 256, 48)
+  dense = np.asarray(formats.dequantize(kernel), np.float64)
+  xd = np.asarray(x, np.float64)
+  bound, exact = 256 * EPS * (np.abs(dense).T @ np.abs(xd)), xd @ dense
+  got = [np.asarray(formats.matmul(x[None], kernel, float_input=True))[0],
+         *np.asarray(formats.matmul(jnp.stack([x] * 8), kernel, float_input=True))]
+  monkeypatch.setenv("HETFLOW_NATIVE", "0")
+  got.append(np.asarray(formats.matmul(x[None], kernel, float_input=True))[0])
+  for y in got:
+    assert np.all(np.abs(y - exact) <= bound)
+  k8, x8 = _kernel("int8-g32", 256, 48)
+  np.testing.assert_array_equal(np.asarray(formats.matmul(x8[None], k8, float_input=True)),
+                                np.asarray(formats.matmul(x8[None], k8)))
+
+
 def test_float32_blocks_panels_and_tails():
   """float32 [in, out]: rows not a multiple of 4 (a row at a time at the end of a block),
   several 256-row blocks and 1024-column panels, and a column tail under a mask."""
@@ -279,7 +323,10 @@ def test_the_portable_kernels(tmp_path):
           dense = np.asarray(formats.dequantize(k), np.float64)
         x = rng.standard_normal(256, dtype=np.float32)
         y = np.asarray(native.matvec(fmt, x, *leaves))
-        if fmt in ("int4", "int4-asym"):  # its int8 activations
+        if fmt in ("int4", "int4-asym"):  # float input (down's), then its int8 activations
+          y_float = np.asarray(native.matvec(fmt, x, *leaves, float_input=True))
+          bound = 256 * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))
+          assert np.all(np.abs(y_float - x.astype(np.float64) @ dense) <= bound), spec
           x = np.asarray(kernels.int4_activations_dequantized(x, 2 * leaves[0].shape[-1]))
         bound = 256 * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))
         assert np.all(np.abs(y - x.astype(np.float64) @ dense) <= bound), spec
@@ -299,3 +346,6 @@ def test_the_kernel_table_checks_every_native_row():
   assert set(natives) == {"float32", "bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128",
                           "int4", "int4-g64", "int4-asym", "int4-g64-asym"}
   assert max(natives.values()) < 1e-5, natives
+  floats = {t.format: t.max_rel_error for t in rows if t.name == table.NATIVE_FLOAT}
+  assert set(floats) == {"int4", "int4-g64", "int4-asym", "int4-g64-asym"}
+  assert max(floats.values()) < 1e-5, floats

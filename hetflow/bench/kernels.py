@@ -30,7 +30,9 @@ from hetflow.models.kernels import (
   int4_activations_dequantized,
   int4_dequant_ew_t,
   int4_ew_t,
+  int4_float_scan_gm_xla,
   int4_min_ew_t,
+  int4_min_float_scan_gm_xla,
   int4_min_scan_gm_xla,
   int4_scan_gm_xla,
   int4_signed_ew_t,
@@ -73,6 +75,16 @@ def native_int4(x, packed, scale):
 def native_int4_min(x, packed, scale, minimum):
   """Native group-major asymmetric int4 times one row."""
   return native.matvec("int4-asym", x, packed, scale, minimum)
+
+
+def native_int4_float(x, packed, scale):
+  """Native group-major symmetric int4 times one row of float activations (down's input)."""
+  return native.matvec("int4", x, packed, scale, float_input=True)
+
+
+def native_int4_min_float(x, packed, scale, minimum):
+  """Native group-major asymmetric int4 times one row of float activations (down's input)."""
+  return native.matvec("int4-asym", x, packed, scale, minimum, float_input=True)
 
 
 def _qwix_einsum(x, qarray):
@@ -166,6 +178,8 @@ def _quantize_int4(w_t: np.ndarray, group: int, asymmetric: bool):
 
 
 NATIVE = "native C++ (FFI)"
+NATIVE_FLOAT = "native C++ (FFI), float activations (down)"
+FLOAT_GM = "group-major: scan over groups, float activations (down)"
 
 
 def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
@@ -223,17 +237,21 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
     out += [Case(label, "row-major: mul+sum, 8 and scale after", int4_ew_t, sym),
             Case(label, "row-major: signed nibbles, scale after", int4_signed_ew_t, sym),
             Case(label, "row-major: dequantize, mul+sum", int4_dequant_ew_t, sym),
-            Case(label, "group-major: scan over groups", int4_scan_gm_xla, gm)]
+            Case(label, "group-major: scan over groups", int4_scan_gm_xla, gm),
+            Case(label, FLOAT_GM, int4_float_scan_gm_xla, gm)]
     if use_native:
-      out.append(Case(label, NATIVE, native_int4, gm))
+      out += [Case(label, NATIVE, native_int4, gm), Case(label, NATIVE_FLOAT, native_int4_float, gm)]
     p, s, m = _quantize_int4(wt, g, True)
     out += [Case(label + "-asym", "row-major: mul+sum, scale+min after", int4_min_ew_t,
                  (put(p), put(s), put(m))),
             Case(label + "-asym", "group-major: scan over groups", int4_min_scan_gm_xla,
+                 tuple(put(a) for a in group_major(p, s, m))),
+            Case(label + "-asym", FLOAT_GM, int4_min_float_scan_gm_xla,
                  tuple(put(a) for a in group_major(p, s, m)))]
     if use_native:
-      out.append(Case(label + "-asym", NATIVE, native_int4_min,
-                      tuple(put(a) for a in group_major(p, s, m))))
+      gm = tuple(put(a) for a in group_major(p, s, m))
+      out += [Case(label + "-asym", NATIVE, native_int4_min, gm),
+              Case(label + "-asym", NATIVE_FLOAT, native_int4_min_float, gm)]
   if qwix:
     import qwix as qw
     for label, qtype, tiles in (("int8", jnp.int8, {}), ("int8-g32", jnp.int8, {1: 32}),
