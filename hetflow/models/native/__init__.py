@@ -11,8 +11,8 @@ except at the FFN down projection's input (`float_input`), which stays float32.
 
 The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
 `g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
-keyed by the source, the compiler, the flags, jax's version and the CPU's feature flags,
-under a file lock so concurrent processes build it once. Without a compiler, or when
+keyed by the sources and common.h, the compiler, the flags, jax's version and the CPU's
+feature flags, under a file lock so concurrent processes build it once. Without a compiler, or when
 the build or the load fails, `available()` says False once with one logged warning,
 and `hetflow.models.kernels` uses its pure-XLA formulations (the same results up to
 float32 rounding). `HETFLOW_NATIVE=0` forces that fallback.
@@ -42,6 +42,9 @@ from hetflow.memory.cache import cache_root
 # (hetflow/sparsity/bundles.py).
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
                 for name in ("matvec.cc", "neuron.cc"))
+# Headers the sources include (common.h: the helpers both share); in the build's key.
+HEADERS = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+                for name in ("common.h",))
 NEURON_TARGETS = ("hetflow_neuron_in", "hetflow_neuron_down")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 LIBRARY = "libhetflow_matvec.so"
@@ -80,8 +83,8 @@ def _cpu_flags() -> str:
 
 
 def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """What a built library depends on, hashed: sources, compiler (its --version), flags,
-  jax's version and the CPU's features."""
+  """What a built library depends on, hashed: sources and headers, compiler (its --version),
+  flags, jax's version and the CPU's features."""
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
@@ -90,7 +93,7 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
                            " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
                            " this).") from None
   h = hashlib.sha256()
-  sources = [open(path, "rb").read().decode() for path in SOURCES]
+  sources = [open(path, "rb").read().decode() for path in (*SOURCES, *HEADERS)]
   for part in (*sources, cxx, version, " ".join(flags),
                jax.__version__, _cpu_flags()):
     h.update(part.encode())

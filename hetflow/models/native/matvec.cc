@@ -11,121 +11,34 @@
 // int4 packs two values per byte: in each group, byte j holds value j in its low nibble and
 // value j + g/2 in its high nibble (GGUF's block order).
 //
-// Every product is accumulated in float32 (the weights are widened exactly, the
-// activations are not quantized): the result differs from the pure-XLA formulations only
-// in the order of the float32 additions. Rows are split between the calling thread and
-// XLA's intra-op thread pool; chunks of rows are claimed from an atomic counter, so the
-// caller never waits for a task that has not started (no deadlock when the pool is busy or
-// runs tasks inline).
+// Every product is accumulated in float32 (the weights are widened exactly; the activations
+// are not quantized, except int4's int8 activations, the same in the pure-XLA formulations:
+// see int4_activations): the result differs from the pure-XLA formulations only in the
+// order of the float32 additions. Rows are split between the calling thread and XLA's
+// intra-op thread pool (common.h, parallel_for).
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    !defined(HETFLOW_NO_SIMD)
-#define HETFLOW_AVX512 1
-#include <immintrin.h>
-#endif
-
-#include "xla/ffi/api/ffi.h"
+#include "common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// -- scalar helpers ------------------------------------------------------------------------
+using hetflow::bf16_to_float;
+using hetflow::half_to_float;
 
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline float half_to_float(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t man = h & 0x3ff;
-  uint32_t u;
-  if (exp == 0) {
-    if (man == 0) {
-      u = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        man <<= 1;
-      } while ((man & 0x400) == 0);
-      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
-    }
-  } else if (exp == 0x1f) {
-    u = sign | 0x7f800000u | man << 13;
-  } else {
-    u = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// -- the split between threads -------------------------------------------------------------
-
-// Threads that computed at least one chunk in the last parallel call (a diagnostic).
-std::atomic<int> g_last_workers{0};
-std::atomic<int> g_pool_threads{0};
+// Calls of any matvec kernel so far in this process.
 std::atomic<int64_t> g_calls{0};
 
 template <typename Body>
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks;
-  Body body;
-  Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
-  std::atomic<int> workers{0};
-  void run() {
-    bool counted = false;
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      if (!counted) {
-        workers.fetch_add(1, std::memory_order_relaxed);
-        counted = true;
-      }
-      body(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Calls body(c) for c in [0, chunks), on the calling thread and up to threads - 1 tasks of
-// XLA's pool. Body must capture by value: a task may start after this returns (it then
-// finds no chunk left and touches nothing else).
-template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  g_pool_threads.store(static_cast<int>(pool.num_threads()), std::memory_order_relaxed);
-  g_calls.fetch_add(1, std::memory_order_relaxed);
-  int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
-  threads = std::max<int64_t>(1, std::min(threads, chunks));
-  if (threads == 1) {
-    for (int64_t c = 0; c < chunks; ++c) body(c);
-    g_last_workers.store(1, std::memory_order_relaxed);
-    return;
-  }
-  auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < chunks) {
-#if defined(HETFLOW_AVX512)
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-  g_last_workers.store(work->workers.load(std::memory_order_relaxed), std::memory_order_relaxed);
+  hetflow::parallel_for(pool, chunks, std::move(body), g_calls);
 }
 
 // Tiles of `tile` rows, grouped into chunks of about 1/8 of a thread's share.
@@ -800,13 +713,13 @@ int hetflow_native_simd() {
 }
 
 // Threads that computed rows in the last call (1: the caller alone).
-int hetflow_native_last_workers() { return g_last_workers.load(); }
+int hetflow_native_last_workers() { return hetflow::g_last_workers.load(); }
 
 // Calls of any kernel so far in this process (tests and benchmarks check which path ran).
 int64_t hetflow_native_calls() { return g_calls.load(); }
 
 // Threads XLA's pool offers a call, from the last call (0 before any).
-int hetflow_native_pool_threads() { return g_pool_threads.load(); }
+int hetflow_native_pool_threads() { return hetflow::g_pool_threads.load(); }
 
 }  // extern "C"
 
