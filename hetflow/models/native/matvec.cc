@@ -436,16 +436,21 @@ void int4_rows(const Grouped& a, const Int4Acts& x, int64_t o0, int64_t rows) {
 
 // int4 with float activations (`float_input`: the FFN down projection's input, which
 // neuron_cluster computes block by block of neurons and so never holds whole before the
-// last block; docs/formats.md "int4 activations"): per 16 bytes, the low nibbles are 16
-// values and the high nibbles the 16 values g/2 further on. Symmetric: sum((n - 8) x) =
-// sum(n x) - 8 sum(x), the second term folded into the first multiply (fmsub with 8 * the
-// group's x, lane by lane). Asymmetric: the minimum times the group's x joins the
-// accumulator after the scaled sum.
+// last block; docs/formats.md "int4 activations"). Per row and 16 bytes of a group: the
+// bytes widened to 16 dwords; vpermps looks each dword's low 4 bits up in a 16-entry table
+// of the values (nibble - 8, or the nibble for the asymmetric format), so the low nibbles
+// need no mask and no int-to-float convert, and the high ones one shift (6 instructions per
+// 32 weights instead of 9; rates in WORKSPACE_NOTES.md, helper "kernels2"). The low values meet the
+// group's first g/2 activations, the high ones the last g/2; per group and row the 16-lane
+// sum times the scale (plus, asymmetric, the minimum times the group's activation sum)
+// joins the row's accumulator, reduced once at the end.
 template <int G, int R, bool kAsym>
 void int4f_tile(const Grouped& a, int64_t o0) {
   constexpr int H = G / 32;  // 16-byte pieces per row and group
   const uint8_t* q = static_cast<const uint8_t*>(a.q);
-  const __m128i low = _mm_set1_epi8(0x0f);
+  alignas(64) float values[16];
+  for (int n = 0; n < 16; ++n) values[n] = static_cast<float>(kAsym ? n : n - 8);
+  const __m512 table = _mm512_load_ps(values);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   alignas(64) float s[kGroupTile];
@@ -464,22 +469,17 @@ void int4f_tile(const Grouped& a, int64_t o0) {
     for (int h = 0; h < H; ++h) {
       xlo[h] = _mm512_loadu_ps(xg + 16 * h);
       xhi[h] = _mm512_loadu_ps(xg + G / 2 + 16 * h);
-      xsum = _mm512_add_ps(xsum, _mm512_add_ps(xlo[h], xhi[h]));
+      if constexpr (kAsym) xsum = _mm512_add_ps(xsum, _mm512_add_ps(xlo[h], xhi[h]));
     }
-    const __m512 x8 = _mm512_mul_ps(xsum, _mm512_set1_ps(8.f));
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = base + r * (G / 2);
       __m512 t;
       for (int h = 0; h < H; ++h) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
-        __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-        __m512 whi =
-            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
-        if (h == 0) {
-          t = kAsym ? _mm512_mul_ps(wlo, xlo[0]) : _mm512_fmsub_ps(wlo, xlo[0], x8);
-        } else {
-          t = _mm512_fmadd_ps(wlo, xlo[h], t);
-        }
+        const __m512i b =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h)));
+        const __m512 wlo = _mm512_permutexvar_ps(b, table);
+        const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+        t = h == 0 ? _mm512_mul_ps(wlo, xlo[0]) : _mm512_fmadd_ps(wlo, xlo[h], t);
         t = _mm512_fmadd_ps(whi, xhi[h], t);
       }
       acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
