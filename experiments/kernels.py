@@ -2,8 +2,6 @@
 
   python -m experiments.kernels                      # [4096 x 11008] and [2048 x 5632]
   python -m experiments.kernels --shapes=4096x11008 --formats=int8,int4 --repeats=50
-  python -m experiments.kernels --shapes=2048x5632,5632x2048,2048x32000 \
-      --formats=float32,int4,int8 --noqwix --spill_gb=0.6     # llama-1b's, from memory
 
 Run it under the bench lock on a shared machine (`flock /tmp/hetflow-bench.lock ...`).
 """
@@ -17,8 +15,6 @@ _FORMATS = flags.DEFINE_list("formats", None, "format labels to keep (default: a
 _REPEATS = flags.DEFINE_integer("repeats", 20, "timed calls per case (best is kept)")
 _BATCH = flags.DEFINE_integer("batch", 1, "rows of x")
 _QWIX = flags.DEFINE_bool("qwix", True, "include qwix's QArray formulations")
-_SPILL = flags.DEFINE_float("spill_gb", 0.0, "cycle through copies of each case's weights"
-                            " filling this many GB, so they come from memory, not the L3")
 
 
 def main(argv):
@@ -29,7 +25,7 @@ def main(argv):
     n_in, n_out = (int(v) for v in shape.lower().split("x"))
     kernels.measure(
         n_in, n_out, formats=_FORMATS.value, repeats=_REPEATS.value, batch=_BATCH.value,
-        qwix=_QWIX.value, spill_bytes=int(_SPILL.value * 1e9),
+        qwix=_QWIX.value,
         progress=lambda t: print(
             f"| {t.shape[0]}x{t.shape[1]} | {t.format} | {t.name} | {t.gbps:.1f} |"
             f" {t.gweights:.2f} | {t.seconds * 1e6:.0f} | {t.max_rel_error:.1e} |", flush=True))

@@ -653,13 +653,13 @@ class _Stager:
     self.groups = groups
 
 
-def _matmul(y, chunks, float_input=False):
+def _matmul(y, chunks):
   # Same einsum as layers.linear, one per column block, so the split output
   # equals the resident one column for column.
-  return jnp.concatenate([layers.linear(y, c, float_input=float_input) for c in chunks], axis=-1)
+  return jnp.concatenate([layers.linear(y, c) for c in chunks], axis=-1)
 
 
-_matmul_jit = jax.jit(_matmul, static_argnames="float_input")
+_matmul_jit = jax.jit(_matmul)
 
 
 @jax.jit
@@ -777,20 +777,18 @@ class _SplitHalf:
         if y_host is None:
           y_host = jax.device_put(y, host)
           counters.add("activation_bytes_d2h", y.nbytes)
-        cpu_parts[n] = _matmul_jit(y_host, tuple(k.chunks[k.cuts[phase]:]),
-                                   float_input=n in formats.FLOAT_INPUT_LEAVES)
+        cpu_parts[n] = _matmul_jit(y_host, tuple(k.chunks[k.cuts[phase]:]))
     outs = []
     for n in names:
       k = self.kernels[n]
       if k.resident is not None:
-        outs.append(_join((_matmul_jit(y, (k.resident,), float_input=n in formats.FLOAT_INPUT_LEAVES),),
-                          k.bias if bias else None))
+        outs.append(_join((_matmul_jit(y, (k.resident,)),), k.bias if bias else None))
         counters.add("resident_matmuls", 1)
         continue
       parts, y_dev = [], None
       blocks = strategy.device_blocks(self.group, n)
       if blocks:
-        y_dev = _matmul_jit(y, tuple(blocks), float_input=n in formats.FLOAT_INPUT_LEAVES)
+        y_dev = _matmul_jit(y, tuple(blocks))
         parts.append(y_dev)
       strategy.device_part_issued(self.group, n, y_dev)
       if n in cpu_parts:

@@ -126,57 +126,6 @@ def test_native_step_equals_the_fallback(weights, monkeypatch):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernels", ["native", "xla"])
-@pytest.mark.parametrize("weights", ["int4", "int4-asym"])
-def test_int4_blocks_in_any_order_sum_to_residents_ffn(weights, kernels, monkeypatch):
-  """int4's activations (docs/formats.md): gate and up multiply the input's int8 activations
-  and down its float32 activations, in resident's kernels and in the records' step alike, so
-  a layer's records in blocks of 8 in a shuffled order (every group of 32 neurons spread over
-  blocks) sum to resident's FFN output within float32 summation order, at decode size. The
-  tolerance is tight enough to see the alternatives: down with int8 activations (which need
-  a group's maximum over all of its neurons) or gate/up without them are further off."""
-  if kernels == "native" and not _native_available():
-    pytest.skip("no C++ compiler: the native kernels are not built here")
-  if kernels == "xla":
-    monkeypatch.setenv("HETFLOW_NATIVE", "0")
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-
-  from hetflow.models import formats, modules
-  model = _model(weights)
-  c = model.config
-  layer = 1
-  w = {m: jax.device_put(model.param(f"layers/{layer}/mlp/{m}")) for m in ("gate", "up", "down")}
-  h = jnp.asarray(np.random.default_rng(3).standard_normal((1, 1, c.hidden_size)), jnp.float32)
-  before = _neuron_calls()
-  want = np.asarray(jax.jit(functools.partial(modules.dense_ffn, c))(w, h))
-  codec = bundles.record_codec(model)
-  a, b, table = codec.encode(model, layer, bundles.neuron_matrices(c))
-  table = {k: v.astype(np.float32) for k, v in table.items()}
-  order = np.random.default_rng(4).permutation(c.intermediate_size)
-  got = np.zeros_like(want)
-  fired = 0
-  for idx in order.reshape(-1, 8):
-    out, n = bundles.quantized_step(c, codec, a[idx], b[idx], table,
-                                    (idx // codec.group).astype(np.int32), h, None,
-                                    np.ones(8, bool))
-    got += np.asarray(out)
-    fired += int(n)
-  assert fired >= 2 * (c.intermediate_size // codec.group)  # several per group of 32
-  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
-  assert (_neuron_calls() > before) == (kernels == "native")
-  # The alternatives this tolerance tells apart.
-  x = h.reshape(1, -1)
-  z = jax.nn.relu(formats.matmul(x, w["gate"])) * jax.nn.relu(formats.matmul(x, w["up"]))
-  int8_down = np.asarray(formats.matmul(z, w["down"]))  # down's input quantized per group
-  assert np.max(np.abs(int8_down - want.reshape(1, -1))) > 10 * ATOL
-  dense = {m: formats.dequantize(w[m]) for m in w}
-  z = jax.nn.relu(x @ dense["gate"]) * jax.nn.relu(x @ dense["up"])  # float gate/up input
-  assert np.max(np.abs(np.asarray(z @ dense["down"]) - want.reshape(1, -1))) > 10 * ATOL
-
-
 def test_records_hold_residents_values():
   """A record decodes to exactly the model's stored (quantized) kernels' rows."""
   from hetflow.models import formats

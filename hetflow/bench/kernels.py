@@ -18,40 +18,32 @@ import numpy as np
 
 from hetflow.models import native
 from hetflow.models.kernels import (
-  bfloat16_dot,
-  bfloat16_dot_up,
-  bfloat16_ew,
-  bfloat16_ew_t_xla,
-  dequant_int4,
-  float32_dot,
-  float32_dot_t,
-  float32_ew_t,
-  group_major,
-  int4_activations_dequantized,
-  int4_dequant_ew_t,
-  int4_ew_t,
-  int4_float_scan_gm_xla,
-  int4_min_ew_t,
-  int4_min_float_scan_gm_xla,
-  int4_min_scan_gm_xla,
-  int4_scan_gm_xla,
-  int4_signed_ew_t,
-  int8_channel_dot_int,
-  int8_channel_dot_t,
-  int8_channel_ew_t_xla,
-  int8_group_3d_gm,
-  int8_group_dequant_ew_t,
-  int8_group_ew_t,
-  int8_group_scan_gm_xla,
+    bfloat16_dot,
+    bfloat16_dot_up,
+    bfloat16_ew,
+    bfloat16_ew_t_xla,
+    dequant_int4,
+    float32_dot,
+    float32_dot_t,
+    float32_ew_t,
+    group_major,
+    int4_dequant_ew_t,
+    int4_ew_t,
+    int4_min_ew_t,
+    int4_min_scan_gm_xla,
+    int4_scan_gm_xla,
+    int4_signed_ew_t,
+    int8_channel_dot_int,
+    int8_channel_dot_t,
+    int8_channel_ew_t_xla,
+    int8_group_3d_gm,
+    int8_group_dequant_ew_t,
+    int8_group_ew_t,
+    int8_group_scan_gm_xla,
 )
 
 
 # The native kernels (hetflow/models/native), one per stored layout.
-def native_float32(x, w):
-  """Native float32 W [in, out] times one row."""
-  return native.matvec("float32", x, w)
-
-
 def native_bfloat16(x, wt):
   """Native bfloat16 Wt [out, in] times one row."""
   return native.matvec("bfloat16", x, wt)
@@ -75,16 +67,6 @@ def native_int4(x, packed, scale):
 def native_int4_min(x, packed, scale, minimum):
   """Native group-major asymmetric int4 times one row."""
   return native.matvec("int4-asym", x, packed, scale, minimum)
-
-
-def native_int4_float(x, packed, scale):
-  """Native group-major symmetric int4 times one row of float activations (down's input)."""
-  return native.matvec("int4", x, packed, scale, float_input=True)
-
-
-def native_int4_min_float(x, packed, scale, minimum):
-  """Native group-major asymmetric int4 times one row of float activations (down's input)."""
-  return native.matvec("int4-asym", x, packed, scale, minimum, float_input=True)
 
 
 def _qwix_einsum(x, qarray):
@@ -178,8 +160,6 @@ def _quantize_int4(w_t: np.ndarray, group: int, asymmetric: bool):
 
 
 NATIVE = "native C++ (FFI)"
-NATIVE_FLOAT = "native C++ (FFI), float activations (down)"
-FLOAT_GM = "group-major: scan over groups, float activations (down)"
 
 
 def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
@@ -217,8 +197,7 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
           Case("int8", "dot upcast, scale after", int8_channel_dot_t, ch),
           Case("int8", "int8 x int8 dot", int8_channel_dot_int, ch)]
   if use_native:
-    out += [Case("float32", NATIVE, native_float32, (put(w),)),
-            Case("bfloat16", NATIVE, native_bfloat16, (bft,)), Case("int8", NATIVE, native_int8, ch)]
+    out += [Case("bfloat16", NATIVE, native_bfloat16, (bft,)), Case("int8", NATIVE, native_int8, ch)]
   for g in (32, 64, 128):
     q, s = _quantize_int8(wt, g)
     gr = (put(q), put(s))
@@ -237,21 +216,17 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
     out += [Case(label, "row-major: mul+sum, 8 and scale after", int4_ew_t, sym),
             Case(label, "row-major: signed nibbles, scale after", int4_signed_ew_t, sym),
             Case(label, "row-major: dequantize, mul+sum", int4_dequant_ew_t, sym),
-            Case(label, "group-major: scan over groups", int4_scan_gm_xla, gm),
-            Case(label, FLOAT_GM, int4_float_scan_gm_xla, gm)]
+            Case(label, "group-major: scan over groups", int4_scan_gm_xla, gm)]
     if use_native:
-      out += [Case(label, NATIVE, native_int4, gm), Case(label, NATIVE_FLOAT, native_int4_float, gm)]
+      out.append(Case(label, NATIVE, native_int4, gm))
     p, s, m = _quantize_int4(wt, g, True)
     out += [Case(label + "-asym", "row-major: mul+sum, scale+min after", int4_min_ew_t,
                  (put(p), put(s), put(m))),
             Case(label + "-asym", "group-major: scan over groups", int4_min_scan_gm_xla,
-                 tuple(put(a) for a in group_major(p, s, m))),
-            Case(label + "-asym", FLOAT_GM, int4_min_float_scan_gm_xla,
                  tuple(put(a) for a in group_major(p, s, m)))]
     if use_native:
-      gm = tuple(put(a) for a in group_major(p, s, m))
-      out += [Case(label + "-asym", NATIVE, native_int4_min, gm),
-              Case(label + "-asym", NATIVE_FLOAT, native_int4_min_float, gm)]
+      out.append(Case(label + "-asym", NATIVE, native_int4_min,
+                      tuple(put(a) for a in group_major(p, s, m))))
   if qwix:
     import qwix as qw
     for label, qtype, tiles in (("int8", jnp.int8, {}), ("int8-g32", jnp.int8, {1: 32}),
@@ -267,12 +242,9 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
 
 
 def _reference(case: Case, x):
-  """float32 matvec with the case's own (dequantized) weights (and, for the formulations that
-  take int4's int8 activations, those activations)."""
+  """float32 matvec with the case's own (dequantized) weights."""
   fn, w = case.fn, case.weights
-  if fn in (native_int4, native_int4_min, int4_scan_gm_xla, int4_min_scan_gm_xla):
-    x = np.asarray(int4_activations_dequantized(jnp.asarray(x), 2 * w[0].shape[-1]))
-  if fn in (float32_dot, native_float32):
+  if fn in (float32_dot,):
     return x @ np.asarray(w[0])
   if fn in (float32_dot_t, float32_ew_t):
     return x @ np.asarray(w[0]).T

@@ -52,11 +52,6 @@ from hetflow.models import kernels
 KINDS = ("float32", "bfloat16", "int8", "int4")
 QUANTIZED_LEAVES = ("q", "k", "v", "o", "gate", "up", "down")
 """Kernel leaves (under layers/<i>/attn or /mlp) that take the model's format."""
-FLOAT_INPUT_LEAVES = ("down",)
-"""Kernel leaves whose input an int4 kernel multiplies as float32 (`matmul`'s `float_input`):
-down's input is the FFN's intermediate activations, which neuron_cluster computes block by
-block of neurons, so no step holds a group of 32 neurons' maximum before the layer's last
-block (docs/formats.md, "int4 activations")."""
 
 # Rows of x above which a quantized kernel is dequantized once and multiplied
 # with XLA's dot (prefill) instead of the matrix-vector formulation (decode):
@@ -293,7 +288,7 @@ def dequantize(kernel: Any, dtype=jnp.float32):
   return jnp.swapaxes(w, -1, -2).reshape(*lead, groups * g, n_out).astype(dtype)
 
 
-def _matvec(x, kernel, fmt, float_input=False):
+def _matvec(x, kernel, fmt):
   """One row x [in] @ a stored kernel -> [out] float32, the fastest measured formulation."""
   q = kernel["q"]
   if fmt == "bfloat16":
@@ -303,41 +298,28 @@ def _matvec(x, kernel, fmt, float_input=False):
   if fmt == "int8-g":
     return kernels.int8_group_scan_gm(x, q, kernel["scale"])
   if fmt == "int4":
-    return kernels.int4_scan_gm(x, q, kernel["scale"], float_input)
-  return kernels.int4_min_scan_gm(x, q, kernel["scale"], kernel["min"], float_input)
+    return kernels.int4_scan_gm(x, q, kernel["scale"])
+  return kernels.int4_min_scan_gm(x, q, kernel["scale"], kernel["min"])
 
 
-def matmul(x, kernel, float_input: bool = False):
+def matmul(x, kernel):
   """x [..., in] @ a stored kernel -> [..., out] in x's dtype.
 
   Up to MATVEC_MAX_ROWS rows (decode) go one row at a time through the fastest
   measured matrix-vector formulation of the kernel's format (each on a 1-D
   row: see hetflow/models/kernels.py for why); more rows (prefill) dequantize the
   kernel once and use XLA's dot.
-
-  Args:
-    x: the rows.
-    kernel: the stored kernel.
-    float_input: int4 formats: multiply x itself, not int4's int8 activations of it
-      (docs/formats.md, "int4 activations"): the FFN down projection's input, whose groups
-      of neurons neuron_cluster computes in separate blocks (a group's maximum is known only
-      after the layer's last block). Other formats always multiply x itself.
-
-  Returns:
-    x @ the kernel, [..., out] in x's dtype.
   """
   fmt = format_of(kernel)
   if fmt == "float32":
-    return kernels.float32_matmul(x, kernel)
+    return jnp.einsum("...i,io->...o", x, kernel)
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
   if rows > MATVEC_MAX_ROWS:
-    wide = x.astype(jnp.float32)
-    if fmt in ("int4", "int4-asym") and not float_input:  # as decode's kernels take them
-      wide = kernels.int4_activations_dequantized(wide, 2 * kernel["q"].shape[-1])
-    return jnp.einsum("...i,io->...o", wide, dequantize(kernel)).astype(x.dtype)
+    return jnp.einsum("...i,io->...o", x.astype(jnp.float32),
+                      dequantize(kernel)).astype(x.dtype)
   flat = x.reshape(rows, x.shape[-1])
-  y = jnp.stack([_matvec(flat[r], kernel, fmt, float_input) for r in range(rows)])
+  y = jnp.stack([_matvec(flat[r], kernel, fmt) for r in range(rows)])
   return y.reshape(*lead, -1).astype(x.dtype)
 
 

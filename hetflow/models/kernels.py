@@ -8,10 +8,10 @@ fewer bytes per weight are never slower. This module holds each formulation
 that was measured, so the choice in `hetflow.models.formats` is reproducible
 with `python -m experiments.kernels` (the probe: hetflow/bench/kernels.py).
 
-On CPU, the one-row products that `hetflow.models.formats` asks for (`float32_matmul`'s
-single row, `bfloat16_ew_t`, `int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`,
-`int4_min_scan_gm`) run hetflow's native C++ kernels through XLA's FFI
-(`hetflow.models.native`) when they are built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
+On CPU, the one-row products that `hetflow.models.formats` asks for (`bfloat16_ew_t`,
+`int8_channel_ew_t`, `int8_group_scan_gm`, `int4_scan_gm`, `int4_min_scan_gm`) run
+hetflow's native C++ kernels through XLA's FFI (`hetflow.models.native`) when they are
+built; the pure-XLA formulations (`*_xla`) are the fallback on other backends, without
 a compiler, or with HETFLOW_NATIVE=0. The choice is made when a function is traced.
 
 Conventions (shared with `hetflow.models.formats`): x is [..., in] (the matrix-vector
@@ -31,7 +31,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hetflow.models import native
 
@@ -137,71 +136,9 @@ def int8_group_3d_gm(x, q, scale):
   return jnp.sum(part * _f32(scale), axis=0)
 
 
-def int4_activations(x, group: int):
-  """int4's activations (docs/formats.md, "int4 activations"): x [..., in] quantized per group
-  of `group` values to int8, q = round-half-even(x * (1 / d)), d = max |x| * float32(1 / 127)
-  (GGUF Q8_0's rule, in the weights' groups). The native int4 kernels quantize the same way.
-
-  Returns:
-    (q int8 [..., in / group, group], d float32 [..., in / group]).
-  """
-  xg = _grouped(_f32(x), x.shape[-1] // group)
-  # A multiply by float32(1/127), not a division: XLA turns division by a constant into it.
-  d = jnp.max(jnp.abs(xg), axis=-1) * (np.float32(1) / np.float32(127))
-  inv = jnp.where(d == 0, jnp.float32(0), jnp.float32(1) / jnp.where(d == 0, 1, d))
-  q = jnp.clip(jnp.round(xg * inv[..., None]), -127, 127).astype(jnp.int8)
-  return q, d
-
-
-def int4_activations_dequantized(x, group: int):
-  """`int4_activations` as float32 values q * d [..., in]: what prefill multiplies an int4
-  kernel with, so that it computes what decode's kernels do."""
-  q, d = int4_activations(x, group)
-  return (q.astype(jnp.float32) * d[..., None]).reshape(x.shape)
-
-
-def _int4_sums(pg, qk, offset):
-  """Exact integer sums over one group: (sum of (nibble - offset) * q [out], sum of q)."""
-  half = pg.shape[-1]
-  q = qk.astype(jnp.int32)
-  isum = (jnp.sum(((pg & 15).astype(jnp.int32) - offset) * q[:half], axis=-1)
-          + jnp.sum(((pg >> 4).astype(jnp.int32) - offset) * q[half:], axis=-1))
-  return isum, jnp.sum(q)
-
-
 def int4_scan_gm_xla(x, packed, scale):
-  """Group-major symmetric int4 [G, out, g/2] times one row of int4's int8 activations: per
-  group the exact integer sum of (nibble - 8) * q, times scale * d."""
-  groups, n_out, half = packed.shape
-  q, d = int4_activations(x, 2 * half)
-
-  def step(acc, args):
-    pg, qk, dk, sg = args
-    isum, _ = _int4_sums(pg, qk, 8)
-    return acc + isum.astype(jnp.float32) * (_f32(sg) * dk), None
-
-  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, q, d, scale))[0]
-
-
-def int4_min_scan_gm_xla(x, packed, scale, minimum):
-  """Group-major asymmetric int4 times one row of int4's int8 activations: per group
-  (integer sum of nibble * q) * scale * d + min * (d * sum of q)."""
-  groups, n_out, half = packed.shape
-  q, d = int4_activations(x, 2 * half)
-
-  def step(acc, args):
-    pg, qk, dk, sg, mg = args
-    isum, qsum = _int4_sums(pg, qk, 0)
-    return (acc + isum.astype(jnp.float32) * (_f32(sg) * dk)
-            + _f32(mg) * (dk * qsum.astype(jnp.float32))), None
-
-  return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32),
-                      (packed, q, d, scale, minimum))[0]
-
-
-def int4_float_scan_gm_xla(x, packed, scale):
-  """Group-major symmetric int4 times one row of float32 activations (down's input,
-  `float_input`): per group two sums (low, high nibbles), minus 8 * sum(x), times the scale."""
+  """Group-major symmetric int4 [G, out, g/2]: per group two sums (low, high nibbles),
+  minus 8 * sum(x), times the scale."""
   groups, n_out, half = packed.shape
   xg = _f32(x).reshape(groups, 2 * half)
 
@@ -214,9 +151,8 @@ def int4_float_scan_gm_xla(x, packed, scale):
   return jax.lax.scan(step, jnp.zeros((n_out,), jnp.float32), (packed, xg, scale))[0]
 
 
-def int4_min_float_scan_gm_xla(x, packed, scale, minimum):
-  """Group-major asymmetric int4 times one row of float32 activations: per group
-  (nibble sums) * scale + sum(x) * min."""
+def int4_min_scan_gm_xla(x, packed, scale, minimum):
+  """Group-major asymmetric int4: per group (nibble sums) * scale + sum(x) * min."""
   groups, n_out, half = packed.shape
   xg = _f32(x).reshape(groups, 2 * half)
 
@@ -237,29 +173,11 @@ def int4_min_float_scan_gm_xla(x, packed, scale, minimum):
 # values up to the order of float32 additions (tests/test_native_kernels.py).
 
 
-def _native_or_xla(fmt: str, xla, x, *leaves, float_input: bool = False):
+def _native_or_xla(fmt: str, xla, x, *leaves):
   if not native.accepts(fmt, x, *leaves) or not native.enabled():
     return xla(x, *leaves)
-  return jax.lax.platform_dependent(
-      x, *leaves, cpu=functools.partial(native.matvec, fmt, float_input=float_input),
-      default=xla)
-
-
-# Widest float32 kernel (outputs) that the native kernel computes: it measured 1.2-2x XLA's
-# dot at llama-1b's block shapes (2048 x 5632, 5632 x 2048) and 0.4x at its 32000-wide head
-# (WORKSPACE_NOTES.md, helper "kernels"), so wider kernels keep XLA's dot.
-F32_NATIVE_MAX_OUT = 8192
-
-
-def float32_matmul(x, w):
-  """x [..., in] @ a float32 kernel [in, out]: one row (decode) by the native kernel, which
-  reads the weights on every core; more rows (prefill), another dtype, a stack of kernels or
-  more than F32_NATIVE_MAX_OUT outputs by XLA's dot (`float32_dot`)."""
-  rows = int(np.prod(x.shape[:-1]))
-  if rows != 1 or x.dtype != jnp.float32 or w.shape[-1] > F32_NATIVE_MAX_OUT:
-    return float32_dot(x, w)
-  y = _native_or_xla("float32", float32_dot, x.reshape(-1), w)
-  return y.reshape(*x.shape[:-1], -1)
+  return jax.lax.platform_dependent(x, *leaves, cpu=functools.partial(native.matvec, fmt),
+                                    default=xla)
 
 
 def bfloat16_ew_t(x, wt):
@@ -277,18 +195,14 @@ def int8_group_scan_gm(x, q, scale):
   return _native_or_xla("int8-g", int8_group_scan_gm_xla, x, q, scale)
 
 
-def int4_scan_gm(x, packed, scale, float_input: bool = False):
-  """Group-major symmetric int4 times one row of int4's int8 activations (`float_input`:
-  of x's float32 values): native, else `int4_scan_gm_xla` (`int4_float_scan_gm_xla`)."""
-  xla = int4_float_scan_gm_xla if float_input else int4_scan_gm_xla
-  return _native_or_xla("int4", xla, x, packed, scale, float_input=float_input)
+def int4_scan_gm(x, packed, scale):
+  """Group-major symmetric int4 times one row: native, else `int4_scan_gm_xla`."""
+  return _native_or_xla("int4", int4_scan_gm_xla, x, packed, scale)
 
 
-def int4_min_scan_gm(x, packed, scale, minimum, float_input: bool = False):
-  """Group-major asymmetric int4 times one row: native, else `int4_min_scan_gm_xla`
-  (`float_input`: `int4_min_float_scan_gm_xla`)."""
-  xla = int4_min_float_scan_gm_xla if float_input else int4_min_scan_gm_xla
-  return _native_or_xla("int4-asym", xla, x, packed, scale, minimum, float_input=float_input)
+def int4_min_scan_gm(x, packed, scale, minimum):
+  """Group-major asymmetric int4 times one row: native, else `int4_min_scan_gm_xla`."""
+  return _native_or_xla("int4-asym", int4_min_scan_gm_xla, x, packed, scale, minimum)
 
 
 def group_major(q, scale, minimum=None):

@@ -62,15 +62,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   raise ValueError(f"unsupported activation {name!r}")
 
 
-def linear(x, kernel, bias=None, float_input: bool = False):
+def linear(x, kernel, bias=None):
   """x @ kernel (+ bias) for a kernel in any weight format.
 
   A float32 kernel is an array [in, out] (rows are input features); a
   bfloat16/int8/int4 kernel is its dict of stored leaves, computed with the
-  fastest formulation measured for its format (hetflow/models/formats.py);
-  `float_input` as `formats.matmul`'s (down's input: `formats.FLOAT_INPUT_LEAVES`).
+  fastest formulation measured for its format (hetflow/models/formats.py).
   """
-  y = formats.matmul(x, kernel, float_input)
+  y = formats.matmul(x, kernel)
   return y if bias is None else y + bias
 
 

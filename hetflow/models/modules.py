@@ -89,8 +89,7 @@ def attention_half(config: ModelConfig, w, x, cache, cache_index, positions, kv_
 
 def named_linear(y, w, name):
   """The default `linear` of the pure halves: y @ w[name] + w[name_bias]."""
-  return layers.linear(y, w[name], w.get(name + "_bias"),
-                       float_input=name in formats.FLOAT_INPUT_LEAVES)
+  return layers.linear(y, w[name], w.get(name + "_bias"))
 
 
 class AttentionHalf(nn.Module):
@@ -272,11 +271,11 @@ def expert_output(config: ModelConfig, x, gate, up, down):
   """One expert on one token's normalised input x [1, D] -> [1, D] (`expert_mixture`'s
   product per choice; an offloading strategy may run it where the expert lies)."""
   act = layers.activation(config.hidden_act)
-  mm = lambda x, w, f=False: formats.matmul(x, w, f) if isinstance(w, dict) else x @ w
+  mm = lambda x, w: formats.matmul(x, w) if isinstance(w, dict) else x @ w
   u = mm(x, up)
   if config.hidden_act == "drelu":
     u = jax.nn.relu(u)
-  return mm(act(mm(x, gate)) * u, down, "down" in formats.FLOAT_INPUT_LEAVES)
+  return mm(act(mm(x, gate)) * u, down)
 
 
 def combine_expert_outputs(outs, weights):

@@ -452,8 +452,7 @@ def _reduced_linear(y, w, name):
   """`o` and `down` end a half: their partial products are summed over the shards,
   then the (whole) bias is added once."""
   if name in ("o", "down"):
-    out = jax.lax.psum(layers.linear(y, w[name], float_input=name in formats.FLOAT_INPUT_LEAVES),
-                       MODEL_AXIS)
+    out = jax.lax.psum(layers.linear(y, w[name]), MODEL_AXIS)
     bias = w.get(name + "_bias")
     return out if bias is None else out + bias
   return modules.named_linear(y, w, name)

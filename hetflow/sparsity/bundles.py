@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.models import formats, kernels, layers, native
+from hetflow.models import formats, layers, native
 from hetflow.models.config import ModelConfig
 
 
@@ -93,9 +93,7 @@ def planar_gather_step(config: ModelConfig, a, b, idx, h, bias, valid, pre: bool
 # -- quantized neuron records ---------------------------------------------------------------
 # A quantized record holds exactly the values `resident` of the same format holds (the
 # model's stored kernels, hetflow/models/formats.py), regrouped per neuron, so the sparse
-# step gives resident's outputs up to the order of float32 additions (int4: gate and up
-# times the input's int8 activations, down times the float32 activations, as resident's
-# kernels take them: docs/formats.md "int4 activations"):
+# step gives resident's outputs up to the order of float32 additions:
 #   plane A (per input matrix, gate then up): the neuron's row of that kernel, values then
 #     their scales (and minimums) along `hidden`, as the kernel stores them:
 #       bfloat16   bf16 [D]
@@ -331,11 +329,8 @@ _NATIVE_KIND = {"bfloat16": 1, "int8": 2, "int8-g": 3, "int4": 4, "int4-asym": 5
 
 
 def _input_products_xla(codec: RecordCodec, x, a):
-  """x [R, D] times every input row of plane A -> [R, n * inputs] (dequantize, then dot;
-  int4 kinds: x's int8 activations, as resident's int4 kernels take them)."""
+  """x [R, D] times every input row of plane A -> [R, n * inputs] (dequantize, then dot)."""
   n = a.shape[0]
-  if codec.kind in ("int4", "int4-asym"):
-    x = kernels.int4_activations_dequantized(x, codec.group)
   return jnp.einsum("rD,kD->rk", x, codec.input_weights(a).reshape(n * codec.inputs, -1))
 
 

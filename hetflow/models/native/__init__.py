@@ -1,18 +1,15 @@
 """hetflow's native CPU matrix-vector kernels (matvec.cc beside this file), through XLA's FFI.
 
 XLA CPU reads grouped int8 and int4 kernels at 0.3-0.7x float32's weights per second in
-every pure-XLA formulation measured (docs/formats.md), and float32's own `dot` at about
-one core's bandwidth in decode; these C++ kernels read every stored format (float32
-[in, out], bfloat16, int8 per channel, int8-gN, int4, int4-asym) on both cores, with
-float32 accumulation. They differ from the XLA formulations only in the order of float32
-additions: activations are not quantized, except int4's, whose int8 activations (one
-named choice, docs/formats.md "int4 activations") the XLA formulations quantize the same way,
-except at the FFN down projection's input (`float_input`), which stays float32.
+every pure-XLA formulation measured (docs/formats.md); these C++ kernels read every
+stored format (bfloat16, int8 per channel, int8-gN, int4, int4-asym) at or above it, on
+both cores, with float32 accumulation (no activation quantization: they differ from
+the XLA formulations only in the order of float32 additions).
 
 The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
 `g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
-keyed by the sources and common.h, the compiler, the flags, jax's version and the CPU's
-feature flags, under a file lock so concurrent processes build it once. Without a compiler, or when
+keyed by the source, the compiler, the flags, jax's version and the CPU's feature flags,
+under a file lock so concurrent processes build it once. Without a compiler, or when
 the build or the load fails, `available()` says False once with one logged warning,
 and `hetflow.models.kernels` uses its pure-XLA formulations (the same results up to
 float32 rounding). `HETFLOW_NATIVE=0` forces that fallback.
@@ -37,31 +34,20 @@ import jax.numpy as jnp
 from hetflow.hardware import cpuinfo_field
 from hetflow.memory.cache import cache_root
 
-# The C++ sources compiled into the one library (each file's handlers are in TARGETS or
-# NEURON_TARGETS): the matvecs, and neuron_cluster's sparse step over quantized records
-# (hetflow/sparsity/bundles.py).
-SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("matvec.cc", "neuron.cc"))
-# Headers the sources include (common.h: the helpers both share); in the build's key.
-HEADERS = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
-                for name in ("common.h",))
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
+# neuron_cluster's sparse step over quantized records (hetflow/sparsity/bundles.py), built in.
+NEURON_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "neuron.cc")
 NEURON_TARGETS = ("hetflow_neuron_in", "hetflow_neuron_down")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 LIBRARY = "libhetflow_matvec.so"
 
 # Target name per format (as hetflow.models.formats.format_of names them).
 TARGETS = {
-    "float32": "hetflow_matvec_f32",
     "bfloat16": "hetflow_matvec_bf16",
     "int8": "hetflow_matvec_int8",
     "int8-g": "hetflow_matvec_int8g",
     "int4": "hetflow_matvec_int4",
     "int4-asym": "hetflow_matvec_int4_asym",
-}
-# int4's targets with float activations (`matvec(..., float_input=True)`: down's input).
-FLOAT_INPUT_TARGETS = {
-    "int4": "hetflow_matvec_int4_float",
-    "int4-asym": "hetflow_matvec_int4_asym_float",
 }
 
 _log = logging.getLogger(__name__)
@@ -83,8 +69,8 @@ def _cpu_flags() -> str:
 
 
 def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """What a built library depends on, hashed: sources and headers, compiler (its --version),
-  flags, jax's version and the CPU's features."""
+  """What a built library depends on, hashed: source, compiler (its --version), flags,
+  jax's version and the CPU's features."""
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
                              timeout=60).stdout
@@ -93,8 +79,8 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
                            " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
                            " this).") from None
   h = hashlib.sha256()
-  sources = [open(path, "rb").read().decode() for path in (*SOURCES, *HEADERS)]
-  for part in (*sources, cxx, version, " ".join(flags),
+  for part in (open(SOURCE, "rb").read().decode(), open(NEURON_SOURCE, "rb").read().decode(),
+               cxx, version, " ".join(flags),
                jax.__version__, _cpu_flags()):
     h.update(part.encode())
     h.update(b"\0")
@@ -102,7 +88,7 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
 
 
 def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """Compiles SOURCES into one library in `directory`/<key>/ unless it is there already.
+  """Compiles matvec.cc into `directory`/<key>/ unless it is there already.
 
   Args:
     cxx: the C++ compiler.
@@ -128,7 +114,7 @@ def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp]
+      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, NEURON_SOURCE, "-o", tmp]
       try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
       except (OSError, subprocess.SubprocessError) as e:
@@ -153,7 +139,7 @@ def _register(path: str) -> ctypes.CDLL:
   global _registered
   if _registered is None:
     lib = ctypes.cdll.LoadLibrary(path)
-    for target in (*TARGETS.values(), *FLOAT_INPUT_TARGETS.values(), *NEURON_TARGETS):
+    for target in (*TARGETS.values(), *NEURON_TARGETS):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, target)),
                                   platform="cpu")
     _registered = lib
@@ -203,7 +189,6 @@ def simd() -> bool:
 
 # What each format's handler takes: (q's rank, q's dtype, the params' dtypes).
 _SIGNATURES = {
-    "float32": (2, jnp.float32, ()),
     "bfloat16": (2, jnp.bfloat16, ()),
     "int8": (2, jnp.int8, (jnp.float32,)),
     "int8-g": (3, jnp.int8, (jnp.float16,)),
@@ -220,16 +205,14 @@ def accepts(fmt: str, x, q, *params) -> bool:
           and tuple(p.dtype for p in params) == dtypes)
 
 
-def matvec(fmt: str, x, q, *params, float_input: bool = False):
+def matvec(fmt: str, x, q, *params):
   """One row x [in] @ a stored kernel -> [out] float32, by the native kernel of `fmt`.
 
   Args:
     fmt: the kernel's format, as `hetflow.models.formats.format_of` names it.
     x: the row [in] (any float dtype; widened to float32).
-    q: the kernel's values (its "q" leaf; a float32 kernel [in, out] itself).
+    q: the kernel's values (its "q" leaf).
     *params: its "scale" (and "min") leaves, as stored.
-    float_input: int4 formats: multiply x's float32 values, not its int8 activations
-      (docs/formats.md, "int4 activations"); other formats always do.
 
   Returns:
     y [out] float32.
@@ -239,8 +222,7 @@ def matvec(fmt: str, x, q, *params, float_input: bool = False):
   """
   if _registered is None and not _load(compiler()):
     raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
-  n_out = q.shape[1] if q.ndim == 3 or fmt == "float32" else q.shape[0]
-  target = FLOAT_INPUT_TARGETS.get(fmt, TARGETS[fmt]) if float_input else TARGETS[fmt]
-  call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n_out,), jnp.float32),
+  n_out = q.shape[1] if q.ndim == 3 else q.shape[0]
+  call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
                           vmap_method="sequential")
   return call(x.astype(jnp.float32), q, *params)

@@ -16,38 +16,62 @@
 //     per-layer table, float32: [D] per output channel (int8: applied after the sum) or
 //     [F / g, D] per group of g neurons and output channel (row group_of[j] for record j).
 //
-// neuron_in:   y[r, j * inputs + m] = row m of record j . x[r]       (a matrix-vector product;
-//              int4 kinds: times x's int8 activations, as resident's int4 kernels take them:
-//              per group of g, d = max |x| * float32(1 / 127), q = round-half-even(x / d),
-//              docs/formats.md "int4 activations")
+// neuron_in:   y[r, j * inputs + m] = row m of record j . x[r]       (a matrix-vector product)
 // neuron_down: y[r, d] = sum_j z[r, j] * down_j[d]                    (an accumulate over rows;
 //              records with z[., j] == 0 are skipped: they add exact zeros)
-// Every product is accumulated in float32 from exactly widened values (int4 kinds: exact
-// integer sums per group, times scale * d), so the results differ from the pure-XLA
-// formulation (and from resident's kernels) only in the order of float32 additions. down's
-// input z stays float32 in every kind, as resident's down kernel takes it
-// (formats.FLOAT_INPUT_LEAVES): a group of neurons' maximum is not known block by block.
-// Work is split between the calling thread and XLA's intra-op pool as in matvec.cc
-// (common.h, parallel_for).
+// Every product is accumulated in float32 from exactly widened values, so the results differ
+// from the pure-XLA formulation (and from resident's kernels) only in the order of float32
+// additions. Work is split between the calling thread and XLA's intra-op pool as in
+// matvec.cc (chunks claimed from an atomic counter: no task is ever waited for unstarted).
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
-#include "common.h"
+#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using hetflow::bf16_to_float;
-using hetflow::half_to_float;
-
 std::atomic<int64_t> g_neuron_calls{0};
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1f;
+  uint32_t man = h & 0x3ff;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+    }
+  } else if (exp == 0x1f) {
+    u = sign | 0x7f800000 | man << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 inline uint16_t load16(const uint8_t* p) {
   uint16_t v;
@@ -56,8 +80,34 @@ inline uint16_t load16(const uint8_t* p) {
 }
 
 template <typename Body>
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t chunks;
+  Body body;
+  Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
+  void run() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      body(c);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+// body(c) for c in [0, chunks), on the caller and up to threads - 1 pool tasks (body by value).
+template <typename Body>
 void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  hetflow::parallel_for(pool, chunks, std::move(body), g_neuron_calls);
+  g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
+  int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
+  threads = std::max<int64_t>(1, std::min(threads, chunks));
+  if (threads == 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 enum Kind : int64_t { kBf16 = 1, kInt8 = 2, kInt8G = 3, kInt4 = 4, kInt4Asym = 5 };
@@ -76,9 +126,10 @@ inline float lanes_sum(const float* acc) {
   return s;
 }
 
-// One input row (its values, then scales) times x [d]: bfloat16, int8 and int8-gN (int4
-// kinds: row_dot_int4). d is a multiple of kLanes and of g.
-inline float row_dot(int64_t kind, const uint8_t* row, const float* x, int64_t d, int64_t g) {
+// One input row (its values, then scales/minimums) times x [d]; xsum [d / g]: x's group sums.
+// d is a multiple of kLanes and of g; int4's g / 2 is a multiple of kLanes (g = 32 or 64).
+inline float row_dot(int64_t kind, const uint8_t* row, const float* x, const float* xsum,
+                     int64_t d, int64_t g) {
   float acc[kLanes] = {0.f};
   switch (kind) {
     case kBf16: {
@@ -98,7 +149,7 @@ inline float row_dot(int64_t kind, const uint8_t* row, const float* x, int64_t d
       std::memcpy(&scale, row + d, 4);
       return lanes_sum(acc) * scale;
     }
-    default: {  // int8-gN
+    case kInt8G: {
       const int8_t* q = reinterpret_cast<const int8_t*>(row);
       const uint8_t* sc = row + d;
       for (int64_t G = 0; G < d / g; ++G) {
@@ -111,50 +162,28 @@ inline float row_dot(int64_t kind, const uint8_t* row, const float* x, int64_t d
       }
       return lanes_sum(acc);
     }
-  }
-}
-
-// x [d]'s int4 activations: q int8 [d], d_g float [d / g], and each group's sum of q.
-void int4_activations(const float* x, int64_t d, int64_t g, int8_t* q, float* dg,
-                      int32_t* qsum) {
-  for (int64_t G = 0; G < d / g; ++G) {
-    const float* xg = x + G * g;
-    float amax = 0.f;
-    for (int64_t k = 0; k < g; ++k) amax = std::max(amax, std::fabs(xg[k]));
-    const float scale = amax * (1.f / 127.f);  // what XLA makes of a division by 127
-    const float inv = scale != 0.f ? 1.f / scale : 0.f;
-    int32_t sum = 0;
-    for (int64_t k = 0; k < g; ++k) {
-      const float v = std::nearbyint(xg[k] * inv);  // round half to even
-      q[G * g + k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-      sum += q[G * g + k];
-    }
-    dg[G] = scale;
-    qsum[G] = sum;
-  }
-}
-
-// One int4 input row times x's int8 activations (q, dg, qsum from int4_activations).
-inline float row_dot_int4(int64_t kind, const uint8_t* row, const int8_t* q, const float* dg,
-                          const int32_t* qsum, int64_t d, int64_t g) {
-  const int64_t half = g / 2, groups = d / g;
-  const uint8_t* sc = row + d / 2;
-  const uint8_t* mn = sc + 2 * groups;
-  const int32_t offset = kind == kInt4 ? 8 : 0;
-  float acc = 0.f;
-  for (int64_t G = 0; G < groups; ++G) {
-    const uint8_t* p = row + G * half;
-    const int8_t* qg = q + G * g;
-    int32_t isum = 0;
-    for (int64_t k = 0; k < half; ++k) {
-      isum += ((p[k] & 15) - offset) * qg[k] + ((p[k] >> 4) - offset) * qg[k + half];
-    }
-    acc += static_cast<float>(isum) * (half_to_float(load16(sc + 2 * G)) * dg[G]);
-    if (kind == kInt4Asym) {
-      acc += half_to_float(load16(mn + 2 * G)) * (dg[G] * static_cast<float>(qsum[G]));
+    default: {  // int4, int4-asym: the "- 8" (or the minimum) applied to x's group sums
+      const int64_t half = g / 2, groups = d / g;
+      const uint8_t* sc = row + d / 2;
+      const uint8_t* mn = sc + 2 * groups;
+      float extra = 0.f;
+      for (int64_t G = 0; G < groups; ++G) {
+        const uint8_t* p = row + G * half;
+        const float* xg = x + G * g;
+        const float scale = half_to_float(load16(sc + 2 * G));
+        for (int64_t k = 0; k < half; k += kLanes) {
+          for (int64_t l = 0; l < kLanes; ++l) {
+            const uint8_t b = p[k + l];
+            acc[l] += scale * (static_cast<float>(b & 15) * xg[k + l] +
+                               static_cast<float>(b >> 4) * xg[k + l + half]);
+          }
+        }
+        extra += kind == kInt4 ? -8.f * xsum[G] * scale
+                               : xsum[G] * half_to_float(load16(mn + 2 * G));
+      }
+      return lanes_sum(acc) + extra;
     }
   }
-  return acc;
 }
 
 int64_t value_bytes(int64_t kind, int64_t d) {
@@ -186,23 +215,11 @@ ffi::Error NeuronInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (ad[1] != inputs * row || y->element_count() != static_cast<size_t>(rows * n * inputs)) {
     return fail("hetflow neuron_in: a [n, inputs * row bytes], y [R, n * inputs] expected");
   }
+  // x's group sums, once per call (int4's "- 8" and int4-asym's minimum).
+  auto xsum = std::make_shared<std::vector<float>>(rows * (d / g), 0.f);
   const float* xp = x.typed_data();
-  const bool int4 = kind == kInt4 || kind == kInt4Asym;
-  // int4's activations, once per call; shared with the chunks.
-  struct Acts {
-    std::vector<float> dg;
-    std::vector<int8_t> q;
-    std::vector<int32_t> qsum;
-  };
-  auto acts = std::make_shared<Acts>();
-  if (int4) {
-    acts->q.resize(rows * d);
-    acts->dg.resize(rows * (d / g));
-    acts->qsum.resize(rows * (d / g));
-    for (int64_t r = 0; r < rows; ++r) {
-      int4_activations(xp + r * d, d, g, acts->q.data() + r * d, acts->dg.data() + r * (d / g),
-                       acts->qsum.data() + r * (d / g));
-    }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t k = 0; k < d; ++k) (*xsum)[r * (d / g) + k / g] += xp[r * d + k];
   }
   const uint8_t* ap = a.typed_data();
   float* yp = y->typed_data();
@@ -214,11 +231,7 @@ ffi::Error NeuronInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     for (int64_t i = c * tile; i < end; ++i) {
       const uint8_t* rp = ap + i * row;
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t at = r * (d / g);
-        yp[r * total + i] =
-            int4 ? row_dot_int4(kind, rp, acts->q.data() + r * d, acts->dg.data() + at,
-                                acts->qsum.data() + at, d, g)
-                 : row_dot(kind, rp, xp + r * d, d, g);
+        yp[r * total + i] = row_dot(kind, rp, xp + r * d, xsum->data() + r * (d / g), d, g);
       }
     }
   });
