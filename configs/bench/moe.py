@@ -12,7 +12,8 @@ staging area is the first 2 x 8 of them), under two per layer, so LRU keeps noth
 layer reuses; LFU keeps the hottest experts. Layer-wise streams every layer it cannot
 keep, ~4.3 GB per token. Measured 2026-11-30 (WORKSPACE_NOTES.md), a busy machine:
 layer-wise 0.40 tok/s; expert records without a cache 0.94 (2.3x); + LFU cache 2.11
-(5.2x, hit rate 0.35, 0.72 GB per token = the routed experts not in the cache);
+(5.2x, hit rate 0.35, 0.72 GB per token = the routed experts not in the cache; the
+warm-up then replayed the measured prompt: with another prompt, 4.45x at hit rate 0.27);
 next_use 1.39; + look-ahead of the first choice 2.01 (right 66% of the time, 1.26x the
 bytes). The issue's targets (>= 3x layer-wise; disk bytes per token within 1.2x of
 the routed experts not in cache) are read from the table's decode tok/s and the
@@ -54,8 +55,9 @@ def get_config(arg=None):
   # order: a fair row needs the same memory limit for every row (memory_limit locks the
   # rest of RAM for the whole run, so only on a quiet machine), e.g.
   #   --config.order=layerwise,moe_lfu,llamacpp_F32 --config.memory_limit=1.8GiB
-  # (about moe_lfu's own peak RSS). Measured 2026-11-30: moe_lfu 2.59 tok/s, llama.cpp 0.49
-  # (5.3x); at 2.5GiB llama.cpp's page cache keeps the hot experts: 4.70 (WORKSPACE_NOTES.md).
+  # (about moe_lfu's own peak RSS). Measured 2026-11-30, the warm-up on another prompt:
+  # moe_lfu 2.07 tok/s, llama.cpp 0.48 (4.35x); at 2.5GiB llama.cpp's page cache keeps the
+  # hot experts: 4.70 (WORKSPACE_NOTES.md).
   c.systems.llamacpp_F32 = dict(kind="llamacpp", gguf_type="F32")
   # The same GGUF bits (issue 14, weight formats): moe_offload's int8 and int4 experts (one
   # record each with its scales, the format's native matrix-vector kernels) against llama.cpp's

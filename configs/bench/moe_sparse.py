@@ -28,8 +28,9 @@ another: fewer bytes than moe_offload, not more tokens per second on this disk. 
 tokens follow `resident`'s as far as the trained predictors' recall (~0.99) allows
 (the table's agreement column); the oracle rows of tests/test_moe_sparse.py are exact.
 Measured 2026-11-30 in one run (WORKSPACE_NOTES.md, issue 14, helper "msrun", with the
-cost model's predictions beside it): layer-wise 0.40 tok/s, moe_offload 2.60, moe_sparse
-1.85 at 0.20 GB per token (1.28x its ideal); all tokens equal.
+cost model's predictions beside it; rerun by helper "moehonest" with the warm-up on another
+prompt): layer-wise 0.45 tok/s, moe_offload 1.60, moe_sparse 1.47 at 0.23 GB per token
+(1.24x its ideal); all tokens equal.
 """
 
 from hetflow.bench.config import bench_config
