@@ -118,3 +118,36 @@ def test_memory_limit_is_held_for_the_whole_run(tmp_path, monkeypatch):
   assert events == ["enter", "exit"]
   assert results["memory_limit"]["locked"] == 32 << 20
   assert results["systems"][0]["ok"]
+
+
+@pytest.mark.parametrize("warmup_prompt", ["other", "same"])
+def test_warmup_decodes_another_prompt_before_each_measured_run(warmup_prompt, monkeypatch):
+  """A cache that the warm-up (or the last repeat) filled with the measured prompt's working
+  set measures a replayed request: by default another prompt runs before every measured one."""
+  import numpy as np
+
+  import hetflow
+  from hetflow.bench.config import SystemSpec
+  from hetflow.bench.process import prompt_ids
+  from hetflow.engine import Engine
+
+  seen = []
+  generate = Engine.generate
+
+  def record(self, ids, **kw):
+    seen.append(np.asarray(ids).copy())
+    return generate(self, ids, **kw)
+
+  monkeypatch.setattr(Engine, "generate", record)
+  model = hetflow.synthetic_model("llama-tiny")
+  prompt = prompt_ids(model.config.vocab_size, 6)
+  spec = dict(new_tokens=2, repeats=2, warmup=True, warmup_prompt=warmup_prompt,
+              drop_caches=False)
+  runner._run_hetflow(SystemSpec(name="resident", kind="hetflow", strategy="resident"),
+                      model, spec, prompt)
+  measured = [np.array_equal(ids, prompt) for ids in seen]
+  if warmup_prompt == "other":
+    assert measured == [False, True, False, True]
+    assert seen[0].shape == prompt.shape  # the same shapes compile
+  else:
+    assert measured == [True, True, True]
