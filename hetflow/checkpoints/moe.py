@@ -78,7 +78,7 @@ import numpy as np
 
 from hetflow.checkpoints.sparse import parse_hotness, zipf_frequencies
 from hetflow.checkpoints.synthetic import SHAPES, SyntheticSource
-from hetflow.memory.cache import cache_root
+from hetflow.memory.cache import cache_root, cached_arrays
 from hetflow.models import modules
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
@@ -272,16 +272,8 @@ class MoESource:
     """The calibrated routers [L, D, X] (float32), calibrated once and cached."""
     with self._lock:
       if self._routers is None:
-        path = self._cache_path()
-        if os.path.exists(path):
-          with np.load(path) as f:
-            self._routers = f["routers"]
-        else:
-          self._routers = self._calibrate()
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          tmp = f"{path}.{os.getpid()}.tmp.npz"
-          np.savez(tmp, routers=self._routers)
-          os.replace(tmp, path)
+        self._routers = cached_arrays(self._cache_path(),
+                                      lambda: {"routers": self._calibrate()})["routers"]
       return self._routers
 
   def _calibrate(self) -> np.ndarray:

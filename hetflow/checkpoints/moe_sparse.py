@@ -54,7 +54,7 @@ from hetflow.checkpoints.sparse import (
   zipf_frequencies,
 )
 from hetflow.checkpoints.synthetic import SHAPES
-from hetflow.memory.cache import cache_root
+from hetflow.memory.cache import cache_root, cached_arrays
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 from hetflow.models.walk import normalize, walk
@@ -153,16 +153,7 @@ class SparseMoESource(MoESource):
     """{"routers" [L, D, X], "gate" and "up" rows 0 [L, X, F]}, calibrated once and cached."""
     with self._lock:
       if self._rows is None:
-        path = self._cache_path()
-        if os.path.exists(path):
-          with np.load(path) as f:
-            self._rows = dict(f)
-        else:
-          self._rows = self._calibrate()
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          tmp = f"{path}.{os.getpid()}.tmp.npz"
-          np.savez(tmp, **self._rows)
-          os.replace(tmp, path)
+        self._rows = cached_arrays(self._cache_path(), self._calibrate)
       return self._rows
 
   def _calibrate(self) -> dict[str, np.ndarray]:

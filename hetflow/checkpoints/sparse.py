@@ -57,7 +57,7 @@ import numpy as np
 from scipy import special
 
 from hetflow.checkpoints.synthetic import SHAPES, SyntheticSource
-from hetflow.memory.cache import cache_root
+from hetflow.memory.cache import cache_root, cached_arrays
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 from hetflow.models.walk import normalize, walk
@@ -248,16 +248,7 @@ class SparseSource:
     """Per-layer thresholds: {"gate", "up"} rows 0 (Llama) or {"up_bias"} (OPT), [L, F]."""
     with self._lock:
       if self._calibration is None:
-        path = self._cache_path()
-        if os.path.exists(path):
-          with np.load(path) as f:
-            self._calibration = dict(f)
-        else:
-          self._calibration = self._calibrate()
-          os.makedirs(os.path.dirname(path), exist_ok=True)
-          tmp = f"{path}.{os.getpid()}.tmp.npz"
-          np.savez(tmp, **self._calibration)
-          os.replace(tmp, path)
+        self._calibration = cached_arrays(self._cache_path(), self._calibrate)
       return self._calibration
 
   def _calibrate(self) -> dict[str, np.ndarray]:
