@@ -561,6 +561,38 @@ def test_reader_read_many_scatters_records(tmp_path, parallel, coalesce):
     np.testing.assert_array_equal(tight[3 * PAGE :], data[9 * PAGE : 9 * PAGE + 100])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, native):
+  """Scattering requests as arrays: the compiled loop (which holds no GIL) and the Python
+  loop deliver the same bytes, and the record says which loop read them; a request past
+  the end of the file stops the compiled loop and fails naming the file."""
+  if native and reader_mod._batch_loop() is None:
+    pytest.skip("no C++ compiler here: the compiled read loop is not built")
+  path = tmp_path / "records.bin"
+  data = _random_file(path, 64 * PAGE, seed=5)
+  starts = np.sort(np.random.default_rng(0).choice(62, 20, replace=False))
+  slots = 20
+  # Request j: pages start, start + 1 into slot j of plane A and slot j of plane B.
+  first = np.arange(21) * 2
+  dest = np.stack([np.arange(20) * PAGE, (slots + np.arange(20)) * PAGE], 1).reshape(-1)
+  reqs = memory.Requests(starts * PAGE, np.full(20, 2 * PAGE), first, dest,
+                         np.full(40, PAGE))
+  with ReaderPool(num_workers=3, native=native) as pool:
+    for parallel in (True, False):
+      buf = aligned_empty(2 * slots * PAGE)
+      assert pool.read_many(path, buf, reqs, parallel=parallel).result(timeout=30) == reqs.nbytes
+      for j, p in enumerate(starts):
+        np.testing.assert_array_equal(buf[j * PAGE:(j + 1) * PAGE], data[p * PAGE:(p + 1) * PAGE])
+        np.testing.assert_array_equal(buf[(slots + j) * PAGE:(slots + j + 1) * PAGE],
+                                      data[(p + 1) * PAGE:(p + 2) * PAGE])
+    record = pool.record()
+    assert record.requests == 40 and record.direct
+    assert record.native_requests == (40 if native else 0)
+    past_end = memory.Requests.of([(0, PAGE, 0), (70 * PAGE, PAGE, PAGE), (PAGE, PAGE, 2 * PAGE)])
+    with pytest.raises(ReadError, match=str(path)):
+      pool.read_many(path, aligned_empty(3 * PAGE), past_end, parallel=False).result(timeout=10)
+
+
 def test_reader_read_many_errors_name_the_file(tmp_path):
   path = tmp_path / "short.bin"
   _random_file(path, 4 * PAGE)

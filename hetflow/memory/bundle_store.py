@@ -68,7 +68,7 @@ import numpy as np
 
 from hetflow.memory.buffers import PAGE, dtype_from_name, round_up
 from hetflow.memory.cache import cache_root
-from hetflow.memory.reader import Request, coalesce_requests
+from hetflow.memory.reader import Request, Requests, coalesce_requests
 from hetflow.memory.store import (
   MANIFEST,
   LayerStore,
@@ -271,13 +271,13 @@ class BundleStore:
     return rows_ok and (self.layout == "split" or self.record_nbytes == self.neuron_nbytes)
 
   def planar_requests(self, positions: np.ndarray, planes: Planes, first_slot: int = 0,
-                      coalesce: bool = True, max_run: int = 256) -> list[Request]:
+                      coalesce: bool = True, max_run: int = 256) -> Requests:
     """Reads that put records at sorted `positions` into slots first_slot, first_slot + 1, ...
     of a planar buffer.
 
     Bundled: one request per run of adjacent records (at most `max_run`; one
     per record without `coalesce`, or when records are padded), scattered
-    into the planes. Split: one
+    into the planes, built as arrays (no Python per record). Split: one
     request per matrix row (the no-bundling baseline). An O_DIRECT reader
     takes them only if `planar_direct` (it refuses unaligned segments).
     """
@@ -291,25 +291,26 @@ class BundleStore:
         for m in range(mats - 1):
           out.append(((m * f + p) * s, row, planes.a_offset(j) + m * row))
         out.append((((mats - 1) * f + p) * s, row, planes.b_offset(j)))
-      return out
+      return Requests.of(out)
     r = self.record_nbytes
     a, row = planes.a_nbytes, planes.b_nbytes
     if r != a + row:  # padded records: read each neuron's bytes alone (buffered reads only)
-      return [(int(p) * r, a + row, ((planes.a_offset(j), a), (planes.b_offset(j), row)))
-              for p, j in zip(positions.tolist(), slots.tolist())]
-    if coalesce:
-      spans = runs(positions, max_run)
-    else:
-      spans = [(int(p), 1) for p in positions]
-    out, j = [], first_slot
-    for p, k in spans:
-      segs = []
-      for q in range(j, j + k):
-        segs.append((planes.a_offset(q), a))
-        segs.append((planes.b_offset(q), row))
-      out.append((p * r, k * r, tuple(segs)))
-      j += k
-    return out
+      return Requests.of([(int(p) * r, a + row,
+                           ((planes.a_offset(j), a), (planes.b_offset(j), row)))
+                          for p, j in zip(positions.tolist(), slots.tolist())])
+    n = len(positions)
+    index = np.arange(n)
+    start = np.ones(n, bool)
+    if coalesce and n:  # a request starts where a run breaks or reaches max_run records
+      start[1:] = np.diff(positions) != 1
+      run_first = np.maximum.accumulate(np.where(start, index, 0))
+      start |= (index - run_first) % max_run == 0
+    heads = np.flatnonzero(start)
+    count = np.diff(np.append(heads, n))
+    # Each record's two segments, in turn: its input rows (plane A), its down row (plane B).
+    dest = np.stack([slots * a, planes.slots * a + slots * row], 1).reshape(-1)
+    length = np.tile(np.array([a, row], np.int64), n)
+    return Requests(positions[heads] * r, count * r, np.append(heads, n) * 2, dest, length)
 
   def close(self) -> None:
     """Releases the store's lock (if opened locked)."""

@@ -12,9 +12,15 @@ queued hides per-request latency. ``ReaderPool.read_into`` splits a read into
 ``chunk``-sized requests spread over ``num_workers`` threads, so the queue
 depth is ``num_workers``. ``ReaderPool.read_many`` serves many small
 ``(offset, size, destination)`` requests of one file (a neuron store's
-records) the same way, one worker task per batch of requests so that per-read
-Python overhead does not cost more than the disk. ``os.preadv`` releases the
-GIL, so threads suffice.
+records) the same way, one worker task per batch of requests. Each batch is
+read by a compiled loop (``preads.cc`` beside this file, built on first use by
+``hetflow.memory.compiled``) that holds no GIL: with reads issued from Python,
+one ``preadv`` at a time per thread, every finished read waited for the GIL
+while the main thread ran Python (up to the 5 ms switch interval), and the
+disk's queue drained: 6x fewer bytes per second with a busy main thread
+(WORKSPACE_NOTES.md, seventh session). Without a compiler, or with
+HETFLOW_NATIVE=0, the same batches run in Python. Requests come as arrays
+(``Requests``), so a batch of hundreds of records costs no Python per record.
 
 What happened is recorded, not assumed: ``ReaderPool.record()`` counts direct
 and buffered requests separately, and a file that refuses O_DIRECT falls back
@@ -25,8 +31,11 @@ the record's ``fallbacks``.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import errno
+import functools
+import logging
 import os
 import subprocess
 import threading
@@ -37,12 +46,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from hetflow.memory import compiled
 from hetflow.memory.buffers import PAGE, aligned_empty, round_up, view_as
+from hetflow.memory.cache import cache_root
 
 if TYPE_CHECKING:
   from hetflow.memory.store import LayerStore
 
 _O_DIRECT = getattr(os, "O_DIRECT", 0)  # absent on macOS; reads are then buffered
+_log = logging.getLogger(__name__)
 
 
 class ReadError(OSError):
@@ -76,6 +88,7 @@ class ReadRecord:
     fallbacks: one ``"path: reason"`` per file that refused O_DIRECT and was
       read buffered instead (kept across resets: the file stays buffered).
     calls: ``read_into``/``read_many`` calls completed.
+    native_requests: requests read by the compiled batch loop (the rest: Python).
   """
 
   bytes: int = 0
@@ -85,6 +98,7 @@ class ReadRecord:
   buffered_requests: int = 0
   fallbacks: tuple[str, ...] = ()
   calls: int = 0
+  native_requests: int = 0
 
   @property
   def direct(self) -> bool | None:
@@ -118,6 +132,90 @@ def coalesce_requests(requests: Sequence[Request], max_bytes: int) -> list[Reque
   return [(a, b, c) for a, b, c in out]
 
 
+@dataclasses.dataclass(frozen=True)
+class Requests:
+  """Many reads of one file as arrays: what ``read_many`` serves without Python per read.
+
+  Request i reads ``sizes[i]`` bytes at file offset ``offsets[i]`` into its segments
+  ``first[i]`` .. ``first[i + 1]`` - 1 of the buffer, filled in turn by one ``preadv``:
+  ``length[k]`` bytes at buffer offset ``dest[k]`` each (all int64).
+  """
+
+  offsets: np.ndarray
+  sizes: np.ndarray
+  first: np.ndarray
+  dest: np.ndarray
+  length: np.ndarray
+
+  @classmethod
+  def of(cls, requests: Requests | Sequence[Request]) -> Requests:
+    """`requests` as arrays (``Request`` tuples converted; Requests as they are)."""
+    if isinstance(requests, Requests):
+      return requests
+    offsets, sizes, first, dest, length = [], [], [0], [], []
+    for off, n, dst in requests:
+      segs = dst if isinstance(dst, tuple) else ((dst, n),)
+      offsets.append(off)
+      sizes.append(n)
+      for d, b in segs:
+        dest.append(d)
+        length.append(b)
+      first.append(len(dest))
+    a = lambda v: np.asarray(v, np.int64)  # noqa: E731
+    return cls(a(offsets), a(sizes), a(first), a(dest), a(length))
+
+  def __len__(self) -> int:
+    return len(self.offsets)
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes the requests deliver."""
+    return int(self.sizes.sum())
+
+  def request(self, i: int) -> Request:
+    """Request i as a ``Request`` tuple (an int destination when it has one segment)."""
+    a, b = int(self.first[i]), int(self.first[i + 1])
+    off, n = int(self.offsets[i]), int(self.sizes[i])
+    if b - a == 1:
+      return off, n, int(self.dest[a])
+    return off, n, tuple(zip(self.dest[a:b].tolist(), self.length[a:b].tolist()))
+
+  def part(self, a: int, b: int) -> Requests:
+    """Requests a .. b - 1 (their segments' offsets rebased to this part's arrays)."""
+    s, e = int(self.first[a]), int(self.first[b])
+    return Requests(self.offsets[a:b], self.sizes[a:b], self.first[a:b + 1] - s,
+                    self.dest[s:e], self.length[s:e])
+
+
+_BATCH_FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+_BATCH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preads.cc")
+
+
+@functools.cache
+def _batch_loop():
+  """The compiled batch loop (``preads.cc``), or None: HETFLOW_NATIVE=0, no compiler, or a
+  failed build (one logged warning; the reader's Python loop does the same reads)."""
+  if os.environ.get("HETFLOW_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+    return None
+  try:
+    cxx = compiled.compiler()
+    if cxx is None:
+      raise compiled.BuildError("no C++ compiler found (g++, c++ or $HETFLOW_CXX)")
+    key = compiled.build_key([open(_BATCH_SOURCE).read(), cxx, compiled.compiler_version(cxx),
+                              " ".join(_BATCH_FLAGS)])
+    path = compiled.build(cxx, [_BATCH_SOURCE], _BATCH_FLAGS,
+                          os.path.join(cache_root(), "native", key), "libhetflow_reads.so")
+    fn = ctypes.CDLL(path).hetflow_read_batch  # a CDLL call releases the GIL
+  except (compiled.BuildError, OSError, AttributeError) as e:
+    _log.warning("hetflow's compiled read loop is not available, so small reads are issued"
+                 " from Python (slower while the main thread is busy): %s", e)
+    return None
+  fn.restype = ctypes.c_int64
+  fn.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [
+      ctypes.POINTER(ctypes.c_int)]
+  return fn
+
+
 class _Job:
   """One read_into call: a future completed when its last chunk finishes."""
 
@@ -143,6 +241,8 @@ class ReaderPool:
     direct: try O_DIRECT (falls back to buffered reads on filesystems that
       refuse it, warning once per file and recording it, see ``record()``);
       False reads through the page cache on purpose (not a fallback).
+    native: read ``read_many``'s batches in the compiled loop when it can be
+      built (False: the Python loop, as with HETFLOW_NATIVE=0).
 
   Attributes:
     num_workers: as given.
@@ -151,12 +251,13 @@ class ReaderPool:
       "disk" figures are then page-cache figures unless caches were dropped).
   """
 
-  def __init__(self, num_workers: int = 4, direct: bool = True):
+  def __init__(self, num_workers: int = 4, direct: bool = True, native: bool = True):
     if num_workers < 1:
       raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     self.num_workers = num_workers
     self.direct = bool(direct and _O_DIRECT)
     self._want_direct = self.direct
+    self._batch_loop = _batch_loop() if native else None
     self._executor = concurrent.futures.ThreadPoolExecutor(
       num_workers, thread_name_prefix="hetflow-reader"
     )
@@ -175,7 +276,7 @@ class ReaderPool:
     """Zeroes the counters of :meth:`record` (the fallbacks stay: those files stay buffered)."""
     with self._lock:
       self._counts = {"bytes": 0, "requests": 0, "seconds": 0.0, "direct_requests": 0,
-                      "buffered_requests": 0, "calls": 0}
+                      "buffered_requests": 0, "calls": 0, "native_requests": 0}
 
   def record(self) -> ReadRecord:
     """The reads since the last reset: bytes, requests, time, direct or buffered, fallbacks."""
@@ -320,7 +421,7 @@ class ReaderPool:
     self,
     path: str | os.PathLike,
     buffer: np.ndarray,
-    requests: Sequence[Request],
+    requests: Requests | Sequence[Request],
     *,
     coalesce: int = 0,
     parallel: bool = True,
@@ -328,22 +429,22 @@ class ReaderPool:
     """Starts many ``(file offset, bytes, destination offset)`` reads of one file.
 
     The requests are cut into at most ``num_workers`` contiguous batches (so
-    each worker reads in file order), one worker task per batch: with
-    hundreds of small record reads per call, one task per request would cost
-    more in Python than the disk takes. With O_DIRECT each request is rounded
-    up to 4096 bytes; a destination without room for that round-up reads its
-    last partial block through a bounce page.
+    each worker reads in file order), one worker task per batch, read by the
+    compiled loop when it is built. With O_DIRECT a one-segment request is
+    rounded up to 4096 bytes; a destination without room for that round-up
+    reads its last partial block through a bounce page.
 
     Args:
       path: the file.
       buffer: C-contiguous 1-D uint8 array, 4096-aligned for O_DIRECT.
-      requests: ``(offset, nbytes, dest)``; offsets and destinations must be
-        multiples of 4096 for O_DIRECT. ``dest`` may be a tuple of
-        ``(offset, bytes)`` segments summing to ``nbytes`` (one scattering
-        read; with O_DIRECT every segment a multiple of 4096 long).
-      coalesce: merge requests adjacent in the file and in the buffer into
-        requests of at most this many bytes (``coalesce_requests``); 0 issues
-        them as given.
+      requests: ``Requests``, or ``(offset, nbytes, dest)`` tuples; offsets
+        and destinations must be multiples of 4096 for O_DIRECT. ``dest``
+        may be a tuple of ``(offset, bytes)`` segments summing to ``nbytes``
+        (one scattering read; with O_DIRECT every segment a multiple of 4096
+        long).
+      coalesce: merge tuple requests adjacent in the file and in the buffer
+        into requests of at most this many bytes (``coalesce_requests``); 0
+        issues them as given.
       parallel: False runs the reads here, one at a time (queue depth 1),
         and returns a completed future.
 
@@ -364,50 +465,75 @@ class ReaderPool:
       raise ValueError("buffer is read-only")
     if self._closed:
       raise RuntimeError("ReaderPool is closed")
-    reqs = coalesce_requests(requests, coalesce) if coalesce else [
-      (int(o), int(n), d if isinstance(d, tuple) else int(d)) for o, n, d in requests]
+    if coalesce and not isinstance(requests, Requests):
+      requests = coalesce_requests(requests, coalesce)
+    reqs = Requests.of(requests)
     fd, is_direct = self._open(path)
-    base, size = buffer.ctypes.data, buffer.nbytes
-    for off, n, dst in reqs:
-      segs = dst if isinstance(dst, tuple) else ((dst, n),)
-      if (n < 0 or sum(b for _, b in segs) != n
-          or any(d < 0 or d + b > size for d, b in segs)):
-        raise ValueError(
-          f"request ({off}, {n}, {dst}) of {path} does not fit a {size}-byte buffer")
-      if is_direct and (off % PAGE or any((base + d) % PAGE for d, _ in segs)
-                        or (len(segs) > 1 and any(b % PAGE for _, b in segs))):
-        raise ValueError(
-          f"O_DIRECT needs {PAGE}-aligned file offsets and destinations; request ({off}, {n}, "
-          f"{dst}) of {path} is not (allocate with hetflow.memory.aligned_empty)")
-    total = sum(n for _, n, _ in reqs)
+    self._check(path, buffer, reqs, is_direct)
+    total = reqs.nbytes
     k = max(1, min(self.num_workers, len(reqs))) if parallel else 1
     bounds = np.linspace(0, len(reqs), k + 1).astype(int)
-    batches = [reqs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    batches = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     job = _Job(path, len(batches), total)
     if not batches:
       self._finish(job)
     elif not parallel:
-      self._run_batch(job, buffer, batches[0])
+      self._run_batch(job, buffer, reqs)
     else:
-      for batch in batches:
-        self._executor.submit(self._run_batch, job, buffer, batch)
+      for a, b in batches:
+        self._executor.submit(self._run_batch, job, buffer, reqs.part(a, b))
     return job.future
 
-  def _run_batch(self, job: _Job, buffer: np.ndarray, batch: Sequence[Request]) -> None:
-    # The fast path is one preadv per request with the counters kept locally
-    # and added once per batch: with hundreds of 24 KiB records per call, a
-    # lock and a stat per request cost ~20% of the throughput at depth 8.
-    # Anything unusual (a short read, an error, no room for the round-up)
-    # goes through _read_span, which retries, falls back or raises.
+  @staticmethod
+  def _check(path: str, buffer: np.ndarray, reqs: Requests, is_direct: bool) -> None:
+    """Refuses requests that do not fit the buffer or that O_DIRECT cannot serve, naming
+    the first."""
+    count = np.diff(reqs.first)
+    owner = np.repeat(np.arange(len(reqs)), count)  # each segment's request
+
+    def first_bad(request_bad, segment_bad):
+      bad = request_bad.copy()
+      bad[owner[segment_bad]] = True
+      return int(np.argmax(bad)) if bad.any() else None
+
+    filled = np.bincount(owner, reqs.length, minlength=len(reqs)).astype(np.int64)
+    i = first_bad((reqs.sizes < 0) | (count < 1) | (filled != reqs.sizes),
+                  (reqs.dest < 0) | (reqs.dest + reqs.length > buffer.nbytes))
+    if i is not None:
+      raise ValueError(f"request {reqs.request(i)} of {path} does not fit a"
+                       f" {buffer.nbytes}-byte buffer")
+    if is_direct:
+      i = first_bad(reqs.offsets % PAGE != 0,
+                    ((buffer.ctypes.data + reqs.dest) % PAGE != 0)
+                    | ((count[owner] > 1) & (reqs.length % PAGE != 0)))
+      if i is not None:
+        raise ValueError(f"O_DIRECT needs {PAGE}-aligned file offsets and destinations; request"
+                         f" {reqs.request(i)} of {path} is not (allocate with"
+                         " hetflow.memory.aligned_empty)")
+
+  def _run_batch(self, job: _Job, buffer: np.ndarray, reqs: Requests) -> None:
+    # The compiled loop reads the batch without the GIL, stopping at the first
+    # request that fails or comes back short; that one and the rest go through
+    # the Python loop (one preadv per request, counters kept locally and added
+    # once per batch: a lock and a stat per request cost ~20% of the throughput
+    # at depth 8), where anything unusual (a short read, an error, no room for
+    # the round-up) goes through _read_span, which retries, falls back or raises.
     mv = memoryview(buffer)
     size = buffer.nbytes
-    nbytes = requests = direct = 0
+    nbytes = requests = direct = native = 0
     t0 = time.perf_counter()
     try:
       fd, is_direct = self._open(job.path)  # once per batch
-      for off, n, dst in batch:
+      start = 0
+      if self._batch_loop is not None and job.error is None:
+        start = native = self._read_compiled(fd, is_direct, buffer, reqs)
+        nbytes += int(reqs.sizes[:start].sum())
+        requests += start
+        direct += start * is_direct
+      for i in range(start, len(reqs)):
         if job.error is not None:  # after a failure, skip the rest quickly
           break
+        off, n, dst = reqs.request(i)
         if isinstance(dst, tuple):
           fd, is_direct = self._read_scattered(job.path, buffer, mv, dst, off, n, (fd, is_direct))
           nbytes += n
@@ -436,12 +562,28 @@ class ReaderPool:
       self._counts["requests"] += requests
       self._counts["direct_requests"] += direct
       self._counts["buffered_requests"] += requests - direct
+      self._counts["native_requests"] += native
       self._counts["seconds"] += time.perf_counter() - t0
     with job.lock:
       job.remaining -= 1
       last = job.remaining == 0
     if last:
       self._finish(job)
+
+  def _read_compiled(self, fd: int, is_direct: bool, buffer: np.ndarray, reqs: Requests) -> int:
+    """Reads `reqs` in the compiled loop; returns how many were read in full (in order)."""
+    length = reqs.length
+    if is_direct:  # a one-segment request reads its last partial block whole, where it fits
+      single = np.diff(reqs.first) == 1
+      rounded = -(-length // PAGE) * PAGE
+      fits = np.repeat(single, np.diff(reqs.first)) & (reqs.dest + rounded <= buffer.nbytes)
+      length = np.where(fits, rounded, length)
+    address = buffer.ctypes.data + reqs.dest
+    error = ctypes.c_int(0)
+    arrays = [np.ascontiguousarray(a, np.int64)
+              for a in (reqs.offsets, reqs.sizes, reqs.first, address, length)]
+    return int(self._batch_loop(fd, len(reqs), *(a.ctypes.data for a in arrays),
+                                ctypes.byref(error)))
 
   def _read_scattered(self, path: str, buffer: np.ndarray, mv: memoryview,
                       segments: tuple[tuple[int, int], ...], off: int, n: int,

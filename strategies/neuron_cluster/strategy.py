@@ -52,7 +52,7 @@ from hetflow.memory import store as layer_store
 from hetflow.memory.budget import parse_bytes
 from hetflow.memory.buffers import PAGE, aligned_empty, round_up
 from hetflow.memory.cache import cache_root
-from hetflow.memory.reader import ReaderPool, ReadError
+from hetflow.memory.reader import ReaderPool, ReadError, Requests
 from hetflow.models import formats, modules
 from hetflow.sparsity import bundles as bundles_mod
 from hetflow.sparsity.cache import SegmentedCache
@@ -583,7 +583,7 @@ class NeuronCluster(Strategy):
     else:  # rows are not whole pages: read whole records, then copy them in
       rec = self.store.record_nbytes
       tmp = aligned_empty(max(1, len(positions)) * rec)
-      reqs = self.store.requests(positions, o.coalesce)
+      reqs = Requests.of(self.store.requests(positions, o.coalesce))
       fut = self.reader.read_many(path, tmp, reqs, parallel=parallel)
       slots = np.arange(first, first + len(positions))
 
@@ -591,7 +591,7 @@ class NeuronCluster(Strategy):
         self.store.fill(planes, buf, slots, tmp.reshape(-1, rec)[:len(positions)])
     if phase is not None:
       counters = getattr(self.counters, phase)
-      counters.add("disk_bytes", sum(q[1] for q in reqs))
+      counters.add("disk_bytes", reqs.nbytes)
       counters.add("disk_requests", len(reqs))
     return _Read(fut, done)
 

@@ -18,20 +18,16 @@ float32 rounding). `HETFLOW_NATIVE=0` forces that fallback.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import jax
 import jax.numpy as jnp
 
 from hetflow.hardware import cpuinfo_field
+from hetflow.memory import compiled
 from hetflow.memory.cache import cache_root
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
@@ -53,13 +49,8 @@ TARGETS = {
 _log = logging.getLogger(__name__)
 
 
-class NativeBuildError(RuntimeError):
-  """The native kernels could not be compiled or loaded."""
-
-
-def compiler() -> str | None:
-  """The C++ compiler to build with: $HETFLOW_CXX, else g++ or c++ on the PATH (None: none)."""
-  return os.environ.get("HETFLOW_CXX") or shutil.which("g++") or shutil.which("c++")
+NativeBuildError = compiled.BuildError  # the kernels could not be compiled or loaded
+compiler = compiled.compiler
 
 
 def _cpu_flags() -> str:
@@ -71,62 +62,21 @@ def _cpu_flags() -> str:
 def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
   """What a built library depends on, hashed: source, compiler (its --version), flags,
   jax's version and the CPU's features."""
-  try:
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
-  except (OSError, subprocess.SubprocessError) as e:
-    raise NativeBuildError(f"the C++ compiler {cxx!r} does not run ({e}); install g++ or set"
-                           " HETFLOW_CXX to a C++17 compiler (HETFLOW_NATIVE=0 silences"
-                           " this).") from None
-  h = hashlib.sha256()
-  for part in (open(SOURCE, "rb").read().decode(), open(NEURON_SOURCE, "rb").read().decode(),
-               cxx, version, " ".join(flags),
-               jax.__version__, _cpu_flags()):
-    h.update(part.encode())
-    h.update(b"\0")
-  return h.hexdigest()[:16]
+  return compiled.build_key([open(SOURCE, "rb").read().decode(),
+                             open(NEURON_SOURCE, "rb").read().decode(),
+                             cxx, compiled.compiler_version(cxx), " ".join(flags),
+                             jax.__version__, _cpu_flags()])
 
 
 def build(cxx: str, directory: str, flags: tuple[str, ...] = FLAGS) -> str:
-  """Compiles matvec.cc into `directory`/<key>/ unless it is there already.
-
-  Args:
-    cxx: the C++ compiler.
-    directory: where built libraries live (each in a folder named by its key).
-    flags: compiler flags.
-
-  Returns:
-    The path of the shared library.
+  """Compiles matvec.cc and neuron.cc into `directory`/<key>/ unless it is there already
+  (`hetflow.memory.compiled.build`); returns the library's path.
 
   Raises:
     NativeBuildError: the compiler is missing or failed (its output in the message).
   """
-  folder = os.path.join(directory, build_key(cxx, flags))
-  path = os.path.join(folder, LIBRARY)
-  if os.path.exists(path):
-    return path
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "build.lock"), "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same key
-    if os.path.exists(path):
-      return path
-    # Written beside its final name and renamed: a reader never sees half a library.
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=folder)
-    os.close(fd)
-    try:
-      cmd = [cxx, *flags, "-I", jax.ffi.include_dir(), SOURCE, NEURON_SOURCE, "-o", tmp]
-      try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-      except (OSError, subprocess.SubprocessError) as e:
-        raise NativeBuildError(f"{' '.join(cmd)} did not run: {e}") from None
-      if done.returncode != 0:
-        raise NativeBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
-                               f"{done.stderr[-2000:]}")
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-  return path
+  return compiled.build(cxx, [SOURCE, NEURON_SOURCE], [*flags, "-I", jax.ffi.include_dir()],
+                        os.path.join(directory, build_key(cxx, flags)), LIBRARY)
 
 
 _registered: ctypes.CDLL | None = None
