@@ -149,6 +149,24 @@ def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
         f" {agree_fed:.2f} (without {agree_plain:.2f})")
   assert fed["precision"] > plain["precision"]
   assert fed["recall"] > 0.95 and agree_fed >= agree_plain - 0.1
+  # The look-ahead with feedback: the next layer's corrected scores on this layer's input,
+  # at most `lookahead_records` uncached records per layer (the surest). The records it
+  # reads are computed as well, so what the computation covers can only grow.
+  cap = 4
+  with Engine(model, "neuron_cluster", options=dict(
+      predictor="trained", predictor_path=trained["predictor_path"],
+      stats_path=trained["stats_path"], cache_bytes="32KiB", audit=True, lookahead=True,
+      lookahead_records=cap)) as engine:
+    out = engine.generate(ids[:1], max_new_tokens=NEW_TOKENS, stop_tokens=())
+  ahead = out.stats["strategy"].details
+  layers = model.config.num_layers
+  print(f"look-ahead (cap {cap}): {ahead['ahead_read_neurons_per_token']:.1f} guessed"
+        f" records per token, {ahead['ahead_unused_neurons_per_token']:.1f} unused, share of"
+        f" misses in flight {ahead['ahead_fraction']:.2f}")
+  assert 0 < ahead["ahead_read_neurons_per_token"] <= cap * (layers - 1)
+  assert ahead["ahead_fraction"] > 0
+  assert ahead["computed_recall"] >= fed["computed_recall"] - 0.02
+  assert float((out.tokens == tokens[:1]).mean()) >= agree_fed - 0.1
 
 
 @pytest.mark.parametrize("guess", ["complement", "random", "none"])

@@ -261,6 +261,17 @@ class ErrorFeedback:
                     score > threshold + margin * abs(threshold))
     return np.flatnonzero(keep)
 
+  def rank(self, layer: int, score: np.ndarray, scale: float, threshold: float,
+           margin: float) -> np.ndarray:
+    """A guess at `layer`'s active neurons from scores on another input (the look-ahead:
+    the layer before's), surest first: positions whose score (corrected where the error
+    is known, against the exact boundary; else against t) clears the boundary by more
+    than margin * |t|, by decreasing clearance. Leaves `select`'s state alone."""
+    corrected = score + scale * self.err[layer]
+    clearance = np.where(self.known[layer], corrected, score - threshold) - margin * abs(threshold)
+    keep = np.flatnonzero(clearance > 0)
+    return keep[np.argsort(-clearance[keep], kind="stable")]
+
   def observe(self, layer: int, positions: np.ndarray, pre: np.ndarray) -> None:
     """Records the exact pre-activations `pre` of the neurons at `positions`
     (-1: none) computed at the token `select` last scored."""

@@ -129,7 +129,13 @@ class NeuronClusterOptions:
       computation misses is only among uncached neurons).
     lookahead_margin: the guess's threshold is the trained predictor's raised
       by this fraction of its magnitude (fewer, surer guesses; wasted reads
-      cost disk time).
+      cost disk time). With `feedback`, a neuron whose error was measured is
+      guessed from its corrected score, raised by the same fraction.
+    lookahead_records: read at most this many guessed, uncached records per
+      layer, the surest first (the largest margin over the guess's threshold):
+      the disk is idle while a layer finishes computing and the next one's
+      attention and predictor run, and this bounds what a wrong guess costs
+      beyond that window. None: every guessed record.
     feedback: a trained predictor's error on each record multiplied at the
       previous decode token (its exact pre-activation comes out of the step)
       corrects that neuron's score at this one
@@ -179,6 +185,7 @@ class NeuronClusterOptions:
   pieces: int = 4
   lookahead: bool = False
   lookahead_margin: float = 1.0
+  lookahead_records: int | None = None
   feedback: bool = True
   feedback_margin: float = -0.1
   threshold_margin: float = 0.0
@@ -204,6 +211,11 @@ class NeuronClusterOptions:
                           ("embed_tier", ("device", "disk"))):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {choices}.")
+    if self.lookahead_records is not None and (
+        not isinstance(self.lookahead_records, int) or isinstance(self.lookahead_records, bool)
+        or self.lookahead_records < 0):
+      raise ValueError(f"lookahead_records={self.lookahead_records!r}; expected an int >= 0"
+                       " or None.")
     for name in ("calibration_tokens", "cluster_size", "io_depth", "pieces", "min_bucket"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -858,14 +870,24 @@ class NeuronCluster(Strategy):
     else:
       outs = [self.predictor.predict(layer, x, h, margin=o.threshold_margin)]
     ahead = o.lookahead and layer + 1 < c.num_layers
-    if ahead:
+    # The guess for the next layer from this layer's input: with feedback, that
+    # layer's scores (corrected where its error is known), ranked surest first.
+    rank = ahead and fb and self.predictor.linear_layers[layer + 1]
+    if rank:
+      outs.append(self.predictor.scores(layer + 1, x))
+    elif ahead:
       nxt = self._fixed[f"layers/{layer + 1}/mlp"]
       outs.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x),
                                          margin=o.lookahead_margin))
     t0 = time.perf_counter()
     got = [np.asarray(m) for m in outs]
     self._timer["wait_input_s"] += time.perf_counter() - t0
-    guess = (np.nonzero(got[-1].reshape(-1, c.intermediate_size).any(0))[0] if ahead else None)
+    guess = None
+    if rank:
+      guess = self._fb.rank(layer + 1, got[-1].reshape(-1), float(got[1]),
+                            self.predictor.thresholds[layer + 1], o.lookahead_margin)
+    elif ahead:
+      guess = np.nonzero(got[-1].reshape(-1, c.intermediate_size).any(0))[0]
     if fb:
       for positions, pre in self._pre[layer]:  # the last token's exact pre-activations
         self._fb.observe(layer, positions, np.asarray(pre))
@@ -941,8 +963,10 @@ class NeuronCluster(Strategy):
     base = area * self.area_cap
     ahead = self._ahead.pop(layer, None)
     read_pos, read_slots = [], []  # for admission
-    # The look-ahead's records: in flight or landed at base, ...; compute them
-    # all (those cached since or read twice are masked out), read the rest.
+    # The look-ahead's records: in flight or landed at base, ...; the rest of the
+    # misses are read first (so the disk's queue never empties), then the
+    # guess's are all computed (those cached since or read twice are masked out).
+    used = 0
     if ahead is not None:
       inflight = np.isin(missing, ahead.positions)
       self.counters.decode.add("ahead_used", int(inflight.sum()))
@@ -950,6 +974,11 @@ class NeuronCluster(Strategy):
       self.counters.decode.add("ahead_landed", sum(r.fut.done() for r in ahead.reads))
       self.counters.decode.add("ahead_pieces", len(ahead.reads))
       missing = missing[~inflight]
+      read_pos.append(ahead.positions)
+      read_slots.append(base + np.arange(len(ahead.positions)))
+      used = -(-len(ahead.positions) // self._min_block) * self._min_block
+
+    def compute_ahead():
       for (off, size), r in zip(ahead.blocks, ahead.reads):
         t0 = time.perf_counter()
         r.wait()
@@ -964,11 +993,6 @@ class NeuronCluster(Strategy):
                                    h, params)
         outs.append(out)
         self._fired.append(fired)
-      read_pos.append(ahead.positions)
-      read_slots.append(base + np.arange(len(ahead.positions)))
-      used = -(-len(ahead.positions) // self._min_block) * self._min_block
-    else:
-      used = 0
     self.counters.decode.add("late_reads", len(missing))
     if o.bridge_gap and len(missing):
       free = self.cache.slot_of[layer] < 0 if self.num_slots else None
@@ -994,6 +1018,9 @@ class NeuronCluster(Strategy):
       if guess is not None:  # queued behind this layer's own reads
         self._look_ahead(layer + 1, guess)
         guess = None
+      if ahead is not None:  # landed or landing while this round's reads queue
+        compute_ahead()
+        ahead = None
       for off, size in blocks:
         t0 = time.perf_counter()
         while reads and reads[0][0] < off + size:
@@ -1013,6 +1040,8 @@ class NeuronCluster(Strategy):
         self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
         self._admit(layer, read_pos, read_slots, cached_outs)
         read_pos, read_slots = [], []
+    if ahead is not None:  # it held every miss
+      compute_ahead()
     self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
     if not o.pipeline:
       cached_part()
@@ -1051,13 +1080,15 @@ class NeuronCluster(Strategy):
     self._slot_pos[slots[ok]] = pos[ok]
 
   def _look_ahead(self, layer, guess):
-    """Starts reading the guessed, uncached records of `layer` into its area."""
+    """Starts reading the guessed, uncached records of `layer` into its area (`guess`
+    surest first or sorted; at most `lookahead_records`, the first of them)."""
     if self.num_slots:
       guess = guess[self.cache.slot_of[layer, guess] < 0]
+    limit = self.options.lookahead_records
+    guess = np.sort(guess[:self.area_cap if limit is None else min(limit, self.area_cap)])
     if self.options.bridge_gap:
       free = self.cache.slot_of[layer] < 0 if self.num_slots else None
-      guess = bundle_store.bridge_gaps(guess, self.options.bridge_gap, free)
-    guess = guess[:self.area_cap]
+      guess = bundle_store.bridge_gaps(guess, self.options.bridge_gap, free)[:self.area_cap]
     if not len(guess):
       return
     area = layer % 2
