@@ -81,6 +81,12 @@ def get_config(arg=None):
       "nc_embed_io32": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
                             embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
                             io_depth=32),
+      # Issue 13's fourth pass: the look-ahead again, now guessing from the next layer's
+      # feedback-corrected scores, the surest `lookahead_records` per layer, read while
+      # the disk would idle (the layer's tail, the next attention and predictor).
+      "nc_ahead": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
+                       embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
+                       lookahead=True, lookahead_margin=0.0, lookahead_records=128),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"

@@ -472,8 +472,8 @@ class ReaderPool:
     self._check(path, buffer, reqs, is_direct)
     total = reqs.nbytes
     k = max(1, min(self.num_workers, len(reqs))) if parallel else 1
-    bounds = np.linspace(0, len(reqs), k + 1).astype(int)
-    batches = [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+    bounds = [i * len(reqs) // k for i in range(k + 1)]
+    batches = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     job = _Job(path, len(batches), total)
     if not batches:
       self._finish(job)
