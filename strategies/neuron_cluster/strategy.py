@@ -534,6 +534,7 @@ class NeuronCluster(Strategy):
     self._fired: list[Any] = []
     self._area_users: list[list[Any]] = [[], []]  # computations reading each staging area
     self._ahead: dict[int, _Ahead] = {}  # look-ahead reads in flight, by the layer they serve
+    self._unsettled = None  # the last decoded layer's bookkeeping (see _settle)
     self._timer = collections.Counter()  # seconds per decode phase
     self._computed = 0  # records multiplied in decode
 
@@ -783,6 +784,7 @@ class NeuronCluster(Strategy):
   def begin(self, phase, num_tokens):
     if self._lanes is not None:
       return self._lanes.begin(phase, num_tokens)
+    self._settle()  # none unless a pass failed before its end
     self._phase = phase if num_tokens == 1 else "prefill"
     if self._phase == "prefill" and self._fb is not None:  # another sequence
       self._fb.reset()
@@ -796,6 +798,7 @@ class NeuronCluster(Strategy):
   def end(self):
     if self._lanes is not None:
       return self._lanes.end()
+    self._settle()
     if self._phase == "decode":
       self._new_shapes_per_token.append(self._step_shapes)
 
@@ -889,8 +892,7 @@ class NeuronCluster(Strategy):
     elif ahead:
       guess = np.nonzero(got[-1].reshape(-1, c.intermediate_size).any(0))[0]
     if fb:
-      for positions, pre in self._pre[layer]:  # the last token's exact pre-activations
-        self._fb.observe(layer, positions, np.asarray(pre))
+      self._observe(layer)  # normally done already, while the next layer read
       active = self._fb.select(layer, got[0].reshape(-1), float(got[1]),
                                self.predictor.thresholds[layer], o.threshold_margin,
                                o.feedback_margin)
@@ -903,6 +905,29 @@ class NeuronCluster(Strategy):
   def _guess(self, layer, positions):
     """The look-ahead's guess for `layer` (a seam for tests: a wrong guess costs reads only)."""
     return positions
+
+  def _observe(self, layer):
+    """Feeds the error feedback the exact pre-activations the step computed for `layer`
+    at its last token."""
+    for positions, pre in self._pre[layer]:
+      self._fb.observe(layer, positions, np.asarray(pre))
+    self._pre[layer] = []
+
+  def _settle(self):
+    """The bookkeeping a layer leaves for later: its records' admission into the cache
+    and its pre-activations for the feedback. Called while the next layer's reads are
+    in flight (the layer's computations are done by then: the next layer's input
+    waited for them), or at the end of the pass, so it is off the disk's critical path;
+    always before the layer's staging area is refilled (two layers on) or its scores
+    are next selected (the next token)."""
+    if self._unsettled is None:
+      return
+    layer, read_pos, read_slots, cached_outs, observe = self._unsettled
+    self._unsettled = None
+    if read_pos:
+      self._admit(layer, read_pos, read_slots, cached_outs)
+    if observe:
+      self._observe(layer)
 
   def _decode(self, layer, params, x, h):
     o, c = self.options, self.config
@@ -957,9 +982,9 @@ class NeuronCluster(Strategy):
           cached_outs.append(self._compute("hot", "pool", first + off, size, pos >= 0, layer,
                                            pos, h, params)[0])
 
-    if o.pipeline:  # computes while the reads land
-      cached_part()
     area = layer % 2
+    if self._unsettled is not None and self._unsettled[0] % 2 == area:
+      self._settle()  # its records lie in the area this layer's reads refill (moe_sparse)
     base = area * self.area_cap
     ahead = self._ahead.pop(layer, None)
     read_pos, read_slots = [], []  # for admission
@@ -977,6 +1002,18 @@ class NeuronCluster(Strategy):
       read_pos.append(ahead.positions)
       read_slots.append(base + np.arange(len(ahead.positions)))
       used = -(-len(ahead.positions) // self._min_block) * self._min_block
+
+    def overlapped():
+      # Once this layer's first reads are queued, while they land: the layer
+      # before's bookkeeping, the next layer's guessed reads (queued behind these),
+      # the cached part's computations, then the guess's records (read by now).
+      self._settle()
+      if guess is not None:
+        self._look_ahead(layer + 1, guess)
+      if o.pipeline:
+        cached_part()
+      if ahead is not None:
+        compute_ahead()
 
     def compute_ahead():
       for (off, size), r in zip(ahead.blocks, ahead.reads):
@@ -1001,6 +1038,7 @@ class NeuronCluster(Strategy):
         free[ahead.positions] = False
       missing = bundle_store.bridge_gaps(missing, o.bridge_gap, free)
     # The rest of the misses, in rounds when they overflow the area.
+    started = False
     while len(missing):
       room = self.area_cap - used
       if room < self._min_block:  # the area is full: wait for its users, start over
@@ -1015,12 +1053,9 @@ class NeuronCluster(Strategy):
       cuts = run_cuts(rnd, [off for off, _ in blocks])
       reads = [(a, self._read(layer, rnd[a:b], "staging", base + used + a, o.pipeline,
                               "decode")) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-      if guess is not None:  # queued behind this layer's own reads
-        self._look_ahead(layer + 1, guess)
-        guess = None
-      if ahead is not None:  # landed or landing while this round's reads queue
-        compute_ahead()
-        ahead = None
+      if not started:
+        overlapped()
+        started = True
       for off, size in blocks:
         t0 = time.perf_counter()
         while reads and reads[0][0] < off + size:
@@ -1040,17 +1075,14 @@ class NeuronCluster(Strategy):
         self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
         self._admit(layer, read_pos, read_slots, cached_outs)
         read_pos, read_slots = [], []
-    if ahead is not None:  # it held every miss
-      compute_ahead()
+    if not started:  # no reads of its own: the guess held every miss, or none
+      overlapped()
     self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
     if not o.pipeline:
       cached_part()
-    if read_pos:
-      self._admit(layer, read_pos, read_slots, cached_outs)
+    fb = self._fb is not None and x.shape[0] * x.shape[1] == 1
+    self._unsettled = (layer, read_pos, read_slots, cached_outs, fb)
     self._area_users[area] = outs
-    # Start the next layer's reads now: they land while this layer computes.
-    if guess is not None:
-      self._look_ahead(layer + 1, guess)
     outs = cached_outs + outs
     if not outs:  # nothing predicted or cached: an exact zero FFN output
       size = self._min_block
