@@ -110,6 +110,9 @@ class NeuronClusterOptions:
     io_depth: reader threads (requests in flight).
     pieces: the missing part is read and computed in blocks of at most
       ~1/pieces of it when pipelining (power-of-two blocks, largest first).
+      Each block costs a read call and a step dispatch on the host; on
+      llama-1b-sparse 2 was 7% faster than 4 and as fast as 1, the step being
+      short next to the reads (WORKSPACE_NOTES.md, seventh session).
     lookahead: while layer i computes, read the uncached records layer i+1's
       predictor picks from layer i's input (the residual stream changes
       little between layers); layer i+1 then reads only what that guess
@@ -182,7 +185,7 @@ class NeuronClusterOptions:
   admit_min: float = 1.5
   pipeline: bool = True
   io_depth: int = 8
-  pieces: int = 4
+  pieces: int = 2
   lookahead: bool = False
   lookahead_margin: float = 1.0
   lookahead_records: int | None = None
