@@ -57,7 +57,7 @@ import numpy as np
 from hetflow import costmodel, simulate
 from hetflow.memory import tiers
 from hetflow.memory.budget import Budget, BudgetExceeded, format_bytes
-from hetflow.memory.cache import cache_root
+from hetflow.memory.cache import cache_root, cached_arrays
 from hetflow.memory.store import fingerprint_digest, model_fingerprint
 from hetflow.models import formats, layers, modules
 from hetflow.sparsity import experts as experts_mod
@@ -186,11 +186,7 @@ def expert_stats(model, options: MoESparseOptions) -> str:
   path = expert_stats_path(model, options.calibration_tokens)
   if not os.path.exists(path):
     ids = calibration_ids(model.config, options.calibration_tokens, length=CALIBRATION_LENGTH)
-    acts = experts_mod.record_expert_activations(model, ids)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    acts.stats.save(tmp)
-    os.replace(tmp, path)
+    cached_arrays(path, lambda: experts_mod.record_expert_activations(model, ids).stats.arrays())
   return path
 
 

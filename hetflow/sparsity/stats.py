@@ -86,12 +86,16 @@ class ActivationStats:
     """[L, F] neuron ids, hottest first (ties by id, so the order is stable)."""
     return np.argsort(-self.counts, axis=1, kind="stable")
 
-  def save(self, path: str) -> None:
+  def arrays(self) -> dict[str, Any]:
+    """What `save` writes and `load` reads back."""
     arrays = dict(counts=self.counts, tokens=self.tokens, threshold=self.threshold,
                   model=self.model)
     if self.coactivation is not None:
       arrays["coactivation"] = self.coactivation
-    np.savez(path, **arrays)
+    return arrays
+
+  def save(self, path: str) -> None:
+    np.savez(path, **self.arrays())
 
   @classmethod
   def load(cls, path: str) -> "ActivationStats":
