@@ -23,6 +23,11 @@ class BuildError(RuntimeError):
   """A native library could not be compiled or loaded."""
 
 
+def switched_off() -> bool:
+  """Whether HETFLOW_NATIVE=0 (or off, false, no) asks for the pure Python / XLA paths."""
+  return os.environ.get("HETFLOW_NATIVE", "1").strip().lower() in ("0", "off", "false", "no")
+
+
 def compiler() -> str | None:
   """The C++ compiler to build with: $HETFLOW_CXX, else g++ or c++ on the PATH (None: none)."""
   return os.environ.get("HETFLOW_CXX") or shutil.which("g++") or shutil.which("c++")

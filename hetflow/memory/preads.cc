@@ -18,13 +18,12 @@ extern "C" {
 // Reads requests [0, n) of one open file, in order, one preadv each. Request i reads
 // at file offset `offsets[i]` into the segments `first[i]` .. `first[i + 1]` - 1, each
 // `length[k]` bytes at address `address[k]`, and must deliver at least `need[i]` bytes.
-// Returns n when every request did; otherwise the index of the first that did not,
-// with its errno in *error (0 when it came back short).
+// Returns n when every request did; otherwise the index of the first that did not
+// (the caller's Python path retries it and reports what went wrong).
 int64_t hetflow_read_batch(int fd, int64_t n, const int64_t* offsets, const int64_t* need,
                            const int64_t* first, const int64_t* address,
-                           const int64_t* length, int* error) {
+                           const int64_t* length) {
   struct iovec iov[kMaxSegments];
-  *error = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t count = first[i + 1] - first[i];
     if (count < 1 || count > kMaxSegments) return i;
@@ -36,10 +35,7 @@ int64_t hetflow_read_batch(int fd, int64_t n, const int64_t* offsets, const int6
     do {
       got = preadv(fd, iov, static_cast<int>(count), offsets[i]);
     } while (got < 0 && errno == EINTR);
-    if (got < need[i]) {
-      *error = got < 0 ? errno : 0;
-      return i;
-    }
+    if (got < need[i]) return i;
   }
   return n;
 }

@@ -195,7 +195,7 @@ _BATCH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preads
 def _batch_loop():
   """The compiled batch loop (``preads.cc``), or None: HETFLOW_NATIVE=0, no compiler, or a
   failed build (one logged warning; the reader's Python loop does the same reads)."""
-  if os.environ.get("HETFLOW_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+  if compiled.switched_off():
     return None
   try:
     cxx = compiled.compiler()
@@ -211,8 +211,7 @@ def _batch_loop():
                  " from Python (slower while the main thread is busy): %s", e)
     return None
   fn.restype = ctypes.c_int64
-  fn.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [
-      ctypes.POINTER(ctypes.c_int)]
+  fn.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5
   return fn
 
 
@@ -574,16 +573,14 @@ class ReaderPool:
     """Reads `reqs` in the compiled loop; returns how many were read in full (in order)."""
     length = reqs.length
     if is_direct:  # a one-segment request reads its last partial block whole, where it fits
-      single = np.diff(reqs.first) == 1
+      count = np.diff(reqs.first)
       rounded = -(-length // PAGE) * PAGE
-      fits = np.repeat(single, np.diff(reqs.first)) & (reqs.dest + rounded <= buffer.nbytes)
+      fits = np.repeat(count == 1, count) & (reqs.dest + rounded <= buffer.nbytes)
       length = np.where(fits, rounded, length)
     address = buffer.ctypes.data + reqs.dest
-    error = ctypes.c_int(0)
     arrays = [np.ascontiguousarray(a, np.int64)
               for a in (reqs.offsets, reqs.sizes, reqs.first, address, length)]
-    return int(self._batch_loop(fd, len(reqs), *(a.ctypes.data for a in arrays),
-                                ctypes.byref(error)))
+    return int(self._batch_loop(fd, len(reqs), *(a.ctypes.data for a in arrays)))
 
   def _read_scattered(self, path: str, buffer: np.ndarray, mv: memoryview,
                       segments: tuple[tuple[int, int], ...], off: int, n: int,

@@ -119,7 +119,7 @@ def _load_once(cxx: str | None) -> bool:
 def enabled() -> bool:
   """Whether hetflow computes matrix-vector products with the native kernels: not when
   HETFLOW_NATIVE=0, nor when they could not be built (one warning says why)."""
-  if os.environ.get("HETFLOW_NATIVE", "1").strip().lower() in ("0", "off", "false", "no"):
+  if compiled.switched_off():
     return False
   return _load(compiler())
 
