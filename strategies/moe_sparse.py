@@ -84,9 +84,11 @@ class MoESparseOptions:
       `predictor_path` holds one predictor per expert (virtual layer i * X + e,
       `python -m experiments.train_predictor --config=configs/sparse/mixtral1b.py`);
       its `stats_path`, if set, expert activation statistics in that order. Set by this
-      strategy: the KV reserve (below) and `lookahead` (off: the next virtual layer is
-      another expert of the same layer); `embed_tier` must stay "device" (the embedding
-      is this strategy's fixed region).
+      strategy: the KV reserve (below), `lookahead` (off: the next virtual layer is
+      another expert of the same layer) and `prefill_admission` (off: a prefill
+      multiplies each expert over every token, routed to it or not, so the prompt's
+      history would count tokens the expert never served); `embed_tier` must stay
+      "device" (the embedding is this strategy's fixed region).
     kv_reserve_tokens: KV positions (batch 1) the plan reserves on the device;
       None: the model's max_position_embeddings.
     calibration_tokens: tokens the expert activation statistics (which order each
@@ -116,7 +118,8 @@ class MoESparseOptions:
     if n.embed_tier != "device":
       raise ValueError(f"neurons.embed_tier={n.embed_tier!r}: the token table is moe_sparse's"
                        " fixed region (on the device), not the experts'; leave it 'device'.")
-    object.__setattr__(self, "neurons", dataclasses.replace(n, kv_reserve_tokens=0))
+    object.__setattr__(self, "neurons", dataclasses.replace(n, kv_reserve_tokens=0,
+                                                            prefill_admission=False))
     t = self.kv_reserve_tokens
     if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t < 0):
       raise ValueError(f"kv_reserve_tokens={t!r}; expected an int >= 0 or None.")

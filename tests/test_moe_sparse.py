@@ -16,6 +16,7 @@ from hetflow.memory.store import StoreMismatchError
 from hetflow.models import formats, native
 from hetflow.sparsity import bundles, experts
 from hetflow.strategy import NotApplicable
+from hetflow.testing.neuron_cache import assert_cache_holds_its_records
 from strategies.moe_offload import MoEOffload
 from strategies.moe_sparse import MoESparse, MoESparseOptions
 
@@ -104,7 +105,7 @@ def test_tokens_equal_resident(model, reference, neurons, tmp_path):
   if neurons.get("cache_bytes") == 0:
     assert d.get("read_neurons") == d.get("predicted") > 0  # no cache: every one is read
   else:
-    cached = _assert_cache_holds_its_records(engine.strategy._inner)
+    cached = assert_cache_holds_its_records(engine.strategy._inner)
     assert cached > 0 or neurons.get("audit")  # 64 KiB holds no whole hot cluster
   if neurons.get("audit"):
     assert s.details["recall"] == 1.0 and s.details["uncomputed_neurons_per_token"] == 0
@@ -112,30 +113,6 @@ def test_tokens_equal_resident(model, reference, neurons, tmp_path):
     assert s.details["disk_bytes_per_token"] == pytest.approx(
         s.details["ideal_bytes_per_token"] * s.details["read_amplification"])
     assert s.details["false_positive_bytes_per_token"] == 0
-
-
-def _assert_cache_holds_its_records(inner):
-  """Every cached slot of a NeuronCluster holds the store's record of the position it
-  is cached for (byte for byte); returns how many were checked."""
-  from hetflow.memory import ReaderPool, aligned_empty
-
-  pa, pb = inner.pool_planes.views(inner.pool, np.uint8, inner.pool_planes.b_nbytes)
-  checked = 0
-  with ReaderPool(2, direct=False) as reader:
-    for layer in range(inner.cache.slot_of.shape[0]):
-      positions = np.flatnonzero(inner.cache.slot_of[layer] >= 0)
-      if not len(positions):
-        continue
-      planes = inner.store.planes(len(positions))
-      buf = aligned_empty(planes.nbytes)
-      reqs = inner.store.planar_requests(positions, planes)
-      reader.read_many(inner.store.file(layer), buf, reqs).result()
-      a, b = planes.views(buf, np.uint8, planes.b_nbytes)
-      slots = inner.cache.slot_of[layer, positions]
-      np.testing.assert_array_equal(pa[slots], a)
-      np.testing.assert_array_equal(pb[slots], b)
-      checked += len(positions)
-  return checked
 
 
 def test_refuses_dense_experts_and_dense_models():

@@ -8,6 +8,7 @@ import pytest
 import hetflow
 from hetflow.engine import Engine
 from hetflow.memory import Budget, BudgetExceeded
+from hetflow.testing.neuron_cache import assert_cache_holds_its_records
 
 NEW_TOKENS = 16
 
@@ -46,6 +47,24 @@ def test_oracle_matches_resident_exactly(reference, options):
       assert s["read_neurons_per_token"] > s["late_read_neurons_per_token"]
     if options.get("hot_policy") == "lru":
       assert s["cache"]["cluster_swaps"] > 0 and s["cluster_swap_bytes_per_token"] > 0
+
+
+def test_prefill_admission_saves_the_first_decode_reads(reference):
+  """The records the prompt used, admitted as the dense prefill reads them, hold the
+  store's bytes, and the first decode token reads less than without them (same tokens)."""
+  model, ids, tokens, _ = reference
+  first_token_bytes = {}
+  for on in (False, True):
+    options = dict(cache_bytes=None, hot_fraction=0.25, prefill_admission=on)
+    with Engine(model, "neuron_cluster", options=options) as engine:
+      out = engine.generate(ids, max_new_tokens=2, stop_tokens=())  # prefill + one decode step
+      np.testing.assert_array_equal(out.tokens, tokens[:, :2])
+      strategy = engine.strategy
+      first_token_bytes[on] = out.stats["strategy"].decode.disk_bytes
+      if on:  # the prompt's records were admitted at the prefill, and hold the right bytes
+        assert strategy.cache.counters.admitted > out.stats["strategy"].decode.get("read_neurons")
+      assert_cache_holds_its_records(strategy)
+  assert first_token_bytes[True] < first_token_bytes[False]
 
 
 def test_audit_counts_with_the_oracle(reference):

@@ -116,7 +116,8 @@ def test_mixtral_predicted_from_shapes_only():
 
 @pytest.mark.parametrize("cache", [0, None])
 def test_counts_match_a_real_run(cache, tmp_path, monkeypatch):
-  """Bytes and requests per token, and hit rate, from a cold start on llama-tiny-sparse."""
+  """Bytes and requests per token, and hit rate, from a cold start on llama-tiny-sparse
+  (the prompt warming the cache, as the prefill's admission does)."""
   monkeypatch.setenv("HETFLOW_CACHE", str(tmp_path))
   model = hetflow.synthetic_model("llama-tiny-sparse", sparsity=0.8, hotness="zipf:1.1")
   # The cost model does not model the look-ahead's guesses (reads on top of the misses).
@@ -127,7 +128,7 @@ def test_counts_match_a_real_run(cache, tmp_path, monkeypatch):
                       options=options) as engine:
     st = engine.generate(ids, max_new_tokens=17, stop_tokens=()).stats["strategy"].details
     counts = cost.decode_counts(model, engine.placement, tokens=st["decode_tokens"],
-                                freq=engine.strategy.frequency)
+                                freq=engine.strategy.frequency, prompt_tokens=ids.shape[1])
   c, cfg = st["cache"], model.config
   active = st["predicted_density"] * cfg.num_layers * cfg.intermediate_size  # per token
   assert counts.predicted == pytest.approx(active, rel=0.3)

@@ -218,6 +218,12 @@ def test_planar_step_matches_the_dense_ffn():
   out2, fired2, pre = bundles.planar_step(c, a, w["down"], h, None, keep, pre=True)
   np.testing.assert_allclose(pre, (h @ w["gate"])[0, -1], rtol=1e-4, atol=1e-5)
   assert int(fired2) == int(fired)
+  # recency: each record's firing count over the tokens, token t weighted recency[t].
+  z = np.maximum(h @ w["gate"], 0) * np.maximum(h @ w["up"], 0) * keep
+  _, _, (pre2, recent) = bundles.planar_step(c, a, w["down"], h, None, keep, pre=True,
+                                              recency=np.array([0.5, 1.0], np.float32))
+  np.testing.assert_array_equal(recent, 0.5 * (z[0, 0] != 0) + 1.0 * (z[0, 1] != 0))
+  np.testing.assert_array_equal(pre2, pre)
 
 
 def test_error_feedback_corrects_a_low_rank_score():
@@ -301,6 +307,27 @@ def test_frequency_admission_resists_scans():
     pos, _, missing = lru.lookup(0, active)
     lru.admit(0, missing)
   assert not np.isin(steady, pos).any()
+
+
+def test_a_prompt_counts_as_decode_steps_for_admission():
+  """begin_prompt / admit_prompt: the prompt's tokens enter the admission filter's
+  history as that many steps (old activity decayed by decay**tokens), then the
+  uncached records it used are offered and admitted by the usual rule (>= admit_min,
+  hottest first)."""
+  cache = SegmentedCache(num_layers=1, num_neurons=32, num_slots=4, hot_slots=0,
+                         cluster_size=4, decay=0.5, admit_min=1.5)
+  cache.activity[0, 3] = 8.0  # active in an earlier request
+  positions = np.arange(8)
+  recent = np.array([0, 2.0, 1.0, 0.5, 1.75, 0, 3.0, 1.5])  # from the step's recency output
+  cache.begin_prompt(0, tokens=2)
+  offered, slots = cache.admit_prompt(0, positions, recent)
+  np.testing.assert_array_equal(offered, [1, 2, 3, 4, 6, 7])
+  assert cache.activity[0, 3] == 8.0 * 0.25 + 0.5
+  admitted = set(offered[slots >= 0].tolist())
+  assert admitted == {1, 3, 4, 6}  # the four hottest of those >= 1.5 (2.5, 1.75, 2, 3)
+  # Cached records are not offered again.
+  offered, _ = cache.admit_prompt(0, positions, recent)
+  assert not set(offered.tolist()) & admitted
 
 
 def test_cluster_lru_swaps_in_an_active_cluster():

@@ -21,8 +21,10 @@ active, uncached neurons): see `python -m experiments.sparse_audit --config=<thi
 neurons read). The ablation rows add bundling, cache (scan-resistant admission),
 pipeline and look-ahead (layer i+1's reads started while layer i computes) one at
 a time; nc_feedback (pipeline + the predictor's error fed back, no look-ahead) is
-neuron_cluster's defaults; the last row (nc_embed) also keeps the token table on
-disk (one 8 KiB row read per token) and gives its bytes to the neuron cache.
+neuron_cluster's defaults before the prefill's admission; nc_embed also keeps the
+token table on disk (one 8 KiB row read per token) and gives its bytes to the
+neuron cache; the last row (nc_prefill, all of neuron_cluster's defaults) also
+admits the records the prompt used into the cache as the dense prefill reads them.
 memory_limit stays empty: the machine is shared.
 """
 
@@ -37,12 +39,14 @@ def get_config(arg=None):
                    new_tokens=16, repeats=1, timeline=False, timeout_s=1800)
   c.model.kwargs = dict(sparsity=0.9, hotness="zipf:1.1")
   c.order = ("layerwise,nc_baseline,nc_bundling,nc_cache,nc_pipeline,nc_lookahead,nc_feedback,"
-             "nc_embed")
+             "nc_embed,nc_prefill")
   c.systems.layerwise = dict(kind="hetflow", strategy="layerwise", options=dict(
       offload_tier="disk", resident_layers="auto", prefetch_depth=2, kv_reserve_tokens=256))
+  # Every row but the last leaves the cache as the previous request left it (the
+  # mechanisms as they were added); the last adds the prefill's admission.
   common = dict(predictor="trained", predictor_path=f"{WORKDIR}/predictor",
                 stats_path=f"{WORKDIR}/stats.npz", kv_reserve_tokens=372,
-                staging_bytes="64MiB")
+                staging_bytes="64MiB", prefill_admission=False)
   # PowerInfer-2's ablation: each row adds one mechanism to the one before.
   rows = {
       "nc_baseline": dict(layout="split", cache_bytes=0, pipeline=False, lookahead=False,
@@ -82,6 +86,12 @@ def get_config(arg=None):
       "nc_embed": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
                        embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
                        staging_bytes="24MiB"),
+      # Eighth session: the dense prefill's records the prompt used go into the cache
+      # (by the admission rule, the prompt's tokens counted as decode steps), so the
+      # first decode tokens of a new request stop re-reading them (neuron_cluster's default).
+      "nc_prefill": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
+                         embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
+                         staging_bytes="24MiB", prefill_admission=True),
       "nc_embed_io16": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
                             embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
                             staging_bytes="24MiB", io_depth=16),

@@ -265,7 +265,8 @@ def measure_scaled(section, out=None) -> dict[str, Any]:
                     hit_rate=(cache["hot_hits"] + cache["cold_hits"]) / active,
                     predicted_neurons=active / steps)
     freq = nc.frequency  # recorded statistics, hottest first: the law the run follows
-    counts = decode_counts(model, engine.placement, tokens=steps, freq=freq)
+    counts = decode_counts(model, engine.placement, tokens=steps, freq=freq,
+                           prompt_tokens=section.prompt_tokens)
     predicted = dict(disk_bytes=counts.disk_bytes, requests=counts.requests,
                      hit_rate=counts.cache.hit_rate, predicted_neurons=counts.predicted)
     second = engine.generate(ids, max_new_tokens=section.new_tokens, stop_tokens=())

@@ -25,7 +25,7 @@ def neuron_matrices(config: ModelConfig) -> tuple[str, ...]:
   return ("up", "down") if config.arch == "opt" else ("gate", "up", "down")
 
 
-def planar_step(config: ModelConfig, a, b, h, bias, valid, pre: bool = False):
+def planar_step(config: ModelConfig, a, b, h, bias, valid, pre: bool = False, recency=None):
   """The FFN over a contiguous block of neuron records held planar
   (neuron_cluster's sparse step; jit it with `functools.partial(planar_step, config)`).
 
@@ -44,6 +44,10 @@ def planar_step(config: ModelConfig, a, b, h, bias, valid, pre: bool = False):
     pre: also return each record's selecting pre-activation (Llama: gate,
       OPT: up, bias included) at the last token, [n] (a predictor's exact
       target: `hetflow.sparsity.predictor.ErrorFeedback`).
+    recency: [T] weights of the pass's tokens; with `pre`, the third output is
+      then the pair (those pre-activations, each record's count of the tokens it
+      fired at, token t weighted recency[t], [n]: a prefill's history for the
+      cache's admission filter).
 
   Returns:
     ([B, T, D] the block's contribution, how many of its neurons fired), and
@@ -56,7 +60,15 @@ def planar_step(config: ModelConfig, a, b, h, bias, valid, pre: bool = False):
     y = y + bias
   z, fired = _activate(config, y, valid)
   out = jnp.einsum("BTn,nD->BTD", z, b)
-  return (out, fired, _selecting(y)) if pre else (out, fired)
+  return (out, fired, _third(y, z, recency)) if pre else (out, fired)
+
+
+def _third(y, z, recency):
+  """A step's third output: the selecting pre-activations at the last token, and with
+  `recency` [T] the records' recency-weighted firing counts over the tokens, [n]."""
+  if recency is None:
+    return _selecting(y)
+  return _selecting(y), jnp.einsum("BTn,T->n", (z != 0).astype(jnp.float32), recency)
 
 
 def _selecting(y):
@@ -368,7 +380,7 @@ def _native(codec: RecordCodec, rows: int) -> bool:
 
 
 def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_of, h, bias,
-                   valid, pre: bool = False):
+                   valid, pre: bool = False, recency=None):
   """`planar_step` over quantized records (jit it with the config and codec bound).
 
   Args:
@@ -381,7 +393,7 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
     h: [B, T, D] the normed input.
     bias: [n, M] the input rows' biases, or None.
     valid: as `planar_step`.
-    pre: as `planar_step`.
+    pre, recency: as `planar_step`.
 
   Returns:
     ([B, T, D] the block's contribution in h's dtype, how many of its neurons fired), and
@@ -399,6 +411,7 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
   if bias is not None:
     y = y + bias
   z, fired = _activate(config, y, valid)
+  third = _third(y, z, recency) if pre else None
   z = z.reshape(-1, n).astype(jnp.float32)
   if _native(codec, x.shape[0]):
     out = jax.lax.platform_dependent(
@@ -407,7 +420,7 @@ def quantized_step(config: ModelConfig, codec: RecordCodec, a, b, table, group_o
   else:
     out = _down_product_xla(codec, z, b, table, group_of)
   out = out.reshape(h.shape).astype(h.dtype)
-  return (out, fired, _selecting(y)) if pre else (out, fired)
+  return (out, fired, third) if pre else (out, fired)
 
 
 def quantized_gather_step(config: ModelConfig, codec: RecordCodec, a, b, idx, table, group_of,

@@ -270,6 +270,26 @@ class SegmentedCache:
     self.counters.rejected += len(positions) - admitted
     return out
 
+  def begin_prompt(self, layer: int, tokens: int) -> None:
+    """A prompt of `tokens` tokens counts as that many steps of `layer`'s admission
+    history: its activity decays by decay**tokens (before `admit_prompt` adds the
+    prompt's own). The hot clusters' activity (cluster LRU) counts decode steps only."""
+    self.activity[layer] *= self.decay ** tokens
+
+  def admit_prompt(self, layer: int, positions: np.ndarray, recent: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """After a dense prefill read `positions` of `layer` (once `begin_prompt`): adds
+    `recent`, their firing counts over the prompt (the token i from its end weighted
+    decay**i, as i decode steps would count it), to their activity, then admits the
+    uncached ones the prompt used by the usual rule, at the price of a copy.
+
+    Returns:
+      (the uncached positions offered, their slots: -1 where none was given).
+    """
+    self.activity[layer, positions] += recent
+    offered = positions[(recent > 0) & (self.slot_of[layer, positions] < 0)]
+    return offered, self.admit(layer, offered)
+
   def _touched_now(self, layer: int) -> int:
     # Set by the strategy before admit: how many cold entries this step protects.
     return getattr(self, "_protected", 0)

@@ -141,7 +141,7 @@ def _che_horizon(p: np.ndarray, slots: int) -> float:
 def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
                    cluster_size: int = 32, tokens: int | None = None,
                    coalesce: bool = True, admission: str = "all", admit_decay: float = 0.9,
-                   admit_min: float = 1.5) -> CacheEstimate:
+                   admit_min: float = 1.5, warm_tokens: int = 0) -> CacheEstimate:
   """Expected hits, misses and read requests per token for a segmented cache.
 
   Args:
@@ -159,6 +159,9 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
       non-hot neurons (modelled as exactly those, an LFU); from a cold start
       neuron i is in by step t with probability 1 - exp(-t p_i w_i), w_i the
       chance that it was also active within the window admit_min asks for.
+    warm_tokens: with `tokens`, steps of history the cold region had before the
+      first one averaged over (a prompt's tokens, which neuron_cluster's
+      `prefill_admission` counts as decode steps).
 
   Returns:
     A CacheEstimate.
@@ -182,11 +185,11 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
   horizon = math.floor(horizon) if math.isfinite(horizon) else horizon
   log1m = np.log1p(-np.minimum(freq, 1 - 1e-12))
   if admission == "frequency":
-    hit = _lfu_hits(freq, hot, cold_slots, tokens, log1m, admit_decay, admit_min)
+    hit = _lfu_hits(freq, hot, cold_slots, tokens, log1m, admit_decay, admit_min, warm_tokens)
   elif tokens is None:
     hit = -np.expm1(horizon * log1m) if math.isfinite(horizon) else np.ones_like(freq)
   else:  # step t of a cold start remembers min(t, T) tokens
-    steps = [min(t, horizon) for t in range(max(tokens, 1))]
+    steps = [min(t, horizon) for t in range(warm_tokens, warm_tokens + max(tokens, 1))]
     hit = np.mean([-np.expm1(s * log1m) for s in steps], axis=0)
   hit = np.where(hot, 1.0, hit)
   if slots <= 0:
@@ -202,7 +205,7 @@ def estimate_cache(freq: np.ndarray, slots: int, hot_fraction: float = 0.5,
                        requests=requests, cold_horizon=horizon)
 
 
-def _lfu_hits(freq, hot, cold_slots, tokens, log1m, decay, admit_min) -> np.ndarray:
+def _lfu_hits(freq, hot, cold_slots, tokens, log1m, decay, admit_min, warm=0) -> np.ndarray:
   """Hit probabilities of a frequency-admitted cold region (see estimate_cache)."""
   member = np.zeros(freq.shape, bool)
   if cold_slots > 0:
@@ -215,5 +218,5 @@ def _lfu_hits(freq, hot, cold_slots, tokens, log1m, decay, admit_min) -> np.ndar
   w = 0 if admit_min <= 1 else (math.log(admit_min - 1) / math.log(decay) if decay > 0 else 0)
   prior = -np.expm1(max(w, 0) * log1m) if admit_min > 1 else np.ones_like(freq)
   rate = freq * prior  # admissions per token
-  steps = np.arange(max(tokens, 1))[:, None, None]
+  steps = np.arange(warm, warm + max(tokens, 1))[:, None, None]
   return member * np.mean(-np.expm1(-steps * rate[None]), axis=0)

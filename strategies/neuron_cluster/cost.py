@@ -301,14 +301,16 @@ class DecodeCounts:
 
 
 def decode_counts(model, placement: Placement, tokens: int | None = None,
-                  freq: np.ndarray | None = None, precision: float | None = None
-                  ) -> DecodeCounts:
+                  freq: np.ndarray | None = None, precision: float | None = None,
+                  prompt_tokens: int = 0) -> DecodeCounts:
   """Expected neurons, bytes and requests read per decode token of a plan.
 
   Args:
     model: shapes and activation law.
     placement: a neuron_cluster placement (or `shape_placement`'s).
     tokens: cold-start decode steps to average over (None: steady state).
+    prompt_tokens: with `tokens`, the prompt before them, which warms the cache
+      as that many steps would where `prefill_admission` is on.
     freq: [L, N] firing probabilities to use instead of the model's law (e.g.
       the strategy's recorded statistics, hottest first).
     precision: share of predicted neurons that fire (default: 1 for the
@@ -339,7 +341,7 @@ def decode_counts(model, placement: Placement, tokens: int | None = None,
       precision = TRAINED_PRECISION
   cache = estimate_cache(freq, s.cache_slots, o.hot_fraction, o.cluster_size, tokens,
                          o.coalesce and o.layout == "bundled", o.admission, o.admit_decay,
-                         o.admit_min)
+                         o.admit_min, prompt_tokens if o.prefill_admission else 0)
   # Falsely predicted neurons do not fire, so they are not the hot ones: they
   # all miss, and coalesce as the true misses do. (On llama-1b-sparse this
   # reproduced the measured hot share of predicted neurons, 19.6%.)

@@ -50,7 +50,7 @@ import numpy as np
 from hetflow.memory import bundle_store, tiers
 from hetflow.memory import store as layer_store
 from hetflow.memory.budget import parse_bytes
-from hetflow.memory.buffers import PAGE, aligned_empty, round_up
+from hetflow.memory.buffers import PAGE, aligned_empty, is_aligned, round_up
 from hetflow.memory.cache import cache_root
 from hetflow.memory.reader import ReaderPool, ReadError, Requests
 from hetflow.models import formats, modules
@@ -104,6 +104,11 @@ class NeuronClusterOptions:
       exceed the region).
     admit_decay: per-token decay of the activity counts admission uses.
     admit_min: activity a miss needs to be admitted (see SegmentedCache).
+    prefill_admission: a dense prefill reads every record anyway: the records
+      its prompt used (by the same admission rule, the prompt's tokens counted
+      as decode steps) are copied into the cold region before their staging
+      area is refilled, so the first decode tokens of a new request do not
+      read them again.
     pipeline: overlap reads with compute (reads in flight on `io_depth`
       threads, cached part computed meanwhile, missing part in `pieces`
       pieces as they land); False reads one request at a time, then computes.
@@ -183,6 +188,7 @@ class NeuronClusterOptions:
   admission: Literal["frequency", "all"] = "frequency"
   admit_decay: float = 0.9
   admit_min: float = 1.5
+  prefill_admission: bool = True
   pipeline: bool = True
   io_depth: int = 8
   pieces: int = 2
@@ -538,6 +544,7 @@ class NeuronCluster(Strategy):
     self._area_users: list[list[Any]] = [[], []]  # computations reading each staging area
     self._ahead: dict[int, _Ahead] = {}  # look-ahead reads in flight, by the layer they serve
     self._unsettled = None  # the last decoded layer's bookkeeping (see _settle)
+    self._prompt_records: list[list[tuple]] = [[], []]  # per staging area (_admit_prompt)
     self._timer = collections.Counter()  # seconds per decode phase
     self._computed = 0  # records multiplied in decode
 
@@ -621,9 +628,13 @@ class NeuronCluster(Strategy):
         a, b = planes.views(buf, np.uint8, planes.b_nbytes)
       else:
         a, b = planes.views(buf, self.model.dtype, self.config.hidden_size)
-      v = (jax.device_put(a[start:start + size], self._sharding),
-           jax.device_put(b[start:start + size], self._sharding))
-      self._views[key] = v
+      a, b = a[start:start + size], b[start:start + size]
+      v = jax.device_put(a, self._sharding), jax.device_put(b, self._sharding)
+      # jax aliases 64-byte-aligned memory (hetflow/memory/buffers.py) and copies the
+      # rest: a copy would go stale as reads and admissions refill the buffer, so one
+      # is made afresh at each use (tiny quantized records: rows of a few dozen bytes).
+      if is_aligned(a, 64) and is_aligned(b, 64):
+        self._views[key] = v
     return v
 
   def _blocks(self, n: int, pieces: int = 1, exact: bool = False) -> list[tuple[int, int]]:
@@ -642,29 +653,33 @@ class NeuronCluster(Strategy):
       left -= size
     return out
 
-  def _compute(self, kind, which, start, size, valid, layer, positions, h, params):
-    """One block's contribution; `positions` [size] (-1: none) give the biases."""
+  def _compute(self, kind, which, start, size, valid, layer, positions, h, params,
+               recency=None):
+    """One block's contribution; `positions` [size] (-1: none) give the biases.
+    Returns (out, fired, the step's third output: see `_block`)."""
     key = (kind, size, h.shape)
     if key not in self._shapes:
       self._shapes.add(key)
       self._step_shapes += 1
-    out, fired, pre = self._block(which, start, size, valid, layer, positions, h)
+    out, fired, third = self._block(which, start, size, valid, layer, positions, h, recency)
     if self._phase == "decode":
       self._computed += int(valid.sum()) if isinstance(valid, np.ndarray) else int(valid)
       if self._fb is not None:  # read at this layer's next token (long done by then)
-        self._pre[layer].append((np.asarray(positions), pre))
-    return out, fired
+        self._pre[layer].append((np.asarray(positions), third))
+    return out, fired, third
 
-  def _block(self, which, start, size, valid, layer, positions, h):
-    """The step over slots [start, start + size) of a planar buffer: (out, fired, pre)."""
+  def _block(self, which, start, size, valid, layer, positions, h, recency=None):
+    """The step over slots [start, start + size) of a planar buffer: (out, fired, the
+    last token's selecting pre-activations; with `recency` [T], those and the
+    records' recency-weighted firing counts over the pass's tokens)."""
     a, b = self._view(which, start, size)
     bias = None
     if layer in self._bias:
       bias = self._bias[layer][np.maximum(positions, 0)]
     if self.codec.quantized:
       table, group_of = self._quantized_args(layer, np.asarray(positions))
-      return self._qstep(a, b, table, group_of, h, bias, valid)
-    return self._step(a, b, h, bias, valid)
+      return self._qstep(a, b, table, group_of, h, bias, valid, recency=recency)
+    return self._step(a, b, h, bias, valid, recency=recency)
 
   def _gather_block(self, idx, valid, layer, h):
     """The step over the pool's slots `idx`: (out, fired, pre)."""
@@ -788,6 +803,7 @@ class NeuronCluster(Strategy):
     if self._lanes is not None:
       return self._lanes.begin(phase, num_tokens)
     self._settle()  # none unless a pass failed before its end
+    self._prompt_records = [[], []]  # a failed prefill's: its areas may be refilled since
     self._phase = phase if num_tokens == 1 else "prefill"
     if self._phase == "prefill" and self._fb is not None:  # another sequence
       self._fb.reset()
@@ -802,6 +818,10 @@ class NeuronCluster(Strategy):
     if self._lanes is not None:
       return self._lanes.end()
     self._settle()
+    for area, users in enumerate(self._area_users):
+      if self._prompt_records[area]:
+        jax.block_until_ready(users)
+        self._admit_prompt(area)
     if self._phase == "decode":
       self._new_shapes_per_token.append(self._step_shapes)
 
@@ -824,7 +844,7 @@ class NeuronCluster(Strategy):
       if self._phase == "decode":
         parts = self._decode(layer, params, x, h)
       else:
-        parts = self._prefill(layer, params, h)
+        parts = self._prefill(layer, params, x, h)
     except OSError as e:  # the reads of this layer's neurons (and any hot-cache swap)
       raise ReadError(e.errno or errno.EIO,
                       f"neuron_cluster: reading layer {layer}'s neurons from"
@@ -834,11 +854,23 @@ class NeuronCluster(Strategy):
       acc = self._add(acc, p)
     return acc
 
-  def _prefill(self, layer, params, h):
-    """Dense: stream the layer's records in chunks, double-buffered in the two areas."""
-    f = self.config.intermediate_size
+  def _prefill(self, layer, params, x, h):
+    """Dense: stream the layer's records in chunks, double-buffered in the two areas.
+    The prefill computes every record, so it also leaves what the first decode steps
+    would otherwise learn by reading: with `prefill_admission`, each chunk's records
+    the prompt used are offered to the cache before its area is refilled
+    (`_admit_prompt`); with `feedback` (batch 1), every record's error at the prompt's
+    last token is measured (`_seed_feedback`)."""
+    o, f = self.options, self.config.intermediate_size
     half = self.area_cap
     chunks = [(s, min(half, f - s)) for s in range(0, f, half)]
+    recency = None
+    if o.prefill_admission and self.cache.cold_slots:
+      # Token i from the prompt's end weighs decay**i, as i decode steps would.
+      tokens = h.shape[1]
+      recency = jnp.asarray(o.admit_decay ** np.arange(tokens - 1, -1, -1), jnp.float32)
+      self.cache.begin_prompt(layer, tokens)
+    seed = self._seed_feedback(layer, x)
 
     def submit(k):
       s, n = chunks[k]
@@ -848,6 +880,7 @@ class NeuronCluster(Strategy):
       # before it is refilled.
       jax.block_until_ready(self._area_users[area])
       self._area_users[area] = []
+      self._admit_prompt(area)
       return self._read(layer, np.arange(s, s + n), "staging", area * half, True, "prefill")
 
     outs, pending = [], submit(0)
@@ -859,11 +892,47 @@ class NeuronCluster(Strategy):
       for off, size in self._blocks(n):
         pos = np.arange(s + off, s + off + size)
         valid = pos < s + n
-        out, _ = self._compute("prefill", "staging", base + off, size, valid, layer,
-                               np.where(valid, pos, -1), h, params)
+        positions = np.where(valid, pos, -1)
+        out, _, third = self._compute("prefill", "staging", base + off, size, valid, layer,
+                                      positions, h, params, recency)
+        pre, recent = third if recency is not None else (third, None)
         outs.append(out)
         self._area_users[k % 2].append(out)
+        if seed:  # observed at the layer's first decode step (_predict)
+          self._pre[layer].append((positions, pre))
+        if recency is not None:
+          n_valid = int(valid.sum())
+          self._prompt_records[k % 2].append(
+              (layer, pos[:n_valid], base + off + np.arange(n_valid), recent))
     return outs
+
+  def _seed_feedback(self, layer, x):
+    """With error feedback on a batch-1 prompt: scores the predictor at the prompt's
+    last token, so that the exact pre-activations the prefill computes for every
+    record give every neuron's error (`ErrorFeedback.observe`) for the first decode
+    step, as a decode step does for the records it computed. True if so."""
+    if self._fb is None or x.shape[0] != 1 or not self.predictor.linear_layers[layer]:
+      return False
+    o, last = self.options, x[:, -1:]
+    score, scale = self.predictor.scores(layer, last), self._rms(last)
+    self._fb.select(layer, np.asarray(score).reshape(-1), float(scale),
+                    self.predictor.thresholds[layer], o.threshold_margin, o.feedback_margin)
+    return True
+
+  def _admit_prompt(self, area):
+    """Copies the records of staging `area` that the cache admits on the prompt's
+    history (`SegmentedCache.admit_prompt`) into the cold region: the first decode
+    steps then read what the prompt's last tokens used only if the cache had no
+    room. Called once the area's computations are done (before a refill, or at the
+    end of the prefill pass)."""
+    for layer, positions, staged, recent in self._prompt_records[area]:
+      recent = np.asarray(recent)[:len(positions)]
+      offered, slots = self.cache.admit_prompt(layer, positions, recent)
+      ok = slots >= 0
+      if ok.any():
+        self._copy_to_pool(staged[np.searchsorted(positions, offered[ok])], slots[ok],
+                           offered[ok])
+    self._prompt_records[area] = []
 
   def _predict(self, layer, x, h):
     """This layer's predicted positions and, with look-ahead, the next layer's
@@ -1029,8 +1098,8 @@ class NeuronCluster(Strategy):
         valid = pos >= 0
         if self.num_slots:
           valid &= self.cache.slot_of[layer, np.maximum(pos, 0)] < 0
-        out, fired = self._compute("staging", "staging", base + off, size, valid, layer, pos,
-                                   h, params)
+        out, fired, _ = self._compute("staging", "staging", base + off, size, valid, layer,
+                                      pos, h, params)
         outs.append(out)
         self._fired.append(fired)
     self.counters.decode.add("late_reads", len(missing))
@@ -1067,8 +1136,8 @@ class NeuronCluster(Strategy):
         pos = np.full(size, -1, np.int64)
         part = rnd[off:off + size]
         pos[:len(part)] = part
-        out, fired = self._compute("staging", "staging", base + used + off, size, pos >= 0,
-                                   layer, pos, h, params)
+        out, fired, _ = self._compute("staging", "staging", base + used + off, size,
+                                      pos >= 0, layer, pos, h, params)
         outs.append(out)
         self._fired.append(fired)
       read_pos.append(rnd)
@@ -1108,11 +1177,15 @@ class NeuronCluster(Strategy):
       return
     # The cold partition's block may still be computing: the aliasing rule.
     jax.block_until_ready(cached_outs)
+    self._copy_to_pool(st[ok], slots[ok], pos[ok])
+
+  def _copy_to_pool(self, staged, slots, positions):
+    """Copies the records at staging slots `staged` (of `positions`) to pool `slots`."""
     sa, sb = self.st_planes.views(self.staging, np.uint8, self.st_planes.b_nbytes)
     pa, pb = self.pool_planes.views(self.pool, np.uint8, self.pool_planes.b_nbytes)
-    pa[slots[ok]] = sa[st[ok]]
-    pb[slots[ok]] = sb[st[ok]]
-    self._slot_pos[slots[ok]] = pos[ok]
+    pa[slots] = sa[staged]
+    pb[slots] = sb[staged]
+    self._slot_pos[slots] = positions
 
   def _look_ahead(self, layer, guess):
     """Starts reading the guessed, uncached records of `layer` into its area (`guess`
