@@ -117,9 +117,10 @@ def test_misses_cost_reads_never_correctness(trained, reference, neurons, tmp_pa
       calls.append((layer, np.asarray(x), np.asarray(out), list(current)))
     return out
 
-  def record_compute(self, kind, which, start, size, valid, layer, positions, h, params):
+  def record_compute(self, kind, which, start, size, valid, layer, positions, h, params,
+                     recency=None):
     current.append(np.asarray(positions)[np.asarray(valid, bool)])
-    return compute(self, kind, which, start, size, valid, layer, positions, h, params)
+    return compute(self, kind, which, start, size, valid, layer, positions, h, params, recency)
 
   def record_gathered(self, kind, slots, layer, h):
     current.append(self._slot_pos[np.asarray(slots)])

@@ -545,6 +545,7 @@ class NeuronCluster(Strategy):
     self._ahead: dict[int, _Ahead] = {}  # look-ahead reads in flight, by the layer they serve
     self._unsettled = None  # the last decoded layer's bookkeeping (see _settle)
     self._prompt_records: list[list[tuple]] = [[], []]  # per staging area (_admit_prompt)
+    self._whole: dict[tuple[int, str], bool] = {}  # (layer, "hot"/"cold"): multiplied whole
     self._timer = collections.Counter()  # seconds per decode phase
     self._computed = 0  # records multiplied in decode
 
@@ -718,6 +719,24 @@ class NeuronCluster(Strategy):
     outs += [self._gather_block(np.zeros(size, np.int32), np.zeros(size, bool), 0, h)
              for size in sorted(gathers)]
     jax.block_until_ready(outs)
+
+  def _whole_block(self, layer, kind, h, params):
+    """The contributions of `layer`'s hot clusters or cold partition, multiplied whole."""
+    if kind == "cold":
+      first, n = self.cache.cold_range(layer)
+      valid = self.cache.cold_valid(layer)
+      pos = np.where(valid, self._slot_pos[first:first + n], -1)
+      return [self._compute("cold", "pool", first, n, valid, layer, pos, h, params)[0]]
+    first, n = self.cache.hot_range(layer)
+    outs = []
+    # Blocks are padded to the smallest size, except at the pool's end.
+    exact = first + -(-n // self._min_block) * self._min_block > self.pool_planes.slots
+    for off, size in self._blocks(n, exact=exact):
+      pos = self._slot_pos[first + off:first + off + size].copy()
+      pos[max(0, n - off):] = -1  # a block's tail past the layer's clusters
+      outs.append(self._compute("hot", "pool", first + off, size, pos >= 0, layer, pos, h,
+                                params)[0])
+    return outs
 
   def _gathered(self, kind, slots, layer, h):
     """The contributions of the pool's records at `slots`, gathered in power-of-two blocks."""
@@ -934,9 +953,10 @@ class NeuronCluster(Strategy):
                            offered[ok])
     self._prompt_records[area] = []
 
-  def _predict(self, layer, x, h):
+  def _predict(self, layer, x, h, before_wait=None):
     """This layer's predicted positions and, with look-ahead, the next layer's
-    guess from this layer's input (one sync for both)."""
+    guess from this layer's input (one sync for both). `before_wait()` runs once
+    the predictor's computations are dispatched, before the host waits for them."""
     o, c = self.options, self.config
     fb = (self._fb is not None and x.shape[0] * x.shape[1] == 1
           and self.predictor.linear_layers[layer])
@@ -954,6 +974,12 @@ class NeuronCluster(Strategy):
       nxt = self._fixed[f"layers/{layer + 1}/mlp"]
       outs.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x),
                                          margin=o.lookahead_margin))
+    if self._fb is not None:
+      if fb:
+        self._observe(layer)  # the last token's (normally done already, while reading)
+      self._pre[layer] = []  # from here on: this token's pre-activations
+    if before_wait is not None:
+      before_wait()
     t0 = time.perf_counter()
     got = [np.asarray(m) for m in outs]
     self._timer["wait_input_s"] += time.perf_counter() - t0
@@ -964,14 +990,11 @@ class NeuronCluster(Strategy):
     elif ahead:
       guess = np.nonzero(got[-1].reshape(-1, c.intermediate_size).any(0))[0]
     if fb:
-      self._observe(layer)  # normally done already, while the next layer read
       active = self._fb.select(layer, got[0].reshape(-1), float(got[1]),
                                self.predictor.thresholds[layer], o.threshold_margin,
                                o.feedback_margin)
     else:
       active = np.nonzero(got[0].reshape(-1, c.intermediate_size).any(0))[0]
-    if self._fb is not None:
-      self._pre[layer] = []
     return active, (self._guess(layer + 1, guess) if ahead else None)
 
   def _guess(self, layer, positions):
@@ -1003,7 +1026,21 @@ class NeuronCluster(Strategy):
 
   def _decode(self, layer, params, x, h):
     o, c = self.options, self.config
-    active, guess = self._predict(layer, x, h)
+    cached_outs, early = [], set()
+
+    def cached_early():
+      # A cached block this layer multiplied whole at the last token does not depend
+      # on the prediction: the device computes it while the host waits for the
+      # predictor, selects and queues the reads (serial with the device otherwise).
+      # Pipelined, static hot clusters only (an LRU swap refills the hot block after this).
+      if not self.num_slots or not o.pipeline or o.hot_policy != "static":
+        return
+      for kind in ("hot", "cold"):
+        if self._whole.get((layer, kind)):
+          cached_outs.extend(self._whole_block(layer, kind, h, params))
+          early.add(kind)
+
+    active, guess = self._predict(layer, x, h, cached_early)
     if o.hot_policy == "lru" and self.num_slots:
       self._swap_hot(layer)
     self.counters.decode.add("predicted", len(active))
@@ -1022,7 +1059,7 @@ class NeuronCluster(Strategy):
       _, hit_slots, missing = self.cache.lookup(layer, active)
     else:
       hit_slots, missing = active[:0], active
-    outs, cached_outs = [], []
+    outs = []
 
     def cached_part():
       # A layer's cached records are two blocks (hot clusters, cold partition),
@@ -1031,28 +1068,17 @@ class NeuronCluster(Strategy):
       # unless the block is large next to its hits: then the hits are gathered.
       if not self.num_slots:
         return
-      hot_first, hot_n = self.cache.hot_range(layer)
-      cold_first, cold_n = self.cache.cold_range(layer)
-      for first, n, kind in ((hot_first, hot_n, "hot"), (cold_first, cold_n, "cold")):
+      for kind in ("hot", "cold"):
+        first, n = self.cache.hot_range(layer) if kind == "hot" else self.cache.cold_range(layer)
         hits = hit_slots[(hit_slots >= first) & (hit_slots < first + n)]
-        if not n or not len(hits):
+        whole = bool(n and len(hits) and n <= o.gather_ratio * len(hits))
+        self._whole[(layer, kind)] = whole
+        if kind in early or not n or not len(hits):
           continue
-        if n > o.gather_ratio * len(hits):
+        if whole:
+          cached_outs.extend(self._whole_block(layer, kind, h, params))
+        else:
           cached_outs.extend(self._gathered(kind, hits, layer, h))
-          continue
-        if kind == "cold":
-          valid = self.cache.cold_valid(layer)
-          pos = np.where(valid, self._slot_pos[first:first + n], -1)
-          cached_outs.append(self._compute("cold", "pool", first, n, valid, layer, pos, h,
-                                           params)[0])
-          continue
-        # Blocks are padded to the smallest size, except at the pool's end.
-        exact = first + -(-n // self._min_block) * self._min_block > self.pool_planes.slots
-        for off, size in self._blocks(n, exact=exact):
-          pos = self._slot_pos[first + off:first + off + size].copy()
-          pos[max(0, n - off):] = -1  # a block's tail past the layer's clusters
-          cached_outs.append(self._compute("hot", "pool", first + off, size, pos >= 0, layer,
-                                           pos, h, params)[0])
 
     area = layer % 2
     if self._unsettled is not None and self._unsettled[0] % 2 == area:
