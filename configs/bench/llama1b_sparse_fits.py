@@ -11,11 +11,13 @@ Run:
 after configs/sparse/llama1b.py's predictor (see configs/bench/llama1b_sparse.py).
 Hardware: the 2-core, 24 GiB CPU machines here; ~5 GiB RAM for resident.
 Expect (issue 13's target): neuron_cluster >= 0.9x resident's decode tokens/s. Measured
-with the warm-up on another prompt (WORKSPACE_NOTES.md, seventh session): 0.72-0.79x,
-short of it: a new request reads ~67 MB per token of neurons not cached.
-Resident reads ~3.9 GB of weights per token from memory (~0.2-0.3 s); neuron_cluster
-computes ~0.9 GB of records per token and reads the predicted misses of the
-~63% uncached neurons from disk.
+with the warm-up on another prompt (WORKSPACE_NOTES.md): 0.72-0.79x in the seventh
+session (a new request read ~67 MB per token); since the prefill warms the cache and the
+error feedback, and the cached blocks start before the host waits for the predictor
+(eighth session), 0.97-1.03x (23-35 MB per token).
+Resident reads ~3.9 GB of weights per token from memory (~0.2 s); neuron_cluster
+computes ~1.1-1.4 GB of records per token and reads the predicted misses of the
+uncached neurons from disk.
 """
 
 from hetflow.bench.config import bench_config

@@ -4,10 +4,15 @@ The fixed region (embeddings, head, attention, norms, KV cache) lives on the
 device tier. FFN neurons live on disk in a neuron-bundle store (hottest first)
 and in a segmented cache (hot clusters + cold neuron LRU) sized by what the
 budget leaves. Prefill runs dense: each layer's FFN is streamed in large
-sequential reads, double-buffered. Decode runs sparse, per layer:
+sequential reads, double-buffered; since it computes every record, it also
+admits the records the prompt used into the cold region (`prefill_admission`)
+and measures every neuron's predictor error at the prompt's last token (the
+error feedback), so a new request's first decode tokens do not pay to learn
+either. Decode runs sparse, per layer:
 
-  predict -> split the active set into cached and missing -> issue reads for
-  the missing records (coalesced runs, `io_depth` in flight) -> compute the
+  start the cached blocks multiplied whole at the last token -> predict ->
+  split the active set into cached and missing -> issue reads for the missing
+  records (coalesced runs, `io_depth` in flight) -> compute the rest of the
   cached part while they land -> compute each piece of the missing part as
   its reads complete -> sum -> admit the recently active new records to the
   cold region (scan-resistant: a token's misses outnumber the region).
