@@ -842,10 +842,8 @@ class NeuronCluster(Strategy):
     if self._lanes is not None:
       return self._lanes.end()
     self._settle()
-    for area, users in enumerate(self._area_users):
-      if self._prompt_records[area]:
-        jax.block_until_ready(users)
-        self._admit_prompt(area)
+    for area in (0, 1):
+      self._admit_prompt(area)
     if self._phase == "decode":
       self._new_shapes_per_token.append(self._step_shapes)
 
@@ -884,7 +882,7 @@ class NeuronCluster(Strategy):
     would otherwise learn by reading: with `prefill_admission`, each chunk's records
     the prompt used are offered to the cache before its area is refilled
     (`_admit_prompt`); with `feedback` (batch 1), every record's error at the prompt's
-    last token is measured (`_seed_feedback`)."""
+    last token is measured (`_seed_scores`)."""
     o, f = self.options, self.config.intermediate_size
     half = self.area_cap
     chunks = [(s, min(half, f - s)) for s in range(0, f, half)]
@@ -894,7 +892,7 @@ class NeuronCluster(Strategy):
       tokens = h.shape[1]
       recency = jnp.asarray(o.admit_decay ** np.arange(tokens - 1, -1, -1), jnp.float32)
       self.cache.begin_prompt(layer, tokens)
-    seed = self._seed_feedback(layer, x)
+    seed = self._seed_scores(layer, x)
 
     def submit(k):
       s, n = chunks[k]
@@ -903,11 +901,14 @@ class NeuronCluster(Strategy):
       # reading this area (this layer's or the previous layer's) must finish
       # before it is refilled.
       jax.block_until_ready(self._area_users[area])
-      self._area_users[area] = []
       self._admit_prompt(area)
+      self._area_users[area] = []
       return self._read(layer, np.arange(s, s + n), "staging", area * half, True, "prefill")
 
     outs, pending = [], submit(0)
+    if seed is not None:  # selected once the first read is under way: it waits for attention
+      self._fb.select(layer, np.asarray(seed[0]).reshape(-1), float(seed[1]),
+                      self.predictor.thresholds[layer], o.threshold_margin, o.feedback_margin)
     for k, (s, n) in enumerate(chunks):
       pending.wait()
       if k + 1 < len(chunks):
@@ -922,7 +923,7 @@ class NeuronCluster(Strategy):
         pre, recent = third if recency is not None else (third, None)
         outs.append(out)
         self._area_users[k % 2].append(out)
-        if seed:  # observed at the layer's first decode step (_predict)
+        if seed is not None:  # observed at the layer's first decode step (_predict)
           self._pre[layer].append((positions, pre))
         if recency is not None:
           n_valid = int(valid.sum())
@@ -930,25 +931,24 @@ class NeuronCluster(Strategy):
               (layer, pos[:n_valid], base + off + np.arange(n_valid), recent))
     return outs
 
-  def _seed_feedback(self, layer, x):
-    """With error feedback on a batch-1 prompt: scores the predictor at the prompt's
-    last token, so that the exact pre-activations the prefill computes for every
-    record give every neuron's error (`ErrorFeedback.observe`) for the first decode
-    step, as a decode step does for the records it computed. True if so."""
+  def _seed_scores(self, layer, x):
+    """With error feedback on a batch-1 prompt: the predictor's scores and scale at the
+    prompt's last token (dispatched, not waited for), or None. Selected on them, the
+    exact pre-activations the prefill computes for every record give every neuron's
+    error (`ErrorFeedback.observe`) for the first decode step, as a decode step does
+    for the records it computed."""
     if self._fb is None or x.shape[0] != 1 or not self.predictor.linear_layers[layer]:
-      return False
-    o, last = self.options, x[:, -1:]
-    score, scale = self.predictor.scores(layer, last), self._rms(last)
-    self._fb.select(layer, np.asarray(score).reshape(-1), float(scale),
-                    self.predictor.thresholds[layer], o.threshold_margin, o.feedback_margin)
-    return True
+      return None
+    last = x[:, -1:]
+    return self.predictor.scores(layer, last), self._rms(last)
 
   def _admit_prompt(self, area):
     """Copies the records of staging `area` that the cache admits on the prompt's
     history (`SegmentedCache.admit_prompt`) into the cold region: the first decode
     steps then read what the prompt's last tokens used only if the cache had no
-    room. Called once the area's computations are done (before a refill, or at the
-    end of the prefill pass)."""
+    room. Before the area is refilled, or at the end of the prefill pass."""
+    if self._prompt_records[area]:
+      jax.block_until_ready(self._area_users[area])  # the counts come from these
     for layer, positions, staged, recent in self._prompt_records[area]:
       recent = np.asarray(recent)[:len(positions)]
       offered, slots = self.cache.admit_prompt(layer, positions, recent)
