@@ -588,9 +588,41 @@ def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, nati
     record = pool.record()
     assert record.requests == 40 and record.direct
     assert record.native_requests == (40 if native else 0)
+    # The parallel pass went through the kernel's AIO queue, unless this kernel refused
+    # it (then the pool says so and cuts batches per worker from there on).
+    assert record.async_requests == (20 if native and pool._async is not False else 0)
     past_end = memory.Requests.of([(0, PAGE, 0), (70 * PAGE, PAGE, PAGE), (PAGE, PAGE, 2 * PAGE)])
-    with pytest.raises(ReadError, match=str(path)):
-      pool.read_many(path, aligned_empty(3 * PAGE), past_end, parallel=False).result(timeout=10)
+    for parallel in (True, False):
+      with pytest.raises(ReadError, match=str(path)):
+        pool.read_many(path, aligned_empty(3 * PAGE), past_end,
+                       parallel=parallel).result(timeout=10)
+
+
+def test_reader_without_native_aio_reads_a_batch_per_worker(tmp_path):
+  """A kernel without native AIO (or out of fs.aio-max-nr): the compiled loop reads its
+  batch one request after another, the pool notices and cuts a batch per worker."""
+  if reader_mod._batch_loop() is None:
+    pytest.skip("no C++ compiler here: the compiled read loop is not built")
+  path = tmp_path / "records.bin"
+  data = _random_file(path, 32 * PAGE, seed=7)
+  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 32, 2))])
+  with ReaderPool(num_workers=4) as pool:
+    loop, depths = pool._batch_loop, []
+
+    def no_aio(fd, n, *arrays):  # as the loop does when io_setup fails: depth 1
+      *arrays, depth, done, queued = arrays
+      depths.append(depth)
+      return loop(fd, n, *arrays, 1, done, queued)
+
+    pool._batch_loop = no_aio
+    for _ in range(2):
+      buf = aligned_empty(16 * PAGE)
+      assert pool.read_many(path, buf, reqs).result(timeout=30) == reqs.nbytes
+      for j in range(16):
+        np.testing.assert_array_equal(buf[j * PAGE:(j + 1) * PAGE],
+                                      data[2 * j * PAGE:(2 * j + 1) * PAGE])
+    assert pool._async is False and pool.record().async_requests == 0
+    assert depths == [4] + [1] * 4  # one queued batch, then one batch per worker
 
 
 def test_reader_read_many_errors_name_the_file(tmp_path):

@@ -89,6 +89,9 @@ class ReadRecord:
       read buffered instead (kept across resets: the file stays buffered).
     calls: ``read_into``/``read_many`` calls completed.
     native_requests: requests read by the compiled batch loop (the rest: Python).
+    async_requests: of those, requests queued in the kernel through Linux native
+      AIO, ``num_workers`` in flight from one thread (the rest: one preadv after
+      another in each worker).
   """
 
   bytes: int = 0
@@ -99,6 +102,7 @@ class ReadRecord:
   fallbacks: tuple[str, ...] = ()
   calls: int = 0
   native_requests: int = 0
+  async_requests: int = 0
 
   @property
   def direct(self) -> bool | None:
@@ -205,13 +209,14 @@ def _batch_loop():
                               " ".join(_BATCH_FLAGS)])
     path = compiled.build(cxx, [_BATCH_SOURCE], _BATCH_FLAGS,
                           os.path.join(cache_root(), "native", key), "libhetflow_reads.so")
-    fn = ctypes.CDLL(path).hetflow_read_batch  # a CDLL call releases the GIL
+    fn = ctypes.CDLL(path).hetflow_read_requests  # a CDLL call releases the GIL
   except (compiled.BuildError, OSError, AttributeError) as e:
     _log.warning("hetflow's compiled read loop is not available, so small reads are issued"
                  " from Python (slower while the main thread is busy): %s", e)
     return None
   fn.restype = ctypes.c_int64
-  fn.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5
+  fn.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [
+      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
   return fn
 
 
@@ -257,6 +262,7 @@ class ReaderPool:
     self.direct = bool(direct and _O_DIRECT)
     self._want_direct = self.direct
     self._batch_loop = _batch_loop() if native else None
+    self._async: bool | None = None  # False once the kernel refused native AIO
     self._executor = concurrent.futures.ThreadPoolExecutor(
       num_workers, thread_name_prefix="hetflow-reader"
     )
@@ -275,7 +281,8 @@ class ReaderPool:
     """Zeroes the counters of :meth:`record` (the fallbacks stay: those files stay buffered)."""
     with self._lock:
       self._counts = {"bytes": 0, "requests": 0, "seconds": 0.0, "direct_requests": 0,
-                      "buffered_requests": 0, "calls": 0, "native_requests": 0}
+                      "buffered_requests": 0, "calls": 0, "native_requests": 0,
+                      "async_requests": 0}
 
   def record(self) -> ReadRecord:
     """The reads since the last reset: bytes, requests, time, direct or buffered, fallbacks."""
@@ -427,9 +434,12 @@ class ReaderPool:
   ) -> concurrent.futures.Future:
     """Starts many ``(file offset, bytes, destination offset)`` reads of one file.
 
-    The requests are cut into at most ``num_workers`` contiguous batches (so
-    each worker reads in file order), one worker task per batch, read by the
-    compiled loop when it is built. With O_DIRECT a one-segment request is
+    With the compiled loop and Linux native AIO, one worker queues them all in
+    the kernel, ``num_workers`` in flight (small random reads are bound by
+    requests per second, and a thread per request in flight reached ~60% of
+    what the kernel's queue does on this project's disk). Otherwise they are
+    cut into at most ``num_workers`` contiguous batches (so each worker reads
+    in file order), one worker task per batch. With O_DIRECT a one-segment request is
     rounded up to 4096 bytes; a destination without room for that round-up
     reads its last partial block through a bounce page.
 
@@ -470,17 +480,19 @@ class ReaderPool:
     fd, is_direct = self._open(path)
     self._check(path, buffer, reqs, is_direct)
     total = reqs.nbytes
-    k = max(1, min(self.num_workers, len(reqs))) if parallel else 1
+    queued = self._batch_loop is not None and self._async is not False
+    k = max(1, min(self.num_workers, len(reqs))) if parallel and not queued else 1
     bounds = [i * len(reqs) // k for i in range(k + 1)]
     batches = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     job = _Job(path, len(batches), total)
     if not batches:
       self._finish(job)
     elif not parallel:
-      self._run_batch(job, buffer, reqs)
+      self._run_batch(job, buffer, reqs, depth=1)
     else:
+      depth = self.num_workers if queued else 1
       for a, b in batches:
-        self._executor.submit(self._run_batch, job, buffer, reqs.part(a, b))
+        self._executor.submit(self._run_batch, job, buffer, reqs.part(a, b), depth)
     return job.future
 
   @staticmethod
@@ -510,26 +522,28 @@ class ReaderPool:
                          f" {reqs.request(i)} of {path} is not (allocate with"
                          " hetflow.memory.aligned_empty)")
 
-  def _run_batch(self, job: _Job, buffer: np.ndarray, reqs: Requests) -> None:
-    # The compiled loop reads the batch without the GIL, stopping at the first
-    # request that fails or comes back short; that one and the rest go through
-    # the Python loop (one preadv per request, counters kept locally and added
-    # once per batch: a lock and a stat per request cost ~20% of the throughput
-    # at depth 8), where anything unusual (a short read, an error, no room for
-    # the round-up) goes through _read_span, which retries, falls back or raises.
+  def _run_batch(self, job: _Job, buffer: np.ndarray, reqs: Requests, depth: int) -> None:
+    # The compiled loop reads the batch without the GIL, `depth` in flight; the
+    # requests that failed or came back short go through the Python loop (one
+    # preadv per request, counters kept locally and added once per batch: a lock
+    # and a stat per request cost ~20% of the throughput at depth 8), where
+    # anything unusual (a short read, an error, no room for the round-up) goes
+    # through _read_span, which retries, falls back or raises.
     mv = memoryview(buffer)
     size = buffer.nbytes
-    nbytes = requests = direct = native = 0
+    nbytes = requests = direct = native = queued = 0
     t0 = time.perf_counter()
     try:
       fd, is_direct = self._open(job.path)  # once per batch
-      start = 0
+      left = np.arange(len(reqs))
       if self._batch_loop is not None and job.error is None:
-        start = native = self._read_compiled(fd, is_direct, buffer, reqs)
-        nbytes += int(reqs.sizes[:start].sum())
-        requests += start
-        direct += start * is_direct
-      for i in range(start, len(reqs)):
+        left, queued = self._read_compiled(fd, is_direct, buffer, reqs, depth)
+        native = len(reqs) - len(left)
+        nbytes += int(reqs.sizes.sum() - reqs.sizes[left].sum())
+        requests += native
+        direct += native * is_direct
+        queued *= native
+      for i in left.tolist():
         if job.error is not None:  # after a failure, skip the rest quickly
           break
         off, n, dst = reqs.request(i)
@@ -562,6 +576,7 @@ class ReaderPool:
       self._counts["direct_requests"] += direct
       self._counts["buffered_requests"] += requests - direct
       self._counts["native_requests"] += native
+      self._counts["async_requests"] += queued
       self._counts["seconds"] += time.perf_counter() - t0
     with job.lock:
       job.remaining -= 1
@@ -569,8 +584,10 @@ class ReaderPool:
     if last:
       self._finish(job)
 
-  def _read_compiled(self, fd: int, is_direct: bool, buffer: np.ndarray, reqs: Requests) -> int:
-    """Reads `reqs` in the compiled loop; returns how many were read in full (in order)."""
+  def _read_compiled(self, fd: int, is_direct: bool, buffer: np.ndarray, reqs: Requests,
+                     depth: int) -> tuple[np.ndarray, bool]:
+    """Reads `reqs` in the compiled loop, `depth` in flight; returns the indices of those
+    not read in full, and whether they went through the kernel's AIO queue."""
     length = reqs.length
     if is_direct:  # a one-segment request reads its last partial block whole, where it fits
       count = np.diff(reqs.first)
@@ -580,7 +597,12 @@ class ReaderPool:
     address = buffer.ctypes.data + reqs.dest
     arrays = [np.ascontiguousarray(a, np.int64)
               for a in (reqs.offsets, reqs.sizes, reqs.first, address, length)]
-    return int(self._batch_loop(fd, len(reqs), *(a.ctypes.data for a in arrays)))
+    done, queued = np.empty(len(reqs), np.int64), np.zeros(1, np.int64)
+    self._batch_loop(fd, len(reqs), *(a.ctypes.data for a in arrays), depth,
+                     done.ctypes.data, queued.ctypes.data)
+    if depth > 1 and not queued[0]:  # no AIO here: a batch per worker from now on
+      self._async = False
+    return np.flatnonzero(done < reqs.sizes), bool(queued[0])
 
   def _read_scattered(self, path: str, buffer: np.ndarray, mv: memoryview,
                       segments: tuple[tuple[int, int], ...], off: int, n: int,
