@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import threading
+import types
 import warnings
 
 import jax
@@ -566,7 +567,7 @@ def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, nati
   """Scattering requests as arrays: the compiled loop (which holds no GIL) and the Python
   loop deliver the same bytes, and the record says which loop read them; a request past
   the end of the file stops the compiled loop and fails naming the file."""
-  if native and reader_mod._batch_loop() is None:
+  if native and reader_mod._native() is None:
     pytest.skip("no C++ compiler here: the compiled read loop is not built")
   path = tmp_path / "records.bin"
   data = _random_file(path, 64 * PAGE, seed=5)
@@ -590,7 +591,7 @@ def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, nati
     assert record.native_requests == (40 if native else 0)
     # The parallel pass went through the kernel's AIO queue, unless this kernel refused
     # it (then the pool says so and cuts batches per worker from there on).
-    assert record.async_requests == (20 if native and pool._async is not False else 0)
+    assert record.async_requests == (20 if native and pool._async else 0)
     past_end = memory.Requests.of([(0, PAGE, 0), (70 * PAGE, PAGE, PAGE), (PAGE, PAGE, 2 * PAGE)])
     for parallel in (True, False):
       with pytest.raises(ReadError, match=str(path)):
@@ -601,28 +602,29 @@ def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, nati
 def test_reader_without_native_aio_reads_a_batch_per_worker(tmp_path):
   """A kernel without native AIO (or out of fs.aio-max-nr): the compiled loop reads its
   batch one request after another, the pool notices and cuts a batch per worker."""
-  if reader_mod._batch_loop() is None:
+  if reader_mod._native() is None:
     pytest.skip("no C++ compiler here: the compiled read loop is not built")
   path = tmp_path / "records.bin"
   data = _random_file(path, 32 * PAGE, seed=7)
   reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 32, 2))])
   with ReaderPool(num_workers=4) as pool:
-    loop, depths = pool._batch_loop, []
+    lib, starts = pool._native, []
 
-    def no_aio(fd, n, *arrays):  # as the loop does when io_setup fails: depth 1
-      *arrays, depth, done, queued = arrays
-      depths.append(depth)
-      return loop(fd, n, *arrays, 1, done, queued)
+    def refused(*args):  # as hetflow_aio_start answers when io_setup or io_submit fails
+      starts.append(args)
+      return None
 
-    pool._batch_loop = no_aio
+    pool._native = types.SimpleNamespace(hetflow_aio_start=refused,
+                                         hetflow_read_requests=lib.hetflow_read_requests)
     for _ in range(2):
       buf = aligned_empty(16 * PAGE)
       assert pool.read_many(path, buf, reqs).result(timeout=30) == reqs.nbytes
       for j in range(16):
         np.testing.assert_array_equal(buf[j * PAGE:(j + 1) * PAGE],
                                       data[2 * j * PAGE:(2 * j + 1) * PAGE])
-    assert pool._async is False and pool.record().async_requests == 0
-    assert depths == [4] + [1] * 4  # one queued batch, then one batch per worker
+    record = pool.record()
+    assert not pool._async and record.async_requests == 0 and record.native_requests == 32
+    assert len(starts) == 1  # asked once, then a batch per worker
 
 
 def test_reader_read_many_errors_name_the_file(tmp_path):

@@ -12,15 +12,20 @@ queued hides per-request latency. ``ReaderPool.read_into`` splits a read into
 ``chunk``-sized requests spread over ``num_workers`` threads, so the queue
 depth is ``num_workers``. ``ReaderPool.read_many`` serves many small
 ``(offset, size, destination)`` requests of one file (a neuron store's
-records) the same way, one worker task per batch of requests. Each batch is
-read by a compiled loop (``preads.cc`` beside this file, built on first use by
-``hetflow.memory.compiled``) that holds no GIL: with reads issued from Python,
-one ``preadv`` at a time per thread, every finished read waited for the GIL
-while the main thread ran Python (up to the 5 ms switch interval), and the
-disk's queue drained: 6x fewer bytes per second with a busy main thread
-(WORKSPACE_NOTES.md, seventh session). Without a compiler, or with
-HETFLOW_NATIVE=0, the same batches run in Python. Requests come as arrays
-(``Requests``), so a batch of hundreds of records costs no Python per record.
+records): the calling thread queues them in the kernel (Linux native AIO,
+``num_workers`` in flight) and one worker waits for them, both in a compiled
+loop (``preads.cc`` beside this file, built on first use by
+``hetflow.memory.compiled``) that holds no GIL. Why: with reads issued from
+Python, one ``preadv`` at a time per thread, every finished read waited for
+the GIL while the main thread ran Python (up to the 5 ms switch interval), and
+the disk's queue drained (6x fewer bytes per second with a busy main thread,
+WORKSPACE_NOTES.md, seventh session); a worker woken to issue the reads
+waited ~1 ms for the GIL before the disk started, and a thread per request in
+flight reached ~60% of the kernel queue's requests per second (ninth
+session). Where the kernel refuses AIO, a batch per worker is read one request
+at a time in the compiled loop; without a compiler, or with HETFLOW_NATIVE=0,
+in Python. Requests come as arrays (``Requests``), so a batch of hundreds of
+records costs no Python per record.
 
 What happened is recorded, not assumed: ``ReaderPool.record()`` counts direct
 and buffered requests separately, and a file that refuses O_DIRECT falls back
@@ -196,8 +201,8 @@ _BATCH_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preads
 
 
 @functools.cache
-def _batch_loop():
-  """The compiled batch loop (``preads.cc``), or None: HETFLOW_NATIVE=0, no compiler, or a
+def _native():
+  """The compiled read loops (``preads.cc``), or None: HETFLOW_NATIVE=0, no compiler, or a
   failed build (one logged warning; the reader's Python loop does the same reads)."""
   if compiled.switched_off():
     return None
@@ -209,15 +214,28 @@ def _batch_loop():
                               " ".join(_BATCH_FLAGS)])
     path = compiled.build(cxx, [_BATCH_SOURCE], _BATCH_FLAGS,
                           os.path.join(cache_root(), "native", key), "libhetflow_reads.so")
-    fn = ctypes.CDLL(path).hetflow_read_requests  # a CDLL call releases the GIL
+    lib = ctypes.CDLL(path)  # its calls release the GIL
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.hetflow_read_requests.restype = None
+    lib.hetflow_read_requests.argtypes = [ctypes.c_int, i64] + [ptr] * 6
+    lib.hetflow_aio_start.restype = ptr
+    lib.hetflow_aio_start.argtypes = [ctypes.c_int, i64] + [ptr] * 4 + [i64, ptr]
+    lib.hetflow_aio_finish.restype = None
+    lib.hetflow_aio_finish.argtypes = [ptr]
   except (compiled.BuildError, OSError, AttributeError) as e:
     _log.warning("hetflow's compiled read loop is not available, so small reads are issued"
                  " from Python (slower while the main thread is busy): %s", e)
     return None
-  fn.restype = ctypes.c_int64
-  fn.argtypes = [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [
-      ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-  return fn
+  return lib
+
+
+@dataclasses.dataclass
+class _Queued:
+  """A batch queued in the kernel (``hetflow_aio_start``): its handle, and the arrays
+  the kernel and the compiled loop use until ``hetflow_aio_finish`` returns."""
+  handle: int
+  arrays: list[np.ndarray]
+  done: np.ndarray
 
 
 class _Job:
@@ -261,8 +279,8 @@ class ReaderPool:
     self.num_workers = num_workers
     self.direct = bool(direct and _O_DIRECT)
     self._want_direct = self.direct
-    self._batch_loop = _batch_loop() if native else None
-    self._async: bool | None = None  # False once the kernel refused native AIO
+    self._native = _native() if native else None
+    self._async = True  # False once the kernel refused native AIO
     self._executor = concurrent.futures.ThreadPoolExecutor(
       num_workers, thread_name_prefix="hetflow-reader"
     )
@@ -434,12 +452,11 @@ class ReaderPool:
   ) -> concurrent.futures.Future:
     """Starts many ``(file offset, bytes, destination offset)`` reads of one file.
 
-    With the compiled loop and Linux native AIO, one worker queues them all in
-    the kernel, ``num_workers`` in flight (small random reads are bound by
-    requests per second, and a thread per request in flight reached ~60% of
-    what the kernel's queue does on this project's disk). Otherwise they are
-    cut into at most ``num_workers`` contiguous batches (so each worker reads
-    in file order), one worker task per batch. With O_DIRECT a one-segment request is
+    With the compiled loop and Linux native AIO, this thread queues them in the
+    kernel, ``num_workers`` in flight, and a worker waits for them. Otherwise
+    they are cut into at most ``num_workers`` contiguous batches (so each
+    worker reads in file order), one worker task per batch. With O_DIRECT a
+    one-segment request is
     rounded up to 4096 bytes; a destination without room for that round-up
     reads its last partial block through a bounce page.
 
@@ -480,19 +497,22 @@ class ReaderPool:
     fd, is_direct = self._open(path)
     self._check(path, buffer, reqs, is_direct)
     total = reqs.nbytes
-    queued = self._batch_loop is not None and self._async is not False
-    k = max(1, min(self.num_workers, len(reqs))) if parallel and not queued else 1
-    bounds = [i * len(reqs) // k for i in range(k + 1)]
-    batches = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-    job = _Job(path, len(batches), total)
-    if not batches:
+    if not len(reqs):
+      job = _Job(path, 0, 0)
       self._finish(job)
     elif not parallel:
-      self._run_batch(job, buffer, reqs, depth=1)
+      job = _Job(path, 1, total)
+      self._run_batch(job, buffer, reqs)
+    elif (queued := self._queue(fd, is_direct, buffer, reqs)) is not None:
+      job = _Job(path, 1, total)  # in the kernel's queue: a worker waits for it
+      self._executor.submit(self._run_batch, job, buffer, reqs, queued)
     else:
-      depth = self.num_workers if queued else 1
+      k = min(self.num_workers, len(reqs))
+      bounds = [i * len(reqs) // k for i in range(k + 1)]
+      batches = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+      job = _Job(path, len(batches), total)
       for a, b in batches:
-        self._executor.submit(self._run_batch, job, buffer, reqs.part(a, b), depth)
+        self._executor.submit(self._run_batch, job, buffer, reqs.part(a, b))
     return job.future
 
   @staticmethod
@@ -522,27 +542,33 @@ class ReaderPool:
                          f" {reqs.request(i)} of {path} is not (allocate with"
                          " hetflow.memory.aligned_empty)")
 
-  def _run_batch(self, job: _Job, buffer: np.ndarray, reqs: Requests, depth: int) -> None:
-    # The compiled loop reads the batch without the GIL, `depth` in flight; the
-    # requests that failed or came back short go through the Python loop (one
-    # preadv per request, counters kept locally and added once per batch: a lock
-    # and a stat per request cost ~20% of the throughput at depth 8), where
-    # anything unusual (a short read, an error, no room for the round-up) goes
-    # through _read_span, which retries, falls back or raises.
+  def _run_batch(self, job: _Job, buffer: np.ndarray, reqs: Requests,
+                 queued: _Queued | None = None) -> None:
+    # The compiled loop reads the batch without the GIL (or waits for it in the
+    # kernel's queue); the requests that failed or came back short go through the
+    # Python loop (one preadv per request, counters kept locally and added once
+    # per batch: a lock and a stat per request cost ~20% of the throughput at
+    # depth 8), where anything unusual (a short read, an error, no room for the
+    # round-up) goes through _read_span, which retries, falls back or raises.
     mv = memoryview(buffer)
     size = buffer.nbytes
-    nbytes = requests = direct = native = queued = 0
+    nbytes = requests = direct = native = 0
     t0 = time.perf_counter()
     try:
       fd, is_direct = self._open(job.path)  # once per batch
       left = np.arange(len(reqs))
-      if self._batch_loop is not None and job.error is None:
-        left, queued = self._read_compiled(fd, is_direct, buffer, reqs, depth)
-        native = len(reqs) - len(left)
-        nbytes += int(reqs.sizes.sum() - reqs.sizes[left].sum())
-        requests += native
-        direct += native * is_direct
-        queued *= native
+      if queued is not None:
+        self._native.hetflow_aio_finish(queued.handle)
+        left = np.flatnonzero(queued.done < reqs.sizes)
+      elif self._native is not None and job.error is None:
+        arrays, done = self._native_arrays(is_direct, buffer, reqs), np.empty(len(reqs), np.int64)
+        self._native.hetflow_read_requests(fd, len(reqs), *(a.ctypes.data for a in arrays),
+                                           done.ctypes.data)
+        left = np.flatnonzero(done < reqs.sizes)
+      native = len(reqs) - len(left)
+      nbytes += int(reqs.sizes.sum() - reqs.sizes[left].sum())
+      requests += native
+      direct += native * is_direct
       for i in left.tolist():
         if job.error is not None:  # after a failure, skip the rest quickly
           break
@@ -576,7 +602,7 @@ class ReaderPool:
       self._counts["direct_requests"] += direct
       self._counts["buffered_requests"] += requests - direct
       self._counts["native_requests"] += native
-      self._counts["async_requests"] += queued
+      self._counts["async_requests"] += native if queued is not None else 0
       self._counts["seconds"] += time.perf_counter() - t0
     with job.lock:
       job.remaining -= 1
@@ -584,10 +610,9 @@ class ReaderPool:
     if last:
       self._finish(job)
 
-  def _read_compiled(self, fd: int, is_direct: bool, buffer: np.ndarray, reqs: Requests,
-                     depth: int) -> tuple[np.ndarray, bool]:
-    """Reads `reqs` in the compiled loop, `depth` in flight; returns the indices of those
-    not read in full, and whether they went through the kernel's AIO queue."""
+  @staticmethod
+  def _native_arrays(is_direct: bool, buffer: np.ndarray, reqs: Requests) -> list[np.ndarray]:
+    """The compiled loops' arrays: offsets, need, first, address, length."""
     length = reqs.length
     if is_direct:  # a one-segment request reads its last partial block whole, where it fits
       count = np.diff(reqs.first)
@@ -595,14 +620,24 @@ class ReaderPool:
       fits = np.repeat(count == 1, count) & (reqs.dest + rounded <= buffer.nbytes)
       length = np.where(fits, rounded, length)
     address = buffer.ctypes.data + reqs.dest
-    arrays = [np.ascontiguousarray(a, np.int64)
-              for a in (reqs.offsets, reqs.sizes, reqs.first, address, length)]
-    done, queued = np.empty(len(reqs), np.int64), np.zeros(1, np.int64)
-    self._batch_loop(fd, len(reqs), *(a.ctypes.data for a in arrays), depth,
-                     done.ctypes.data, queued.ctypes.data)
-    if depth > 1 and not queued[0]:  # no AIO here: a batch per worker from now on
-      self._async = False
-    return np.flatnonzero(done < reqs.sizes), bool(queued[0])
+    return [np.ascontiguousarray(a, np.int64)
+            for a in (reqs.offsets, reqs.sizes, reqs.first, address, length)]
+
+  def _queue(self, fd: int, is_direct: bool, buffer: np.ndarray,
+             reqs: Requests) -> _Queued | None:
+    """Queues `reqs` in the kernel (native AIO, `num_workers` in flight) from this
+    thread, so the disk starts before any worker wakes; None where the compiled loop
+    or the kernel's AIO is not available."""
+    if self._native is None or not self._async:
+      return None
+    arrays, done = self._native_arrays(is_direct, buffer, reqs), np.empty(len(reqs), np.int64)
+    offsets, _, first, address, length = (a.ctypes.data for a in arrays)
+    handle = self._native.hetflow_aio_start(fd, len(reqs), offsets, first, address, length,
+                                            self.num_workers, done.ctypes.data)
+    if not handle:
+      self._async = False  # from now on: a batch per worker, one request at a time each
+      return None
+    return _Queued(handle, arrays, done)
 
   def _read_scattered(self, path: str, buffer: np.ndarray, mv: memoryview,
                       segments: tuple[tuple[int, int], ...], off: int, n: int,
