@@ -114,10 +114,13 @@ class NeuronClusterOptions:
       as decode steps) are copied into the cold region before their staging
       area is refilled, so the first decode tokens of a new request do not
       read them again.
-    pipeline: overlap reads with compute (reads in flight on `io_depth`
-      threads, cached part computed meanwhile, missing part in `pieces`
-      pieces as they land); False reads one request at a time, then computes.
-    io_depth: reader threads (requests in flight).
+    pipeline: overlap reads with compute (`io_depth` reads in flight, cached
+      part computed meanwhile, missing part in `pieces` pieces as they land);
+      False reads one request at a time, then computes.
+    io_depth: requests in flight (in the kernel's AIO queue where it has one,
+      else one reader thread each). Small random reads are bound by requests
+      per second: on llama-1b-sparse 32 decoded ~5% faster than 8
+      (WORKSPACE_NOTES.md, ninth session).
     pieces: the missing part is read and computed in blocks of at most
       ~1/pieces of it when pipelining (power-of-two blocks, largest first).
       Each block costs a read call and a step dispatch on the host; on
@@ -195,7 +198,7 @@ class NeuronClusterOptions:
   admit_min: float = 1.5
   prefill_admission: bool = True
   pipeline: bool = True
-  io_depth: int = 8
+  io_depth: int = 32
   pieces: int = 2
   lookahead: bool = False
   lookahead_margin: float = 1.0
