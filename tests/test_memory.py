@@ -627,6 +627,34 @@ def test_reader_without_native_aio_reads_a_batch_per_worker(tmp_path):
     assert len(starts) == 1  # asked once, then a batch per worker
 
 
+def test_reader_in_a_forked_child_queues_its_own_reads(tmp_path):
+  """A child forked after the parent's queued reads makes its own AIO contexts (the
+  parent's are not its) and reads the same bytes."""
+  if reader_mod._native() is None:
+    pytest.skip("no C++ compiler here: the compiled read loop is not built")
+  path = tmp_path / "records.bin"
+  data = _random_file(path, 16 * PAGE, seed=9)
+  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 16, 2))])
+  with ReaderPool(num_workers=4) as pool:
+    pool.read_many(path, aligned_empty(8 * PAGE), reqs).result(timeout=30)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # jax warns that forking a threaded process may deadlock
+    pid = os.fork()
+  if pid == 0:  # the child: exit 0 only if its own pool read the right bytes through AIO
+    ok = False
+    try:
+      with ReaderPool(num_workers=4) as child_pool:
+        buf = aligned_empty(8 * PAGE)
+        child_pool.read_many(path, buf, reqs).result(timeout=30)
+        ok = child_pool._async and all(
+            np.array_equal(buf[j * PAGE:(j + 1) * PAGE], data[2 * j * PAGE:(2 * j + 1) * PAGE])
+            for j in range(8))
+    finally:
+      os._exit(0 if ok else 1)
+  _, status = os.waitpid(pid, 0)
+  assert os.waitstatus_to_exitcode(status) == 0
+
+
 def test_reader_read_many_errors_name_the_file(tmp_path):
   path = tmp_path / "short.bin"
   _random_file(path, 4 * PAGE)

@@ -17,6 +17,7 @@
 // partial block, or raising with the file's name).
 #include <errno.h>
 #include <linux/aio_abi.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -61,6 +62,16 @@ void GiveContext(aio_context_t ctx) {
   std::lock_guard<std::mutex> hold(contexts_lock);
   free_contexts.push_back(ctx);
 }
+
+// A forked child has none of its parent's AIO contexts (they belong to the parent's
+// address space): it forgets them and makes its own.
+void LockBeforeFork() { contexts_lock.lock(); }
+void UnlockInParent() { contexts_lock.unlock(); }
+void ForgetInChild() {
+  free_contexts.clear();
+  contexts_lock.unlock();
+}
+const int fork_handlers = pthread_atfork(LockBeforeFork, UnlockInParent, ForgetInChild);
 
 // One batch in the kernel's queue: its requests, how many were submitted, how many
 // are in flight, and where each one's outcome goes.
