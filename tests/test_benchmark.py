@@ -151,3 +151,73 @@ def test_warmup_decodes_another_prompt_before_each_measured_run(warmup_prompt, m
     assert seen[0].shape == prompt.shape  # the same shapes compile
   else:
     assert measured == [True, True, True]
+
+
+def _sparse_row(**over):
+  row = {"ok": True, "name": "nc", "kind": "hetflow", "decode_s_per_token": 0.2,
+         "touched_bytes": 4e9, "streamed": {"disk": 3e9, "host": 0},
+         "disk_bytes_per_token": 80e6,
+         "strategy_stats": {"details": {"requests_per_token": 3300.0,
+                                        "disk_bytes_per_token": 77e6,
+                                        "computed_bytes_per_token": 600e6}}}
+  row.update(over)
+  return row
+
+
+def test_a_sparse_rows_limit_is_its_reads_at_their_size_or_its_records_computed():
+  """A sparse row is charged for what it read, at the disk's rate for its request size,
+  or for the records it computed, whichever is slower; not for every byte placed on disk."""
+  row = _sparse_row()
+  size = runner.sparse_request_bytes(row)
+  assert size == 24576  # 77 MB / 3300 requests = 23.3 KB, rounded up to pages
+  probed = {"disk": {"bytes_per_s": 2e9}, "memory": {"bytes_per_s": 25e9},
+            "host_to_device": {"bytes_per_s": 2e9},
+            "small_reads": {str(size): {"bytes_per_s": 1e9, "depth": 64}}}
+  out = runner.limits(row, probed)
+  assert out["limit_kind"] == "sparse" and out["request_bytes"] == size
+  assert out["limit_s_per_token"] == pytest.approx(80e6 / 1e9)  # the measured run's bytes
+  assert out["fraction_of_limit"] == pytest.approx(0.08 / 0.2)
+  computing = runner.limits(_sparse_row(decode_s_per_token=0.1, disk_bytes_per_token=10e6),
+                            probed)
+  assert computing["limit_s_per_token"] == pytest.approx(600e6 / 25e9)  # compute-bound
+  # Without the probe at its size (or without sparse counts): the dense formula.
+  del probed["small_reads"]
+  assert "limit_kind" not in runner.limits(row, probed)
+  dense = dict(row, strategy_stats=None)
+  assert runner.sparse_request_bytes(dense) is None
+
+
+def test_small_reads_probe_reads_cold_at_the_given_size(tmp_path):
+  from hetflow.bench import probes
+
+  paths = []
+  for i in range(2):
+    path = tmp_path / f"layer{i}.bin"
+    path.write_bytes(os.urandom(1 << 20))
+    paths.append(str(path))
+  got = probes.probe_small_reads(paths, 6000, depths=(1, 4), bytes_per_depth=1 << 20,
+                                 per_call=8)
+  assert got["request_bytes"] == 8192 and set(got["settings"]) == {1, 4}
+  assert got["bytes_per_s"] == max(got["settings"].values()) > 0
+  assert got["depth"] in (1, 4) and got["direct"] in (True, False)
+  assert probes.probe_small_reads(paths, 2 << 20) is None  # no file holds such a request
+
+
+def test_report_lists_the_small_read_probes(tmp_path):
+  from hetflow.bench import report
+
+  row = dict(_sparse_row(), ttft_s=1.0, decode_tok_s=5.0, new_tokens=8, peak_rss=1 << 30,
+             disk_probe_after=2e9, tokens=[[1, 2]], tokens_match_first=True,
+             page_cache="no")
+  probed = {"disk": {"bytes_per_s": 2e9, "bytes_per_s_all": [2e9], "cache_drop": "fadvise",
+                     "direct": True},
+            "memory": {"bytes_per_s": 25e9}, "host_to_device": {"bytes_per_s": 2e9},
+            "small_reads": {"24576": {"bytes_per_s": 1.31e9, "depth": 64}}}
+  row.update(runner.limits(row, probed))
+  results = {"machine": {"cpus": 2, "date": "today", "loadavg": [1.0], "loadavg_after": [1.0]},
+             "probes": probed, "config": {"model": {"name": "m", "dtype": "float32"},
+                                          "prompt_tokens": 4, "new_tokens": 8},
+             "systems": [row]}
+  table = report.markdown(results)
+  assert "24.00 KiB 1.31 GB/s (depth 64)" in table
+  assert "| nc | 1.00 | 5.000 | 0.31 |" in table  # 80 MB at 1.31 GB/s over 0.2 s

@@ -14,6 +14,7 @@ Each rate is measured by exactly one function here; two callers use them:
   `network` for processes on one machine).
 - the benchmark (`hetflow.bench.runner`) probes the limits of its own run:
   `probe_store` reads the layer store the strategies stream from,
+  `probe_small_reads` the same disk at a sparse strategy's request size,
   `probe_memory` the f32 matvec roof, `probe_host_to_device` the link.
 
 Every figure is the best of a few repeats: noise on a shared machine only
@@ -142,6 +143,49 @@ def probe_store(store, bytes_per_setting: int = 512 << 20,
   return {"bytes_per_s": max(per_setting.values()), "settings": per_setting, "direct": direct,
           "cache_drop": method, "bytes": bytes_per_setting * len(settings), "next": index,
           "best_setting": best}
+
+
+def probe_small_reads(paths: list[str], request_bytes: int, depths: tuple[int, ...] = (8, 32, 64),
+                      bytes_per_depth: int = 96 << 20, per_call: int = 64,
+                      seed: int = 0) -> dict[str, Any] | None:
+  """Cold random reads of `request_bytes` (rounded up to pages) from the files `paths`:
+  the disk at a sparse strategy's request size (neuron records, ~24 KiB).
+
+  Each `ReaderPool.read_many` call reads `per_call` requests at random page-aligned
+  offsets of one file, as a layer's misses are read; the files are taken in turn. Every
+  depth in `depths` is tried, and the best is kept: the limit is what the disk can do
+  at that size, not what one setting gets.
+
+  Returns:
+    bytes_per_s (the best), request_bytes, depth (the best's), settings (depth ->
+    bytes/s) and direct (whether every read was O_DIRECT, as the reader recorded
+    it); None if no file holds a request of that size.
+  """
+  from hetflow.memory import PAGE, ReaderPool, Requests, aligned_empty, round_up
+
+  size = round_up(request_bytes)
+  files = [(p, os.path.getsize(p)) for p in paths]
+  files = [(p, n) for p, n in files if n >= size]
+  if not files:
+    return None
+  rng = np.random.default_rng(seed)
+  buf = aligned_empty(per_call * size)
+  buf.fill(0)  # O_DIRECT into never-touched pages is several times slower here
+  settings, direct = {}, True
+  for depth in depths:
+    calls = max(1, bytes_per_depth // (per_call * size))
+    with ReaderPool(depth) as pool:
+      t0 = time.perf_counter()
+      for call in range(calls):
+        path, n = files[call % len(files)]
+        pages = rng.choice((n - size) // PAGE + 1, per_call)
+        reqs = Requests.of([(int(p) * PAGE, size, j * size) for j, p in enumerate(np.sort(pages))])
+        pool.read_many(path, buf, reqs).result()
+      settings[depth] = calls * per_call * size / (time.perf_counter() - t0)
+      direct = direct and bool(_reads_direct(pool))
+  best = max(settings, key=settings.get)
+  return {"bytes_per_s": settings[best], "request_bytes": size, "depth": best,
+          "settings": settings, "direct": direct}
 
 
 def _disk_table(workdir: str, s: MeasureSettings,

@@ -74,8 +74,18 @@ def markdown(results: dict[str, Any]) -> str:
       f" host->device {p['host_to_device']['bytes_per_s'] / GB:.2f} GB/s",
       f"- budget: {cfg.get('budget')}; memory limit: {cfg.get('memory_limit') or 'none'}",
       "- fraction_of_limit = (streamed bytes / disk or link bandwidth + resident bytes / memory"
-      " bandwidth) / measured decode time per token; disk busy = fraction of decode time with"
-      " one of the strategy's reads in progress (1.0: the disk never waited for hetflow)",
+      " bandwidth) / measured decode time per token; for sparse rows (which report their"
+      " requests and the records they computed): max(disk bytes / the disk's rate at their"
+      " request size, records computed / the matvec rate) / measured; disk busy = fraction of"
+      " decode time with one of the strategy's reads in progress (1.0: the disk never waited"
+      " for hetflow)",
+  ]
+  if p.get("small_reads"):
+    lines.append(
+        "- small reads (same disk, random page-aligned requests, after the rows, best depth): "
+        + "; ".join(f"{format_bytes(int(size))} {q['bytes_per_s'] / GB:.2f} GB/s (depth"
+                    f" {q['depth']})" for size, q in p["small_reads"].items()))
+  lines += [
       "",
       "| system | TTFT s | decode tok/s | fraction of limit | weights GB/token | disk busy |"
       " disk GB/token | h2d GB/token |"

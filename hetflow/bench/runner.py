@@ -22,7 +22,11 @@ O_DIRECT or buffered (its reader's own record), achieved disk bandwidth, and
 streamed bytes / the disk (or host->device) bandwidth + resident bytes / the
 memory (matvec) bandwidth, both probed in the same run (hetflow.bench.probes):
 reads of the store itself, and an XLA matrix-vector product over weights that
-do not fit in the caches.
+do not fit in the caches. A sparse row (one whose strategy reports its requests
+and the records it computed, e.g. neuron_cluster) reads and computes only part
+of what it places on disk: its limit_time is the larger of its disk bytes over
+the disk's rate at its mean request size (`probes.probe_small_reads`, after
+every row) and the records it computed over the matvec bandwidth.
 """
 
 from __future__ import annotations
@@ -304,6 +308,9 @@ def limits(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any]:
     behind compute), disk_bw_limit, fraction_of_limit, and disk_bw_achieved
     where the system streams from disk.
   """
+  sparse = _sparse_limit(result, probed)
+  if sparse is not None:
+    return sparse
   streamed = result.get("streamed", {})
   disk = streamed.get("disk", 0)
   host = streamed.get("host", 0)
@@ -320,6 +327,46 @@ def limits(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any]:
   if disk and measured:
     out["disk_bw_achieved"] = result.get("disk_bytes_per_token", disk) / measured
   return out
+
+
+def _sparse_figures(result: dict[str, Any]) -> dict[str, Any] | None:
+  """A sparse row's own counts (a strategy that reads and computes only some records, e.g.
+  neuron_cluster): requests and records computed per token, from its stats; else None."""
+  details = (result.get("strategy_stats") or {}).get("details") or {}
+  if not details.get("requests_per_token") or "computed_bytes_per_token" not in details:
+    return None
+  return details
+
+
+def sparse_request_bytes(result: dict[str, Any]) -> int | None:
+  """A sparse row's mean disk request, rounded up to pages (the size its limit is probed at)."""
+  from hetflow.memory import round_up
+
+  details = _sparse_figures(result)
+  if details is None:
+    return None
+  return round_up(int(details["disk_bytes_per_token"] / details["requests_per_token"]))
+
+
+def _sparse_limit(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any] | None:
+  """The limit of a sparse row (issue 13's definition): the larger of its disk bytes over the
+  disk's rate at its request size (``probes.probe_small_reads`` in the same run) and the
+  records it computed over the f32 matvec rate. The dense formula would charge it for
+  every byte placed on disk. None for other rows, or without that probe."""
+  size = sparse_request_bytes(result)
+  small = (probed.get("small_reads") or {}).get(str(size))
+  measured = result.get("decode_s_per_token")
+  if size is None or small is None or not measured:
+    return None
+  details = _sparse_figures(result)
+  disk_s = result.get("disk_bytes_per_token", details["disk_bytes_per_token"]) / small["bytes_per_s"]
+  compute_s = details["computed_bytes_per_token"] / probed["memory"]["bytes_per_s"]
+  limit = max(disk_s, compute_s)
+  return {"limit_kind": "sparse", "limit_s_per_token": limit,
+          "limit_overlapped_s_per_token": limit, "sparse_disk_s_per_token": disk_s,
+          "sparse_compute_s_per_token": compute_s, "request_bytes": size,
+          "disk_bw_limit": small["bytes_per_s"], "fraction_of_limit": limit / measured,
+          "disk_bw_achieved": result.get("disk_bytes_per_token", 0) / measured}
 
 
 def llama_cpp_available() -> bool:
@@ -474,6 +521,18 @@ def benchmark(config, workdir: str) -> dict[str, Any]:
   probed["disk"]["bytes_per_s_all"] = disk_probes
   probed["disk"]["bytes_per_s"] = max(disk_probes)
   probed["disk"]["direct_all"] = disk_direct
+  # Sparse rows' limits: the same disk at each one's request size, after every row ran.
+  sizes = sorted({size for r in results["systems"] if r.get("ok")
+                  if (size := sparse_request_bytes(r)) is not None})
+  if sizes:
+    files = [store.file(g) for g in store.groups if g.startswith("layers/")]
+    probed["small_reads"] = {}
+    for size in sizes:
+      small = probes.probe_small_reads(files, size)
+      if small is not None:
+        probed["small_reads"][str(size)] = small
+        print(f"probe small reads of {format_bytes(size)}:"
+              f" {small['bytes_per_s'] / GB:.2f} GB/s", flush=True)
   for r in results["systems"]:
     if r["ok"]:
       r.update(limits(r, probed))
