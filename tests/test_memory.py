@@ -627,6 +627,35 @@ def test_reader_without_native_aio_reads_a_batch_per_worker(tmp_path):
     assert len(starts) == 1  # asked once, then a batch per worker
 
 
+def test_reader_waits_for_queued_reads_even_when_the_batch_fails(tmp_path):
+  """A batch queued in the kernel is waited for before anything else can fail (here the
+  file vanishing before the worker runs): the future never completes while the kernel
+  may still write into the caller's buffer."""
+  if reader_mod._native() is None:
+    pytest.skip("no C++ compiler here: the compiled read loop is not built")
+  path = tmp_path / "records.bin"
+  _random_file(path, 16 * PAGE, seed=11)
+  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 16, 2))])
+  with ReaderPool(num_workers=4) as pool:
+    lib, finished, opens = pool._native, [], []
+    pool._native = types.SimpleNamespace(
+        hetflow_aio_start=lib.hetflow_aio_start,
+        hetflow_aio_finish=lambda handle: (lib.hetflow_aio_finish(handle), finished.append(1)))
+    real_open = pool._open
+
+    def vanishing(p):  # read_many opens it; by the time the worker does, it is gone
+      opens.append(p)
+      if len(opens) > 1:
+        raise FileNotFoundError(errno.ENOENT, "gone", p)
+      return real_open(p)
+
+    pool._open = vanishing
+    fut = pool.read_many(path, aligned_empty(8 * PAGE), reqs)
+    with pytest.raises(FileNotFoundError):
+      fut.result(timeout=30)
+    assert finished == [1] and pool._async
+
+
 def test_reader_in_a_forked_child_queues_its_own_reads(tmp_path):
   """A child forked after the parent's queued reads makes its own AIO contexts (the
   parent's are not its) and reads the same bytes."""

@@ -505,7 +505,11 @@ class ReaderPool:
       self._run_batch(job, buffer, reqs)
     elif (queued := self._queue(fd, is_direct, buffer, reqs)) is not None:
       job = _Job(path, 1, total)  # in the kernel's queue: a worker waits for it
-      self._executor.submit(self._run_batch, job, buffer, reqs, queued)
+      try:
+        self._executor.submit(self._run_batch, job, buffer, reqs, queued)
+      except BaseException:  # the pool shut down meanwhile: the reads must still land
+        self._native.hetflow_aio_finish(queued.handle)
+        raise
     else:
       k = min(self.num_workers, len(reqs))
       bounds = [i * len(reqs) // k for i in range(k + 1)]
@@ -554,11 +558,12 @@ class ReaderPool:
     size = buffer.nbytes
     nbytes = requests = direct = native = 0
     t0 = time.perf_counter()
+    if queued is not None:  # first, whatever happens next: the kernel is writing the buffer
+      self._native.hetflow_aio_finish(queued.handle)
     try:
       fd, is_direct = self._open(job.path)  # once per batch
       left = np.arange(len(reqs))
       if queued is not None:
-        self._native.hetflow_aio_finish(queued.handle)
         left = np.flatnonzero(queued.done < reqs.sizes)
       elif self._native is not None and job.error is None:
         arrays, done = self._native_arrays(is_direct, buffer, reqs), np.empty(len(reqs), np.int64)
