@@ -306,7 +306,8 @@ def limits(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any]:
   Returns:
     limit_s_per_token (serial), limit_overlapped_s_per_token (reads hidden
     behind compute), disk_bw_limit, fraction_of_limit, and disk_bw_achieved
-    where the system streams from disk.
+    where the system streams from disk. A sparse row with its small-read probe
+    (`_sparse_limit`) gets its own limit instead, marked limit_kind "sparse".
   """
   sparse = _sparse_limit(result, probed)
   if sparse is not None:
