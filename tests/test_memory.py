@@ -599,14 +599,22 @@ def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, nati
                        parallel=parallel).result(timeout=10)
 
 
-def test_reader_without_native_aio_reads_a_batch_per_worker(tmp_path):
-  """A kernel without native AIO (or out of fs.aio-max-nr): the compiled loop reads its
-  batch one request after another, the pool notices and cuts a batch per worker."""
+def _every_other_page(tmp_path, pages, seed):
+  """A file of `pages` random pages and requests for its even pages, packed into a buffer
+  (for the tests of the compiled loop, skipped where it is not built)."""
   if reader_mod._native() is None:
     pytest.skip("no C++ compiler here: the compiled read loop is not built")
   path = tmp_path / "records.bin"
-  data = _random_file(path, 32 * PAGE, seed=7)
-  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 32, 2))])
+  data = _random_file(path, pages * PAGE, seed=seed)
+  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE)
+                             for j, p in enumerate(range(0, pages, 2))])
+  return path, data, reqs
+
+
+def test_reader_without_native_aio_reads_a_batch_per_worker(tmp_path):
+  """A kernel without native AIO (or out of fs.aio-max-nr): the compiled loop reads its
+  batch one request after another, the pool notices and cuts a batch per worker."""
+  path, data, reqs = _every_other_page(tmp_path, 32, seed=7)
   with ReaderPool(num_workers=4) as pool:
     lib, starts = pool._native, []
 
@@ -631,11 +639,7 @@ def test_reader_waits_for_queued_reads_even_when_the_batch_fails(tmp_path):
   """A batch queued in the kernel is waited for before anything else can fail (here the
   file vanishing before the worker runs): the future never completes while the kernel
   may still write into the caller's buffer."""
-  if reader_mod._native() is None:
-    pytest.skip("no C++ compiler here: the compiled read loop is not built")
-  path = tmp_path / "records.bin"
-  _random_file(path, 16 * PAGE, seed=11)
-  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 16, 2))])
+  path, _, reqs = _every_other_page(tmp_path, 16, seed=11)
   with ReaderPool(num_workers=4) as pool:
     lib, finished, opens = pool._native, [], []
     pool._native = types.SimpleNamespace(
@@ -659,11 +663,7 @@ def test_reader_waits_for_queued_reads_even_when_the_batch_fails(tmp_path):
 def test_reader_in_a_forked_child_queues_its_own_reads(tmp_path):
   """A child forked after the parent's queued reads makes its own AIO contexts (the
   parent's are not its) and reads the same bytes."""
-  if reader_mod._native() is None:
-    pytest.skip("no C++ compiler here: the compiled read loop is not built")
-  path = tmp_path / "records.bin"
-  data = _random_file(path, 16 * PAGE, seed=9)
-  reqs = memory.Requests.of([(p * PAGE, PAGE, j * PAGE) for j, p in enumerate(range(0, 16, 2))])
+  path, data, reqs = _every_other_page(tmp_path, 16, seed=9)
   with ReaderPool(num_workers=4) as pool:
     pool.read_many(path, aligned_empty(8 * PAGE), reqs).result(timeout=30)
   with warnings.catch_warnings():

@@ -40,6 +40,17 @@ bool Countable(int64_t n, const int64_t* first) {
   return true;
 }
 
+// Every request's segments as one array: request i's are [first[i], first[i + 1]).
+std::vector<struct iovec> Segments(int64_t n, const int64_t* first, const int64_t* address,
+                                   const int64_t* length) {
+  std::vector<struct iovec> iov(first[n]);
+  for (int64_t k = 0; k < first[n]; ++k) {
+    iov[k].iov_base = reinterpret_cast<void*>(address[k]);
+    iov[k].iov_len = static_cast<size_t>(length[k]);
+  }
+  return iov;
+}
+
 // AIO contexts are kept for reuse (making one costs a syscall, destroying one waits
 // for the kernel): as many exist as batches were ever in flight at once.
 std::mutex contexts_lock;
@@ -122,16 +133,12 @@ void hetflow_read_requests(int fd, int64_t n, const int64_t* offsets, const int6
                            const int64_t* length, int64_t* done) {
   for (int64_t i = 0; i < n; ++i) done[i] = -1;
   if (!Countable(n, first)) return;
-  struct iovec iov[kMaxSegments];
+  const std::vector<struct iovec> iov = Segments(n, first, address, length);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t count = first[i + 1] - first[i];
-    for (int64_t k = 0; k < count; ++k) {
-      iov[k].iov_base = reinterpret_cast<void*>(address[first[i] + k]);
-      iov[k].iov_len = static_cast<size_t>(length[first[i] + k]);
-    }
     ssize_t got;
     do {
-      got = preadv(fd, iov, static_cast<int>(count), offsets[i]);
+      got = preadv(fd, iov.data() + first[i], static_cast<int>(count), offsets[i]);
     } while (got < 0 && errno == EINTR);
     done[i] = got < 0 ? -errno : got;
     if (done[i] < need[i]) return;
@@ -152,11 +159,7 @@ void* hetflow_aio_start(int fd, int64_t n, const int64_t* offsets, const int64_t
   b->ctx = ctx;
   b->depth = static_cast<int>(std::clamp<int64_t>(depth, 1, kMaxDepth));
   b->done = done;
-  b->iov.resize(first[n]);
-  for (int64_t k = 0; k < first[n]; ++k) {
-    b->iov[k].iov_base = reinterpret_cast<void*>(address[k]);
-    b->iov[k].iov_len = static_cast<size_t>(length[k]);
-  }
+  b->iov = Segments(n, first, address, length);
   b->cbs.resize(n);
   b->queue.resize(n);
   for (int64_t i = 0; i < n; ++i) {
