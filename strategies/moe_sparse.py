@@ -69,7 +69,7 @@ from strategies import mesh_lanes
 from strategies.moe_offload import routing_law
 from strategies.neuron_cluster import cost as nc_cost
 from strategies.neuron_cluster import mesh as nc_mesh
-from strategies.neuron_cluster.strategy import NeuronCluster, NeuronClusterOptions
+from strategies.neuron_cluster.strategy import NeuronCluster, NeuronClusterOptions, multiplied_bytes
 
 CALIBRATION_LENGTH = 256  # the synthetic sparse MoE models' calibrated sequence length
 
@@ -388,6 +388,7 @@ class MoESparse(Strategy):
       a.other["experts_run"] = self._experts_run[phase]
     out.reads = inner.reads
     out.details.update(inner.details)
+    out.details["fixed_bytes_per_token"] = multiplied_bytes(self._fixed, self.config)
     d = out.decode
     if d.tokens:
       out.details["decode_experts_per_token"] = self._experts_run["decode"] / d.tokens

@@ -156,10 +156,9 @@ def test_warmup_decodes_another_prompt_before_each_measured_run(warmup_prompt, m
 def _sparse_row(**over):
   row = {"ok": True, "name": "nc", "kind": "hetflow", "decode_s_per_token": 0.2,
          "touched_bytes": 4e9, "streamed": {"disk": 3e9, "host": 0},
-         "disk_bytes_per_token": 80e6,
-         "strategy_stats": {"details": {"requests_per_token": 3300.0,
-                                        "disk_bytes_per_token": 77e6,
-                                        "computed_bytes_per_token": 600e6}}}
+         "disk_bytes_per_token": 77e6,
+         "sparse": {"requests_per_token": 3300.0, "computed_bytes_per_token": 600e6,
+                    "fixed_bytes_per_token": 1e9}}
   row.update(over)
   return row
 
@@ -175,16 +174,46 @@ def test_a_sparse_rows_limit_is_its_reads_at_their_size_or_its_records_computed(
             "small_reads": {str(size): {"bytes_per_s": 1e9, "depth": 64}}}
   out = runner.limits(row, probed)
   assert out["limit_kind"] == "sparse" and out["request_bytes"] == size
-  assert out["limit_s_per_token"] == pytest.approx(80e6 / 1e9)  # the measured run's bytes
-  assert out["fraction_of_limit"] == pytest.approx(0.08 / 0.2)
-  computing = runner.limits(_sparse_row(decode_s_per_token=0.1, disk_bytes_per_token=10e6),
-                            probed)
-  assert computing["limit_s_per_token"] == pytest.approx(600e6 / 25e9)  # compute-bound
+  assert out["limit_s_per_token"] == pytest.approx(77e6 / 1e9)
+  assert out["fraction_of_limit"] == pytest.approx(0.077 / 0.2)
+  # Compute-bound: the records computed and the attention and head it multiplied.
+  fewer = dict(row["sparse"], requests_per_token=330.0)
+  computing = runner.limits(_sparse_row(decode_s_per_token=0.1, disk_bytes_per_token=7.7e6,
+                                        sparse=fewer), probed)
+  assert computing["limit_s_per_token"] == pytest.approx(1.6e9 / 25e9)
   # Without the probe at its size (or without sparse counts): the dense formula.
   del probed["small_reads"]
   assert "limit_kind" not in runner.limits(row, probed)
-  dense = dict(row, strategy_stats=None)
+  dense = dict(row, sparse=None)
   assert runner.sparse_request_bytes(dense) is None
+
+
+def test_a_sparse_rows_counts_are_its_measured_runs():
+  """The runner's sparse counts come from the measured run alone (not averaged with the
+  warm-up on another prompt), and the fixed region counts every weight a token multiplies
+  outside the FFN's records."""
+  import hetflow
+  from hetflow.bench.config import SystemSpec
+  from hetflow.bench.process import prompt_ids, touched_bytes
+  from hetflow.engine import Engine
+
+  model = hetflow.synthetic_model("llama-tiny-sparse", sparsity=0.9, hotness="zipf:1.1", seed=0)
+  prompt = prompt_ids(model.config.vocab_size, 6)
+  n = 4
+  # No cache: nothing carries over from one request to the next, so a fresh engine that
+  # runs only the measured prompt counts what the measured run must.
+  options = dict(cache_bytes=0, staging_bytes="128KiB")
+  with Engine(model, "neuron_cluster", options=options) as engine:
+    alone = engine.generate(prompt, max_new_tokens=n, stop_tokens=()).stats["strategy"].decode
+  spec = dict(new_tokens=n, repeats=1, warmup=True, drop_caches=False, drop_method="none")
+  result = runner._run_hetflow(SystemSpec(name="nc", kind="hetflow", strategy="neuron_cluster",
+                                          options=options), model, spec, prompt)
+  sparse = result["sparse"]
+  assert sparse["requests_per_token"] == pytest.approx(alone.disk_requests / (n - 1))
+  assert sparse["computed_bytes_per_token"] == pytest.approx(alone["computed_bytes"] / (n - 1))
+  records = sum(a.size * a.dtype.itemsize for name, a in model.shapes.items()
+                if name.split("/")[-1] in ("gate", "up", "down"))
+  assert sparse["fixed_bytes_per_token"] == touched_bytes(model) - records
 
 
 def test_small_reads_probe_reads_cold_at_the_given_size(tmp_path):
@@ -220,4 +249,5 @@ def test_report_lists_the_small_read_probes(tmp_path):
              "systems": [row]}
   table = report.markdown(results)
   assert "24.00 KiB 1.31 GB/s (depth 64)" in table
-  assert "| nc | 1.00 | 5.000 | 0.31 |" in table  # 80 MB at 1.31 GB/s over 0.2 s
+  # 1.6 GB multiplied at 25 GB/s (the disk: 77 MB at 1.31 GB/s, 0.059 s), over 0.2 s
+  assert "| nc | 1.00 | 5.000 | 0.32 |" in table

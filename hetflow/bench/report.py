@@ -76,7 +76,8 @@ def markdown(results: dict[str, Any]) -> str:
       "- fraction_of_limit = (streamed bytes / disk or link bandwidth + resident bytes / memory"
       " bandwidth) / measured decode time per token; for sparse rows (which report their"
       " requests and the records they computed): max(disk bytes / the disk's rate at their"
-      " request size, records computed / the matvec rate) / measured; disk busy = fraction of"
+      " request size, (records computed + attention and head) / the matvec rate) / measured;"
+      " disk busy = fraction of"
       " decode time with one of the strategy's reads in progress (1.0: the disk never waited"
       " for hetflow)",
   ]

@@ -26,7 +26,8 @@ do not fit in the caches. A sparse row (one whose strategy reports its requests
 and the records it computed, e.g. neuron_cluster) reads and computes only part
 of what it places on disk: its limit_time is the larger of its disk bytes over
 the disk's rate at its mean request size (`probes.probe_small_reads`, after
-every row) and the records it computed over the matvec bandwidth.
+every row) and what it multiplied (the records it computed, the attention and
+head) over the matvec bandwidth, all counted in its measured run.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def strategy_facts(stats) -> dict[str, Any]:
     stats: what `engine.strategy.stats()` returned.
 
   Returns:
-    {"decode": {"disk_bytes", "h2d_bytes", "wait_s"}, "reads": None or
+    {"decode": {"disk_bytes", "disk_requests", "h2d_bytes", "wait_s", "computed_bytes"
+    (records multiplied, a sparse strategy's; else 0)}, "reads": None or
     {"bytes", "requests", "direct_requests", "buffered_requests", "direct",
     "fallbacks"}}, plain numbers (JSON-able).
   """
@@ -101,7 +103,9 @@ def strategy_facts(stats) -> dict[str, Any]:
       "bytes": record.bytes, "requests": record.requests,
       "direct_requests": record.direct_requests, "buffered_requests": record.buffered_requests,
       "direct": record.direct, "fallbacks": list(record.fallbacks)}
-  return {"decode": {"disk_bytes": d.disk_bytes, "h2d_bytes": d.h2d_bytes, "wait_s": d.wait_s},
+  return {"decode": {"disk_bytes": d.disk_bytes, "disk_requests": d.disk_requests,
+                     "h2d_bytes": d.h2d_bytes, "wait_s": d.wait_s,
+                     "computed_bytes": d.get("computed_bytes")},
           "reads": reads}
 
 
@@ -210,6 +214,13 @@ def _run_hetflow(system: SystemSpec, model, spec, prompt) -> dict[str, Any]:
         "page_cache": report.reads_label(facts["reads"], proc_read),
         "strategy_stats": dataclasses.asdict(stats),
     })
+    if facts["decode"]["computed_bytes"] and facts["decode"]["disk_requests"]:
+      # A sparse row (one that computes only some records): the measured run's own counts,
+      # for its limit (`_sparse_limit`).
+      result["sparse"] = {
+          "requests_per_token": per_token("disk_requests"),
+          "computed_bytes_per_token": per_token("computed_bytes"),
+          "fixed_bytes_per_token": stats.details.get("fixed_bytes_per_token", 0)}
   result["peak_rss"] = peak_rss()
   return result
 
@@ -330,44 +341,38 @@ def limits(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def _sparse_figures(result: dict[str, Any]) -> dict[str, Any] | None:
-  """A sparse row's own counts (a strategy that reads and computes only some records, e.g.
-  neuron_cluster): requests and records computed per token, from its stats; else None."""
-  details = (result.get("strategy_stats") or {}).get("details") or {}
-  if not details.get("requests_per_token") or "computed_bytes_per_token" not in details:
-    return None
-  return details
-
-
 def sparse_request_bytes(result: dict[str, Any]) -> int | None:
-  """A sparse row's mean disk request, rounded up to pages (the size its limit is probed at)."""
+  """A sparse row's mean decode request in its measured run, rounded up to pages (the size
+  its limit is probed at); None for other rows."""
   from hetflow.memory import round_up
 
-  details = _sparse_figures(result)
-  if details is None:
+  sparse = result.get("sparse")
+  if not sparse:
     return None
-  return round_up(int(details["disk_bytes_per_token"] / details["requests_per_token"]))
+  return round_up(int(result["disk_bytes_per_token"] / sparse["requests_per_token"]))
 
 
 def _sparse_limit(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any] | None:
   """The limit of a sparse row (issue 13's definition): the larger of its disk bytes over the
-  disk's rate at its request size (``probes.probe_small_reads`` in the same run) and the
-  records it computed over the f32 matvec rate. The dense formula would charge it for
-  every byte placed on disk. None for other rows, or without that probe."""
+  disk's rate at its request size (``probes.probe_small_reads`` in the same run) and what
+  it multiplied (the records it computed and the fixed region's weights: attention, norms,
+  head) over the f32 matvec rate, all from its measured run. The dense formula would charge
+  it for every byte placed on disk. None for other rows, or without that probe."""
   size = sparse_request_bytes(result)
   small = (probed.get("small_reads") or {}).get(str(size))
   measured = result.get("decode_s_per_token")
   if size is None or small is None or not measured:
     return None
-  details = _sparse_figures(result)
-  disk_s = result.get("disk_bytes_per_token", details["disk_bytes_per_token"]) / small["bytes_per_s"]
-  compute_s = details["computed_bytes_per_token"] / probed["memory"]["bytes_per_s"]
+  sparse = result["sparse"]
+  disk_s = result["disk_bytes_per_token"] / small["bytes_per_s"]
+  multiplied = sparse["computed_bytes_per_token"] + sparse["fixed_bytes_per_token"]
+  compute_s = multiplied / probed["memory"]["bytes_per_s"]
   limit = max(disk_s, compute_s)
   return {"limit_kind": "sparse", "limit_s_per_token": limit,
           "limit_overlapped_s_per_token": limit, "sparse_disk_s_per_token": disk_s,
           "sparse_compute_s_per_token": compute_s, "request_bytes": size,
           "disk_bw_limit": small["bytes_per_s"], "fraction_of_limit": limit / measured,
-          "disk_bw_achieved": result.get("disk_bytes_per_token", 0) / measured}
+          "disk_bw_achieved": result["disk_bytes_per_token"] / measured}
 
 
 def llama_cpp_available() -> bool:

@@ -338,6 +338,15 @@ def _open_token_table(model, neuron_store_path: str) -> layer_store.LayerStore:
   return table
 
 
+def multiplied_bytes(fixed: dict[str, Any], config) -> int:
+  """Bytes of the fixed region's weights one decode token multiplies (attention, norms,
+  head, router): every group but the token table, of which it reads one row (unless the
+  head is tied to it). With the records computed, the token's compute at the matvec rate:
+  the compute side of a sparse row's limit (`hetflow.bench.runner`)."""
+  return sum(formats.nbytes(v) for g, v in fixed.items()
+             if g != "embed" or config.tie_word_embeddings)
+
+
 def _oracle_weights(model, layer: int, keys) -> dict[str, np.ndarray]:
   """The oracle's gate/up (and biases) of one layer as float32 [D, F]: a quantized
   kernel dequantized, so the oracle predicts the neurons of the weights computed."""
@@ -1309,6 +1318,7 @@ class NeuronCluster(Strategy):
         # their bytes (set against the run's f32 matvec probe for the compute limit).
         "computed_neurons_per_token": self._computed / n,
         "computed_bytes_per_token": self._computed * neuron / n,
+        "fixed_bytes_per_token": multiplied_bytes(self._fixed, self.config),
         # Look-ahead: of the misses each layer needed, the share already in
         # flight or landed when the layer began; the guess's reads; pieces landed.
         "ahead_fraction": d.get("ahead_used") / max(d.get("ahead_used") + d.get("late_reads"), 1),
@@ -1336,6 +1346,7 @@ class NeuronCluster(Strategy):
     out = self.counters.copy()
     out.decode.add("wait_s", self._timer["wait_read_s"])
     out.decode.other["useful_bytes"] = fired * neuron
+    out.decode.other["computed_bytes"] = self._computed * neuron
     out.details.update(details)
     out.reads = self.reader.record()
     return out
