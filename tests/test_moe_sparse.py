@@ -102,6 +102,12 @@ def test_tokens_equal_resident(model, reference, neurons, tmp_path):
   record = round_up(3 * c.hidden_size * 4)
   assert d.disk_bytes == d.get("read_neurons") * record
   assert d.get("read_neurons") <= d.get("predicted")
+  # The benchmark's sparse limit: the records computed, and every other weight a token
+  # multiplies (attention, norms, routers, head; not the token table, not the experts).
+  assert d.get("computed_bytes") >= d.get("read_neurons") * 3 * c.hidden_size * 4  # unpadded
+  fixed = sum(a.size * a.dtype.itemsize for name, a in model.shapes.items()
+              if name != "embed/tokens" and name.split("/")[-1] not in ("gate", "up", "down"))
+  assert s.details["fixed_bytes_per_token"] == fixed
   if neurons.get("cache_bytes") == 0:
     assert d.get("read_neurons") == d.get("predicted") > 0  # no cache: every one is read
   else:
