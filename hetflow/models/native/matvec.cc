@@ -30,101 +30,11 @@
 #include <immintrin.h>
 #endif
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "parallel.h"
 
 namespace {
 
-// -- scalar helpers ------------------------------------------------------------------------
-
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline float half_to_float(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t man = h & 0x3ff;
-  uint32_t u;
-  if (exp == 0) {
-    if (man == 0) {
-      u = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        man <<= 1;
-      } while ((man & 0x400) == 0);
-      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
-    }
-  } else if (exp == 0x1f) {
-    u = sign | 0x7f800000u | man << 13;
-  } else {
-    u = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-// -- the split between threads -------------------------------------------------------------
-
-// Threads that computed at least one chunk in the last parallel call (a diagnostic).
-std::atomic<int> g_last_workers{0};
-std::atomic<int> g_pool_threads{0};
-std::atomic<int64_t> g_calls{0};
-
-template <typename Body>
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks;
-  Body body;
-  Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
-  std::atomic<int> workers{0};
-  void run() {
-    bool counted = false;
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      if (!counted) {
-        workers.fetch_add(1, std::memory_order_relaxed);
-        counted = true;
-      }
-      body(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// Calls body(c) for c in [0, chunks), on the calling thread and up to threads - 1 tasks of
-// XLA's pool. Body must capture by value: a task may start after this returns (it then
-// finds no chunk left and touches nothing else).
-template <typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  g_pool_threads.store(static_cast<int>(pool.num_threads()), std::memory_order_relaxed);
-  g_calls.fetch_add(1, std::memory_order_relaxed);
-  int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
-  threads = std::max<int64_t>(1, std::min(threads, chunks));
-  if (threads == 1) {
-    for (int64_t c = 0; c < chunks; ++c) body(c);
-    g_last_workers.store(1, std::memory_order_relaxed);
-    return;
-  }
-  auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < chunks) {
-#if defined(HETFLOW_AVX512)
-    _mm_pause();
-#else
-    std::this_thread::yield();
-#endif
-  }
-  g_last_workers.store(work->workers.load(std::memory_order_relaxed), std::memory_order_relaxed);
-}
+ParallelStats g_stats;
 
 // Tiles of `tile` rows, grouped into chunks of about 1/8 of a thread's share.
 template <typename F>
@@ -138,7 +48,7 @@ void for_row_tiles(ffi::ThreadPool& pool, int64_t out, int64_t tile, F tile_fn) 
       int64_t o0 = t * tile;
       tile_fn(o0, std::min(tile, out - o0));
     }
-  });
+  }, g_stats);
 }
 
 // -- row-major kernels: bfloat16, int8 per channel ------------------------------------------
@@ -464,13 +374,13 @@ int hetflow_native_simd() {
 }
 
 // Threads that computed rows in the last call (1: the caller alone).
-int hetflow_native_last_workers() { return g_last_workers.load(); }
+int hetflow_native_last_workers() { return g_stats.last_workers.load(); }
 
 // Calls of any kernel so far in this process (tests and benchmarks check which path ran).
-int64_t hetflow_native_calls() { return g_calls.load(); }
+int64_t hetflow_native_calls() { return g_stats.calls.load(); }
 
 // Threads XLA's pool offers a call, from the last call (0 before any).
-int hetflow_native_pool_threads() { return g_pool_threads.load(); }
+int hetflow_native_pool_threads() { return g_stats.pool_threads.load(); }
 
 }  // extern "C"
 

@@ -21,8 +21,8 @@
 //              records with z[., j] == 0 are skipped: they add exact zeros)
 // Every product is accumulated in float32 from exactly widened values, so the results differ
 // from the pure-XLA formulation (and from resident's kernels) only in the order of float32
-// additions. Work is split between the calling thread and XLA's intra-op pool as in
-// matvec.cc (chunks claimed from an atomic counter: no task is ever waited for unstarted).
+// additions. Work is split between the calling thread and XLA's intra-op pool by
+// parallel.h (chunks claimed from an atomic counter: no task is ever waited for unstarted).
 
 #include <algorithm>
 #include <atomic>
@@ -32,82 +32,16 @@
 #include <thread>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "parallel.h"
 
 namespace {
 
-std::atomic<int64_t> g_neuron_calls{0};
-
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline float half_to_float(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  uint32_t exp = (h >> 10) & 0x1f;
-  uint32_t man = h & 0x3ff;
-  uint32_t u;
-  if (exp == 0) {
-    if (man == 0) {
-      u = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do {
-        ++e;
-        man <<= 1;
-      } while ((man & 0x400) == 0);
-      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
-    }
-  } else if (exp == 0x1f) {
-    u = sign | 0x7f800000 | man << 13;
-  } else {
-    u = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+ParallelStats g_stats;
 
 inline uint16_t load16(const uint8_t* p) {
   uint16_t v;
   std::memcpy(&v, p, 2);
   return v;
-}
-
-template <typename Body>
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t chunks;
-  Body body;
-  Work(int64_t n, Body b) : chunks(n), body(std::move(b)) {}
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      body(c);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-// body(c) for c in [0, chunks), on the caller and up to threads - 1 pool tasks (body by value).
-template <typename Body>
-void parallel_for(ffi::ThreadPool& pool, int64_t chunks, Body body) {
-  g_neuron_calls.fetch_add(1, std::memory_order_relaxed);
-  int64_t threads = std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency());
-  threads = std::max<int64_t>(1, std::min(threads, chunks));
-  if (threads == 1) {
-    for (int64_t c = 0; c < chunks; ++c) body(c);
-    return;
-  }
-  auto work = std::make_shared<Work<Body>>(chunks, std::move(body));
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 enum Kind : int64_t { kBf16 = 1, kInt8 = 2, kInt8G = 3, kInt4 = 4, kInt4Asym = 5 };
@@ -234,7 +168,7 @@ ffi::Error NeuronInImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
         yp[r * total + i] = row_dot(kind, rp, xp + r * d, xsum->data() + r * (d / g), d, g);
       }
     }
-  });
+  }, g_stats);
   return ffi::Error::Success();
 }
 
@@ -319,7 +253,7 @@ ffi::Error NeuronDownImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Bu
         for (int64_t k = 0; k < w; ++k) out[d / 2 + k0 + k] = acc2[k];
       }
     }
-  });
+  }, g_stats);
   return ffi::Error::Success();
 }
 
@@ -328,7 +262,7 @@ ffi::Error NeuronDownImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Bu
 extern "C" {
 
 // Calls of the neuron kernels so far in this process (tests check which path ran).
-int64_t hetflow_neuron_calls() { return g_neuron_calls.load(); }
+int64_t hetflow_neuron_calls() { return g_stats.calls.load(); }
 
 }  // extern "C"
 
