@@ -251,3 +251,5 @@ def test_report_lists_the_small_read_probes(tmp_path):
   assert "24.00 KiB 1.31 GB/s (depth 64)" in table
   # 1.6 GB multiplied at 25 GB/s (the disk: 77 MB at 1.31 GB/s, 0.059 s), over 0.2 s
   assert "| nc | 1.00 | 5.000 | 0.32 |" in table
+  # The sparse rows' terms; the serial floor is 0.059 s + 1 GB at 25 GB/s = 0.099 s.
+  assert "| nc | 24.00 KiB | 0.059 | 0.064 (0.040 fixed) | 0.099 | 0.200 | 3.12 | 2.02 |" in table

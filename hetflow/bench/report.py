@@ -114,10 +114,34 @@ def markdown(results: dict[str, Any]) -> str:
         f" {format_bytes(r['peak_rss'])} | {f'{bw / GB:.2f}' if bw else '-'} |"
         f" {r['disk_probe_after'] / GB:.2f} |"
         f" {r.get('page_cache', '?')} | {_agreement(r)} |")
+  lines += _sparse_limits(results["systems"])
   t = results.get("timeline")
   if t:
     lines += ["", f"timeline.png: {'written' if t.get('ok') else 'failed: ' + t.get('error', '')}"]
   return "\n".join(lines) + "\n"
+
+
+def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
+  """The sparse rows' limits, term by term (`runner._sparse_limit`), and the serial floor:
+  a layer's reads wait for its attention's output, so unless a guess starts them earlier,
+  no schedule beats the disk's time plus the fixed region's compute (attention, head)."""
+  rows = [r for r in systems if r.get("ok") and r.get("limit_kind") == "sparse"]
+  if not rows:
+    return []
+  lines = ["", "Sparse rows: limit = max(disk, compute); serial floor = disk + fixed region"
+           " (the attention and head, which a layer's reads wait for)", "",
+           "| system | request | disk s/token | compute s/token (records + fixed) |"
+           " serial floor s/token | measured s/token | x limit | x serial floor |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    measured = r["decode_s_per_token"]
+    lines.append(
+        f"| {r['name']} | {format_bytes(r['request_bytes'])} | {r['sparse_disk_s_per_token']:.3f} |"
+        f" {r['sparse_compute_s_per_token']:.3f} ({r['sparse_fixed_s_per_token']:.3f} fixed) |"
+        f" {r['sparse_serial_s_per_token']:.3f} | {measured:.3f} |"
+        f" {measured / r['limit_s_per_token']:.2f} |"
+        f" {measured / r['sparse_serial_s_per_token']:.2f} |")
+  return lines
 
 
 def _agreement(r: dict[str, Any]) -> str:
