@@ -181,6 +181,12 @@ def test_a_sparse_rows_limit_is_its_reads_at_their_size_or_its_records_computed(
   computing = runner.limits(_sparse_row(decode_s_per_token=0.1, disk_bytes_per_token=7.7e6,
                                         sparse=fewer), probed)
   assert computing["limit_s_per_token"] == pytest.approx(1.6e9 / 25e9)
+  # Nothing read (every record it needed was cached): its compute alone, no probe needed.
+  cached = runner.limits(_sparse_row(disk_bytes_per_token=0.0,
+                                     sparse=dict(row["sparse"], requests_per_token=0.0)), {
+                                         "memory": {"bytes_per_s": 25e9}})
+  assert cached["limit_s_per_token"] == pytest.approx(1.6e9 / 25e9)
+  assert cached["request_bytes"] is None and cached["sparse_disk_s_per_token"] == 0
   # Without the probe at its size (or without sparse counts): the dense formula.
   del probed["small_reads"]
   assert "limit_kind" not in runner.limits(row, probed)

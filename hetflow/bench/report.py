@@ -136,7 +136,8 @@ def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
   for r in rows:
     measured = r["decode_s_per_token"]
     lines.append(
-        f"| {r['name']} | {format_bytes(r['request_bytes'])} | {r['sparse_disk_s_per_token']:.3f} |"
+        f"| {r['name']} | {format_bytes(r['request_bytes']) if r['request_bytes'] else '-'} |"
+        f" {r['sparse_disk_s_per_token']:.3f} |"
         f" {r['sparse_compute_s_per_token']:.3f} ({r['sparse_fixed_s_per_token']:.3f} fixed) |"
         f" {r['sparse_serial_s_per_token']:.3f} | {measured:.3f} |"
         f" {measured / r['limit_s_per_token']:.2f} |"

@@ -214,7 +214,7 @@ def _run_hetflow(system: SystemSpec, model, spec, prompt) -> dict[str, Any]:
         "page_cache": report.reads_label(facts["reads"], proc_read),
         "strategy_stats": dataclasses.asdict(stats),
     })
-    if facts["decode"]["computed_bytes"] and facts["decode"]["disk_requests"]:
+    if facts["decode"]["computed_bytes"]:
       # A sparse row (one that computes only some records): the measured run's own counts,
       # for its limit (`_sparse_limit`).
       result["sparse"] = {
@@ -343,11 +343,11 @@ def limits(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, Any]:
 
 def sparse_request_bytes(result: dict[str, Any]) -> int | None:
   """A sparse row's mean decode request in its measured run, rounded up to pages (the size
-  its limit is probed at); None for other rows."""
+  its limit is probed at); None for other rows, or one that read nothing."""
   from hetflow.memory import round_up
 
   sparse = result.get("sparse")
-  if not sparse:
+  if not sparse or not sparse["requests_per_token"]:
     return None
   return round_up(int(result["disk_bytes_per_token"] / sparse["requests_per_token"]))
 
@@ -360,13 +360,16 @@ def _sparse_limit(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, A
   it for every byte placed on disk. Also its serial floor: the disk's time plus the fixed
   region's compute, which a layer's reads wait for unless a guess starts them earlier.
   None for other rows, or without that probe."""
-  size = sparse_request_bytes(result)
-  small = (probed.get("small_reads") or {}).get(str(size))
-  measured = result.get("decode_s_per_token")
-  if size is None or small is None or not measured:
+  sparse, measured = result.get("sparse"), result.get("decode_s_per_token")
+  if not sparse or not measured:
     return None
-  sparse = result["sparse"]
-  disk_s = result["disk_bytes_per_token"] / small["bytes_per_s"]
+  size = sparse_request_bytes(result)
+  small = None
+  if size is not None:  # else it read nothing (every record it needed was cached)
+    small = (probed.get("small_reads") or {}).get(str(size))
+    if small is None:
+      return None
+  disk_s = result["disk_bytes_per_token"] / small["bytes_per_s"] if small else 0.0
   rate = probed["memory"]["bytes_per_s"]
   fixed_s = sparse["fixed_bytes_per_token"] / rate
   compute_s = sparse["computed_bytes_per_token"] / rate + fixed_s
@@ -376,7 +379,8 @@ def _sparse_limit(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, A
           "sparse_compute_s_per_token": compute_s, "sparse_fixed_s_per_token": fixed_s,
           # A layer's reads wait for its attention: with no guess, what no schedule beats.
           "sparse_serial_s_per_token": disk_s + fixed_s, "request_bytes": size,
-          "disk_bw_limit": small["bytes_per_s"], "fraction_of_limit": limit / measured,
+          "disk_bw_limit": small["bytes_per_s"] if small else None,
+          "fraction_of_limit": limit / measured,
           "disk_bw_achieved": result["disk_bytes_per_token"] / measured}
 
 
