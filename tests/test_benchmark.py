@@ -187,6 +187,7 @@ def test_a_sparse_rows_limit_is_its_reads_at_their_size_or_its_records_computed(
                                          "memory": {"bytes_per_s": 25e9}})
   assert cached["limit_s_per_token"] == pytest.approx(1.6e9 / 25e9)
   assert cached["request_bytes"] is None and cached["sparse_disk_s_per_token"] == 0
+  assert cached["sparse_serial_s_per_token"] == pytest.approx(1.6e9 / 25e9)  # all compute
   # Without the probe at its size (or without sparse counts): the dense formula.
   del probed["small_reads"]
   assert "limit_kind" not in runner.limits(row, probed)
@@ -257,5 +258,6 @@ def test_report_lists_the_small_read_probes(tmp_path):
   assert "24.00 KiB 1.31 GB/s (depth 64)" in table
   # 1.6 GB multiplied at 25 GB/s (the disk: 77 MB at 1.31 GB/s, 0.059 s), over 0.2 s
   assert "| nc | 1.00 | 5.000 | 0.32 |" in table
-  # The sparse rows' terms; the serial floor is 0.059 s + 1 GB at 25 GB/s = 0.099 s.
+  # The sparse rows' terms; the serial floor is 1 GB at 25 GB/s + max(0.059 s of disk,
+  # 0.024 s of records) = 0.099 s.
   assert "| nc | 24.00 KiB | 0.059 | 0.064 (0.040 fixed) | 0.099 | 0.200 | 3.12 | 2.02 |" in table

@@ -123,13 +123,15 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
   """The sparse rows' limits, term by term (`runner._sparse_limit`), and the serial floor:
-  a layer's reads wait for its attention's output, so unless a guess starts them earlier,
-  no schedule beats the disk's time plus the fixed region's compute (attention, head)."""
+  a layer's reads and records wait for its attention's output, so unless a guess starts
+  the reads earlier, no schedule beats the fixed region's compute (attention, head) plus
+  the larger of the disk's time and the records' compute."""
   rows = [r for r in systems if r.get("ok") and r.get("limit_kind") == "sparse"]
   if not rows:
     return []
-  lines = ["", "Sparse rows: limit = max(disk, compute); serial floor = disk + fixed region"
-           " (the attention and head, which a layer's reads wait for)", "",
+  lines = ["", "Sparse rows: limit = max(disk, records + fixed); serial floor = fixed +"
+           " max(disk, records), the fixed region (attention, head) being what a layer's"
+           " reads wait for", "",
            "| system | request | disk s/token | compute s/token (records + fixed) |"
            " serial floor s/token | measured s/token | x limit | x serial floor |",
            "|---|---|---|---|---|---|---|---|"]

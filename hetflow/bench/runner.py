@@ -357,8 +357,9 @@ def _sparse_limit(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, A
   disk's rate at its request size (``probes.probe_small_reads`` in the same run) and what
   it multiplied (the records it computed and the fixed region's weights: attention, norms,
   head) over the f32 matvec rate, all from its measured run. The dense formula would charge
-  it for every byte placed on disk. Also its serial floor: the disk's time plus the fixed
-  region's compute, which a layer's reads wait for unless a guess starts them earlier.
+  it for every byte placed on disk. Also its serial floor: the fixed region's compute plus
+  the larger of the disk's time and the records' compute, as a layer's reads and records
+  wait for its attention's output unless a guess starts the reads earlier.
   None for other rows, or without that probe."""
   sparse, measured = result.get("sparse"), result.get("decode_s_per_token")
   if not sparse or not measured:
@@ -372,13 +373,15 @@ def _sparse_limit(result: dict[str, Any], probed: dict[str, Any]) -> dict[str, A
   disk_s = result["disk_bytes_per_token"] / small["bytes_per_s"] if small else 0.0
   rate = probed["memory"]["bytes_per_s"]
   fixed_s = sparse["fixed_bytes_per_token"] / rate
-  compute_s = sparse["computed_bytes_per_token"] / rate + fixed_s
+  records_s = sparse["computed_bytes_per_token"] / rate
+  compute_s = records_s + fixed_s
   limit = max(disk_s, compute_s)
   return {"limit_kind": "sparse", "limit_s_per_token": limit,
           "limit_overlapped_s_per_token": limit, "sparse_disk_s_per_token": disk_s,
           "sparse_compute_s_per_token": compute_s, "sparse_fixed_s_per_token": fixed_s,
-          # A layer's reads wait for its attention: with no guess, what no schedule beats.
-          "sparse_serial_s_per_token": disk_s + fixed_s, "request_bytes": size,
+          # A layer's reads and records wait for its attention (and a token's first layer
+          # for the head before it): with no guess, what no schedule beats.
+          "sparse_serial_s_per_token": fixed_s + max(disk_s, records_s), "request_bytes": size,
           "disk_bw_limit": small["bytes_per_s"] if small else None,
           "fraction_of_limit": limit / measured,
           "disk_bw_achieved": result["disk_bytes_per_token"] / measured}
