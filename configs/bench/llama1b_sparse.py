@@ -15,8 +15,8 @@ Budget: device = 1.64 GiB = 40% of 4.4 GB (float32). The fixed region
 predictor, the staging buffer and ~7% of the neurons in the cache.
 Expect: layer-wise streams ~3.5 GB per token (~0.5 tok/s); neuron-cluster reads
 only the predicted-active, uncached neurons (~10-20% of the FFN bytes, small
-reads): >= 6x layer-wise decode tokens/s (issue 13; 8.8-9.3x in the ninth session's runs,
-WORKSPACE_NOTES.md); disk bytes per token vs ideal (truly
+reads): >= 6x layer-wise decode tokens/s (issue 13; 8.3-9.6x in 8-token runs, 10.3x at
+the config's 16 tokens in the tenth session, WORKSPACE_NOTES.md); disk bytes per token vs ideal (truly
 active, uncached neurons): see `python -m experiments.sparse_audit --config=<this>`
 (counts, with the truth; the benchmark's "read / fired" column counts only the
 neurons read). The ablation rows add bundling, cache (scan-resistant admission),

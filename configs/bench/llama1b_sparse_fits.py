@@ -15,7 +15,7 @@ with the warm-up on another prompt (WORKSPACE_NOTES.md): 0.72-0.79x in the seven
 session (a new request read ~67 MB per token); since the prefill warms the cache and the
 error feedback, and the cached blocks start before the host waits for the predictor
 (eighth session), 0.97-1.03x (23-35 MB per token); with the reads queued in the kernel
-(ninth session), 1.11-1.20x.
+(ninth session, 8 tokens), 1.11-1.20x; 1.29x at the config's 16 tokens (tenth session).
 Resident reads ~3.9 GB of weights per token from memory (~0.2 s); neuron_cluster
 computes ~1.1-1.4 GB of records per token and reads the predicted misses of the
 uncached neurons from disk.
