@@ -271,11 +271,12 @@ def test_segmented_cache_regions():
   assert ((got >= 12) & (got < 16)).sum() == 4 and got[-1] == -1
   assert cache.cold_valid(1).all() and not cache.cold_valid(0).any()
   cache.protect(0)
-  cache.lookup(1, np.array([41]))  # 41 becomes most recently used
+  cache.lookup(1, np.array([40]))  # 40 becomes most recently used (at the next touch)
+  assert next(iter(cache.cold_lru[1])) == 40  # not yet: the lookup left the move for later
   got = cache.admit(0, np.array([50]))  # layer 0's own partition: evicts nothing of layer 1
   assert 8 <= got[0] < 12 and cache.counters.evicted == 0
-  got = cache.admit(1, np.array([50]))  # layer 1's partition is full: its LRU (40) goes
-  assert 12 <= got[0] < 16 and cache.slot_of[1, 40] == -1 and cache.slot_of[1, 41] >= 0
+  got = cache.admit(1, np.array([50]))  # layer 1's partition is full: its LRU (41) goes
+  assert 12 <= got[0] < 16 and cache.slot_of[1, 41] == -1 and cache.slot_of[1, 40] >= 0
   assert cache.counters.evicted == 1
 
 
