@@ -44,6 +44,7 @@ import dataclasses
 import errno
 import functools
 import json
+import operator
 import os
 import time
 from typing import Any, Literal
@@ -598,7 +599,11 @@ class NeuronCluster(Strategy):
     eps = c.norm_eps
     self._rms = jax.jit(lambda x: jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))) + eps))
     self._norm = jax.jit(lambda w, x: modules._norm(c, w)(x))
-    self._add = jax.jit(lambda a, b: a + b)
+    # A layer's parts (cached blocks, landed blocks) summed in one dispatch, left to right
+    # as a chain of adds would (the same float32 result), padded with -0.0 (which leaves
+    # every value as it is) to a power of two parts: a few sums compile, not one per count.
+    self._sum = jax.jit(lambda parts: functools.reduce(operator.add, parts))
+    self._neg_zero: dict[tuple, Any] = {}
 
     def finish(x, acc, small):
       b = small.get("down_bias")
@@ -735,6 +740,8 @@ class NeuronCluster(Strategy):
             for which, size in sorted(blocks)]
     outs += [self._gather_block(np.zeros(size, np.int32), np.zeros(size, bool), 0, h)
              for size in sorted(gathers)]
+    # A token's parts: its cached blocks, and its misses' blocks, a few per round.
+    outs += [self._summed([outs[0][0]] * n) for n in (2, 4, 8, 16, 32)]
     jax.block_until_ready(outs)
 
   def _whole_block(self, layer, kind, h, params):
@@ -883,10 +890,18 @@ class NeuronCluster(Strategy):
       raise ReadError(e.errno or errno.EIO,
                       f"neuron_cluster: reading layer {layer}'s neurons from"
                       f" {self.store.file(layer)} (store {self.store.path}) failed: {e}") from e
-    acc = parts[0]
-    for p in parts[1:]:
-      acc = self._add(acc, p)
-    return acc
+    return self._summed(parts)
+
+  def _summed(self, parts):
+    """The sum of `parts` in one dispatch (`_sum`)."""
+    if len(parts) == 1:
+      return parts[0]
+    first = parts[0]
+    key = (first.shape, first.dtype)
+    if key not in self._neg_zero:
+      self._neg_zero[key] = jnp.full(first.shape, -0.0, first.dtype)
+    pad = (1 << (len(parts) - 1).bit_length()) - len(parts)
+    return self._sum(tuple(parts) + (self._neg_zero[key],) * pad)
 
   def _prefill(self, layer, params, x, h):
     """Dense: stream the layer's records in chunks, double-buffered in the two areas.
