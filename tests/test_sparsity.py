@@ -252,6 +252,33 @@ def test_error_feedback_corrects_a_low_rank_score():
   np.testing.assert_array_equal(fb.select(0, score, s, -0.5, 0.0, 0.0), first)
 
 
+def test_segmented_cache_masks_follow_its_lrus():
+  """cold_valid and hot_range are kept as the cache changes, not recomputed per step:
+  after random admissions, evictions and hot swaps they equal a walk over the cache."""
+  rng = np.random.default_rng(0)
+  cache = SegmentedCache(num_layers=3, num_neurons=96, num_slots=48, hot_slots=24,
+                         cluster_size=4, admission="all")
+  for index, (layer, cluster) in enumerate([(0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 5)]):
+    cache.place_hot(index, layer, cluster)
+  for step in range(200):
+    layer = int(rng.integers(3))
+    if step % 17 == 16:  # a hot swap: a cluster whose members may sit in the cold region
+      index = int(rng.integers(6))
+      owner = cache.hot_owner[index][0]
+      cold = [c for c in range(24) if (owner, c) not in cache.hot_index]
+      cache.place_hot(index, owner, int(rng.choice(cold)))
+    cache.protect(0)
+    wanted = np.unique(rng.integers(0, 96, 6))
+    _, _, missing = cache.lookup(layer, wanted)
+    cache.admit(layer, missing)
+    for lay in range(3):
+      first, n = cache.cold_range(lay)
+      walked = np.zeros(n, bool)
+      walked[np.array(list(cache.cold_lru[lay].values()), np.int64) - first] = True
+      np.testing.assert_array_equal(cache.cold_valid(lay), walked)
+      hot = sorted(i for (l_, _), i in cache.hot_index.items() if l_ == lay)
+      assert cache.hot_range(lay) == ((hot[0] * 4, len(hot) * 4) if hot else (0, 0))
+
 def test_segmented_cache_regions():
   cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=16, hot_slots=8, cluster_size=4,
                          admission="all")

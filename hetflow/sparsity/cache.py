@@ -101,11 +101,15 @@ class SegmentedCache:
         collections.OrderedDict() for _ in range(num_layers)]
     self.cold_free = [list(range(self.cold_range(i)[0] + self.partition - 1,
                                  self.cold_range(i)[0] - 1, -1)) for i in range(num_layers)]
+    # Which of each layer's cold slots hold a record (`cold_valid`), kept beside the LRUs
+    # so that a step's mask costs no walk over them.
+    self._cold_held = np.zeros((num_layers, self.partition), bool)
     # Decayed count of steps each neuron was active in: the admission filter.
     self.activity = np.zeros((num_layers, num_neurons), np.float32)
     self.cluster_activity = np.zeros((num_layers, num_neurons // max(cluster_size, 1)),
                                      np.float32)
     self.hot_index: dict[tuple[int, int], int] = {}  # (layer, cluster) -> hot cluster slot
+    self._hot_ranges: dict[int, tuple[int, int]] = {}  # hot_range's answers since a change
     # The hits of lookups not yet moved to their LRUs' recent ends (`touch`).
     self._touches: list[tuple[int, list[int], list[int]]] = []
     self.counters = CacheCounters()
@@ -114,12 +118,14 @@ class SegmentedCache:
 
   def hot_range(self, layer: int) -> tuple[int, int]:
     """(first slot, slots) of `layer`'s hot clusters (contiguous; (0, 0) if none)."""
-    idx = sorted(i for (lay, _), i in self.hot_index.items() if lay == layer)
-    if not idx:
-      return 0, 0
-    if idx[-1] - idx[0] + 1 != len(idx):
-      raise AssertionError(f"layer {layer}'s hot clusters are not contiguous: {idx}")
-    return idx[0] * self.cluster_size, len(idx) * self.cluster_size
+    got = self._hot_ranges.get(layer)
+    if got is None:  # a walk over every layer's clusters: once per change, not per step
+      idx = sorted(i for (lay, _), i in self.hot_index.items() if lay == layer)
+      if idx and idx[-1] - idx[0] + 1 != len(idx):
+        raise AssertionError(f"layer {layer}'s hot clusters are not contiguous: {idx}")
+      got = (idx[0] * self.cluster_size, len(idx) * self.cluster_size) if idx else (0, 0)
+      self._hot_ranges[layer] = got
+    return got
 
   def cold_range(self, layer: int) -> tuple[int, int]:
     """(first slot, slots) of `layer`'s cold partition."""
@@ -127,11 +133,7 @@ class SegmentedCache:
 
   def cold_valid(self, layer: int) -> np.ndarray:
     """[partition] bool: which of `layer`'s cold slots hold a record."""
-    first, n = self.cold_range(layer)
-    out = np.zeros(n, bool)
-    out[np.fromiter(self.cold_lru[layer].values(), np.int64, len(self.cold_lru[layer]))
-        - first] = True
-    return out
+    return self._cold_held[layer].copy()
 
   # -- hot region -----------------------------------------------------------
 
@@ -156,16 +158,19 @@ class SegmentedCache:
     if old is not None:
       self.slot_of[old[0], old[1] * c:(old[1] + 1) * c] = -1
       del self.hot_index[old]
+      self._hot_ranges.pop(old[0], None)
     positions = np.arange(cluster * c, (cluster + 1) * c)
     # A cluster entering the hot region may have members in the cold region.
     for p in positions:
       slot = self.cold_lru[layer].pop(int(p), None)
       if slot is not None:
         self.cold_free[layer].append(slot)
+        self._cold_held[layer, slot - self.cold_range(layer)[0]] = False
     first = index * c
     self.slot_of[layer, positions] = np.arange(first, first + c)
     self.hot_owner[index] = (layer, cluster)
     self.hot_index[(layer, cluster)] = index
+    self._hot_ranges.pop(layer, None)
     self.hot_lru[index] = None
     self.hot_lru.move_to_end(index)
     return first, positions
@@ -255,6 +260,7 @@ class SegmentedCache:
     positions = np.asarray(positions)
     out = np.full(len(positions), -1, np.int32)
     free, lru = self.cold_free[layer], self.cold_lru[layer]
+    first = self.cold_range(layer)[0]
     budget = len(free) + len(lru) - self._touched_now(layer)
     order = np.arange(len(positions))
     if self.admission == "frequency":
@@ -278,6 +284,7 @@ class SegmentedCache:
         self.counters.evicted += 1
       lru[p] = slot
       self.slot_of[layer, p] = slot
+      self._cold_held[layer, slot - first] = True
       out[j] = slot
       budget -= 1
     admitted = int((out >= 0).sum())
