@@ -221,6 +221,8 @@ def test_a_sparse_rows_counts_are_its_measured_runs():
   records = sum(a.size * a.dtype.itemsize for name, a in model.shapes.items()
                 if name.split("/")[-1] in ("gate", "up", "down"))
   assert sparse["fixed_bytes_per_token"] == touched_bytes(model) - records
+  # The generating thread's CPU per decode token: measured, and no more than its wall time.
+  assert 0 < result["host_cpu_s_per_token"] <= result["decode_s_per_token"]
 
 
 def test_small_reads_probe_reads_cold_at_the_given_size(tmp_path):
@@ -260,4 +262,8 @@ def test_report_lists_the_small_read_probes(tmp_path):
   assert "| nc | 1.00 | 5.000 | 0.32 |" in table
   # The sparse rows' terms; the serial floor is 1 GB at 25 GB/s + max(0.059 s of disk,
   # 0.024 s of records) = 0.099 s.
-  assert "| nc | 24.00 KiB | 0.059 | 0.064 (0.040 fixed) | 0.099 | 0.200 | 3.12 | 2.02 |" in table
+  # Its host thread's CPU per token, where the row measured it ("-" where it did not).
+  assert ("| nc | 24.00 KiB | 0.059 | 0.064 (0.040 fixed) | 0.099 | 0.200 | 3.12 | 2.02 | - |"
+          in table)
+  row["host_cpu_s_per_token"] = 0.0876
+  assert "| 3.12 | 2.02 | 0.088 |" in report.markdown(results)

@@ -60,6 +60,8 @@ def test_stats_and_no_recompilation_after_warmup(engine):
   stats = out.stats
   assert stats["recompilations"] == 0
   assert stats["new_tokens"] == 6 and stats["decode_tokens_per_s"] > 0
+  # One thread's CPU time cannot exceed the wall time it ran over.
+  assert 0 < stats["decode_host_cpu_s"] <= stats["decode_s"]
   assert stats["prefill_s"] > 0
   assert stats["ledger"]["tiers"]["device"]["peak"] >= engine.model.nbytes
   # The KV cache was allocated through the ledger and released afterwards.

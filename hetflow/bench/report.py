@@ -125,7 +125,9 @@ def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
   """The sparse rows' limits, term by term (`runner._sparse_limit`), and the serial floor:
   a layer's reads and records wait for its attention's output, so unless a guess starts
   the reads earlier, no schedule beats the fixed region's compute (attention, head) plus
-  the larger of the disk's time and the records' compute."""
+  the larger of the disk's time and the records' compute. Beside them, the CPU seconds the
+  generating thread spent per token (its Python, dispatches and syscalls): on a machine
+  with few cores that work runs mostly in series with the device's."""
   rows = [r for r in systems if r.get("ok") and r.get("limit_kind") == "sparse"]
   if not rows:
     return []
@@ -133,8 +135,9 @@ def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
            " max(disk, records), the fixed region (attention, head) being what a layer's"
            " reads wait for", "",
            "| system | request | disk s/token | compute s/token (records + fixed) |"
-           " serial floor s/token | measured s/token | x limit | x serial floor |",
-           "|---|---|---|---|---|---|---|---|"]
+           " serial floor s/token | measured s/token | x limit | x serial floor |"
+           " host thread CPU s/token |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     measured = r["decode_s_per_token"]
     lines.append(
@@ -143,8 +146,14 @@ def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
         f" {r['sparse_compute_s_per_token']:.3f} ({r['sparse_fixed_s_per_token']:.3f} fixed) |"
         f" {r['sparse_serial_s_per_token']:.3f} | {measured:.3f} |"
         f" {measured / r['limit_s_per_token']:.2f} |"
-        f" {measured / r['sparse_serial_s_per_token']:.2f} |")
+        f" {measured / r['sparse_serial_s_per_token']:.2f} |"
+        f" {_seconds(r.get('host_cpu_s_per_token'))} |")
   return lines
+
+
+def _seconds(value: float | None) -> str:
+  return "-" if value is None else f"{value:.3f}"
+
 
 
 def _agreement(r: dict[str, Any]) -> str:

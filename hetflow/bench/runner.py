@@ -198,6 +198,7 @@ def _run_hetflow(system: SystemSpec, model, spec, prompt) -> dict[str, Any]:
         "ttft_s": s["prefill_s"],
         "decode_tok_s": s["decode_tokens_per_s"],
         "decode_s_per_token": s["decode_s"] / steps if steps else float("nan"),
+        "host_cpu_s_per_token": s["decode_host_cpu_s"] / steps if steps else float("nan"),
         "disk_busy": s.get("disk_busy"),
         "new_tokens": s["new_tokens"],
         "disk_bytes_per_token": per_token("disk_bytes"),
