@@ -38,8 +38,9 @@ class GenerationOutput:
   Attributes:
     tokens: [B, N] new token ids per prompt (pad_token_id after a stop token).
     stats: prefill_s (time to first token), decode_tokens_per_s, new_tokens,
-      decode_host_cpu_s (the calling thread's CPU seconds over the decode steps), recompilations, per-tier bytes (peak) from the ledger, and under
-      "strategy" the strategy's StrategyStats (cumulative over the engine's runs).
+      decode_host_cpu_s (the calling thread's CPU seconds over the decode steps),
+      recompilations, per-tier bytes (peak) from the ledger, and under "strategy" the
+      strategy's StrategyStats (cumulative over the engine's runs).
     text: decoded strings when the model has a tokenizer, else None.
   """
 

@@ -279,6 +279,7 @@ def test_segmented_cache_masks_follow_its_lrus():
       hot = sorted(i for (l_, _), i in cache.hot_index.items() if l_ == lay)
       assert cache.hot_range(lay) == ((hot[0] * 4, len(hot) * 4) if hot else (0, 0))
 
+
 def test_segmented_cache_regions():
   cache = SegmentedCache(num_layers=2, num_neurons=64, num_slots=16, hot_slots=8, cluster_size=4,
                          admission="all")

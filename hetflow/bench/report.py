@@ -140,6 +140,7 @@ def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     measured = r["decode_s_per_token"]
+    host = r.get("host_cpu_s_per_token")
     lines.append(
         f"| {r['name']} | {format_bytes(r['request_bytes']) if r['request_bytes'] else '-'} |"
         f" {r['sparse_disk_s_per_token']:.3f} |"
@@ -147,13 +148,8 @@ def _sparse_limits(systems: list[dict[str, Any]]) -> list[str]:
         f" {r['sparse_serial_s_per_token']:.3f} | {measured:.3f} |"
         f" {measured / r['limit_s_per_token']:.2f} |"
         f" {measured / r['sparse_serial_s_per_token']:.2f} |"
-        f" {_seconds(r.get('host_cpu_s_per_token'))} |")
+        f" {'-' if host is None else f'{host:.3f}'} |")
   return lines
-
-
-def _seconds(value: float | None) -> str:
-  return "-" if value is None else f"{value:.3f}"
-
 
 
 def _agreement(r: dict[str, Any]) -> str:

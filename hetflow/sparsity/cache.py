@@ -161,11 +161,12 @@ class SegmentedCache:
       self._hot_ranges.pop(old[0], None)
     positions = np.arange(cluster * c, (cluster + 1) * c)
     # A cluster entering the hot region may have members in the cold region.
+    cold_first = self.cold_range(layer)[0]
     for p in positions:
       slot = self.cold_lru[layer].pop(int(p), None)
       if slot is not None:
         self.cold_free[layer].append(slot)
-        self._cold_held[layer, slot - self.cold_range(layer)[0]] = False
+        self._cold_held[layer, slot - cold_first] = False
     first = index * c
     self.slot_of[layer, positions] = np.arange(first, first + c)
     self.hot_owner[index] = (layer, cluster)
