@@ -599,6 +599,73 @@ def test_reader_read_many_compiled_and_python_loops_read_the_same(tmp_path, nati
                        parallel=parallel).result(timeout=10)
 
 
+def _numpy_only(monkeypatch):
+  """The reader's helpers without the compiled loop, as where no compiler is found."""
+  monkeypatch.setattr(reader_mod, "_native", lambda: None)
+
+
+def test_planar_requests_compiled_and_numpy_agree(monkeypatch):
+  """`Requests.planar` builds the same arrays with the compiled loop and with numpy, for
+  runs cut at gaps and at max_run, one request per record, and no records."""
+  if reader_mod._native() is None:
+    pytest.skip("no C++ compiler here: the compiled read loop is not built")
+  rng = np.random.default_rng(3)
+  cases = []
+  for n in (0, 1, 2, 7, 64):
+    positions = np.sort(rng.choice(200, n, replace=False))
+    positions[: n // 2] = np.arange(n // 2) + 5  # a long adjacent run as well as gaps
+    for max_run in (1, 3, 256):
+      cases.append((np.unique(positions), 3 * PAGE, PAGE, 2 * 3 * PAGE, 90 * PAGE, max_run))
+  built = [memory.Requests.planar(*case) for case in cases]
+  _numpy_only(monkeypatch)
+  for case, compiled_reqs in zip(cases, built):
+    reference = memory.Requests.planar(*case)
+    for field in ("offsets", "sizes", "first", "dest", "length"):
+      np.testing.assert_array_equal(getattr(compiled_reqs, field), getattr(reference, field))
+  runs = memory.Requests.planar(np.array([4, 5, 6, 9]), 2 * PAGE, PAGE, 0, 100 * PAGE, 2)
+  # Records 4, 5 | 6 | 9: a run of three cut at two, then a gap.
+  assert runs.offsets.tolist() == [4 * 3 * PAGE, 6 * 3 * PAGE, 9 * 3 * PAGE]
+  assert runs.sizes.tolist() == [6 * PAGE, 3 * PAGE, 3 * PAGE]
+  assert runs.dest.tolist()[:4] == [0, 100 * PAGE, 2 * PAGE, 101 * PAGE]
+
+
+def test_reader_compiled_check_refuses_what_the_numpy_check_names(tmp_path, monkeypatch):
+  """The compiled check passes exactly the requests the numpy check passes: each bad
+  request (out of the buffer, short segments, off a page with O_DIRECT) is refused with
+  the same message either way."""
+  if reader_mod._native() is None:
+    pytest.skip("no C++ compiler here: the compiled read loop is not built")
+  buffer = aligned_empty(8 * PAGE)
+  good = [(0, 2 * PAGE, ((0, PAGE), (4 * PAGE, PAGE))), (8 * PAGE, PAGE, PAGE)]
+  bad = {
+    "past the buffer": [good[0], (0, PAGE, 8 * PAGE)],
+    "negative destination": [(0, PAGE, -PAGE)],
+    "segments short of the size": [(0, 2 * PAGE, ((0, PAGE), (PAGE, PAGE - 1)))],
+    "file offset off a page": [good[1], (100, PAGE, 0)],
+    "destination off a page": [(0, 100, 7)],
+    "scattered segment not whole pages": [(0, PAGE + 100, ((0, PAGE), (PAGE, 100)))],
+  }
+  cases = [(memory.Requests.of(r), direct) for r in [good, *bad.values()]
+           for direct in (True, False)]
+  messages = []
+  for reqs, direct in cases:
+    try:
+      ReaderPool._check("f.bin", buffer, reqs, direct)
+      messages.append(None)
+    except ValueError as e:
+      messages.append(str(e))
+  assert messages[0] is None and messages[1] is None  # the good requests pass
+  assert all(m is not None for m in messages[2::2])  # every bad one fails with O_DIRECT
+  _numpy_only(monkeypatch)
+  for (reqs, direct), message in zip(cases, messages):
+    if message is None:
+      ReaderPool._check("f.bin", buffer, reqs, direct)
+    else:
+      with pytest.raises(ValueError) as raised:
+        ReaderPool._check("f.bin", buffer, reqs, direct)
+      assert str(raised.value) == message
+
+
 def _every_other_page(tmp_path, pages, seed):
   """A file of `pages` random pages and requests for its even pages, packed into a buffer
   (for the tests of the compiled loop, skipped where it is not built)."""

@@ -282,12 +282,12 @@ class BundleStore:
     takes them only if `planar_direct` (it refuses unaligned segments).
     """
     positions = np.asarray(positions, np.int64)
-    slots = first_slot + np.arange(len(positions))
+    slots = range(first_slot, first_slot + len(positions))
     row, mats = self.row_nbytes, len(self.matrices)
     if self.layout == "split":
       f, s = self.num_neurons, self.row_stride
       out = []
-      for p, j in zip(positions.tolist(), slots.tolist()):
+      for p, j in zip(positions.tolist(), slots):
         for m in range(mats - 1):
           out.append(((m * f + p) * s, row, planes.a_offset(j) + m * row))
         out.append((((mats - 1) * f + p) * s, row, planes.b_offset(j)))
@@ -297,20 +297,9 @@ class BundleStore:
     if r != a + row:  # padded records: read each neuron's bytes alone (buffered reads only)
       return Requests.of([(int(p) * r, a + row,
                            ((planes.a_offset(j), a), (planes.b_offset(j), row)))
-                          for p, j in zip(positions.tolist(), slots.tolist())])
-    n = len(positions)
-    index = np.arange(n)
-    start = np.ones(n, bool)
-    if coalesce and n:  # a request starts where a run breaks or reaches max_run records
-      start[1:] = np.diff(positions) != 1
-      run_first = np.maximum.accumulate(np.where(start, index, 0))
-      start |= (index - run_first) % max_run == 0
-    heads = np.flatnonzero(start)
-    count = np.diff(np.append(heads, n))
-    # Each record's two segments, in turn: its input rows (plane A), its down row (plane B).
-    dest = np.stack([slots * a, planes.slots * a + slots * row], 1).reshape(-1)
-    length = np.tile(np.array([a, row], np.int64), n)
-    return Requests(positions[heads] * r, count * r, np.append(heads, n) * 2, dest, length)
+                          for p, j in zip(positions.tolist(), slots)])
+    return Requests.planar(positions, a, row, planes.a_offset(first_slot),
+                           planes.b_offset(first_slot), max_run if coalesce else 1)
 
   def close(self) -> None:
     """Releases the store's lock (if opened locked)."""

@@ -40,13 +40,23 @@ bool Countable(int64_t n, const int64_t* first) {
   return true;
 }
 
-// Every request's segments as one array: request i's are [first[i], first[i + 1]).
-std::vector<struct iovec> Segments(int64_t n, const int64_t* first, const int64_t* address,
-                                   const int64_t* length) {
+// Every request's segments as one array: request i's are [first[i], first[i + 1]), segment
+// k `length[k]` bytes at buffer offset dest[k]. With O_DIRECT (`page` > 0) a one-segment
+// request reads its last partial block whole where the buffer (`nbytes` at `address`) has
+// room for the round-up; where it has not, the read comes back short and the reader's
+// Python path reads that block through a bounce page.
+std::vector<struct iovec> Segments(int64_t n, const int64_t* first, const int64_t* dest,
+                                   const int64_t* length, int64_t address, int64_t nbytes,
+                                   int64_t page) {
   std::vector<struct iovec> iov(first[n]);
-  for (int64_t k = 0; k < first[n]; ++k) {
-    iov[k].iov_base = reinterpret_cast<void*>(address[k]);
-    iov[k].iov_len = static_cast<size_t>(length[k]);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = first[i]; k < first[i + 1]; ++k) {
+      int64_t len = length[k];
+      const int64_t rounded = page > 0 ? (len + page - 1) / page * page : len;
+      if (first[i + 1] - first[i] == 1 && dest[k] + rounded <= nbytes) len = rounded;
+      iov[k].iov_base = reinterpret_cast<void*>(address + dest[k]);
+      iov[k].iov_len = static_cast<size_t>(len);
+    }
   }
   return iov;
 }
@@ -123,17 +133,18 @@ bool Submit(Batch* b) {
 
 extern "C" {
 
-// Reads requests [0, n) of one open file, in order, one preadv each. Request i reads
-// at file offset `offsets[i]` into the segments `first[i]` .. `first[i + 1]` - 1, each
-// `length[k]` bytes at address `address[k]`, and must deliver at least `need[i]` bytes.
-// done[i] gets the bytes it delivered, or -errno; the loop stops at the first that
-// falls short (the rest stay -1, not attempted).
+// Reads requests [0, n) of one open file into the buffer of `nbytes` bytes at `address`,
+// in order, one preadv each, as hetflow.memory.Requests holds them: request i reads at
+// file offset `offsets[i]` into the segments `first[i]` .. `first[i + 1]` - 1, each
+// `length[k]` bytes at buffer offset `dest[k]`, and must deliver at least `need[i]` bytes
+// (`page`: as Segments). done[i] gets the bytes it delivered, or -errno; the loop stops at
+// the first that falls short (the rest stay -1, not attempted).
 void hetflow_read_requests(int fd, int64_t n, const int64_t* offsets, const int64_t* need,
-                           const int64_t* first, const int64_t* address,
-                           const int64_t* length, int64_t* done) {
+                           const int64_t* first, const int64_t* dest, const int64_t* length,
+                           int64_t address, int64_t nbytes, int64_t page, int64_t* done) {
   for (int64_t i = 0; i < n; ++i) done[i] = -1;
   if (!Countable(n, first)) return;
-  const std::vector<struct iovec> iov = Segments(n, first, address, length);
+  const std::vector<struct iovec> iov = Segments(n, first, dest, length, address, nbytes, page);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t count = first[i + 1] - first[i];
     ssize_t got;
@@ -150,8 +161,8 @@ void hetflow_read_requests(int fd, int64_t n, const int64_t* offsets, const int6
 // (nothing was queued; read them with hetflow_read_requests). The arrays and the
 // buffers must stay alive until hetflow_aio_finish returns.
 void* hetflow_aio_start(int fd, int64_t n, const int64_t* offsets, const int64_t* first,
-                        const int64_t* address, const int64_t* length, int64_t depth,
-                        int64_t* done) {
+                        const int64_t* dest, const int64_t* length, int64_t address,
+                        int64_t nbytes, int64_t page, int64_t depth, int64_t* done) {
   if (n < 1 || !Countable(n, first)) return nullptr;
   aio_context_t ctx = TakeContext();
   if (ctx == 0) return nullptr;
@@ -159,7 +170,7 @@ void* hetflow_aio_start(int fd, int64_t n, const int64_t* offsets, const int64_t
   b->ctx = ctx;
   b->depth = static_cast<int>(std::clamp<int64_t>(depth, 1, kMaxDepth));
   b->done = done;
-  b->iov = Segments(n, first, address, length);
+  b->iov = Segments(n, first, dest, length, address, nbytes, page);
   b->cbs.resize(n);
   b->queue.resize(n);
   for (int64_t i = 0; i < n; ++i) {
@@ -205,6 +216,71 @@ void hetflow_aio_finish(void* handle) {
   }
   if (healthy) GiveContext(b->ctx);
   delete b;
+}
+
+// The requests that read fixed-size records at sorted file `positions` (record i at
+// positions[i] * (a_nbytes + b_nbytes)) into consecutive slots of a planar buffer: record
+// i's first a_nbytes go to a_dest + i * a_nbytes, the other b_nbytes to
+// b_dest + i * b_nbytes. One request per run of adjacent records, at most `max_run`
+// records long (1: one per record). Fills offsets, sizes (room for n), first (n + 1),
+// dest and length (2n), as hetflow.memory.Requests holds them; returns the request count.
+// The same requests as Requests.planar's numpy formulation (reader.py), without its dozen
+// array operations per call: neuron_cluster builds ~50 such batches a token.
+int64_t hetflow_planar_requests(int64_t n, const int64_t* positions, int64_t a_nbytes,
+                                int64_t b_nbytes, int64_t a_dest, int64_t b_dest,
+                                int64_t max_run, int64_t* offsets, int64_t* sizes,
+                                int64_t* first, int64_t* dest, int64_t* length) {
+  const int64_t record = a_nbytes + b_nbytes;
+  int64_t k = 0, run_first = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool breaks = i == 0 || positions[i] - positions[i - 1] != 1;
+    if (breaks) run_first = i;
+    if (breaks || (i - run_first) % max_run == 0) {
+      offsets[k] = positions[i] * record;
+      sizes[k] = 0;
+      first[k] = 2 * i;
+      ++k;
+    }
+    sizes[k - 1] += record;
+    dest[2 * i] = a_dest + i * a_nbytes;
+    length[2 * i] = a_nbytes;
+    dest[2 * i + 1] = b_dest + i * b_nbytes;
+    length[2 * i + 1] = b_nbytes;
+  }
+  first[k] = 2 * n;
+  return k;
+}
+
+// The first of requests [0, n) (laid out as above, `segments` segments in all) that does
+// not fit a buffer of `nbytes` bytes at `address` (a size below 0, no segment, segments
+// not summing to its size, one outside the buffer), else, with O_DIRECT (`page` > 0),
+// the first that it cannot serve (a file offset or destination off a page boundary, or
+// a segment of a scattering request not a whole number of pages); -1 if none. The
+// reader's Python check finds the same request and names it (reader.py, _check).
+int64_t hetflow_check_requests(int64_t n, int64_t segments, const int64_t* offsets,
+                               const int64_t* sizes, const int64_t* first,
+                               const int64_t* dest, const int64_t* length, int64_t nbytes,
+                               int64_t address, int64_t page) {
+  if (first[0] != 0) return 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t a = first[i], b = first[i + 1];
+    if (sizes[i] < 0 || b <= a || b > segments) return i;
+    int64_t filled = 0;
+    for (int64_t k = a; k < b; ++k) {
+      if (dest[k] < 0 || dest[k] + length[k] > nbytes) return i;
+      filled += length[k];
+    }
+    if (filled != sizes[i]) return i;
+  }
+  if (page <= 0) return -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (offsets[i] % page != 0) return i;
+    const bool scattering = first[i + 1] - first[i] > 1;
+    for (int64_t k = first[i]; k < first[i + 1]; ++k) {
+      if ((address + dest[k]) % page != 0 || (scattering && length[k] % page != 0)) return i;
+    }
+  }
+  return -1;
 }
 
 }  // extern "C"
