@@ -655,6 +655,9 @@ def test_reader_compiled_check_refuses_what_the_numpy_check_names(tmp_path, monk
     except ValueError as e:
       messages.append(str(e))
   assert messages[0] is None and messages[1] is None  # the good requests pass
+  narrow = memory.Requests(*(getattr(cases[0][0], f).astype(np.int32)
+                             for f in ("offsets", "sizes", "first", "dest", "length")))
+  ReaderPool._check("f.bin", buffer, narrow, True)  # int32 arrays: converted, and kept alive
   assert all(m is not None for m in messages[2::2])  # every bad one fails with O_DIRECT
   _numpy_only(monkeypatch)
   for (reqs, direct), message in zip(cases, messages):

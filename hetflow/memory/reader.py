@@ -567,11 +567,12 @@ class ReaderPool:
     the first. The compiled ``hetflow_check_requests`` passes the good ones at ~1/20 of
     the numpy check's cost; the numpy check finds and names a bad one."""
     lib = _native()
-    if lib is not None and len(reqs) and lib.hetflow_check_requests(
-        len(reqs), len(reqs.dest), *(np.ascontiguousarray(a, np.int64).ctypes.data for a in (
-            reqs.offsets, reqs.sizes, reqs.first, reqs.dest, reqs.length)),
-        buffer.nbytes, buffer.ctypes.data, PAGE if is_direct else 0) < 0:
-      return
+    if lib is not None and len(reqs) and len(reqs.first) == len(reqs) + 1:
+      arrays = ReaderPool._native_arrays(reqs)  # held until the call returns
+      if lib.hetflow_check_requests(len(reqs), len(reqs.dest), *(a.ctypes.data for a in arrays),
+                                    buffer.nbytes, buffer.ctypes.data,
+                                    PAGE if is_direct else 0) < 0:
+        return
     count = np.diff(reqs.first)
     owner = np.repeat(np.arange(len(reqs)), count)  # each segment's request
 
