@@ -121,6 +121,30 @@ def test_svd_and_exact_gate_predictors():
     predictor.exact_gate_params(opt.config, opt.group_tensors("layers/0/mlp"))
 
 
+def test_guess_quality_from_earlier_residuals():
+  """The look-ahead audit: from the FFN's own input the exact gate predictor misses nothing
+  (gate > 0 is necessary for dReLU to fire); from earlier residuals it is only a guess."""
+  from hetflow.bench.audit import GUESS_SOURCES, guess_quality, reference_tokens
+
+  model = hetflow.synthetic_model("llama-tiny-sparse", sparsity=0.9, hotness="zipf:1.1", seed=0)
+  c = model.config
+  exact = predictor.LowRankPredictor(
+      [predictor.exact_gate_params(c, model.group_tensors(f"layers/{i}/mlp"))
+       for i in range(c.num_layers)], thresholds=[0.0] * c.num_layers)
+  exact.place(None)
+  reference = reference_tokens(model, prompts=2, prompt_tokens=8, new_tokens=6)
+  got = guess_quality(model, exact, reference, prompt_tokens=8)
+  assert np.all(got["ffn_input"]["recall"] == 1.0)
+  assert np.all((got["ffn_input"]["precision"] > 0) & (got["ffn_input"]["precision"] <= 1))
+  assert np.isnan(got["previous_ffn_input"]["recall"][0])  # layer 0 has no block before
+  for k in GUESS_SOURCES:
+    rates = np.concatenate([got[k]["recall"][1:], got[k]["precision"][1:]])
+    assert np.all((rates >= 0) & (rates <= 1)), k
+  # Earlier residuals are guesses: somewhere they miss what the FFN's input would not.
+  assert got["block_input"]["recall"].min() < 1.0
+  assert np.all(got["true_per_token"] > 0) and len(got["true_per_token"]) == c.num_layers
+
+
 def test_bundle_store_layouts(tmp_path):
   model = hetflow.synthetic_model("llama-tiny-sparse")
   f, d = model.config.intermediate_size, model.config.hidden_size

@@ -22,6 +22,8 @@ from hetflow.models.config import ModelConfig
 
 # on_ffn(layer, x [B, T, D] pre-norm residual, mlp leaves) -> mlp leaves or None.
 FFNCallback = Callable[[int, np.ndarray, dict[str, np.ndarray]], Any]
+# on_block(layer, x [B, T, D] the residual entering the block, before its attention).
+BlockCallback = Callable[[int, np.ndarray], None]
 
 
 @functools.lru_cache(maxsize=16)
@@ -48,7 +50,7 @@ def normalize(config: ModelConfig, mlp: dict[str, Any], x):
 
 def walk(config: ModelConfig, tensors: Callable[[str], dict[str, np.ndarray]],
          ids: np.ndarray, on_ffn: FFNCallback | None = None,
-         num_layers: int | None = None) -> np.ndarray:
+         num_layers: int | None = None, on_block: BlockCallback | None = None) -> np.ndarray:
   """Runs ids [B, T] through the blocks, one layer's weights alive at a time.
 
   Args:
@@ -58,6 +60,7 @@ def walk(config: ModelConfig, tensors: Callable[[str], dict[str, np.ndarray]],
     on_ffn: called with (layer, x, mlp leaves) before each FFN half; it may
       return replacement leaves for that layer.
     num_layers: stop after this many layers (default: all).
+    on_block: called with (layer, x) before each block's attention half.
 
   Returns:
     The residual stream after the last block run, [B, T, D] float32.
@@ -69,6 +72,8 @@ def walk(config: ModelConfig, tensors: Callable[[str], dict[str, np.ndarray]],
   mask = jnp.ones((b, t), bool)
   x = embed(tensors("embed"), ids, positions)
   for i in range(config.num_layers if num_layers is None else num_layers):
+    if on_block is not None:
+      on_block(i, np.asarray(x))
     x = attn(tensors(f"layers/{i}/attn"), x, positions, mask)
     mlp = tensors(f"layers/{i}/mlp")
     if on_ffn is not None:
