@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import hetflow
+from hetflow.bench.audit import GUESS_SOURCES, guess_quality, reference_tokens
 from hetflow.checkpoints import sparse
 from hetflow.memory import ReaderPool, aligned_empty, bundle_store
 from hetflow.sparsity import bundles, predictor, stats
@@ -124,8 +125,6 @@ def test_svd_and_exact_gate_predictors():
 def test_guess_quality_from_earlier_residuals():
   """The look-ahead audit: from the FFN's own input the exact gate predictor misses nothing
   (gate > 0 is necessary for dReLU to fire); from earlier residuals it is only a guess."""
-  from hetflow.bench.audit import GUESS_SOURCES, guess_quality, reference_tokens
-
   model = hetflow.synthetic_model("llama-tiny-sparse", sparsity=0.9, hotness="zipf:1.1", seed=0)
   c = model.config
   exact = predictor.LowRankPredictor(

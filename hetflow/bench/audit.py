@@ -80,7 +80,10 @@ def guess_quality(model, predictor, reference: np.ndarray, prompt_tokens: int,
     {source: {"recall": [L], "precision": [L]}, "true_per_token": [L] active neurons}.
   """
   c = model.config
-  fire = jax.jit(lambda w, h: jnp.abs(intermediate(c, w, h)) > check_sparse(c, threshold))
+  if c.num_experts:
+    raise ValueError(f"guess_quality audits dense FFN layers; {c.name} routes to experts.")
+  threshold = check_sparse(c, threshold)
+  fire = jax.jit(lambda w, h: jnp.abs(intermediate(c, w, h)) > threshold)
   ids = np.concatenate([prompt_ids(c.vocab_size, prompt_tokens, seed=s)
                         for s in range(len(reference))])
   seqs = np.concatenate([ids, reference[:, :-1]], axis=1)  # the last token is never an input
