@@ -17,14 +17,12 @@ from __future__ import annotations
 import gc
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from hetflow.bench.process import prompt_ids
 from hetflow.engine import Engine
 from hetflow.models.walk import normalize, walk
-from hetflow.sparsity.stats import check_sparse, intermediate
+from hetflow.sparsity.stats import check_sparse, firing
 
 # The residuals a guess of layer i's active FFN neurons can start from (`guess_quality`).
 GUESS_SOURCES = ("ffn_input", "block_input", "previous_ffn_input")
@@ -82,8 +80,7 @@ def guess_quality(model, predictor, reference: np.ndarray, prompt_tokens: int,
   c = model.config
   if c.num_experts:
     raise ValueError(f"guess_quality audits dense FFN layers; {c.name} routes to experts.")
-  threshold = check_sparse(c, threshold)
-  fire = jax.jit(lambda w, h: jnp.abs(intermediate(c, w, h)) > threshold)
+  fire = firing(c, check_sparse(c, threshold))
   ids = np.concatenate([prompt_ids(c.vocab_size, prompt_tokens, seed=s)
                         for s in range(len(reference))])
   seqs = np.concatenate([ids, reference[:, :-1]], axis=1)  # the last token is never an input

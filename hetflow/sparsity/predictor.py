@@ -40,7 +40,7 @@ import numpy as np
 import optax
 
 from hetflow.models.config import ModelConfig
-from hetflow.sparsity.stats import Samples, intermediate
+from hetflow.sparsity.stats import Samples, firing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +293,7 @@ class OraclePredictor:
     self.weights = weights
     self.threshold = threshold
     self._device = None
-    self._fn = jax.jit(lambda w, h: jnp.abs(intermediate(config, w, h)) > threshold)
+    self._fn = firing(config, threshold)
 
   def nbytes(self) -> int:
     weights = self.weights if self.weights is not None else self._device

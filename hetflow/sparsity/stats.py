@@ -53,6 +53,12 @@ def intermediate(config: ModelConfig, w: dict[str, Any], h):
   return act(layers.linear(h, w["gate"], w.get("gate_bias"))) * u
 
 
+def firing(config: ModelConfig, threshold: float):
+  """A jitted (mlp leaves, normalised h) -> [..., F] bool: which neurons fire, i.e. whose
+  intermediate activation's magnitude exceeds `threshold`."""
+  return jax.jit(lambda w, h: jnp.abs(intermediate(config, w, h)) > threshold)
+
+
 @dataclasses.dataclass
 class ActivationStats:
   """Per-layer firing counts over calibration tokens.
@@ -151,7 +157,7 @@ def record_activations(model: Model, ids: np.ndarray, threshold: float | None = 
   co = (np.zeros((c.num_layers, c.intermediate_size, c.intermediate_size), np.int64)
         if coactivation else None)
   data = Samples([], []) if samples else None
-  fire = jax.jit(lambda w, h: jnp.abs(intermediate(c, w, h)) > thr)
+  fire = firing(c, thr)
 
   def on_ffn(layer, x, w):
     x = x.reshape(-1, c.hidden_size)
