@@ -190,11 +190,15 @@ def test_trained_predictor_reports_agreement_and_recall(reference, tmp_path):
   assert float((out.tokens == tokens[:1]).mean()) >= agree_fed - 0.1
 
 
-@pytest.mark.parametrize("guess", ["complement", "random", "none"])
-def test_lookahead_is_exact_whatever_it_guesses(reference, guess, monkeypatch):
+@pytest.mark.parametrize("guess,staging", [
+    ("complement", "256KiB"), ("random", "256KiB"), ("none", "256KiB"),
+    ("complement", "64KiB")], ids=["complement", "random", "none", "complement-fills-area"])
+def test_lookahead_is_exact_whatever_it_guesses(reference, guess, staging, monkeypatch):
   """The look-ahead reads layer i+1's records before its input exists; a wrong guess
   (here deliberately: every other neuron, random ones, or nothing) costs reads, never
-  correctness: the tokens stay resident's."""
+  correctness: the tokens stay resident's. With a small staging buffer the guess fills
+  the layer's area, so the misses it left are read over the guessed records: those
+  must be computed and admitted first (the cache holds the store's bytes)."""
   from strategies.neuron_cluster.strategy import NeuronCluster
 
   model, ids, tokens, logits = reference
@@ -207,10 +211,11 @@ def test_lookahead_is_exact_whatever_it_guesses(reference, guess, monkeypatch):
   }[guess]
   monkeypatch.setattr(NeuronCluster, "_guess", wrong)
   with Engine(model, "neuron_cluster", options=dict(cache_bytes="64KiB", cluster_size=8,
-                                                    staging_bytes="256KiB",
+                                                    staging_bytes=staging,
                                                     lookahead=True)) as engine:
     out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens)
+    assert_cache_holds_its_records(engine.strategy)
     np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
   s = out.stats["strategy"].details
   assert s["late_read_neurons_per_token"] > 0  # what the guess missed was read in time

@@ -1174,7 +1174,13 @@ class NeuronCluster(Strategy):
     started = False
     while len(missing):
       room = self.area_cap - used
-      if room < self._min_block:  # the area is full: wait for its users, start over
+      if room < self._min_block:  # the area is full: compute and admit what it holds, start over
+        if not started:  # the look-ahead's records filled it: computed before they are overwritten
+          overlapped()
+          started = True
+        self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
+        self._admit(layer, read_pos, read_slots, cached_outs)
+        read_pos, read_slots = [], []
         jax.block_until_ready(outs)
         used, room = 0, self.area_cap
       rnd, missing = missing[:room], missing[room:]
@@ -1204,10 +1210,6 @@ class NeuronCluster(Strategy):
       read_pos.append(rnd)
       read_slots.append(base + used + np.arange(len(rnd)))
       used += sum(size for _, size in blocks)
-      if len(missing):  # this round's records are admitted before the area is reused
-        self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
-        self._admit(layer, read_pos, read_slots, cached_outs)
-        read_pos, read_slots = [], []
     if not started:  # no reads of its own: the guess held every miss, or none
       overlapped()
     self.counters.decode.add("read_neurons", sum(len(p) for p in read_pos))
