@@ -311,3 +311,25 @@ def test_token_table_on_disk_leaves_its_bytes_to_the_cache():
   for p in plans:
     assert p.bytes_per_tier()["device"] <= budget.device
   assert plans[1].bytes_per_tier()["disk"] == plans[0].bytes_per_tier()["disk"] + table
+
+
+def test_perfect_lookahead_script_replays_the_same_decode(tmp_path):
+  """scripts/perfect_lookahead.py (smoke): the sets a process selected, replayed a layer
+  ahead in identical processes, decode the same tokens (it exits non-zero otherwise) and
+  read nearly every miss ahead."""
+  import json
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "rows.json"
+  run = subprocess.run([sys.executable, "scripts/perfect_lookahead.py", "--smoke",
+                        "--system=nc_lookahead", "--rounds=1", "--requests=1", f"--out={out}"],
+                       cwd=root, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = json.loads(out.read_text())
+  assert [r["mode"] for r in rows] == ["record", "none", "replay"]
+  assert len({r["tokens"] for r in rows}) == 1
+  replay = rows[-1]["requests"][0]
+  assert replay["records_ahead"] > 0
+  assert replay["records_late"] <= 0.1 * replay["records_ahead"]

@@ -132,7 +132,9 @@ class NeuronClusterOptions:
       little between layers); layer i+1 then reads only what that guess
       missed. A wrong guess costs reads, never correctness. Off by default:
       on llama-1b-sparse 44% of the guessed records were never needed and the
-      extra bytes cost more than the overlap gained (WORKSPACE_NOTES.md).
+      extra bytes cost more than the overlap gained, and even a perfect guess
+      gains only ~8-10% on two cores, where the host's work bounds the token
+      (`scripts/perfect_lookahead.py`, WORKSPACE_NOTES.md).
     bridge_gap: also read uncached records in gaps of at most this many
       between two records read (`bundle_store.bridge_gaps`): fewer, larger
       requests for more bytes; the extra records are computed too (exact).
