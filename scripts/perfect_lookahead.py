@@ -146,6 +146,10 @@ def main():
   args = parser.parse_args()
   if args.mode:
     return run(args)
+  systems = load_config(args.config, args.smoke).systems
+  if systems.get(args.system, {}).get("strategy") != "neuron_cluster":
+    names = [n for n, s in systems.items() if s.get("strategy") == "neuron_cluster"]
+    sys.exit(f"--system={args.system}: not a neuron_cluster row of {args.config}; its rows: {names}")
   with tempfile.TemporaryDirectory() as tmp:
     sets = os.path.join(tmp, "sets.pkl")
     rows = []
@@ -154,8 +158,10 @@ def main():
       cmd = [sys.executable, __file__, f"--config={args.config}", f"--system={args.system}",
              f"--requests={args.requests}", f"--mode={mode}", f"--sets={sets}"]
       cmd += ["--smoke"] if args.smoke else []
-      out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-      rows.append(json.loads(out.strip().splitlines()[-1]))
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      if proc.returncode:
+        sys.exit(f"the {mode} process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+      rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   if len({r["tokens"] for r in rows}) != 1:
     sys.exit("the processes decoded different tokens: the replay is not a perfect guess"
              f" ({[(r['mode'], r['tokens']) for r in rows]})")
