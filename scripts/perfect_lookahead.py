@@ -28,7 +28,6 @@ the decode is bound by the host's work and the device's, in series, not by the d
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -42,12 +41,9 @@ NEW_TOKENS = 33  # the first comes from the prefill: 32 decode steps a request
 
 
 def load_config(path, smoke):
-  from hetflow.config import apply_smoke
+  from hetflow.config import apply_smoke, load_config_file
 
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_config_file(path)
   return apply_smoke(config) if smoke else config
 
 
@@ -146,7 +142,12 @@ def main():
   args = parser.parse_args()
   if args.mode:
     return run(args)
-  systems = load_config(args.config, args.smoke).systems
+  from hetflow.config import ConfigError
+
+  try:
+    systems = load_config(args.config, args.smoke).systems
+  except ConfigError as e:
+    sys.exit(str(e))
   if systems.get(args.system, {}).get("strategy") != "neuron_cluster":
     names = [n for n, s in systems.items() if s.get("strategy") == "neuron_cluster"]
     sys.exit(f"--system={args.system}: not a neuron_cluster row of {args.config}; its rows: {names}")
