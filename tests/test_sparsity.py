@@ -297,10 +297,62 @@ def test_segmented_cache_masks_follow_its_lrus():
     for lay in range(3):
       first, n = cache.cold_range(lay)
       walked = np.zeros(n, bool)
-      walked[np.array(list(cache.cold_lru[lay].values()), np.int64) - first] = True
+      slots = cache.slot_of[lay]
+      walked[slots[(slots >= first) & (slots < first + n)] - first] = True
       np.testing.assert_array_equal(cache.cold_valid(lay), walked)
       hot = sorted(i for (l_, _), i in cache.hot_index.items() if l_ == lay)
       assert cache.hot_range(lay) == ((hot[0] * 4, len(hot) * 4) if hot else (0, 0))
+
+
+def _list_lru_admit(lru, activity, positions, size, admission, admit_min):
+  """The cold region's rule on an OrderedDict (position -> slot, oldest first): the
+  reference `SegmentedCache`'s recency stamps must reproduce, slot for slot."""
+  free = [s for s in range(size - 1, -1, -1) if s not in lru.values()]
+  order = list(range(len(positions)))
+  if admission == "frequency":
+    order = sorted((j for j in order if activity[positions[j]] >= admit_min),
+                   key=lambda j: -activity[positions[j]])
+  budget, got = len(free) + len(lru), {}
+  for j in order:
+    p = int(positions[j])
+    if budget <= 0:
+      break
+    if p in lru:
+      continue
+    if free:
+      slot = free.pop()
+    else:
+      victim, slot = next(iter(lru.items()))
+      if admission == "frequency" and activity[victim] >= activity[p]:
+        break
+      del lru[victim]
+    lru[p] = got[p] = slot
+    budget -= 1
+  return got
+
+
+@pytest.mark.parametrize("admission", ["all", "frequency"])
+def test_cold_recency_stamps_evict_what_a_linked_list_would(admission):
+  """Random steps (hits, misses, records already cached offered again) on one layer:
+  the cache's slots equal the OrderedDict reference's after every admission."""
+  import collections
+  rng = np.random.default_rng(1)
+  size = 24
+  cache = SegmentedCache(num_layers=1, num_neurons=128, num_slots=size, hot_slots=0,
+                         admission=admission, decay=0.8, admit_min=1.2)
+  lru = collections.OrderedDict()
+  for step in range(300):
+    wanted = np.unique(np.minimum(rng.zipf(1.3, 30) - 1, 127))
+    _, _, missing = cache.lookup(0, wanted)
+    for p in wanted:  # the reference's hits move to its recent end, in order
+      if p in lru:
+        lru.move_to_end(int(p))
+    offered = np.concatenate([missing, wanted[:2]]) if step % 3 == 0 else missing
+    expected = _list_lru_admit(lru, cache.activity[0], offered, size, admission, 1.2)
+    got = cache.admit(0, offered)
+    assert {int(p): int(s) for p, s in zip(offered, got) if s >= 0} == expected
+    assert {int(p): int(s) for p, s in enumerate(cache.slot_of[0]) if s >= 0} == dict(lru)
+  assert cache.counters.evicted > 50
 
 
 def test_segmented_cache_regions():
@@ -322,8 +374,7 @@ def test_segmented_cache_regions():
   assert ((got >= 12) & (got < 16)).sum() == 4 and got[-1] == -1
   assert cache.cold_valid(1).all() and not cache.cold_valid(0).any()
   cache.protect(0)
-  cache.lookup(1, np.array([40]))  # 40 becomes most recently used (at the next touch)
-  assert next(iter(cache.cold_lru[1])) == 40  # not yet: the lookup left the move for later
+  cache.lookup(1, np.array([40]))  # 40 becomes the most recently used
   got = cache.admit(0, np.array([50]))  # layer 0's own partition: evicts nothing of layer 1
   assert 8 <= got[0] < 12 and cache.counters.evicted == 0
   got = cache.admit(1, np.array([50]))  # layer 1's partition is full: its LRU (41) goes

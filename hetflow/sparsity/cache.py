@@ -21,6 +21,10 @@ One pool of neuron-record slots shared by every layer, in two regions:
   (~17.5k on llama-1b) are far more than the region holds (~4.8k); admitting
   them all evicted everything before it was reused (0 cold hits).
 
+Recency is a stamp per slot (a clock that every use advances), not a linked list: a
+step's ~500 hits per layer are stamped in one numpy assignment, and an admission finds
+its victims by sorting the partition's stamps, in the order a list would give them.
+
 Each layer's cached records are two contiguous slot ranges (`hot_range`,
 `cold_range`): its hot clusters sit next to each other (the strategy places
 them in layer order and a swap replaces a cluster of the same layer) and its
@@ -36,7 +40,6 @@ are read-only). Only slot bookkeeping lives here; the bytes are the caller's
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 
 import numpy as np
@@ -91,27 +94,27 @@ class SegmentedCache:
     self.hot_slots = self.num_clusters_hot * cluster_size
     self.num_slots = num_slots
     self.slot_of = np.full((num_layers, num_neurons), -1, np.int32)
-    # hot: cluster slot index -> (layer, cluster) held there, LRU order of hot slots.
+    # hot: cluster slot index -> (layer, cluster) held there.
     self.hot_owner: list[tuple[int, int] | None] = [None] * self.num_clusters_hot
-    self.hot_lru: collections.OrderedDict[int, None] = collections.OrderedDict()
-    # cold: per layer, position -> slot in LRU order, and the partition's free slots.
+    # cold: per layer, its partition's free slots (a stack) and what each slot holds.
     self.cold_slots = num_slots - self.hot_slots
     self.partition = self.cold_slots // max(num_layers, 1)
-    self.cold_lru: list[collections.OrderedDict[int, int]] = [
-        collections.OrderedDict() for _ in range(num_layers)]
     self.cold_free = [list(range(self.cold_range(i)[0] + self.partition - 1,
                                  self.cold_range(i)[0] - 1, -1)) for i in range(num_layers)]
-    # Which of each layer's cold slots hold a record (`cold_valid`), kept beside the LRUs
-    # so that a step's mask costs no walk over them.
-    self._cold_held = np.zeros((num_layers, self.partition), bool)
+    self._cold_held = np.zeros((num_layers, self.partition), bool)  # `cold_valid`
+    self._cold_pos = np.full((num_layers, self.partition), -1, np.int64)
+    # Recency: the clock's value at each hot cluster slot's / cold slot's last use
+    # (larger is more recent; every use takes a new value, so no two are equal).
+    self._clock = 0
+    self._hot_used = np.zeros(self.num_clusters_hot, np.int64)
+    self._cold_used = np.zeros((num_layers, self.partition), np.int64)
     # Decayed count of steps each neuron was active in: the admission filter.
     self.activity = np.zeros((num_layers, num_neurons), np.float32)
     self.cluster_activity = np.zeros((num_layers, num_neurons // max(cluster_size, 1)),
                                      np.float32)
     self.hot_index: dict[tuple[int, int], int] = {}  # (layer, cluster) -> hot cluster slot
     self._hot_ranges: dict[int, tuple[int, int]] = {}  # hot_range's answers since a change
-    # The hits of lookups not yet moved to their LRUs' recent ends (`touch`).
-    self._touches: list[tuple[int, list[int], list[int]]] = []
+    self._protected = 0
     self.counters = CacheCounters()
 
   # -- where a layer's records are ------------------------------------------
@@ -152,7 +155,6 @@ class SegmentedCache:
 
     The caller fills slots [first, first + cluster_size) with those records.
     """
-    self.touch()
     c = self.cluster_size
     old = self.hot_owner[index]
     if old is not None:
@@ -163,17 +165,17 @@ class SegmentedCache:
     # A cluster entering the hot region may have members in the cold region.
     cold_first = self.cold_range(layer)[0]
     for p in positions:
-      slot = self.cold_lru[layer].pop(int(p), None)
-      if slot is not None:
+      slot = int(self.slot_of[layer, p])
+      if slot >= cold_first:
         self.cold_free[layer].append(slot)
         self._cold_held[layer, slot - cold_first] = False
+        self._cold_pos[layer, slot - cold_first] = -1
     first = index * c
     self.slot_of[layer, positions] = np.arange(first, first + c)
     self.hot_owner[index] = (layer, cluster)
     self.hot_index[(layer, cluster)] = index
     self._hot_ranges.pop(layer, None)
-    self.hot_lru[index] = None
-    self.hot_lru.move_to_end(index)
+    self._hot_used[index] = self._tick(1)[0]
     return first, positions
 
   def swap_candidate(self, layer: int, margin: float = 1.5) -> tuple[int, int] | None:
@@ -203,11 +205,9 @@ class SegmentedCache:
 
   def hot_victim(self, protect: set[int], layer: int | None = None) -> int | None:
     """Least recently used hot cluster slot not in `protect` (of `layer`, if given)."""
-    self.touch()
-    for index in self.hot_lru:
-      if index not in protect and (layer is None or self.hot_owner[index][0] == layer):
-        return index
-    return None
+    held = [i for i, owner in enumerate(self.hot_owner)
+            if owner is not None and i not in protect and (layer is None or owner[0] == layer)]
+    return min(held, key=lambda i: self._hot_used[i]) if held else None
 
   # -- lookups --------------------------------------------------------------
 
@@ -216,8 +216,7 @@ class SegmentedCache:
     """Splits active `positions` into (cached positions, their slots, missing positions).
 
     Counts `positions` as active in this step (the admission filter's history)
-    and marks the hits used: they move to their LRUs' recent ends at the next
-    `touch` (every method that reads an LRU's order touches first).
+    and marks the hits used, in the order given (the last is the most recent).
     """
     self.activity[layer] *= self.decay
     self.activity[layer, positions] += 1.0
@@ -233,21 +232,11 @@ class SegmentedCache:
     self.counters.hot_hits += int(hot.sum())
     self.counters.cold_hits += int((~hot).sum())
     self.counters.misses += int((~hit).sum())
-    self._touches.append((layer, np.unique(cached[hot] // max(self.cluster_size, 1)).tolist(),
-                          positions[hit][~hot].tolist()))
+    clusters = np.unique(cached[hot] // max(self.cluster_size, 1))
+    self._hot_used[clusters] = self._tick(len(clusters))
+    cold = cached[~hot] - self.cold_range(layer)[0]
+    self._cold_used[layer, cold] = self._tick(len(cold))
     return positions[hit], cached, positions[~hit]
-
-  def touch(self) -> None:
-    """Moves the hits of the lookups since the last touch to their LRUs' recent ends, in
-    order. A Python loop over a step's hits (~500 per layer on llama-1b-sparse, ~0.3 ms):
-    `lookup` leaves it for later, so the strategy can run it while the misses are read."""
-    for layer, clusters, cold in self._touches:
-      for index in clusters:
-        self.hot_lru.move_to_end(index)
-      lru = self.cold_lru[layer]
-      for p in cold:
-        lru.move_to_end(p)
-    self._touches = []
 
   def admit(self, layer: int, positions: np.ndarray) -> np.ndarray:
     """Gives cold slots to `positions` (just read); -1 where none is given.
@@ -257,40 +246,45 @@ class SegmentedCache:
     The caller must not overwrite a victim's slot while a computation still
     reads it.
     """
-    self.touch()
     positions = np.asarray(positions)
     out = np.full(len(positions), -1, np.int32)
-    free, lru = self.cold_free[layer], self.cold_lru[layer]
+    free, held = self.cold_free[layer], self._cold_held[layer]
     first = self.cold_range(layer)[0]
-    budget = len(free) + len(lru) - self._touched_now(layer)
+    budget = len(free) + int(held.sum()) - self._protected
     order = np.arange(len(positions))
     if self.admission == "frequency":
       score = self.activity[layer, positions]
       order = order[score >= self.admit_min]
       order = order[np.argsort(-score[order], kind="stable")]  # hottest first
-    for j in order:
-      if budget <= 0:
-        break
-      p = int(positions[j])
-      if self.slot_of[layer, p] >= 0:  # already cached (read twice by a look-ahead)
-        continue
-      if free:
-        slot = free.pop()
-      else:
-        op, slot = next(iter(lru.items()))
-        if self.admission == "frequency" and self.activity[layer, op] >= self.activity[layer, p]:
-          break  # candidates come hottest first: the rest would lose too
-        lru.popitem(last=False)
-        self.slot_of[layer, op] = -1
-        self.counters.evicted += 1
-      lru[p] = slot
-      self.slot_of[layer, p] = slot
-      self._cold_held[layer, slot - first] = True
-      out[j] = slot
-      budget -= 1
-    admitted = int((out >= 0).sum())
-    self.counters.admitted += admitted
-    self.counters.rejected += len(positions) - admitted
+    # Cached ones (read twice by a look-ahead, or named twice) take no slot.
+    order = order[self.slot_of[layer, positions[order]] < 0]
+    order = order[np.sort(np.unique(positions[order], return_index=True)[1])]
+    order = order[:max(budget, 0)]
+    # Free slots first (popped from the stack's end), then the least recently used.
+    n_free = min(len(free), len(order))
+    slots = np.array(free[len(free) - n_free:][::-1], np.int64)
+    del free[len(free) - n_free:]
+    evict = order[n_free:]
+    if len(evict):
+      lru = np.flatnonzero(held)
+      lru = lru[np.argsort(self._cold_used[layer, lru])][:len(evict)]
+      victims = self._cold_pos[layer, lru]
+      if self.admission == "frequency":  # only a hotter candidate evicts (candidates come
+        # hottest first, victims coldest first: the first loser ends the admission)
+        loses = self.activity[layer, victims] >= self.activity[layer, positions[evict]]
+        keep = int(np.argmax(loses)) if loses.any() else len(evict)
+        evict, lru, victims = evict[:keep], lru[:keep], victims[:keep]
+      self.slot_of[layer, victims] = -1
+      self.counters.evicted += len(victims)
+      slots = np.concatenate([slots, first + lru])
+    admitted = order[:len(slots)]
+    self.slot_of[layer, positions[admitted]] = slots
+    self._cold_held[layer, slots - first] = True
+    self._cold_pos[layer, slots - first] = positions[admitted]
+    self._cold_used[layer, slots - first] = self._tick(len(slots))
+    out[admitted] = slots
+    self.counters.admitted += len(admitted)
+    self.counters.rejected += len(positions) - len(admitted)
     return out
 
   def begin_prompt(self, layer: int, tokens: int) -> None:
@@ -313,13 +307,14 @@ class SegmentedCache:
     offered = positions[(recent > 0) & (self.slot_of[layer, positions] < 0)]
     return offered, self.admit(layer, offered)
 
-  def _touched_now(self, layer: int) -> int:
-    # Set by the strategy before admit: how many cold entries this step protects.
-    return getattr(self, "_protected", 0)
-
   def protect(self, n: int) -> None:
     """Marks the n MRU cold entries as in use by the current step."""
     self._protected = n
+
+  def _tick(self, n: int) -> np.ndarray:
+    """n new clock values, in increasing order (uses stamped with them in that order)."""
+    self._clock += n
+    return np.arange(self._clock - n, self._clock, dtype=np.int64)
 
   @property
   def cached(self) -> int:

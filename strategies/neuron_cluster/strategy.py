@@ -1136,12 +1136,9 @@ class NeuronCluster(Strategy):
       used = -(-len(ahead.positions) // self._min_block) * self._min_block
 
     def overlapped():
-      # Once this layer's first reads are queued, while they land: the cache's LRU
-      # moves of this step's hits and the layer before's bookkeeping, the next
-      # layer's guessed reads (queued behind these), the cached part's computations,
-      # then the guess's records (read by now).
-      if self.num_slots:
-        self.cache.touch()
+      # Once this layer's first reads are queued, while they land: the layer
+      # before's bookkeeping, the next layer's guessed reads (queued behind these),
+      # the cached part's computations, then the guess's records (read by now).
       self._settle()
       if guess is not None:
         self._look_ahead(layer + 1, guess)
