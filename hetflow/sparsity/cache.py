@@ -44,6 +44,8 @@ import dataclasses
 
 import numpy as np
 
+_EMPTY = np.iinfo(np.int64).max  # the recency of an empty cold slot: never a victim
+
 
 @dataclasses.dataclass
 class CacheCounters:
@@ -104,10 +106,11 @@ class SegmentedCache:
     self._cold_held = np.zeros((num_layers, self.partition), bool)  # `cold_valid`
     self._cold_pos = np.full((num_layers, self.partition), -1, np.int64)
     # Recency: the clock's value at each hot cluster slot's / cold slot's last use
-    # (larger is more recent; every use takes a new value, so no two are equal).
+    # (larger is more recent; every use takes a new value, so no two are equal). An
+    # empty cold slot reads as used last of all, so it is never a victim.
     self._clock = 0
     self._hot_used = np.zeros(self.num_clusters_hot, np.int64)
-    self._cold_used = np.zeros((num_layers, self.partition), np.int64)
+    self._cold_used = np.full((num_layers, self.partition), _EMPTY, np.int64)
     # Decayed count of steps each neuron was active in: the admission filter.
     self.activity = np.zeros((num_layers, num_neurons), np.float32)
     self.cluster_activity = np.zeros((num_layers, num_neurons // max(cluster_size, 1)),
@@ -169,6 +172,7 @@ class SegmentedCache:
       if slot >= cold_first:
         self.cold_free[layer].append(slot)
         self._cold_held[layer, slot - cold_first] = False
+        self._cold_used[layer, slot - cold_first] = _EMPTY
         self._cold_pos[layer, slot - cold_first] = -1
     first = index * c
     self.slot_of[layer, positions] = np.arange(first, first + c)
@@ -235,7 +239,7 @@ class SegmentedCache:
     clusters = np.unique(cached[hot] // max(self.cluster_size, 1))
     self._hot_used[clusters] = self._tick(len(clusters))
     cold = cached[~hot] - self.cold_range(layer)[0]
-    self._cold_used[layer, cold] = self._tick(len(cold))
+    self._cold_used[layer][cold] = self._tick(len(cold))
     return positions[hit], cached, positions[~hit]
 
   def admit(self, layer: int, positions: np.ndarray) -> np.ndarray:
@@ -248,41 +252,51 @@ class SegmentedCache:
     """
     positions = np.asarray(positions)
     out = np.full(len(positions), -1, np.int32)
-    free, held = self.cold_free[layer], self._cold_held[layer]
-    first = self.cold_range(layer)[0]
-    budget = len(free) + int(held.sum()) - self._protected
-    order = np.arange(len(positions))
+    slot_of, activity = self.slot_of[layer], self.activity[layer]
+    order = np.flatnonzero(slot_of[positions] < 0)  # cached ones take no slot
     if self.admission == "frequency":
-      score = self.activity[layer, positions]
-      order = order[score >= self.admit_min]
-      order = order[np.argsort(-score[order], kind="stable")]  # hottest first
-    # Cached ones (read twice by a look-ahead, or named twice) take no slot.
-    order = order[self.slot_of[layer, positions[order]] < 0]
-    order = order[np.sort(np.unique(positions[order], return_index=True)[1])]
-    order = order[:max(budget, 0)]
+      score = activity[positions[order]]
+      hot = score >= self.admit_min
+      order, score = order[hot], score[hot]
+      order = order[np.argsort(-score, kind="stable")]  # hottest first
+    if len(order) > 1:  # a position named twice is admitted once, where it comes first
+      named = np.sort(positions[order])
+      if (named[1:] == named[:-1]).any():
+        order = order[np.sort(np.unique(positions[order], return_index=True)[1])]
+    free, held = self.cold_free[layer], self._cold_held[layer]
+    used, held_pos = self._cold_used[layer], self._cold_pos[layer]
+    if len(order) and not free and len(used) and self.admission == "frequency" and \
+        activity[held_pos[np.argmin(used)]] >= activity[positions[order[0]]]:
+      order = order[:0]  # a full partition whose LRU entry beats the hottest candidate
+    order = order[:max(0, len(free) + int(held.sum()) - self._protected)]
+    if not len(order):
+      self.counters.rejected += len(positions)
+      return out
     # Free slots first (popped from the stack's end), then the least recently used.
     n_free = min(len(free), len(order))
-    slots = np.array(free[len(free) - n_free:][::-1], np.int64)
+    slots = np.array(free[len(free) - n_free:][::-1], np.int64) - self.cold_range(layer)[0]
     del free[len(free) - n_free:]
     evict = order[n_free:]
     if len(evict):
-      lru = np.flatnonzero(held)
-      lru = lru[np.argsort(self._cold_used[layer, lru])][:len(evict)]
-      victims = self._cold_pos[layer, lru]
+      k = len(evict)
+      lru = np.argpartition(used, k - 1)[:k] if k < len(used) else np.arange(k)
+      lru = lru[np.argsort(used[lru])]
+      victims = held_pos[lru]
       if self.admission == "frequency":  # only a hotter candidate evicts (candidates come
         # hottest first, victims coldest first: the first loser ends the admission)
-        loses = self.activity[layer, victims] >= self.activity[layer, positions[evict]]
-        keep = int(np.argmax(loses)) if loses.any() else len(evict)
-        evict, lru, victims = evict[:keep], lru[:keep], victims[:keep]
-      self.slot_of[layer, victims] = -1
+        loses = activity[victims] >= activity[positions[evict]]
+        if loses.any():
+          lru, victims = lru[:int(np.argmax(loses))], victims[:int(np.argmax(loses))]
+      slot_of[victims] = -1
       self.counters.evicted += len(victims)
-      slots = np.concatenate([slots, first + lru])
-    admitted = order[:len(slots)]
-    self.slot_of[layer, positions[admitted]] = slots
-    self._cold_held[layer, slots - first] = True
-    self._cold_pos[layer, slots - first] = positions[admitted]
-    self._cold_used[layer, slots - first] = self._tick(len(slots))
-    out[admitted] = slots
+      slots = np.concatenate([slots, lru])
+    admitted = positions[order[:len(slots)]]
+    held[slots] = True
+    held_pos[slots] = admitted
+    used[slots] = self._tick(len(slots))
+    slots += self.cold_range(layer)[0]
+    slot_of[admitted] = slots
+    out[order[:len(slots)]] = slots
     self.counters.admitted += len(admitted)
     self.counters.rejected += len(positions) - len(admitted)
     return out
