@@ -246,6 +246,44 @@ def test_lookahead_reads_most_misses_ahead(reference):
     assert s["computed_neurons_per_token"] >= s["read_neurons_per_token"]
 
 
+def test_previous_token_lookahead_guesses_the_last_misses(reference, monkeypatch):
+  """lookahead_source="previous_token": while layer i computes, layer i+1's misses at the
+  previous decode token are read (none at the sequence's first); the tokens stay exact."""
+  from strategies.neuron_cluster.strategy import NeuronCluster
+
+  model, ids, tokens, logits = reference
+  layers = model.config.num_layers
+  guessed, missed = [], {}
+  real_guess = NeuronCluster._guess
+
+  def spy(self, layer, positions):
+    guessed.append(layer)
+    np.testing.assert_array_equal(positions, missed[layer])  # the last token's misses
+    return real_guess(self, layer, positions)
+
+  monkeypatch.setattr(NeuronCluster, "_guess", spy)
+  with Engine(model, "neuron_cluster", options=dict(
+      cache_bytes="64KiB", cluster_size=8, lookahead=True,
+      lookahead_source="previous_token")) as engine:
+    st = engine.strategy
+    lookup = st.cache.lookup
+
+    def record(layer, positions):
+      hit, slots, missing = lookup(layer, positions)
+      if st._phase == "decode":
+        missed[layer] = missing
+      return hit, slots, missing
+
+    st.cache.lookup = record
+    out = engine.generate(ids[:1], max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens[:1])
+    assert_cache_holds_its_records(st)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+  decode_steps = NEW_TOKENS - 1
+  assert sorted(guessed) == sorted(list(range(1, layers)) * (decode_steps - 1))
+  assert out.stats["strategy"].details["ahead_fraction"] > 0
+
+
 def test_run_cuts_never_split_a_run():
   from strategies.neuron_cluster.strategy import run_cuts
 

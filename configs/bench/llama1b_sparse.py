@@ -99,6 +99,13 @@ def get_config(arg=None):
                        embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
                        staging_bytes="24MiB", lookahead=True, lookahead_margin=0.0,
                        lookahead_records=128),
+      # Fifteenth session: the look-ahead guessing the next layer's misses at the
+      # previous token (no predictor for the guess), against nc_prefill
+      # (--config.order=layerwise,nc_prefill,nc_ahead_prev).
+      "nc_ahead_prev": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
+                            embed_tier="disk", hot_fraction=0.25, feedback_margin=0.0,
+                            staging_bytes="24MiB", prefill_admission=True, lookahead=True,
+                            lookahead_source="previous_token"),
   }
   for name, row in rows.items():
     store = f"{WORKDIR}/store-{row['layout']}"

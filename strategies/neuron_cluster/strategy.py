@@ -146,6 +146,14 @@ class NeuronClusterOptions:
       fraction of their magnitude (fewer false positives read, lower recall;
       the cached records are multiplied whether predicted or not, so what the
       computation misses is only among uncached neurons).
+    lookahead_source: where the look-ahead's guess for layer i+1 comes from:
+      "predictor" (its predictor on layer i's input, above) or "previous_token"
+      (the records layer i+1 missed at the previous decode token, uncached
+      now: the same record tends to fire on consecutive tokens, and a miss the
+      cache's admission turned away is read again; on llama-1b-sparse 63% of
+      those were missed again, and they held 75% of the next token's misses,
+      WORKSPACE_NOTES.md). No predictor runs for the guess, and none is
+      guessed at a sequence's first decode token.
     lookahead_margin: the guess's threshold is the trained predictor's raised
       by this fraction of its magnitude (fewer, surer guesses; wasted reads
       cost disk time). With `feedback`, a neuron whose error was measured is
@@ -204,6 +212,7 @@ class NeuronClusterOptions:
   io_depth: int = 32
   pieces: int = 2
   lookahead: bool = False
+  lookahead_source: Literal["predictor", "previous_token"] = "predictor"
   lookahead_margin: float = 1.0
   lookahead_records: int | None = None
   feedback: bool = True
@@ -228,7 +237,8 @@ class NeuronClusterOptions:
           raise ValueError(f"{name}: {e}") from None
     for name, choices in (("predictor", ("oracle", "trained")), ("layout", ("bundled", "split")),
                           ("hot_policy", ("static", "lru")), ("admission", ("frequency", "all")),
-                          ("embed_tier", ("device", "disk"))):
+                          ("embed_tier", ("device", "disk")),
+                          ("lookahead_source", ("predictor", "previous_token"))):
       if getattr(self, name) not in choices:
         raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {choices}.")
     if self.lookahead_records is not None and (
@@ -563,6 +573,7 @@ class NeuronCluster(Strategy):
     self._fired: list[Any] = []
     self._area_users: list[list[Any]] = [[], []]  # computations reading each staging area
     self._ahead: dict[int, _Ahead] = {}  # look-ahead reads in flight, by the layer they serve
+    self._missed: dict[int, np.ndarray] = {}  # each layer's misses at the last decode token
     self._unsettled = None  # the last decoded layer's bookkeeping (see _settle)
     self._prompt_records: list[list[tuple]] = [[], []]  # per staging area (_admit_prompt)
     self._whole: dict[tuple[int, str], bool] = {}  # (layer, "hot"/"cold"): multiplied whole
@@ -850,9 +861,11 @@ class NeuronCluster(Strategy):
     self._settle()  # none unless a pass failed before its end
     self._prompt_records = [[], []]  # a failed prefill's: its areas may be refilled since
     self._phase = phase if num_tokens == 1 else "prefill"
-    if self._phase == "prefill" and self._fb is not None:  # another sequence
-      self._fb.reset()
-      self._pre = [[] for _ in self._pre]
+    if self._phase == "prefill":  # another sequence
+      self._missed = {}
+      if self._fb is not None:
+        self._fb.reset()
+        self._pre = [[] for _ in self._pre]
     self._step_shapes = 0
     for ahead in self._ahead.values():  # none unless a step failed: let its reads finish
       for r in ahead.reads:
@@ -999,12 +1012,13 @@ class NeuronCluster(Strategy):
     else:
       outs = [self.predictor.predict(layer, x, h, margin=o.threshold_margin)]
     ahead = o.lookahead and layer + 1 < c.num_layers
+    predicted_ahead = ahead and o.lookahead_source == "predictor"
     # The guess for the next layer from this layer's input: with feedback, that
     # layer's scores (corrected where its error is known), ranked surest first.
-    rank = ahead and fb and self.predictor.linear_layers[layer + 1]
+    rank = predicted_ahead and fb and self.predictor.linear_layers[layer + 1]
     if rank:
       outs.append(self.predictor.scores(layer + 1, x))
-    elif ahead:
+    elif predicted_ahead:
       nxt = self._fixed[f"layers/{layer + 1}/mlp"]
       outs.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x),
                                          margin=o.lookahead_margin))
@@ -1021,8 +1035,11 @@ class NeuronCluster(Strategy):
     if rank:
       guess = self._fb.rank(layer + 1, got[-1].reshape(-1), float(got[1]),
                             self.predictor.thresholds[layer + 1], o.lookahead_margin)
-    elif ahead:
+    elif predicted_ahead:
       guess = np.nonzero(got[-1].reshape(-1, c.intermediate_size).any(0))[0]
+    elif ahead:  # the next layer's misses at the previous token (none at the first)
+      guess = self._missed.get(layer + 1)
+      ahead = guess is not None
     if fb:
       active = self._fb.select(layer, got[0].reshape(-1), float(got[1]),
                                self.predictor.thresholds[layer], o.threshold_margin,
@@ -1093,6 +1110,7 @@ class NeuronCluster(Strategy):
       _, hit_slots, missing = self.cache.lookup(layer, active)
     else:
       hit_slots, missing = active[:0], active
+    self._missed[layer] = missing
     outs = []
 
     def cached_part():
