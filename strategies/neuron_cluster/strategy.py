@@ -305,11 +305,12 @@ class _Read:
 @dataclasses.dataclass(frozen=True)
 class _Ahead:
   """A look-ahead for one layer: the guessed positions (sorted), the staging
-  blocks (offset, size) in that layer's area they land in, and their reads."""
+  blocks (offset, size) in that layer's area they land in, and their read (one
+  call: it has a layer's time to land, and each call costs the host ~0.4 ms)."""
 
   positions: np.ndarray
   blocks: list[tuple[int, int]]
-  reads: list[_Read]
+  read: _Read
 
 
 def _check_format(model, options) -> bundles_mod.RecordCodec:
@@ -868,8 +869,7 @@ class NeuronCluster(Strategy):
         self._pre = [[] for _ in self._pre]
     self._step_shapes = 0
     for ahead in self._ahead.values():  # none unless a step failed: let its reads finish
-      for r in ahead.reads:
-        r.fut.exception()
+      ahead.read.fut.exception()
     self._ahead = {}
 
   def end(self):
@@ -1146,8 +1146,8 @@ class NeuronCluster(Strategy):
       inflight = np.isin(missing, ahead.positions)
       self.counters.decode.add("ahead_used", int(inflight.sum()))
       self.counters.decode.add("ahead_read", len(ahead.positions))
-      self.counters.decode.add("ahead_landed", sum(r.fut.done() for r in ahead.reads))
-      self.counters.decode.add("ahead_pieces", len(ahead.reads))
+      self.counters.decode.add("ahead_landed", int(ahead.read.fut.done()))
+      self.counters.decode.add("ahead_pieces", 1)
       missing = missing[~inflight]
       read_pos.append(ahead.positions)
       read_slots.append(base + np.arange(len(ahead.positions)))
@@ -1166,10 +1166,10 @@ class NeuronCluster(Strategy):
         compute_ahead()
 
     def compute_ahead():
-      for (off, size), r in zip(ahead.blocks, ahead.reads):
-        t0 = time.perf_counter()
-        r.wait()
-        self._timer["wait_read_s"] += time.perf_counter() - t0
+      t0 = time.perf_counter()
+      ahead.read.wait()
+      self._timer["wait_read_s"] += time.perf_counter() - t0
+      for off, size in ahead.blocks:
         pos = np.full(size, -1, np.int64)
         part = ahead.positions[off:off + size]
         pos[:len(part)] = part
@@ -1284,9 +1284,8 @@ class NeuronCluster(Strategy):
     # layer's input (the predictor waited for it): free to refill.
     base = area * self.area_cap
     blocks = self._blocks(len(guess), self.options.pieces)
-    reads = [self._read(layer, guess[off:off + size], "staging", base + off, True, "decode")
-             for off, size in blocks]
-    self._ahead[layer] = _Ahead(guess, blocks, reads)
+    self._ahead[layer] = _Ahead(guess, blocks,
+                                self._read(layer, guess, "staging", base, True, "decode"))
 
   def _swap_hot(self, layer):
     """Cluster-level LRU: one swap at most per layer step, before its lookup.
