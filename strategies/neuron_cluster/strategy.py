@@ -25,10 +25,11 @@ benchmark report (recall, token agreement); `audit=True` also computes the true
 active set to count misses, false positives and the ideal bytes
 (`experiments.sparse_audit`).
 
-Look-ahead (`lookahead=True`): layer l+1's predictor applied to layer l's
-input guesses l+1's active set (the residual stream changes little between
-layers); its uncached records are read into the other staging area while
-layer l computes, and layer l+1 reads only what the guess missed. Records are
+Look-ahead (`lookahead=True`): a guess at layer l+1's misses, either l+1's
+predictor applied to layer l's input (the residual stream changes little
+between layers) or the records l+1 missed at the previous token
+(`lookahead_source`); its uncached records are read into the other staging
+area while layer l computes, and layer l+1 reads only what the guess missed. Records are
 planar in memory (`hetflow.memory.bundle_store.Planes`), and each layer's
 cached part is two contiguous blocks (its hot clusters, its cold partition),
 so the sparse step is plain matrix products over contiguous rows
