@@ -131,11 +131,14 @@ class NeuronClusterOptions:
     lookahead: while layer i computes, read the uncached records layer i+1's
       predictor picks from layer i's input (the residual stream changes
       little between layers); layer i+1 then reads only what that guess
-      missed. A wrong guess costs reads, never correctness. Off by default:
-      on llama-1b-sparse 44% of the guessed records were never needed and the
-      extra bytes cost more than the overlap gained, and even a perfect guess
-      gains only ~8-10% on two cores, where the host's work bounds the token
-      (`scripts/perfect_lookahead.py`, WORKSPACE_NOTES.md).
+      missed (`lookahead_source` picks the guess). A wrong guess costs reads,
+      never correctness. Off by default: on llama-1b-sparse the predictor's
+      guess left 44% of its records unused and its extra bytes cost more than
+      the overlap gained; the previous token's misses are a precise guess
+      (89% used, +5% bytes) that halves the reads' waits, yet the token is no
+      faster; even a perfect guess gains only ~8-10% on two cores, where the
+      host's work bounds the token (`scripts/perfect_lookahead.py`,
+      WORKSPACE_NOTES.md).
     bridge_gap: also read uncached records in gaps of at most this many
       between two records read (`bundle_store.bridge_gaps`): fewer, larger
       requests for more bytes; the extra records are computed too (exact).
