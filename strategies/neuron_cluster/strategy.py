@@ -163,7 +163,8 @@ class NeuronClusterOptions:
       cost disk time). With `feedback`, a neuron whose error was measured is
       guessed from its corrected score, raised by the same fraction.
     lookahead_records: read at most this many guessed, uncached records per
-      layer, the surest first (the largest margin over the guess's threshold):
+      layer, the surest first (the largest margin over the guess's threshold;
+      the previous token's misses: the first by position):
       the disk is idle while a layer finishes computing and the next one's
       attention and predictor run, and this bounds what a wrong guess costs
       beyond that window. None: every guessed record.
@@ -1151,7 +1152,7 @@ class NeuronCluster(Strategy):
       self.counters.decode.add("ahead_used", int(inflight.sum()))
       self.counters.decode.add("ahead_read", len(ahead.positions))
       self.counters.decode.add("ahead_landed", int(ahead.read.fut.done()))
-      self.counters.decode.add("ahead_pieces", 1)
+      self.counters.decode.add("ahead_layers", 1)
       missing = missing[~inflight]
       read_pos.append(ahead.positions)
       read_slots.append(base + np.arange(len(ahead.positions)))
@@ -1360,11 +1361,12 @@ class NeuronCluster(Strategy):
         "computed_bytes_per_token": self._computed * neuron / n,
         "fixed_bytes_per_token": multiplied_bytes(self._fixed, self.config),
         # Look-ahead: of the misses each layer needed, the share already in
-        # flight or landed when the layer began; the guess's reads; pieces landed.
+        # flight or landed when the layer began; the guess's reads; the share of
+        # the layers whose guess had landed whole by then.
         "ahead_fraction": d.get("ahead_used") / max(d.get("ahead_used") + d.get("late_reads"), 1),
         "ahead_read_neurons_per_token": d.get("ahead_read") / n,
         "ahead_unused_neurons_per_token": (d.get("ahead_read") - d.get("ahead_used")) / n,
-        "ahead_landed_fraction": d.get("ahead_landed") / max(d.get("ahead_pieces"), 1),
+        "ahead_landed_fraction": d.get("ahead_landed") / max(d.get("ahead_layers"), 1),
         "late_read_neurons_per_token": d.get("late_reads") / n,
         # Host-side waits per token: for a layer's input (the predictor's sync:
         # the device still computing) and for reads still in flight.
