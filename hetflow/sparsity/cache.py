@@ -265,16 +265,17 @@ class SegmentedCache:
         order = order[np.sort(np.unique(positions[order], return_index=True)[1])]
     free, held = self.cold_free[layer], self._cold_held[layer]
     used, held_pos = self._cold_used[layer], self._cold_pos[layer]
-    if len(order) and not free and len(used) and self.admission == "frequency" and \
-        activity[held_pos[np.argmin(used)]] >= activity[positions[order[0]]]:
+    if (len(order) and not free and len(used) and self.admission == "frequency"
+        and activity[held_pos[np.argmin(used)]] >= activity[positions[order[0]]]):
       order = order[:0]  # a full partition whose LRU entry beats the hottest candidate
     order = order[:max(0, len(free) + int(held.sum()) - self._protected)]
     if not len(order):
       self.counters.rejected += len(positions)
       return out
     # Free slots first (popped from the stack's end), then the least recently used.
+    first = self.cold_range(layer)[0]
     n_free = min(len(free), len(order))
-    slots = np.array(free[len(free) - n_free:][::-1], np.int64) - self.cold_range(layer)[0]
+    slots = np.array(free[len(free) - n_free:][::-1], np.int64) - first  # in the partition
     del free[len(free) - n_free:]
     evict = order[n_free:]
     if len(evict):
@@ -286,7 +287,8 @@ class SegmentedCache:
         # hottest first, victims coldest first: the first loser ends the admission)
         loses = activity[victims] >= activity[positions[evict]]
         if loses.any():
-          lru, victims = lru[:int(np.argmax(loses))], victims[:int(np.argmax(loses))]
+          keep = int(np.argmax(loses))
+          lru, victims = lru[:keep], victims[:keep]
       slot_of[victims] = -1
       self.counters.evicted += len(victims)
       slots = np.concatenate([slots, lru])
@@ -294,7 +296,7 @@ class SegmentedCache:
     held[slots] = True
     held_pos[slots] = admitted
     used[slots] = self._tick(len(slots))
-    slots += self.cold_range(layer)[0]
+    slots += first
     slot_of[admitted] = slots
     out[order[:len(slots)]] = slots
     self.counters.admitted += len(admitted)
