@@ -103,8 +103,7 @@ class SegmentedCache:
     self.partition = self.cold_slots // max(num_layers, 1)
     self.cold_free = [list(range(self.cold_range(i)[0] + self.partition - 1,
                                  self.cold_range(i)[0] - 1, -1)) for i in range(num_layers)]
-    self._cold_held = np.zeros((num_layers, self.partition), bool)  # `cold_valid`
-    self._cold_pos = np.full((num_layers, self.partition), -1, np.int64)
+    self._cold_pos = np.full((num_layers, self.partition), -1, np.int64)  # -1: empty
     # Recency: the clock's value at each hot cluster slot's / cold slot's last use
     # (larger is more recent; every use takes a new value, so no two are equal). An
     # empty cold slot reads as used last of all, so it is never a victim.
@@ -139,7 +138,7 @@ class SegmentedCache:
 
   def cold_valid(self, layer: int) -> np.ndarray:
     """[partition] bool: which of `layer`'s cold slots hold a record."""
-    return self._cold_held[layer].copy()
+    return self._cold_pos[layer] >= 0
 
   # -- hot region -----------------------------------------------------------
 
@@ -171,7 +170,6 @@ class SegmentedCache:
       slot = int(self.slot_of[layer, p])
       if slot >= cold_first:
         self.cold_free[layer].append(slot)
-        self._cold_held[layer, slot - cold_first] = False
         self._cold_used[layer, slot - cold_first] = _EMPTY
         self._cold_pos[layer, slot - cold_first] = -1
     first = index * c
@@ -263,12 +261,12 @@ class SegmentedCache:
       named = np.sort(positions[order])
       if (named[1:] == named[:-1]).any():
         order = order[np.sort(np.unique(positions[order], return_index=True)[1])]
-    free, held = self.cold_free[layer], self._cold_held[layer]
+    free = self.cold_free[layer]
     used, held_pos = self._cold_used[layer], self._cold_pos[layer]
     if (len(order) and not free and len(used) and self.admission == "frequency"
         and activity[held_pos[np.argmin(used)]] >= activity[positions[order[0]]]):
       order = order[:0]  # a full partition whose LRU entry beats the hottest candidate
-    order = order[:max(0, len(free) + int(held.sum()) - self._protected)]
+    order = order[:max(0, self.partition - self._protected)]  # each slot is free or held
     if not len(order):
       self.counters.rejected += len(positions)
       return out
@@ -293,7 +291,6 @@ class SegmentedCache:
       self.counters.evicted += len(victims)
       slots = np.concatenate([slots, lru])
     admitted = positions[order[:len(slots)]]
-    held[slots] = True
     held_pos[slots] = admitted
     used[slots] = self._tick(len(slots))
     slots += first
