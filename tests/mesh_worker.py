@@ -71,6 +71,8 @@ def run(spec: str, setup: dict) -> dict:
     options = dict(alpha=0.5, keep_resident=False)
   elif strategy == "neuron_cluster":
     options = dict(cache_bytes="16KiB", cluster_size=8, store_dir=store_dir)
+    if parts[3:] == ["ahead"]:  # each lane guesses its misses while the attention computes
+      options.update(lookahead=True, lookahead_source="previous_token")
   elif strategy == "moe_offload":  # a small cache: misses, evictions and guesses
     options = dict(cache_experts=10, lookahead=1, store_dir=store_dir)
   elif strategy == "moe_sparse":  # a small neuron cache: decode reads from every store
@@ -97,6 +99,7 @@ def run(spec: str, setup: dict) -> dict:
             "experts_run": stats.decode.get("experts_run"),
             "split_matmuls": stats.decode.get("split_matmuls"),
             "expert_lookups": stats.decode.get("expert_lookups"),
+            "ahead_read": stats.decode.get("ahead_read"),
             "store_bytes_paths": stores,
             "store_bytes": [sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p))
                             for p in stores]}

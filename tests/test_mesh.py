@@ -244,8 +244,8 @@ def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
            "llama-tiny:2:layerwise:host", "llama-tiny@int8:4:resident",
            "llama-tiny@int4:2:layerwise", "llama-tiny@bfloat16:4:layerwise",
            "llama-tiny:4:tensor_split", "llama-tiny@int4:2:tensor_split",
-           "llama-tiny-sparse:4:neuron_cluster", "mixtral-tiny:4:moe_offload",
-           "refuse:test-unsharded", "refuse:layerwise:kv_host"]
+           "llama-tiny-sparse:4:neuron_cluster", "llama-tiny-sparse:2:neuron_cluster:ahead",
+           "mixtral-tiny:4:moe_offload", "refuse:test-unsharded", "refuse:layerwise:kv_host"]
   results = _results([sys.executable, "tests/mesh_worker.py", "4"], tmp_path, specs)
   assert [r["spec"] for _, r in results] == specs
   _check(results, {n: _reference(n) for n in ("llama-tiny", "llama-tiny@int8",
@@ -264,6 +264,7 @@ def test_four_devices_in_one_process_give_resident_tokens(tmp_path):
   layers = hetflow.synthetic_model("llama-tiny").config.num_layers
   assert split["split_matmuls"] == 4 * 7 * layers * split["decode_tokens"]
   _check_neuron_stores(by_spec["llama-tiny-sparse:4:neuron_cluster"], [0, 1, 2, 3], 4)
+  assert by_spec["llama-tiny-sparse:2:neuron_cluster:ahead"]["ahead_read"] > 0  # lanes guessed
   _check_expert_stores(by_spec["mixtral-tiny:4:moe_offload"], [0, 1, 2, 3], 4)
 
 

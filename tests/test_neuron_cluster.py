@@ -247,8 +247,9 @@ def test_lookahead_reads_most_misses_ahead(reference):
 
 
 def test_previous_token_lookahead_guesses_the_last_misses(reference, monkeypatch):
-  """lookahead_source="previous_token": while layer i computes, layer i+1's misses at the
-  previous decode token are read (none at the sequence's first); the tokens stay exact."""
+  """lookahead_source="previous_token": while layer i's attention computes, its misses at
+  the previous decode token are read (every layer's, none at the sequence's first decode
+  token); the tokens stay exact."""
   from strategies.neuron_cluster.strategy import NeuronCluster
 
   model, ids, tokens, logits = reference
@@ -256,12 +257,24 @@ def test_previous_token_lookahead_guesses_the_last_misses(reference, monkeypatch
   guessed, missed = [], {}
   real_guess = NeuronCluster._guess
 
+  real_predict = NeuronCluster._predict
+  predicted = []  # the layers whose predictor has run, in order
+
   def spy(self, layer, positions):
     guessed.append(layer)
     np.testing.assert_array_equal(positions, missed[layer])  # the last token's misses
+    # Started after the layer before's step, before this layer's predictor: with its
+    # attention, not while the layer before still reads.
+    assert predicted[-1] == (layer - 1) % layers
     return real_guess(self, layer, positions)
 
+  def predict(self, layer, *args, **kwargs):
+    out = real_predict(self, layer, *args, **kwargs)
+    predicted.append(layer)
+    return out
+
   monkeypatch.setattr(NeuronCluster, "_guess", spy)
+  monkeypatch.setattr(NeuronCluster, "_predict", predict)
   with Engine(model, "neuron_cluster", options=dict(
       cache_bytes="64KiB", cluster_size=8, lookahead=True,
       lookahead_source="previous_token")) as engine:
@@ -280,7 +293,7 @@ def test_previous_token_lookahead_guesses_the_last_misses(reference, monkeypatch
     assert_cache_holds_its_records(st)
     np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
   decode_steps = NEW_TOKENS - 1
-  assert sorted(guessed) == sorted(list(range(1, layers)) * (decode_steps - 1))
+  assert sorted(guessed) == sorted(list(range(layers)) * (decode_steps - 1))
   assert out.stats["strategy"].details["ahead_fraction"] > 0
 
 

@@ -25,11 +25,12 @@ benchmark report (recall, token agreement); `audit=True` also computes the true
 active set to count misses, false positives and the ideal bytes
 (`experiments.sparse_audit`).
 
-Look-ahead (`lookahead=True`): a guess at layer l+1's misses, either l+1's
-predictor applied to layer l's input (the residual stream changes little
-between layers) or the records l+1 missed at the previous token
-(`lookahead_source`); its uncached records are read into the other staging
-area while layer l computes, and layer l+1 reads only what the guess missed. Records are
+Look-ahead (`lookahead=True`): a guess at a layer's misses, read into its
+staging area before its predictor has run, so that the layer reads only what
+the guess missed (`lookahead_source`): layer l+1's predictor applied to layer
+l's input (the residual stream changes little between layers), read while
+layer l computes; or the records layer l missed at the previous token, read
+from the start of layer l's attention (the guess needs no input). Records are
 planar in memory (`hetflow.memory.bundle_store.Planes`), and each layer's
 cached part is two contiguous blocks (its hot clusters, its cold partition),
 so the sparse step is plain matrix products over contiguous rows
@@ -125,20 +126,22 @@ class NeuronClusterOptions:
       (WORKSPACE_NOTES.md, ninth session).
     pieces: the missing part is read and computed in blocks of at most
       ~1/pieces of it when pipelining (power-of-two blocks, largest first).
-      Each block costs a read call and a step dispatch on the host; on
-      llama-1b-sparse 2 was 7% faster than 4 and as fast as 1, the step being
-      short next to the reads (WORKSPACE_NOTES.md, seventh session).
-    lookahead: while layer i computes, read the uncached records layer i+1's
-      predictor picks from layer i's input (the residual stream changes
-      little between layers); layer i+1 then reads only what that guess
-      missed (`lookahead_source` picks the guess). A wrong guess costs reads,
-      never correctness. Off by default: on llama-1b-sparse the predictor's
-      guess left 44% of its records unused and its extra bytes cost more than
-      the overlap gained; the previous token's misses are a precise guess
-      (89% used, +5% bytes) that halves the reads' waits, yet the token is no
-      faster; even a perfect guess gains only ~8-10% on two cores, where the
-      host's work bounds the token (`scripts/perfect_lookahead.py`,
-      WORKSPACE_NOTES.md).
+      Each block costs a read call and a step dispatch on the host, ~0.5 ms,
+      and the overlap it buys is the compute of the blocks before the last:
+      at ~18 GB/s, 0.5 ms is ~350 float32 records of llama-1b. With the cache
+      and the prompt's admission a decode step there misses ~100 records a
+      layer, and 1 piece was ~5% faster than 2 (WORKSPACE_NOTES.md, sixteenth
+      session; 2 was as fast in the seventh, at ~330 misses a layer).
+    lookahead: read a guess at a layer's uncached active records before its
+      predictor has run (`lookahead_source` picks the guess and when it is
+      read); the layer then reads only what the guess missed. A wrong guess
+      costs reads, never correctness. Off by default: on llama-1b-sparse the
+      predictor's guess left 44% of its records unused and its extra bytes
+      cost more than the overlap gained; the previous token's misses are a
+      precise guess (89% used, +5% bytes, ~60% of the misses in flight in
+      time), yet the token is no faster; even a perfect guess gains only
+      ~8-10% on two cores, where the host's work bounds the token
+      (`scripts/perfect_lookahead.py`, WORKSPACE_NOTES.md).
     bridge_gap: also read uncached records in gaps of at most this many
       between two records read (`bundle_store.bridge_gaps`): fewer, larger
       requests for more bytes; the extra records are computed too (exact).
@@ -150,14 +153,16 @@ class NeuronClusterOptions:
       fraction of their magnitude (fewer false positives read, lower recall;
       the cached records are multiplied whether predicted or not, so what the
       computation misses is only among uncached neurons).
-    lookahead_source: where the look-ahead's guess for layer i+1 comes from:
-      "predictor" (its predictor on layer i's input, above) or "previous_token"
-      (the records layer i+1 missed at the previous decode token, uncached
-      now: the same record tends to fire on consecutive tokens, and a miss the
-      cache's admission turned away is read again; on llama-1b-sparse 63% of
-      those were missed again, and they held 75% of the next token's misses,
-      WORKSPACE_NOTES.md). No predictor runs for the guess, and none is
-      guessed at a sequence's first decode token.
+    lookahead_source: the look-ahead's guess. "predictor": layer i+1's
+      predictor on layer i's input, ranked and read while layer i computes.
+      "previous_token": the records layer i missed at the previous decode
+      token, uncached now, read from the start of layer i's attention (the
+      disk would idle then; the layer before's reads have landed). The same
+      record tends to fire on consecutive tokens, and a miss the cache's
+      admission turned away is read again: on llama-1b-sparse 63% of those
+      were missed again, and they held 75% of the next token's misses
+      (WORKSPACE_NOTES.md). No predictor runs for that guess, every layer has
+      one, and none is made at a sequence's first decode token.
     lookahead_margin: the guess's threshold is the trained predictor's raised
       by this fraction of its magnitude (fewer, surer guesses; wasted reads
       cost disk time). With `feedback`, a neuron whose error was measured is
@@ -215,7 +220,7 @@ class NeuronClusterOptions:
   prefill_admission: bool = True
   pipeline: bool = True
   io_depth: int = 32
-  pieces: int = 2
+  pieces: int = 1
   lookahead: bool = False
   lookahead_source: Literal["predictor", "previous_token"] = "predictor"
   lookahead_margin: float = 1.0
@@ -886,6 +891,20 @@ class NeuronCluster(Strategy):
     if self._phase == "decode":
       self._new_shapes_per_token.append(self._step_shapes)
 
+  def run_attention(self, layer, params, x, cache, cache_index, positions, kv_mask, attention):
+    if self._lanes is not None:
+      return self._lanes.run_attention(layer, params, x, cache, cache_index, positions,
+                                       kv_mask, attention)
+    out = attention(params, x, cache, cache_index, positions, kv_mask)
+    o = self.options
+    if (o.lookahead and o.lookahead_source == "previous_token" and self._phase == "decode"
+        and layer in self._missed):
+      # This guess needs no input, so its reads start here, while the device computes
+      # the attention and predictor: the disk would idle then (the layer before's
+      # reads have landed), and they do not queue in front of that layer's own.
+      self._look_ahead(layer, self._guess(layer, self._missed[layer]))
+    return out
+
   def run_ffn(self, layer, params, x, ffn):
     if self._lanes is not None:
       return self._lanes.run_ffn(layer, x)
@@ -1016,14 +1035,14 @@ class NeuronCluster(Strategy):
       outs = [self.predictor.scores(layer, x), self._rms(x)]
     else:
       outs = [self.predictor.predict(layer, x, h, margin=o.threshold_margin)]
-    ahead = o.lookahead and layer + 1 < c.num_layers
-    predicted_ahead = ahead and o.lookahead_source == "predictor"
-    # The guess for the next layer from this layer's input: with feedback, that
-    # layer's scores (corrected where its error is known), ranked surest first.
-    rank = predicted_ahead and fb and self.predictor.linear_layers[layer + 1]
+    # The guess for the next layer from this layer's input (the previous token's
+    # guess is started in `run_attention`): with feedback, that layer's scores
+    # (corrected where its error is known), ranked surest first.
+    ahead = o.lookahead and o.lookahead_source == "predictor" and layer + 1 < c.num_layers
+    rank = ahead and fb and self.predictor.linear_layers[layer + 1]
     if rank:
       outs.append(self.predictor.scores(layer + 1, x))
-    elif predicted_ahead:
+    elif ahead:
       nxt = self._fixed[f"layers/{layer + 1}/mlp"]
       outs.append(self.predictor.predict(layer + 1, x, self._norm(nxt, x),
                                          margin=o.lookahead_margin))
@@ -1040,11 +1059,8 @@ class NeuronCluster(Strategy):
     if rank:
       guess = self._fb.rank(layer + 1, got[-1].reshape(-1), float(got[1]),
                             self.predictor.thresholds[layer + 1], o.lookahead_margin)
-    elif predicted_ahead:
+    elif ahead:
       guess = np.nonzero(got[-1].reshape(-1, c.intermediate_size).any(0))[0]
-    elif ahead:  # the next layer's misses at the previous token (none at the first)
-      guess = self._missed.get(layer + 1)
-      ahead = guess is not None
     if fb:
       active = self._fb.select(layer, got[0].reshape(-1), float(got[1]),
                                self.predictor.thresholds[layer], o.threshold_margin,
@@ -1285,8 +1301,10 @@ class NeuronCluster(Strategy):
     if not len(guess):
       return
     area = layer % 2
-    # Its area was last read by layer - 2's computations, which fed this
-    # layer's input (the predictor waited for it): free to refill.
+    # Its area was last read by layer - 2's computations (the previous pass's for
+    # layers 0 and 1), and their records admitted at the step after theirs (or the
+    # pass's end). The host has waited since for what they fed (layer - 1's
+    # predictor, or the sampled token): free to refill.
     base = area * self.area_cap
     blocks = self._blocks(len(guess), self.options.pieces)
     self._ahead[layer] = _Ahead(guess, blocks,
