@@ -290,7 +290,6 @@ def test_segmented_cache_masks_follow_its_lrus():
       owner = cache.hot_owner[index][0]
       cold = [c for c in range(24) if (owner, c) not in cache.hot_index]
       cache.place_hot(index, owner, int(rng.choice(cold)))
-    cache.protect(0)
     wanted = np.unique(rng.integers(0, 96, 6))
     _, _, missing = cache.lookup(layer, wanted)
     cache.admit(layer, missing)
@@ -373,7 +372,6 @@ def test_segmented_cache_regions():
   # Layer 1's partition holds 4, in slots 12..15.
   assert ((got >= 12) & (got < 16)).sum() == 4 and got[-1] == -1
   assert cache.cold_valid(1).all() and not cache.cold_valid(0).any()
-  cache.protect(0)
   cache.lookup(1, np.array([40]))  # 40 becomes the most recently used
   got = cache.admit(0, np.array([50]))  # layer 0's own partition: evicts nothing of layer 1
   assert 8 <= got[0] < 12 and cache.counters.evicted == 0
@@ -395,7 +393,6 @@ def test_frequency_admission_resists_scans():
     for layer in range(layers):
       scan = rng.choice(others, 500, replace=False)  # far more than the region holds
       active = np.sort(np.concatenate([steady, scan]))
-      cache.protect(0)
       pos, _, missing = cache.lookup(layer, active)
       got = cache.admit(layer, missing)
       assert (got >= 0).sum() <= 64 // layers  # one step never takes more than its share
@@ -406,7 +403,6 @@ def test_frequency_admission_resists_scans():
   lru = SegmentedCache(num_layers=1, num_neurons=f, num_slots=64, hot_slots=0, admission="all")
   for _ in range(10):
     active = np.sort(np.concatenate([steady, rng.choice(others, 500, replace=False)]))
-    lru.protect(0)
     pos, _, missing = lru.lookup(0, active)
     lru.admit(0, missing)
   assert not np.isin(steady, pos).any()

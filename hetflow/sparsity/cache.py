@@ -116,7 +116,6 @@ class SegmentedCache:
                                      np.float32)
     self.hot_index: dict[tuple[int, int], int] = {}  # (layer, cluster) -> hot cluster slot
     self._hot_ranges: dict[int, tuple[int, int]] = {}  # hot_range's answers since a change
-    self._protected = 0
     self.counters = CacheCounters()
 
   # -- where a layer's records are ------------------------------------------
@@ -244,8 +243,7 @@ class SegmentedCache:
     """Gives cold slots to `positions` (just read); -1 where none is given.
 
     Victims come from the LRU end of the layer's partition; neurons touched in
-    this step are at the MRU end, and the `protect`ed ones are never evicted.
-    The caller must not overwrite a victim's slot while a computation still
+    this step are at the MRU end. The caller must not overwrite a victim's slot while a computation still
     reads it.
     """
     positions = np.asarray(positions)
@@ -266,7 +264,7 @@ class SegmentedCache:
     if (len(order) and not free and len(used) and self.admission == "frequency"
         and activity[held_pos[np.argmin(used)]] >= activity[positions[order[0]]]):
       order = order[:0]  # a full partition whose LRU entry beats the hottest candidate
-    order = order[:max(0, self.partition - self._protected)]  # each slot is free or held
+    order = order[:self.partition]  # each slot is free or held
     if not len(order):
       self.counters.rejected += len(positions)
       return out
@@ -319,10 +317,6 @@ class SegmentedCache:
     self.activity[layer, positions] += recent
     offered = positions[(recent > 0) & (self.slot_of[layer, positions] < 0)]
     return offered, self.admit(layer, offered)
-
-  def protect(self, n: int) -> None:
-    """Marks the n MRU cold entries as in use by the current step."""
-    self._protected = n
 
   def _tick(self, n: int) -> np.ndarray:
     """n new clock values, in increasing order (uses stamped with them in that order)."""

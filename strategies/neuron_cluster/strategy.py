@@ -1271,7 +1271,6 @@ class NeuronCluster(Strategy):
     # Only records outside the cache: a look-ahead guess may hold cached ones.
     keep = self.cache.slot_of[layer, pos] < 0
     pos, st = pos[keep], st[keep]
-    self.cache.protect(0)
     slots = self.cache.admit(layer, pos)
     ok = slots >= 0
     if not ok.any():
