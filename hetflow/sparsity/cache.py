@@ -243,8 +243,8 @@ class SegmentedCache:
     """Gives cold slots to `positions` (just read); -1 where none is given.
 
     Victims come from the LRU end of the layer's partition; neurons touched in
-    this step are at the MRU end. The caller must not overwrite a victim's slot while a computation still
-    reads it.
+    this step are at the MRU end. The caller must not overwrite a victim's slot
+    while a computation still reads it.
     """
     positions = np.asarray(positions)
     out = np.full(len(positions), -1, np.int32)
