@@ -316,7 +316,8 @@ class _Read:
 class _Ahead:
   """A look-ahead for one layer: the guessed positions (sorted), the staging
   blocks (offset, size) in that layer's area they land in, and their read (one
-  call: it has a layer's time to land, and each call costs the host ~0.4 ms)."""
+  call: it has at least the layer's attention's time to land, and each call costs
+  the host ~0.4 ms)."""
 
   positions: np.ndarray
   blocks: list[tuple[int, int]]
@@ -1176,7 +1177,7 @@ class NeuronCluster(Strategy):
 
     def overlapped():
       # Once this layer's first reads are queued, while they land: the layer
-      # before's bookkeeping, the next layer's guessed reads (queued behind these),
+      # before's bookkeeping, the predictor's guess for the next layer (queued behind these),
       # the cached part's computations, then the guess's records (read by now).
       self._settle()
       if guess is not None:
