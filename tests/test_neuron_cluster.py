@@ -1,5 +1,6 @@
 """Invariance, ledger and compilation tests of the neuron_cluster strategy (tiny models)."""
 
+import collections
 import os
 
 import numpy as np
@@ -279,15 +280,15 @@ def test_previous_token_lookahead_guesses_the_last_misses(reference, monkeypatch
       cache_bytes="64KiB", cluster_size=8, lookahead=True,
       lookahead_source="previous_token")) as engine:
     st = engine.strategy
-    lookup = st.cache.lookup
+    split = st.cache.split
 
     def record(layer, positions):
-      hit, slots, missing = lookup(layer, positions)
+      hit, slots, missing = split(layer, positions)
       if st._phase == "decode":
         missed[layer] = missing
       return hit, slots, missing
 
-    st.cache.lookup = record
+    st.cache.split = record
     out = engine.generate(ids[:1], max_new_tokens=NEW_TOKENS, stop_tokens=())
     np.testing.assert_array_equal(out.tokens, tokens[:1])
     assert_cache_holds_its_records(st)
@@ -309,6 +310,51 @@ def test_run_cuts_never_split_a_run():
       assert pos[a] != pos[a - 1] + 1
   assert run_cuts(np.arange(5), [0, 2]) == [0, 5, 5]
   assert run_cuts(pos[:0], [0]) == [0, 0]
+
+
+def test_piece_starts_group_blocks_into_equal_pieces():
+  from strategies.neuron_cluster.strategy import piece_starts
+
+  blocks = [(0, 64), (64, 32), (96, 8)]
+  assert piece_starts(blocks, 1) == [0]
+  assert piece_starts(blocks, 2) == [0, 64]  # 104 / 2 = 52: the 64 fills the first piece
+  assert piece_starts(blocks, 3) == [0, 64]  # per 35: 64 fills one, 32 + 8 the next
+  assert piece_starts(blocks, 8) == [0, 64, 96]  # never more pieces than blocks
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_a_round_is_read_in_at_most_pieces_calls(reference, pieces, monkeypatch):
+  """Each decode layer step reads its misses in one call per piece, not one per block,
+  and computes each block only once its piece has landed: tokens and logits exact."""
+  model, ids, tokens, logits = reference
+  from strategies.neuron_cluster import strategy as nc
+
+  calls = []
+  real = nc.NeuronCluster._read
+
+  def counted(self, layer, positions, which, first, parallel, phase=None):
+    if phase == "decode" and which == "staging":
+      calls.append((self._token, layer))
+    return real(self, layer, positions, which, first, parallel, phase)
+
+  def begin(self, phase, num_tokens, real_begin=nc.NeuronCluster.begin):
+    self._token = getattr(self, "_token", 0) + 1
+    return real_begin(self, phase, num_tokens)
+
+  monkeypatch.setattr(nc.NeuronCluster, "_read", counted)
+  monkeypatch.setattr(nc.NeuronCluster, "begin", begin)
+  options = dict(cache_bytes="64KiB", cluster_size=8, lookahead=False, pieces=pieces,
+                 min_bucket=2)
+  with Engine(model, "neuron_cluster", options=options) as engine:
+    out = engine.generate(ids, max_new_tokens=NEW_TOKENS, stop_tokens=())
+    np.testing.assert_array_equal(out.tokens, tokens)
+    np.testing.assert_allclose(engine.forward(ids), logits, atol=1e-5, rtol=0)
+    # One round a step: every miss fits the layer's staging area.
+    assert engine.strategy.area_cap >= model.config.intermediate_size
+  per_step = collections.Counter(calls).values()
+  assert max(per_step) <= pieces
+  if pieces > 1:  # some step was cut into pieces
+    assert max(per_step) > 1
 
 
 def test_token_table_on_disk_is_exact(reference, tmp_path):

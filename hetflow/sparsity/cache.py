@@ -186,7 +186,7 @@ class SegmentedCache:
     replaces the least recently used hot cluster if its activity exceeds
     `margin` times that cluster's (hysteresis: a swap costs a read); the
     victim is a cluster of the same layer (so each layer's hot clusters stay
-    contiguous). Call it before the step's lookup, when no computation reads
+    contiguous). Call it before the step's `lookup` (or `split`), when no computation reads
     the victim's slots.
     """
     if not self.num_clusters_hot or not self.cluster_activity.shape[1]:
@@ -214,11 +214,24 @@ class SegmentedCache:
 
   def lookup(self, layer: int, positions: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Splits active `positions` into (cached positions, their slots, missing positions).
+    """Splits active `positions` (`split`) and records their use at this step (`use`)."""
+    found = self.split(layer, positions)
+    self.use(layer, positions, found[1])
+    return found
 
-    Counts `positions` as active in this step (the admission filter's history)
-    and marks the hits used, in the order given (the last is the most recent).
-    """
+  def split(self, layer: int, positions: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(cached positions, their slots, missing positions) of active `positions`,
+    recording nothing: a pipelined caller starts the misses' reads first and calls
+    `use` while they land, before its next `admit` or `swap_candidate`."""
+    slots = self.slot_of[layer, positions]
+    hit = slots >= 0
+    return positions[hit], slots[hit], positions[~hit]
+
+  def use(self, layer: int, positions: np.ndarray, cached: np.ndarray) -> None:
+    """Counts `positions` as active in this step (the admission filter's history)
+    and marks the slots `cached` of its hits used, in the order given (the last is
+    the most recent)."""
     self.activity[layer] *= self.decay
     self.activity[layer, positions] += 1.0
     n = self.cluster_activity.shape[1]
@@ -226,18 +239,14 @@ class SegmentedCache:
     if n:
       self.cluster_activity[layer] += np.bincount(
           positions // self.cluster_size, minlength=n + 1)[:n]  # the tail is no cluster
-    slots = self.slot_of[layer, positions]
-    hit = slots >= 0
-    cached = slots[hit]
     hot = cached < self.hot_slots
     self.counters.hot_hits += int(hot.sum())
-    self.counters.cold_hits += int((~hot).sum())
-    self.counters.misses += int((~hit).sum())
+    self.counters.cold_hits += len(cached) - int(hot.sum())
+    self.counters.misses += len(positions) - len(cached)
     clusters = np.unique(cached[hot] // max(self.cluster_size, 1))
     self._hot_used[clusters] = self._tick(len(clusters))
     cold = cached[~hot] - self.cold_range(layer)[0]
     self._cold_used[layer][cold] = self._tick(len(cold))
-    return positions[hit], cached, positions[~hit]
 
   def admit(self, layer: int, positions: np.ndarray) -> np.ndarray:
     """Gives cold slots to `positions` (just read); -1 where none is given.

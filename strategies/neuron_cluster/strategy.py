@@ -124,14 +124,15 @@ class NeuronClusterOptions:
       else one reader thread each). Small random reads are bound by requests
       per second: on llama-1b-sparse 32 decoded ~5% faster than 8
       (WORKSPACE_NOTES.md, ninth session).
-    pieces: the missing part is read and computed in blocks of at most
-      ~1/pieces of it when pipelining (power-of-two blocks, largest first).
-      Each block costs a read call and a step dispatch on the host, ~0.5 ms,
-      and the overlap it buys is the compute of the blocks before the last:
-      at ~18 GB/s, 0.5 ms is ~350 float32 records of llama-1b. With the cache
-      and the prompt's admission a decode step there misses ~100 records a
-      layer, and 1 piece was ~5% faster than 2 (WORKSPACE_NOTES.md, sixteenth
-      session; 2 was as fast in the seventh, at ~330 misses a layer).
+    pieces: when pipelining, the missing part is read in `pieces` read calls
+      of about equal size, and its power-of-two blocks (largest first, none
+      larger than ~1/pieces of it) are computed as their piece lands. A read
+      call costs the host ~0.3 ms; what a second piece buys is the first one's
+      compute overlapping the second's reads: at ~18 GB/s, 0.3 ms is ~200
+      float32 records of llama-1b. With the cache and the prompt's admission a
+      decode step there misses ~100 records a layer, and 1 piece was ~5% faster
+      than 2 (WORKSPACE_NOTES.md, sixteenth session; 2 was as fast in the
+      seventh, at ~330 misses a layer).
     lookahead: read a guess at a layer's uncached active records before its
       predictor has run (`lookahead_source` picks the guess and when it is
       read); the layer then reads only what the guess missed. A wrong guess
@@ -296,6 +297,19 @@ def run_cuts(positions: np.ndarray, starts: list[int]) -> list[int]:
     i = int(np.searchsorted(breaks, s))
     cuts.append(max(cuts[-1], int(breaks[i]) if i < len(breaks) else len(positions)))
   return cuts + [len(positions)]
+
+
+def piece_starts(blocks: list[tuple[int, int]], pieces: int) -> list[int]:
+  """The offsets where `pieces` runs of consecutive (offset, size) `blocks`, each
+  about 1/pieces of their total, start."""
+  per = -(-sum(size for _, size in blocks) // pieces)
+  starts, filled = [], per
+  for off, size in blocks:
+    if filled >= per:
+      starts.append(off)
+      filled = 0
+    filled += size
+  return starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1129,7 +1143,7 @@ class NeuronCluster(Strategy):
                              (true & ~predicted).sum(), (true & uncached).sum(),
                              (true & ~computed).sum()]
     if self.num_slots:
-      _, hit_slots, missing = self.cache.lookup(layer, active)
+      _, hit_slots, missing = self.cache.split(layer, active)  # `use`d in overlapped()
     else:
       hit_slots, missing = active[:0], active
     self._missed[layer] = missing
@@ -1176,9 +1190,12 @@ class NeuronCluster(Strategy):
       used = -(-len(ahead.positions) // self._min_block) * self._min_block
 
     def overlapped():
-      # Once this layer's first reads are queued, while they land: the layer
-      # before's bookkeeping, the predictor's guess for the next layer (queued behind these),
-      # the cached part's computations, then the guess's records (read by now).
+      # Once this layer's first reads are queued, while they land: this layer's
+      # and the layer before's bookkeeping, the predictor's guess for the next
+      # layer (queued behind these), the cached part's computations, then the
+      # guess's records (read by now).
+      if self.num_slots:
+        self.cache.use(layer, active, hit_slots)
       self._settle()
       if guess is not None:
         self._look_ahead(layer + 1, guess)
@@ -1223,12 +1240,14 @@ class NeuronCluster(Strategy):
         jax.block_until_ready(outs)
         used, room = 0, self.area_cap
       rnd, missing = missing[:room], missing[room:]
-      blocks = self._blocks(len(rnd), o.pieces if o.pipeline else 1)
-      # Reads cut where a run of adjacent records starts, not at the blocks'
-      # edges: a run split in two would cost a second request (the disk is
-      # IOPS-bound at these sizes). A block is computed once every read that
-      # starts inside or before it has landed.
-      cuts = run_cuts(rnd, [off for off, _ in blocks])
+      pieces = o.pieces if o.pipeline else 1
+      blocks = self._blocks(len(rnd), pieces)
+      # One read call per piece, not per block (a call costs the host ~0.3 ms),
+      # cut where a run of adjacent records starts, not at the pieces' edges: a
+      # run split in two would cost a second request (the disk is IOPS-bound at
+      # these sizes). A block is computed once every read that starts inside or
+      # before it has landed.
+      cuts = run_cuts(rnd, piece_starts(blocks, pieces))
       reads = [(a, self._read(layer, rnd[a:b], "staging", base + used + a, o.pipeline,
                               "decode")) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
       if not started:
