@@ -68,8 +68,8 @@ def get_config(arg=None):
                          feedback=False),
       # Issue 13's second pass, the predictor's error fed back (the default); with gaps
       # of one record read too (--config.order=layerwise,nc_feedback,nc_feedback_bridge1).
-      # Requests in flight: 32 by default since the ninth session (the kernel's AIO
-      # queue); nc_feedback_io8 reads with 8, as before it.
+      # Requests in flight: 32 by default from the ninth session (the kernel's AIO
+      # queue), 64 from the seventeenth; nc_feedback_io8 reads with 8, as before them.
       "nc_feedback": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True),
       "nc_feedback_io8": dict(layout="bundled", cache_bytes=None, pipeline=True, feedback=True,
                               io_depth=8),

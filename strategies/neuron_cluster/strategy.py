@@ -121,9 +121,13 @@ class NeuronClusterOptions:
       part computed meanwhile, missing part in `pieces` pieces as they land);
       False reads one request at a time, then computes.
     io_depth: requests in flight (in the kernel's AIO queue where it has one,
-      else one reader thread each). Small random reads are bound by requests
-      per second: on llama-1b-sparse 32 decoded ~5% faster than 8
-      (WORKSPACE_NOTES.md, ninth session).
+      at most 64 a read call, else one reader thread each). Small random reads
+      are bound by requests per second: on llama-1b-sparse 32 decoded ~5%
+      faster than 8 (WORKSPACE_NOTES.md, ninth session). A read call queues
+      up to `io_depth` requests at once and a worker thread the rest, as the
+      first land; that worker waits for a core on a busy machine, so a round's
+      requests (~90 a layer there) should all fit: 64 with one call a round
+      was ~5% faster than 32 (seventeenth session).
     pieces: when pipelining, the missing part is read in `pieces` read calls
       of about equal size, and its power-of-two blocks (largest first, none
       larger than ~1/pieces of it) are computed as their piece lands. A read
@@ -220,7 +224,7 @@ class NeuronClusterOptions:
   admit_min: float = 1.5
   prefill_admission: bool = True
   pipeline: bool = True
-  io_depth: int = 32
+  io_depth: int = 64
   pieces: int = 1
   lookahead: bool = False
   lookahead_source: Literal["predictor", "previous_token"] = "predictor"
