@@ -186,8 +186,8 @@ class SegmentedCache:
     replaces the least recently used hot cluster if its activity exceeds
     `margin` times that cluster's (hysteresis: a swap costs a read); the
     victim is a cluster of the same layer (so each layer's hot clusters stay
-    contiguous). Call it before the step's `lookup` (or `split`), when no computation reads
-    the victim's slots.
+    contiguous). Call it before the step's `lookup` (or `split`), when no
+    computation reads the victim's slots.
     """
     if not self.num_clusters_hot or not self.cluster_activity.shape[1]:
       return None

@@ -126,8 +126,9 @@ class NeuronClusterOptions:
       faster than 8 (WORKSPACE_NOTES.md, ninth session). A read call queues
       up to `io_depth` requests at once and a worker thread the rest, as the
       first land; that worker waits for a core on a busy machine, so a round's
-      requests (~90 a layer there) should all fit: 64 with one call a round
-      was ~5% faster than 32 (seventeenth session).
+      requests (~90 a layer there) should fit at once: one call a round at 64
+      was ~5% faster than one a block at 32, and one a round at 32 was slower
+      (seventeenth session).
     pieces: when pipelining, the missing part is read in `pieces` read calls
       of about equal size, and its power-of-two blocks (largest first, none
       larger than ~1/pieces of it) are computed as their piece lands. A read
