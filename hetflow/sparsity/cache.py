@@ -240,8 +240,9 @@ class SegmentedCache:
       self.cluster_activity[layer] += np.bincount(
           positions // self.cluster_size, minlength=n + 1)[:n]  # the tail is no cluster
     hot = cached < self.hot_slots
-    self.counters.hot_hits += int(hot.sum())
-    self.counters.cold_hits += len(cached) - int(hot.sum())
+    hot_hits = int(hot.sum())
+    self.counters.hot_hits += hot_hits
+    self.counters.cold_hits += len(cached) - hot_hits
     self.counters.misses += len(positions) - len(cached)
     clusters = np.unique(cached[hot] // max(self.cluster_size, 1))
     self._hot_used[clusters] = self._tick(len(clusters))
