@@ -1,36 +1,48 @@
-"""How fast would neuron_cluster decode with a perfect look-ahead? An upper bound, measured.
+"""What bounds neuron_cluster's decode: a perfect look-ahead, and a free disk. Measured.
 
   python scripts/perfect_lookahead.py --config=configs/bench/llama1b_sparse.py \
-      --system=nc_prefill --rounds=2 --out=/tmp/perfect_lookahead.json
+      --system=nc_prefill --rounds=2 --modes=none,replay,ram --out=/tmp/perfect_lookahead.json
 
 The look-ahead (`lookahead=True`) starts layer i+1's reads while layer i computes, from a
 guess; on llama-1b-sparse no guess is precise (`experiments.guess_audit`). This script
-asks what a perfect one would give. A first process (`record`) decodes the benchmark's
-requests and saves, for every decode step and layer, the set the system's predictor
-selected. Later processes decode the same requests from the same start: `none` as the
-system is, `replay` with the recorded set of layer i+1 read while layer i computes (layer
-0's while the previous token's last layer computes), as `lookahead` would read a perfect
-guess. Decoding is deterministic, so the replayed sets are exactly the sets each step
-selects: the same records read, only earlier (the script checks that every process
-decoded the same tokens, and reports the records read ahead and late). The two modes
-alternate `--rounds` times, one process each, to expose the machine's drift.
+asks what a perfect one would give, and what no disk at all would give. Each mode is a
+process that decodes the benchmark's requests from the same start:
+- `none`: the system as it is;
+- `replay`: a first process (`record`) saves, for every decode step and layer, the set
+  the system's predictor selected; `replay` reads the recorded set of layer i+1 while
+  layer i computes (layer 0's while the previous token's last layer computes), as
+  `lookahead` would read a perfect guess. Decoding is deterministic, so the replayed sets
+  are exactly the sets each step selects: the same records read, only earlier;
+- `ram`: the system's store copied into memory (a tmpfs, `--ram_dir`), so that a read
+  is a copy from RAM (O_DIRECT is refused there: buffered reads, a warning says so). The
+  same schedule and bytes; what is left of the token is the host's work and the device's.
+The script checks that every process decoded the same tokens, and reports the records
+read ahead and late. The modes alternate `--rounds` times, one process each, to expose
+the machine's drift.
 
-Not a system: the guess comes from a run of the same requests. It bounds what any
-look-ahead can gain on this machine, so as to tell whether better guessing is worth
-building. The token's waits and the decode thread's CPU are reported per mode.
-Hardware: the machine the benchmark runs on, nothing else running (timed; ~3 min a
-process on llama-1b-sparse); the predictor and store of the benchmark's config.
-Expect on llama-1b-sparse, nc_prefill, this 2-core machine: the reads' waits fall from
-~40 to ~10 ms a token and the token from ~205 to ~188 ms (8-10%), the same tokens and bytes:
-the decode is bound by the host's work and the device's, in series, not by the disk
-(WORKSPACE_NOTES.md, fourteenth session).
+Not systems: the guess comes from a run of the same requests, and the RAM store is held
+outside every budget. They bound what any look-ahead or faster disk can gain on this
+machine, so as to tell whether better guessing or reading is worth building. The token's
+waits and the decode thread's CPU are reported per mode.
+Hardware: the machine the benchmark runs on, nothing else running (timed; ~1-3 min a
+process on llama-1b-sparse); the predictor and store of the benchmark's config; for
+`ram`, a tmpfs with room for the store (3.1 GB on llama-1b-sparse).
+Expect on llama-1b-sparse, nc_prefill, this 2-core machine, alternating in one run
+(eighteenth session): `none` 151-200 ms a token, the reads' waits 37-51; `replay` 132-169,
+waits ~10; `ram` 145-157, waits ~9 (the copies run on the decode thread: its CPU 54-59
+ms a token, against 45-65).
+Over 2x the limit (~0.064 s) either way: the decode is bound by the host's work and the
+device's, in series, not by the disk (WORKSPACE_NOTES.md, fourteenth and eighteenth
+sessions).
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -103,8 +115,11 @@ def run(args):
   warm = prompt_ids(model.config.vocab_size, bench.prompt_tokens, seed=1)
   steps = NEW_TOKENS - 1
   results, tokens = [], []
+  options = dict(system.options.to_dict())
+  if args.mode == "ram":
+    options["store_dir"] = args.store_dir
   with Engine(model, system.strategy, budget=config_lib.build_budget(bench.budget),
-              options=dict(system.options.to_dict())) as engine:
+              options=options) as engine:
     st = engine.strategy
     engine.generate(warm, max_new_tokens=NEW_TOKENS, stop_tokens=())  # compiles, warms
     for _ in range(args.requests):
@@ -128,22 +143,51 @@ def run(args):
   print(json.dumps(dict(mode=args.mode, tokens=digest, requests=results)), flush=True)
 
 
+MODES = ("none", "replay", "ram")
+
+
+def ram_store(system, ram_dir, tmp):
+  """A directory in RAM (`ram_dir`, a tmpfs) for the `ram` mode's store, under `tmp`: a
+  copy of the system's store, or empty (the first `ram` process writes it there) where
+  the system has none yet. Exits with what to do if it does not fit."""
+  dest = os.path.join(tmp, "store")
+  source = system.options.get("store_dir")
+  if not source or not os.path.isdir(source) or not os.listdir(source):
+    os.mkdir(dest)
+    return dest
+  need = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(source) for f in fs)
+  free = shutil.disk_usage(ram_dir).free
+  if need > free:
+    sys.exit(f"--ram_dir={ram_dir} has {free / 1e9:.1f} GB free; the store at {source}"
+             f" needs {need / 1e9:.1f} GB: free some or pass another tmpfs")
+  shutil.copytree(source, dest)
+  return dest
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="configs/bench/llama1b_sparse.py")
   parser.add_argument("--system", default="nc_prefill")
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--requests", type=int, default=3, help="measured requests a process")
+  parser.add_argument("--modes", default="none,replay",
+                      help=f"comma-separated, run in turn each round: {', '.join(MODES)}")
+  parser.add_argument("--ram_dir", default="/dev/shm",
+                      help="the tmpfs the ram mode copies the store into (removed after)")
   parser.add_argument("--out", default="")
   parser.add_argument("--smoke", action="store_true",
                       help="the config's seconds-long variant (tests; its system, e.g. nc_lookahead)")
-  parser.add_argument("--mode", choices=("record", "none", "replay"), help=argparse.SUPPRESS)
+  parser.add_argument("--mode", choices=("record",) + MODES, help=argparse.SUPPRESS)
   parser.add_argument("--sets", help=argparse.SUPPRESS)
+  parser.add_argument("--store_dir", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.mode:
     return run(args)
   from hetflow.config import ConfigError
 
+  modes = [m for m in args.modes.split(",") if m]
+  if not modes or set(modes) - set(MODES):
+    sys.exit(f"--modes={args.modes}: expected a comma-separated list of {', '.join(MODES)}")
   try:
     systems = load_config(args.config, args.smoke).systems
   except ConfigError as e:
@@ -151,25 +195,35 @@ def main():
   if systems.get(args.system, {}).get("strategy") != "neuron_cluster":
     names = [n for n, s in systems.items() if s.get("strategy") == "neuron_cluster"]
     sys.exit(f"--system={args.system}: not a neuron_cluster row of {args.config}; its rows: {names}")
-  with tempfile.TemporaryDirectory() as tmp:
+  if "ram" in modes and not os.path.isdir(args.ram_dir):
+    sys.exit(f"--ram_dir={args.ram_dir}: no such directory; the ram mode needs a tmpfs"
+             " (e.g. /dev/shm) with room for the store")
+  with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
     sets = os.path.join(tmp, "sets.pkl")
+    store = None
+    if "ram" in modes:
+      ram = stack.enter_context(tempfile.TemporaryDirectory(dir=args.ram_dir, prefix="hetflow-"))
+      store = ram_store(systems[args.system], args.ram_dir, ram)
     rows = []
-    for mode in ["record"] + ["none", "replay"] * args.rounds:
+    for mode in ["record"] * ("replay" in modes) + modes * args.rounds:
       print(f"{mode} ...", file=sys.stderr, flush=True)
       cmd = [sys.executable, __file__, f"--config={args.config}", f"--system={args.system}",
              f"--requests={args.requests}", f"--mode={mode}", f"--sets={sets}"]
       cmd += ["--smoke"] if args.smoke else []
+      cmd += [f"--store_dir={store}"] if mode == "ram" else []
       proc = subprocess.run(cmd, capture_output=True, text=True)
       if proc.returncode:
         sys.exit(f"the {mode} process failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
       rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   if len({r["tokens"] for r in rows}) != 1:
-    sys.exit("the processes decoded different tokens: the replay is not a perfect guess"
+    sys.exit("the processes decoded different tokens: the modes did not do the same work"
              f" ({[(r['mode'], r['tokens']) for r in rows]})")
   keys = list(rows[0]["requests"][0])
   print("| mode | " + " | ".join(keys) + " |")
   print("|---" * (len(keys) + 1) + "|")
-  for r in rows[1:]:
+  for r in rows:
+    if r["mode"] == "record":
+      continue
     cells = [" / ".join(f"{q[k]:.1f}" for q in r["requests"]) for k in keys]
     print(f"| {r['mode']} | " + " | ".join(cells) + " |")
   if args.out:

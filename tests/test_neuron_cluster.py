@@ -413,20 +413,31 @@ def test_token_table_on_disk_leaves_its_bytes_to_the_cache():
 def test_perfect_lookahead_script_replays_the_same_decode(tmp_path):
   """scripts/perfect_lookahead.py (smoke): the sets a process selected, replayed a layer
   ahead in identical processes, decode the same tokens (it exits non-zero otherwise) and
-  read nearly every miss ahead."""
+  read nearly every miss ahead; the ram mode decodes them too, from a store written
+  into `--ram_dir`, which it leaves as it found it."""
   import json
   import subprocess
   import sys
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = tmp_path / "rows.json"
+  out, ram = tmp_path / "rows.json", tmp_path / "ram"
+  ram.mkdir()
   run = subprocess.run([sys.executable, "scripts/perfect_lookahead.py", "--smoke",
-                        "--system=nc_lookahead", "--rounds=1", "--requests=1", f"--out={out}"],
+                        "--system=nc_lookahead", "--rounds=1", "--requests=1",
+                        "--modes=none,replay,ram", f"--ram_dir={ram}", f"--out={out}"],
                        cwd=root, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-2000:]
   rows = json.loads(out.read_text())
-  assert [r["mode"] for r in rows] == ["record", "none", "replay"]
+  assert [r["mode"] for r in rows] == ["record", "none", "replay", "ram"]
   assert len({r["tokens"] for r in rows}) == 1
-  replay = rows[-1]["requests"][0]
+  replay = rows[2]["requests"][0]
   assert replay["records_ahead"] > 0
   assert replay["records_late"] <= 0.1 * replay["records_ahead"]
+  assert rows[3]["requests"][0]["mb_read"] > 0  # it read records, as the other modes did
+  assert list(ram.iterdir()) == []
+
+  missing = subprocess.run([sys.executable, "scripts/perfect_lookahead.py", "--smoke",
+                            "--system=nc_lookahead", "--modes=ram",
+                            f"--ram_dir={tmp_path / 'absent'}"],
+                           cwd=root, capture_output=True, text=True)
+  assert missing.returncode != 0 and "--ram_dir=" in missing.stderr
