@@ -14,8 +14,9 @@ process that decodes the benchmark's requests from the same start:
   `lookahead` would read a perfect guess. Decoding is deterministic, so the replayed sets
   are exactly the sets each step selects: the same records read, only earlier;
 - `ram`: the system's store copied into memory (a tmpfs, `--ram_dir`), so that a read
-  is a copy from RAM (O_DIRECT is refused there: buffered reads, a warning says so). The
-  same schedule and bytes; what is left of the token is the host's work and the device's.
+  is a copy from RAM (a tmpfs refuses O_DIRECT: the reader falls back to buffered reads).
+  The same schedule and bytes; what is left of the token is the host's work and the
+  device's.
 The script checks that every process decoded the same tokens, and reports the records
 read ahead and late. The modes alternate `--rounds` times, one process each, to expose
 the machine's drift.
