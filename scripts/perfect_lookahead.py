@@ -156,11 +156,13 @@ def ram_store(system, ram_dir, tmp):
   if not source or not os.path.isdir(source) or not os.listdir(source):
     os.mkdir(dest)
     return dest
+  from hetflow.memory.store import InsufficientDiskSpaceError, check_free_space
+
   need = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(source) for f in fs)
-  free = shutil.disk_usage(ram_dir).free
-  if need > free:
-    sys.exit(f"--ram_dir={ram_dir} has {free / 1e9:.1f} GB free; the store at {source}"
-             f" needs {need / 1e9:.1f} GB: free some or pass another tmpfs")
+  try:
+    check_free_space(dest, need)
+  except InsufficientDiskSpaceError as e:
+    sys.exit(f"--ram_dir={ram_dir}: {e}")
   shutil.copytree(source, dest)
   return dest
 
