@@ -133,9 +133,11 @@ def calls() -> int:
   return int(_registered.hetflow_native_calls())
 
 
-def simd() -> bool:
-  """Whether the loaded library has the AVX-512 kernels (False: the portable C++ loops)."""
-  return bool(_registered is not None and _registered.hetflow_native_simd())
+def simd() -> str | None:
+  """The SIMD code the loaded library has ("avx512", "avx2"), or None: the portable C++ loops
+  (or no library)."""
+  bits = _registered.hetflow_native_simd() if _registered is not None else 0
+  return {512: "avx512", 256: "avx2"}.get(bits)
 
 
 # What each format's handler takes: (q's rank, q's dtype, the params' dtypes).

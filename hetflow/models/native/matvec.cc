@@ -25,8 +25,16 @@
 #include <memory>
 #include <thread>
 
+// The SIMD kernels are written once, on 16 float lanes (`f32x16` below): one AVX-512
+// register, or two AVX2 ones (with FMA and F16C: x86 since 2013). Other machines, and
+// HETFLOW_NO_SIMD builds (the tests), get the portable loops further down.
 #if defined(__AVX512F__) && !defined(HETFLOW_NO_SIMD)
 #define HETFLOW_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(HETFLOW_NO_SIMD)
+#define HETFLOW_AVX2 1
+#endif
+#if defined(HETFLOW_AVX512) || defined(HETFLOW_AVX2)
+#define HETFLOW_SIMD16 1
 #include <immintrin.h>
 #endif
 
@@ -35,6 +43,77 @@
 namespace {
 
 ParallelStats g_stats;
+
+// -- 16 float lanes ---------------------------------------------------------------------------
+#if defined(HETFLOW_AVX512)
+using f32x16 = __m512;
+inline f32x16 v_zero() { return _mm512_setzero_ps(); }
+inline f32x16 v_set(float v) { return _mm512_set1_ps(v); }
+inline f32x16 v_load(const float* p) { return _mm512_loadu_ps(p); }
+inline f32x16 v_add(f32x16 a, f32x16 b) { return _mm512_add_ps(a, b); }
+inline f32x16 v_mul(f32x16 a, f32x16 b) { return _mm512_mul_ps(a, b); }
+inline f32x16 v_fmadd(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
+inline f32x16 v_fmsub(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmsub_ps(a, b, c); }
+inline float v_sum(f32x16 a) { return _mm512_reduce_add_ps(a); }
+// 16 bytes (signed or unsigned), 16 bfloat16s, 16 float16s -> 16 floats, exactly.
+inline f32x16 v_s8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+inline f32x16 v_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+inline f32x16 v_bf16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline f32x16 v_f16(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline void v_store(float* p, f32x16 a) { _mm512_storeu_ps(p, a); }
+#elif defined(HETFLOW_AVX2)
+struct f32x16 {
+  __m256 lo, hi;
+};
+inline f32x16 v_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline f32x16 v_set(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+inline f32x16 v_load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline f32x16 v_add(f32x16 a, f32x16 b) {
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+inline f32x16 v_mul(f32x16 a, f32x16 b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
+inline f32x16 v_fmadd(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline f32x16 v_fmsub(f32x16 a, f32x16 b, f32x16 c) {
+  return {_mm256_fmsub_ps(a.lo, b.lo, c.lo), _mm256_fmsub_ps(a.hi, b.hi, c.hi)};
+}
+inline float v_sum(f32x16 a) {
+  __m256 s = _mm256_add_ps(a.lo, a.hi);
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+inline f32x16 v_s8(__m128i b) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+          _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(b, b)))};
+}
+inline f32x16 v_u8(__m128i b) {
+  return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)),
+          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(b, b)))};
+}
+inline f32x16 v_bf16(const uint16_t* p) {
+  __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(a), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(b), 16))};
+}
+inline f32x16 v_f16(const uint16_t* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline void v_store(float* p, f32x16 a) {
+  _mm256_storeu_ps(p, a.lo);
+  _mm256_storeu_ps(p + 8, a.hi);
+}
+#endif
 
 // Tiles of `tile` rows, grouped into chunks of about 1/8 of a thread's share.
 template <typename F>
@@ -51,6 +130,45 @@ void for_row_tiles(ffi::ThreadPool& pool, int64_t out, int64_t tile, F tile_fn) 
   }, g_stats);
 }
 
+// -- the portable kernels' lanes ------------------------------------------------------------
+// Without AVX-512 (AVX2, NEON, ...), the kernels are C++ loops that -O3 vectorizes for the
+// machine's own SIMD width: each of kLanes accumulators sums its own products (no
+// reassociation, so no -ffast-math), and the lanes are summed once per row. One scalar
+// accumulator per row, as before, kept the loops scalar: 2-3x slower than XLA's own
+// formulations on an AVX2 machine (WORKSPACE_NOTES.md, nineteenth session).
+
+constexpr int kLanes = 16;
+
+template <typename T>
+inline float widen(T v) {
+  if constexpr (sizeof(T) == 2) return bf16_to_float(v);
+  else return static_cast<float>(v);
+}
+
+inline float lanes_sum(const float* acc) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// y[r] = sum_k w[r, k] x[k] for R rows of a [., n] matrix (n any length: a scalar tail).
+template <typename T, int R>
+void rows_lanes(const T* w, int64_t n, const float* x, float* y) {
+  float acc[R][kLanes] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= n; k += kLanes) {
+    for (int r = 0; r < R; ++r) {
+      const T* p = w + r * n + k;
+      for (int l = 0; l < kLanes; ++l) acc[r][l] += widen(p[l]) * x[k + l];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = lanes_sum(acc[r]);
+    for (int64_t j = k; j < n; ++j) s += widen(w[r * n + j]) * x[j];
+    y[r] = s;
+  }
+}
+
 // -- row-major kernels: bfloat16, int8 per channel ------------------------------------------
 
 constexpr int kRowTile = 4;
@@ -58,56 +176,37 @@ constexpr int kRowTile = 4;
 // y[r] = sum_k w[r, k] x[k] for `rows` rows of a [., n] matrix; T is uint16_t (bf16) or int8_t.
 template <typename T>
 void rows_dot(const T* w, int64_t n, const float* x, int64_t rows, float* y) {
-#if defined(HETFLOW_AVX512)
+#if defined(HETFLOW_SIMD16)
   if (rows == kRowTile) {
-    __m512 acc[kRowTile][2];
-    for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    f32x16 acc[kRowTile][2];
+    for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = v_zero();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
-      __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+      f32x16 x0 = v_load(x + k), x1 = v_load(x + k + 16);
       for (int r = 0; r < kRowTile; ++r) {
         const T* p = w + r * n + k;
-        __m512 w0, w1;
+        f32x16 w0, w1;
         if constexpr (sizeof(T) == 2) {
-          w0 = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-          w1 = _mm512_castsi512_ps(_mm512_slli_epi32(
-              _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))),
-              16));
+          w0 = v_bf16(p);
+          w1 = v_bf16(p + 16);
         } else {
-          w0 = _mm512_cvtepi32_ps(
-              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-          w1 = _mm512_cvtepi32_ps(
-              _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16))));
+          w0 = v_s8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+          w1 = v_s8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
         }
-        acc[r][0] = _mm512_fmadd_ps(w0, x0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(w1, x1, acc[r][1]);
+        acc[r][0] = v_fmadd(w0, x0, acc[r][0]);
+        acc[r][1] = v_fmadd(w1, x1, acc[r][1]);
       }
     }
     for (int r = 0; r < kRowTile; ++r) {
-      float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-      for (int64_t j = k; j < n; ++j) {
-        float v;
-        if constexpr (sizeof(T) == 2) v = bf16_to_float(w[r * n + j]);
-        else v = static_cast<float>(w[r * n + j]);
-        s += v * x[j];
-      }
+      float s = v_sum(v_add(acc[r][0], acc[r][1]));
+      for (int64_t j = k; j < n; ++j) s += widen(w[r * n + j]) * x[j];
       y[r] = s;
     }
     return;
   }
 #endif
-  for (int64_t r = 0; r < rows; ++r) {
-    float s = 0.f;
-    const T* p = w + r * n;
-    for (int64_t j = 0; j < n; ++j) {
-      float v;
-      if constexpr (sizeof(T) == 2) v = bf16_to_float(p[j]);
-      else v = static_cast<float>(p[j]);
-      s += v * x[j];
-    }
-    y[r] = s;
-  }
+  if (rows == kRowTile) return rows_lanes<T, kRowTile>(w, n, x, y);
+  for (int64_t r = 0; r < rows; ++r) rows_lanes<T, 1>(w + r * n, n, x, y + r);
 }
 
 // -- group-major kernels: int8-gN, int4 (symmetric, asymmetric) -----------------------------
@@ -124,10 +223,10 @@ struct Grouped {
   float* y;                // [out]
 };
 
-#if defined(HETFLOW_AVX512)
+#if defined(HETFLOW_SIMD16)
 inline void load_params(const uint16_t* p, int rows, float* dst) {
   if (rows == kGroupTile) {
-    _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+    v_store(dst, v_f16(p));
   } else {
     for (int r = 0; r < rows; ++r) dst[r] = _cvtsh_ss(p[r]);
   }
@@ -137,8 +236,8 @@ inline void prefetch(const char* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-inline __m512 int8x16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+inline f32x16 int8x16(const int8_t* p) {
+  return v_s8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Rows [o0, o0 + R) of an int8-gG kernel (R = kGroupTile, or any R <= kGroupTile for the last
@@ -148,8 +247,8 @@ template <int G, int R>
 void int8g_tile(const Grouped& a, int64_t o0) {
   constexpr int V = G / 16;
   const int8_t* q = static_cast<const int8_t*>(a.q);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = v_zero();
   alignas(64) float s[kGroupTile];
   for (int64_t k = 0; k < a.groups; ++k) {
     const int8_t* base = q + (k * a.out + o0) * G;
@@ -157,16 +256,16 @@ void int8g_tile(const Grouped& a, int64_t o0) {
       prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * G), R * G);
     }
     load_params(a.scale + k * a.out + o0, R, s);
-    __m512 xv[V];
-    for (int v = 0; v < V; ++v) xv[v] = _mm512_loadu_ps(a.x + k * G + 16 * v);
+    f32x16 xv[V];
+    for (int v = 0; v < V; ++v) xv[v] = v_load(a.x + k * G + 16 * v);
     for (int r = 0; r < R; ++r) {
       const int8_t* p = base + r * G;
-      __m512 t = _mm512_mul_ps(int8x16(p), xv[0]);
-      for (int v = 1; v < V; ++v) t = _mm512_fmadd_ps(int8x16(p + 16 * v), xv[v], t);
-      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
+      f32x16 t = v_mul(int8x16(p), xv[0]);
+      for (int v = 1; v < V; ++v) t = v_fmadd(int8x16(p + 16 * v), xv[v], t);
+      acc[r] = v_fmadd(t, v_set(s[r]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) a.y[o0 + r] = v_sum(acc[r]);
 }
 
 // int4: per 16 bytes, the low nibbles are 16 values and the high nibbles the 16 values g/2
@@ -178,8 +277,8 @@ void int4_tile(const Grouped& a, int64_t o0) {
   constexpr int H = G / 32;  // 16-byte pieces per row and group
   const uint8_t* q = static_cast<const uint8_t*>(a.q);
   const __m128i low = _mm_set1_epi8(0x0f);
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  f32x16 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = v_zero();
   alignas(64) float s[kGroupTile];
   alignas(64) float m[kGroupTile];
   for (int64_t k = 0; k < a.groups; ++k) {
@@ -191,33 +290,33 @@ void int4_tile(const Grouped& a, int64_t o0) {
     load_params(a.scale + k * a.out + o0, R, s);
     if constexpr (kAsym) load_params(a.minimum + k * a.out + o0, R, m);
     const float* xg = a.x + k * G;
-    __m512 xlo[H], xhi[H];
-    __m512 xsum = _mm512_setzero_ps();
+    f32x16 xlo[H], xhi[H];
+    f32x16 xsum = v_zero();
     for (int h = 0; h < H; ++h) {
-      xlo[h] = _mm512_loadu_ps(xg + 16 * h);
-      xhi[h] = _mm512_loadu_ps(xg + G / 2 + 16 * h);
-      xsum = _mm512_add_ps(xsum, _mm512_add_ps(xlo[h], xhi[h]));
+      xlo[h] = v_load(xg + 16 * h);
+      xhi[h] = v_load(xg + G / 2 + 16 * h);
+      xsum = v_add(xsum, v_add(xlo[h], xhi[h]));
     }
-    const __m512 x8 = _mm512_mul_ps(xsum, _mm512_set1_ps(8.f));
+    const f32x16 x8 = v_mul(xsum, v_set(8.f));
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = base + r * (G / 2);
-      __m512 t;
+      f32x16 t;
       for (int h = 0; h < H; ++h) {
         __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * h));
-        __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-        __m512 whi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+        f32x16 wlo = v_u8(_mm_and_si128(b, low));
+        f32x16 whi = v_u8(_mm_and_si128(_mm_srli_epi16(b, 4), low));
         if (h == 0) {
-          t = kAsym ? _mm512_mul_ps(wlo, xlo[0]) : _mm512_fmsub_ps(wlo, xlo[0], x8);
+          t = kAsym ? v_mul(wlo, xlo[0]) : v_fmsub(wlo, xlo[0], x8);
         } else {
-          t = _mm512_fmadd_ps(wlo, xlo[h], t);
+          t = v_fmadd(wlo, xlo[h], t);
         }
-        t = _mm512_fmadd_ps(whi, xhi[h], t);
+        t = v_fmadd(whi, xhi[h], t);
       }
-      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(s[r]), acc[r]);
-      if constexpr (kAsym) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(m[r]), xsum, acc[r]);
+      acc[r] = v_fmadd(t, v_set(s[r]), acc[r]);
+      if constexpr (kAsym) acc[r] = v_fmadd(v_set(m[r]), xsum, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) a.y[o0 + r] = _mm512_reduce_add_ps(acc[r]);
+  for (int r = 0; r < R; ++r) a.y[o0 + r] = v_sum(acc[r]);
 }
 
 // Calls Tile<R> for the tile's row count R (a full tile, or the last, shorter one).
@@ -234,10 +333,69 @@ void dispatch_rows(const Grouped& a, int64_t o0, int64_t rows) {
 
 template <int G> struct Int8G { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int8g_tile<G, R>(a, o0); } }; };
 template <int G, bool A> struct Int4 { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int4_tile<G, R, A>(a, o0); } }; };
-#endif  // HETFLOW_AVX512
+#endif  // HETFLOW_SIMD16
 
-// The portable version of the grouped kernels (any group size; what a compiler without
-// AVX-512 builds, and what HETFLOW_NO_SIMD builds for the tests).
+// The portable grouped kernels (what a compiler without AVX-512 builds, and what
+// HETFLOW_NO_SIMD builds for the tests): R rows at a time, per group one contiguous [R, g]
+// piece of the group-major layout; each row's lane partial sums times its scale join the
+// row's lane accumulators. int4: lane l sums value j (low nibble) and value j + g/2 (high) for
+// j = l, l + kLanes, ...; x's lane sums carry the symmetric `- 8` and the asymmetric minimum.
+// Needs g a multiple of kLanes (int8) or of 2 * kLanes (int4): every stored format's group.
+template <int R, bool kInt4, bool kAsym>
+void grouped_lanes(const Grouped& a, int64_t o0) {
+  const int64_t g = a.g, bytes = kInt4 ? g / 2 : g;
+  float acc[R][kLanes] = {};
+  for (int64_t k = 0; k < a.groups; ++k) {
+    const float* xg = a.x + k * g;
+    const uint8_t* base = static_cast<const uint8_t*>(a.q) + (k * a.out + o0) * bytes;
+    const uint16_t* sk = a.scale + k * a.out + o0;
+    if (k + kPrefetchGroups < a.groups) {  // the layout's stride between groups defeats the
+      const uint8_t* ahead = base + kPrefetchGroups * a.out * bytes;  // hardware prefetcher
+      for (int64_t b = 0; b < R * bytes; b += 64) __builtin_prefetch(ahead + b);
+    }
+    float xl[kLanes] = {};  // int4: x's lane sums (each lane's values, low and high)
+    if constexpr (kInt4) {
+      for (int64_t j = 0; j < g / 2; j += kLanes) {
+        for (int l = 0; l < kLanes; ++l) xl[l] += xg[j + l] + xg[g / 2 + j + l];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = base + r * bytes;
+      float part[kLanes] = {};
+      if constexpr (kInt4) {
+        for (int64_t j = 0; j < g / 2; j += kLanes) {
+          for (int l = 0; l < kLanes; ++l) {
+            part[l] += static_cast<float>(p[j + l] & 15) * xg[j + l] +
+                       static_cast<float>(p[j + l] >> 4) * xg[g / 2 + j + l];
+          }
+        }
+      } else {
+        const int8_t* q = reinterpret_cast<const int8_t*>(p);
+        for (int64_t j = 0; j < g; j += kLanes) {
+          for (int l = 0; l < kLanes; ++l) part[l] += static_cast<float>(q[j + l]) * xg[j + l];
+        }
+      }
+      const float scale = half_to_float(sk[r]);
+      if constexpr (kAsym) {
+        const float minimum = half_to_float(a.minimum[k * a.out + o0 + r]);
+        for (int l = 0; l < kLanes; ++l) acc[r][l] += part[l] * scale + xl[l] * minimum;
+      } else if constexpr (kInt4) {
+        for (int l = 0; l < kLanes; ++l) acc[r][l] += (part[l] - 8.f * xl[l]) * scale;
+      } else {
+        for (int l = 0; l < kLanes; ++l) acc[r][l] += part[l] * scale;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) a.y[o0 + r] = lanes_sum(acc[r]);
+}
+
+template <bool kInt4, bool kAsym>
+void grouped_portable(const Grouped& a, int64_t o0, int64_t rows) {
+  if (rows == kGroupTile) return grouped_lanes<kGroupTile, kInt4, kAsym>(a, o0);
+  for (int64_t r = 0; r < rows; ++r) grouped_lanes<1, kInt4, kAsym>(a, o0 + r);
+}
+
+// Any group size, one product at a time (a grouped layout of another group size).
 void grouped_generic(const Grouped& a, int64_t o0, int64_t rows, bool int4, bool asym) {
   for (int64_t r = 0; r < rows; ++r) {
     int64_t o = o0 + r;
@@ -269,7 +427,7 @@ void grouped_generic(const Grouped& a, int64_t o0, int64_t rows, bool int4, bool
 
 void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4, bool asym) {
   for_row_tiles(pool, a.out, kGroupTile, [a, int4, asym](int64_t o0, int64_t rows) {
-#if defined(HETFLOW_AVX512)
+#if defined(HETFLOW_SIMD16)
     if (!int4 && a.g == 32) return dispatch_rows<Int8G<32>::T>(a, o0, rows);
     if (!int4 && a.g == 64) return dispatch_rows<Int8G<64>::T>(a, o0, rows);
     if (!int4 && a.g == 128) return dispatch_rows<Int8G<128>::T>(a, o0, rows);
@@ -278,6 +436,11 @@ void grouped(ffi::ThreadPool& pool, const Grouped& a, bool int4, bool asym) {
     if (int4 && asym && a.g == 32) return dispatch_rows<Int4<32, true>::T>(a, o0, rows);
     if (int4 && asym && a.g == 64) return dispatch_rows<Int4<64, true>::T>(a, o0, rows);
 #endif
+    if (a.g % (2 * kLanes) == 0) {
+      if (!int4) return grouped_portable<false, false>(a, o0, rows);
+      if (!asym) return grouped_portable<true, false>(a, o0, rows);
+      return grouped_portable<true, true>(a, o0, rows);
+    }
     grouped_generic(a, o0, rows, int4, asym);
   });
 }
@@ -364,10 +527,12 @@ ffi::Error Int4AsymImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 
 extern "C" {
 
-// Which code the library was built with: 1 AVX-512, 0 portable.
+// Which code the library was built with: 512 AVX-512, 256 AVX2, 0 portable.
 int hetflow_native_simd() {
 #if defined(HETFLOW_AVX512)
-  return 1;
+  return 512;
+#elif defined(HETFLOW_AVX2)
+  return 256;
 #else
   return 0;
 #endif
