@@ -1,4 +1,4 @@
-"""llama-1b resident in float32, bfloat16, int8 and int4 vs llama.cpp F32/F16/Q8_0/Q4_0 (issue 11, table b).
+"""llama-1b resident in float32, bfloat16, int8, int8-g32 and int4 vs llama.cpp F32/F16/Q8_0/Q4_0 (issue 11, table b).
 
 Run:
   python -m experiments.benchmark --config=configs/bench/llama1b_formats_resident.py \
@@ -20,10 +20,12 @@ from hetflow.bench.config import bench_config
 def get_config(arg=None):
   del arg
   c = bench_config("llama-1b", new_tokens=8, repeats=1, timeline=False)
-  c.order = ("resident_float32,resident_bfloat16,resident_int8,resident_int4,"
+  # int8-g32 is Q8_0's format and int4 Q4_0's: the same bytes per weight as the peer's row.
+  c.order = ("resident_float32,resident_bfloat16,resident_int8,resident_int8_g32,resident_int4,"
              "llamacpp_F32,llamacpp_F16,llamacpp_Q8_0,llamacpp_Q4_0")
-  for weights in ("float32", "bfloat16", "int8", "int4"):
-    c.systems[f"resident_{weights}"] = dict(kind="hetflow", strategy="resident", weights=weights)
+  for weights in ("float32", "bfloat16", "int8", "int8-g32", "int4"):
+    c.systems[f"resident_{weights.replace('-', '_')}"] = dict(kind="hetflow", strategy="resident",
+                                                             weights=weights)
   for t in ("F32", "F16", "Q8_0", "Q4_0"):
     c.systems[f"llamacpp_{t}"] = dict(kind="llamacpp", gguf_type=t)
   c.smoke = {"model": {"name": "llama-tiny"}, "new_tokens": 4, "repeats": 1,

@@ -159,7 +159,10 @@ def _quantize_int4(w_t: np.ndarray, group: int, asymmetric: bool):
   return packed, scale, minimum
 
 
-NATIVE = "native C++ (FFI)"
+def native_label() -> str:
+  """The native kernels' formulation label, naming the code the library was built with
+  (avx512, avx2 or portable: the same source gives 2-15x apart, docs/formats.md)."""
+  return f"native C++ (FFI, {native.simd() or 'portable'})"
 
 
 def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
@@ -196,8 +199,9 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
   out += [Case("int8", "mul+sum, scale after", int8_channel_ew_t_xla, ch),
           Case("int8", "dot upcast, scale after", int8_channel_dot_t, ch),
           Case("int8", "int8 x int8 dot", int8_channel_dot_int, ch)]
+  native_name = native_label() if use_native else None
   if use_native:
-    out += [Case("bfloat16", NATIVE, native_bfloat16, (bft,)), Case("int8", NATIVE, native_int8, ch)]
+    out += [Case("bfloat16", native_name, native_bfloat16, (bft,)), Case("int8", native_name, native_int8, ch)]
   for g in (32, 64, 128):
     q, s = _quantize_int8(wt, g)
     gr = (put(q), put(s))
@@ -207,7 +211,7 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
             Case(f"int8-g{g}", "group-major: one 3-D mul+sum", int8_group_3d_gm, gm),
             Case(f"int8-g{g}", "group-major: scan over groups", int8_group_scan_gm_xla, gm)]
     if use_native:
-      out.append(Case(f"int8-g{g}", NATIVE, native_int8_group, gm))
+      out.append(Case(f"int8-g{g}", native_name, native_int8_group, gm))
   for g in (32, 64):
     p, s, _ = _quantize_int4(wt, g, False)
     sym = (put(p), put(s))
@@ -218,14 +222,14 @@ def cases(n_in: int, n_out: int, formats=None, seed: int = 0, qwix: bool = True,
             Case(label, "row-major: dequantize, mul+sum", int4_dequant_ew_t, sym),
             Case(label, "group-major: scan over groups", int4_scan_gm_xla, gm)]
     if use_native:
-      out.append(Case(label, NATIVE, native_int4, gm))
+      out.append(Case(label, native_name, native_int4, gm))
     p, s, m = _quantize_int4(wt, g, True)
     out += [Case(label + "-asym", "row-major: mul+sum, scale+min after", int4_min_ew_t,
                  (put(p), put(s), put(m))),
             Case(label + "-asym", "group-major: scan over groups", int4_min_scan_gm_xla,
                  tuple(put(a) for a in group_major(p, s, m)))]
     if use_native:
-      out.append(Case(label + "-asym", NATIVE, native_int4_min,
+      out.append(Case(label + "-asym", native_name, native_int4_min,
                       tuple(put(a) for a in group_major(p, s, m))))
   if qwix:
     import qwix as qw
