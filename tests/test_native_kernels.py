@@ -202,7 +202,8 @@ def _cpu_has(*features) -> bool:
 @pytest.mark.parametrize("flag,code", [("-DHETFLOW_NO_SIMD", None), ("-mno-avx512f", "avx2")])
 def test_each_build_of_the_kernels(tmp_path, flag, code):
   """Every build (portable, AVX2) stays within the float32 bound of the exact product, on
-  full and short row tiles and, row-major, an `in` that is no multiple of the lanes."""
+  full and short row tiles and, row-major, an `in` that is no multiple of the lanes; and so
+  do its record kernels (neuron.cc)."""
   cxx = native.compiler()
   if cxx is None:
     pytest.skip("no C++ compiler")
@@ -226,6 +227,34 @@ def test_each_build_of_the_kernels(tmp_path, flag, code):
           dense = np.asarray(formats.dequantize(k), np.float64)
           bound = n_in * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))
           assert np.all(np.abs(y - x.astype(np.float64) @ dense) <= bound), (spec, n_in)
+      # neuron_cluster's record kernels (neuron.cc) of the same build, against the exact
+      # products of the records' decoded weights: 40 records of several down groups.
+      import hetflow
+      from hetflow.sparsity import bundles
+      for spec in ("bfloat16", "int8", "int8-g32", "int4", "int4-asym"):
+        model = hetflow.synthetic_model("llama-tiny-sparse", seed=0, weights=spec)
+        c = model.config
+        codec = bundles.record_codec(model)
+        a, b, table = codec.encode(model, 1, bundles.neuron_matrices(c))
+        pick = np.sort(rng.choice(c.intermediate_size, 40, replace=False))
+        group = codec.group if codec.grouped_down else c.intermediate_size
+        group_of = (pick // group).astype(np.int32)
+        table = {{k: v.astype(np.float32) for k, v in table.items()}}
+        a, b = a[pick], b[pick]
+        x = rng.standard_normal((1, c.hidden_size)).astype(np.float32)
+        z = rng.standard_normal((1, 40)).astype(np.float32) * (rng.random((1, 40)) < 0.7)
+        w_in = np.asarray(codec.input_weights(a), np.float64).reshape(40 * codec.inputs, -1)
+        w_down = np.asarray(codec.down_weights(b, table, group_of), np.float64)
+        y_in = np.asarray(bundles._input_products_native(codec, x, a), np.float64)[0]
+        y_down = np.asarray(bundles._down_product_native(codec, z, b, table, group_of))[0]
+        x64, z64 = x[0].astype(np.float64), z[0].astype(np.float64)
+        # + 2: a scale's product before the sum (grouped) or after it (int8), fused or not
+        bound_in = (c.hidden_size + 2) * {EPS!r} * (np.abs(w_in) @ np.abs(x64))
+        # (int8's down rows are unscaled: `down_after` applies the scale (> 0) after the sum)
+        bound_down = (40 + 2) * {EPS!r} * codec.down_after(np.abs(z64) @ np.abs(w_down), table)
+        exact_down = codec.down_after(z64 @ w_down, table)
+        assert np.all(np.abs(y_in - w_in @ x64) <= bound_in), ("in", spec)
+        assert np.all(np.abs(y_down - exact_down) <= bound_down), ("down", spec)
       print("build ok")
       """)
   assert done.returncode == 0, done.stderr[-3000:]

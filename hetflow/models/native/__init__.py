@@ -33,7 +33,9 @@ from hetflow.memory.cache import cache_root
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "matvec.cc")
 # neuron_cluster's sparse step over quantized records (hetflow/sparsity/bundles.py), built in.
 NEURON_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "neuron.cc")
-HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "parallel.h")  # both include it
+# What both include: the split between XLA's pool threads, and the 16-lane SIMD layer.
+HEADERS = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), h)
+                for h in ("parallel.h", "simd.h"))
 NEURON_TARGETS = ("hetflow_neuron_in", "hetflow_neuron_down")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 LIBRARY = "libhetflow_matvec.so"
@@ -64,7 +66,7 @@ def build_key(cxx: str, flags: tuple[str, ...] = FLAGS) -> str:
   """What a built library depends on, hashed: source, compiler (its --version), flags,
   jax's version and the CPU's features."""
   return compiled.build_key([*(open(p, "rb").read().decode()
-                               for p in (SOURCE, NEURON_SOURCE, HEADER)),
+                               for p in (SOURCE, NEURON_SOURCE, *HEADERS)),
                              cxx, compiled.compiler_version(cxx), " ".join(flags),
                              jax.__version__, _cpu_flags()])
 

@@ -21,8 +21,10 @@
 //              records with z[., j] == 0 are skipped: they add exact zeros)
 // Every product is accumulated in float32 from exactly widened values, so the results differ
 // from the pure-XLA formulation (and from resident's kernels) only in the order of float32
-// additions. Work is split between the calling thread and XLA's intra-op pool by
-// parallel.h (chunks claimed from an atomic counter: no task is ever waited for unstarted).
+// additions. The input products, and int4's down product, run on simd.h's 16 lanes (AVX-512
+// or AVX2) where the compiler targets them, portable loops elsewhere. Work is split between
+// the calling thread and XLA's intra-op pool by parallel.h (chunks claimed from an atomic
+// counter: no task is ever waited for unstarted).
 
 #include <algorithm>
 #include <atomic>
@@ -32,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "simd.h"  // before parallel.h: it spins where HETFLOW_SIMD16 is defined
 #include "parallel.h"
 
 namespace {
@@ -60,10 +63,74 @@ inline float lanes_sum(const float* acc) {
   return s;
 }
 
+#if defined(HETFLOW_SIMD16)
+inline __m128i bytes16(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+// `row_dot` (below) on the 16-lane SIMD layer: the same products and per-lane sums, with
+// fused multiply-adds, and a group's scale applied to its lane sums once. The compiler
+// vectorized the portable loop at half the AVX2 width (WORKSPACE_NOTES.md, nineteenth session).
+inline float row_dot_simd(int64_t kind, const uint8_t* row, const float* x, const float* xsum,
+                          int64_t d, int64_t g) {
+  f32x16 acc = v_zero();
+  switch (kind) {
+    case kBf16: {
+      const uint16_t* q = reinterpret_cast<const uint16_t*>(row);
+      for (int64_t k = 0; k < d; k += kLanes) acc = v_fmadd(v_bf16(q + k), v_load(x + k), acc);
+      return v_sum(acc);
+    }
+    case kInt8: {
+      for (int64_t k = 0; k < d; k += kLanes) acc = v_fmadd(v_s8(bytes16(row + k)), v_load(x + k), acc);
+      float scale;
+      std::memcpy(&scale, row + d, 4);
+      return v_sum(acc) * scale;
+    }
+    case kInt8G: {
+      const uint8_t* sc = row + d;
+      for (int64_t G = 0; G < d / g; ++G) {
+        f32x16 part = v_zero();
+        for (int64_t k = G * g; k < (G + 1) * g; k += kLanes) {
+          part = v_fmadd(v_s8(bytes16(row + k)), v_load(x + k), part);
+        }
+        acc = v_fmadd(part, v_set(half_to_float(load16(sc + 2 * G))), acc);
+      }
+      return v_sum(acc);
+    }
+    default: {  // int4, int4-asym: the "- 8" (or the minimum) applied to x's group sums
+      const int64_t half = g / 2, groups = d / g;
+      const uint8_t* sc = row + d / 2;
+      const uint8_t* mn = sc + 2 * groups;
+      const __m128i low = _mm_set1_epi8(0x0f);
+      float extra = 0.f;
+      for (int64_t G = 0; G < groups; ++G) {
+        const uint8_t* p = row + G * half;
+        const float* xg = x + G * g;
+        f32x16 part = v_zero();
+        for (int64_t k = 0; k < half; k += kLanes) {
+          const __m128i b = bytes16(p + k);
+          part = v_fmadd(v_u8(_mm_and_si128(b, low)), v_load(xg + k), part);
+          part = v_fmadd(v_u8(_mm_and_si128(_mm_srli_epi16(b, 4), low)), v_load(xg + k + half),
+                         part);
+        }
+        const float scale = half_to_float(load16(sc + 2 * G));
+        acc = v_fmadd(part, v_set(scale), acc);
+        extra += kind == kInt4 ? -8.f * xsum[G] * scale
+                               : xsum[G] * half_to_float(load16(mn + 2 * G));
+      }
+      return v_sum(acc) + extra;
+    }
+  }
+}
+#endif  // HETFLOW_SIMD16
+
 // One input row (its values, then scales/minimums) times x [d]; xsum [d / g]: x's group sums.
 // d is a multiple of kLanes and of g; int4's g / 2 is a multiple of kLanes (g = 32 or 64).
 inline float row_dot(int64_t kind, const uint8_t* row, const float* x, const float* xsum,
                      int64_t d, int64_t g) {
+#if defined(HETFLOW_SIMD16)
+  return row_dot_simd(kind, row, x, xsum, d, g);
+#else
   float acc[kLanes] = {0.f};
   switch (kind) {
     case kBf16: {
@@ -118,7 +185,65 @@ inline float row_dot(int64_t kind, const uint8_t* row, const float* x, const flo
       return lanes_sum(acc) + extra;
     }
   }
+#endif
 }
+
+#if defined(HETFLOW_SIMD16)
+// int4's down product on the 16-lane layer, bytes [k, k + 16 * T) of every record: outputs
+// k... (low nibbles) and d/2 + k... (high), accumulated in registers over the records in
+// record order, as the portable loop does. `lo_hi(j, k, lo, hi)`: record j's 16 values from
+// byte k's low and high nibbles, times their scales (plus their minimums). The portable loop
+// vectorizes poorly here (two nibbles, two accumulators in memory); bf16's and int8's do not,
+// and were not faster on 16 lanes (WORKSPACE_NOTES.md, nineteenth session).
+template <int T, typename LoHi>
+inline void down_tiles_int4(const float* z, int64_t n, int64_t k, int64_t d, float* out,
+                            LoHi lo_hi) {
+  f32x16 lo[T], hi[T];
+  for (int t = 0; t < T; ++t) lo[t] = hi[t] = v_zero();
+  for (int64_t j = 0; j < n; ++j) {
+    if (z[j] == 0.f) continue;  // adds exact zeros
+    const f32x16 zj = v_set(z[j]);
+    for (int t = 0; t < T; ++t) {
+      f32x16 a, b;
+      lo_hi(j, k + 16 * t, a, b);
+      lo[t] = v_fmadd(zj, a, lo[t]);
+      hi[t] = v_fmadd(zj, b, hi[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    v_store(out + k + 16 * t, lo[t]);
+    v_store(out + d / 2 + k + 16 * t, hi[t]);
+  }
+}
+
+// One row's bytes [k0, k0 + w) of an int4 (or int4-asym) down product; false: w is no
+// multiple of 16 (the portable loop does it).
+inline bool down_int4_simd(bool asym, const float* z, int64_t n, const uint8_t* bp, int64_t row,
+                           const float* sp, const float* mp, const int32_t* gp, int64_t d,
+                           int64_t k0, int64_t w, float* out) {
+  if (w % 16) return false;
+  const __m128i low = _mm_set1_epi8(0x0f);
+  const f32x16 eight = v_set(8.f);
+  auto lo_hi = [=](int64_t j, int64_t k, f32x16& lo, f32x16& hi) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bp + j * row + k));
+    const f32x16 nlo = v_u8(_mm_and_si128(b, low));
+    const f32x16 nhi = v_u8(_mm_and_si128(_mm_srli_epi16(b, 4), low));
+    const float* s = sp + static_cast<int64_t>(gp[j]) * d;
+    if (asym) {
+      const float* m = mp + static_cast<int64_t>(gp[j]) * d;
+      lo = v_fmadd(nlo, v_load(s + k), v_load(m + k));
+      hi = v_fmadd(nhi, v_load(s + d / 2 + k), v_load(m + d / 2 + k));
+    } else {
+      lo = v_mul(v_sub(nlo, eight), v_load(s + k));
+      hi = v_mul(v_sub(nhi, eight), v_load(s + d / 2 + k));
+    }
+  };
+  int64_t k = k0;
+  for (; k + 32 <= k0 + w; k += 32) down_tiles_int4<2>(z, n, k, d, out, lo_hi);
+  for (; k < k0 + w; k += 16) down_tiles_int4<1>(z, n, k, d, out, lo_hi);
+  return true;
+}
+#endif  // HETFLOW_SIMD16
 
 int64_t value_bytes(int64_t kind, int64_t d) {
   return kind == kBf16 ? 2 * d : (kind == kInt4 || kind == kInt4Asym) ? d / 2 : d;
@@ -207,6 +332,12 @@ ffi::Error NeuronDownImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> z, ffi::Bu
     const int64_t k0 = c * tile, k1 = std::min(span, k0 + tile), w = k1 - k0;
     for (int64_t r = 0; r < rows; ++r) {
       float* out = yp + r * d;
+#if defined(HETFLOW_SIMD16)
+      if ((kind == kInt4 || kind == kInt4Asym) &&
+          down_int4_simd(kind == kInt4Asym, zp + r * n, n, bp, row, sp, mp, gp, d, k0, w, out)) {
+        continue;
+      }
+#endif
       float acc[256], acc2[256];
       std::fill(acc, acc + w, 0.f);
       std::fill(acc2, acc2 + w, 0.f);
