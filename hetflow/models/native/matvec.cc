@@ -48,11 +48,12 @@ void for_row_tiles(ffi::ThreadPool& pool, int64_t out, int64_t tile, F tile_fn) 
 }
 
 // -- the portable kernels' lanes ------------------------------------------------------------
-// Without AVX-512 (AVX2, NEON, ...), the kernels are C++ loops that -O3 vectorizes for the
-// machine's own SIMD width: each of kLanes accumulators sums its own products (no
-// reassociation, so no -ffast-math), and the lanes are summed once per row. One scalar
-// accumulator per row, as before, kept the loops scalar: 2-3x slower than XLA's own
-// formulations on an AVX2 machine (WORKSPACE_NOTES.md, nineteenth session).
+// Without simd.h's 16 lanes (ARM, say, or HETFLOW_NO_SIMD), the kernels are C++ loops that
+// -O3 vectorizes for the machine's own SIMD width: each of kLanes accumulators sums its own
+// products (no reassociation, so no -ffast-math), and the lanes are summed once per row. One
+// scalar accumulator per row, as the loops had before, kept them scalar (on an AVX2 machine,
+// which compiled them then: 2-3x slower than XLA's own formulations; WORKSPACE_NOTES.md,
+// nineteenth session).
 
 constexpr int kLanes = 16;
 
@@ -252,7 +253,7 @@ template <int G> struct Int8G { template <int R> struct T { static void run(cons
 template <int G, bool A> struct Int4 { template <int R> struct T { static void run(const Grouped& a, int64_t o0) { int4_tile<G, R, A>(a, o0); } }; };
 #endif  // HETFLOW_SIMD16
 
-// The portable grouped kernels (what a compiler without AVX-512 builds, and what
+// The portable grouped kernels (what a compiler without AVX2 or AVX-512 builds, and what
 // HETFLOW_NO_SIMD builds for the tests): R rows at a time, per group one contiguous [R, g]
 // piece of the group-major layout; each row's lane partial sums times its scale join the
 // row's lane accumulators. int4: lane l sums value j (low nibble) and value j + g/2 (high) for
