@@ -81,7 +81,9 @@ inline float row_dot_simd(int64_t kind, const uint8_t* row, const float* x, cons
       return v_sum(acc);
     }
     case kInt8: {
-      for (int64_t k = 0; k < d; k += kLanes) acc = v_fmadd(v_s8(bytes16(row + k)), v_load(x + k), acc);
+      for (int64_t k = 0; k < d; k += kLanes) {
+        acc = v_fmadd(v_s8(bytes16(row + k)), v_load(x + k), acc);
+      }
       float scale;
       std::memcpy(&scale, row + d, 4);
       return v_sum(acc) * scale;
