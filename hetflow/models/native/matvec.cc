@@ -55,18 +55,10 @@ void for_row_tiles(ffi::ThreadPool& pool, int64_t out, int64_t tile, F tile_fn) 
 // which compiled them then: 2-3x slower than XLA's own formulations; WORKSPACE_NOTES.md,
 // nineteenth session).
 
-constexpr int kLanes = 16;
-
 template <typename T>
 inline float widen(T v) {
   if constexpr (sizeof(T) == 2) return bf16_to_float(v);
   else return static_cast<float>(v);
-}
-
-inline float lanes_sum(const float* acc) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
 }
 
 // y[r] = sum_k w[r, k] x[k] for R rows of a [., n] matrix (n any length: a scalar tail).
@@ -150,10 +142,6 @@ inline void load_params(const uint16_t* p, int rows, float* dst) {
   }
 }
 
-inline void prefetch(const char* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
 inline f32x16 int8x16(const int8_t* p) {
   return v_s8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
@@ -171,7 +159,7 @@ void int8g_tile(const Grouped& a, int64_t o0) {
   for (int64_t k = 0; k < a.groups; ++k) {
     const int8_t* base = q + (k * a.out + o0) * G;
     if (k + kPrefetchGroups < a.groups) {
-      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * G), R * G);
+      prefetch(base + kPrefetchGroups * a.out * G, R * G);
     }
     load_params(a.scale + k * a.out + o0, R, s);
     f32x16 xv[V];
@@ -202,8 +190,7 @@ void int4_tile(const Grouped& a, int64_t o0) {
   for (int64_t k = 0; k < a.groups; ++k) {
     const uint8_t* base = q + (k * a.out + o0) * (G / 2);
     if (k + kPrefetchGroups < a.groups) {
-      prefetch(reinterpret_cast<const char*>(base + kPrefetchGroups * a.out * (G / 2)),
-               R * (G / 2));
+      prefetch(base + kPrefetchGroups * a.out * (G / 2), R * (G / 2));
     }
     load_params(a.scale + k * a.out + o0, R, s);
     if constexpr (kAsym) load_params(a.minimum + k * a.out + o0, R, m);
@@ -267,9 +254,8 @@ void grouped_lanes(const Grouped& a, int64_t o0) {
     const float* xg = a.x + k * g;
     const uint8_t* base = static_cast<const uint8_t*>(a.q) + (k * a.out + o0) * bytes;
     const uint16_t* sk = a.scale + k * a.out + o0;
-    if (k + kPrefetchGroups < a.groups) {  // the layout's stride between groups defeats the
-      const uint8_t* ahead = base + kPrefetchGroups * a.out * bytes;  // hardware prefetcher
-      for (int64_t b = 0; b < R * bytes; b += 64) __builtin_prefetch(ahead + b);
+    if (k + kPrefetchGroups < a.groups) {  // the stride between groups defeats the hardware's
+      prefetch(base + kPrefetchGroups * a.out * bytes, R * bytes);
     }
     float xl[kLanes] = {};  // int4: x's lane sums (each lane's values, low and high)
     if constexpr (kInt4) {

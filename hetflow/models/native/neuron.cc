@@ -53,16 +53,6 @@ ffi::Error fail(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
 
-// Lanes of the per-row accumulators: each lane sums its own products (no reassociation),
-// so -O3 vectorizes the loops without -ffast-math; the lanes are summed once per row.
-constexpr int64_t kLanes = 16;
-
-inline float lanes_sum(const float* acc) {
-  float s = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
 #if defined(HETFLOW_SIMD16)
 inline __m128i bytes16(const uint8_t* p) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

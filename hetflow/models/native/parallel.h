@@ -1,9 +1,9 @@
 // What hetflow's native kernels (matvec.cc, neuron.cc) share: exact widening of 16-bit
-// floats, and the split of a kernel's chunks between the calling thread and XLA's pool.
+// floats, the portable loops' lanes, prefetching, and the split of a kernel's chunks between the calling thread and XLA's pool.
 //
 // Everything here has internal linkage (an unnamed namespace): each kernel file gets its
-// own copy, and matvec.cc spins with _mm_pause where it is built for AVX-512 or AVX2 (it
-// defines HETFLOW_SIMD16 before including this) while neuron.cc yields.
+// own copy. Both kernel files include simd.h first: where it defines HETFLOW_SIMD16 (AVX-512
+// or AVX2), the caller spins with _mm_pause for the pool's last chunks; elsewhere it yields.
 
 #ifndef HETFLOW_MODELS_NATIVE_PARALLEL_H_
 #define HETFLOW_MODELS_NATIVE_PARALLEL_H_
@@ -60,6 +60,21 @@ inline float half_to_float(uint16_t h) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 #endif
+}
+
+// The portable loops' lanes: each of kLanes accumulators sums its own products (no
+// reassociation, so -O3 vectorizes them without -ffast-math); summed once per row.
+constexpr int kLanes = 16;
+
+inline float lanes_sum(const float* acc) {
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// Prefetches [p, p + bytes) into every cache level (x86: prefetcht0).
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b);
 }
 
 // What a kernel file's parallel calls did: diagnostics its C functions report.
