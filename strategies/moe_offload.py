@@ -214,20 +214,37 @@ LOOKAHEAD_ACCURACY = 0.8
 GUESS_PIECE = 8 << 20  # bytes of a guessed read in flight at a time (see _Chain)
 
 
-def routing_law(model: Model) -> tuple[np.ndarray, float]:
-  """(target expert frequencies P(in top-k) [X], reuse) the model's routing follows.
+@dataclasses.dataclass(frozen=True)
+class RoutingLaw:
+  """How a model routes, as far as the cost model knows.
 
-  Synthetic routed models state theirs (hetflow.checkpoints.moe.RoutingSpec);
-  for any other Mixtral the published figures stand in: near-uniform popularity
-  and the reuse an LRU cache of k experts sees in Mixtral-8x7B (~0.5, Eliseev &
-  Mazur 2023; see hetflow/checkpoints/moe.py).
+  Attributes:
+    frequencies: target P(expert in top-k) [X].
+    reuse: fraction of a token's experts the previous token also used.
+    lru_hit_rates: hit rate of an LRU expert cache shared by the layers, by its slots
+      [L * X + 1], measured on the model's own routing; None where unknown.
+  """
+
+  frequencies: np.ndarray
+  reuse: float
+  lru_hit_rates: np.ndarray | None = None
+
+
+def routing_law(model: Model) -> RoutingLaw:
+  """The routing the model follows.
+
+  Synthetic routed models state their law (hetflow.checkpoints.moe.RoutingSpec) and
+  measure their LRU hit rates when they calibrate; for any other Mixtral the published
+  figures stand in: near-uniform popularity and the reuse an LRU cache of k experts sees
+  in Mixtral-8x7B (~0.5, Eliseev & Mazur 2023; see hetflow/checkpoints/moe.py).
   """
   c = model.config
-  spec = getattr(model.source, "spec", None)
+  source = model.source
+  spec = getattr(source, "spec", None)
   if spec is not None and hasattr(spec, "frequencies") and hasattr(spec, "reuse"):
-    return spec.frequencies(c), float(spec.reuse)
+    return RoutingLaw(spec.frequencies(c), float(spec.reuse), source.lru_hit_rates())
   n, k = c.num_experts, c.experts_per_token
-  return np.full(n, k / n), 0.5
+  return RoutingLaw(np.full(n, k / n), 0.5)
 
 
 def expert_popularity(model: Model) -> np.ndarray:
@@ -266,38 +283,44 @@ def predicted_host_share(model: Model, keys, hit_rate: float) -> float:
   return float((1.0 - hit_rate) * min(1.0, demand))
 
 
-def expected_hit_rate(frequencies: np.ndarray, reuse: float, k: int, per_layer: float,
-                      policy: str) -> float:
-  """Predicted fraction of routed experts found in a cache of `per_layer` slots per layer.
+def expected_hit_rate(law: RoutingLaw, k: int, slots: int, layers: int, policy: str) -> float:
+  """Predicted fraction of routed experts found in a cache of `slots` shared by `layers`.
 
-  The cache is shared by the layers, which a decode step visits in turn, so a
-  layer's share is `per_layer` = slots / layers. With at least k, the previous
-  token's experts are still cached when the layer comes round again and hit `reuse`
-  of the lookups; each further slot holds an expert used longer ago or more often,
-  and the hit rate grows linearly to 1 at every expert of the layer (X). Measured on
-  mixtral-tiny-8e-routed (notes of issue 14): LRU within 20% of this at 2-4 slots
-  per layer; it is an approximation, not a law. With fewer than k, LRU keeps
-  nothing a layer reuses (the other layers' reads evict it first, the access is
-  cyclic); LFU keeps the hottest experts, at most their share of the demand;
-  next_use keeps the previous experts of the layers that come next, so the hit
-  rate grows linearly from 0 to `reuse` at k (a simulation of a Markov routing
-  with reuse 0.6 over 16 layers gave 0.27 and 0.46 at 14 and 22 slots against 0.26
-  and 0.41 by this line, but mixtral-1b-routed measured 0.20 at 22 slots in
-  7-token decodes: this line is unconfirmed; LFU's gave 0.29 for a measured
-  0.34-0.37; notes of issue 14). "none" keeps nothing.
+  LRU, where the model measured its routing (`RoutingLaw.lru_hit_rates`): that
+  measurement at `slots`. It counts the locality beyond one token that `reuse` does
+  not state (a sequence's favourite experts): on mixtral-tiny-8e-routed at 4 slots a
+  layer, the line below predicted 2.2 expert reads a token where 8 sampled decodes
+  measured 1.67 on average, and the measurement 1.55 (notes, twentieth session).
+
+  Otherwise from the law's popularity and reuse, with `per_layer` = slots / layers
+  (the layers are visited in turn): with at least k, the previous token's experts are
+  still cached when the layer comes round again and hit `reuse` of the lookups; each
+  further slot holds an expert used longer ago or more often, and the hit rate grows
+  linearly to 1 at every expert of the layer (X). With fewer than k, LRU keeps nothing
+  a layer reuses (the other layers' reads evict it first, the access is cyclic); LFU
+  keeps the hottest experts, at most their share of the demand; next_use keeps the
+  previous experts of the layers that come next, so the hit rate grows linearly from
+  0 to `reuse` at k (within 9% of the mean of 8 sampled decodes of mixtral-tiny-8e-routed
+  at 8, 9 and 12 slots; a simulation of a Markov routing with reuse 0.6 over 16 layers
+  gave 0.27 and 0.46 at 14 and 22 slots against 0.26 and 0.41 by this line, but
+  mixtral-1b-routed measured 0.20 at 22 slots in 7-token decodes; LFU's gave 0.29 for a
+  measured 0.34-0.37; notes of issue 14). "none" keeps nothing.
   """
   if policy == "none":
     return 0.0
-  n = len(frequencies)
+  if policy == "lru" and law.lru_hit_rates is not None:
+    return float(law.lru_hit_rates[slots])
+  n = len(law.frequencies)
+  per_layer = slots / layers
   if per_layer >= n:
     return 1.0
   if per_layer >= k:
-    return float(reuse + (1.0 - reuse) * (per_layer - k) / (n - k))
+    return float(law.reuse + (1.0 - law.reuse) * (per_layer - k) / (n - k))
   if policy == "lru":
     return 0.0
   if policy == "next_use":
-    return float(reuse * per_layer / k)
-  p = np.sort(np.asarray(frequencies, np.float64))[::-1] / k  # share of lookups
+    return float(law.reuse * per_layer / k)
+  p = np.sort(np.asarray(law.frequencies, np.float64))[::-1] / k  # share of lookups
   whole = int(per_layer)
   return float(p[:whole].sum() + (per_layer - whole) * p[whole])
 
@@ -659,8 +682,8 @@ class MoEOffload(Strategy):
         raise BudgetExceeded(tier, need[tier], 0, limit,
                              group=f"moe_offload plan ({slots} expert slots)",
                              minimum=minimum[tier])
-    freq, reuse = routing_law(model)
-    hit = expected_hit_rate(freq, reuse, k, slots / c.num_layers, o.cache_policy)
+    law = routing_law(model)
+    hit = expected_hit_rate(law, k, slots, c.num_layers, o.cache_policy)
     keys = host_expert_keys(model, hosted)
     host_share = predicted_host_share(model, keys, hit)
     per_layer = np.bincount([i for i, _ in keys], minlength=c.num_layers)
@@ -680,7 +703,9 @@ class MoEOffload(Strategy):
     notes = (
         f"expert record: {format_bytes(sizes['record'])}; cache: {slots} of {total} experts"
         f" ({o.cache_policy}, shared by the layers); staging: {n} records",
-        f"routing law: reuse {reuse:.2f}, predicted cache hit rate {hit:.2f}",
+        f"routing law: reuse {law.reuse:.2f}, predicted cache hit rate {hit:.2f}"
+        + (" (measured LRU)" if o.cache_policy == "lru" and law.lru_hit_rates is not None
+           else ""),
         f"predicted expert bytes per token: "
         f"{format_bytes(int(c.num_layers * k * (1 - hit) * sizes['record']))}",
         f"minimum budget: device {format_bytes(minimum['device'])}",

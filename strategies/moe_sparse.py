@@ -274,7 +274,7 @@ class MoESparse(Strategy):
         groups[g] = GroupPlacement("device", model.group_nbytes(g), "fixed region")
     working = dict(inner.working_bytes)
     working["device"] = working.get("device", 0) + kv + c.num_layers * mlp_fixed
-    freq, _ = routing_law(model)
+    freq = routing_law(model).frequencies
     settings = MoESparseSettings(inner=inner, fixed_bytes=fixed, kv_bytes=kv,
                                  expert_frequencies=tuple(float(f) for f in freq),
                                  sparsity=sparsity, hotness=hotness)

@@ -182,18 +182,49 @@ def test_planner_lists_it_for_mixtral_and_refuses_dense_models(routed):
 @pytest.mark.parametrize("policy", ["lru", "next_use"])
 @pytest.mark.parametrize("slots", [8, 9, 12])  # 2.7, 3 and 4 per layer
 def test_predicted_expert_reads_per_token_within_20_percent(routed, slots, policy, store_root):
-  """The cost model's hit rate, from the routing law, against a sampled decode (greedy
-  decoding of a random model loops, which no routing law predicts)."""
+  """The cost model's hit rate against the mean of 8 sampled decodes (greedy decoding of a
+  random model loops, which no routing law predicts). One 200-token decode is not enough:
+  a sequence keeps its favourite experts for tens of tokens, and at 12 LRU slots single
+  decodes measured 1.1 to 2.1 reads a token (standard deviation 18% of the mean)."""
   c = routed.config
   ids = np.random.default_rng(1).integers(3, c.vocab_size, (1, 16))
   options = dict(cache_experts=slots, cache_policy=policy, lookahead=0,
                  store_dir=str(store_root / "pred"))
+  measured = []
   with Engine(routed, "moe_offload", options=options) as engine:
-    out = engine.generate(ids, max_new_tokens=200, stop_tokens=(), temperature=1.0, seed=3)
     hit = engine.placement.settings.hit_rate
-  measured = out.stats["strategy"].details["decode_expert_reads_per_token"]
+    for seed in range(8):
+      out = engine.generate(ids, max_new_tokens=200, stop_tokens=(), temperature=1.0,
+                            seed=seed)
+      measured.append(out.stats["strategy"].details["decode_expert_reads_per_token"])
   predicted = c.num_layers * c.experts_per_token * (1 - hit)
-  assert abs(predicted / measured - 1) < 0.20, (predicted, measured)
+  assert abs(predicted / np.mean(measured) - 1) < 0.20, (predicted, measured)
+
+
+@pytest.mark.parametrize("layers, experts, k", [(1, 4, 1), (3, 8, 2), (2, 6, 3)])
+def test_shared_lru_hit_rates_equal_an_lru_cache_replayed(layers, experts, k):
+  """The stack-distance count gives, at every size, the hits of an LRU cache shared by the
+  layers that the stream is replayed through (a layer's k experts looked up together)."""
+  rng = np.random.default_rng(layers * 100 + experts)
+  batch, length, warmup = 3, 40, 5
+  chosen = np.zeros((layers, batch, length, experts), bool)
+  for index in np.ndindex(layers, batch, length):
+    chosen[index][rng.choice(experts, k, replace=False)] = True
+  rates = moe.shared_lru_hit_rates(chosen, warmup)
+  assert rates.shape == (layers * experts + 1,)
+  for slots in range(k, layers * experts + 1):
+    hits = lookups = 0
+    for b in range(batch):
+      cache = []  # least recently used first
+      for t in range(length):
+        for layer in range(layers):
+          keys = [(layer, int(e)) for e in np.flatnonzero(chosen[layer, b, t])]
+          if t >= warmup:
+            hits += sum(key in cache for key in keys)
+            lookups += len(keys)
+          cache = [key for key in cache if key not in keys] + keys
+          del cache[:max(0, len(cache) - slots)]  # evict the least recently used (never `keys`)
+    assert rates[slots] == pytest.approx(hits / lookups, abs=1e-12), slots
 
 
 def test_options_are_validated():

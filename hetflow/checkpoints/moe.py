@@ -60,7 +60,12 @@ Greedy decoding of a random model tends to loop, which repeats experts
 far more than any figure here: measure routing on sampled or teacher-forced
 tokens, as `routing_statistics` does.
 
-The calibration result (the routers, [L, D, X]) is cached under
+The calibration also counts, on its own tokens and the routing it reached, the hit rate
+an LRU expert cache shared by the layers would have at every size
+(`shared_lru_hit_rates`): the locality beyond one token that `reuse` does not state,
+which moe_offload's cost model reads (`strategies.moe_offload.routing_law`).
+
+The calibration result (the routers, [L, D, X], and those hit rates) is cached under
 cache_root()/moe (hetflow.memory.cache).
 """
 
@@ -84,7 +89,9 @@ from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 from hetflow.models.walk import normalize, walk
 
-_VERSION = 2  # 2: slow feature analysis in the top N / 32 principal directions
+# 2: slow feature analysis in the top N / 32 principal directions; 3: the cache also
+# holds the calibration's measured LRU hit rates (`shared_lru_hit_rates`).
+_VERSION = 3
 RESIDUAL_CONSTANT = 1.0  # value of the residual stream's constant coordinate
 LOGIT_SCALE = 2.0  # std of the non-bias part of the router logits
 SUFFIX = "-routed"
@@ -216,6 +223,41 @@ def _measure(chosen: np.ndarray, k: int, warmup: int) -> tuple[np.ndarray, float
   return c.reshape(-1, c.shape[-1]).mean(0), reuse
 
 
+def shared_lru_hit_rates(chosen: np.ndarray, warmup: int) -> np.ndarray:
+  """Hit rate of an LRU expert cache shared by the layers, at every size [L * X + 1].
+
+  A decode visits the layers in order for each token and looks a layer's k experts up
+  together. An LRU cache of S slots holds a (layer, expert) key iff fewer than S other
+  keys were used since the key's last use (its stack distance; LRU is a stack algorithm,
+  Mattson et al. 1970), so one pass over the stream counts every size at once. The keys
+  of one visit count as used in ascending expert order.
+
+  Args:
+    chosen: [L, B, T, X] bool, the k experts each layer routed each token of B
+      sequences to; each sequence starts with an empty cache.
+    warmup: first positions of each sequence whose lookups are not counted.
+
+  Returns:
+    Entry S: the fraction of counted lookups that hit with S slots.
+  """
+  layers, batch, length, n = chosen.shape
+  k = int(chosen[0, 0, 0].sum())
+  keys_total = layers * n
+  last = np.full((batch, keys_total), -1)  # when each key was last used; -1: never
+  rows = np.arange(batch)[:, None]
+  depths = np.zeros(keys_total + 1, np.int64)  # last bin: first use (a miss at any size)
+  for t in range(length):
+    for layer in range(layers):
+      keys = layer * n + np.nonzero(chosen[layer, :, t])[1].reshape(batch, k)
+      if t >= warmup:
+        seen = last[rows, keys]  # [B, k]
+        depth = (last[:, None, :] > seen[:, :, None]).sum(-1)
+        depth[seen < 0] = keys_total
+        depths += np.bincount(depth.ravel(), minlength=keys_total + 1)
+      last[rows, keys] = (t * layers + layer) * k + np.arange(k)
+  return np.concatenate([[0.0], np.cumsum(depths[:-1]) / depths.sum()])
+
+
 class MoESource:
   """A WeightSource whose routers follow a RoutingSpec (see the module docstring)."""
 
@@ -224,7 +266,7 @@ class MoESource:
     self.seed = seed
     self.spec = spec
     self.base = SyntheticSource(config, seed)
-    self._routers: np.ndarray | None = None
+    self._calibration: dict[str, np.ndarray] | None = None
     self._lock = threading.Lock()
     self._report: dict[str, Any] | None = None
 
@@ -268,32 +310,43 @@ class MoESource:
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(cache_root(), "moe", f"{self.config.name}-{self.seed}-{digest}.npz")
 
-  def routers(self) -> np.ndarray:
-    """The calibrated routers [L, D, X] (float32), calibrated once and cached."""
+  def calibration(self) -> dict[str, np.ndarray]:
+    """{"routers" [L, D, X] float32, "lru_hit_rates" [L * X + 1]}, calibrated once and
+    cached."""
     with self._lock:
-      if self._routers is None:
-        self._routers = cached_arrays(self._cache_path(),
-                                      lambda: {"routers": self._calibrate()})["routers"]
-      return self._routers
+      if self._calibration is None:
+        self._calibration = cached_arrays(self._cache_path(), self._calibrate)
+      return self._calibration
 
-  def _calibrate(self) -> np.ndarray:
+  def routers(self) -> np.ndarray:
+    """The calibrated routers [L, D, X] (float32)."""
+    return self.calibration()["routers"]
+
+  def lru_hit_rates(self) -> np.ndarray:
+    """Hit rate of an LRU expert cache of S slots shared by the layers, by S [L * X + 1],
+    measured on the calibration tokens (`shared_lru_hit_rates`)."""
+    return self.calibration()["lru_hit_rates"]
+
+  def _calibrate(self) -> dict[str, np.ndarray]:
     c, s = self.config, self.spec
-    n = c.num_experts
+    n, k = c.num_experts, c.experts_per_token
     t = min(s.sequence_length, c.max_position_embeddings)
     b = max(2, -(-s.calibration_tokens // t))
     ids = _rng(self.seed, "calibration").integers(3, c.vocab_size, (b, t))
     routers = np.zeros((c.num_layers, c.hidden_size, n), np.float32)
+    chosen = np.zeros((c.num_layers, b, t, n), bool)
     report = []
 
     def on_ffn(layer, x, w):
       h = np.asarray(normalize(c, w, x), np.float64)  # [B, T, D], what the router sees
       routers[layer] = self._fit(layer, h, report)
+      chosen[layer] = _topk(h @ routers[layer], k)
       w["router"] = routers[layer]
       return w
 
     walk(c, self._group, ids, on_ffn)
     self._report = {"layers": report}
-    return routers
+    return {"routers": routers, "lru_hit_rates": shared_lru_hit_rates(chosen, s.warmup)}
 
   def _fit(self, layer: int, h: np.ndarray, report: list) -> np.ndarray:
     """The router of one layer [D, X] that meets the spec on FFN inputs h [B, T, D]."""

@@ -44,7 +44,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.checkpoints.moe import MOE_SHAPES, MoESource, RoutingSpec, _topk
+from hetflow.checkpoints.moe import (MOE_SHAPES, MoESource, RoutingSpec, _topk,
+                                     shared_lru_hit_rates)
 from hetflow.checkpoints.sparse import (
   UP_MARGIN,
   SparsitySpec,
@@ -54,12 +55,12 @@ from hetflow.checkpoints.sparse import (
   zipf_frequencies,
 )
 from hetflow.checkpoints.synthetic import SHAPES
-from hetflow.memory.cache import cache_root, cached_arrays
+from hetflow.memory.cache import cache_root
 from hetflow.models.config import ModelConfig
 from hetflow.models.model import Model
 from hetflow.models.walk import normalize, walk
 
-_VERSION = 1
+_VERSION = 2  # 2: the cache also holds the measured LRU hit rates
 SUFFIX = "-sparse"
 # The routing fields of RoutingSpec and the expert fields of SparsitySpec a caller may set.
 _ROUTING_FIELDS = {f.name for f in dataclasses.fields(RoutingSpec)}
@@ -103,7 +104,6 @@ class SparseMoESource(MoESource):
     super().__init__(config, seed, spec)
     self.sparsity = sparsity
     self.rank = sparsity.rank or max(4, config.hidden_size // 32)
-    self._rows: dict[str, np.ndarray] | None = None
 
   def target_expert_frequencies(self, layer: int, expert: int) -> np.ndarray:
     """Per-neuron target firing frequency of `expert` of `layer` when routed to [F]."""
@@ -146,17 +146,8 @@ class SparseMoESource(MoESource):
     return os.path.join(cache_root(), "moe_sparse",
                         f"{self.config.name}-{self.seed}-{digest}.npz")
 
-  def routers(self) -> np.ndarray:
-    return self.calibration()["routers"]
-
-  def calibration(self) -> dict[str, np.ndarray]:
-    """{"routers" [L, D, X], "gate" and "up" rows 0 [L, X, F]}, calibrated once and cached."""
-    with self._lock:
-      if self._rows is None:
-        self._rows = cached_arrays(self._cache_path(), self._calibrate)
-      return self._rows
-
   def _calibrate(self) -> dict[str, np.ndarray]:
+    """MoESource's calibration, plus the "gate" and "up" rows 0 [L, X, F]."""
     c, s = self.config, self.spec
     n, k = c.num_experts, c.experts_per_token
     t = min(s.sequence_length, c.max_position_embeddings)
@@ -165,18 +156,20 @@ class SparseMoESource(MoESource):
     out = {"routers": np.zeros((c.num_layers, c.hidden_size, n), np.float32),
            **{m: np.zeros((c.num_layers, n, c.intermediate_size), np.float32)
               for m in ("gate", "up")}}
+    chosen = np.zeros((c.num_layers, b, t, n), bool)
     report = []
 
     def on_ffn(layer, x, w):
       h = np.asarray(normalize(c, w, x), np.float64)  # [B, T, D], what the router sees
       out["routers"][layer] = self._fit(layer, h, report)
       w["router"] = out["routers"][layer]
-      chosen = _topk((h @ out["routers"][layer]).reshape(-1, n), k)  # [N, X]
+      chosen[layer] = _topk(h @ out["routers"][layer], k)
+      routed = chosen[layer].reshape(-1, n)  # [N, X]
       flat = np.asarray(x, np.float32).reshape(-1, c.hidden_size)
       for e in range(n):
         # RMSNorm only rescales: sign(h . col) = sign((x * norm) . col), and coordinate 0
         # of x is the constant, so row 0 of gate and up acts as a per-neuron bias.
-        scaled = flat[chosen[:, e]] * w["norm"]
+        scaled = flat[routed[:, e]] * w["norm"]
         if len(scaled) < 16:
           raise ValueError(f"{c.name} layer {layer}: expert {e} was routed {len(scaled)} of"
                            f" {len(flat)} calibration tokens, too few to fit its neurons;"
@@ -191,7 +184,7 @@ class SparseMoESource(MoESource):
 
     walk(c, self._group, ids, on_ffn)
     self._report = {"layers": report}
-    return out
+    return {**out, "lru_hit_rates": shared_lru_hit_rates(chosen, s.warmup)}
 
 
 def moe_sparse_model(name: str, sparsity: float = 0.85, hotness: str = "zipf:1.1",
