@@ -44,8 +44,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from hetflow.checkpoints.moe import (MOE_SHAPES, MoESource, RoutingSpec, _topk,
-                                     shared_lru_hit_rates)
+from hetflow.checkpoints.moe import MOE_SHAPES, MoESource, RoutingSpec, _topk, shared_lru_hit_rates
 from hetflow.checkpoints.sparse import (
   UP_MARGIN,
   SparsitySpec,
