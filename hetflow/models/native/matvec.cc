@@ -88,13 +88,18 @@ template <typename T>
 void rows_dot(const T* w, int64_t n, const float* x, int64_t rows, float* y) {
 #if defined(HETFLOW_SIMD16)
   if (rows == kRowTile) {
-    f32x16 acc[kRowTile][2];
-    for (int r = 0; r < kRowTile; ++r) acc[r][0] = acc[r][1] = v_zero();
+    // One accumulator per row: two were 16 of AVX2's 16 registers, and spilled. Each row
+    // prefetches the next tile's bytes at its own offset: a row is only n elements (2-11 KB),
+    // too short for the hardware's stream prefetcher to get ahead, and this doubled the rate
+    // from DRAM on AVX2 (int8: 7 to 15 G weights/s; WORKSPACE_NOTES.md, twentieth session).
+    f32x16 acc[kRowTile];
+    for (int r = 0; r < kRowTile; ++r) acc[r] = v_zero();
     int64_t k = 0;
     for (; k + 32 <= n; k += 32) {
       f32x16 x0 = v_load(x + k), x1 = v_load(x + k + 16);
       for (int r = 0; r < kRowTile; ++r) {
         const T* p = w + r * n + k;
+        prefetch(p + kRowTile * n, 32 * sizeof(T));
         f32x16 w0, w1;
         if constexpr (sizeof(T) == 2) {
           w0 = v_bf16(p);
@@ -103,12 +108,11 @@ void rows_dot(const T* w, int64_t n, const float* x, int64_t rows, float* y) {
           w0 = v_s8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
           w1 = v_s8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
         }
-        acc[r][0] = v_fmadd(w0, x0, acc[r][0]);
-        acc[r][1] = v_fmadd(w1, x1, acc[r][1]);
+        acc[r] = v_fmadd(w1, x1, v_fmadd(w0, x0, acc[r]));
       }
     }
     for (int r = 0; r < kRowTile; ++r) {
-      float s = v_sum(v_add(acc[r][0], acc[r][1]));
+      float s = v_sum(acc[r]);
       for (int64_t j = k; j < n; ++j) s += widen(w[r * n + j]) * x[j];
       y[r] = s;
     }
