@@ -12,8 +12,9 @@ where the kernel keeps up: hetflow bf16 and int8 >= 0.9x float32 with 0.5x / 0.3
 of its bytes (int8 and int4 ~2.3-2.5x float32 with the native kernels, 0.4x int4 on
 pure XLA: HETFLOW_NATIVE=0); llama.cpp F32 ~1.7-2x hetflow float32 and Q8_0 ~2x F32 on
 a quiet machine (WORKSPACE_NOTES.md, "Fourth session"). On an AVX2 machine without AVX-512
-(nineteenth session): bf16 1.7x, int8 2.3x, int8-g32 1.7x, int4 2.1x float32's tokens/s;
-llama.cpp's same-bytes rows 1.5-2.8x hetflow's (docs/formats.md).
+(nineteenth session): bf16 1.7x, int8-g32 1.7x, int4 2.1x float32's tokens/s, int8 2.8x
+since its rows prefetch from DRAM (twentieth session); llama.cpp's same-bytes rows 1.5-2.8x
+hetflow's (docs/formats.md).
 """
 
 from hetflow.bench.config import bench_config
