@@ -27,9 +27,9 @@ from hetflow.models.formats import WeightFormat
 
 pytestmark = pytest.mark.usefixtures("cache_dir")
 
-SPECS = ("bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128", "int4", "int4-g64",
+SPECS = ("float32", "bfloat16", "int8", "int8-g32", "int8-g64", "int8-g128", "int4", "int4-g64",
          "int4-asym", "int4-g64-asym")
-XLA = {"bfloat16": kernels.bfloat16_ew_t_xla, "int8": kernels.int8_channel_ew_t_xla,
+XLA = {"float32": kernels.float32_dot, "bfloat16": kernels.bfloat16_ew_t_xla, "int8": kernels.int8_channel_ew_t_xla,
        "int8-g": kernels.int8_group_scan_gm_xla, "int4": kernels.int4_scan_gm_xla,
        "int4-asym": kernels.int4_min_scan_gm_xla}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +44,14 @@ def _needs_native():
 def _kernel(spec, n_in, n_out, seed=0):
   rng = np.random.default_rng(seed)
   w = rng.standard_normal((n_in, n_out), dtype=np.float32) / np.sqrt(n_in)
-  kernel = jax.device_put(WeightFormat.parse(spec).quantize(w))
+  kernel = jax.device_put(w if spec == "float32" else WeightFormat.parse(spec).quantize(w))
   x = jnp.asarray(rng.standard_normal(n_in, dtype=np.float32))
   return kernel, x
 
 
 def _leaves(kernel):
+  if not isinstance(kernel, dict):  # float32: the array [in, out] itself
+    return [kernel]
   return [kernel["q"]] + [kernel[n] for n in ("scale", "min") if n in kernel]
 
 
@@ -78,6 +80,18 @@ def test_native_matches_xla_and_the_exact_product(spec, n_in, n_out):
   assert np.max(np.abs(y_native - y_xla)) <= 1e-5 * np.max(np.abs(exact))
 
 
+@pytest.mark.parametrize("n_in,n_out", [(2048, 96), (203, 37)])
+def test_float32_column_blocks_give_the_same_values(n_in, n_out):
+  """A block of W's columns (tensor_split's shares, `formats.take_outputs`) is summed in the
+  same order as the whole, output for output: the chunks of `in` do not depend on `out`."""
+  _needs_native()
+  kernel, x = _kernel("float32", n_in, n_out)
+  whole = np.asarray(native.matvec("float32", x, kernel))
+  for lo, hi in ((0, 16), (5, n_out - 3), (n_out - 1, n_out)):
+    part = np.asarray(native.matvec("float32", x, formats.take_outputs(kernel, lo, hi)))
+    np.testing.assert_array_equal(part, whole[lo:hi])
+
+
 @pytest.mark.parametrize("spec", ["bfloat16", "int8"])
 def test_row_major_tail_of_in(spec):
   _needs_native()
@@ -94,7 +108,7 @@ def _compiled(x, kernel) -> str:
   return jax.jit(lambda x, k: formats.matmul(x, k)).lower(x, kernel).compile().as_text()
 
 
-@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+@pytest.mark.parametrize("spec", ["float32", "bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
 def test_decode_uses_the_native_kernel_and_prefill_xla(spec, monkeypatch):
   _needs_native()
   kernel, _ = _kernel(spec, 128, 64)
@@ -124,7 +138,7 @@ def _tokens(spec, prompt=((5, 6, 7, 8, 9, 10),), new=8):
     return np.asarray(out.tokens), np.asarray(engine.forward([list(prompt[0][:1])]))
 
 
-@pytest.mark.parametrize("spec", ["bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
+@pytest.mark.parametrize("spec", ["float32", "bfloat16", "int8", "int8-g32", "int4", "int4-asym"])
 def test_resident_greedy_tokens_native_equal_fallback(spec, monkeypatch):
   _needs_native()
   before = native.calls()
@@ -217,12 +231,13 @@ def test_each_build_of_the_kernels(tmp_path, flag, code):
       rng = np.random.default_rng(0)
       for spec in {SPECS!r}:
         for n_in, n_out in ((256, 40), (200, 37)):
-          if n_in % 64 and spec not in ("bfloat16", "int8"):
+          if n_in % 64 and spec not in ("float32", "bfloat16", "int8"):
             continue  # grouped formats need whole groups
           w = rng.standard_normal((n_in, n_out), dtype=np.float32) / 16
-          k = jax.device_put(formats.WeightFormat.parse(spec).quantize(w))
+          k = w if spec == "float32" else formats.WeightFormat.parse(spec).quantize(w)
+          k = jax.device_put(k)
           x = rng.standard_normal(n_in, dtype=np.float32)
-          leaves = [k["q"]] + [k[n] for n in ("scale", "min") if n in k]
+          leaves = [k] if spec == "float32" else [k["q"]] + [k[n] for n in ("scale", "min") if n in k]
           y = np.asarray(native.matvec(formats.format_of(k), x, *leaves))
           dense = np.asarray(formats.dequantize(k), np.float64)
           bound = n_in * {EPS!r} * (np.abs(dense).T @ np.abs(x.astype(np.float64)))

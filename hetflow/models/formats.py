@@ -290,6 +290,8 @@ def dequantize(kernel: Any, dtype=jnp.float32):
 
 def _matvec(x, kernel, fmt):
   """One row x [in] @ a stored kernel -> [out] float32, the fastest measured formulation."""
+  if fmt == "float32":
+    return kernels.float32_matvec(x, kernel)
   q = kernel["q"]
   if fmt == "bfloat16":
     return kernels.bfloat16_ew_t(x, q)
@@ -308,13 +310,15 @@ def matmul(x, kernel):
   Up to MATVEC_MAX_ROWS rows (decode) go one row at a time through the fastest
   measured matrix-vector formulation of the kernel's format (each on a 1-D
   row: see hetflow/models/kernels.py for why); more rows (prefill) dequantize the
-  kernel once and use XLA's dot.
+  kernel once and use XLA's dot. A float32 kernel [in, out] takes XLA's dot for
+  prefill, and for a row of another dtype (whose product promotes) or a stack of kernels.
   """
   fmt = format_of(kernel)
-  if fmt == "float32":
-    return jnp.einsum("...i,io->...o", x, kernel)
   lead = x.shape[:-1]
   rows = int(np.prod(lead))
+  if fmt == "float32" and (rows > MATVEC_MAX_ROWS or x.dtype != kernel.dtype
+                          or kernel.ndim != 2):
+    return jnp.einsum("...i,io->...o", x, kernel)
   if rows > MATVEC_MAX_ROWS:
     return jnp.einsum("...i,io->...o", x.astype(jnp.float32),
                       dequantize(kernel)).astype(x.dtype)

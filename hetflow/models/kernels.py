@@ -180,6 +180,11 @@ def _native_or_xla(fmt: str, xla, x, *leaves):
                                     default=xla)
 
 
+def float32_matvec(x, w):
+  """One row x [in] @ float32 W [in, out]: native, else `float32_dot`."""
+  return _native_or_xla("float32", float32_dot, x, w)
+
+
 def bfloat16_ew_t(x, wt):
   """bfloat16 Wt [out, in] times one row x [in]: native, else `bfloat16_ew_t_xla`."""
   return _native_or_xla("bfloat16", bfloat16_ew_t_xla, x, wt)

@@ -2,9 +2,10 @@
 
 XLA CPU reads grouped int8 and int4 kernels at 0.3-0.7x float32's weights per second in
 every pure-XLA formulation measured (docs/formats.md); these C++ kernels read every
-stored format (bfloat16, int8 per channel, int8-gN, int4, int4-asym) at or above it, on
-both cores, with float32 accumulation (no activation quantization: they differ from
-the XLA formulations only in the order of float32 additions).
+stored format (float32 [in, out], bfloat16, int8 per channel, int8-gN, int4, int4-asym),
+the quantized ones at or above float32's rate, on both cores, with float32 accumulation
+(no activation quantization: they differ from the XLA formulations only in the order of
+float32 additions).
 
 The library is compiled on first use, with the system's C++ compiler (`$HETFLOW_CXX`, else
 `g++` or `c++` on the PATH; `-O3 -march=native`), into `<cache root>/native/<key>/`,
@@ -42,6 +43,7 @@ LIBRARY = "libhetflow_matvec.so"
 
 # Target name per format (as hetflow.models.formats.format_of names them).
 TARGETS = {
+    "float32": "hetflow_matvec_f32",
     "bfloat16": "hetflow_matvec_bf16",
     "int8": "hetflow_matvec_int8",
     "int8-g": "hetflow_matvec_int8g",
@@ -144,6 +146,7 @@ def simd() -> str | None:
 
 # What each format's handler takes: (q's rank, q's dtype, the params' dtypes).
 _SIGNATURES = {
+    "float32": (2, jnp.float32, ()),
     "bfloat16": (2, jnp.bfloat16, ()),
     "int8": (2, jnp.int8, (jnp.float32,)),
     "int8-g": (3, jnp.int8, (jnp.float16,)),
@@ -177,7 +180,7 @@ def matvec(fmt: str, x, q, *params):
   """
   if _registered is None and not _load(compiler()):
     raise NativeBuildError("hetflow's native kernels could not be built (see the warning).")
-  n_out = q.shape[1] if q.ndim == 3 else q.shape[0]
+  n_out = q.shape[1] if q.ndim == 3 or fmt == "float32" else q.shape[0]  # float32: [in, out]
   call = jax.ffi.ffi_call(TARGETS[fmt], jax.ShapeDtypeStruct((n_out,), jnp.float32),
                           vmap_method="sequential")
   return call(x.astype(jnp.float32), q, *params)

@@ -3,6 +3,7 @@
 //
 // One row x [in] (float32) times a stored kernel -> y [out] (float32). The layouts are
 // hetflow/models/formats.py's:
+//   float32    w f32 [in, out]                                  (XLA's layout for x @ W)
 //   bfloat16   q bf16 [out, in]
 //   int8       q s8 [out, in], scale f32 [out, 1]              (per output channel)
 //   int8-gN    q s8 [G, out, g], scale f16 [G, out]            (group-major, G = in / g)
@@ -20,10 +21,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "simd.h"  // before parallel.h: it spins where HETFLOW_SIMD16 is defined
 #include "parallel.h"
@@ -121,6 +124,77 @@ void rows_dot(const T* w, int64_t n, const float* x, int64_t rows, float* y) {
 #endif
   if (rows == kRowTile) return rows_lanes<T, kRowTile>(w, n, x, y);
   for (int64_t r = 0; r < rows; ++r) rows_lanes<T, 1>(w + r * n, n, x, y + r);
+}
+
+// -- float32 [in, out] --------------------------------------------------------------------
+// y = x @ W with W stored [in, out], as XLA's dot reads it: its input rows are split into
+// kF32Chunks fixed chunks (by `in` alone, so every output's order of additions is the same
+// whatever the output count: a column block of W gives the same values as the whole, output
+// for output). A chunk streams 4 rows at a time, each contiguous for the whole output width
+// (the hardware prefetcher's best case), into its own partial y; the partials are summed in
+// chunk order. XLA's dot read the same matrices at 11-17 GB/s from DRAM on AVX2
+// (WORKSPACE_NOTES.md, twentieth session).
+
+constexpr int64_t kF32Chunks = 16;
+
+// a * b + c: fused where the SIMD lanes are (their tail must round as they do), else as the
+// compiler likes (one loop computes every output there; std::fma without FMA is a libm call).
+inline float madd(float a, float b, float c) {
+#if defined(HETFLOW_SIMD16)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// part[o] += sum over rows i in [i0, i1) of x[i] w[i, o], in row order.
+void f32_rows(const float* w, int64_t out, const float* x, int64_t i0, int64_t i1, float* part) {
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) {
+    const float* r0 = w + i * out;
+    const float* r1 = r0 + out;
+    const float* r2 = r1 + out;
+    const float* r3 = r2 + out;
+    int64_t o = 0;
+#if defined(HETFLOW_SIMD16)
+    const f32x16 x0 = v_set(x[i]), x1 = v_set(x[i + 1]), x2 = v_set(x[i + 2]),
+                 x3 = v_set(x[i + 3]);
+    for (; o + 16 <= out; o += 16) {
+      f32x16 acc = v_load(part + o);
+      acc = v_fmadd(v_load(r0 + o), x0, acc);
+      acc = v_fmadd(v_load(r1 + o), x1, acc);
+      acc = v_fmadd(v_load(r2 + o), x2, acc);
+      acc = v_fmadd(v_load(r3 + o), x3, acc);
+      v_store(part + o, acc);
+    }
+#endif
+    for (; o < out; ++o) {
+      float acc = part[o];
+      acc = madd(r0[o], x[i], acc);
+      acc = madd(r1[o], x[i + 1], acc);
+      acc = madd(r2[o], x[i + 2], acc);
+      part[o] = madd(r3[o], x[i + 3], acc);
+    }
+  }
+  for (; i < i1; ++i) {
+    const float* r = w + i * out;
+    for (int64_t o = 0; o < out; ++o) part[o] = madd(r[o], x[i], part[o]);
+  }
+}
+
+void f32_matvec(ffi::ThreadPool& pool, const float* w, int64_t in, int64_t out, const float* x,
+                float* y) {
+  const int64_t per_chunk = std::max<int64_t>(4, ((in + kF32Chunks - 1) / kF32Chunks + 3) / 4 * 4);
+  const int64_t chunks = (in + per_chunk - 1) / per_chunk;
+  std::vector<float> parts(chunks * out, 0.f);
+  float* pp = parts.data();
+  parallel_for(pool, chunks, [=](int64_t c) {
+    f32_rows(w, out, x, c * per_chunk, std::min(in, (c + 1) * per_chunk), pp + c * out);
+  }, g_stats);
+  std::copy(pp, pp + out, y);
+  for (int64_t c = 1; c < chunks; ++c) {
+    for (int64_t o = 0; o < out; ++o) y[o] += pp[c * out + o];
+  }
 }
 
 // -- group-major kernels: int8-gN, int4 (symmetric, asymmetric) -----------------------------
@@ -380,6 +454,17 @@ ffi::Error RowMajor(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D
   return ffi::Error::Success();
 }
 
+ffi::Error F32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 2 || x.element_count() != static_cast<size_t>(wd[0]) ||
+      y->element_count() != static_cast<size_t>(wd[1])) {
+    return check(false, "hetflow matvec: float32 x [in], w [in, out], y [out] expected");
+  }
+  f32_matvec(pool, w.typed_data(), wd[0], wd[1], x.typed_data(), y->typed_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> q,
                     ffi::ResultBuffer<ffi::F32> y) {
   return RowMajor<ffi::BF16, uint16_t>(pool, x, q, ffi::Buffer<ffi::F32>(x), y, false);
@@ -456,6 +541,13 @@ int64_t hetflow_native_calls() { return g_stats.calls.load(); }
 int hetflow_native_pool_threads() { return g_stats.pool_threads.load(); }
 
 }  // extern "C"
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_f32, F32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(hetflow_matvec_bf16, Bf16Impl,
                               ffi::Ffi::Bind()
