@@ -290,7 +290,7 @@ def expected_hit_rate(law: RoutingLaw, k: int, slots: int, layers: int, policy: 
   measurement at `slots`. It counts the locality beyond one token that `reuse` does
   not state (a sequence's favourite experts): on mixtral-tiny-8e-routed at 4 slots a
   layer, the line below predicted 2.2 expert reads a token where 8 sampled decodes
-  measured 1.67 on average, and the measurement 1.55 (notes, twentieth session).
+  measured 1.67 on average, and the measurement 1.56 (notes, twentieth session).
 
   Otherwise from the law's popularity and reuse, with `per_layer` = slots / layers
   (the layers are visited in turn): with at least k, the previous token's experts are
